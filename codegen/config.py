@@ -1,0 +1,149 @@
+"""Tile configurations of the SM90 grouped GEMM: the one place that names and checks them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+
+from mxfp4.layout import ATOM_BYTES, ATOM_K, ATOM_N
+
+# Hopper: 228 KB of shared memory per SM, of which one CTA may use 227 KB dynamically.
+MAX_SHARED_MEMORY = 227 * 1024
+# The kernel keeps a per-expert prefix sum of m-tiles in shared memory.
+MAX_EXPERTS = 1024
+BARRIER_BYTES = 8
+SMEM_ALIGN = 1024  # 128-byte-swizzled TMA destinations need 1024-byte alignment
+REGISTERS_PER_SM = 65536
+PRODUCER_REGISTERS = 40  # setmaxnreg of the producer warpgroup
+
+_NAME = re.compile(r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)$")
+
+
+@dataclass(frozen=True, order=True)
+class TileConfig:
+    """One kernel variant. The kernel computes ``out^T tile = W tile . x tile^T``.
+
+    tile_n      weight rows (N) per CTA; a multiple of 64 split over the consumer warpgroups.
+    tile_m      tokens (rows of x) per CTA: WGMMA's N, a multiple of 8 in 8..256.
+    tile_k      K per pipeline stage, a multiple of 64 (one packed atom is 64 deep).
+    stages      depth of the TMA -> shared memory pipeline.
+    warpgroups  consumer warpgroups (each owns tile_n / warpgroups rows); one more produces.
+    """
+
+    tile_n: int = 128
+    tile_m: int = 64
+    tile_k: int = 128
+    stages: int = 4
+    warpgroups: int = 2
+
+    @property
+    def name(self) -> str:
+        return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "TileConfig":
+        match = _NAME.match(name)
+        if match is None:
+            raise ValueError(
+                f"config name {name!r} is not of the form n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>"
+            )
+        config = cls(*(int(group) for group in match.groups()))
+        config.validate()
+        return config
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    # Derived quantities the template and the launcher share.
+    @property
+    def atoms_per_warpgroup(self) -> int:
+        """64-row WGMMA blocks of W each consumer warpgroup owns."""
+        return self.tile_n // (ATOM_N * self.warpgroups)
+
+    @property
+    def k_atoms_per_stage(self) -> int:
+        return self.tile_k // ATOM_K
+
+    @property
+    def threads(self) -> int:
+        return 128 * (self.warpgroups + 1)
+
+    @property
+    def x_stage_bytes(self) -> int:
+        return self.tile_m * self.tile_k * 2
+
+    @property
+    def w_stage_bytes(self) -> int:
+        return (self.tile_n // ATOM_N) * self.k_atoms_per_stage * ATOM_BYTES
+
+    @property
+    def shared_memory_bytes(self) -> int:
+        """Dynamic shared memory: pipeline stages, barriers and the expert tile table."""
+        stage = self.x_stage_bytes + self.w_stage_bytes
+        barriers = 2 * self.stages * BARRIER_BYTES
+        table = 4 * (MAX_EXPERTS + 1)
+        return SMEM_ALIGN + self.stages * stage + barriers + table
+
+    @property
+    def consumer_registers(self) -> int:
+        """setmaxnreg of each consumer warpgroup: what the producer gives up, rounded down to 8."""
+        free = REGISTERS_PER_SM - 128 * PRODUCER_REGISTERS
+        return min(256, free // (128 * self.warpgroups) // 8 * 8)
+
+    @property
+    def accumulators_per_thread(self) -> int:
+        return self.atoms_per_warpgroup * self.tile_m // 2
+
+    def validate(self) -> "TileConfig":
+        """Raise ValueError with the reason when the kernel cannot be built for this config."""
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{field.name} must be a positive int, got {value!r}")
+        if self.tile_m % 8 or not 8 <= self.tile_m <= 256:
+            raise ValueError(f"tile_m={self.tile_m}: WGMMA's N must be a multiple of 8 in 8..256")
+        if self.tile_k % ATOM_K:
+            raise ValueError(f"tile_k={self.tile_k}: must be a multiple of {ATOM_K} (the packed atom's depth)")
+        if self.tile_k > 512:
+            raise ValueError(f"tile_k={self.tile_k}: at most 512 (the decode loop is unrolled over a stage)")
+        if self.warpgroups not in (1, 2, 3):
+            raise ValueError(f"warpgroups={self.warpgroups}: 1, 2 or 3 consumer warpgroups")
+        if self.tile_n % (ATOM_N * self.warpgroups):
+            raise ValueError(
+                f"tile_n={self.tile_n}: must be a multiple of 64 x warpgroups = {ATOM_N * self.warpgroups}"
+            )
+        if self.atoms_per_warpgroup > 4:
+            raise ValueError(f"tile_n={self.tile_n}: at most 4 blocks of 64 rows per warpgroup")
+        if self.stages < 2:
+            raise ValueError(f"stages={self.stages}: the pipeline needs at least 2 stages")
+        if self.accumulators_per_thread > 128:
+            raise ValueError(
+                f"tile_n / warpgroups x tile_m = {self.tile_n // self.warpgroups} x {self.tile_m} needs "
+                f"{self.accumulators_per_thread} fp32 accumulators per thread; at most 128 fit in registers"
+            )
+        if self.accumulators_per_thread + 64 > self.consumer_registers:
+            raise ValueError(
+                f"{self.accumulators_per_thread} accumulators per thread do not fit in the "
+                f"{self.consumer_registers} registers each of {self.warpgroups} consumer warpgroups gets"
+            )
+        if self.shared_memory_bytes > MAX_SHARED_MEMORY:
+            raise ValueError(
+                f"{self.name} needs {self.shared_memory_bytes} bytes of shared memory "
+                f"(over Hopper's {MAX_SHARED_MEMORY}); use fewer stages or a smaller tile"
+            )
+        return self
+
+
+# Decode (few tokens per expert: memory-bound, small tile_m, deep pipelines) to prefill
+# (many tokens per expert: tensor-core bound, tile_m up to 256).
+DEFAULT_CONFIGS: tuple[TileConfig, ...] = (
+    TileConfig(tile_n=128, tile_m=8, tile_k=256, stages=8, warpgroups=1),
+    TileConfig(tile_n=128, tile_m=16, tile_k=256, stages=7, warpgroups=2),
+    TileConfig(tile_n=128, tile_m=32, tile_k=256, stages=5, warpgroups=2),
+    TileConfig(tile_n=128, tile_m=64, tile_k=128, stages=7, warpgroups=2),
+    TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=5, warpgroups=2),
+    TileConfig(tile_n=128, tile_m=256, tile_k=64, stages=5, warpgroups=2),
+)
+
+for _config in DEFAULT_CONFIGS:
+    _config.validate()
