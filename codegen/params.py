@@ -1,0 +1,76 @@
+"""The kernel's parameter block: one field list that renders the C++ struct and packs its bytes.
+
+The kernel takes a single ``__grid_constant__`` struct; the template renders it from
+``PARAM_FIELDS`` with a static_assert per offset, and :func:`pack_params` fills the same bytes, so
+the two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+TENSOR_MAP_BYTES = 128  # CUtensorMap
+PARAMS_ALIGN = 64  # CUtensorMap's alignment
+
+
+@dataclass(frozen=True)
+class ParamField:
+    name: str
+    ctype: str  # C++ type in the struct
+    fmt: str  # struct module format of the value ("" for the raw tensor map bytes)
+    size: int
+    comment: str
+
+
+PARAM_FIELDS: tuple[ParamField, ...] = (
+    ParamField("x_map", "mxfp4::TensorMap", "", TENSOR_MAP_BYTES, "TMA map of x as [rows, K] bf16, 128B swizzle"),
+    ParamField("w", "uint8_t const*", "Q", 8, "packed weights [E, N/64, K/64, 2176]"),
+    ParamField("out", "uint16_t*", "Q", 8, "bf16 output [rows, N]"),
+    ParamField("rows", "void const*", "Q", 8, "offsets [E+1] (contiguous) or masked_m [E] (masked)"),
+    ParamField("num_experts", "int32_t", "i", 4, "E"),
+    ParamField("n", "int32_t", "i", 4, "logical N"),
+    ParamField("n_atoms", "int32_t", "i", 4, "N padded to 64, in atoms"),
+    ParamField("k_atoms", "int32_t", "i", 4, "K padded to 64, in atoms"),
+    ParamField("max_m", "int32_t", "i", 4, "masked: rows per expert slot"),
+    ParamField("total_rows", "int32_t", "i", 4, "rows of x (and out)"),
+    ParamField("masked", "int32_t", "i", 4, "1: rows = masked_m, 0: rows = offsets"),
+    ParamField("rows_int64", "int32_t", "i", 4, "1 when rows is int64"),
+)
+
+
+def _layout() -> tuple[dict[str, int], int]:
+    offsets: dict[str, int] = {}
+    cursor = 0
+    for field in PARAM_FIELDS:
+        align = min(field.size, 8) if field.fmt else PARAMS_ALIGN
+        cursor = (cursor + align - 1) // align * align
+        offsets[field.name] = cursor
+        cursor += field.size
+    return offsets, (cursor + PARAMS_ALIGN - 1) // PARAMS_ALIGN * PARAMS_ALIGN
+
+
+PARAM_OFFSETS, PARAMS_SIZE = _layout()
+
+
+def template_fields() -> list[dict[str, object]]:
+    """The field list as the template renders it."""
+    return [
+        {"name": f.name, "ctype": f.ctype, "offset": PARAM_OFFSETS[f.name], "comment": f.comment}
+        for f in PARAM_FIELDS
+    ]
+
+
+def pack_params(tensor_map: bytes, **values: int) -> bytearray:
+    """The parameter block's bytes, with every field but ``x_map`` given by name."""
+    if len(tensor_map) != TENSOR_MAP_BYTES:
+        raise ValueError(f"tensor_map must be {TENSOR_MAP_BYTES} bytes, got {len(tensor_map)}")
+    expected = {f.name for f in PARAM_FIELDS if f.fmt}
+    if set(values) != expected:
+        raise ValueError(f"pack_params needs exactly {sorted(expected)}, got {sorted(values)}")
+    block = bytearray(PARAMS_SIZE)
+    block[0:TENSOR_MAP_BYTES] = tensor_map
+    for field in PARAM_FIELDS:
+        if field.fmt:
+            struct.pack_into("<" + field.fmt, block, PARAM_OFFSETS[field.name], values[field.name])
+    return block

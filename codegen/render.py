@@ -1,0 +1,43 @@
+"""Render the grouped GEMM template for a tile config: decisions here, CUDA in templates/."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import jinja2
+
+from .config import PRODUCER_REGISTERS, TileConfig
+from .params import PARAMS_ALIGN, PARAMS_SIZE, template_fields
+from .paths import TEMPLATES_DIR
+
+TEMPLATE_NAME = "grouped_mm.cu.j2"
+ENTRY_POINT = "mxfp4_grouped_mm"
+# WGMMA N sizes whose register-A bf16 atoms live in cute/arch/mma_sm90_gmma.hpp; the others are
+# in the (much larger) _ext header, included only when needed to keep compiles short.
+_GMMA_BASE_SIZES = frozenset({8, 16, 32, 64, 96, 128, 192, 256})
+
+
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def render(config: TileConfig) -> str:
+    """CUDA C++ source of the kernel for ``config`` (validated first)."""
+    config.validate()
+    template = _environment().get_template(TEMPLATE_NAME)
+    return template.render(
+        config=config,
+        needs_gmma_ext=config.tile_m not in _GMMA_BASE_SIZES,
+        params=template_fields(),
+        params_size=PARAMS_SIZE,
+        params_align=PARAMS_ALIGN,
+        producer_registers=PRODUCER_REGISTERS,
+        consumer_registers=config.consumer_registers,
+        entry_point=ENTRY_POINT,
+    )

@@ -1,0 +1,323 @@
+// SM90a MXFP4 grouped GEMM: out[rows of e] = x[rows of e] @ W_e^T, computed as
+// out^T tile = W tile (WGMMA A, decoded into registers) . x tile^T (WGMMA B, TMA -> shared memory).
+//
+// One CTA per SM walks the tile list (mxfp4_scheduler.cuh). Warpgroup 0 produces: one thread
+// issues TMA loads of x (128-byte swizzled) and bulk copies of whole packed weight atoms into a
+// `Stages`-deep ring guarded by full/empty mbarriers. Warpgroups 1..Warpgroups consume: each owns
+// `AtomsPerWarpgroup` blocks of 64 weight rows, loads its fragment bytes with one 16-byte shared
+// load per 64 values of K, decodes them (mxfp4_decode.cuh) and issues wgmma.mma_async.
+#pragma once
+
+#include <cuda/std/cstdint>
+
+#include <cute/arch/cluster_sm90.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/arch/mma_sm90_desc.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <cute/util/type_traits.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "mxfp4_decode.cuh"
+#include "mxfp4_scheduler.cuh"
+
+namespace mxfp4 {
+
+constexpr int kAtomN = 64;
+constexpr int kAtomK = 64;
+constexpr int kAtomCodeBytes = 2048;
+constexpr int kAtomBytes = 2176;
+constexpr int kSwizzleRowBytes = 128;  // one 128B-swizzled row: 64 bf16 of K
+
+// cuTensorMapEncodeTiled's opaque 128-byte descriptor, passed by value in the kernel parameters.
+struct alignas(64) TensorMap {
+  uint64_t opaque[16];
+};
+
+template <int TileN_, int TileM_, int TileK_, int Stages_, int Warpgroups_, int ProducerRegs_, int ConsumerRegs_>
+struct KernelConfig {
+  static constexpr int TileN = TileN_;
+  static constexpr int TileM = TileM_;
+  static constexpr int TileK = TileK_;
+  static constexpr int Stages = Stages_;
+  static constexpr int Warpgroups = Warpgroups_;
+  static constexpr int ProducerRegs = ProducerRegs_;
+  static constexpr int ConsumerRegs = ConsumerRegs_;
+  static constexpr int Threads = 128 * (Warpgroups + 1);
+  static constexpr int AtomsN = TileN / kAtomN;                // weight atoms along N per tile
+  static constexpr int AtomsK = TileK / kAtomK;                // weight atoms along K per stage
+  static constexpr int AtomsPerWarpgroup = AtomsN / Warpgroups;
+  static constexpr int XStageBytes = TileM * TileK * 2;
+  static constexpr int XChunkBytes = TileM * kSwizzleRowBytes;  // one 64-wide column block of x
+  static constexpr int WStageBytes = AtomsN * AtomsK * kAtomBytes;
+  static constexpr int Accumulators = TileM / 2;               // per thread, per 64-row block
+  static_assert(TileN % (kAtomN * Warpgroups) == 0, "tile_n must split into 64-row blocks per warpgroup");
+  static_assert(TileM % 8 == 0 && TileM >= 8 && TileM <= 256, "tile_m is WGMMA's N");
+  static_assert(XChunkBytes % 1024 == 0, "128B-swizzled x chunks must stay 1024-byte aligned");
+};
+
+// The 128B-swizzle K-major shared-memory descriptor of an x chunk (rows of 128 bytes, 8-row
+// swizzle atoms 1024 bytes apart), advanced to k16 step `step` (32 bytes each).
+__device__ __forceinline__ uint64_t x_descriptor(void const* chunk, int step) {
+  cute::GmmaDescriptor desc;
+  uint32_t const address = cute::cast_smem_ptr_to_uint(chunk) + 32u * step;
+  desc.bitfield.start_address_ = static_cast<uint16_t>(address >> 4);
+  desc.bitfield.leading_byte_offset_ = 1;  // unused by swizzled K-major layouts
+  desc.bitfield.stride_byte_offset_ = 1024 >> 4;
+  desc.bitfield.base_offset_ = 0;
+  desc.bitfield.layout_type_ = static_cast<uint8_t>(cute::SM90::GMMA::LayoutType::B128);
+  return desc.desc_;
+}
+
+__device__ __forceinline__ uint16_t float_to_bf16(float value) {
+  uint16_t bits;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));
+  return bits;
+}
+
+template <class Mma, int N, size_t... I>
+__device__ __forceinline__ void wgmma_rs(uint32_t const (&a)[4], uint64_t desc, float (&d)[N],
+                                         cute::index_sequence<I...>) {
+  Mma::fma(a[0], a[1], a[2], a[3], desc, d[I]..., cute::SM90::GMMA::ScaleOut::One);
+}
+
+template <class Cfg>
+struct SharedStorage {
+  uint8_t* x;         // [Stages][AtomsK][TileM x 128 B], 128B-swizzled by TMA
+  uint8_t* w;         // [Stages][AtomsN][AtomsK][kAtomBytes]
+  uint64_t* full;     // [Stages]: TMA bytes landed
+  uint64_t* empty;    // [Stages]: consumers done with the slot
+  int* tile_prefix;   // [num_experts + 1]
+
+  __device__ explicit SharedStorage(uint8_t* raw) {
+    uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+    x = base;
+    w = x + Cfg::Stages * Cfg::XStageBytes;
+    full = reinterpret_cast<uint64_t*>(w + Cfg::Stages * Cfg::WStageBytes);
+    empty = full + Cfg::Stages;
+    tile_prefix = reinterpret_cast<int*>(empty + Cfg::Stages);
+  }
+};
+
+// Ring position shared by producer and consumers: slot and the parity of its current use.
+struct RingPosition {
+  int slot = 0;
+  uint32_t phase = 0;
+  template <int Stages>
+  __device__ __forceinline__ void advance() {
+    if (++slot == Stages) { slot = 0; phase ^= 1u; }
+  }
+};
+
+template <class Cfg, class Params>
+__device__ __forceinline__ void produce(Params const& p, SharedStorage<Cfg> const& s, int n_tiles, int total_tiles) {
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  RingPosition ring;
+  int const k_tiles = (p.k_atoms + Cfg::AtomsK - 1) / Cfg::AtomsK;
+  for (int index = blockIdx.x; index < total_tiles; index += gridDim.x) {
+    Tile const tile = tile_coords(s.tile_prefix, p.num_experts, n_tiles, index);
+    int const row0 = expert_rows(p, tile.expert).start + tile.m_tile * Cfg::TileM;
+    int const n_atom0 = tile.n_tile * Cfg::AtomsN;
+    int const n_atoms_here = min(Cfg::AtomsN, p.n_atoms - n_atom0);
+    uint8_t const* w_expert = p.w + (static_cast<size_t>(tile.expert) * p.n_atoms + n_atom0) * p.k_atoms * kAtomBytes;
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      int const k_atom0 = kt * Cfg::AtomsK;
+      int const k_atoms_here = min(Cfg::AtomsK, p.k_atoms - k_atom0);
+      Barrier::wait(&s.empty[ring.slot], ring.phase ^ 1u);
+      // Out-of-range x boxes are zero-filled by TMA and still count their full size.
+      Barrier::arrive_and_expect_tx(&s.full[ring.slot],
+                                    Cfg::XStageBytes + n_atoms_here * k_atoms_here * kAtomBytes);
+      uint8_t* x_slot = s.x + ring.slot * Cfg::XStageBytes;
+#pragma unroll
+      for (int c = 0; c < Cfg::AtomsK; ++c) {
+        cute::SM90_TMA_LOAD_2D::copy(&p.x_map, &s.full[ring.slot],
+                                     static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
+                                     x_slot + c * Cfg::XChunkBytes, (k_atom0 + c) * kAtomK, row0);
+      }
+      uint8_t* w_slot = s.w + ring.slot * Cfg::WStageBytes;
+      for (int a = 0; a < n_atoms_here; ++a) {
+        cute::SM90_BULK_COPY_G2S::copy(w_expert + (static_cast<size_t>(a) * p.k_atoms + k_atom0) * kAtomBytes,
+                                       &s.full[ring.slot], w_slot + a * Cfg::AtomsK * kAtomBytes,
+                                       k_atoms_here * kAtomBytes);
+      }
+      ring.advance<Cfg::Stages>();
+    }
+  }
+}
+
+template <class Cfg>
+struct ConsumerState {
+  using Mma = typename Cfg::Mma;
+  static constexpr int A = Cfg::AtomsPerWarpgroup;
+  float acc[A][Cfg::Accumulators];
+  uint32_t frag[2][A][4][4];  // [register buffer][atom][k16 step][A register]
+
+  __device__ __forceinline__ void fence_accumulators() {
+#pragma unroll
+    for (int a = 0; a < A; ++a)
+#pragma unroll
+      for (int i = 0; i < Cfg::Accumulators; ++i) cute::warpgroup_fence_operand(acc[a][i]);
+  }
+
+  template <int Buf>
+  __device__ __forceinline__ void fence_fragments() {
+#pragma unroll
+    for (int a = 0; a < A; ++a)
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(frag[Buf][a][s][r]);
+  }
+
+  // Decode one 64-deep chunk of this warpgroup's atoms from the w slot into register buffer Buf.
+  template <int Buf>
+  __device__ __forceinline__ void decode_chunk(uint8_t const* w_chunk, int tid) {
+    int const scale_word = (tid >> 5) * 8 + ((tid & 31) >> 2);
+#pragma unroll
+    for (int a = 0; a < A; ++a) {
+      uint8_t const* atom = w_chunk + a * Cfg::AtomsK * kAtomBytes;
+      uint4 const codes = *reinterpret_cast<uint4 const*>(atom + tid * 16);
+      uint32_t const scales = *reinterpret_cast<uint32_t const*>(atom + kAtomCodeBytes + scale_word * 4);
+      ScalePair const block0[2] = {e8m0_scale_factors(scales & 0xFFu), e8m0_scale_factors((scales >> 8) & 0xFFu)};
+      ScalePair const block1[2] = {e8m0_scale_factors((scales >> 16) & 0xFFu), e8m0_scale_factors(scales >> 24)};
+      decode_k16(codes.x, block0, frag[Buf][a][0]);
+      decode_k16(codes.y, block0, frag[Buf][a][1]);
+      decode_k16(codes.z, block1, frag[Buf][a][2]);
+      decode_k16(codes.w, block1, frag[Buf][a][3]);
+    }
+  }
+
+  template <int Buf>
+  __device__ __forceinline__ void issue_chunk(uint8_t const* x_chunk) {
+    fence_fragments<Buf>();
+    fence_accumulators();
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+      uint64_t const desc = x_descriptor(x_chunk, step);
+#pragma unroll
+      for (int a = 0; a < A; ++a)
+        wgmma_rs<Mma>(frag[Buf][a][step], desc, acc[a], cute::make_index_sequence<Cfg::Accumulators>{});
+    }
+    cute::warpgroup_commit_batch();
+    fence_accumulators();
+  }
+};
+
+// Consume one pipeline stage. Chunk c uses register buffer (Buf0 + c) & 1, so buffers alternate
+// across the whole k loop; a chunk's buffer is rewritten only after wgmma.wait_group<1> showed
+// the wgmma that read it (two chunks back) complete.
+template <int Buf0, class Cfg>
+__device__ __forceinline__ void consume_stage(ConsumerState<Cfg>& st, uint8_t const* x_slot, uint8_t const* w_slot,
+                                              int chunks, int tid, bool release_previous,
+                                              uint64_t* previous_empty) {
+#pragma unroll
+  for (int c = 0; c < Cfg::AtomsK; ++c) {
+    if (c < chunks) {
+      if (((Buf0 + c) & 1) == 0) {
+        st.template decode_chunk<0>(w_slot + c * kAtomBytes, tid);
+        st.template issue_chunk<0>(x_slot + c * Cfg::XChunkBytes);
+      } else {
+        st.template decode_chunk<1>(w_slot + c * kAtomBytes, tid);
+        st.template issue_chunk<1>(x_slot + c * Cfg::XChunkBytes);
+      }
+      cute::warpgroup_wait<1>();
+      if (c == 0 && release_previous) {
+        // The last chunk of the previous stage has completed: hand its slot back (one arrival per warp).
+        __syncwarp();
+        if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(previous_empty);
+      }
+    }
+  }
+}
+
+template <class Cfg, class Params>
+__device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
+                                           ExpertRows const& rows, int consumer, int tid) {
+  int const warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+  int const m_base = tile.m_tile * Cfg::TileM;
+  int const m_limit = rows.count - m_base;  // valid tokens in this tile
+#pragma unroll
+  for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
+    int const n0 = tile.n_tile * Cfg::TileN + (consumer * Cfg::AtomsPerWarpgroup + a) * kAtomN + 16 * warp + g;
+#pragma unroll
+    for (int i = 0; i < Cfg::TileM / 8; ++i) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        int const n = n0 + 8 * (r >> 1);
+        int const m = 8 * i + 2 * t + (r & 1);
+        if (m < m_limit && n < p.n) {
+          size_t const row = static_cast<size_t>(rows.start + m_base + m);
+          p.out[row * p.n + n] = float_to_bf16(st.acc[a][4 * i + r]);
+        }
+      }
+    }
+  }
+}
+
+template <class Cfg, class Params>
+__device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> const& s, int n_tiles, int total_tiles,
+                                        int consumer, int tid) {
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  ConsumerState<Cfg> st;
+  RingPosition ring;
+  int const k_tiles = (p.k_atoms + Cfg::AtomsK - 1) / Cfg::AtomsK;
+  int const atom_offset = consumer * Cfg::AtomsPerWarpgroup * Cfg::AtomsK * kAtomBytes;
+  for (int index = blockIdx.x; index < total_tiles; index += gridDim.x) {
+    Tile const tile = tile_coords(s.tile_prefix, p.num_experts, n_tiles, index);
+    ExpertRows const rows = expert_rows(p, tile.expert);
+#pragma unroll
+    for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a)
+#pragma unroll
+      for (int i = 0; i < Cfg::Accumulators; ++i) st.acc[a][i] = 0.0f;
+    int previous_slot = 0;
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      int const chunks = min(Cfg::AtomsK, p.k_atoms - kt * Cfg::AtomsK);
+      Barrier::wait(&s.full[ring.slot], ring.phase);
+      uint8_t const* x_slot = s.x + ring.slot * Cfg::XStageBytes;
+      uint8_t const* w_slot = s.w + ring.slot * Cfg::WStageBytes + atom_offset;
+      // With an odd number of chunks per stage, odd stages start on register buffer 1.
+      if ((Cfg::AtomsK & 1) && (kt & 1))
+        consume_stage<1>(st, x_slot, w_slot, chunks, tid, kt > 0, &s.empty[previous_slot]);
+      else
+        consume_stage<0>(st, x_slot, w_slot, chunks, tid, kt > 0, &s.empty[previous_slot]);
+      previous_slot = ring.slot;
+      ring.advance<Cfg::Stages>();
+    }
+    cute::warpgroup_wait<0>();
+    __syncwarp();
+    if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(&s.empty[previous_slot]);
+    store_tile(st, p, tile, rows, consumer, tid);
+  }
+}
+
+template <class Cfg, class Params>
+__device__ __forceinline__ void grouped_mm_kernel(Params const& p) {
+  extern __shared__ uint8_t shared_raw[];
+  SharedStorage<Cfg> const s(shared_raw);
+  int const warp = threadIdx.x >> 5;
+  int const lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < Cfg::Stages; ++i) {
+      cutlass::arch::ClusterTransactionBarrier::init(&s.full[i], 1);
+      cutlass::arch::ClusterBarrier::init(&s.empty[i], 4 * Cfg::Warpgroups);  // one arrival per consumer warp
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  if (warp == 0) build_tile_prefix<Cfg::TileM>(p, s.tile_prefix, lane);
+  __syncthreads();
+
+  int const n_tiles = (p.n + Cfg::TileN - 1) / Cfg::TileN;
+  int const total_tiles = s.tile_prefix[p.num_experts] * n_tiles;
+  int const warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Cfg::ProducerRegs>();
+    if (threadIdx.x == 0) produce<Cfg>(p, s, n_tiles, total_tiles);
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Cfg::ConsumerRegs>();
+    consume<Cfg>(p, s, n_tiles, total_tiles, warpgroup - 1, threadIdx.x & 127);
+  }
+}
+
+}  // namespace mxfp4

@@ -1,0 +1,70 @@
+// Persistent tile scheduler over (expert, m-tile, n-tile), computed on the device from the
+// routing (offsets or masked_m) so the launch needs no host synchronisation.
+#pragma once
+
+#include <cuda/std/cstdint>
+
+namespace mxfp4 {
+
+// Rows of x that expert e owns, clamped so that malformed routing can never index out of bounds.
+struct ExpertRows {
+  int start;
+  int count;
+};
+
+template <class Params>
+__device__ __forceinline__ int64_t load_routing(Params const& p, int i) {
+  return p.rows_int64 ? reinterpret_cast<int64_t const*>(p.rows)[i]
+                      : static_cast<int64_t>(reinterpret_cast<int32_t const*>(p.rows)[i]);
+}
+
+template <class Params>
+__device__ __forceinline__ ExpertRows expert_rows(Params const& p, int e) {
+  if (p.masked) {
+    int64_t const m = load_routing(p, e);
+    return {e * p.max_m, static_cast<int>(m < 0 ? 0 : (m > p.max_m ? p.max_m : m))};
+  }
+  int64_t begin = load_routing(p, e);
+  int64_t end = load_routing(p, e + 1);
+  begin = begin < 0 ? 0 : (begin > p.total_rows ? p.total_rows : begin);
+  end = end < begin ? begin : (end > p.total_rows ? p.total_rows : end);
+  return {static_cast<int>(begin), static_cast<int>(end - begin)};
+}
+
+// prefix[e] = m-tiles of experts 0..e-1, prefix[E] = all of them. Run by one full warp.
+template <int TileM, class Params>
+__device__ __forceinline__ void build_tile_prefix(Params const& p, int* prefix, int lane) {
+  int running = 0;
+  if (lane == 0) prefix[0] = 0;
+  for (int base = 0; base < p.num_experts; base += 32) {
+    int const e = base + lane;
+    int tiles = e < p.num_experts ? (expert_rows(p, e).count + TileM - 1) / TileM : 0;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {  // inclusive warp scan
+      int const up = __shfl_up_sync(0xffffffffu, tiles, offset);
+      if (lane >= offset) tiles += up;
+    }
+    if (e < p.num_experts) prefix[e + 1] = running + tiles;
+    running += __shfl_sync(0xffffffffu, tiles, 31);
+  }
+}
+
+struct Tile {
+  int expert;
+  int m_tile;
+  int n_tile;
+};
+
+// Tiles are numbered n-tile fastest, so CTAs working at the same time share an x tile
+// and walk over one expert's weights.
+__device__ __forceinline__ Tile tile_coords(int const* prefix, int num_experts, int n_tiles, int index) {
+  int const m_global = index / n_tiles;
+  int lo = 0, hi = num_experts;  // find the last e with prefix[e] <= m_global
+  while (hi - lo > 1) {
+    int const mid = (lo + hi) >> 1;
+    if (prefix[mid] <= m_global) lo = mid; else hi = mid;
+  }
+  return {lo, m_global - prefix[lo], index - m_global * n_tiles};
+}
+
+}  // namespace mxfp4
