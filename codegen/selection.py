@@ -1,0 +1,42 @@
+"""Which tile config a call runs: the shipped/user tuning table first, then a heuristic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import DEFAULT_CONFIGS, TileConfig
+
+
+@dataclass(frozen=True)
+class Selection:
+    config: TileConfig
+    reason: str
+
+
+def heuristic_config(tokens_per_expert: int) -> TileConfig:
+    """The default config whose tile_m is the smallest that covers the tokens of one expert."""
+    by_tile_m = sorted(DEFAULT_CONFIGS, key=lambda c: c.tile_m)
+    for config in by_tile_m:
+        if tokens_per_expert <= config.tile_m:
+            return config
+    return by_tile_m[-1]
+
+
+def select_config(num_experts: int, n: int, k: int, tokens_per_expert: int,
+                  device_name: str | None = None) -> Selection:
+    """Pick the config for a call. ``tokens_per_expert`` is a host-side estimate (T / E, or max_m)."""
+    if device_name is not None:
+        try:
+            from .tuning import lookup
+        except ImportError:
+            lookup = None
+        if lookup is not None:
+            found = lookup(device_name, num_experts, n, k, tokens_per_expert)
+            if found is not None:
+                return Selection(*found)
+    config = heuristic_config(tokens_per_expert)
+    return Selection(
+        config,
+        f"heuristic: smallest default tile_m >= {tokens_per_expert} tokens per expert "
+        f"(no tuning-table entry for E={num_experts}, N={n}, K={k})",
+    )
