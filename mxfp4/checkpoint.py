@@ -1,0 +1,138 @@
+"""Import and export of MXFP4 weights as checkpoints store them: gpt-oss safetensors and ggml.
+
+gpt-oss stores each expert weight as two tensors with the MXFP4Tensor byte order exactly:
+``model.layers.{i}.mlp.experts.{name}_blocks`` uint8 ``[E, N, K/32, 16]`` and ``..._scales`` uint8
+``[E, N, K/32]``, so import is a check and a wrap (bit-exact, no copy).
+
+ggml's ``block_mxfp4`` is 17 bytes per block of 32 values: the E8M0 byte, then 16 bytes ``qs``
+where ``qs[j]`` holds element ``j`` in its low nibble and element ``j + 16`` in its high nibble.
+Shapes here are torch order, ``[..., K]`` with K innermost (ggml's ``ne[0]``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tensor import BLOCK_SIZE, BYTES_PER_BLOCK, MXFP4Tensor
+
+GGML_BLOCK_BYTES = 1 + BYTES_PER_BLOCK  # 17
+GPT_OSS_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def from_gpt_oss(blocks: torch.Tensor, scales: torch.Tensor) -> MXFP4Tensor:
+    """Wrap gpt-oss ``*_blocks`` uint8 ``[..., K/32, 16]`` and ``*_scales`` uint8 ``[..., K/32]``."""
+    for name, tensor in (("blocks", blocks), ("scales", scales)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"from_gpt_oss: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype != torch.uint8:
+            raise TypeError(f"from_gpt_oss: {name} must be uint8, got {tensor.dtype}")
+    return MXFP4Tensor(blocks.contiguous(), scales.contiguous())
+
+
+def _shard_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_gpt_oss_experts: {path} is neither a file nor a directory")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"load_gpt_oss_experts: no *.safetensors files in {path}")
+    return files
+
+
+def _locate(files: list[Path], names: list[str]) -> dict[str, Path]:
+    """Which shard holds each tensor name (the index file when there is one, else the headers)."""
+    from safetensors import safe_open
+
+    found: dict[str, Path] = {}
+    index = files[0].parent / "model.safetensors.index.json"
+    if len(files) > 1 and index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        found = {name: files[0].parent / weight_map[name] for name in names if name in weight_map}
+    for file in files:
+        if len(found) == len(names):
+            break
+        with safe_open(str(file), framework="pt") as handle:
+            keys = set(handle.keys())
+        for name in names:
+            if name in keys and name not in found:
+                found[name] = file
+    return found
+
+
+def load_gpt_oss_experts(
+    path: str | Path, layer: int, device: torch.device | str = "cpu"
+) -> dict[str, MXFP4Tensor]:
+    """The MXFP4 expert weights of one layer of a gpt-oss checkpoint.
+
+    ``path`` is a ``.safetensors`` file or a directory of shards. Returns
+    ``{"gate_up_proj": [E, 2 * I, H], "down_proj": [E, H, I]}`` as MXFP4Tensors (logical shapes).
+    """
+    from safetensors import safe_open
+
+    files = _shard_files(Path(path))
+    prefix = f"model.layers.{int(layer)}.mlp.experts."
+    names = [f"{prefix}{weight}_{part}" for weight in GPT_OSS_EXPERT_WEIGHTS for part in ("blocks", "scales")]
+    where = _locate(files, names)
+    missing = [name for name in names if name not in where]
+    if missing:
+        raise KeyError(f"load_gpt_oss_experts: {', '.join(missing)} not found in {path}")
+    loaded: dict[str, torch.Tensor] = {}
+    for name in names:
+        with safe_open(str(where[name]), framework="pt", device=str(device)) as handle:
+            loaded[name] = handle.get_tensor(name)
+    return {
+        weight: from_gpt_oss(loaded[f"{prefix}{weight}_blocks"], loaded[f"{prefix}{weight}_scales"])
+        for weight in GPT_OSS_EXPERT_WEIGHTS
+    }
+
+
+def _as_uint8_tensor(data: object) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.uint8:
+            raise TypeError(f"from_ggml: data must be uint8, got {data.dtype}")
+        return data.reshape(-1)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise TypeError(f"from_ggml: data must be uint8, got {data.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(data).reshape(-1))
+    raise TypeError(f"from_ggml: data must be a uint8 tensor, numpy array or bytes, got {type(data).__name__}")
+
+
+def from_ggml(data: torch.Tensor | np.ndarray | bytes, shape: tuple[int, ...] | torch.Size) -> MXFP4Tensor:
+    """Decode a ggml MXFP4 tensor (``block_mxfp4`` bytes) of logical ``shape`` ``[..., K]``."""
+    shape = tuple(int(size) for size in shape)
+    if not shape or shape[-1] % BLOCK_SIZE:
+        raise ValueError(f"from_ggml: shape must end in a multiple of {BLOCK_SIZE} (K), got {shape}")
+    raw = _as_uint8_tensor(data)
+    num_blocks = int(np.prod(shape, dtype=np.int64)) // BLOCK_SIZE
+    if raw.numel() != num_blocks * GGML_BLOCK_BYTES:
+        raise ValueError(
+            f"from_ggml: data has {raw.numel()} bytes; shape {shape} needs "
+            f"{num_blocks} blocks x {GGML_BLOCK_BYTES} = {num_blocks * GGML_BLOCK_BYTES}"
+        )
+    ggml_blocks = raw.view(num_blocks, GGML_BLOCK_BYTES)
+    scales = ggml_blocks[:, 0]
+    qs = ggml_blocks[:, 1:]
+    codes = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # elements 0..15, then 16..31
+    blocks = codes[:, 0::2] | (codes[:, 1::2] << 4)  # gpt-oss: element 2j low, 2j + 1 high
+    return MXFP4Tensor(
+        blocks.reshape(*shape[:-1], shape[-1] // BLOCK_SIZE, BYTES_PER_BLOCK).contiguous(),
+        scales.reshape(*shape[:-1], shape[-1] // BLOCK_SIZE).contiguous(),
+    )
+
+
+def to_ggml(t: MXFP4Tensor) -> torch.Tensor:
+    """The ``block_mxfp4`` bytes of ``t``, uint8 ``[num_blocks * 17]`` in row-major block order."""
+    if not isinstance(t, MXFP4Tensor):
+        raise TypeError(f"to_ggml: t must be an MXFP4Tensor, got {type(t).__name__}")
+    blocks = t.blocks.reshape(-1, BYTES_PER_BLOCK)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(-1, BLOCK_SIZE)
+    qs = codes[:, :16] | (codes[:, 16:] << 4)
+    return torch.cat((t.scales.reshape(-1, 1), qs), dim=-1).reshape(-1).contiguous()

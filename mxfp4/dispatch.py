@@ -1,0 +1,178 @@
+"""Which path a call takes (the SM90 kernel or the portable torch path) and why.
+
+Checked once per device and cached: the answer cannot change within a process, and the hot path
+must not query the driver or the toolchain on every call. Off-Hopper, or on Hopper without a working
+toolchain, the portable path runs and ONE warning per process says why; nothing crashes.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+SM90 = "sm90"
+PORTABLE = "portable"
+_SM90_CAPABILITY = (9, 0)
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """The path for one device: ``path`` is "sm90" or "portable"; ``reason`` says why."""
+
+    path: str
+    reason: str
+    device: str
+    capability: tuple[int, int] | None = None
+    device_name: str | None = None
+    toolchain: str | None = None  # the toolchain check's verdict, when it was made
+
+
+_lock = threading.Lock()
+_cache: dict[tuple[str, int | None], PathChoice] = {}
+_warned = False
+
+
+def _device_key(device: torch.device) -> tuple[str, int | None]:
+    if device.type == "cuda":
+        return ("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    return (device.type, None)
+
+
+def check_toolchain() -> tuple[bool, str]:
+    """``codegen.toolchain.check_toolchain()`` as (ok, reason); a missing module counts as not ok."""
+    try:
+        from codegen.toolchain import check_toolchain as _check
+    except ImportError as error:  # no cuda-python / codegen not built: the portable path still works
+        return False, f"codegen.toolchain unavailable ({error})"
+    try:
+        result = _check()
+    except Exception as error:  # a broken toolchain must never take the op down
+        return False, f"toolchain check failed: {type(error).__name__}: {error}"
+    return bool(result.ok), str(result.reason)
+
+
+def _decide(key: tuple[str, int | None]) -> PathChoice:
+    kind, index = key
+    if kind != "cuda":
+        return PathChoice(PORTABLE, f"device is {kind}", kind)
+    name = f"cuda:{index}"
+    capability = tuple(torch.cuda.get_device_capability(index))
+    device_name = torch.cuda.get_device_name(index)
+    sm = f"sm_{capability[0]}{capability[1]}"
+    if capability != _SM90_CAPABILITY:
+        reason = f"GPU {sm} ({device_name}) is not SM90 (Hopper); using the portable path (decode in torch + bf16 matmul)"
+        return PathChoice(PORTABLE, reason, name, capability, device_name)
+    ok, toolchain = check_toolchain()
+    if not ok:
+        reason = f"GPU {device_name} is SM90 but the kernel toolchain is not usable: {toolchain}; using the portable path"
+        return PathChoice(PORTABLE, reason, name, capability, device_name, toolchain)
+    return PathChoice(SM90, f"GPU {device_name} is SM90 (Hopper) and the toolchain is usable", name, capability, device_name, toolchain)
+
+
+def select_path(device: torch.device | str) -> PathChoice:
+    """The path calls on ``device`` take, decided on first use and cached; warns once if degraded."""
+    global _warned
+    key = _device_key(torch.device(device))
+    choice = _cache.get(key)
+    if choice is not None:
+        return choice
+    with _lock:
+        choice = _cache.get(key)
+        if choice is None:
+            choice = _decide(key)
+            _cache[key] = choice
+            if key[0] == "cuda" and choice.path == PORTABLE and not _warned:
+                _warned = True
+                warnings.warn(f"mxfp4: {choice.reason}", RuntimeWarning, stacklevel=3)
+    return choice
+
+
+def reset_cache() -> None:
+    """Forget the decisions (for tests, or after installing the toolchain in a live process)."""
+    global _warned
+    with _lock:
+        _cache.clear()
+        _warned = False
+
+
+@dataclass(frozen=True)
+class ConfigChoice:
+    config: object | None  # a codegen TileConfig; None when config selection is unavailable
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name if self.config is not None else ""
+
+
+@lru_cache(maxsize=4096)  # called per launch when no config is forced: keep it a dict lookup
+def choose_config(
+    num_experts: int, n: int, k: int, tokens_per_expert_hint: int, device_name: str | None = None
+) -> ConfigChoice:
+    """The tile config ``codegen.select_config`` picks for a problem, or why there is none."""
+    try:
+        from codegen import select_config
+    except ImportError:
+        return ConfigChoice(None, "config selection unavailable (codegen.select_config not importable)")
+    selection = select_config(num_experts, n, k, tokens_per_expert_hint, device_name=device_name)
+    return ConfigChoice(selection.config, str(selection.reason))
+
+def explain(
+    x: torch.Tensor,
+    w: object,
+    offsets: torch.Tensor | None = None,
+    masked_m: torch.Tensor | None = None,
+    *,
+    config: object = None,
+) -> str:
+    """What ``grouped_mm(x, w, offsets)`` / ``grouped_mm_masked(x, w, masked_m)`` would do, and why.
+
+    A multi-line human-readable report: problem shape, device and capability, toolchain, path, and
+    on the SM90 path the tile config and why it was chosen. Reads no tensor values.
+    """
+    from .layout import PackedMXFP4
+    from .tensor import MXFP4Tensor
+
+    if isinstance(w, MXFP4Tensor):
+        raise TypeError("explain: w is an unpacked MXFP4Tensor; call w = mxfp4.pack(w) once and pass the PackedMXFP4")
+    if not isinstance(w, PackedMXFP4):
+        raise TypeError(f"explain: w must be a PackedMXFP4 (from mxfp4.pack), got {type(w).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"explain: x must be a torch.Tensor, got {type(x).__name__}")
+    if offsets is not None and masked_m is not None:
+        raise ValueError("explain: pass offsets (grouped_mm) or masked_m (grouped_mm_masked), not both")
+    num_experts = w.num_experts
+    if masked_m is not None or x.dim() == 3:
+        variant = "grouped_mm_masked"
+        max_m = x.shape[1] if x.dim() == 3 else 0
+        rows = f"x {tuple(x.shape)}: up to max_m = {max_m} rows per expert"
+        hint = max_m
+    else:
+        variant = "grouped_mm"
+        tokens = x.shape[0] if x.dim() >= 1 else 0
+        hint = -(-tokens // max(1, num_experts))
+        rows = f"x {tuple(x.shape)}: T = {tokens} rows, about {hint} per expert"
+    choice = select_path(x.device)
+    lines = [
+        f"mxfp4.{variant}: E = {num_experts} experts, N = {w.n}, K = {w.k}",
+        f"  input:     {rows} ({x.dtype})",
+        f"  device:    {choice.device}"
+        + (f" ({choice.device_name}, compute capability {choice.capability[0]}.{choice.capability[1]})" if choice.capability else ""),
+        f"  toolchain: {choice.toolchain if choice.toolchain is not None else 'not checked (not needed for this device)'}",
+        f"  path:      {choice.path}: {choice.reason}",
+    ]
+    if choice.path == SM90 and config:
+        forced = config if isinstance(config, str) else getattr(config, "name", str(config))
+        lines.append(f"  config:    {forced}: forced by the caller (config=...)")
+    elif choice.path == SM90:
+        chosen = choose_config(num_experts, w.n, w.k, hint, choice.device_name)
+        lines.append(f"  config:    {chosen.name or '(left to the launcher)'}: {chosen.reason}")
+    else:
+        lines.append("  config:    none (tile configs apply to the SM90 kernel only)")
+        if variant == "grouped_mm" and choice.device.startswith("cuda"):
+            lines.append("  note:      the portable path reads offsets on the host (a device sync per call)")
+    return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""The torch ops ``mxfp4::grouped_mm`` and ``mxfp4::grouped_mm_masked`` and their Python wrappers.
+
+The wrappers take a :class:`PackedMXFP4` and unwrap it; the custom ops take plain tensors and ints
+(what ``torch.library`` can schema), have fake kernels for ``torch.compile(fullgraph=True)``, and pick
+the SM90 kernel or the portable path per device (``mxfp4.dispatch``).
+
+Validation happens before any launch and never synchronizes with a CUDA device: shapes, dtypes and
+devices are always checked; the *values* of ``offsets`` / ``masked_m`` only when they live on the CPU,
+or on any device after ``set_debug_checks(True)`` (which costs a device sync per call).
+Non-contiguous ``x`` is rejected rather than silently copied: the hot path allocates nothing but
+the output, so a copy is left to the caller to see and pay for.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from codegen.config import MAX_EXPERTS, TileConfig
+
+from .dispatch import SM90, choose_config, select_path
+from .layout import ATOM_BYTES, ATOM_K, ATOM_N, PackedMXFP4
+from .reference import portable_grouped_mm, portable_grouped_mm_masked
+from .tensor import BLOCK_SIZE, MXFP4Tensor
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_debug_checks = False
+
+
+def set_debug_checks(enabled: bool) -> None:
+    """Also check the values of device-resident ``offsets`` / ``masked_m`` (syncs every call)."""
+    global _debug_checks
+    _debug_checks = bool(enabled)
+
+
+def debug_checks_enabled() -> bool:
+    return _debug_checks
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation. Messages name the user-facing argument (x, w, offsets, masked_m, config).
+
+
+def _check_weight(op: str, w: object) -> PackedMXFP4:
+    if isinstance(w, MXFP4Tensor):
+        raise TypeError(
+            f"{op}: w is an unpacked MXFP4Tensor; call w = mxfp4.pack(w) once (at load time) "
+            "and pass the PackedMXFP4"
+        )
+    if not isinstance(w, PackedMXFP4):
+        raise TypeError(f"{op}: w must be a PackedMXFP4 (from mxfp4.pack), got {type(w).__name__}")
+    return w
+
+
+def _check_tensor(op: str, name: str, value: object) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _config_name(op: str, config: TileConfig | str | None) -> str:
+    if config is None or config == "":
+        return ""
+    if isinstance(config, TileConfig):
+        config.validate()
+        return config.name
+    if isinstance(config, str):
+        try:
+            return TileConfig.from_name(config).name
+        except ValueError as error:
+            raise ValueError(f"{op}: config: {error}") from None
+    raise TypeError(f"{op}: config must be a TileConfig, a config name or None, got {type(config).__name__}")
+
+
+def _check_x_and_w(op: str, x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, x_dims: int) -> None:
+    layout = "[T, K]" if x_dims == 2 else "[E, max_m, K]"
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"{op}: x must be bfloat16, got {x.dtype}")
+    if x.dim() != x_dims:
+        raise ValueError(f"{op}: x must be {layout}, got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{op}: x must be contiguous; pass x.contiguous()")
+    if w_data.dtype != torch.uint8 or w_data.dim() != 4:
+        raise ValueError(f"{op}: w.data must be uint8 [E, N/64, K/64, {ATOM_BYTES}], got {w_data.dtype} {tuple(w_data.shape)}")
+    if k <= 0 or k % BLOCK_SIZE:
+        raise ValueError(f"{op}: w.k = {k}: K must be a positive multiple of {BLOCK_SIZE}")
+    expected = (-(-n // ATOM_N), -(-k // ATOM_K), ATOM_BYTES)
+    if n < 0 or tuple(w_data.shape[1:]) != expected:
+        raise ValueError(f"{op}: w.data has shape {tuple(w_data.shape)}, expected [E, {expected[0]}, {expected[1]}, {expected[2]}] for N={n}, K={k}")
+    if not w_data.is_contiguous():
+        raise ValueError(f"{op}: w.data must be contiguous")
+    num_experts = w_data.shape[0]
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"{op}: w has {num_experts} experts; 1 to {MAX_EXPERTS} are supported")
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: x.shape[-1] = {x.shape[-1]} but w.k = {k}; x must be {layout} with K = w.k")
+    if w_data.device != x.device:
+        raise ValueError(f"{op}: w is on {w_data.device} but x is on {x.device}; move w with w.to(x.device)")
+
+
+def _check_index(op: str, name: str, value: torch.Tensor, length: int, what: str, x: torch.Tensor) -> None:
+    if value.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{op}: {name} must be int32 or int64, got {value.dtype}")
+    if value.dim() != 1 or value.shape[0] != length:
+        raise ValueError(f"{op}: {name} must have shape [{what}] = [{length}], got {tuple(value.shape)}")
+    if value.device != x.device:
+        raise ValueError(f"{op}: {name} is on {value.device} but x is on {x.device}; they must share a device")
+    if not value.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def _values_checkable(value: torch.Tensor) -> bool:
+    return value.device.type == "cpu" or _debug_checks
+
+
+def _check_offsets_values(op: str, offsets: torch.Tensor, total: int) -> None:
+    if not _values_checkable(offsets):
+        return
+    bounds = offsets.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"{op}: offsets must start at 0, got offsets[0] = {bounds[0]}")
+    for e in range(len(bounds) - 1):
+        if bounds[e + 1] < bounds[e]:
+            raise ValueError(f"{op}: offsets must not decrease, got offsets[{e}] = {bounds[e]} > offsets[{e + 1}] = {bounds[e + 1]}")
+    if bounds[-1] != total:
+        raise ValueError(f"{op}: offsets must end at T = x.shape[0] = {total}, got offsets[-1] = {bounds[-1]}")
+
+
+def _check_masked_values(op: str, masked_m: torch.Tensor, max_m: int) -> None:
+    if not _values_checkable(masked_m):
+        return
+    for e, m in enumerate(masked_m.tolist()):
+        if not 0 <= m <= max_m:
+            raise ValueError(f"{op}: masked_m[{e}] = {m} is outside [0, max_m = x.shape[1] = {max_m}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops.
+
+
+@lru_cache(maxsize=256)
+def _config_from_name(name: str) -> TileConfig:
+    return TileConfig.from_name(name)
+
+
+def _launch_sm90(
+    x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows: torch.Tensor, masked: bool,
+    config: str, out: torch.Tensor, tokens_hint: int, device_name: str | None,
+) -> None:
+    from codegen.launch import grouped_mm_sm90  # lazy: CPU machines never import cuda-python
+
+    if config:
+        tile = _config_from_name(config)
+    else:
+        # No selection available (codegen without selection.py): the TileConfig defaults.
+        tile = choose_config(w_data.shape[0], n, k, tokens_hint, device_name).config or TileConfig()
+    if rows.dtype != torch.int32:
+        rows = rows.to(torch.int32)  # one layout for the kernel; a device-side cast, no sync
+    grouped_mm_sm90(x, w_data, n, k, rows, masked, tile, out)
+
+
+@torch.library.custom_op("mxfp4::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
+    op = "grouped_mm"
+    _check_x_and_w(op, x, w_data, n, k, 2)
+    _check_index(op, "offsets", offsets, w_data.shape[0] + 1, "E + 1", x)
+    _check_offsets_values(op, offsets, x.shape[0])
+    out = torch.empty((x.shape[0], n), dtype=torch.bfloat16, device=x.device)
+    if x.shape[0] == 0 or n == 0:
+        return out
+    choice = select_path(x.device)
+    if choice.path == SM90:
+        hint = -(-x.shape[0] // w_data.shape[0])
+        _launch_sm90(x, w_data, n, k, offsets, False, config, out, hint, choice.device_name)
+    else:
+        portable_grouped_mm(x, w_data, n, k, offsets, out)
+    return out
+
+
+@_grouped_mm_op.register_fake
+def _grouped_mm_fake(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
+    _check_x_and_w("grouped_mm", x, w_data, n, k, 2)
+    _check_index("grouped_mm", "offsets", offsets, w_data.shape[0] + 1, "E + 1", x)
+    return x.new_empty((x.shape[0], n))
+
+
+@torch.library.custom_op("mxfp4::grouped_mm_masked", mutates_args=())
+def _grouped_mm_masked_op(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
+    op = "grouped_mm_masked"
+    _check_x_and_w(op, x, w_data, n, k, 3)
+    _check_masked_shapes(op, x, w_data, masked_m)
+    _check_masked_values(op, masked_m, x.shape[1])
+    out = torch.empty((x.shape[0], x.shape[1], n), dtype=torch.bfloat16, device=x.device)
+    if x.shape[1] == 0 or n == 0:
+        return out
+    choice = select_path(x.device)
+    if choice.path == SM90:
+        _launch_sm90(x, w_data, n, k, masked_m, True, config, out, x.shape[1], choice.device_name)
+    else:
+        portable_grouped_mm_masked(x, w_data, n, k, masked_m, out)
+    return out
+
+
+def _check_masked_shapes(op: str, x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor) -> None:
+    if x.shape[0] != w_data.shape[0]:
+        raise ValueError(f"{op}: x.shape[0] = {x.shape[0]} but w has {w_data.shape[0]} experts; x must be [E, max_m, K]")
+    _check_index(op, "masked_m", masked_m, w_data.shape[0], "E", x)
+
+
+@_grouped_mm_masked_op.register_fake
+def _grouped_mm_masked_fake(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
+    _check_x_and_w("grouped_mm_masked", x, w_data, n, k, 3)
+    _check_masked_shapes("grouped_mm_masked", x, w_data, masked_m)
+    return x.new_empty((x.shape[0], x.shape[1], n))
+
+
+# ---------------------------------------------------------------------------------------------
+# The user API.
+
+
+def grouped_mm(
+    x: torch.Tensor, w: PackedMXFP4, offsets: torch.Tensor, *, config: TileConfig | str | None = None
+) -> torch.Tensor:
+    """``out[offsets[e]:offsets[e+1]] = x[offsets[e]:offsets[e+1]] @ W_e^T`` for every expert e.
+
+    x: bf16 ``[T, K]``, rows grouped by expert; w: ``mxfp4.pack(weight)`` of an ``[E, N, K]`` weight;
+    offsets: int32/int64 ``[E + 1]``, rising from 0 to T, on x's device. Returns bf16 ``[T, N]``.
+    ``config`` forces a tile config on the SM90 path (None: chosen from the tuning table).
+    """
+    op = "grouped_mm"
+    w = _check_weight(op, w)
+    _check_tensor(op, "x", x)
+    _check_tensor(op, "offsets", offsets)
+    return torch.ops.mxfp4.grouped_mm(x, w.data, offsets, w.n, w.k, _config_name(op, config))
+
+
+def grouped_mm_masked(
+    x: torch.Tensor, w: PackedMXFP4, masked_m: torch.Tensor, *, config: TileConfig | str | None = None
+) -> torch.Tensor:
+    """``out[e, :masked_m[e]] = x[e, :masked_m[e]] @ W_e^T``; rows at or past masked_m[e] are undefined.
+
+    x: bf16 ``[E, max_m, K]``; masked_m: int32/int64 ``[E]`` on x's device. Returns bf16 ``[E, max_m, N]``.
+    Shapes do not depend on the routing, so this variant captures into CUDA graphs for decode.
+    """
+    op = "grouped_mm_masked"
+    w = _check_weight(op, w)
+    _check_tensor(op, "x", x)
+    _check_tensor(op, "masked_m", masked_m)
+    return torch.ops.mxfp4.grouped_mm_masked(x, w.data, masked_m, w.n, w.k, _config_name(op, config))

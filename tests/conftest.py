@@ -1,0 +1,53 @@
+"""Shared test helpers: the SM90 skip, a fresh random seed, and a clean path-selection cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def has_sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+# Use as a decorator (``@requires_sm90_mark``) or request the ``requires_sm90`` fixture.
+requires_sm90_mark = pytest.mark.skipif(not has_sm90(), reason="needs an SM90 (Hopper) GPU")
+
+
+@pytest.fixture
+def requires_sm90() -> None:
+    """Skip the test unless torch sees a CUDA device of compute capability 9.0."""
+    if not has_sm90():
+        pytest.skip("needs an SM90 (Hopper) GPU")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip (not fail) on machines without an SM90 GPU."""
+    if has_sm90():
+        return
+    skip = pytest.mark.skip(reason="gpu test: needs an SM90 (Hopper) GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed() -> int:
+    """Fresh random data every run, reproducible: the seed is in the test's failure messages."""
+    value = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture(autouse=True)
+def _fresh_path_cache():
+    """Each test decides its path anew (tests may monkeypatch capability or toolchain)."""
+    from mxfp4 import dispatch
+
+    dispatch.reset_cache()
+    dispatch.choose_config.cache_clear()
+    yield
+    dispatch.reset_cache()
+    dispatch.choose_config.cache_clear()

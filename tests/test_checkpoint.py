@@ -1,0 +1,138 @@
+"""Checkpoint import/export: gpt-oss safetensors (file and shards) and ggml block_mxfp4, bit-exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mxfp4
+from mxfp4.tensor import MXFP4Tensor
+
+E, HIDDEN, INTERMEDIATE = 4, 64, 96  # gate_up: [E, 2 * I, H], down: [E, H, I]
+
+
+def expert_tensors(layer: int) -> dict[str, torch.Tensor]:
+    prefix = f"model.layers.{layer}.mlp.experts."
+    tensors = {}
+    for name, (n, k) in {"gate_up_proj": (2 * INTERMEDIATE, HIDDEN), "down_proj": (HIDDEN, INTERMEDIATE)}.items():
+        tensors[f"{prefix}{name}_blocks"] = torch.randint(0, 256, (E, n, k // 32, 16), dtype=torch.uint8)
+        tensors[f"{prefix}{name}_scales"] = torch.randint(100, 140, (E, n, k // 32), dtype=torch.uint8)
+        tensors[f"{prefix}{name}_bias"] = torch.randn(E, n).bfloat16()  # present in gpt-oss, not ours
+    return tensors
+
+
+def check_layer(loaded: dict[str, MXFP4Tensor], tensors: dict[str, torch.Tensor], layer: int) -> None:
+    prefix = f"model.layers.{layer}.mlp.experts."
+    assert set(loaded) == {"gate_up_proj", "down_proj"}
+    assert loaded["gate_up_proj"].shape == (E, 2 * INTERMEDIATE, HIDDEN)
+    assert loaded["down_proj"].shape == (E, HIDDEN, INTERMEDIATE)
+    for name, t in loaded.items():
+        assert torch.equal(t.blocks, tensors[f"{prefix}{name}_blocks"])
+        assert torch.equal(t.scales, tensors[f"{prefix}{name}_scales"])
+
+
+def test_load_from_single_file(tmp_path: Path, seed: int) -> None:
+    tensors = {**expert_tensors(0), **expert_tensors(1)}
+    file = tmp_path / "model.safetensors"
+    save_file(tensors, str(file))
+    check_layer(mxfp4.load_gpt_oss_experts(file, 1), tensors, 1)
+    check_layer(mxfp4.load_gpt_oss_experts(str(file), 0), tensors, 0)
+
+
+def test_load_from_sharded_directory(tmp_path: Path, seed: int) -> None:
+    layer0, layer1 = expert_tensors(0), expert_tensors(1)
+    # Split layer 1 across two shards to exercise the per-name lookup.
+    names1 = sorted(layer1)
+    shards = {
+        "model-00001-of-00002.safetensors": {**layer0, **{n: layer1[n] for n in names1[:3]}},
+        "model-00002-of-00002.safetensors": {n: layer1[n] for n in names1[3:]},
+    }
+    weight_map = {}
+    for file, tensors in shards.items():
+        save_file(tensors, str(tmp_path / file))
+        weight_map.update({name: file for name in tensors})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    check_layer(mxfp4.load_gpt_oss_experts(tmp_path, 1), layer1, 1)
+    (tmp_path / "model.safetensors.index.json").unlink()  # headers alone must do too
+    check_layer(mxfp4.load_gpt_oss_experts(tmp_path, 0), layer0, 0)
+
+
+def test_load_missing_layer_or_path(tmp_path: Path) -> None:
+    save_file(expert_tensors(0), str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"model\.layers\.7\.mlp\.experts\.gate_up_proj_blocks"):
+        mxfp4.load_gpt_oss_experts(tmp_path, 7)
+    with pytest.raises(FileNotFoundError, match="neither a file nor a directory"):
+        mxfp4.load_gpt_oss_experts(tmp_path / "missing", 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors files"):
+        mxfp4.load_gpt_oss_experts(tmp_path / "empty", 0)
+
+
+def test_loaded_experts_pack_roundtrip(tmp_path: Path, seed: int) -> None:
+    tensors = expert_tensors(0)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    down = mxfp4.load_gpt_oss_experts(tmp_path, 0)["down_proj"]
+    packed = mxfp4.pack(down)
+    assert torch.equal(mxfp4.unpack(packed).blocks, down.blocks)
+
+
+def test_from_gpt_oss_is_bit_exact_and_checks(seed: int) -> None:
+    blocks = torch.randint(0, 256, (2, 8, 3, 16), dtype=torch.uint8)
+    scales = torch.randint(0, 256, (2, 8, 3), dtype=torch.uint8)
+    t = mxfp4.from_gpt_oss(blocks, scales)
+    assert t.shape == (2, 8, 96)
+    assert torch.equal(t.blocks, blocks) and torch.equal(t.scales, scales)
+    # gpt-oss byte order: element 2j in the low nibble of byte j.
+    assert int(t.codes()[0, 0, 0]) == int(blocks[0, 0, 0, 0]) & 0xF
+    assert int(t.codes()[0, 0, 1]) == int(blocks[0, 0, 0, 0]) >> 4
+    with pytest.raises(TypeError, match="blocks must be uint8"):
+        mxfp4.from_gpt_oss(blocks.float(), scales)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        mxfp4.from_gpt_oss(blocks, scales[:, :4])
+
+
+def reference_ggml_block(codes: list[int], scale: int) -> bytes:
+    """block_mxfp4 written from its definition: e, then qs[j] = x[j] | x[j + 16] << 4."""
+    return bytes([scale] + [codes[j] | (codes[j + 16] << 4) for j in range(16)])
+
+
+def test_ggml_matches_block_definition(seed: int) -> None:
+    t = mxfp4.quantize(torch.randn(3, 64))
+    codes, scales = t.codes().tolist(), t.scales.tolist()
+    expected = b"".join(
+        reference_ggml_block(codes[row][32 * b : 32 * b + 32], scales[row][b]) for row in range(3) for b in range(2)
+    )
+    raw = mxfp4.to_ggml(t)
+    assert raw.dtype == torch.uint8 and raw.numel() == 3 * 2 * 17
+    assert bytes(raw.tolist()) == expected
+    back = mxfp4.from_ggml(expected, (3, 64))
+    assert torch.equal(back.blocks, t.blocks) and torch.equal(back.scales, t.scales)
+
+
+def test_ggml_roundtrip_both_ways(seed: int) -> None:
+    raw = torch.randint(0, 256, (5 * 7 * 3 * 17,), dtype=torch.uint8)
+    t = mxfp4.from_ggml(raw, (5, 7, 96))
+    assert t.shape == (5, 7, 96)
+    assert torch.equal(mxfp4.to_ggml(t), raw)
+    assert torch.equal(mxfp4.from_ggml(raw.numpy(), (5, 7, 96)).blocks, t.blocks)
+    assert torch.equal(mxfp4.to_ggml(mxfp4.from_ggml(bytes(raw.tolist()), [5, 7, 96])), raw)
+    w = MXFP4Tensor(torch.randint(0, 256, (4, 2, 16), dtype=torch.uint8), torch.randint(0, 256, (4, 2), dtype=torch.uint8))
+    again = mxfp4.from_ggml(mxfp4.to_ggml(w), w.shape)
+    assert torch.equal(again.blocks, w.blocks) and torch.equal(again.scales, w.scales)
+    assert torch.equal(mxfp4.dequantize(again, torch.float64).nan_to_num(), mxfp4.dequantize(w, torch.float64).nan_to_num())
+
+
+def test_ggml_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"data has 33 bytes; shape \(2, 32\) needs 2 blocks x 17 = 34"):
+        mxfp4.from_ggml(torch.zeros(33, dtype=torch.uint8), (2, 32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mxfp4.from_ggml(torch.zeros(34, dtype=torch.uint8), (2, 31))
+    with pytest.raises(TypeError, match="data must be uint8"):
+        mxfp4.from_ggml(np.zeros(17, dtype=np.int16), (32,))
+    with pytest.raises(TypeError, match="MXFP4Tensor"):
+        mxfp4.to_ggml(torch.zeros(17, dtype=torch.uint8))

@@ -1,0 +1,105 @@
+"""The packed Hopper layout: round trips with tails, and bytes that match the layout docstring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mxfp4
+from mxfp4 import layout
+from mxfp4.layout import ATOM_BYTES, ATOM_CODE_BYTES, ATOM_K, ATOM_N, code_position, scale_position
+from mxfp4.tensor import MXFP4Tensor
+
+
+def random_weight(e: int, n: int, k: int) -> MXFP4Tensor:
+    """Every code and scale byte (0xFF included) appears: the layout is a byte permutation."""
+    blocks = torch.randint(0, 256, (e, n, k // 32, 16), dtype=torch.uint8)
+    scales = torch.randint(0, 256, (e, n, k // 32), dtype=torch.uint8)
+    return MXFP4Tensor(blocks, scales)
+
+
+@pytest.mark.parametrize(("e", "n", "k"), [(1, 1, 32), (3, 200, 96), (2, 64, 64), (2, 130, 160), (1, 65, 544)])
+def test_pack_unpack_roundtrip(e: int, n: int, k: int, seed: int) -> None:
+    w = random_weight(e, n, k)
+    packed = mxfp4.pack(w)
+    assert packed.shape == (e, n, k)
+    assert packed.data.shape == (e, -(-n // ATOM_N), -(-k // ATOM_K), ATOM_BYTES)
+    back = mxfp4.unpack(packed)
+    assert torch.equal(back.blocks, w.blocks) and torch.equal(back.scales, w.scales), f"seed {seed}"
+
+
+def test_pack_of_2d_weight_is_one_expert(seed: int) -> None:
+    w = random_weight(1, 70, 64)
+    packed = mxfp4.pack(MXFP4Tensor(w.blocks[0], w.scales[0]))
+    assert packed.num_experts == 1
+    assert torch.equal(packed.data, mxfp4.pack(w).data)
+
+
+def test_unpack_experts_slices(seed: int) -> None:
+    w = random_weight(5, 100, 96)
+    part = layout.unpack_experts(mxfp4.pack(w), 1, 4)
+    assert torch.equal(part.blocks, w.blocks[1:4]) and torch.equal(part.scales, w.scales[1:4])
+
+
+def test_chunked_pack_matches(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    w = random_weight(5, 64, 128)
+    whole = mxfp4.pack(w).data
+    monkeypatch.setattr(layout, "_CHUNK_VALUES", 64 * 128 * 2)  # two experts at a time
+    assert torch.equal(mxfp4.pack(w).data, whole)
+
+
+def test_packed_bytes_follow_the_docstring(seed: int) -> None:
+    """Recompute a few bytes from the documented formulas, independently of pack's index tables."""
+    e, n, k = 2, 200, 96  # tails in both N (200 = 3*64 + 8) and K (96 = 64 + 32)
+    w = random_weight(e, n, k)
+    codes = w.codes()  # [E, N, K], one code per byte
+    data = mxfp4.pack(w).data
+
+    def code_at(expert: int, row: int, col: int) -> int:
+        return int(codes[expert, row, col]) if row < n and col < k else 0  # padding is code 0
+
+    def scale_at(expert: int, row: int, kblock: int) -> int:
+        return int(w.scales[expert, row, kblock]) if row < n and kblock < k // 32 else 0
+
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        expert, n_atom, k_atom = (int(torch.randint(0, size, (), generator=generator)) for size in (e, 4, 2))
+        tid, word, nibble = (int(torch.randint(0, size, (), generator=generator)) for size in (128, 4, 8))
+        row, col = code_position(tid, word, nibble)
+        # Spelled out from the docstring: w = tid // 32, g = (tid % 32) // 4, t = tid % 4.
+        wg, g, t = tid // 32, (tid % 32) // 4, tid % 4
+        assert row == 16 * wg + g + 8 * (nibble & 1)
+        assert col == 16 * word + 2 * t + 8 * ((nibble >> 1) & 1) + (nibble >> 2)
+        byte = int(data[expert, n_atom, k_atom, 16 * tid + 4 * word + nibble // 2])
+        got = (byte >> (4 * (nibble % 2))) & 0xF
+        assert got == code_at(expert, ATOM_N * n_atom + row, ATOM_K * k_atom + col)
+
+        sword, sbyte = int(torch.randint(0, 32, (), generator=generator)), int(torch.randint(0, 4, (), generator=generator))
+        srow, kblock = scale_position(sword, sbyte)
+        assert (srow, kblock) == (16 * (sword // 8) + sword % 8 + 8 * (sbyte & 1), sbyte >> 1)
+        got_scale = int(data[expert, n_atom, k_atom, ATOM_CODE_BYTES + 4 * sword + sbyte])
+        assert got_scale == scale_at(expert, ATOM_N * n_atom + srow, 2 * k_atom + kblock)
+
+
+def test_code_positions_cover_the_atom_once() -> None:
+    seen = {code_position(tid, word, nibble) for tid in range(128) for word in range(4) for nibble in range(8)}
+    assert len(seen) == ATOM_N * ATOM_K
+    scales = {scale_position(word, byte) for word in range(32) for byte in range(4)}
+    assert len(scales) == ATOM_N * 2
+
+
+def test_padding_decodes_to_zero(seed: int) -> None:
+    w = mxfp4.quantize(torch.randn(1, 10, 32))
+    packed = mxfp4.pack(w)
+    # N padded 10 -> 64 and K 32 -> 64: the whole padded atom decodes to exact zeros.
+    full = layout.unpack_experts(layout.PackedMXFP4(packed.data, 64, 64), 0, 1)
+    values = mxfp4.dequantize(full, torch.float32)[0]
+    assert torch.equal(values[:10, :32], mxfp4.dequantize(w, torch.float32)[0])
+    assert int(values[10:].count_nonzero()) == 0 and int(values[:, 32:].count_nonzero()) == 0
+
+
+def test_pack_rejects_bad_input() -> None:
+    with pytest.raises(TypeError, match="MXFP4Tensor"):
+        mxfp4.pack(torch.zeros(2, 64, 64))
+    with pytest.raises(TypeError, match="PackedMXFP4"):
+        mxfp4.unpack(random_weight(1, 64, 64))
