@@ -154,8 +154,7 @@ def _launch_sm90(
     else:
         # No selection available (codegen without selection.py): the TileConfig defaults.
         tile = choose_config(w_data.shape[0], n, k, tokens_hint, device_name).config or TileConfig()
-    if rows.dtype != torch.int32:
-        rows = rows.to(torch.int32)  # one layout for the kernel; a device-side cast, no sync
+    # The kernel reads int32 and int64 routing alike: no cast, no allocation in the hot path.
     grouped_mm_sm90(x, w_data, n, k, rows, masked, tile, out)
 
 

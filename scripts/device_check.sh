@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU checks, run on the H100 through the device tool (one call does everything):
+#   device run: bash scripts/device_check.sh [tests] [sanitize] [bench] [bench-full] [tune]
+# with carry=[".whl"], where .whl holds the wheels the device machine lacks:
+#   nvidia-cutlass==4.2.0.0 and nvidia-cuda-cccl==13.0.85 (see README "Working on the H100").
+# Logs and results land in $OUT (or ./device-out when OUT is unset); a summary prints last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests sanitize bench)
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "installing the carried wheels failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+export HOPPER_MXFP4_CACHE=${HOPPER_MXFP4_CACHE:-/tmp/hopper-mxfp4-cache}
+summary=()
+note() { summary+=("$1"); }
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -m codegen doctor 2>&1 | tee "$OUT/doctor.txt"
+
+# Compile every default config (parallel, disk cache) and print registers / smem / spills / SASS.
+python3 -m codegen compile --jobs 12 2>&1 | tee "$OUT/compile.txt"
+note "compile: exit ${PIPESTATUS[0]}"
+
+for step in "${steps[@]}"; do
+  case "$step" in
+    tests)
+      timeout 400 python3 -m pytest -q -rs -m gpu tests/ 2>&1 | tee "$OUT/pytest-gpu.txt"
+      note "gpu tests: exit ${PIPESTATUS[0]}: $(tail -n 1 "$OUT/pytest-gpu.txt")"
+      ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 scripts/sanitize_case.py \
+          > "$OUT/sanitize-$tool.txt" 2>&1
+        rc=$?
+        note "compute-sanitizer $tool: exit $rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize-$tool.txt" | tail -n 1)"
+        grep -E "relative error|FAIL" "$OUT/sanitize-$tool.txt" | head -n 8
+      done
+      ;;
+    bench)
+      timeout 300 python3 benchmarks/bench_grouped_mm.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
+      note "bench --quick: exit ${PIPESTATUS[0]}"
+      ;;
+    bench-full)
+      timeout 550 python3 benchmarks/bench_grouped_mm.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
+      note "bench: exit ${PIPESTATUS[0]}"
+      ;;
+    tune)
+      timeout 550 python3 -m codegen tune --model gpt-oss-20b --out "$OUT/tuning.json" 2>&1 | tee "$OUT/tune.txt"
+      note "tune: exit ${PIPESTATUS[0]}"
+      ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+
+echo
+echo "== device_check summary =="
+printf '%s\n' "${summary[@]}"
