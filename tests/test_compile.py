@@ -1,0 +1,455 @@
+"""NVRTC compile pipeline (CPU only): toolchain discovery, cubins, the disk cache, SASS checks.
+
+Compiles are kept few: a small CuTe stand-in kernel (warp-specialized, TMA + bulk copy, setmaxnreg,
+one register-A WGMMA) proves the pipeline without the real template; trivial kernels (well under a
+second each) exercise the cache; the real default configs are compiled once, in two processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from codegen import cache
+from codegen.compiler import (
+    ELF_MAGIC,
+    CompiledKernel,
+    CompileError,
+    Resources,
+    compile_many,
+    compile_source,
+    default_options,
+    parse_ptxas_report,
+)
+from codegen.config import DEFAULT_CONFIGS, TileConfig
+from codegen.progress import Progress
+from codegen.sass import sass_unavailable_reason, summarize_sass
+from codegen.toolchain import _cccl_warnings, _probe, check_toolchain
+
+REPO = Path(__file__).resolve().parent.parent
+
+TOOLCHAIN = check_toolchain()
+needs_toolchain = pytest.mark.skipif(not TOOLCHAIN.ok, reason=f"NVRTC toolchain not usable: {TOOLCHAIN.reason}")
+SASS_MISSING = sass_unavailable_reason()
+needs_sass = pytest.mark.skipif(SASS_MISSING is not None, reason=f"no SASS tools: {SASS_MISSING}")
+
+try:
+    import codegen.render  # noqa: F401
+
+    RENDER_ERROR = None
+except ImportError as error:  # the lead's template layer is not there yet
+    RENDER_ERROR = f"codegen.render is not importable yet ({error})"
+needs_render = pytest.mark.skipif(RENDER_ERROR is not None, reason=RENDER_ERROR or "")
+
+# A stand-in for the real kernel: every SM90 feature the grouped GEMM uses, nothing it computes.
+STANDIN = r"""
+#include <cuda/std/cstdint>
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+using u32 = cuda::std::uint32_t;
+using u64 = cuda::std::uint64_t;
+
+struct alignas(64) TensorMapBytes { unsigned char bytes[128]; };
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+mxfp4_grouped_mm(const __grid_constant__ TensorMapBytes x_map, const u32* w, float* out) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  u64* bar = reinterpret_cast<u64*>(smem + 16384);
+  const int warpgroup = threadIdx.x / 128;
+  const int tid = threadIdx.x % 128;
+  if (threadIdx.x == 0) {
+    cutlass::arch::ClusterTransactionBarrier::init(bar, 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<40>();
+    if (tid == 0) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, 8192 + 2048);
+      cute::SM90_TMA_LOAD_2D::copy(&x_map, bar, 0, smem, 0, 0);
+      cute::SM90_BULK_COPY_G2S::copy(w, bar, smem + 8192, 2048);
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<232>();
+    cutlass::arch::ClusterBarrier::wait(bar, 0);
+    const u32* a = reinterpret_cast<const u32*>(smem + 8192) + tid * 4;
+    u64 desc_b = (static_cast<u64>(cute::cast_smem_ptr_to_uint(smem)) >> 4) | (u64(1) << 62);
+    float d[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) d[i] = 0.f;
+    cute::warpgroup_arrive();
+    cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>::fma(
+        a[0], a[1], a[2], a[3], desc_b,
+        d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15],
+        d[16], d[17], d[18], d[19], d[20], d[21], d[22], d[23], d[24], d[25], d[26], d[27], d[28], d[29], d[30], d[31]);
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 32; ++i) out[tid * 32 + i] = d[i];
+  }
+}
+"""
+
+# Compiles in a fraction of a second: for the cache tests.
+TRIVIAL = r"""
+#include "standin_value.cuh"
+extern "C" __global__ void mxfp4_grouped_mm(float* out) { out[threadIdx.x] = STANDIN_VALUE * threadIdx.x; }
+"""
+
+
+def _templates(tmp_path: Path, value: str = "1.0f") -> Path:
+    templates = tmp_path / "templates"
+    templates.mkdir(exist_ok=True)
+    (templates / "standin_value.cuh").write_text(f"#pragma once\n#define STANDIN_VALUE {value}\n")
+    return templates
+
+
+# ---------------------------------------------------------------------------------------------
+# toolchain
+# ---------------------------------------------------------------------------------------------
+
+
+def test_toolchain_found():
+    status = check_toolchain()
+    assert status.ok, status.reason
+    assert status.nvrtc_version is not None and status.nvrtc_version >= (12, 8)
+    assert (status.cutlass_include / "cute" / "tensor.hpp").is_file()
+    assert (status.cuda_include / "cuda_bf16.h").is_file()
+    assert (status.cccl_include / "cuda" / "std" / "__cccl" / "version.h").is_file()
+    assert status.cutlass_version and status.cutlass_version.count(".") == 2
+    assert status.cccl_version and status.cccl_version.count(".") == 2
+    assert len(status.include_dirs) == 3
+    assert check_toolchain() is status  # probed once per process
+
+
+def test_toolchain_warns_about_newer_cccl():
+    assert _cccl_warnings("3.0.1", "13.0.85") == []
+    warnings = _cccl_warnings("3.3.0", "13.3.1")
+    assert len(warnings) == 2
+    assert "CCCL 3.3.0" in warnings[0] and "13.0" in warnings[0]
+    assert "nvidia-cuda-cccl 13.3.1" in warnings[1]
+
+
+def test_toolchain_missing_headers_say_what_to_install(monkeypatch):
+    import codegen.toolchain as toolchain
+
+    monkeypatch.setattr(toolchain, "find_cutlass_include", lambda: None)
+    status = _probe()
+    assert not status.ok
+    assert "nvidia-cutlass" in status.reason
+    assert status.include_dirs == []
+
+
+# ---------------------------------------------------------------------------------------------
+# ptxas report, SASS summary, progress (no compile)
+# ---------------------------------------------------------------------------------------------
+
+PTXAS_LOG = """\
+ptxas info    : 1879 bytes gmem
+ptxas info    : Compiling entry function 'helper_kernel' for 'sm_90a'
+ptxas info    : Function properties for helper_kernel
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 20 registers, used 0 barriers, 384 bytes cmem[0]
+ptxas info    : Compiling entry function 'mxfp4_grouped_mm' for 'sm_90a'
+ptxas info    : Function properties for mxfp4_grouped_mm
+ptxas         .     24 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 1024 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compile time = 160.500 ms
+"""
+
+
+def test_parse_ptxas_report():
+    report = parse_ptxas_report(PTXAS_LOG)
+    assert report["mxfp4_grouped_mm"] == Resources(
+        registers=168, smem_bytes=1024, spill_stores=8, spill_loads=12, stack_bytes=24, barriers=1, cmem_bytes=400
+    )
+    assert report["helper_kernel"].registers == 20
+    assert report["helper_kernel"].spills == 0
+
+
+SASS_TEXT = """\
+\tcode for sm_90a
+\t\tFunction : mxfp4_grouped_mm
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   USETMAXREG.DEALLOC.CTAPOOL 0x28 ;
+        /*0020*/              @!P0 UTMALDG.2D [UR8], [UR4] ;
+        /*0030*/               @P1 UBLKCP.S.G [UR4], [UR6], UR5 ;
+        /*0040*/                   WARPGROUP.ARRIVE ;
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, R56, gdesc[UR4], RZ, !UPT, gsb0 ;
+        /*0060*/                   HGMMA.64x64x16.F32.BF16 R24, R60, gdesc[UR4], R24, gsb0 ;
+        /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0080*/                   STL.64 [R1], R2 ;
+        /*0090*/                   LDL R3, [R1+0x4] ;
+        /*00a0*/                   UTMAPF.L2.2D [UR8] ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_summarize_sass():
+    summary = summarize_sass(SASS_TEXT)
+    assert summary.functions == ("mxfp4_grouped_mm",)
+    assert summary.hgmma == 2
+    assert (summary.utmaldg, summary.ublkcp, summary.tma_other, summary.tma) == (1, 1, 1, 3)
+    assert (summary.ldl, summary.stl, summary.local_memory) == (1, 1, 2)
+    assert summary.setmaxnreg
+    assert summary.warpgroup_arrive == 1
+    assert summary.instructions == 12
+    assert summary.opcodes["WARPGROUP"] == 2
+
+
+def test_progress_plain_lines():
+    stream = io.StringIO()
+    bar = Progress(2, label="compile", stream=stream)
+    bar.working("a")  # not a terminal: nothing drawn until an item finishes
+    bar.advance("a", note="1.0 s")
+    bar.advance("b", ok=False)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[1/2] compile a ok 1.0 s")
+    assert lines[1].startswith("[2/2] compile b FAILED")
+    assert bar.failed == 1
+
+
+def test_compile_error_pickles():
+    error = CompileError("NVRTC could not compile x", log="x.cu(1): error: bad", name="x")
+    again = pickle.loads(pickle.dumps(error))
+    assert isinstance(again, CompileError)
+    assert again.log == error.log and again.name == "x"
+    assert "error: bad" in str(again)
+
+
+# ---------------------------------------------------------------------------------------------
+# compiling
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory) -> CompiledKernel:
+    return compile_source(STANDIN, "standin", cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@needs_toolchain
+def test_standin_compiles_to_sm90a_cubin(standin):
+    assert standin.cubin.startswith(ELF_MAGIC)
+    assert not standin.cache_hit
+    assert standin.compile_seconds > 0
+    assert standin.entry == "mxfp4_grouped_mm"
+    assert "--gpu-architecture=sm_90a" in standin.options
+    assert not any("fast-math" in option or "fast_math" in option for option in standin.options)
+    assert "Compiling entry function 'mxfp4_grouped_mm' for 'sm_90a'" in standin.log
+    resources = standin.resources
+    assert 0 < resources.registers <= 255
+    assert resources.spills == 0 and resources.stack_bytes == 0
+    assert Path(standin.cache_path, cache.CUBIN_FILE).read_bytes() == standin.cubin
+
+
+@needs_toolchain
+@needs_sass
+def test_standin_sass_has_hgmma_tma_setmaxnreg(standin):
+    summary = standin.sass()
+    assert summary.functions == ("mxfp4_grouped_mm",)
+    assert summary.hgmma >= 1
+    assert summary.utmaldg >= 1 and summary.ublkcp >= 1
+    assert summary.setmaxnreg
+    assert summary.local_memory == 0
+    assert (Path(standin.cache_path) / "sass.json").is_file()  # remembered beside the cubin
+    assert standin.sass() == summary
+
+
+@needs_toolchain
+def test_cache_hit_then_miss_after_header_edit(tmp_path):
+    templates = _templates(tmp_path, "1.0f")
+    store = tmp_path / "cache"
+    first = compile_source(TRIVIAL, "trivial", templates_dir=templates, cache_dir=store)
+    assert not first.cache_hit
+    second = compile_source(TRIVIAL, "trivial", templates_dir=templates, cache_dir=store)
+    assert second.cache_hit
+    assert second.cubin == first.cubin and second.key == first.key
+    assert second.resources == first.resources and second.compile_seconds == first.compile_seconds
+
+    # Same source, edited header: the key changes and the new cubin is built from the new header.
+    (templates / "standin_value.cuh").write_text("#pragma once\n#define STANDIN_VALUE 2.0f\n")
+    third = compile_source(TRIVIAL, "trivial", templates_dir=templates, cache_dir=store)
+    assert not third.cache_hit
+    assert third.key != first.key
+    assert third.cubin != first.cubin
+
+    # A new header in templates/ (even one not included yet) changes the key too.
+    (templates / "unused.cuh").write_text("#pragma once\n")
+    assert not compile_source(TRIVIAL, "trivial", templates_dir=templates, cache_dir=store).cache_hit
+
+    # So do the options; and use_cache=False always compiles.
+    assert not compile_source(TRIVIAL, "trivial", templates_dir=templates, cache_dir=store, options=["-lineinfo"]).cache_hit
+    assert not compile_source(TRIVIAL, "trivial", templates_dir=templates, cache_dir=store, use_cache=False).cache_hit
+    assert len(cache.entries(store)) == 4
+
+
+@needs_toolchain
+def test_cache_key_covers_nvrtc_and_arch():
+    parts = dict(source="s", headers={"a.cuh": "0"}, options=default_options(), nvrtc_version=(13, 0), arch="sm_90a")
+    key = cache.cache_key(**parts)
+    assert cache.cache_key(**parts) == key
+    assert cache.cache_key(**{**parts, "nvrtc_version": (13, 5)}) != key
+    assert cache.cache_key(**{**parts, "arch": "sm_100a"}) != key
+    assert cache.cache_key(**{**parts, "source": "t"}) != key
+    assert cache.cache_key(**{**parts, "headers": {"a.cuh": "1"}}) != key
+
+
+def test_cache_store_is_first_writer_wins(tmp_path):
+    key = "ab" * 32
+    first = cache.store(key, ELF_MAGIC + b"first", {"note": 1}, tmp_path)
+    second = cache.store(key, ELF_MAGIC + b"second", {"note": 2}, tmp_path)
+    assert second.cubin == first.cubin == ELF_MAGIC + b"first"
+    shard = first.path.parent
+    assert [p.name for p in shard.iterdir()] == [key]  # no staging directories left behind
+    # A damaged entry reads as absent and is replaced by the next store.
+    (first.path / cache.CUBIN_FILE).write_bytes(b"garbage")
+    assert cache.load(key, tmp_path) is None
+    third = cache.store(key, ELF_MAGIC + b"third", {}, tmp_path)
+    assert cache.load(key, tmp_path).cubin == third.cubin == ELF_MAGIC + b"third"
+    assert sorted(p.name for p in shard.iterdir()) == [key]
+
+
+def test_cache_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOPPER_MXFP4_CACHE", str(tmp_path / "explicit"))
+    assert cache.cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("HOPPER_MXFP4_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "hopper-mxfp4"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache.cache_dir() == Path.home() / ".cache" / "hopper-mxfp4"
+
+
+_CONCURRENT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from codegen.compiler import compile_source
+    source, cache_dir, go = sys.argv[1], sys.argv[2], sys.argv[3]
+    print("ready", flush=True)
+    while not os.path.exists(go):  # both processes compile at the same moment
+        time.sleep(0.01)
+    kernel = compile_source(open(source).read(), "standin", cache_dir=cache_dir)
+    print(json.dumps({"hit": kernel.cache_hit, "key": kernel.key, "size": len(kernel.cubin)}), flush=True)
+    """
+)
+
+
+@needs_toolchain
+def test_concurrent_compiles_of_one_source(tmp_path):
+    source = tmp_path / "standin.cu"
+    source.write_text(STANDIN)
+    store = tmp_path / "cache"
+    go = tmp_path / "go"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONCURRENT, str(source), str(store), str(go)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout.readline().strip() == "ready", process.stderr.read()
+        go.touch()
+        outputs = [process.communicate(timeout=300) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert results[0]["key"] == results[1]["key"]
+    assert results[0]["size"] == results[1]["size"]
+    found = cache.entries(store)
+    assert len(found) == 1 and found[0].cubin.startswith(ELF_MAGIC)
+    shard = found[0].path.parent
+    assert [p.name for p in shard.iterdir()] == [found[0].key]  # the loser's staging dir is gone
+
+
+@needs_toolchain
+def test_broken_source_raises_compile_error_with_log(tmp_path):
+    broken = 'extern "C" __global__ void mxfp4_grouped_mm(float* out) { out[0] = undefined_thing_xyz; }\n'
+    with pytest.raises(CompileError) as caught:
+        compile_source(broken, "broken", cache_dir=tmp_path)
+    error = caught.value
+    assert 'identifier "undefined_thing_xyz" is undefined' in error.log
+    assert "undefined_thing_xyz" in str(error)
+    assert error.name == "broken"
+    assert cache.entries(tmp_path) == []
+
+
+def test_compile_many_reports_each_failure(tmp_path):
+    bad = TileConfig(tile_m=7)  # fails validate(): no compile happens
+    results = compile_many([bad], jobs=1, progress=False, cache_dir=tmp_path)
+    assert len(results) == 1
+    assert isinstance(results[0], ValueError) and "tile_m=7" in str(results[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# the real kernel: every default config (skipped until the template exists)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_kernels(tmp_path_factory):
+    if RENDER_ERROR is not None:
+        pytest.skip(RENDER_ERROR)
+    if not TOOLCHAIN.ok:
+        pytest.skip(TOOLCHAIN.reason)
+    store = tmp_path_factory.mktemp("default-cache")
+    results = compile_many(DEFAULT_CONFIGS, jobs=2, progress=False, cache_dir=store)
+    return dict(zip((config.name for config in DEFAULT_CONFIGS), results))
+
+
+@needs_render
+@pytest.mark.parametrize("config", DEFAULT_CONFIGS, ids=lambda config: config.name)
+def test_default_config_compiles_without_spills(default_kernels, config):
+    kernel = default_kernels[config.name]
+    if isinstance(kernel, Exception):
+        pytest.fail(f"{config.name} did not compile: {kernel}")
+    assert kernel.cubin.startswith(ELF_MAGIC)
+    assert kernel.entry == "mxfp4_grouped_mm"
+    r = kernel.resources
+    assert r.registers > 0
+    assert r.spill_stores == 0 and r.spill_loads == 0, kernel.log
+    assert r.stack_bytes == 0, kernel.log
+
+
+@needs_render
+@needs_sass
+@pytest.mark.parametrize("config", DEFAULT_CONFIGS, ids=lambda config: config.name)
+def test_default_config_sass(default_kernels, config):
+    kernel = default_kernels[config.name]
+    if isinstance(kernel, Exception):
+        pytest.fail(f"{config.name} did not compile: {kernel}")
+    summary = kernel.sass()
+    assert summary.hgmma > 0
+    assert summary.utmaldg > 0, "x must arrive by TMA (UTMALDG)"
+    assert summary.tma > 0
+    assert summary.setmaxnreg
+    assert summary.ldl == 0 and summary.stl == 0, "local memory (LDL/STL) in the kernel"
+
+
+@needs_render
+def test_second_compile_many_is_all_cache_hits(default_kernels, tmp_path_factory):
+    first = next(iter(default_kernels.values()))
+    if isinstance(first, Exception):
+        pytest.skip("the default configs did not compile")
+    store = Path(first.cache_path).parent.parent.parent
+    again = compile_many(DEFAULT_CONFIGS, jobs=2, progress=False, cache_dir=store)
+    assert all(isinstance(k, CompiledKernel) and k.cache_hit for k in again)
+    assert [k.cubin for k in again] == [default_kernels[c.name].cubin for c in DEFAULT_CONFIGS]
