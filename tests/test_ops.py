@@ -330,7 +330,7 @@ def test_sm90_launch_contract(monkeypatch: pytest.MonkeyPatch, problem) -> None:
     assert bool((out == 1).all())
     (cx, w_data, n, k, rows, masked, config, cout), = calls
     assert cx is x and w_data is packed.data and (n, k, masked) == (64, 96, False)
-    assert rows.dtype == torch.int32 and torch.equal(rows, offsets)
+    assert rows.dtype == torch.int64 and torch.equal(rows, offsets.long())  # passed through uncast
     assert config == chosen and cout.shape == (6, 64) and cout.dtype == torch.bfloat16
     mxfp4.grouped_mm_masked(x.view(3, 2, 96), packed, torch.ones(3, dtype=torch.int32), config="n128_m64_k128_s7_wg2")
     assert calls[-1][5] is True and calls[-1][6] == TileConfig.from_name("n128_m64_k128_s7_wg2")
