@@ -30,15 +30,23 @@ python3 -m codegen doctor 2>&1 | tee "$OUT/doctor.txt"
 python3 -m codegen compile --jobs 12 2>&1 | tee "$OUT/compile.txt"
 note "compile: exit ${PIPESTATUS[0]}"
 
+# Smoke first: one small problem per default config, so a hang or a wrong kernel stops the run early.
+timeout 120 python3 scripts/sanitize_case.py 2>&1 | tee "$OUT/smoke.txt"
+smoke=${PIPESTATUS[0]}
+note "smoke (one small problem per config): exit $smoke"
+if [ "$smoke" -ne 0 ]; then
+  echo; echo "== device_check summary =="; printf '%s\n' "${summary[@]}"; exit 1
+fi
+
 for step in "${steps[@]}"; do
   case "$step" in
     tests)
-      timeout 400 python3 -m pytest -q -rs -m gpu tests/ 2>&1 | tee "$OUT/pytest-gpu.txt"
+      timeout 300 python3 -m pytest -q -rs --maxfail=20 -m gpu tests/ 2>&1 | tee "$OUT/pytest-gpu.txt"
       note "gpu tests: exit ${PIPESTATUS[0]}: $(tail -n 1 "$OUT/pytest-gpu.txt")"
       ;;
     sanitize)
       for tool in memcheck racecheck; do
-        timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 scripts/sanitize_case.py \
+        timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 scripts/sanitize_case.py \
           > "$OUT/sanitize-$tool.txt" 2>&1
         rc=$?
         note "compute-sanitizer $tool: exit $rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize-$tool.txt" | tail -n 1)"
