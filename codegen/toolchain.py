@@ -171,7 +171,11 @@ class ToolchainStatus:
         """In search order: CuTe/CUTLASS, CCCL, CUDA. Empty when a set is missing."""
         if not (self.cutlass_include and self.cccl_include and self.cuda_include):
             return []
-        return [self.cutlass_include, self.cccl_include, self.cuda_include]
+        # CUTLASS built for CUDA 13 spells CCCL headers <cccl/cuda/std/...>, so the directory
+        # holding cccl/ goes on the path too (it differs from the CUDA headers' directory when
+        # the CCCL wheel and the CUDA headers come from different places).
+        ordered = [self.cutlass_include, self.cccl_include, self.cccl_include.parent, self.cuda_include]
+        return list(dict.fromkeys(ordered))
 
     @property
     def nvrtc_version_string(self) -> str | None:
