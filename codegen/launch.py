@@ -97,12 +97,12 @@ def encode_x_map(x2d: torch.Tensor, tile_m: int) -> bytes:
     tensor_map = check(
         driver.cuTensorMapEncodeTiled(
             driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            2,
+            driver.cuuint32_t(2),
             x2d.data_ptr(),
-            [k, rows],
-            [k * x2d.element_size()],
-            [_X_BOX_K, tile_m],
-            [1, 1],
+            [driver.cuuint64_t(k), driver.cuuint64_t(rows)],
+            [driver.cuuint64_t(k * x2d.element_size())],
+            [driver.cuuint32_t(_X_BOX_K), driver.cuuint32_t(tile_m)],
+            [driver.cuuint32_t(1), driver.cuuint32_t(1)],
             driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
             driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
             driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
