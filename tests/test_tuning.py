@@ -1,0 +1,447 @@
+"""Autotuning on the CPU: search space, M buckets, tables + lookup, the sweep with injected steps, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from codegen import timing, tune_cli, tuning
+from codegen.config import DEFAULT_CONFIGS, TileConfig
+from codegen.selection import heuristic_config, select_config
+from codegen.tuning import Measurement, SearchSpace, Shape
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+    """Separate user and shipped tuning dirs under tmp_path; the lookup cache cleared around the test."""
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    monkeypatch.setenv(tuning.TUNING_DIR_ENV, str(user))
+    monkeypatch.setattr(tuning, "shipped_tuning_dir", lambda: shipped)
+    tuning.clear_cache()
+    yield user, shipped
+    tuning.clear_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# search space
+
+
+def test_default_space_is_valid_unique_and_sized():
+    configs = tuning.enumerate_configs()
+    names = [c.name for c in configs]
+    assert len(names) == len(set(names))
+    for config in configs:
+        config.validate()
+        assert TileConfig.from_name(config.name) == config
+    assert 50 <= len(configs) <= 150, len(configs)
+    assert set(DEFAULT_CONFIGS) <= set(configs)  # include_defaults
+
+
+def test_space_pruning_keeps_the_deepest_stages():
+    configs = tuning.enumerate_configs(SearchSpace(include_defaults=False))
+    by_tile: dict[tuple, list[int]] = {}
+    for c in configs:
+        assert c.x_stage_bytes + c.w_stage_bytes >= SearchSpace().min_stage_bytes
+        by_tile.setdefault((c.tile_n, c.tile_m, c.tile_k, c.warpgroups), []).append(c.stages)
+    for (n, m, k, wg), stages in by_tile.items():
+        assert len(stages) <= 2
+        deepest = max(stages)
+        if deepest < 10:  # the next deeper one does not fit
+            with pytest.raises(ValueError):
+                TileConfig(n, m, k, deepest + 1, wg).validate()
+
+
+def test_space_can_be_narrowed_and_widened():
+    narrow = tuning.enumerate_configs(SearchSpace(tile_n=(128,), tile_m=(16, 32), warpgroups=(2,), include_defaults=False))
+    assert narrow and all(c.tile_n == 128 and c.tile_m in (16, 32) and c.warpgroups == 2 for c in narrow)
+    full = tuning.enumerate_configs(SearchSpace.full())
+    assert len(full) > len(tuning.enumerate_configs())
+    quick = tuning.enumerate_configs(SearchSpace.quick())
+    assert 6 <= len(quick) <= 25 and set(DEFAULT_CONFIGS) <= set(quick)
+
+
+def test_configs_for_m_window():
+    configs = tuning.enumerate_configs()
+    for m in (1, 4, 16, 64, 256, 1024, 4096):
+        low, high = tuning.tile_m_window(m)
+        chosen = tuning.configs_for_m(configs, m)
+        assert chosen and all(low <= c.tile_m <= high for c in chosen)
+    assert {c.tile_m for c in tuning.configs_for_m(configs, 1)} <= {8, 16}
+    assert min(c.tile_m for c in tuning.configs_for_m(configs, 4096)) >= 64
+    # Nothing in the window: the nearest tile_m instead of nothing.
+    only_big = [c for c in configs if c.tile_m == 256]
+    assert tuning.configs_for_m(only_big, 1) == only_big
+
+
+# ---------------------------------------------------------------------------------------------
+# buckets
+
+
+@pytest.mark.parametrize(
+    ("tokens", "bucket"),
+    [(0, 1), (1, 1), (2, 2), (3, 4), (5, 8), (16, 16), (17, 32), (1.5, 2), (4095, 4096), (4096, 4096), (10**6, 4096)],
+)
+def test_m_bucket(tokens, bucket):
+    assert tuning.m_bucket(tokens) == bucket
+
+
+def test_m_buckets_are_powers_of_two():
+    assert tuning.M_BUCKETS[0] == 1 and tuning.M_BUCKETS[-1] == 4096
+    assert all(tuning.m_bucket(b) == b for b in tuning.M_BUCKETS)
+
+
+def test_nearest_bucket():
+    assert tuning.nearest_bucket(16, [1, 64]) == 64  # log2 distance 4 vs 2
+    assert tuning.nearest_bucket(16, [8, 32]) == 32  # a tie goes to the larger
+    assert tuning.nearest_bucket(16, []) is None
+
+
+def test_gpu_slug_and_family():
+    assert tuning.gpu_slug(H100) == "h100-80gb-hbm3"
+    assert tuning.gpu_family(H100) == "h100"
+    assert tuning.gpu_slug("NVIDIA H100 PCIe") == "h100-pcie"
+
+
+# ---------------------------------------------------------------------------------------------
+# tables and lookup
+
+
+def _table(gpu: str, entries: dict) -> dict:
+    table = tuning.new_table(gpu)
+    table["entries"] = entries
+    return table
+
+
+def _entry(config: str, us: float) -> dict:
+    return {"config": config, "median_us": us, "tflops": 1.0, "gbps": 1.0, "default_config": config, "default_us": us}
+
+
+def test_write_read_roundtrip(tables, tmp_path):
+    path = tmp_path / "t.json"
+    table = _table(H100, {"32,5760,2880": {"16": _entry("n128_m16_k256_s7_wg2", 97.1), "1": _entry("n128_m8_k256_s8_wg1", 50.0)}})
+    tuning.write_table(path, table)
+    back = tuning.read_table(path)
+    assert back["format"] == 1 and back["gpu"] == H100 and back["sm"] == "9.0"
+    assert list(back["entries"]["32,5760,2880"]) == ["1", "16"]  # sorted by bucket
+    assert back["entries"]["32,5760,2880"]["16"]["config"] == "n128_m16_k256_s7_wg2"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        tuning.read_table(path)
+    path.write_text(json.dumps({"format": 99}))
+    with pytest.raises(ValueError, match="format-1"):
+        tuning.read_table(path)
+
+
+def test_lookup_exact_and_nearest(tables):
+    user, shipped = tables
+    tuning.write_table(shipped / "h100.json", _table(H100, {"32,5760,2880": {"16": _entry("n128_m16_k256_s7_wg2", 97.1)}}))
+    config, reason = tuning.lookup(H100, 32, 5760, 2880, 13)
+    assert config == TileConfig.from_name("n128_m16_k256_s7_wg2")
+    assert reason == f"tuning table {shipped / 'h100.json'}: E=32 N=5760 K=2880 M-bucket 16 (measured 97.1 us)"
+    config, reason = tuning.lookup(H100, 32, 5760, 2880, 100)  # bucket 128: only 16 is tuned
+    assert config.name == "n128_m16_k256_s7_wg2"
+    assert "M-bucket 128 not tuned, nearest tuned bucket 16" in reason
+    assert tuning.lookup(H100, 32, 2880, 2880, 16) is None  # another shape
+    assert tuning.lookup("NVIDIA A100-SXM4-80GB", 32, 5760, 2880, 16) is None  # another GPU
+
+
+def test_shipped_tables_are_named_relative_to_the_repository():
+    from codegen.paths import GENERATED_DIR
+
+    assert tuning.shipped_tuning_dir() == GENERATED_DIR / "tuning"
+    assert tuning._display_path(GENERATED_DIR / "tuning" / "h100.json") == "generated/tuning/h100.json"
+
+
+def test_user_table_overrides_shipped(tables):
+    user, shipped = tables
+    tuning.write_table(shipped / "h100-80gb-hbm3.json", _table(H100, {
+        "32,5760,2880": {"16": _entry("n128_m16_k256_s7_wg2", 97.1), "4096": _entry("n128_m256_k64_s5_wg2", 7000.0)}}))
+    tuning.write_table(user / "h100-80gb-hbm3.json", _table(H100, {
+        "32,5760,2880": {"16": _entry("n128_m32_k256_s5_wg2", 90.0)}}))
+    config, reason = tuning.lookup(H100, 32, 5760, 2880, 16)
+    assert config.name == "n128_m32_k256_s5_wg2" and str(user) in reason
+    # An exact bucket of the shipped table beats a nearest bucket of the user's.
+    config, reason = tuning.lookup(H100, 32, 5760, 2880, 4096)
+    assert config.name == "n128_m256_k64_s5_wg2" and str(shipped) in reason and "not tuned" not in reason
+    # And the selection layer uses it.
+    selection = select_config(32, 5760, 2880, 16, device_name=H100)
+    assert selection.config.name == "n128_m32_k256_s5_wg2" and "tuning table" in selection.reason
+
+
+def test_lookup_is_cached_and_tolerates_bad_files(tables):
+    user, shipped = tables
+    path = tuning.write_table(user / "h100.json", _table(H100, {"8,256,256": {"4": _entry("n128_m8_k256_s8_wg1", 5.0)}}))
+    assert tuning.lookup(H100, 8, 256, 256, 4)[0].name == "n128_m8_k256_s8_wg1"
+    path.unlink()
+    assert tuning.lookup(H100, 8, 256, 256, 4) is not None  # cached: no file access per call
+    tuning.clear_cache()
+    assert tuning.lookup(H100, 8, 256, 256, 4) is None
+    (user / "h100.json").write_text("{broken")
+    tuning.clear_cache()
+    with pytest.warns(RuntimeWarning, match="ignoring tuning table"):
+        assert tuning.lookup(H100, 8, 256, 256, 4) is None
+    # An entry naming an invalid config is skipped, not raised.
+    tuning.write_table(user / "h100.json", _table(H100, {"8,256,256": {"4": _entry("n64_m8_k64_s99_wg2", 5.0)}}))
+    assert tuning.lookup(H100, 8, 256, 256, 4) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep, with injected compile and measure steps
+
+SHAPE = Shape(2, 128, 128)
+A = TileConfig.from_name("n128_m8_k256_s8_wg1")  # the heuristic default at M <= 8
+B = TileConfig.from_name("n128_m16_k256_s7_wg2")
+C = TileConfig.from_name("n128_m32_k256_s5_wg2")
+
+
+def fake_compile(bad: tuple[str, ...] = ()):
+    def compile_fn(configs, jobs=None, progress=True):
+        return [RuntimeError(f"NVRTC could not compile {c.name}") if c.name in bad else object() for c in configs]
+
+    return compile_fn
+
+
+class FakeMeasure:
+    """Times from a dict by config name; optional wrong results, launch errors and an interruption."""
+
+    def __init__(self, times, *, wrong=(), raises=(), interrupt_after=None, healthy=True):
+        self.times, self.wrong, self.raises = times, set(wrong), set(raises)
+        self.interrupt_after, self._healthy = interrupt_after, healthy
+        self.calls: list[tuple] = []
+
+    def __call__(self, shape, m, config):
+        if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls.append((shape, m, config.name))
+        if config.name in self.raises:
+            raise RuntimeError(f"cuLaunchKernel({config.name}) failed: CUDA_ERROR_INVALID_VALUE")
+        rel = 0.5 if config.name in self.wrong else 3e-3
+        return Measurement(median_us=self.times[config.name] * m, p10_us=1.0, p90_us=2.0, rel_error=rel, reps=10)
+
+    def healthy(self):
+        return self._healthy
+
+
+def sweep(tmp_path, measure, **kwargs):
+    kwargs.setdefault("compile_fn", fake_compile())
+    return tuning.run_sweep(
+        [SHAPE], kwargs.pop("m_values", [1, 8]), kwargs.pop("configs", [A, B, C]), out_path=tmp_path / "gpu.json",
+        measure=measure, device_name=H100, progress=False, plot=False, **kwargs,
+    )
+
+
+def read_log(tmp_path):
+    return [json.loads(line) for line in tuning.progress_log_path(tmp_path / "gpu.json").read_text().splitlines()]
+
+
+def test_sweep_writes_the_best_valid_config_with_the_default(tmp_path, capsys):
+    measure = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
+    table = sweep(tmp_path, measure)
+    assert len(measure.calls) == 6  # 2 M values x 3 configs
+    assert measure.calls[0][2] == heuristic_config(1).name  # the default is measured first
+    entry = table["entries"]["2,128,128"]["8"]
+    assert entry["config"] == B.name and entry["median_us"] == pytest.approx(160.0) and entry["m"] == 8
+    assert entry["default_config"] == A.name and entry["default_us"] == pytest.approx(240.0)
+    assert entry["tflops"] > 0 and entry["gbps"] > 0
+    assert tuning.read_table(tmp_path / "gpu.json") == table
+    out = capsys.readouterr().out
+    assert "best config" in out and B.name in out and "1.50x" in out  # the summary table
+
+
+def test_sweep_resumes_after_an_interruption(tmp_path):
+    first = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0}, interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(tmp_path, first)
+    assert len(first.calls) == 2 and len(read_log(tmp_path)) == 2
+    second = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
+    table = sweep(tmp_path, second)
+    assert len(second.calls) == 4
+    assert not set(first.calls) & set(second.calls)  # the two measured ones are not measured again
+    assert table["entries"]["2,128,128"]["1"]["config"] == B.name
+    # --no-resume measures everything again (the old log is kept aside).
+    third = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
+    sweep(tmp_path, third, resume=False)
+    assert len(third.calls) == 6
+    assert tuning.progress_log_path(tmp_path / "gpu.json").with_suffix(".jsonl.old").exists()
+
+
+def test_sweep_records_and_skips_failing_configs(tmp_path):
+    measure = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0}, raises=(C.name,))
+    table = sweep(tmp_path, measure, compile_fn=fake_compile(bad=(B.name,)))
+    assert not any(call[2] == B.name for call in measure.calls)  # never measured: it did not compile
+    log = read_log(tmp_path)
+    compile_errors = [r for r in log if r["status"] == "compile_error"]
+    assert [r["config"] for r in compile_errors] == [B.name] and "NVRTC" in compile_errors[0]["error"]
+    launch_errors = [r for r in log if r["status"] == "error"]
+    assert {r["m"] for r in launch_errors} == {1, 8} and all("cuLaunchKernel" in r["error"] for r in launch_errors)
+    assert table["entries"]["2,128,128"]["1"]["config"] == A.name  # the only one left
+    # A resumed sweep does not measure the failed launches again, but retries the compile.
+    again = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
+    sweep(tmp_path, again)
+    assert sorted(call[2] for call in again.calls) == [B.name, B.name]
+
+
+def test_sweep_discards_a_fast_wrong_config(tmp_path, capsys):
+    measure = FakeMeasure({A.name: 30.0, B.name: 1.0, C.name: 25.0}, wrong=(B.name,))
+    table = sweep(tmp_path, measure)
+    assert table["entries"]["2,128,128"]["8"]["config"] == C.name
+    wrong = [r for r in read_log(tmp_path) if r["status"] == "wrong"]
+    assert {r["config"] for r in wrong} == {B.name} and all(r["rel_error"] == 0.5 for r in wrong)
+    assert "wrong result" in capsys.readouterr().err
+
+
+def test_sweep_stops_when_the_gpu_context_is_lost(tmp_path):
+    measure = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0}, raises=(B.name,), healthy=False)
+    with pytest.raises(tuning.GpuContextLost):
+        sweep(tmp_path, measure)
+    log = read_log(tmp_path)
+    assert log[-1]["config"] == B.name and log[-1]["status"] == "error"  # recorded before stopping
+    again = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
+    sweep(tmp_path, again)
+    assert (SHAPE, 1, B.name) not in again.calls
+
+
+def test_sweep_adds_the_default_and_merges_into_an_existing_table(tmp_path):
+    path = tmp_path / "gpu.json"
+    tuning.write_table(path, _table(H100, {"4,64,64": {"2": _entry(A.name, 1.0)}}))
+    measure = FakeMeasure({A.name: 30.0, C.name: 25.0})
+    table = sweep(tmp_path, measure, configs=[C], m_values=[4])
+    assert {call[2] for call in measure.calls} == {A.name, C.name}  # the heuristic default was added
+    assert table["entries"]["4,64,64"]["2"]["config"] == A.name  # the earlier shape is kept
+    assert table["entries"]["2,128,128"]["4"]["default_config"] == A.name
+
+
+def test_sweep_m_filter(tmp_path):
+    measure = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
+    sweep(tmp_path, measure, m_values=[1], m_filter=lambda configs, m: [c for c in configs if c.tile_m <= 16])
+    assert {call[2] for call in measure.calls} == {A.name, B.name}
+
+
+def test_classify_marks_nan_and_missing_checks_wrong():
+    assert tuning._classify(Measurement(median_us=5.0, rel_error=float("nan")), SHAPE, 1, 1e-2)["status"] == "wrong"
+    assert tuning._classify(Measurement(median_us=5.0, rel_error=None), SHAPE, 1, 1e-2)["status"] == "wrong"
+    assert tuning._classify(Measurement(median_us=None, rel_error=1e-3), SHAPE, 1, 1e-2)["status"] == "error"
+    ok = tuning._classify(Measurement(median_us=10.0, rel_error=1e-3), SHAPE, 2, 1e-2)
+    assert ok["status"] == "ok"
+    assert ok["tflops"] == pytest.approx(2 * 4 * 128 * 128 / 10e-6 / 1e12)
+    assert ok["gbps"] == pytest.approx(timing.grouped_mm_bytes(2, 128, 128, 4) / 10e-6 / 1e9)
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU measure step, dry-run on the CPU with a fake timer
+
+
+def test_gpu_measurer_dry_run_on_cpu(monkeypatch):
+    def fake_time_cuda(fn, *, rotate=None, **kwargs):
+        for args in rotate[:2]:
+            fn(*args)
+        return timing.summarize([10.0, 11.0, 12.0])
+
+    monkeypatch.setattr(timing, "time_cuda", fake_time_cuda)
+    measurer = tuning.GpuMeasurer(device="cpu", memory_budget=1 << 22)
+    result = measurer(Shape(2, 128, 128), 8, A)
+    assert result.median_us == pytest.approx(11.0)
+    assert result.rel_error is not None and result.rel_error <= 1e-2
+    assert len(measurer._sets) > 1  # small sets rotate
+    x, packed, offsets = measurer._sets[0]
+    assert x.shape == (16, 128) and offsets.tolist() == [0, 8, 16]
+    # A wrong output is caught by the check and left untimed.
+    monkeypatch.setattr("mxfp4.grouped_mm", lambda x, w, o, config=None: torch.zeros(x.shape[0], w.n, dtype=torch.bfloat16))
+    wrong = measurer(Shape(2, 128, 128), 8, A)
+    assert wrong.median_us is None and wrong.rel_error == pytest.approx(1.0)
+    measurer.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+
+
+def test_tune_needs_an_sm90_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tune_cli.main(["--model", "gpt-oss-20b", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "tune needs an SM90 GPU; found no CUDA device" in err
+
+
+def test_tune_usage_errors(capsys):
+    assert tune_cli.main(["--m", "1,2"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert tune_cli.main(["--shape", "2,128,100"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    assert tune_cli.main(["--shape", "2,128,128", "--configs", "n128_m7_k128_s4_wg2"]) == 2
+    assert "tile_m=7" in capsys.readouterr().err
+
+
+def test_tune_help_and_register(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune_cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "--quick" in out and "examples:" in out
+    parser = argparse.ArgumentParser(prog="python -m codegen")
+    tune_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["tune", "--model", "gpt-oss-120b", "--m", "1,16", "--no-resume"])
+    assert args.handler is tune_cli.run and args.no_resume and args.m == [1, 16]
+
+
+def test_tune_resolves_models_and_worker_argv_roundtrips(tmp_path):
+    args = tune_cli.build_parser().parse_args(["--model", "gpt-oss-20b", "--shape", "2,128,128", "--quick", "--m", "16,1"])
+    shapes, m_values, configs, m_filter = tune_cli.resolve(args)
+    assert shapes == [Shape(32, 5760, 2880), Shape(32, 2880, 2880), Shape(2, 128, 128)]
+    assert m_values == [1, 16] and m_filter is tuning.configs_for_m
+    assert configs == tuning.enumerate_configs(SearchSpace.quick())
+    argv = tune_cli._worker_argv(args, shapes, m_values, configs, resume=False, out=tmp_path / "t.json")
+    worker = tune_cli.build_parser().parse_args(argv)
+    assert worker.worker and worker.no_resume and worker.worker_m_window
+    again = tune_cli.resolve(worker)
+    assert again[0] == shapes and again[1] == m_values and again[2] == configs
+    assert tuning.MODEL_SHAPES["gpt-oss-120b"]["gate_up"] == Shape(128, 5760, 2880)
+
+
+def _fake_gpu(monkeypatch):
+    monkeypatch.setattr(tune_cli, "_gpu_problem", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: H100)
+
+
+def test_tune_worker_runs_the_sweep(tmp_path, monkeypatch, capsys):
+    _fake_gpu(monkeypatch)
+
+    class Measurer(FakeMeasure):
+        device_name = H100
+
+        def __init__(self, rep):
+            super().__init__({A.name: 3.0, B.name: 2.0, C.name: 2.5})
+
+    monkeypatch.setattr(tuning, "GpuMeasurer", Measurer)
+    monkeypatch.setattr(tuning, "_default_compile", fake_compile())
+    out = tmp_path / "t.json"
+    argv = ["--worker", "--shape", "2,128,128", "--m", "8", "--configs", f"{B.name},{C.name}", f"--out={out}", "--no-plot", "-q"]
+    assert tune_cli.main(argv) == 0
+    assert tuning.read_table(out)["entries"]["2,128,128"]["8"]["config"] == B.name
+    assert "best config" in capsys.readouterr().out
+
+
+def test_tune_supervisor_restarts_a_lost_worker(tmp_path, monkeypatch):
+    _fake_gpu(monkeypatch)
+    calls = []
+    codes = iter([tuning.EXIT_RESTART, tuning.EXIT_RESTART, 0])
+
+    def fake_call(command, env=None):
+        calls.append(command)
+        return next(codes)
+
+    monkeypatch.setattr(tune_cli.subprocess, "call", fake_call)
+    assert tune_cli.main(["--shape", "2,128,128", "--m", "8", "--quick", "--no-resume", f"--out={tmp_path / 't.json'}"]) == 0
+    assert len(calls) == 3
+    assert calls[0][1:3] == ["-m", "codegen.tune_cli"] and "--worker" in calls[0]
+    assert "--no-resume" in calls[0] and all("--no-resume" not in c for c in calls[1:])  # restarts resume
+    codes = iter([tuning.EXIT_RESTART] * 5)
+    calls.clear()
+    assert tune_cli.main(["--shape", "2,128,128", "--max-restarts", "2", f"--out={tmp_path / 't.json'}"]) == 1
+    assert len(calls) == 3
