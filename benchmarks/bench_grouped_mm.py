@@ -444,22 +444,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random data and routing seed")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add a ``bench`` verb to ``subparsers`` (``python -m codegen bench``); its handler is :func:`run`."""
+    template = build_parser()
+    parser = subparsers.add_parser("bench", help="side-by-side timing: our kernel vs torch bf16 vs the portable path",
+                                   description=template.description, epilog=template.epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark for parsed arguments; 2 on a bad --m or without a CUDA GPU."""
     try:
         m_values = [int(v) for v in args.m.split(",") if v] if args.m else list(QUICK_M_VALUES if args.quick else M_VALUES)
     except ValueError:
-        parser.error(f"--m {args.m!r}: give comma-separated integers")
+        m_values = []
     if not m_values or min(m_values) < 1:
-        parser.error("--m: give positive integers")
+        print(f"bench: error: --m {args.m!r}: give comma-separated positive integers", file=sys.stderr)
+        return 2
     import torch
 
     if not torch.cuda.is_available():
         print("bench needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     return _run(args, m_values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 def _run(args: argparse.Namespace, m_values: list[int]) -> int:

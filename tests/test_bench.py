@@ -295,3 +295,14 @@ def test_time_cuda_control_flow_with_fake_events(monkeypatch):
     assert len(sleeps) == 0
     capped = timing.time_cuda(fn, rotate=[("a",)], warmup_ms=0, rep=1000, max_ms=2.0, min_rep=4)
     assert 4 <= len(capped.samples) <= 20  # max_ms bounds the timed calls
+
+
+def test_bench_register_and_bad_m(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m codegen")
+    bench.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--quick", "--out", "/tmp/x"])
+    assert args.handler is bench.run and args.quick and args.out == "/tmp/x"
+    assert bench.main(["--m", "1,x"]) == 2
+    assert "--m" in capsys.readouterr().err
