@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m codegen",
         description="hopper-mxfp4 kernel generator: render, compile and inspect the SM90 MXFP4 grouped GEMM.",
         epilog="examples:\n  python -m codegen doctor\n  python -m codegen generate --check\n"
-        "  python -m codegen compile --config n128_m64_k128_s4_wg2",
+        "  python -m codegen compile --config n128_m64_k128_s4_wg2\n"
+        "  python -m codegen tune --model gpt-oss-20b --m 1,16,256\n  python -m codegen bench --quick",
         formatter_class=formatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -344,7 +345,29 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     doctor.set_defaults(handler=cmd_doctor)
+
+    from .tune_cli import register as register_tune
+
+    register_tune(commands)
+    _register_bench(commands)
     return parser
+
+
+def _register_bench(commands) -> None:
+    """The bench verb lives in the repository's benchmarks/ (it is not part of the wheel)."""
+    try:
+        from benchmarks.bench_grouped_mm import register
+    except ImportError:
+        bench = commands.add_parser("bench", help="side-by-side benchmark (needs a checkout of the repository)")
+        bench.set_defaults(handler=lambda args: _bench_unavailable())
+        return
+    register(commands)
+
+
+def _bench_unavailable() -> int:
+    print("bench: run it from a checkout of the repository: python benchmarks/bench_grouped_mm.py --help",
+          file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
