@@ -85,10 +85,25 @@ class TileConfig:
         return SMEM_ALIGN + self.stages * stage + barriers + table
 
     @property
+    def launch_registers(self) -> int:
+        """Registers per thread at launch: what __launch_bounds__(threads, 1) allows, in steps of 8."""
+        return min(256, REGISTERS_PER_SM // self.threads // 8 * 8)
+
+    @property
     def consumer_registers(self) -> int:
-        """setmaxnreg of each consumer warpgroup: what the producer gives up, rounded down to 8."""
-        free = REGISTERS_PER_SM - 128 * PRODUCER_REGISTERS
-        return min(256, free // (128 * self.warpgroups) // 8 * 8)
+        """setmaxnreg of each consumer warpgroup: the launch pool less the producer's, in steps of 8.
+
+        setmaxnreg.inc waits until the CTA's pool has the registers, so asking for more than the
+        launch allocation freed by the producer would hang the kernel.
+        """
+        pool = self.launch_registers * self.threads - 128 * PRODUCER_REGISTERS
+        return min(256, pool // (128 * self.warpgroups) // 8 * 8)
+
+    def register_pool_suffices(self, launch_registers: int) -> bool:
+        """Whether a kernel launched with ``launch_registers`` per thread (ptxas's count) leaves
+        the pool that the setmaxnreg requests need; if not, setmaxnreg.inc would wait forever."""
+        needed = 128 * PRODUCER_REGISTERS + 128 * self.warpgroups * self.consumer_registers
+        return launch_registers * self.threads >= needed
 
     @property
     def accumulators_per_thread(self) -> int:
@@ -106,8 +121,8 @@ class TileConfig:
             raise ValueError(f"tile_k={self.tile_k}: must be a multiple of {ATOM_K} (the packed atom's depth)")
         if self.tile_k > 512:
             raise ValueError(f"tile_k={self.tile_k}: at most 512 (the decode loop is unrolled over a stage)")
-        if self.warpgroups not in (1, 2, 3):
-            raise ValueError(f"warpgroups={self.warpgroups}: 1, 2 or 3 consumer warpgroups")
+        if self.warpgroups not in (1, 2, 3, 4):
+            raise ValueError(f"warpgroups={self.warpgroups}: 1 to 4 consumer warpgroups")
         if self.tile_n % (ATOM_N * self.warpgroups):
             raise ValueError(
                 f"tile_n={self.tile_n}: must be a multiple of 64 x warpgroups = {ATOM_N * self.warpgroups}"
@@ -121,7 +136,8 @@ class TileConfig:
                 f"tile_n / warpgroups x tile_m = {self.tile_n // self.warpgroups} x {self.tile_m} needs "
                 f"{self.accumulators_per_thread} fp32 accumulators per thread; at most 128 fit in registers"
             )
-        if self.accumulators_per_thread + 64 > self.consumer_registers:
+        # Accumulators + two buffers of A fragments (16 registers per 64-row block) + addressing.
+        if self.accumulators_per_thread + 32 * self.atoms_per_warpgroup + 40 > self.consumer_registers:
             raise ValueError(
                 f"{self.accumulators_per_thread} accumulators per thread do not fit in the "
                 f"{self.consumer_registers} registers each of {self.warpgroups} consumer warpgroups gets"

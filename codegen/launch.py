@@ -73,6 +73,12 @@ def load(config: TileConfig, device: torch.device) -> LoadedKernel:
             from .compiler import compile_kernel
 
             compiled = compile_kernel(config)
+            if not config.register_pool_suffices(compiled.resources.registers):
+                raise RuntimeError(
+                    f"{config.name}: compiled with {compiled.resources.registers} registers per thread, too few "
+                    f"for setmaxnreg to give {config.warpgroups} consumer warpgroups {config.consumer_registers} "
+                    "each; refusing to launch a kernel that would hang"
+                )
             with torch.cuda.device(device):
                 _make_context_current(device)
                 module = check(driver.cuModuleLoadData(compiled.cubin), f"cuModuleLoadData({config.name})")

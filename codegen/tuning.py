@@ -149,7 +149,7 @@ class SearchSpace:
     tile_m: tuple[int, ...] = (8, 16, 32, 64, 128, 192, 256)
     tile_k: tuple[int, ...] = (64, 128, 256)
     stages: tuple[int, ...] = tuple(range(2, 11))
-    warpgroups: tuple[int, ...] = (1, 2)
+    warpgroups: tuple[int, ...] = (1, 2, 4)
     deepest_stages: int | None = 2
     min_stage_bytes: int = 16 * 1024
     include_defaults: bool = True
@@ -161,8 +161,8 @@ class SearchSpace:
 
     @classmethod
     def quick(cls) -> "SearchSpace":
-        """A small space for a fast sweep: tile_n 128 with 2 consumer warpgroups, the deepest stages."""
-        return cls(tile_n=(128,), tile_k=(128, 256), warpgroups=(2,), deepest_stages=1)
+        """A small space for a fast sweep: tile_n 128 / 256 with 2 or 4 consumer warpgroups, the deepest stages."""
+        return cls(tile_n=(128, 256), tile_k=(128, 256), warpgroups=(2, 4), deepest_stages=1)
 
 
 def _valid(config: TileConfig) -> bool:

@@ -64,7 +64,10 @@ for step in "${steps[@]}"; do
       note "bench: exit ${PIPESTATUS[0]}"
       ;;
     tune)
-      timeout 550 python3 -m codegen tune --model gpt-oss-20b --out "$OUT/tuning.json" 2>&1 | tee "$OUT/tune.txt"
+      # TUNE_ARGS overrides the sweep (e.g. "--model gpt-oss-120b --quick --m 1,16"); the table lands in $OUT.
+      # shellcheck disable=SC2086
+      timeout "${TUNE_TIMEOUT:-400}" python3 -m codegen tune ${TUNE_ARGS:---model gpt-oss-20b --quick --m 1,16,256,4096} \
+        --out "$OUT/h100.json" 2>&1 | tee "$OUT/tune.txt"
       note "tune: exit ${PIPESTATUS[0]}"
       ;;
     *) echo "unknown step $step"; exit 2 ;;

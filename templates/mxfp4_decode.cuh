@@ -12,17 +12,27 @@
 
 namespace mxfp4 {
 
-// Register j (0..3) of the A fragment from a k16 code word: nibble j -> bits 6..8 (e, m) and 15
-// (sign) of the low bf16, nibble j + 4 -> the same bits of the high bf16.
+// Register J (0..3) of the A fragment from a k16 code word: nibble J -> bits 6..8 (e, m) and 15
+// (sign) of the low bf16, nibble J + 4 -> the same bits of the high bf16.
 template <int J>
 __device__ __forceinline__ uint32_t decode_e2m1_pair(uint32_t word) {
-  uint32_t const shifted = word >> (4 * J);
-  return ((shifted & 0x00070007u) << 6) | ((shifted & 0x00080008u) << 12);
+  uint32_t const em = (J >= 2 ? word >> (4 * J - 6) : word << (6 - 4 * J)) & 0x01C001C0u;
+  uint32_t const sign = (word << (12 - 4 * J)) & 0x80008000u;
+  return em | sign;
 }
 
-// Two bf16 factors whose product is 2^(scale - 1) = 2^126 * 2^(scale - 127), each a normal bf16
-// for every scale byte, so value * lo * hi is exact (up to bf16 overflow, as for the true value).
-// 0xFF (NaN in E8M0) gives a NaN factor. Returned as bf16x2 pairs with both halves equal.
+// Fast path, for four scale bytes that are all below 128 (weights below 2^0 x 6: what real
+// checkpoints hold): 2^(s - 1) = 2^126 * 2^(s - 127) is one normal bf16 with exponent field s + 126,
+// so one multiply per register applies scale and rebias together. Returned as bf16x2 {f, f}
+// per scale byte, built with a byte-wise add, a byte permute and a shift.
+__device__ __forceinline__ void e8m0_factors_below_128(uint32_t scales, uint32_t (&factor)[4]) {
+  uint32_t const biased = scales + 0x7E7E7E7Eu;  // s + 126 in every byte; no carries when s < 128
+  factor[0] = __byte_perm(biased, 0u, 0x0404u) >> 1;  // [0, b0, 0, b0] >> 1 = {b0 << 7, b0 << 7}
+  factor[1] = __byte_perm(biased, 0u, 0x1414u) >> 1;
+  factor[2] = __byte_perm(biased, 0u, 0x2424u) >> 1;
+  factor[3] = __byte_perm(biased, 0u, 0x3434u) >> 1;
+}
+
 struct ScalePair {
   uint32_t lo;
   uint32_t hi;
@@ -42,13 +52,22 @@ __device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
   return d;
 }
 
-// Decode one k16 step into the four A registers. `scales` holds this row pair's factors for the
-// step's 32-block: index 0 for row g, 1 for row g + 8.
+// Decode one k16 step into the four A registers, general path. `scales` holds this row pair's
+// factors for the step's 32-block: index 0 for row g, 1 for row g + 8.
 __device__ __forceinline__ void decode_k16(uint32_t word, ScalePair const (&scales)[2], uint32_t (&a)[4]) {
   a[0] = mul_bf16x2(mul_bf16x2(decode_e2m1_pair<0>(word), scales[0].lo), scales[0].hi);
   a[1] = mul_bf16x2(mul_bf16x2(decode_e2m1_pair<1>(word), scales[1].lo), scales[1].hi);
   a[2] = mul_bf16x2(mul_bf16x2(decode_e2m1_pair<2>(word), scales[0].lo), scales[0].hi);
   a[3] = mul_bf16x2(mul_bf16x2(decode_e2m1_pair<3>(word), scales[1].lo), scales[1].hi);
+}
+
+// Fast path: one multiply per register by the factors of e8m0_factors_below_128 (row g: row_g,
+// row g + 8: row_g8).
+__device__ __forceinline__ void decode_k16(uint32_t word, uint32_t row_g, uint32_t row_g8, uint32_t (&a)[4]) {
+  a[0] = mul_bf16x2(decode_e2m1_pair<0>(word), row_g);
+  a[1] = mul_bf16x2(decode_e2m1_pair<1>(word), row_g8);
+  a[2] = mul_bf16x2(decode_e2m1_pair<2>(word), row_g);
+  a[3] = mul_bf16x2(decode_e2m1_pair<3>(word), row_g8);
 }
 
 }  // namespace mxfp4

@@ -90,7 +90,9 @@ struct SharedStorage {
   int* tile_prefix;   // [num_experts + 1]
 
   __device__ explicit SharedStorage(uint8_t* raw) {
-    uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+    // Offset `raw` itself (no integer round trip) so that the compiler keeps every pointer in the
+    // shared state space and emits LDS rather than generic loads.
+    uint8_t* base = raw + ((1024u - (cute::cast_smem_ptr_to_uint(raw) & 1023u)) & 1023u);
     x = base;
     w = x + Cfg::Stages * Cfg::XStageBytes;
     full = reinterpret_cast<uint64_t*>(w + Cfg::Stages * Cfg::WStageBytes);
@@ -178,12 +180,21 @@ struct ConsumerState {
       uint8_t const* atom = w_chunk + a * Cfg::AtomsK * kAtomBytes;
       uint4 const codes = *reinterpret_cast<uint4 const*>(atom + tid * 16);
       uint32_t const scales = *reinterpret_cast<uint32_t const*>(atom + kAtomCodeBytes + scale_word * 4);
-      ScalePair const block0[2] = {e8m0_scale_factors(scales & 0xFFu), e8m0_scale_factors((scales >> 8) & 0xFFu)};
-      ScalePair const block1[2] = {e8m0_scale_factors((scales >> 16) & 0xFFu), e8m0_scale_factors(scales >> 24)};
-      decode_k16(codes.x, block0, frag[Buf][a][0]);
-      decode_k16(codes.y, block0, frag[Buf][a][1]);
-      decode_k16(codes.z, block1, frag[Buf][a][2]);
-      decode_k16(codes.w, block1, frag[Buf][a][3]);
+      if ((scales & 0x80808080u) == 0) {  // every scale below 128: one multiply per register
+        uint32_t factor[4];
+        e8m0_factors_below_128(scales, factor);
+        decode_k16(codes.x, factor[0], factor[1], frag[Buf][a][0]);
+        decode_k16(codes.y, factor[0], factor[1], frag[Buf][a][1]);
+        decode_k16(codes.z, factor[2], factor[3], frag[Buf][a][2]);
+        decode_k16(codes.w, factor[2], factor[3], frag[Buf][a][3]);
+      } else {
+        ScalePair const block0[2] = {e8m0_scale_factors(scales & 0xFFu), e8m0_scale_factors((scales >> 8) & 0xFFu)};
+        ScalePair const block1[2] = {e8m0_scale_factors((scales >> 16) & 0xFFu), e8m0_scale_factors(scales >> 24)};
+        decode_k16(codes.x, block0, frag[Buf][a][0]);
+        decode_k16(codes.y, block0, frag[Buf][a][1]);
+        decode_k16(codes.z, block1, frag[Buf][a][2]);
+        decode_k16(codes.w, block1, frag[Buf][a][3]);
+      }
     }
   }
 

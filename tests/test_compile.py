@@ -427,6 +427,7 @@ def test_default_config_compiles_without_spills(default_kernels, config):
     assert r.registers > 0
     assert r.spill_stores == 0 and r.spill_loads == 0, kernel.log
     assert r.stack_bytes == 0, kernel.log
+    assert config.register_pool_suffices(r.registers), "setmaxnreg would wait for registers forever"
 
 
 @needs_render
