@@ -150,11 +150,13 @@ class TileConfig:
         return self
 
 
-# Decode (few tokens per expert: memory-bound, small tile_m, deep pipelines) to prefill
-# (many tokens per expert: tensor-core bound, tile_m up to 256).
+# Decode (few tokens per expert: memory-bound, small tile_m, deep pipelines, many consumer warps
+# to hide the decode's latency) to prefill (many tokens per expert: tensor-core bound, tile_m 256).
+# Chosen from the gpt-oss-20b sweep on the H100 (benchmarks/NOTES.md); the shipped tuning table
+# refines the choice per shape.
 DEFAULT_CONFIGS: tuple[TileConfig, ...] = (
-    TileConfig(tile_n=128, tile_m=8, tile_k=256, stages=8, warpgroups=1),
-    TileConfig(tile_n=128, tile_m=16, tile_k=256, stages=7, warpgroups=2),
+    TileConfig(tile_n=256, tile_m=8, tile_k=128, stages=10, warpgroups=4),
+    TileConfig(tile_n=128, tile_m=16, tile_k=256, stages=8, warpgroups=2),
     TileConfig(tile_n=128, tile_m=32, tile_k=256, stages=5, warpgroups=2),
     TileConfig(tile_n=128, tile_m=64, tile_k=128, stages=7, warpgroups=2),
     TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=5, warpgroups=2),

@@ -64,6 +64,8 @@ for step in "${steps[@]}"; do
       note "bench: exit ${PIPESTATUS[0]}"
       ;;
     tune)
+      # The sweep merges into the shipped table, so one file ends up with every model's entries.
+      [ -f generated/tuning/h100.json ] && cp generated/tuning/h100.json "$OUT/h100.json"
       # TUNE_ARGS overrides the sweep (e.g. "--model gpt-oss-120b --quick --m 1,16"); the table lands in $OUT.
       # shellcheck disable=SC2086
       timeout "${TUNE_TIMEOUT:-400}" python3 -m codegen tune ${TUNE_ARGS:---model gpt-oss-20b --quick --m 1,16,256,4096} \
