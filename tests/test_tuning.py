@@ -195,9 +195,9 @@ def test_lookup_is_cached_and_tolerates_bad_files(tables):
 # the sweep, with injected compile and measure steps
 
 SHAPE = Shape(2, 128, 128)
-A = TileConfig.from_name("n128_m8_k256_s8_wg1")  # the heuristic default at M <= 8
-B = TileConfig.from_name("n128_m16_k256_s7_wg2")
-C = TileConfig.from_name("n128_m32_k256_s5_wg2")
+A = heuristic_config(8)  # the heuristic default at M <= 8
+B = heuristic_config(16)
+C = heuristic_config(32)
 
 
 def fake_compile(bad: tuple[str, ...] = ()):
