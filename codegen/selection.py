@@ -13,6 +13,16 @@ class Selection:
     reason: str
 
 
+def configs_in_use() -> list[TileConfig]:
+    """Every config the op can pick on its own: the defaults and the shipped tables' choices.
+
+    The GPU tests, the sanitizer runs and the compile checks cover exactly these.
+    """
+    from .tuning import shipped_configs
+
+    return list(dict.fromkeys([*DEFAULT_CONFIGS, *shipped_configs()]))
+
+
 def heuristic_config(tokens_per_expert: int) -> TileConfig:
     """The default config whose tile_m is the smallest that covers the tokens of one expert."""
     by_tile_m = sorted(DEFAULT_CONFIGS, key=lambda c: c.tile_m)

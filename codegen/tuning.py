@@ -397,6 +397,15 @@ def _lookup(device_name: str, shape: Shape, bucket: int) -> tuple[TileConfig, st
     return None
 
 
+def shipped_configs() -> list[TileConfig]:
+    """Every config that a shipped tuning table (generated/tuning/*.json) can select, sorted."""
+    names: set[str] = set()
+    for path in sorted(shipped_tuning_dir().glob("*.json")):
+        for buckets in read_table(path)["entries"].values():
+            names.update(entry["config"] for entry in buckets.values())
+    return sorted(TileConfig.from_name(name) for name in names)
+
+
 def lookup(
     device_name: str, num_experts: int, n: int, k: int, tokens_per_expert: int
 ) -> tuple[TileConfig, str] | None:

@@ -1,4 +1,5 @@
-"""One small grouped GEMM per config, for compute-sanitizer (memcheck, racecheck) on the device.
+"""One small grouped GEMM per config the op can pick (defaults + shipped tuning tables), for
+compute-sanitizer (memcheck, racecheck) on the device.
 
 Usage: compute-sanitizer --tool memcheck python scripts/sanitize_case.py [CONFIG ...]
 Exits non-zero if a result is off (the sanitizer's own report is what the device script reads).
@@ -11,12 +12,13 @@ import sys
 import torch
 
 import mxfp4
-from codegen import DEFAULT_CONFIGS, TileConfig
+from codegen import TileConfig
 from codegen.launch import grouped_mm_sm90
+from codegen.selection import configs_in_use
 
 
 def main(names: list[str]) -> int:
-    configs = [TileConfig.from_name(n) for n in names] if names else list(DEFAULT_CONFIGS)
+    configs = [TileConfig.from_name(n) for n in names] if names else configs_in_use()
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(0)
     num_experts, n, k = 3, 200, 160  # N and K tails, an empty expert

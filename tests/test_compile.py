@@ -29,6 +29,7 @@ from codegen.compiler import (
     parse_ptxas_report,
 )
 from codegen.config import DEFAULT_CONFIGS, TileConfig
+from codegen.selection import configs_in_use
 from codegen.progress import Progress
 from codegen.sass import sass_unavailable_reason, summarize_sass
 from codegen.toolchain import _cccl_warnings, _probe, check_toolchain
@@ -404,6 +405,10 @@ def test_compile_many_reports_each_failure(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+# Every config the op can pick on its own (defaults + shipped tuning tables) must build cleanly.
+CONFIGS_IN_USE = configs_in_use()
+
+
 @pytest.fixture(scope="module")
 def default_kernels(tmp_path_factory):
     if RENDER_ERROR is not None:
@@ -411,12 +416,12 @@ def default_kernels(tmp_path_factory):
     if not TOOLCHAIN.ok:
         pytest.skip(TOOLCHAIN.reason)
     store = tmp_path_factory.mktemp("default-cache")
-    results = compile_many(DEFAULT_CONFIGS, jobs=2, progress=False, cache_dir=store)
-    return dict(zip((config.name for config in DEFAULT_CONFIGS), results))
+    results = compile_many(CONFIGS_IN_USE, jobs=2, progress=False, cache_dir=store)
+    return dict(zip((config.name for config in CONFIGS_IN_USE), results))
 
 
 @needs_render
-@pytest.mark.parametrize("config", DEFAULT_CONFIGS, ids=lambda config: config.name)
+@pytest.mark.parametrize("config", CONFIGS_IN_USE, ids=lambda config: config.name)
 def test_default_config_compiles_without_spills(default_kernels, config):
     kernel = default_kernels[config.name]
     if isinstance(kernel, Exception):
@@ -432,7 +437,7 @@ def test_default_config_compiles_without_spills(default_kernels, config):
 
 @needs_render
 @needs_sass
-@pytest.mark.parametrize("config", DEFAULT_CONFIGS, ids=lambda config: config.name)
+@pytest.mark.parametrize("config", CONFIGS_IN_USE, ids=lambda config: config.name)
 def test_default_config_sass(default_kernels, config):
     kernel = default_kernels[config.name]
     if isinstance(kernel, Exception):

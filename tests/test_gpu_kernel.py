@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import mxfp4
-from codegen import DEFAULT_CONFIGS, TileConfig
+from codegen import TileConfig
 from codegen.launch import grouped_mm_sm90
+from codegen.selection import configs_in_use
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +25,9 @@ def _has_sm90() -> bool:
 
 
 requires_sm90 = pytest.mark.skipif(not _has_sm90(), reason="needs an SM90 (Hopper) GPU")
-CONFIG_IDS = [c.name for c in DEFAULT_CONFIGS]
+# Every config the op can pick on its own: the defaults and the shipped tuning tables' choices.
+CONFIGS = configs_in_use()
+CONFIG_IDS = [c.name for c in CONFIGS]
 
 
 def random_weight(num_experts: int, n: int, k: int, generator: torch.Generator,
@@ -78,7 +81,7 @@ CASES = {
 
 
 @requires_sm90
-@pytest.mark.parametrize("config", DEFAULT_CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_kernel_matches_float64(config: TileConfig, case: str) -> None:
     device = torch.device("cuda")
@@ -98,7 +101,7 @@ def test_kernel_matches_float64(config: TileConfig, case: str) -> None:
 
 
 @requires_sm90
-@pytest.mark.parametrize("config", DEFAULT_CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_decode_is_bit_exact(config: TileConfig) -> None:
     """x = identity makes out[t, n] = W[n, t]: the decoded weights read back through WGMMA."""
     device = torch.device("cuda")
@@ -125,7 +128,7 @@ def test_decode_is_bit_exact(config: TileConfig) -> None:
 
 
 @requires_sm90
-@pytest.mark.parametrize("config", DEFAULT_CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_masked_mode(config: TileConfig) -> None:
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(11)
@@ -146,7 +149,7 @@ def test_masked_mode(config: TileConfig) -> None:
 def test_int64_offsets_and_empty_input() -> None:
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(3)
-    config = DEFAULT_CONFIGS[0]
+    config = CONFIGS[0]
     weight = random_weight(3, 128, 64, generator)
     packed = mxfp4.pack(weight.to(device))
     offsets = random_offsets([5, 0, 9], device, dtype=torch.int64)

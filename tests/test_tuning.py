@@ -11,7 +11,7 @@ import torch
 
 from codegen import timing, tune_cli, tuning
 from codegen.config import DEFAULT_CONFIGS, TileConfig
-from codegen.selection import heuristic_config, select_config
+from codegen.selection import configs_in_use, heuristic_config, select_config
 from codegen.tuning import Measurement, SearchSpace, Shape
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -445,3 +445,17 @@ def test_tune_supervisor_restarts_a_lost_worker(tmp_path, monkeypatch):
     calls.clear()
     assert tune_cli.main(["--shape", "2,128,128", "--max-restarts", "2", f"--out={tmp_path / 't.json'}"]) == 1
     assert len(calls) == 3
+
+
+def test_shipped_h100_table_covers_both_models_with_valid_configs():
+    """generated/tuning/h100.json comes from `tune` on the H100: every gpt-oss shape, every M bucket."""
+    table = tuning.read_table(tuning.shipped_tuning_dir() / "h100.json")
+    assert table["gpu"] == "NVIDIA H100 80GB HBM3" and table["sm"] == "9.0"
+    for model in ("gpt-oss-20b", "gpt-oss-120b"):
+        for shape in tuning.MODEL_SHAPES[model].values():
+            buckets = table["entries"][shape.key]
+            assert sorted(map(int, buckets)) == [1, 4, 16, 64, 256, 1024, 4096]
+            for entry in buckets.values():
+                TileConfig.from_name(entry["config"])  # valid, or ValueError
+                assert entry["median_us"] <= entry["default_us"] * 1.02  # the winner, or within noise of the default
+    assert set(tuning.shipped_configs()) <= set(configs_in_use())
