@@ -481,7 +481,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, m_values: list[int]) -> int:
     import torch
 
-    import mxfp4
     from codegen.timing import measure_bf16_peak, measure_hbm_read_bandwidth
     from codegen.tuning import random_weights
     from mxfp4.dispatch import SM90, select_path

@@ -1020,8 +1020,6 @@ class GpuMeasurer:
 
     # -- the measure step --------------------------------------------------------------------
     def __call__(self, shape: Shape, m: int, config: TileConfig) -> Measurement:
-        import torch
-
         import mxfp4
 
         from .timing import time_cuda

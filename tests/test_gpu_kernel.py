@@ -46,6 +46,16 @@ def random_offsets(counts: list[int], device: torch.device, dtype=torch.int32) -
     return torch.tensor(offsets, dtype=dtype, device=device)
 
 
+def make_problem(num_experts: int, n: int, k: int, counts: list[int], seed: int):
+    """Random weights (on the GPU, packed), routing offsets for ``counts`` rows per expert, and x."""
+    device = torch.device("cuda")
+    generator = torch.Generator().manual_seed(seed)
+    weight = random_weight(num_experts, n, k, generator).to(device)
+    offsets = random_offsets(counts, device)
+    x = torch.randn(sum(counts), k, generator=generator).to(device, torch.bfloat16)
+    return weight, mxfp4.pack(weight), offsets, x
+
+
 def reference(x: torch.Tensor, weight: mxfp4.MXFP4Tensor, offsets: list[int]) -> torch.Tensor:
     """float64 x @ W_e^T per expert on the dequantized weights."""
     out = torch.zeros(x.shape[0], weight.shape[1], dtype=torch.float64, device=x.device)
@@ -162,50 +172,32 @@ def test_int64_offsets_and_empty_input() -> None:
 
 @requires_sm90
 def test_op_takes_the_sm90_path_and_explains_it() -> None:
-    device = torch.device("cuda")
-    generator = torch.Generator().manual_seed(5)
-    weight = random_weight(4, 256, 128, generator)
-    packed = mxfp4.pack(weight.to(device))
-    counts = [7, 0, 30, 2]
-    offsets = random_offsets(counts, device)
-    x = torch.randn(sum(counts), 128, generator=generator).to(device, torch.bfloat16)
+    weight, packed, offsets, x = make_problem(4, 256, 128, [7, 0, 30, 2], seed=5)
     text = mxfp4.explain(x, packed, offsets)
-    assert "sm90" in text.lower() and "n128_" in text
+    assert "sm90" in text.lower() and "config:    n" in text
     out = mxfp4.grouped_mm(x, packed, offsets)
-    assert relative_error(out, reference(x, weight.to(device), offsets.tolist())) <= ACCURACY
+    assert relative_error(out, reference(x, weight, offsets.tolist())) <= ACCURACY
 
 
 @requires_sm90
 def test_cuda_graph_capture_and_replay() -> None:
-    device = torch.device("cuda")
-    generator = torch.Generator().manual_seed(9)
-    weight = random_weight(8, 384, 256, generator)
-    packed = mxfp4.pack(weight.to(device))
-    counts = [4, 9, 0, 1, 16, 3, 8, 2]
-    offsets = random_offsets(counts, device)
-    x = torch.randn(sum(counts), 256, generator=generator).to(device, torch.bfloat16)
+    weight, packed, offsets, x = make_problem(8, 384, 256, [4, 9, 0, 1, 16, 3, 8, 2], seed=9)
     mxfp4.grouped_mm(x, packed, offsets)  # warm up: compile, load, raise the smem limit
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = mxfp4.grouped_mm(x, packed, offsets)
     for _ in range(2):  # new inputs in place, then replay
-        x.copy_(torch.randn(x.shape, generator=generator).to(device, torch.bfloat16))
+        x.copy_(torch.randn_like(x))
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        assert relative_error(out, reference(x, weight.to(device), offsets.tolist())) <= ACCURACY
+        assert relative_error(out, reference(x, weight, offsets.tolist())) <= ACCURACY
 
 
 @requires_sm90
 def test_torch_compile_fullgraph() -> None:
-    device = torch.device("cuda")
-    generator = torch.Generator().manual_seed(13)
-    weight = random_weight(4, 192, 128, generator)
-    packed = mxfp4.pack(weight.to(device))
-    counts = [3, 12, 0, 6]
-    offsets = random_offsets(counts, device)
-    x = torch.randn(sum(counts), 128, generator=generator).to(device, torch.bfloat16)
+    weight, packed, offsets, x = make_problem(4, 192, 128, [3, 12, 0, 6], seed=13)
 
     @torch.compile(fullgraph=True)
     def layer(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -213,5 +205,5 @@ def test_torch_compile_fullgraph() -> None:
         return y.float().relu()
 
     out = layer(x, packed.data, offsets)
-    ref = reference(x * 2, weight.to(device), offsets.tolist()).relu()
+    ref = reference(x * 2, weight, offsets.tolist()).relu()
     assert relative_error(out, ref) <= ACCURACY
