@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, run on the H100 through the device tool (one call does everything):
-#   device run: bash scripts/device_check.sh [tests] [sanitize] [bench] [bench-full] [tune]
+#   device run: bash scripts/device_check.sh [tests] [sanitize] [bench] [bench-full] [tune] [example] [tuning-test]
 # with carry=[".whl"], where .whl holds the wheels the device machine lacks:
 #   nvidia-cutlass==4.2.0.0 and nvidia-cuda-cccl==13.0.85 (see README "Working on the H100").
 # Logs and results land in $OUT (or ./device-out when OUT is unset); a summary prints last.
@@ -72,6 +72,12 @@ for step in "${steps[@]}"; do
       timeout 240 python3 benchmarks/bench_grouped_mm.py --model gpt-oss-120b --m 1,16,256,4096 --no-portable \
         --out "$OUT/bench-120b" 2>&1 | tee "$OUT/bench-120b/bench.txt"
       note "bench gpt-oss-120b: exit ${PIPESTATUS[0]}"
+      ;;
+    example)
+      # The README's main job: generate + compile the default kernels, then the op on an example.
+      python3 -m codegen generate --out "$LOGS/generated" > /dev/null \
+        && python3 examples/run_example.py 2>&1 | tee "$LOGS/example.txt"
+      note "example (README main job): exit ${PIPESTATUS[0]}: $(tail -n 1 "$LOGS/example.txt")"
       ;;
     tuning-test)
       timeout 120 python3 -m pytest -q -rs tests/test_tuning_gpu.py 2>&1 | tee "$LOGS/pytest-tuning-gpu.txt"
