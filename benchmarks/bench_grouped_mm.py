@@ -482,7 +482,7 @@ def _run(args: argparse.Namespace, m_values: list[int]) -> int:
     import torch
 
     from codegen.timing import measure_bf16_peak, measure_hbm_read_bandwidth
-    from codegen.tuning import random_weights
+    from codegen.sweep import random_weights
     from mxfp4.dispatch import SM90, select_path
 
     torch.manual_seed(args.seed)

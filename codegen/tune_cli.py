@@ -171,7 +171,8 @@ def _worker_argv(args: argparse.Namespace, shapes, m_values, configs, resume: bo
 
 
 def run(args: argparse.Namespace) -> int:
-    from .tuning import EXIT_RESTART, default_table_path
+    from .sweep import EXIT_RESTART
+    from .tuning import default_table_path
 
     try:
         shapes, m_values, configs, m_filter = resolve(args)
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _work(args, shapes, m_values, configs, m_filter, out: Path) -> int:
-    from .tuning import EXIT_RESTART, GpuContextLost, GpuMeasurer, run_sweep
+    from .sweep import EXIT_RESTART, GpuContextLost, GpuMeasurer, run_sweep
 
     if getattr(args, "worker_m_window", False):
         from .tuning import configs_for_m

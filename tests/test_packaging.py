@@ -55,3 +55,5 @@ def test_wheel_ships_templates_inside_codegen(tmp_path: Path) -> None:
     templates = {path for path in (ROOT / "templates").rglob("*") if path.is_file() and "__pycache__" not in path.parts}
     for template in templates:
         assert "codegen/templates/" + template.relative_to(ROOT / "templates").as_posix() in names
+    # The shipped tuning table sits one folder down in generated/: the op reads it at call time.
+    assert "codegen/generated/tuning/h100.json" in names and "codegen/generated/manifest.json" in names

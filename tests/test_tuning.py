@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import pytest
 import torch
 
-from codegen import timing, tune_cli, tuning
+from codegen import sweep, timing, tune_cli, tuning
 from codegen.config import DEFAULT_CONFIGS, TileConfig
 from codegen.selection import configs_in_use, heuristic_config, select_config
-from codegen.tuning import Measurement, SearchSpace, Shape
+from codegen.sweep import Measurement
+from codegen.tuning import SearchSpace, Shape
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -228,21 +228,21 @@ class FakeMeasure:
         return self._healthy
 
 
-def sweep(tmp_path, measure, **kwargs):
+def run_fake_sweep(tmp_path, measure, **kwargs):
     kwargs.setdefault("compile_fn", fake_compile())
-    return tuning.run_sweep(
+    return sweep.run_sweep(
         [SHAPE], kwargs.pop("m_values", [1, 8]), kwargs.pop("configs", [A, B, C]), out_path=tmp_path / "gpu.json",
         measure=measure, device_name=H100, progress=False, plot=False, **kwargs,
     )
 
 
 def read_log(tmp_path):
-    return [json.loads(line) for line in tuning.progress_log_path(tmp_path / "gpu.json").read_text().splitlines()]
+    return [json.loads(line) for line in sweep.progress_log_path(tmp_path / "gpu.json").read_text().splitlines()]
 
 
 def test_sweep_writes_the_best_valid_config_with_the_default(tmp_path, capsys):
     measure = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
-    table = sweep(tmp_path, measure)
+    table = run_fake_sweep(tmp_path, measure)
     assert len(measure.calls) == 6  # 2 M values x 3 configs
     assert measure.calls[0][2] == heuristic_config(1).name  # the default is measured first
     entry = table["entries"]["2,128,128"]["8"]
@@ -257,23 +257,23 @@ def test_sweep_writes_the_best_valid_config_with_the_default(tmp_path, capsys):
 def test_sweep_resumes_after_an_interruption(tmp_path):
     first = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0}, interrupt_after=2)
     with pytest.raises(KeyboardInterrupt):
-        sweep(tmp_path, first)
+        run_fake_sweep(tmp_path, first)
     assert len(first.calls) == 2 and len(read_log(tmp_path)) == 2
     second = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
-    table = sweep(tmp_path, second)
+    table = run_fake_sweep(tmp_path, second)
     assert len(second.calls) == 4
     assert not set(first.calls) & set(second.calls)  # the two measured ones are not measured again
     assert table["entries"]["2,128,128"]["1"]["config"] == B.name
     # --no-resume measures everything again (the old log is kept aside).
     third = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
-    sweep(tmp_path, third, resume=False)
+    run_fake_sweep(tmp_path, third, resume=False)
     assert len(third.calls) == 6
-    assert tuning.progress_log_path(tmp_path / "gpu.json").with_suffix(".jsonl.old").exists()
+    assert sweep.progress_log_path(tmp_path / "gpu.json").with_suffix(".jsonl.old").exists()
 
 
 def test_sweep_records_and_skips_failing_configs(tmp_path):
     measure = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0}, raises=(C.name,))
-    table = sweep(tmp_path, measure, compile_fn=fake_compile(bad=(B.name,)))
+    table = run_fake_sweep(tmp_path, measure, compile_fn=fake_compile(bad=(B.name,)))
     assert not any(call[2] == B.name for call in measure.calls)  # never measured: it did not compile
     log = read_log(tmp_path)
     compile_errors = [r for r in log if r["status"] == "compile_error"]
@@ -283,13 +283,13 @@ def test_sweep_records_and_skips_failing_configs(tmp_path):
     assert table["entries"]["2,128,128"]["1"]["config"] == A.name  # the only one left
     # A resumed sweep does not measure the failed launches again, but retries the compile.
     again = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
-    sweep(tmp_path, again)
+    run_fake_sweep(tmp_path, again)
     assert sorted(call[2] for call in again.calls) == [B.name, B.name]
 
 
 def test_sweep_discards_a_fast_wrong_config(tmp_path, capsys):
     measure = FakeMeasure({A.name: 30.0, B.name: 1.0, C.name: 25.0}, wrong=(B.name,))
-    table = sweep(tmp_path, measure)
+    table = run_fake_sweep(tmp_path, measure)
     assert table["entries"]["2,128,128"]["8"]["config"] == C.name
     wrong = [r for r in read_log(tmp_path) if r["status"] == "wrong"]
     assert {r["config"] for r in wrong} == {B.name} and all(r["rel_error"] == 0.5 for r in wrong)
@@ -298,12 +298,12 @@ def test_sweep_discards_a_fast_wrong_config(tmp_path, capsys):
 
 def test_sweep_stops_when_the_gpu_context_is_lost(tmp_path):
     measure = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0}, raises=(B.name,), healthy=False)
-    with pytest.raises(tuning.GpuContextLost):
-        sweep(tmp_path, measure)
+    with pytest.raises(sweep.GpuContextLost):
+        run_fake_sweep(tmp_path, measure)
     log = read_log(tmp_path)
     assert log[-1]["config"] == B.name and log[-1]["status"] == "error"  # recorded before stopping
     again = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
-    sweep(tmp_path, again)
+    run_fake_sweep(tmp_path, again)
     assert (SHAPE, 1, B.name) not in again.calls
 
 
@@ -311,7 +311,7 @@ def test_sweep_adds_the_default_and_merges_into_an_existing_table(tmp_path):
     path = tmp_path / "gpu.json"
     tuning.write_table(path, _table(H100, {"4,64,64": {"2": _entry(A.name, 1.0)}}))
     measure = FakeMeasure({A.name: 30.0, C.name: 25.0})
-    table = sweep(tmp_path, measure, configs=[C], m_values=[4])
+    table = run_fake_sweep(tmp_path, measure, configs=[C], m_values=[4])
     assert {call[2] for call in measure.calls} == {A.name, C.name}  # the heuristic default was added
     assert table["entries"]["4,64,64"]["2"]["config"] == A.name  # the earlier shape is kept
     assert table["entries"]["2,128,128"]["4"]["default_config"] == A.name
@@ -319,15 +319,15 @@ def test_sweep_adds_the_default_and_merges_into_an_existing_table(tmp_path):
 
 def test_sweep_m_filter(tmp_path):
     measure = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
-    sweep(tmp_path, measure, m_values=[1], m_filter=lambda configs, m: [c for c in configs if c.tile_m <= 16])
+    run_fake_sweep(tmp_path, measure, m_values=[1], m_filter=lambda configs, m: [c for c in configs if c.tile_m <= 16])
     assert {call[2] for call in measure.calls} == {A.name, B.name}
 
 
 def test_classify_marks_nan_and_missing_checks_wrong():
-    assert tuning._classify(Measurement(median_us=5.0, rel_error=float("nan")), SHAPE, 1, 1e-2)["status"] == "wrong"
-    assert tuning._classify(Measurement(median_us=5.0, rel_error=None), SHAPE, 1, 1e-2)["status"] == "wrong"
-    assert tuning._classify(Measurement(median_us=None, rel_error=1e-3), SHAPE, 1, 1e-2)["status"] == "error"
-    ok = tuning._classify(Measurement(median_us=10.0, rel_error=1e-3), SHAPE, 2, 1e-2)
+    assert sweep._classify(Measurement(median_us=5.0, rel_error=float("nan")), SHAPE, 1, 1e-2)["status"] == "wrong"
+    assert sweep._classify(Measurement(median_us=5.0, rel_error=None), SHAPE, 1, 1e-2)["status"] == "wrong"
+    assert sweep._classify(Measurement(median_us=None, rel_error=1e-3), SHAPE, 1, 1e-2)["status"] == "error"
+    ok = sweep._classify(Measurement(median_us=10.0, rel_error=1e-3), SHAPE, 2, 1e-2)
     assert ok["status"] == "ok"
     assert ok["tflops"] == pytest.approx(2 * 4 * 128 * 128 / 10e-6 / 1e12)
     assert ok["gbps"] == pytest.approx(timing.grouped_mm_bytes(2, 128, 128, 4) / 10e-6 / 1e9)
@@ -344,7 +344,7 @@ def test_gpu_measurer_dry_run_on_cpu(monkeypatch):
         return timing.summarize([10.0, 11.0, 12.0])
 
     monkeypatch.setattr(timing, "time_cuda", fake_time_cuda)
-    measurer = tuning.GpuMeasurer(device="cpu", memory_budget=1 << 22)
+    measurer = sweep.GpuMeasurer(device="cpu", memory_budget=1 << 22)
     result = measurer(Shape(2, 128, 128), 8, A)
     assert result.median_us == pytest.approx(11.0)
     assert result.rel_error is not None and result.rel_error <= 1e-2
@@ -418,8 +418,8 @@ def test_tune_worker_runs_the_sweep(tmp_path, monkeypatch, capsys):
         def __init__(self, rep):
             super().__init__({A.name: 3.0, B.name: 2.0, C.name: 2.5})
 
-    monkeypatch.setattr(tuning, "GpuMeasurer", Measurer)
-    monkeypatch.setattr(tuning, "_default_compile", fake_compile())
+    monkeypatch.setattr(sweep, "GpuMeasurer", Measurer)
+    monkeypatch.setattr(sweep, "_default_compile", fake_compile())
     out = tmp_path / "t.json"
     argv = ["--worker", "--shape", "2,128,128", "--m", "8", "--configs", f"{B.name},{C.name}", f"--out={out}", "--no-plot", "-q"]
     assert tune_cli.main(argv) == 0
@@ -430,7 +430,7 @@ def test_tune_worker_runs_the_sweep(tmp_path, monkeypatch, capsys):
 def test_tune_supervisor_restarts_a_lost_worker(tmp_path, monkeypatch):
     _fake_gpu(monkeypatch)
     calls = []
-    codes = iter([tuning.EXIT_RESTART, tuning.EXIT_RESTART, 0])
+    codes = iter([sweep.EXIT_RESTART, sweep.EXIT_RESTART, 0])
 
     def fake_call(command, env=None):
         calls.append(command)
@@ -441,7 +441,7 @@ def test_tune_supervisor_restarts_a_lost_worker(tmp_path, monkeypatch):
     assert len(calls) == 3
     assert calls[0][1:3] == ["-m", "codegen.tune_cli"] and "--worker" in calls[0]
     assert "--no-resume" in calls[0] and all("--no-resume" not in c for c in calls[1:])  # restarts resume
-    codes = iter([tuning.EXIT_RESTART] * 5)
+    codes = iter([sweep.EXIT_RESTART] * 5)
     calls.clear()
     assert tune_cli.main(["--shape", "2,128,128", "--max-restarts", "2", f"--out={tmp_path / 't.json'}"]) == 1
     assert len(calls) == 3

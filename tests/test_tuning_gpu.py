@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from codegen import timing, tuning
+from codegen import sweep, timing, tuning
 from codegen.config import TileConfig
 from codegen.selection import heuristic_config
 from codegen.tuning import Shape
@@ -46,12 +46,12 @@ def test_machine_rates_are_plausible():
 def test_tiny_sweep_writes_a_table_that_lookup_returns(tmp_path, monkeypatch):
     monkeypatch.setenv(tuning.TUNING_DIR_ENV, str(tmp_path))
     tuning.clear_cache()
-    measure = tuning.GpuMeasurer(rep=10, warmup_ms=2.0)
+    measure = sweep.GpuMeasurer(rep=10, warmup_ms=2.0)
     out = tuning.default_table_path(measure.device_name)
     shape = Shape(2, 128, 128)
-    table = tuning.run_sweep([shape], [8], CONFIGS, out_path=out, jobs=2, measure=measure,
+    table = sweep.run_sweep([shape], [8], CONFIGS, out_path=out, jobs=2, measure=measure,
                              device_name=measure.device_name, plot=False)
-    records = [json.loads(line) for line in tuning.progress_log_path(out).read_text().splitlines()]
+    records = [json.loads(line) for line in sweep.progress_log_path(out).read_text().splitlines()]
     assert {r["config"] for r in records} == {c.name for c in CONFIGS}, records
     assert all(r["status"] == "ok" for r in records), records
     assert all(r["rel_error"] <= 1e-2 for r in records)
