@@ -16,6 +16,14 @@ SMEM_ALIGN = 1024  # 128-byte-swizzled TMA destinations need 1024-byte alignment
 REGISTERS_PER_SM = 65536
 PRODUCER_REGISTERS = 40  # setmaxnreg of the producer warpgroup
 
+# The legal ranges of the config fields, declared once: validation, the CLI help and the tuning
+# search space all read these.
+WARPGROUP_CHOICES = (1, 2, 3, 4)  # consumer warpgroups per CTA
+TILE_M_RANGE = (8, 256)  # WGMMA's N, in steps of 8
+MAX_TILE_K = 512  # the decode loop is unrolled over a stage
+MAX_ATOMS_PER_WARPGROUP = 4  # 64-row blocks of W per consumer warpgroup
+MIN_STAGES = 2
+
 _NAME = re.compile(r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)$")
 
 
@@ -115,22 +123,23 @@ class TileConfig:
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field.name} must be a positive int, got {value!r}")
-        if self.tile_m % 8 or not 8 <= self.tile_m <= 256:
-            raise ValueError(f"tile_m={self.tile_m}: WGMMA's N must be a multiple of 8 in 8..256")
+        low, high = TILE_M_RANGE
+        if self.tile_m % 8 or not low <= self.tile_m <= high:
+            raise ValueError(f"tile_m={self.tile_m}: WGMMA's N must be a multiple of 8 in {low}..{high}")
         if self.tile_k % ATOM_K:
             raise ValueError(f"tile_k={self.tile_k}: must be a multiple of {ATOM_K} (the packed atom's depth)")
-        if self.tile_k > 512:
-            raise ValueError(f"tile_k={self.tile_k}: at most 512 (the decode loop is unrolled over a stage)")
-        if self.warpgroups not in (1, 2, 3, 4):
-            raise ValueError(f"warpgroups={self.warpgroups}: 1 to 4 consumer warpgroups")
+        if self.tile_k > MAX_TILE_K:
+            raise ValueError(f"tile_k={self.tile_k}: at most {MAX_TILE_K} (the decode loop is unrolled over a stage)")
+        if self.warpgroups not in WARPGROUP_CHOICES:
+            raise ValueError(f"warpgroups={self.warpgroups}: one of {WARPGROUP_CHOICES} consumer warpgroups")
         if self.tile_n % (ATOM_N * self.warpgroups):
             raise ValueError(
                 f"tile_n={self.tile_n}: must be a multiple of 64 x warpgroups = {ATOM_N * self.warpgroups}"
             )
-        if self.atoms_per_warpgroup > 4:
-            raise ValueError(f"tile_n={self.tile_n}: at most 4 blocks of 64 rows per warpgroup")
-        if self.stages < 2:
-            raise ValueError(f"stages={self.stages}: the pipeline needs at least 2 stages")
+        if self.atoms_per_warpgroup > MAX_ATOMS_PER_WARPGROUP:
+            raise ValueError(f"tile_n={self.tile_n}: at most {MAX_ATOMS_PER_WARPGROUP} blocks of 64 rows per warpgroup")
+        if self.stages < MIN_STAGES:
+            raise ValueError(f"stages={self.stages}: the pipeline needs at least {MIN_STAGES} stages")
         if self.accumulators_per_thread > 128:
             raise ValueError(
                 f"tile_n / warpgroups x tile_m = {self.tile_n // self.warpgroups} x {self.tile_m} needs "
