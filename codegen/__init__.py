@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-# mxfp4 first: codegen builds on its layout contract, and mxfp4's ops reach back into codegen.config.
-import mxfp4  # noqa: F401
-
 from .config import DEFAULT_CONFIGS, TileConfig
 from .render import render
 

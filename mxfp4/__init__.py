@@ -6,29 +6,56 @@ Typical use::
     w = mxfp4.pack(mxfp4.quantize(weight_bf16))        # [E, N, K], once at load time
     out = mxfp4.grouped_mm(x, w, offsets)              # x bf16 [T, K], offsets int32 [E + 1]
     print(mxfp4.explain(x, w, offsets))                # which path / config, and why
+
+Layers point one way: the format (``tensor``, ``format``, ``layout``, ``checkpoint``: torch only) <-
+the kernel generator and runtime (the ``codegen`` package, built on the layout contract) <- the user API
+(``ops``, ``dispatch``). The format is imported here; the user API loads on first use of one of its
+names (or ``import mxfp4.ops``, which also registers ``torch.ops.mxfp4.*``), so that ``codegen`` can
+import the format without importing the package that sits on top of it.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .checkpoint import from_ggml, from_gpt_oss, load_gpt_oss_experts, to_ggml
-from .dispatch import explain, select_path
-from .layout import PackedMXFP4, pack, unpack
-from .ops import grouped_mm, grouped_mm_masked, set_debug_checks
 from .format import dequantize, quantize
+from .layout import PackedMXFP4, pack, unpack
 from .tensor import MXFP4Tensor
+
+# The user API: public name -> the module of this package that defines it.
+_USER_API = {
+    "grouped_mm": "ops",
+    "grouped_mm_masked": "ops",
+    "set_debug_checks": "ops",
+    "explain": "dispatch",
+    "select_path": "dispatch",
+}
 
 __all__ = [
     "MXFP4Tensor",
     "PackedMXFP4",
     "dequantize",
-    "explain",
     "from_ggml",
     "from_gpt_oss",
-    "grouped_mm",
-    "grouped_mm_masked",
     "load_gpt_oss_experts",
     "pack",
     "quantize",
-    "select_path",
-    "set_debug_checks",
     "to_ggml",
     "unpack",
+    *_USER_API,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _USER_API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mxfp4' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_USER_API))
