@@ -6,6 +6,8 @@ from functools import lru_cache
 
 import jinja2
 
+from mxfp4 import layout
+
 from .config import PRODUCER_REGISTERS, TileConfig
 from .params import PARAMS_ALIGN, PARAMS_SIZE, template_fields
 from .paths import TEMPLATES_DIR
@@ -15,6 +17,17 @@ ENTRY_POINT = "mxfp4_grouped_mm"
 # WGMMA N sizes whose register-A bf16 atoms live in cute/arch/mma_sm90_gmma.hpp; the others are
 # in the (much larger) _ext header, included only when needed to keep compiles short.
 _GMMA_BASE_SIZES = frozenset({8, 16, 32, 64, 96, 128, 192, 256})
+
+
+# The packed layout's constants as the device code names them; mxfp4/layout.py is their one home.
+LAYOUT_CONSTANTS: tuple[tuple[str, int, str], ...] = (
+    ("kAtomN", layout.ATOM_N, "weight rows per packed atom"),
+    ("kAtomK", layout.ATOM_K, "values of K per packed atom"),
+    ("kAtomCodeBytes", layout.ATOM_CODE_BYTES, "E2M1 codes of an atom, 16 bytes per consumer thread"),
+    ("kAtomBytes", layout.ATOM_BYTES, "codes then E8M0 scales"),
+    ("kScaleWordsPerWarp", layout.SCALE_WORDS_PER_WARP, "scale words of one warp's 16 rows"),
+    ("kLanesPerScaleWord", layout.LANES_PER_SCALE_WORD, "lanes that share (broadcast) one scale word"),
+)
 
 
 @lru_cache(maxsize=1)
@@ -34,6 +47,7 @@ def render(config: TileConfig) -> str:
     return template.render(
         config=config,
         needs_gmma_ext=config.tile_m not in _GMMA_BASE_SIZES,
+        layout_constants=LAYOUT_CONSTANTS,
         params=template_fields(),
         params_size=PARAMS_SIZE,
         params_align=PARAMS_ALIGN,

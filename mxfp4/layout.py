@@ -60,6 +60,10 @@ ATOM_K = 64
 ATOM_CODE_BYTES = ATOM_N * ATOM_K // 2  # 2048
 ATOM_SCALE_BYTES = ATOM_N * (ATOM_K // BLOCK_SIZE)  # 128
 ATOM_BYTES = ATOM_CODE_BYTES + ATOM_SCALE_BYTES  # 2176, a multiple of 16 for bulk copies
+# Thread tid of a consumer warpgroup reads scale word SCALE_WORDS_PER_WARP * (tid // 32) +
+# (tid % 32) // LANES_PER_SCALE_WORD: its warp's 8 row pairs, one word per group of 4 lanes.
+SCALE_WORDS_PER_WARP = 8
+LANES_PER_SCALE_WORD = 4
 
 # Bound on the codes unpacked at once (one byte per value) while packing, in values.
 _CHUNK_VALUES = 1 << 27
@@ -79,8 +83,13 @@ def code_position(tid: int, word: int, nibble: int) -> tuple[int, int]:
 
 def scale_position(word: int, byte: int) -> tuple[int, int]:
     """(row, kblock) inside an atom of the scale at scale word ``word``, byte ``byte``."""
-    w, g = word // 8, word % 8
+    w, g = divmod(word, SCALE_WORDS_PER_WARP)
     return 16 * w + g + 8 * (byte & 1), byte >> 1
+
+
+def scale_word_of_thread(tid: int) -> int:
+    """The scale word consumer thread ``tid`` (0..127) reads: the one holding its rows' scales."""
+    return SCALE_WORDS_PER_WARP * (tid // 32) + (tid % 32) // LANES_PER_SCALE_WORD
 
 
 @lru_cache(maxsize=None)

@@ -23,10 +23,8 @@
 
 namespace mxfp4 {
 
-constexpr int kAtomN = 64;
-constexpr int kAtomK = 64;
-constexpr int kAtomCodeBytes = 2048;
-constexpr int kAtomBytes = 2176;
+// kAtomN, kAtomK, kAtomCodeBytes, kAtomBytes, kScaleWordsPerWarp and kLanesPerScaleWord: the packed
+// layout's constants, rendered from mxfp4/layout.py into the generated source before this header.
 constexpr int kSwizzleRowBytes = 128;  // one 128B-swizzled row: 64 bf16 of K
 
 // cuTensorMapEncodeTiled's opaque 128-byte descriptor, passed by value in the kernel parameters.
@@ -174,7 +172,7 @@ struct ConsumerState {
   // Decode one 64-deep chunk of this warpgroup's atoms from the w slot into register buffer Buf.
   template <int Buf>
   __device__ __forceinline__ void decode_chunk(uint8_t const* w_chunk, int tid) {
-    int const scale_word = (tid >> 5) * 8 + ((tid & 31) >> 2);
+    int const scale_word = (tid >> 5) * kScaleWordsPerWarp + (tid & 31) / kLanesPerScaleWord;
 #pragma unroll
     for (int a = 0; a < A; ++a) {
       uint8_t const* atom = w_chunk + a * Cfg::AtomsK * kAtomBytes;

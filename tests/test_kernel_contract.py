@@ -1,0 +1,77 @@
+"""The contracts Python renders into the kernel: layout constants, the parameter block, CTAs per SM."""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import pytest
+
+from codegen import render
+from codegen.config import DEFAULT_CONFIGS, TileConfig
+from codegen.params import PARAM_FIELDS, PARAM_OFFSETS, PARAMS_SIZE, PARAMS_STRUCT, pack_params
+from codegen.paths import TEMPLATES_DIR
+from codegen.render import LAYOUT_CONSTANTS
+from mxfp4 import layout
+
+
+def test_layout_constants_are_rendered_from_layout_py() -> None:
+    source = render(DEFAULT_CONFIGS[0])
+    expected = {
+        "kAtomN": layout.ATOM_N, "kAtomK": layout.ATOM_K, "kAtomCodeBytes": layout.ATOM_CODE_BYTES,
+        "kAtomBytes": layout.ATOM_BYTES, "kScaleWordsPerWarp": layout.SCALE_WORDS_PER_WARP,
+        "kLanesPerScaleWord": layout.LANES_PER_SCALE_WORD,
+    }
+    assert {name: value for name, value, _ in LAYOUT_CONSTANTS} == expected
+    for name, value in expected.items():
+        assert re.search(rf"constexpr int {name} = {value};", source), name
+
+
+def test_headers_define_no_layout_constant_of_their_own() -> None:
+    names = [name for name, _, _ in LAYOUT_CONSTANTS]
+    for header in TEMPLATES_DIR.glob("*.cuh"):
+        text = header.read_text()
+        for name in names:
+            assert not re.search(rf"\b{name}\s*=", text), f"{header.name} defines {name}; it must come from layout.py"
+
+
+def test_scale_word_formula_matches_scale_position() -> None:
+    # The kernel's thread -> scale word formula (rendered constants) picks the word holding its rows.
+    for tid in range(128):
+        word = layout.scale_word_of_thread(tid)
+        rows = {layout.scale_position(word, byte)[0] for byte in range(4)}
+        row_g = 16 * (tid // 32) + (tid % 32) // 4
+        assert rows == {row_g, row_g + 8}
+
+
+def test_params_struct_matches_the_field_offsets() -> None:
+    values = {f.name: i + 1 for i, f in enumerate(PARAM_FIELDS) if f.fmt}
+    block = pack_params(bytes(range(128)), **values)
+    assert len(block) == PARAMS_SIZE == PARAMS_STRUCT.size
+    assert bytes(block[:128]) == bytes(range(128))
+    for field in PARAM_FIELDS:
+        if field.fmt:
+            assert struct.unpack_from("<" + field.fmt, block, PARAM_OFFSETS[field.name])[0] == values[field.name]
+
+
+def test_ctas_per_sm_name_round_trip_and_defaults() -> None:
+    config = TileConfig(tile_n=128, tile_m=8, tile_k=128, stages=4, warpgroups=1, ctas_per_sm=3)
+    assert config.name == "n128_m8_k128_s4_wg1_c3"
+    assert TileConfig.from_name(config.name) == config
+    assert TileConfig.from_name("n128_m64_k128_s4_wg2").ctas_per_sm == 1  # old names keep their meaning
+    assert "_c" not in TileConfig().name
+
+
+def test_ctas_per_sm_sizes_shared_memory_and_registers() -> None:
+    one = TileConfig(tile_n=128, tile_m=8, tile_k=128, stages=4, warpgroups=1)
+    three = TileConfig(tile_n=128, tile_m=8, tile_k=128, stages=4, warpgroups=1, ctas_per_sm=3)
+    assert three.max_shared_memory_bytes == 228 * 1024 // 3 - 1024 < one.max_shared_memory_bytes
+    assert three.launch_registers == 65536 // (256 * 3) // 8 * 8
+    assert three.register_pool_suffices(three.launch_registers)
+    assert "__launch_bounds__(Config::Threads, 3)" in render(three.validate())
+    with pytest.raises(ValueError, match="shared memory per CTA"):
+        TileConfig(tile_n=128, tile_m=8, tile_k=256, stages=8, warpgroups=1, ctas_per_sm=2).validate()
+    with pytest.raises(ValueError, match="ctas_per_sm=5"):
+        TileConfig(ctas_per_sm=5).validate()
+    with pytest.raises(ValueError, match="2048 threads"):
+        TileConfig(tile_n=256, tile_m=8, tile_k=64, stages=2, warpgroups=4, ctas_per_sm=4).validate()
