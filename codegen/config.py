@@ -7,8 +7,12 @@ from dataclasses import asdict, dataclass, fields
 
 from mxfp4.layout import ATOM_BYTES, ATOM_K, ATOM_N
 
-# Hopper: 228 KB of shared memory per SM, of which one CTA may use 227 KB dynamically.
+# Hopper: 228 KB of shared memory per SM, of which one CTA may use 227 KB dynamically; the
+# runtime reserves 1 KB per resident CTA.
 MAX_SHARED_MEMORY = 227 * 1024
+SHARED_MEMORY_PER_SM = 228 * 1024
+RESERVED_SHARED_MEMORY_PER_CTA = 1024
+MAX_THREADS_PER_SM = 2048
 # The kernel keeps a per-expert prefix sum of m-tiles in shared memory.
 MAX_EXPERTS = 1024
 BARRIER_BYTES = 8
@@ -23,8 +27,9 @@ TILE_M_RANGE = (8, 256)  # WGMMA's N, in steps of 8
 MAX_TILE_K = 512  # the decode loop is unrolled over a stage
 MAX_ATOMS_PER_WARPGROUP = 4  # 64-row blocks of W per consumer warpgroup
 MIN_STAGES = 2
+CTAS_PER_SM_CHOICES = (1, 2, 3, 4)  # resident CTAs per SM (light CTAs hide decode latency at small M)
 
-_NAME = re.compile(r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)$")
+_NAME = re.compile(r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?$")
 
 
 @dataclass(frozen=True, order=True)
@@ -36,6 +41,8 @@ class TileConfig:
     tile_k      K per pipeline stage, a multiple of 64 (one packed atom is 64 deep).
     stages      depth of the TMA -> shared memory pipeline.
     warpgroups  consumer warpgroups (each owns tile_n / warpgroups rows); one more produces.
+    ctas_per_sm CTAs resident on each SM (the grid is SMs x ctas_per_sm); shared memory and
+                registers are sized so that they fit together. Names add ``_c<n>`` when n > 1.
     """
 
     tile_n: int = 128
@@ -43,19 +50,22 @@ class TileConfig:
     tile_k: int = 128
     stages: int = 4
     warpgroups: int = 2
+    ctas_per_sm: int = 1
 
     @property
     def name(self) -> str:
-        return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}"
+        suffix = f"_c{self.ctas_per_sm}" if self.ctas_per_sm != 1 else ""
+        return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}{suffix}"
 
     @classmethod
     def from_name(cls, name: str) -> "TileConfig":
         match = _NAME.match(name)
         if match is None:
             raise ValueError(
-                f"config name {name!r} is not of the form n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>"
+                f"config name {name!r} is not of the form "
+                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>]"
             )
-        config = cls(*(int(group) for group in match.groups()))
+        config = cls(*(int(group) for group in match.groups() if group is not None))
         config.validate()
         return config
 
@@ -93,9 +103,15 @@ class TileConfig:
         return SMEM_ALIGN + self.stages * stage + barriers + table
 
     @property
+    def max_shared_memory_bytes(self) -> int:
+        """What one CTA may use when ``ctas_per_sm`` of them share an SM."""
+        share = SHARED_MEMORY_PER_SM // self.ctas_per_sm - RESERVED_SHARED_MEMORY_PER_CTA
+        return min(MAX_SHARED_MEMORY, share)
+
+    @property
     def launch_registers(self) -> int:
-        """Registers per thread at launch: what __launch_bounds__(threads, 1) allows, in steps of 8."""
-        return min(256, REGISTERS_PER_SM // self.threads // 8 * 8)
+        """Registers per thread at launch: what __launch_bounds__(threads, ctas_per_sm) allows, in steps of 8."""
+        return min(256, REGISTERS_PER_SM // (self.threads * self.ctas_per_sm) // 8 * 8)
 
     @property
     def consumer_registers(self) -> int:
@@ -138,6 +154,12 @@ class TileConfig:
             )
         if self.atoms_per_warpgroup > MAX_ATOMS_PER_WARPGROUP:
             raise ValueError(f"tile_n={self.tile_n}: at most {MAX_ATOMS_PER_WARPGROUP} blocks of 64 rows per warpgroup")
+        if self.ctas_per_sm not in CTAS_PER_SM_CHOICES:
+            raise ValueError(f"ctas_per_sm={self.ctas_per_sm}: one of {CTAS_PER_SM_CHOICES}")
+        if self.threads * self.ctas_per_sm > MAX_THREADS_PER_SM:
+            raise ValueError(
+                f"{self.ctas_per_sm} CTAs of {self.threads} threads exceed the SM's {MAX_THREADS_PER_SM} threads"
+            )
         if self.stages < MIN_STAGES:
             raise ValueError(f"stages={self.stages}: the pipeline needs at least {MIN_STAGES} stages")
         if self.accumulators_per_thread > 128:
@@ -151,10 +173,11 @@ class TileConfig:
                 f"{self.accumulators_per_thread} accumulators per thread do not fit in the "
                 f"{self.consumer_registers} registers each of {self.warpgroups} consumer warpgroups gets"
             )
-        if self.shared_memory_bytes > MAX_SHARED_MEMORY:
+        if self.shared_memory_bytes > self.max_shared_memory_bytes:
             raise ValueError(
-                f"{self.name} needs {self.shared_memory_bytes} bytes of shared memory "
-                f"(over Hopper's {MAX_SHARED_MEMORY}); use fewer stages or a smaller tile"
+                f"{self.name} needs {self.shared_memory_bytes} bytes of shared memory per CTA, over the "
+                f"{self.max_shared_memory_bytes} each of {self.ctas_per_sm} CTA(s) per SM can have on Hopper; "
+                "use fewer stages, a smaller tile or fewer CTAs per SM"
             )
         return self
 
