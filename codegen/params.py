@@ -53,6 +53,23 @@ def _layout() -> tuple[dict[str, int], int]:
 PARAM_OFFSETS, PARAMS_SIZE = _layout()
 
 
+def _struct_format() -> str:
+    """One ``struct`` format for the whole block (explicit pad bytes at the C++ offsets)."""
+    parts, cursor = ["<"], 0
+    for field in PARAM_FIELDS:
+        offset = PARAM_OFFSETS[field.name]
+        parts.append(f"{offset - cursor}x" if offset > cursor else "")
+        parts.append(field.fmt or f"{field.size}s")
+        cursor = offset + field.size
+    parts.append(f"{PARAMS_SIZE - cursor}x")
+    return "".join(parts)
+
+
+# The hot path packs the whole block with one precompiled call; fields go in PARAM_FIELDS order.
+PARAMS_STRUCT = struct.Struct(_struct_format())
+assert PARAMS_STRUCT.size == PARAMS_SIZE
+
+
 def template_fields() -> list[dict[str, object]]:
     """The field list as the template renders it."""
     return [
@@ -69,8 +86,5 @@ def pack_params(tensor_map: bytes, **values: int) -> bytearray:
     if set(values) != expected:
         raise ValueError(f"pack_params needs exactly {sorted(expected)}, got {sorted(values)}")
     block = bytearray(PARAMS_SIZE)
-    block[0:TENSOR_MAP_BYTES] = tensor_map
-    for field in PARAM_FIELDS:
-        if field.fmt:
-            struct.pack_into("<" + field.fmt, block, PARAM_OFFSETS[field.name], values[field.name])
+    PARAMS_STRUCT.pack_into(block, 0, tensor_map, *(values[f.name] for f in PARAM_FIELDS if f.fmt))
     return block
