@@ -135,7 +135,8 @@ def _check_masked_values(op: str, masked_m: torch.Tensor, max_m: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom ops.
+# The implementations. The custom ops run them; so does an eager call that needs no tracing or
+# autograd (see _direct_call), which skips the torch.library dispatch (tens of microseconds).
 
 
 @lru_cache(maxsize=256)
@@ -152,14 +153,12 @@ def _launch_sm90(
     if config:
         tile = _config_from_name(config)
     else:
-        # No selection available (codegen without selection.py): the TileConfig defaults.
         tile = choose_config(w_data.shape[0], n, k, tokens_hint, device_name).config or TileConfig()
     # The kernel reads int32 and int64 routing alike: no cast, no allocation in the hot path.
     grouped_mm_sm90(x, w_data, n, k, rows, masked, tile, out)
 
 
-@torch.library.custom_op("mxfp4::grouped_mm", mutates_args=())
-def _grouped_mm_op(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
+def _grouped_mm_impl(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
     op = "grouped_mm"
     _check_x_and_w(op, x, w_data, n, k, 2)
     _check_index(op, "offsets", offsets, w_data.shape[0] + 1, "E + 1", x)
@@ -176,15 +175,7 @@ def _grouped_mm_op(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor,
     return out
 
 
-@_grouped_mm_op.register_fake
-def _grouped_mm_fake(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
-    _check_x_and_w("grouped_mm", x, w_data, n, k, 2)
-    _check_index("grouped_mm", "offsets", offsets, w_data.shape[0] + 1, "E + 1", x)
-    return x.new_empty((x.shape[0], n))
-
-
-@torch.library.custom_op("mxfp4::grouped_mm_masked", mutates_args=())
-def _grouped_mm_masked_op(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
+def _grouped_mm_masked_impl(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
     op = "grouped_mm_masked"
     _check_x_and_w(op, x, w_data, n, k, 3)
     _check_masked_shapes(op, x, w_data, masked_m)
@@ -206,11 +197,52 @@ def _check_masked_shapes(op: str, x: torch.Tensor, w_data: torch.Tensor, masked_
     _check_index(op, "masked_m", masked_m, w_data.shape[0], "E", x)
 
 
+# ---------------------------------------------------------------------------------------------
+# The custom ops: what torch.compile, export and autograd see.
+
+_grouped_mm_op = torch.library.custom_op("mxfp4::grouped_mm", mutates_args=())(_grouped_mm_impl)
+_grouped_mm_masked_op = torch.library.custom_op("mxfp4::grouped_mm_masked", mutates_args=())(_grouped_mm_masked_impl)
+
+
+@_grouped_mm_op.register_fake
+def _grouped_mm_fake(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
+    _check_x_and_w("grouped_mm", x, w_data, n, k, 2)
+    _check_index("grouped_mm", "offsets", offsets, w_data.shape[0] + 1, "E + 1", x)
+    return x.new_empty((x.shape[0], n))
+
+
 @_grouped_mm_masked_op.register_fake
 def _grouped_mm_masked_fake(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
     _check_x_and_w("grouped_mm_masked", x, w_data, n, k, 3)
     _check_masked_shapes("grouped_mm_masked", x, w_data, masked_m)
     return x.new_empty((x.shape[0], x.shape[1], n))
+
+
+def _inference_only(op: str):
+    def backward(ctx, grad):
+        raise RuntimeError(
+            f"mxfp4.{op} is inference-only: it has no gradient (the MXFP4 weights are frozen, and a gradient "
+            "with respect to x is not implemented). Call it under torch.no_grad() / torch.inference_mode(), "
+            "or detach its input."
+        )
+
+    return backward
+
+
+_grouped_mm_op.register_autograd(_inference_only("grouped_mm"))
+_grouped_mm_masked_op.register_autograd(_inference_only("grouped_mm_masked"))
+
+
+def _direct_call(x: torch.Tensor) -> bool:
+    """Whether an eager call may run the implementation without the torch.library dispatch: a plain
+    tensor, no autograd to record, and no compiler, tracer or mode that must see the op."""
+    return (
+        type(x) is torch.Tensor
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+        and not torch._C._len_torch_dispatch_stack()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +262,10 @@ def grouped_mm(
     w = _check_weight(op, w)
     _check_tensor(op, "x", x)
     _check_tensor(op, "offsets", offsets)
-    return torch.ops.mxfp4.grouped_mm(x, w.data, offsets, w.n, w.k, _config_name(op, config))
+    name = _config_name(op, config)
+    if _direct_call(x):
+        return _grouped_mm_impl(x, w.data, offsets, w.n, w.k, name)
+    return torch.ops.mxfp4.grouped_mm(x, w.data, offsets, w.n, w.k, name)
 
 
 def grouped_mm_masked(
@@ -245,4 +280,7 @@ def grouped_mm_masked(
     w = _check_weight(op, w)
     _check_tensor(op, "x", x)
     _check_tensor(op, "masked_m", masked_m)
-    return torch.ops.mxfp4.grouped_mm_masked(x, w.data, masked_m, w.n, w.k, _config_name(op, config))
+    name = _config_name(op, config)
+    if _direct_call(x):
+        return _grouped_mm_masked_impl(x, w.data, masked_m, w.n, w.k, name)
+    return torch.ops.mxfp4.grouped_mm_masked(x, w.data, masked_m, w.n, w.k, name)
