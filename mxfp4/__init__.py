@@ -12,6 +12,7 @@ from .checkpoint import from_ggml, from_gpt_oss, load_gpt_oss_experts, to_ggml
 from .dispatch import explain, select_path
 from .layout import PackedMXFP4, pack, unpack
 from .ops import grouped_mm, grouped_mm_masked, set_debug_checks
+from .weight_cache import set_fallback_memory_budget
 from .format import dequantize, quantize
 from .tensor import MXFP4Tensor
 
@@ -29,6 +30,7 @@ __all__ = [
     "quantize",
     "select_path",
     "set_debug_checks",
+    "set_fallback_memory_budget",
     "to_ggml",
     "unpack",
 ]

@@ -7,9 +7,11 @@ import os
 import pytest
 import torch
 
+from mxfp4.dispatch import is_sm90
+
 
 def has_sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+    return is_sm90()
 
 
 # Use as a decorator (``@requires_sm90_mark``) or request the ``requires_sm90`` fixture.
@@ -43,11 +45,12 @@ def seed() -> int:
 
 @pytest.fixture(autouse=True)
 def _fresh_path_cache():
-    """Each test decides its path anew (tests may monkeypatch capability or toolchain)."""
+    """Each test decides its path anew (tests may monkeypatch capability or toolchain or force the fallback)."""
     from mxfp4 import dispatch
 
     dispatch.reset_cache()
     dispatch.choose_config.cache_clear()
     yield
+    dispatch._forced = None  # undo dispatch.force_portable(...)
     dispatch.reset_cache()
     dispatch.choose_config.cache_clear()
