@@ -1,4 +1,4 @@
-"""Shared test helpers: the SM90 skip, a fresh random seed, and a clean path-selection cache."""
+"""Shared test helpers: the SM90 skip, a fresh random seed, a clean path-selection cache and fallback cache."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def seed() -> int:
 @pytest.fixture(autouse=True)
 def _fresh_path_cache():
     """Each test decides its path anew (tests may monkeypatch capability or toolchain or force the fallback)."""
-    from mxfp4 import dispatch
+    from mxfp4 import dispatch, weight_cache
 
     dispatch.reset_cache()
     dispatch.choose_config.cache_clear()
@@ -54,3 +54,5 @@ def _fresh_path_cache():
     dispatch._forced = None  # undo dispatch.force_portable(...)
     dispatch.reset_cache()
     dispatch.choose_config.cache_clear()
+    weight_cache.set_fallback_memory_budget(None)  # and the fallback's cache: no entry outlives its test
+    weight_cache.clear()
