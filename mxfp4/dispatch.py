@@ -164,7 +164,7 @@ def _forced_reason() -> str | None:
 
 @dataclass(frozen=True)
 class ConfigChoice:
-    config: object | None  # a codegen TileConfig; None when config selection is unavailable
+    config: object | None  # a codegen TileConfig (always set now; Optional only for older callers)
     reason: str
 
     @property
