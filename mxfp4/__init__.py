@@ -31,6 +31,7 @@ _USER_API = {
     "set_debug_checks": "ops",
     "explain": "dispatch",
     "select_path": "dispatch",
+    "set_fallback_memory_budget": "weight_cache",
 }
 
 __all__ = [

@@ -3,10 +3,14 @@
 Checked once per device and cached: the answer cannot change within a process, and the hot path
 must not query the driver or the toolchain on every call. Off-Hopper, or on Hopper without a working
 toolchain, the portable path runs and ONE warning per process says why; nothing crashes.
+
+The portable path can be forced on any device (to test or benchmark the fallback on an H100) with
+the environment variable ``HOPPER_MXFP4_FORCE_PORTABLE=1`` or ``force_portable(True)``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -17,6 +21,18 @@ import torch
 SM90 = "sm90"
 PORTABLE = "portable"
 _SM90_CAPABILITY = (9, 0)
+ENV_FORCE_PORTABLE = "HOPPER_MXFP4_FORCE_PORTABLE"
+
+
+def is_sm90(device: torch.device | str | int | None = None) -> bool:
+    """Whether ``device`` (default: the current CUDA device) is a CUDA GPU of compute capability 9.0."""
+    if not torch.cuda.is_available():
+        return False
+    if device is not None and not isinstance(device, int):
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False
+    return tuple(torch.cuda.get_device_capability(device)) == _SM90_CAPABILITY
 
 
 @dataclass(frozen=True)
@@ -34,6 +50,29 @@ class PathChoice:
 _lock = threading.Lock()
 _cache: dict[tuple[str, int | None], PathChoice] = {}
 _warned = False
+_forced: bool | None = None  # force_portable(); None: follow the environment variable
+
+
+def force_portable(enabled: bool) -> None:
+    """Take the portable path on every device (True), or decide per device again (False).
+
+    Overrides ``HOPPER_MXFP4_FORCE_PORTABLE`` and forgets the cached decisions.
+    """
+    global _forced
+    if not isinstance(enabled, bool):
+        raise TypeError(f"force_portable: enabled must be a bool, got {type(enabled).__name__}")
+    _forced = enabled
+    reset_cache()
+
+
+def _forced_reason() -> str | None:
+    """Why the portable path is forced, or None when it is not."""
+    if _forced is not None:
+        return "forced by mxfp4.dispatch.force_portable(True)" if _forced else None
+    value = os.environ.get(ENV_FORCE_PORTABLE, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return None
+    return f"forced by {ENV_FORCE_PORTABLE}={os.environ[ENV_FORCE_PORTABLE]}"
 
 
 def _device_key(device: torch.device) -> tuple[str, int | None]:
@@ -43,11 +82,9 @@ def _device_key(device: torch.device) -> tuple[str, int | None]:
 
 
 def check_toolchain() -> tuple[bool, str]:
-    """``codegen.toolchain.check_toolchain()`` as (ok, reason); a missing module counts as not ok."""
-    try:
-        from codegen.toolchain import check_toolchain as _check
-    except ImportError as error:  # no cuda-python / codegen not built: the portable path still works
-        return False, f"codegen.toolchain unavailable ({error})"
+    """``codegen.toolchain.check_toolchain()`` as (ok, reason)."""
+    from codegen.toolchain import check_toolchain as _check  # lazy: only a CUDA device asks
+
     try:
         result = _check()
     except Exception as error:  # a broken toolchain must never take the op down
@@ -63,6 +100,9 @@ def _decide(key: tuple[str, int | None]) -> PathChoice:
     capability = tuple(torch.cuda.get_device_capability(index))
     device_name = torch.cuda.get_device_name(index)
     sm = f"sm_{capability[0]}{capability[1]}"
+    forced = _forced_reason()
+    if forced is not None:
+        return PathChoice(PORTABLE, f"portable path {forced} (GPU {sm}, {device_name})", name, capability, device_name)
     if capability != _SM90_CAPABILITY:
         reason = f"GPU {sm} ({device_name}) is not SM90 (Hopper); using the portable path (decode in torch + bf16 matmul)"
         return PathChoice(PORTABLE, reason, name, capability, device_name)
@@ -85,7 +125,7 @@ def select_path(device: torch.device | str) -> PathChoice:
         if choice is None:
             choice = _decide(key)
             _cache[key] = choice
-            if key[0] == "cuda" and choice.path == PORTABLE and not _warned:
+            if key[0] == "cuda" and choice.path == PORTABLE and not _warned and _forced_reason() is None:
                 _warned = True
                 warnings.warn(f"mxfp4: {choice.reason}", RuntimeWarning, stacklevel=3)
     return choice
@@ -97,11 +137,34 @@ def reset_cache() -> None:
     with _lock:
         _cache.clear()
         _warned = False
+_forced: bool | None = None  # force_portable(); None: follow the environment variable
+
+
+def force_portable(enabled: bool) -> None:
+    """Take the portable path on every device (True), or decide per device again (False).
+
+    Overrides ``HOPPER_MXFP4_FORCE_PORTABLE`` and forgets the cached decisions.
+    """
+    global _forced
+    if not isinstance(enabled, bool):
+        raise TypeError(f"force_portable: enabled must be a bool, got {type(enabled).__name__}")
+    _forced = enabled
+    reset_cache()
+
+
+def _forced_reason() -> str | None:
+    """Why the portable path is forced, or None when it is not."""
+    if _forced is not None:
+        return "forced by mxfp4.dispatch.force_portable(True)" if _forced else None
+    value = os.environ.get(ENV_FORCE_PORTABLE, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return None
+    return f"forced by {ENV_FORCE_PORTABLE}={os.environ[ENV_FORCE_PORTABLE]}"
 
 
 @dataclass(frozen=True)
 class ConfigChoice:
-    config: object | None  # a codegen TileConfig; None when config selection is unavailable
+    config: object | None  # a codegen TileConfig (always set now; Optional only for older callers)
     reason: str
 
     @property
@@ -114,12 +177,11 @@ def choose_config(
     num_experts: int, n: int, k: int, tokens_per_expert_hint: int, device_name: str | None = None
 ) -> ConfigChoice:
     """The tile config ``codegen.select_config`` picks for a problem, or why there is none."""
-    try:
-        from codegen import select_config
-    except ImportError:
-        return ConfigChoice(None, "config selection unavailable (codegen.select_config not importable)")
+    from codegen.selection import select_config  # lazy: mxfp4 imports no codegen module at import time
+
     selection = select_config(num_experts, n, k, tokens_per_expert_hint, device_name=device_name)
     return ConfigChoice(selection.config, str(selection.reason))
+
 
 def explain(
     x: torch.Tensor,
@@ -173,6 +235,24 @@ def explain(
         lines.append(f"  config:    {chosen.name or '(left to the launcher)'}: {chosen.reason}")
     else:
         lines.append("  config:    none (tile configs apply to the SM90 kernel only)")
-        if variant == "grouped_mm" and choice.device.startswith("cuda"):
-            lines.append("  note:      the portable path reads offsets on the host (a device sync per call)")
+        lines += _fallback_lines(w, variant == "grouped_mm_masked")
     return "\n".join(lines)
+
+
+def _fallback_lines(w: object, masked: bool) -> list[str]:
+    """The portable path's mode for ``w`` (cached decoded weights or per-call decode), why, and its memory."""
+    from .fallback import fallback_mode
+    from .weight_cache import format_bytes
+
+    mode = fallback_mode(w.data, w.n, w.k, masked)
+    stats = mode.stats
+    name = "cached decoded weights" if mode.cached else "per-call decode (slow)"
+    state = "cached now" if mode.cached_now else ("decoded on the next call" if mode.cached else "not cached")
+    return [
+        f"  fallback:  {name}: {mode.reason}",
+        f"  compute:   {mode.compute}",
+        f"  memory:    decoded copy bf16 [E, N, K] = {format_bytes(mode.decoded_nbytes)} ({state}); "
+        f"budget {format_bytes(stats.budget)} ({stats.budget_source}); "
+        f"cache on {w.data.device} holds {stats.entries} weight(s), {format_bytes(stats.nbytes)} "
+        f"({stats.hits} hits, {stats.misses} misses, {stats.evictions} evictions)",
+    ]

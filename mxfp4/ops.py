@@ -163,15 +163,14 @@ def _grouped_mm_impl(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tenso
     _check_x_and_w(op, x, w_data, n, k, 2)
     _check_index(op, "offsets", offsets, w_data.shape[0] + 1, "E + 1", x)
     _check_offsets_values(op, offsets, x.shape[0])
-    out = torch.empty((x.shape[0], n), dtype=torch.bfloat16, device=x.device)
     if x.shape[0] == 0 or n == 0:
-        return out
+        return torch.empty((x.shape[0], n), dtype=torch.bfloat16, device=x.device)
     choice = select_path(x.device)
-    if choice.path == SM90:
-        hint = -(-x.shape[0] // w_data.shape[0])
-        _launch_sm90(x, w_data, n, k, offsets, False, config, out, hint, choice.device_name)
-    else:
-        portable_grouped_mm(x, w_data, n, k, offsets, out)
+    if choice.path != SM90:
+        return portable_grouped_mm(x, w_data, n, k, offsets)  # its own output: no extra copy
+    out = torch.empty((x.shape[0], n), dtype=torch.bfloat16, device=x.device)
+    hint = -(-x.shape[0] // w_data.shape[0])
+    _launch_sm90(x, w_data, n, k, offsets, False, config, out, hint, choice.device_name)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Shared test helpers: the SM90 skip, a fresh random seed, and a clean path-selection cache."""
+"""Shared test helpers: the SM90 skip, a fresh random seed, a clean path-selection cache and fallback cache."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import os
 import pytest
 import torch
 
+from mxfp4.dispatch import is_sm90
+
 
 def has_sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+    return is_sm90()
 
 
 # Use as a decorator (``@requires_sm90_mark``) or request the ``requires_sm90`` fixture.
@@ -43,11 +45,14 @@ def seed() -> int:
 
 @pytest.fixture(autouse=True)
 def _fresh_path_cache():
-    """Each test decides its path anew (tests may monkeypatch capability or toolchain)."""
-    from mxfp4 import dispatch
+    """Each test decides its path anew (tests may monkeypatch capability or toolchain or force the fallback)."""
+    from mxfp4 import dispatch, weight_cache
 
     dispatch.reset_cache()
     dispatch.choose_config.cache_clear()
     yield
+    dispatch._forced = None  # undo dispatch.force_portable(...)
     dispatch.reset_cache()
     dispatch.choose_config.cache_clear()
+    weight_cache.set_fallback_memory_budget(None)  # and the fallback's cache: no entry outlives its test
+    weight_cache.clear()

@@ -14,17 +14,14 @@ import mxfp4
 from codegen import TileConfig
 from codegen.launch import grouped_mm_sm90
 from codegen.selection import configs_in_use
+from mxfp4.dispatch import is_sm90
 
 pytestmark = pytest.mark.gpu
 
 ACCURACY = 1e-2
 
 
-def _has_sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-
-
-requires_sm90 = pytest.mark.skipif(not _has_sm90(), reason="needs an SM90 (Hopper) GPU")
+requires_sm90 = pytest.mark.skipif(not is_sm90(), reason="needs an SM90 (Hopper) GPU")
 # Every config the op can pick on its own: the defaults and the shipped tuning tables' choices.
 CONFIGS = configs_in_use()
 CONFIG_IDS = [c.name for c in CONFIGS]
