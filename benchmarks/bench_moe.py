@@ -27,12 +27,13 @@ from .report import align, write_json
 HIDDEN = INTERMEDIATE = 2880
 EXPERTS = 32
 GEMMS = "ours GEMMs only (2x grouped_mm)"
-TARGETS = (  # (name, numerator path, denominator path, limit on the time ratio, T range)
-    ("fused <= 1.15x our two GEMMs", "ours fused (mxfp4.moe)", GEMMS, 1.15, (1, 128)),
-    ("unfused >= 1.5x fused", "ours unfused (2x grouped_mm + glue)", "ours fused (mxfp4.moe)", 1 / 1.5, (1, 128)),
-    ("transformers >= 3x fused", "transformers grouped_mm (bf16)", "ours fused (mxfp4.moe)", 1 / 3, (1, 128)),
-    ("fused >= 0.95x bf16 layer throughput", "ours fused (mxfp4.moe)", "bf16 torch layer (2x _grouped_mm + glue)",
-     1 / 0.95, (4096, 4096)),
+FUSED = "ours fused (mxfp4.moe)"
+# (name, the path the fused layer is compared with, the most fused time / that time may be, T range)
+TARGETS = (
+    ("fused <= 1.15x our two GEMMs", GEMMS, 1.15, (1, 128)),
+    ("fused >= 1.5x faster than unfused", "ours unfused (2x grouped_mm + glue)", 1 / 1.5, (1, 128)),
+    ("fused >= 3x faster than transformers bf16", "transformers grouped_mm (bf16)", 1 / 3, (1, 128)),
+    ("fused >= 0.95x bf16 torch layer throughput", "bf16 torch layer (2x _grouped_mm + glue)", 1 / 0.95, (4096, 4096)),
 )
 
 
@@ -117,7 +118,8 @@ def run_point(w: ExpertWeights, builders: dict[str, Any], kind: str, tokens: int
 def targets(results: dict[str, Any], tokens: int) -> dict[str, Any]:
     """Issue 10's ratios on graph-replay time (eager when no graph), met or not, where they apply."""
     out = {}
-    for name, mine, other, limit, (low, high) in TARGETS:
+    mine = FUSED
+    for name, other, limit, (low, high) in TARGETS:
         if not low <= tokens <= high:
             continue
         key = "graph_us" if results.get(mine, {}).get("graph_us") and results.get(other, {}).get("graph_us") else "eager_us"
