@@ -41,8 +41,8 @@ def prepare_moe(shape_m: int, weights: Any) -> peers.Prepared:
     return peers.Prepared(ours_fused(weights), [(x, ids, topk_weights)], f"T={tokens}")
 
 
-def measure_path(prepared: peers.Prepared, args: argparse.Namespace) -> dict[str, Any]:
-    result = dict(measure.host_time(prepared.fn, prepared.arg_sets, calls=args.calls))
+def measure_path(prepared: peers.Prepared, args: argparse.Namespace, calls: int | None = None) -> dict[str, Any]:
+    result = dict(measure.host_time(prepared.fn, prepared.arg_sets, calls=calls or args.calls))
     result.update(measure.time_all(prepared.fn, prepared.arg_sets, graph=not args.no_graph, device=False, quick=True))
     return {**result, "note": prepared.note}
 
@@ -73,7 +73,8 @@ def moe_rows(m_values: list[int], args: argparse.Namespace) -> list[dict[str, An
     try:
         weights = build_weights(args.seed)
         rows = [{"model": "gpt-oss-20b", "projection": "moe layer", "m": m,
-                 "results": {"mxfp4.moe": measure_path(prepare_moe(m, weights), args)}} for m in m_values]
+                 "results": {"mxfp4.moe": measure_path(prepare_moe(m, weights), args, min(args.calls, 100))}}
+                for m in m_values]  # fewer calls: a layer may be several launches, and a full queue blocks
     except Exception as error:
         rows = [{"model": "gpt-oss-20b", "projection": "moe layer", "m": 0,
                  "results": {"mxfp4.moe": {"error": measure.error_text(error)}}}]

@@ -500,3 +500,28 @@ def test_time_cuda_control_flow_with_fake_events(monkeypatch):
     assert 4 <= len(capped.samples) <= 20  # max_ms bounds the timed calls
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the Nsight Compute summary of device_check.sh's ncu step
+
+
+def test_ncu_summary_parses_a_raw_page():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ncu_summary
+
+    text = "\n".join([
+        "==PROF== Connected to process 1",
+        '"ID","Kernel Name","launch__grid_size","dram__throughput.avg.pct_of_peak_sustained_elapsed",'
+        '"smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",'
+        '"smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",'
+        '"smsp__average_warps_issue_stalled_not_issued_per_issue_active.ratio"',
+        '"","","","%","ratio","ratio","ratio"',
+        '"0","mxfp4_grouped_mm_n128","132","65.10","3.50","0.25","9.0"',
+    ])
+    (row,) = ncu_summary.read_raw(text)
+    assert row["launch__grid_size"] == ("132", "")
+    assert ncu_summary.top_stalls(row) == [("long_scoreboard", 3.5), ("barrier", 0.25)]
+    (summary,) = ncu_summary.summarize("ours 20b", [row])
+    assert "DRAM % 65.10" in summary and "grid 132" in summary and "long_scoreboard 3.50" in summary
+    assert "no kernels" in ncu_summary.summarize("x", [])[0]
