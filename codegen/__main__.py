@@ -354,19 +354,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_bench(commands) -> None:
-    """The bench verb lives in the repository's benchmarks/ (it is not part of the wheel)."""
-    try:
-        from benchmarks.bench_grouped_mm import register
-    except ImportError:
-        bench = commands.add_parser("bench", help="side-by-side benchmark (needs a checkout of the repository)")
-        bench.set_defaults(handler=lambda args: _bench_unavailable())
+    """The bench verb: ``benchmarks`` in a checkout, ``hopper_mxfp4_bench`` in an installed wheel."""
+    for module in ("benchmarks.cli", "hopper_mxfp4_bench.cli"):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ImportError as error:
+            reason = f"{module}: {error}"
+            continue
+        register(commands)
         return
-    register(commands)
+    bench = commands.add_parser("bench", help="side-by-side benchmarks (unavailable: see `bench --help`)",
+                                description=f"The benchmarks could not be imported ({reason}).")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    bench.set_defaults(handler=lambda args: _bench_unavailable(reason))
 
 
-def _bench_unavailable() -> int:
-    print("bench: run it from a checkout of the repository: python benchmarks/bench_grouped_mm.py --help",
-          file=sys.stderr)
+def _bench_unavailable(reason: str) -> int:
+    print(f"bench: the benchmarks are not importable ({reason}); reinstall hopper-mxfp4 "
+          "(they ship as hopper_mxfp4_bench) or run from a checkout", file=sys.stderr)
     return 2
 
 

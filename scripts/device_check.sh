@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The GPU checks, run on the H100 through the device tool (one call does everything):
-#   device run: bash scripts/device_check.sh [tests] [sanitize] [bench] [bench-full] [tune] [example] [tuning-test]
+# The GPU checks, run on the H100 through the device tool:
+#   device run: bash scripts/device_check.sh [STEP ...]     (default: tests sanitize bench)
 # with carry=[".whl"], where .whl holds the wheels the device machine lacks:
-#   nvidia-cutlass==4.2.0.0 and nvidia-cuda-cccl==13.0.85 (see README "Working on the H100").
-# Logs and results land in $OUT (or ./device-out when OUT is unset); a summary prints last.
+#   nvidia-cutlass==4.2.0.0, nvidia-cuda-cccl==13.0.85 (every step: the kernel build), and for the
+#   humming column humming-kernels==0.1.19 + packaging (bench, bench-full, bench-120b, host, ncu).
+# Steps: tests sanitize example tune tuning-test | bench (quick, with humming) bench-full (gpt-oss-20b,
+# every M) bench-120b | host | fallback | moe | ncu. One device call runs for at most 10 minutes:
+# run bench-full, bench-120b and ncu each in a call of their own.
+# Results and logs land in $LOGS, packed into $OUT/logs.tgz; $OUT also gets summary.txt (each step's
+# table) and the benchmark PNGs (the device tool brings back at most 8 files). A summary prints last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
-# Results (bench, tuning table) go to $OUT; logs to $LOGS, packed into $OUT/logs.tgz at the end
-# (the device tool brings back at most 8 files).
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 steps=("$@")
@@ -22,12 +25,25 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # humming's JIT needs it
 export HOPPER_MXFP4_CACHE=${HOPPER_MXFP4_CACHE:-/tmp/hopper-mxfp4-cache}
 summary=()
 note() { summary+=("$1"); }
+# table LOG TITLE: the step's table (from the line starting "device:" on) goes into summary.txt.
+table() { { echo "== $2"; sed -n '/^device:/,$p' "$1"; echo; } >> "$LOGS/summary.txt"; }
+bench() { timeout "$1" python3 -m codegen bench "${@:2}"; }
+
+finish() {
+  cp "$LOGS/summary.txt" "$OUT/summary.txt" 2>/dev/null
+  tar czf "$OUT/logs.tgz" -C "$LOGS" .
+  echo; echo "== device_check summary =="; printf '%s\n' "${summary[@]}"
+  echo "(tables: summary.txt; everything: logs.tgz)"
+}
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$LOGS/gpu.txt"
 python3 -m codegen doctor 2>&1 | tee "$LOGS/doctor.txt"
+python3 -c "import humming; print('humming', humming.__version__)" 2>&1 | tail -n 1 | tee "$LOGS/humming.txt"
+note "humming: $(cat "$LOGS/humming.txt")"
 
 # Compile every default config (parallel, disk cache) and print registers / smem / spills / SASS.
 python3 -m codegen compile --jobs 12 2>&1 | tee "$LOGS/compile.txt"
@@ -37,9 +53,19 @@ note "compile: exit ${PIPESTATUS[0]}"
 timeout 120 python3 scripts/sanitize_case.py 2>&1 | tee "$LOGS/smoke.txt"
 smoke=${PIPESTATUS[0]}
 note "smoke (one small problem per config): exit $smoke"
-if [ "$smoke" -ne 0 ]; then
-  echo; echo "== device_check summary =="; printf '%s\n' "${summary[@]}"; exit 1
-fi
+if [ "$smoke" -ne 0 ]; then finish; exit 1; fi
+
+# ncu_run MODEL PATH: one profiled M=1 gate_up call, exported, then its raw page as CSV.
+ncu_run() {
+  local model=$1 path=$2 rep="$LOGS/ncu/$1-$2" extra=()
+  [ "$path" = ours ] && extra=(--no-humming)
+  timeout 240 ncu --clock-control none --nvtx --nvtx-include "$path/" --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section LaunchStats \
+    --section Occupancy -f --export "$rep" python3 -m codegen bench ncu-case --model "$model" "${extra[@]}" \
+    > "$rep.log" 2>&1
+  note "ncu $model $path: exit $?"
+  ncu --import "$rep.ncu-rep" --csv --page raw > "$rep.csv" 2>> "$rep.log"
+}
 
 for step in "${steps[@]}"; do
   case "$step" in
@@ -59,19 +85,35 @@ for step in "${steps[@]}"; do
       done
       ;;
     bench)
-      timeout 300 python3 benchmarks/bench_grouped_mm.py --quick --out "$OUT" 2>&1 | tee "$LOGS/bench.txt"
-      note "bench --quick: exit ${PIPESTATUS[0]}"
+      bench 360 --quick --out "$LOGS/bench" 2>&1 | tee "$LOGS/bench.txt"
+      note "bench --quick (ours, humming, bf16): exit ${PIPESTATUS[0]}"
+      table "$LOGS/bench.txt" "bench --quick"; cp "$LOGS/bench/bench_grouped_mm.png" "$OUT/bench-quick.png" 2>/dev/null
       ;;
-    bench-full)
-      # gpt-oss-20b at every M with all three paths, then gpt-oss-120b at four M values without the
-      # portable path (which takes about 0.1 s a call there).
-      mkdir -p "$OUT/bench-20b" "$OUT/bench-120b"
-      timeout 300 python3 benchmarks/bench_grouped_mm.py --model gpt-oss-20b --out "$OUT/bench-20b" 2>&1 \
-        | tee "$OUT/bench-20b/bench.txt"
-      note "bench gpt-oss-20b: exit ${PIPESTATUS[0]}"
-      timeout 240 python3 benchmarks/bench_grouped_mm.py --model gpt-oss-120b --m 1,16,256,4096 --no-portable \
-        --out "$OUT/bench-120b" 2>&1 | tee "$OUT/bench-120b/bench.txt"
-      note "bench gpt-oss-120b: exit ${PIPESTATUS[0]}"
+    bench-full|bench-120b)
+      model=gpt-oss-20b; [ "$step" = bench-120b ] && model=gpt-oss-120b
+      bench 540 --model "$model" --out "$LOGS/$step" 2>&1 | tee "$LOGS/$step.txt"
+      note "$step ($model, every M, both routings): exit ${PIPESTATUS[0]}"
+      table "$LOGS/$step.txt" "$step"; cp "$LOGS/$step/bench_grouped_mm.png" "$OUT/$step.png" 2>/dev/null
+      ;;
+    host)
+      bench 300 host --out "$LOGS/host" 2>&1 | tee "$LOGS/host.txt"
+      note "host (us per eager call): exit ${PIPESTATUS[0]}"; table "$LOGS/host.txt" "host"
+      ;;
+    fallback)
+      HOPPER_MXFP4_FORCE_PORTABLE=1 bench 300 fallback --out "$LOGS/fallback" 2>&1 | tee "$LOGS/fallback.txt"
+      note "fallback (portable forced vs bf16): exit ${PIPESTATUS[0]}"; table "$LOGS/fallback.txt" "fallback"
+      ;;
+    moe)
+      bench 420 moe --out "$LOGS/moe" 2>&1 | tee "$LOGS/moe.txt"
+      note "moe layer: exit ${PIPESTATUS[0]}"; table "$LOGS/moe.txt" "moe"
+      ;;
+    ncu)
+      mkdir -p "$LOGS/ncu"
+      for model in gpt-oss-20b gpt-oss-120b; do for path in ours humming; do ncu_run "$model" "$path"; done; done
+      python3 scripts/ncu_summary.py "ours 20b=$LOGS/ncu/gpt-oss-20b-ours.csv" "humming 20b=$LOGS/ncu/gpt-oss-20b-humming.csv" \
+        "ours 120b=$LOGS/ncu/gpt-oss-120b-ours.csv" "humming 120b=$LOGS/ncu/gpt-oss-120b-humming.csv" \
+        2>&1 | tee "$LOGS/ncu-summary.txt"
+      { echo "== ncu (M=1 gate_up)"; cat "$LOGS/ncu-summary.txt"; echo; } >> "$LOGS/summary.txt"
       ;;
     example)
       # The README's main job: generate + compile the default kernels, then the op on an example.
@@ -94,11 +136,7 @@ for step in "${steps[@]}"; do
       note "tune: exit ${PIPESTATUS[0]}"
       cp "$LOGS/tune/h100.json" "$OUT/h100.json"
       ;;
-    *) echo "unknown step $step"; exit 2 ;;
+    *) echo "unknown step $step"; finish; exit 2 ;;
   esac
 done
-
-tar czf "$OUT/logs.tgz" -C "$LOGS" .
-echo
-echo "== device_check summary =="
-printf '%s\n' "${summary[@]}"
+finish

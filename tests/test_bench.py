@@ -1,39 +1,33 @@
-"""The benchmark's arithmetic, routing and table, the timing helpers, and a CPU dry run of its GPU loop."""
+"""The benchmarks on the CPU: routing, arithmetic, checks, tables, the command line, the MoE layers,
+the shipped package, and the codegen timing helpers they build on. (The GPU parts run on the H100
+through scripts/device_check.sh.)"""
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import json
 import math
+import os
+import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import cli, measure, moe_layers, peers, problems, report
 from codegen import timing
 from codegen.tuning import Shape
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_grouped_mm", ROOT / "benchmarks" / "bench_grouped_mm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
-
 H100_READ = 3.09e12  # B/s, measured
 H100_BF16 = 720e12  # FLOP/s, measured
 
 
 # ---------------------------------------------------------------------------------------------
 # bytes, FLOPs, floors
-
 
 def test_bytes_and_flops_on_known_numbers():
     # gpt-oss-20b gate_up, 1 token per expert.
@@ -59,23 +53,76 @@ def test_floor_is_the_larger_of_memory_and_compute():
 
 
 def test_row_arithmetic_counts_only_active_experts():
-    shape = Shape(4, 64, 64)
-    nbytes, flops = bench.row_arithmetic(shape, [3, 0, 5, 0])
+    nbytes, flops = problems.row_arithmetic(Shape(4, 64, 64), [3, 0, 5, 0])
     assert nbytes == timing.grouped_mm_bytes(2, 64, 64, 8)
     assert flops == 2 * 8 * 64 * 64
 
 
-def test_derived_columns():
-    shape = Shape(32, 5760, 2880)
-    nbytes, flops = bench.row_arithmetic(shape, [1] * 32)
-    floor = timing.floor_us(nbytes, flops, H100_READ, H100_BF16)
-    row = bench.Row("gpt-oss-20b", "gate_up", shape, "uniform", 1, [1] * 32, nbytes, flops, floor, {})
-    d = bench.derived({"median_us": 2 * floor}, row, bf16_us=8 * floor)
-    assert d["x_floor"] == pytest.approx(2.0)
-    assert d["speedup_vs_bf16"] == pytest.approx(4.0)
-    assert d["gbps"] == pytest.approx(H100_READ / 2 / 1e9)
+def test_derived_columns_use_graph_time_and_the_measured_rates():
+    nbytes, flops = problems.row_arithmetic(Shape(32, 5760, 2880), [1] * 32)
+    floor = nbytes / H100_READ * 1e6
+    d = report.derived({"graph_us": 2 * floor, "eager_us": 10 * floor}, nbytes, flops, H100_READ, H100_BF16)
+    assert d["floor_us"] == pytest.approx(floor) and d["floor_fraction"] == pytest.approx(0.5)
+    assert d["tbps"] == pytest.approx(H100_READ / 2 / 1e12)
     assert d["tflops"] == pytest.approx(flops / (2 * floor * 1e-6) / 1e12)
-    assert bench.derived({"error": "x"}, row, None) == {}
+    assert d["peak_fraction"] == pytest.approx(d["tflops"] * 1e12 / H100_BF16)
+    assert report.derived({"eager_us": floor}, nbytes, flops, H100_READ, H100_BF16)["floor_fraction"] == pytest.approx(1)
+    assert report.derived({"error": "x"}, nbytes, flops, H100_READ, H100_BF16) == {}
+
+
+def _row(results):
+    row = problems.make_row("gpt-oss-20b", "gate_up", Shape(32, 5760, 2880), "uniform", 1)
+    row.results.update(results)
+    return row
+
+
+def test_annotate_ratios_and_table():
+    row = _row({"ours": {"graph_us": 80.0, "eager_us": 130.0, "device_us": 79.0, "rel_error": 2e-3},
+                "humming": {"graph_us": 100.0, "eager_us": 100.0, "rel_error": 2e-3},
+                "torch bf16": {"error": "torch bf16 unavailable: no _grouped_mm"}})
+    report.annotate([row], H100_READ, H100_BF16)
+    ours = row.results["ours"]
+    assert ours["ours/humming graph"] == pytest.approx(0.8) and ours["ours/humming eager"] == pytest.approx(1.3)
+    assert "ours/bf16 graph" not in ours  # no bf16 time: no ratio
+    table = report.format_table([row]).splitlines()
+    assert table[0].split()[:4] == ["shape", "routing", "M", "path"]
+    (ours_line,) = [line for line in table if " ours " in line]
+    assert "80.0" in ours_line and "0.80" in ours_line and "2.0e-03" in ours_line
+    assert any("no _grouped_mm" in line for line in table)  # a peer that cannot run says why
+
+
+def test_wrong_result_is_reported_not_timed(monkeypatch):
+    from benchmarks import bench_grouped_mm as bench
+
+    timed = []
+    monkeypatch.setattr(measure, "time_all", lambda *a, **k: timed.append(1) or {"graph_us": 1.0})
+    ref = torch.ones(2, 3, dtype=torch.float64)
+    index = torch.tensor([0, 1])
+    good = peers.Prepared(lambda: torch.ones(2, 3), [()], "ok")
+    assert bench.check_and_time(good, index, ref, bench.Settings())["graph_us"] == 1.0
+    bad = peers.Prepared(lambda: torch.ones(2, 3) * 1.5, [()])
+    result = bench.check_and_time(bad, index, ref, bench.Settings())
+    assert "wrong result" in result["error"] and result["rel_error"] == pytest.approx(0.5) and len(timed) == 1
+
+
+def test_run_path_records_unavailable_and_skipped():
+    from benchmarks import bench_grouped_mm as bench
+
+    def missing(ops):
+        raise peers.Unavailable("No module named 'humming'")
+
+    settings = bench.Settings()
+    result = bench.run_path("humming", None, None, None, settings, missing)
+    assert result == {"error": "humming unavailable: No module named 'humming'"}
+    settings.skip["humming"] = "skipped (--no-humming)"
+    assert bench.run_path("humming", None, None, None, settings, missing) == {"error": "skipped (--no-humming)"}
+
+
+def test_json_round_trip(tmp_path):
+    row = _row({"ours": {"graph_us": 80.0}})
+    path = report.write_json(tmp_path / "b.json", {"rows": [row.as_dict()]})
+    (loaded,) = json.loads(path.read_text())["rows"]
+    assert loaded["E"] == 32 and loaded["tokens"] == 32 and loaded["results"]["ours"]["graph_us"] == 80.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,37 +131,291 @@ def test_derived_columns():
 
 @pytest.mark.parametrize(("experts", "m"), [(32, 1), (32, 16), (128, 4), (128, 4096), (8, 3)])
 def test_zipf_loads(experts, m):
-    loads = bench.zipf_loads(experts, m, seed=1)
+    loads = problems.zipf_loads(experts, m, seed=1)
     assert len(loads) == experts and sum(loads) == experts * m  # same total as the uniform row
-    cap = math.ceil(experts * m / bench.TOP_K)
-    assert max(loads) <= cap  # an expert sees each token at most once
-    assert min(loads) >= 0
-    assert max(loads) > m or m * experts < experts  # skewed
-    assert loads == bench.zipf_loads(experts, m, seed=1)  # reproducible
+    cap = math.ceil(experts * m / problems.TOP_K)
+    assert 0 <= min(loads) and max(loads) <= cap  # an expert sees each token at most once
+    assert max(loads) > m  # skewed
+    assert loads == problems.zipf_loads(experts, m, seed=1)  # reproducible
     ordered = sorted(loads, reverse=True)
-    weights = [1 / (r + 1) ** bench.ZIPF_EXPONENT for r in range(experts)]
-    # Uncapped loads follow 1/rank^1.1 to within rounding.
     uncapped = [load for load in ordered if load < cap]
-    if len(uncapped) > 2 and uncapped[0] > 20:
+    if len(uncapped) > 2 and uncapped[0] > 20:  # uncapped loads follow 1/rank^1.1
         first = ordered.index(uncapped[0])
-        ratio = uncapped[1] / uncapped[0]
-        assert ratio == pytest.approx(weights[first + 1] / weights[first], rel=0.1)
+        weights = [1 / (r + 1) ** problems.ZIPF_EXPONENT for r in range(experts)]
+        assert uncapped[1] / uncapped[0] == pytest.approx(weights[first + 1] / weights[first], rel=0.1)
 
 
-def test_zipf_caps_the_hottest_expert():
-    loads = bench.zipf_loads(32, 1)  # 32 assignments of 8 tokens: the top expert would get ~9
+def test_zipf_caps_the_hottest_expert_and_handles_zero():
+    loads = problems.zipf_loads(32, 1)  # 32 assignments of 8 tokens: the top expert would get ~9
     assert max(loads) == 8 and sum(loads) == 32
-    assert bench.zipf_loads(4, 0) == [0, 0, 0, 0]
+    assert problems.zipf_loads(4, 0) == [0, 0, 0, 0]
+    assert problems.zipf_loads_total(32, 4) == problems.zipf_loads_total(32, 4)  # T = 1 token, top-4
+    assert sorted(problems.zipf_loads_total(32, 4)) == [0] * 28 + [1] * 4
+
+
+def test_uniform_loads_and_loads_for():
+    loads = problems.uniform_loads(32, 36, seed=3)
+    assert sum(loads) == 36 and sorted(set(loads)) == [1, 2] and loads.count(2) == 4
+    assert problems.loads_for("uniform", 4, 3) == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="routing"):
+        problems.loads_for("random", 4, 3)
+
+
+@pytest.mark.parametrize(("tokens", "kind"), [(1, "zipf"), (8, "zipf"), (32, "uniform"), (129, "zipf"), (512, "zipf")])
+def test_topk_from_loads_gives_distinct_experts_with_the_loads(tokens, kind):
+    total = tokens * 4
+    loads = problems.zipf_loads_total(32, total, seed=2) if kind == "zipf" else problems.uniform_loads(32, total)
+    rows = problems.topk_from_loads(loads, tokens, 4, seed=5)
+    assert len(rows) == tokens and all(len(set(r)) == 4 for r in rows)
+    counts = [0] * 32
+    for r in rows:
+        for e in r:
+            counts[e] += 1
+    assert counts == loads
+    with pytest.raises(ValueError, match="exceeds"):
+        problems.topk_from_loads([2, 0], 1, 2)
+    with pytest.raises(ValueError, match="sum"):
+        problems.topk_from_loads([1, 1], 3, 1)
+
+
+def test_offsets_and_sampled_rows():
+    loads = [3, 0, 10, 1]
+    assert problems.offsets_from_loads(loads) == [0, 3, 3, 13, 14]
+    samples = problems.sample_rows(loads, per_expert=4, seed=0)
+    by_expert = {}
+    for row, expert in samples:
+        by_expert.setdefault(expert, []).append(row)
+    assert by_expert[0] == [0, 1, 2] and 1 not in by_expert and by_expert[3] == [13]
+    assert by_expert[2][0] == 3 and by_expert[2][-1] == 12 and len(by_expert[2]) == 4
+    assert all(3 <= r < 13 for r in by_expert[2])
 
 
 def test_memory_estimate_allows_20b_prefill():
     gate_up = Shape(32, 5760, 2880)
-    assert bench.memory_needed(gate_up, 32 * 4096) < 40 * 2**30
-    assert bench.memory_needed(Shape(128, 5760, 2880), 128 * 4096) > bench.memory_needed(gate_up, 32 * 4096)
+    assert problems.memory_needed(gate_up, 32 * 4096) < 40 * 2**30
+    assert problems.memory_needed(Shape(128, 5760, 2880), 128 * 4096) > problems.memory_needed(gate_up, 32 * 4096)
 
 
 # ---------------------------------------------------------------------------------------------
-# timing helpers
+# checks and peers (CPU parts)
+
+
+def test_rel_error_and_reference_rows():
+    assert measure.rel_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == 0.0
+    assert measure.rel_error(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0])) == math.inf
+    assert measure.rel_error(torch.tensor([math.nan]), torch.tensor([1.0])) == math.inf
+    x = torch.randn(6, 32).bfloat16()
+    w = torch.randn(3, 8, 32).bfloat16()
+    index, ref = measure.reference_rows(x, w, [(0, 0), (5, 2), (3, 1)])
+    assert index.tolist() == [0, 5, 3] and ref.dtype == torch.float64
+    assert torch.allclose(ref[1], x[5].double() @ w[2].double().t())
+
+
+def test_copies_needed_reads_past_l2_within_budget():
+    l2 = 50 << 20
+    assert peers.copies_needed(300 << 20, 300 << 20, l2, 4 << 30) == 1
+    assert peers.copies_needed(40 << 20, 140 << 20, l2, 4 << 30) == 4  # 3 x 40 MB > 2 x L2, one spare
+    assert peers.copies_needed(40 << 20, 140 << 20, l2, 0) == 1  # no budget: one copy
+
+
+def test_gpt_oss_tensors_are_the_checkpoint_bytes():
+    import mxfp4
+
+    weight = mxfp4.quantize(torch.randn(2, 70, 96))
+    blocks, scales = peers.gpt_oss_tensors(mxfp4.pack(weight))
+    assert blocks.shape == (2, 70, 48) and scales.shape == (2, 70, 3)
+    assert torch.equal(blocks, weight.blocks.reshape(2, 70, 48)) and torch.equal(scales, weight.scales)
+
+
+def test_humming_unavailable_says_why(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_humming(name, *args, **kwargs):
+        if name.startswith("humming"):
+            raise ImportError("No module named 'humming'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_humming)
+    reason = peers.humming_unavailable()
+    assert "No module named 'humming'" in reason and "humming-kernels==0.1.19" in reason
+    with pytest.raises(peers.Unavailable, match="humming"):
+        peers.prepare_humming(None)
+
+
+def test_force_portable_refuses_when_not_honoured(monkeypatch):
+    from benchmarks import fallback
+    from mxfp4 import dispatch
+
+    monkeypatch.delenv(fallback.FORCE_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "select_path", lambda device: dispatch.PathChoice(dispatch.SM90, "Hopper", "cuda:0"))
+    with pytest.raises(peers.Unavailable, match="does not honour"):
+        fallback.force_portable()
+    assert os.environ[fallback.FORCE_ENV] == "1"
+    monkeypatch.setattr(dispatch, "select_path", lambda device: dispatch.PathChoice(dispatch.PORTABLE, "forced", "cuda:0"))
+    assert fallback.force_portable() == "forced"
+
+
+# ---------------------------------------------------------------------------------------------
+# the MoE layers against their float64 reference, on the CPU
+
+
+@pytest.fixture(scope="module")
+def tiny_layer():
+    from codegen.sweep import random_weights
+
+    e, h, i = 4, 64, 64
+    gate_up, gate_up_bf16 = random_weights(Shape(e, 2 * i, h), "cpu", seed=1)
+    down, down_bf16 = random_weights(Shape(e, h, i), "cpu", seed=2)
+    g = torch.Generator().manual_seed(0)
+    w = moe_layers.ExpertWeights(gate_up, down, gate_up_bf16, down_bf16,
+                                 (0.5 * torch.randn(e, 2 * i, generator=g)).bfloat16(), (0.5 * torch.randn(e, h, generator=g)).bfloat16())
+    tokens = 6
+    ids = torch.tensor(problems.topk_from_loads(problems.zipf_loads_total(e, tokens * 2, top_k=2), tokens, 2), dtype=torch.int32)
+    weights = torch.rand(tokens, 2, generator=g).softmax(1)
+    x = (torch.randn(tokens, h, generator=g) * h**-0.5).bfloat16()
+    return w, x, ids, weights, moe_layers.reference_tokens(x, ids, weights, w, list(range(tokens)))
+
+
+def test_activation_is_transformers_gate():
+    h = torch.tensor([[10.0, -9.0, 1.0, 0.5]])
+    gate, up = torch.tensor([7.0, 1.0]), torch.tensor([-7.0, 0.5])
+    want = (up + 1) * gate * torch.sigmoid(1.702 * gate)
+    assert torch.allclose(moe_layers.gpt_oss_activation(h)[0], want)
+
+
+def test_routing_plan():
+    order, experts, tokens, offsets = moe_layers.routing_plan(torch.tensor([[2, 0], [2, 1]]), 4)
+    assert experts.tolist() == [0, 1, 2, 2] and offsets.tolist() == [0, 1, 2, 4, 4]
+    assert tokens.tolist() == [0, 1, 0, 1] and order.tolist() == [1, 3, 0, 2]
+
+
+@pytest.mark.parametrize("name", ["ours unfused (2x grouped_mm + glue)", "bf16 torch layer (2x _grouped_mm + glue)"])
+def test_composed_layers_match_float64(tiny_layer, name):
+    w, x, ids, weights, ref = tiny_layer
+    out = moe_layers.LAYERS[name](w)(x, ids, weights)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    assert measure.rel_error(out, ref) < problems.TOLERANCE
+
+
+def test_transformers_layer_matches_float64(tiny_layer):
+    pytest.importorskip("transformers")
+    w, x, ids, weights, ref = tiny_layer
+    assert measure.rel_error(moe_layers.transformers_grouped_mm(w)(x, ids, weights), ref) < problems.TOLERANCE
+
+
+def test_fused_layer_is_reported_missing_or_matches(tiny_layer):
+    import mxfp4
+
+    w, x, ids, weights, ref = tiny_layer
+    if not hasattr(mxfp4, "moe"):
+        with pytest.raises(AttributeError, match="mxfp4.moe"):
+            moe_layers.ours_fused(w)
+        return
+    assert measure.rel_error(moe_layers.ours_fused(w)(x, ids, weights), ref) < problems.TOLERANCE
+
+
+def test_moe_targets():
+    from benchmarks import bench_moe
+
+    fused, gemms = "ours fused (mxfp4.moe)", bench_moe.GEMMS
+    results = {fused: {"graph_us": 110.0}, gemms: {"graph_us": 100.0},
+               "ours unfused (2x grouped_mm + glue)": {"graph_us": 200.0},
+               "transformers grouped_mm (bf16)": {"error": "unavailable"}}
+    verdicts = bench_moe.targets(results, 32)
+    assert verdicts["fused <= 1.15x our two GEMMs"]["met"] and verdicts["fused >= 1.5x faster than unfused"]["met"]
+    assert verdicts["fused <= 1.15x our two GEMMs"]["ratio"] == pytest.approx(1.1)
+    assert verdicts["fused >= 3x faster than transformers bf16"] is None
+    assert "fused >= 0.95x bf16 torch layer throughput" not in verdicts  # T = 4096 only
+    assert not bench_moe.targets({fused: {"eager_us": 130.0}, gemms: {"eager_us": 100.0}}, 1)[
+        "fused <= 1.15x our two GEMMs"]["met"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_every_flag_the_help_shows_parses(capsys):
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    flags = {token.split("=")[0].strip("[],") for token in text.split() if token.startswith("--")}
+    assert {"--quick", "--m", "--model", "--tokens", "--routing", "--no-humming", "--no-graph", "--calls"} <= flags
+    for suite in cli.SUITES:
+        args = parser.parse_args([suite, "--quick", "--out", "/tmp/x", "--model", "gpt-oss-20b", "--m", "1,16",
+                                  "--tokens", "1,8", "--routing", "zipf", "--no-humming", "--no-graph", "--no-plot",
+                                  "--calls", "50", "--watchdog", "10", "--seed", "3"])
+        assert args.suite == suite and args.quick and not args.plot and args.calls == 50
+
+
+def test_values_per_suite():
+    parse = lambda *argv: cli.m_values_for(cli.build_parser().parse_args(list(argv)))  # noqa: E731
+    assert parse() == list(problems.M_VALUES)
+    assert parse("--quick") == list(problems.QUICK_M_VALUES)
+    assert parse("fallback") == list(problems.FALLBACK_M_VALUES)
+    assert parse("moe", "--tokens", "4,8") == [4, 8] and parse("moe") == list(problems.MOE_TOKENS)
+    assert parse("host", "--m", "2") == [2]
+    with pytest.raises(ValueError, match="--tokens"):
+        parse("moe", "--tokens", "0")
+
+
+def test_bad_values_and_no_gpu_exit_2(capsys, monkeypatch):
+    assert cli.main(["--m", "1,x"]) == 2 and "--m" in capsys.readouterr().err
+    assert cli.main(["--calls", "0"]) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["--quick"]) == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_codegen_bench_verb_takes_the_flags():
+    from codegen.__main__ import build_parser
+
+    args = build_parser().parse_args(["bench", "moe", "--quick", "--tokens", "1,32"])
+    assert args.handler is cli.run and args.suite == "moe" and args.tokens == "1,32"
+
+
+def _run(argv, cwd, pythonpath):
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_help_from_another_directory(tmp_path):
+    for argv in (["-m", "codegen", "bench", "--help"], [str(ROOT / "benchmarks" / "bench_grouped_mm.py"), "--help"]):
+        result = _run(argv, tmp_path, ROOT)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "--quick" in result.stdout and "ncu-case" in result.stdout
+
+
+def test_wheel_ships_the_benchmarks_and_bench_runs_outside_a_checkout(tmp_path):
+    pytest.importorskip("setuptools")
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "results")
+    for name in ("mxfp4", "codegen", "templates", "generated", "benchmarks"):
+        shutil.copytree(ROOT / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("hopper_mxfp4-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert (site / "hopper_mxfp4_bench" / "cli.py").is_file() and not (site / "benchmarks").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _run(["-m", "codegen", "bench", "--quick", "--help"], elsewhere, site)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--quick" in result.stdout and "humming" in result.stdout
+    probe = _run(["-c", "import codegen.__main__ as m, sys; p = m.build_parser(); "
+                  "a = p.parse_args(['bench', '--quick', '--m', 'x']); sys.exit(a.handler(a))"], elsewhere, site)
+    assert probe.returncode == 2 and "--m" in probe.stderr  # the installed verb runs (and checks its flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# codegen timing helpers the benchmark builds on
+
 
 
 def test_percentile_and_summary():
@@ -153,104 +454,6 @@ def test_args_getter():
     with pytest.raises(ValueError):
         timing._args_getter([])
 
-
-# ---------------------------------------------------------------------------------------------
-# the command line and a CPU dry run of the GPU loop
-
-
-def test_bench_help(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert "--quick" in out and "--out" in out and "examples:" in out
-
-
-def test_bench_without_gpu_exits_2(capsys, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bench.main(["--quick"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
-
-
-def test_candidate_configs_are_few_and_near_m():
-    for m in (1, 16, 256, 4096):
-        candidates = bench.candidate_configs(Shape(32, 5760, 2880), m, None)
-        assert 1 <= len(candidates) <= 5
-        names = [c.name for c, _ in candidates]
-        assert len(names) == len(set(names))
-        assert candidates[0][1].startswith("selected")
-
-
-@pytest.fixture
-def dry_run(monkeypatch):
-    """Run the benchmark's GPU loop on the CPU: a fake timer and machine rates, tiny shapes."""
-    from codegen.timing import MachineRate
-    from mxfp4 import dispatch
-
-    calls = []
-
-    def fake_time_cuda(fn, *, rotate=None, **kwargs):
-        args = timing._args_getter(rotate)
-        for i in range(2):
-            fn(*args(i))
-        calls.append(kwargs)
-        return timing.summarize([100.0, 110.0, 120.0])
-
-    rate = lambda value, unit: MachineRate(value, unit, "fake", timing.summarize([1.0]))  # noqa: E731
-    monkeypatch.setattr(timing, "time_cuda", fake_time_cuda)
-    monkeypatch.setattr(timing, "measure_hbm_read_bandwidth", lambda: rate(H100_READ, "B/s"))
-    monkeypatch.setattr(timing, "measure_bf16_peak", lambda: rate(H100_BF16, "FLOP/s"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Dry Run GPU")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(dispatch, "select_path", lambda device: dispatch.PathChoice(dispatch.SM90, "dry run", "cpu"))
-    monkeypatch.setattr("codegen.compiler.compile_many", lambda configs, **kw: [object() for _ in configs])
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "_healthy", lambda: True)
-    monkeypatch.setattr(bench, "MODEL_SHAPES", {"tiny": {"gate_up": Shape(8, 128, 64), "down": Shape(8, 64, 64)}})
-    return calls
-
-
-def test_bench_dry_run_on_cpu(dry_run, tmp_path, capsys):
-    assert bench.main(["--out", str(tmp_path), "--m", "1,8", "--model", "tiny", "--rep", "3"]) == 0
-    out = capsys.readouterr().out
-    table = out.strip().splitlines()
-    assert table[-1].startswith("tiny down") and "portable" in table[-1]  # the table comes last
-    result = json.loads((tmp_path / "bench_grouped_mm.json").read_text())
-    assert result["device"] == "Dry Run GPU" and not result["partial"]
-    rows = result["rows"]
-    assert len(rows) == 2 * 2 * 2  # shapes x M x routings
-    for row in rows:
-        assert set(row["results"]) == {"torch bf16", "mxfp4 sm90", "portable"}
-        assert row["results"]["torch bf16"]["median_us"] == pytest.approx(110.0)
-        ours = row["results"]["mxfp4 sm90"]
-        assert ours["median_us"] == pytest.approx(110.0) and ours["config"] in ours["candidates"]
-        assert row["check_rel"] <= 1e-2  # our output (here: the portable path) against torch's bf16 GEMM
-        assert row["results"]["portable"]["median_us"] == pytest.approx(110.0)
-        assert row["tokens"] == 8 * row["m"]
-        assert row["floor_us"] == pytest.approx(timing.floor_us(row["bytes"], row["flops"], H100_READ, H100_BF16))
-    zipf = [row for row in rows if row["routing"] == "zipf"]
-    assert all(row["max_load"] >= row["m"] for row in zipf) and any(row["max_load"] > row["m"] for row in zipf)
-    assert "vs bf16" in out and "1.00x" in out
-
-
-def test_bench_dry_run_records_a_wrong_config(dry_run, tmp_path, monkeypatch):
-    import mxfp4
-
-    real = mxfp4.grouped_mm
-
-    def wrong_for_some(x, w, offsets, *, config=None):
-        out = real(x, w, offsets, config=config)
-        return out * 2 if config is not None and config.tile_m == 8 else out
-
-    monkeypatch.setattr(mxfp4, "grouped_mm", wrong_for_some)
-    assert bench.main(["--out", str(tmp_path), "--m", "1", "--model", "tiny", "--routing", "uniform", "--no-portable"]) == 0
-    result = json.loads((tmp_path / "bench_grouped_mm.json").read_text())
-    for row in result["rows"]:
-        ours = row["results"]["mxfp4 sm90"]
-        wrong = [name for name, r in ours["candidates"].items() if "wrong result" in r.get("error", "")]
-        assert wrong and ours["config"] not in wrong
-        assert row["results"]["portable"]["error"].startswith("skipped")
 
 
 def test_time_cuda_control_flow_with_fake_events(monkeypatch):
@@ -297,12 +500,28 @@ def test_time_cuda_control_flow_with_fake_events(monkeypatch):
     assert 4 <= len(capped.samples) <= 20  # max_ms bounds the timed calls
 
 
-def test_bench_register_and_bad_m(capsys):
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m codegen")
-    bench.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", "--quick", "--out", "/tmp/x"])
-    assert args.handler is bench.run and args.quick and args.out == "/tmp/x"
-    assert bench.main(["--m", "1,x"]) == 2
-    assert "--m" in capsys.readouterr().err
+
+# ---------------------------------------------------------------------------------------------
+# the Nsight Compute summary of device_check.sh's ncu step
+
+
+def test_ncu_summary_parses_a_raw_page():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ncu_summary
+
+    text = "\n".join([
+        "==PROF== Connected to process 1",
+        '"ID","Kernel Name","launch__grid_size","dram__throughput.avg.pct_of_peak_sustained_elapsed",'
+        '"smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",'
+        '"smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",'
+        '"smsp__average_warps_issue_stalled_not_issued_per_issue_active.ratio"',
+        '"","","","%","ratio","ratio","ratio"',
+        '"0","mxfp4_grouped_mm_n128","132","65.10","3.50","0.25","9.0"',
+    ])
+    (row,) = ncu_summary.read_raw(text)
+    assert row["launch__grid_size"] == ("132", "")
+    assert ncu_summary.top_stalls(row) == [("long_scoreboard", 3.5), ("barrier", 0.25)]
+    (summary,) = ncu_summary.summarize("ours 20b", [row])
+    assert "DRAM % 65.10" in summary and "grid 132" in summary and "long_scoreboard 3.50" in summary
+    assert "no kernels" in ncu_summary.summarize("x", [])[0]

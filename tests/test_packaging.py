@@ -39,7 +39,7 @@ def test_wheel_ships_templates_inside_codegen(tmp_path: Path) -> None:
     pytest.importorskip("setuptools")
     source = tmp_path / "src"  # build from a copy: setuptools writes build/ and *.egg-info in place
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
-    for name in ("mxfp4", "codegen", "templates", "generated"):
+    for name in ("mxfp4", "codegen", "templates", "generated", "benchmarks"):
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, source / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):

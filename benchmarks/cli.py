@@ -1,0 +1,126 @@
+"""``hopper-mxfp4 bench [SUITE] [options]``: one parser for every suite, checked before any GPU work.
+
+Suites: ``grouped`` (default; ours vs humming vs bf16 ``torch._grouped_mm``), ``host`` (host µs per
+eager call), ``fallback`` (the portable path forced on this GPU vs bf16), ``moe`` (the gpt-oss
+expert layer) and ``ncu-case`` (the M = 1 gate_up calls under NVTX ranges, for Nsight Compute).
+Every flag is accepted by every suite; the help says which suites read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence
+
+from .problems import FALLBACK_M_VALUES, MODEL_SHAPES, MOE_TOKENS, M_VALUES, QUICK_MOE_TOKENS, QUICK_M_VALUES, parse_int_list
+
+SUITES = ("grouped", "host", "fallback", "moe", "ncu-case")
+PROG = "hopper-mxfp4 bench"
+
+DESCRIPTION = (
+    "Side-by-side benchmarks of the MXFP4 grouped GEMM on the gpt-oss MoE shapes, uniform and Zipf routing. "
+    "Every output is checked against a float64 reference before it is timed; times are CUDA-graph replay, "
+    "eager back-to-back and device (kernel) µs; floors from torch.sum read bandwidth and the bf16 peak measured "
+    "in the same run. Writes JSON (+ PNG with matplotlib) to --out and prints the table last."
+)
+EPILOG = """suites:
+  grouped    ours (mxfp4.grouped_mm) vs humming-kernels 0.1.19 vs bf16 torch._grouped_mm (default)
+  host       host µs per eager call: grouped_mm, grouped_mm_masked, torch._grouped_mm, humming, mxfp4.moe
+  fallback   the portable path forced on this GPU (HOPPER_MXFP4_FORCE_PORTABLE=1) vs bf16 torch._grouped_mm
+  moe        the gpt-oss-20b expert layer: mxfp4.moe, the unfused mxfp4 glue, the bf16 torch layer, transformers
+  ncu-case   one M=1 gate_up call of ours and humming in NVTX ranges "ours/" and "humming/" (run under ncu)
+
+examples:
+  hopper-mxfp4 bench --quick
+  hopper-mxfp4 bench --model gpt-oss-120b --m 1,16,256 --out /tmp/bench
+  hopper-mxfp4 bench moe --tokens 1,32,4096 --routing zipf
+  HOPPER_MXFP4_FORCE_PORTABLE=1 hopper-mxfp4 bench fallback
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", nargs="?", choices=SUITES, default="grouped", help="what to run (default grouped)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"gpt-oss-20b only, M in {','.join(map(str, QUICK_M_VALUES))} (moe: T in "
+                        f"{','.join(map(str, QUICK_MOE_TOKENS))}), shorter timings")
+    parser.add_argument("--out", metavar="DIR", default="bench-results", help="where the JSON and PNG go (default ./bench-results)")
+    parser.add_argument("--model", action="append", choices=sorted(MODEL_SHAPES), default=[],
+                        help="models, repeatable (default both; --quick, host, fallback, moe: gpt-oss-20b)")
+    parser.add_argument("--m", metavar="M,...", help=f"tokens per expert (grouped default {','.join(map(str, M_VALUES))}; "
+                        f"fallback {','.join(map(str, FALLBACK_M_VALUES))}; host 1,16)")
+    parser.add_argument("--tokens", metavar="T,...", help=f"moe: tokens per layer call (default {','.join(map(str, MOE_TOKENS))})")
+    parser.add_argument("--routing", choices=("uniform", "zipf", "both"), default="both", help="routings (default both)")
+    parser.add_argument("--no-humming", action="store_true", help="leave humming out (grouped, host, ncu-case)")
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay times")
+    parser.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG")
+    parser.add_argument("--calls", type=int, default=300, metavar="N", help="host: calls enqueued per host-time measurement (default 300)")
+    parser.add_argument("--watchdog", type=float, default=300.0, metavar="S",
+                        help="seconds one measurement may take before the run saves and exits (default 300)")
+    parser.add_argument("--seed", type=int, default=0, help="random data and routing seed")
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` verb to ``python -m codegen`` / ``hopper-mxfp4``; its handler is :func:`run`."""
+    parser = subparsers.add_parser("bench", help="side-by-side benchmarks: ours vs humming vs bf16 torch, host, "
+                                   "fallback, MoE layer", description=DESCRIPTION, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def m_values_for(args: argparse.Namespace) -> list[int]:
+    """The M (or, for moe, T) values a command line asks for; ValueError naming the flag."""
+    if args.suite == "moe":
+        return parse_int_list(args.tokens, QUICK_MOE_TOKENS if args.quick else MOE_TOKENS, name="--tokens")
+    defaults = {"fallback": FALLBACK_M_VALUES, "host": (1, 16), "ncu-case": (1,)}
+    default = defaults.get(args.suite, QUICK_M_VALUES if args.quick else M_VALUES)
+    return parse_int_list(args.m, default, name="--m")
+
+
+def _suite(name: str) -> Callable[[argparse.Namespace, list[int]], int]:
+    # Imported on demand: each suite pulls in torch/CUDA machinery the parser does not need.
+    if name == "grouped":
+        from .bench_grouped_mm import run
+    elif name == "host":
+        from .host import run
+    elif name == "fallback":
+        from .fallback import run
+    elif name == "moe":
+        from .bench_moe import run
+    else:
+        from .ncu_case import run
+    return run
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the suite; 2 on a bad list of values or without a CUDA GPU."""
+    try:
+        values = m_values_for(args)
+    except ValueError as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        return 2
+    if args.calls < 1:
+        print(f"bench: error: --calls {args.calls}: give a positive count", file=sys.stderr)
+        return 2
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    return int(_suite(args.suite)(args, values) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

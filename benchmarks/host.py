@@ -1,0 +1,122 @@
+"""The host suite (issue 9): host µs per eager call, with the eager and graph-replay µs beside it.
+
+Method (TOOLCHAIN.md): ``--calls`` calls enqueued while ``torch.cuda._sleep`` keeps the GPU busy;
+wall time / calls. Paths: ``mxfp4.grouped_mm``, ``mxfp4.grouped_mm_masked``, ``torch._grouped_mm``,
+humming, and the gpt-oss-20b layer ``mxfp4.moe`` (T = E * M / 4 tokens) when mxfp4 has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import measure, peers
+from .bench_grouped_mm import Machine, operands
+from .problems import MODEL_SHAPES, TOP_K, make_row
+from .report import align, write_json
+
+
+def prepare_masked(ops: peers.Operands, m: int) -> peers.Prepared:
+    """``grouped_mm_masked`` on x ``[E, M, K]`` with every row live (uniform routing)."""
+    import mxfp4
+
+    e = ops.packed.num_experts
+    x3 = ops.x.view(e, m, ops.x.shape[1])
+    masked_m = torch.full((e,), m, dtype=torch.int32, device=ops.x.device)
+    return peers.Prepared(lambda x, w: mxfp4.grouped_mm_masked(x, w, masked_m), [(x3, ops.packed)])
+
+
+def prepare_moe(shape_m: int, weights: Any) -> peers.Prepared:
+    from .bench_moe import routing
+    from .moe_layers import ours_fused
+
+    tokens = max(1, weights.num_experts * shape_m // TOP_K)
+    ids, topk_weights = routing("uniform", tokens, 0)
+    x = torch.randn((tokens, weights.gate_up_bf16.shape[2]), device="cuda", dtype=torch.bfloat16) * 0.02
+    return peers.Prepared(ours_fused(weights), [(x, ids, topk_weights)], f"T={tokens}")
+
+
+def measure_path(prepared: peers.Prepared, args: argparse.Namespace, calls: int | None = None) -> dict[str, Any]:
+    result = dict(measure.host_time(prepared.fn, prepared.arg_sets, calls=calls or args.calls))
+    result.update(measure.time_all(prepared.fn, prepared.arg_sets, graph=not args.no_graph, device=False, quick=True))
+    return {**result, "note": prepared.note}
+
+
+def host_row(model: str, projection: str, shape: Any, m: int, packed: Any, dequantized: torch.Tensor,
+             layer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    row = make_row(model, projection, shape, "uniform", m, seed=args.seed)
+    ops = operands(row, packed, dequantized, seed=args.seed)
+    ops.budget = 0  # one weight copy: host time does not depend on where the weights sit
+    paths = {"ours grouped_mm": lambda: peers.prepare_ours(ops), "ours grouped_mm_masked": lambda: prepare_masked(ops, m),
+             "torch._grouped_mm": lambda: peers.prepare_torch_bf16(ops)}
+    if not args.no_humming:
+        paths["humming"] = lambda: peers.prepare_humming(ops, layer)
+    results = {}
+    for name, prepare in paths.items():
+        try:
+            results[name] = measure_path(prepare(), args)
+        except Exception as error:
+            results[name] = {"error": measure.error_text(error)}
+            if not measure.healthy():
+                raise
+    return {"model": model, "projection": projection, "m": m, "results": results}
+
+
+def moe_rows(m_values: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    from .bench_moe import build_weights
+
+    try:
+        weights = build_weights(args.seed)
+        rows = [{"model": "gpt-oss-20b", "projection": "moe layer", "m": m,
+                 "results": {"mxfp4.moe": measure_path(prepare_moe(m, weights), args, min(args.calls, 100))}}
+                for m in m_values]  # fewer calls: a layer may be several launches, and a full queue blocks
+    except Exception as error:
+        rows = [{"model": "gpt-oss-20b", "projection": "moe layer", "m": 0,
+                 "results": {"mxfp4.moe": {"error": measure.error_text(error)}}}]
+    torch.cuda.empty_cache()
+    return rows
+
+
+def format_host(rows: list[dict[str, Any]]) -> str:
+    header = ("shape", "M", "path", "host us", "eager us", "graph us", "note")
+    lines = []
+    for row in rows:
+        for name, r in row["results"].items():
+            cell = lambda k: "-" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
+            note = r.get("error") or ("GPU went idle: rerun with fewer --calls" if r.get("gpu_idle") else r.get("note", ""))
+            lines.append((f"{row['model']} {row['projection']}", str(row["m"]), name, cell("host_us"),
+                          cell("eager_us"), cell("graph_us"), str(note)[:70]))
+    return align(header, lines, {0, 2, 6})
+
+
+def run(args: argparse.Namespace, m_values: list[int]) -> int:
+    from codegen.sweep import random_weights
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine, started, rows = Machine.measure(), time.time(), []
+    unavailable = None if args.no_humming else peers.humming_unavailable()
+    args.no_humming = args.no_humming or unavailable is not None
+    for model in args.model or ["gpt-oss-20b"]:
+        for projection, shape in MODEL_SHAPES[model].items():
+            packed, dequantized = random_weights(shape, torch.device("cuda"), seed=args.seed)
+            layer = None if args.no_humming else peers.humming_layer(packed)
+            for m in m_values:
+                print(f"host: {model} {projection} M={m}", file=sys.stderr)
+                rows.append(host_row(model, projection, shape, m, packed, dequantized, layer, args))
+            del packed, dequantized, layer
+            torch.cuda.empty_cache()
+    rows.extend(moe_rows(m_values, args))
+    write_json(out_dir / "bench_host.json", {**machine.as_dict(), "suite": "host", "calls": args.calls,
+                                             "seconds": round(time.time() - started, 1), "rows": rows})
+    print(f"device: {machine.line()}")
+    if unavailable:
+        print(f"humming unavailable: {unavailable}")
+    print(f"host us = wall time of {args.calls} enqueued calls / calls, GPU kept busy by torch.cuda._sleep")
+    print(format_host(rows))
+    return 0

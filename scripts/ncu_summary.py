@@ -1,0 +1,81 @@
+"""A short summary of Nsight Compute raw CSV pages (``ncu --import X.ncu-rep --csv --page raw``).
+
+    python3 scripts/ncu_summary.py LABEL=FILE.csv [LABEL=FILE.csv ...]
+
+Per kernel: grid x block, dynamic shared memory, registers, DRAM throughput (% of peak and bytes/s),
+issue slots busy, warps issued per scheduler per cycle, and the top three stall reasons (warps
+stalled per issue, from the WarpStateStats section).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
+COLUMNS = {
+    "grid": "launch__grid_size",
+    "block": "launch__block_size",
+    "dyn smem": "launch__shared_mem_per_block_dynamic",
+    "regs": "launch__registers_per_thread",
+    "DRAM %": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "DRAM bytes/s": "dram__bytes.sum.per_second",
+    "issue busy %": "smsp__issue_active.avg.pct_of_peak_sustained_active",
+    "issued/sched/cycle": "smsp__issue_active.avg.per_cycle_active",
+}
+
+
+def read_raw(text: str) -> list[dict[str, tuple[str, str]]]:
+    """Rows of a raw CSV page as {metric: (value, unit)}; ncu's own "==PROF==" lines are skipped."""
+    lines = [line for line in text.splitlines() if line.startswith('"')]
+    table = list(csv.reader(lines))
+    if len(table) < 2:
+        return []
+    header, units = table[0], table[1]
+    return [{name: (value, unit) for name, unit, value in zip(header, units, row)} for row in table[2:]]
+
+
+def top_stalls(row: dict[str, tuple[str, str]], count: int = 3) -> list[tuple[str, float]]:
+    stalls = []
+    for name, (value, _) in row.items():
+        match = STALL.match(name)
+        if match and match.group(1) not in ("not_issued",):
+            try:
+                stalls.append((match.group(1), float(value.replace(",", ""))))
+            except ValueError:
+                continue
+    return sorted(stalls, key=lambda item: -item[1])[:count]
+
+
+def summarize(label: str, rows: Sequence[dict[str, tuple[str, str]]]) -> list[str]:
+    if not rows:
+        return [f"{label}: no kernels in the report (wrong NVTX range or kernel filter?)"]
+    out = []
+    for row in rows:
+        name = row.get("Kernel Name", ("?", ""))[0]
+        cells = []
+        for title, metric in COLUMNS.items():
+            value, unit = row.get(metric, ("n/a", ""))
+            cells.append(f"{title} {value}{(' ' + unit) if unit and unit not in ('%',) else ''}")
+        stalls = ", ".join(f"{reason} {value:.2f}" for reason, value in top_stalls(row)) or "n/a"
+        out.append(f"{label}: {name[:60]}\n    " + "; ".join(cells) + f"\n    top stalls (warps per issue): {stalls}")
+    return out
+
+
+def main(argv: Sequence[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    for item in argv:
+        label, _, path = item.partition("=")
+        file = Path(path or label)
+        text = file.read_text(errors="replace") if file.is_file() else ""
+        print("\n".join(summarize(label, read_raw(text))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
