@@ -13,6 +13,7 @@ from .dispatch import explain, select_path
 from .layout import PackedMXFP4, pack, unpack
 from .ops import grouped_mm, grouped_mm_masked, set_debug_checks
 from .format import dequantize, quantize
+from .moe import moe
 from .tensor import MXFP4Tensor
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "grouped_mm",
     "grouped_mm_masked",
     "load_gpt_oss_experts",
+    "moe",
     "pack",
     "quantize",
     "select_path",
