@@ -133,8 +133,6 @@ def _check_weights(gate_up: PackedMXFP4, down: PackedMXFP4, hidden: int) -> int:
 def _check_bias(name: str, bias: torch.Tensor | None, shape: tuple, what: str, x: torch.Tensor) -> None:
     if bias is None:
         return
-    if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"moe: {name} must be a torch.Tensor or None, got {type(bias).__name__}")
     if not bias.is_floating_point():
         raise TypeError(f"moe: {name} must be a floating-point tensor, got {bias.dtype}")
     _check_dtype_and_shape(name, bias, (bias.dtype,), shape, what, x)
@@ -253,6 +251,9 @@ def moe(
     for name, value in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"moe: {name} must be a torch.Tensor, got {type(value).__name__}")
+    for name, bias in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise TypeError(f"moe: {name} must be a torch.Tensor or None, got {type(bias).__name__}")
     gate_up, down = _packed("gate_up", gate_up), _packed("down", down)
     _check_scalars(alpha, limit)  # before the op's schema sees them
     if not isinstance(activation, str):
