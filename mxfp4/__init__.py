@@ -8,7 +8,7 @@ Typical use::
     print(mxfp4.explain(x, w, offsets))                # which path / config, and why
 """
 
-from .checkpoint import from_ggml, from_gpt_oss, load_gpt_oss_experts, to_ggml
+from .checkpoint import GptOssMoELayer, from_ggml, from_gpt_oss, load_gpt_oss_experts, load_gpt_oss_moe_layer, to_ggml
 from .dispatch import explain, select_path
 from .layout import PackedMXFP4, pack, unpack
 from .ops import grouped_mm, grouped_mm_masked, set_debug_checks
@@ -26,6 +26,8 @@ __all__ = [
     "grouped_mm",
     "grouped_mm_masked",
     "load_gpt_oss_experts",
+    "load_gpt_oss_moe_layer",
+    "GptOssMoELayer",
     "moe",
     "pack",
     "quantize",
