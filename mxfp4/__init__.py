@@ -9,7 +9,7 @@ Typical use::
 
 Layers point one way: the format (``tensor``, ``format``, ``layout``, ``checkpoint``: torch only) <-
 the kernel generator and runtime (the ``codegen`` package, built on the layout contract) <- the user API
-(``ops``, ``dispatch``). The format is imported here; the user API loads on first use of one of its
+(``ops``, ``dispatch``, ``moe``, ``integrations``). The format is imported here; the user API loads on first use of one of its
 names (or ``import mxfp4.ops``, which also registers ``torch.ops.mxfp4.*``), so that ``codegen`` can
 import the format without importing the package that sits on top of it.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .checkpoint import from_ggml, from_gpt_oss, load_gpt_oss_experts, to_ggml
+from .checkpoint import GptOssMoELayer, from_ggml, from_gpt_oss, load_gpt_oss_experts, load_gpt_oss_moe_layer, to_ggml
 from .format import dequantize, quantize
 from .layout import PackedMXFP4, pack, unpack
 from .tensor import MXFP4Tensor
@@ -32,6 +32,7 @@ _USER_API = {
     "explain": "dispatch",
     "select_path": "dispatch",
     "set_fallback_memory_budget": "weight_cache",
+    "moe": "moe",
 }
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "from_ggml",
     "from_gpt_oss",
     "load_gpt_oss_experts",
+    "load_gpt_oss_moe_layer",
+    "GptOssMoELayer",
     "pack",
     "quantize",
     "to_ggml",

@@ -2,7 +2,10 @@
 
 gpt-oss stores each expert weight as two tensors with the MXFP4Tensor byte order exactly:
 ``model.layers.{i}.mlp.experts.{name}_blocks`` uint8 ``[E, N, K/32, 16]`` and ``..._scales`` uint8
-``[E, N, K/32]``, so import is a check and a wrap (bit-exact, no copy).
+``[E, N, K/32]``, so import is a check and a wrap (bit-exact, no copy). N is the output features
+(``gate_up_proj``: ``[E, 2I, H]``, gate and up rows interleaved; ``down_proj``: ``[E, H, I]``), the
+orientation ``mxfp4.pack`` takes; transformers' modules hold the same weights transposed, ``[E, K, N]``.
+The biases ``..._bias`` (``[E, N]``, bf16) are plain tensors.
 
 ggml's ``block_mxfp4`` is 17 bytes per block of 32 values: the E8M0 byte, then 16 bytes ``qs``
 where ``qs[j]`` holds element ``j`` in its low nibble and element ``j + 16`` in its high nibble.
@@ -12,11 +15,13 @@ Shapes here are torch order, ``[..., K]`` with K innermost (ggml's ``ne[0]``).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .layout import PackedMXFP4, pack
 from .tensor import BLOCK_SIZE, BYTES_PER_BLOCK, MXFP4Tensor
 
 GGML_BLOCK_BYTES = 1 + BYTES_PER_BLOCK  # 17
@@ -64,31 +69,80 @@ def _locate(files: list[Path], names: list[str]) -> dict[str, Path]:
     return found
 
 
-def load_gpt_oss_experts(
-    path: str | Path, layer: int, device: torch.device | str = "cpu"
-) -> dict[str, MXFP4Tensor]:
-    """The MXFP4 expert weights of one layer of a gpt-oss checkpoint.
-
-    ``path`` is a ``.safetensors`` file or a directory of shards. Returns
-    ``{"gate_up_proj": [E, 2 * I, H], "down_proj": [E, H, I]}`` as MXFP4Tensors (logical shapes).
-    """
+def _read_tensors(
+    path: str | Path, names: list[str], optional: list[str], device: torch.device | str, caller: str
+) -> dict[str, torch.Tensor]:
+    """Read ``names`` (all required) and whichever of ``optional`` exist from a file or directory of shards."""
     from safetensors import safe_open
 
     files = _shard_files(Path(path))
-    prefix = f"model.layers.{int(layer)}.mlp.experts."
-    names = [f"{prefix}{weight}_{part}" for weight in GPT_OSS_EXPERT_WEIGHTS for part in ("blocks", "scales")]
-    where = _locate(files, names)
+    where = _locate(files, names + optional)
     missing = [name for name in names if name not in where]
     if missing:
-        raise KeyError(f"load_gpt_oss_experts: {', '.join(missing)} not found in {path}")
+        raise KeyError(f"{caller}: {', '.join(missing)} not found in {path}")
     loaded: dict[str, torch.Tensor] = {}
-    for name in names:
-        with safe_open(str(where[name]), framework="pt", device=str(device)) as handle:
-            loaded[name] = handle.get_tensor(name)
-    return {
+    for name in names + optional:
+        if name in where:
+            with safe_open(str(where[name]), framework="pt", device=str(device)) as handle:
+                loaded[name] = handle.get_tensor(name)
+    return loaded
+
+
+def load_gpt_oss_experts(
+    path: str | Path, layer: int, device: torch.device | str = "cpu"
+) -> dict[str, MXFP4Tensor | torch.Tensor]:
+    """The MXFP4 expert weights and biases of one layer of a gpt-oss checkpoint.
+
+    ``path`` is a ``.safetensors`` file or a directory of shards. Returns
+    ``{"gate_up_proj": [E, 2 * I, H], "down_proj": [E, H, I]}`` as MXFP4Tensors (logical shapes, the
+    checkpoint's ``[E, N, K]`` orientation: N = output features; transformers' modules hold the
+    dequantized weights transposed, ``[E, K, N]``), plus ``"gate_up_proj_bias"`` ``[E, 2 * I]`` and
+    ``"down_proj_bias"`` ``[E, H]`` as stored (bf16 in gpt-oss) when the checkpoint has them.
+    """
+    prefix = f"model.layers.{int(layer)}.mlp.experts."
+    names = [f"{prefix}{weight}_{part}" for weight in GPT_OSS_EXPERT_WEIGHTS for part in ("blocks", "scales")]
+    biases = [f"{prefix}{weight}_bias" for weight in GPT_OSS_EXPERT_WEIGHTS]
+    loaded = _read_tensors(path, names, biases, device, "load_gpt_oss_experts")
+    result: dict[str, MXFP4Tensor | torch.Tensor] = {
         weight: from_gpt_oss(loaded[f"{prefix}{weight}_blocks"], loaded[f"{prefix}{weight}_scales"])
         for weight in GPT_OSS_EXPERT_WEIGHTS
     }
+    for weight in GPT_OSS_EXPERT_WEIGHTS:
+        if f"{prefix}{weight}_bias" in loaded:
+            result[f"{weight}_bias"] = loaded[f"{prefix}{weight}_bias"]
+    return result
+
+
+@dataclass(frozen=True)
+class GptOssMoELayer:
+    """One gpt-oss layer's experts, ready for ``mxfp4.moe``: packed ``[E, 2I, H]`` / ``[E, H, I]`` + biases."""
+
+    gate_up: PackedMXFP4
+    down: PackedMXFP4
+    gate_up_bias: torch.Tensor | None  # [E, 2I]
+    down_bias: torch.Tensor | None  # [E, H]
+
+    def to(self, device: torch.device | str) -> "GptOssMoELayer":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return GptOssMoELayer(self.gate_up.to(device), self.down.to(device), move(self.gate_up_bias), move(self.down_bias))
+
+
+def load_gpt_oss_moe_layer(
+    path: str | Path, layer: int, device: torch.device | str | None = None
+) -> GptOssMoELayer:
+    """Load and pack one layer's experts (bit-exact checkpoint bytes) in one call, on ``device`` (CPU if None).
+
+    ``mxfp4.moe(x, ids, weights, l.gate_up, l.down, gate_up_bias=l.gate_up_bias, down_bias=l.down_bias)``
+    with ``l`` the result computes the layer.
+    """
+    loaded = load_gpt_oss_experts(path, layer, "cpu" if device is None else device)
+    gate_up, down = loaded["gate_up_proj"], loaded["down_proj"]
+    if gate_up.shape[0] != down.shape[0] or gate_up.shape[1] != 2 * down.shape[2] or gate_up.shape[2] != down.shape[1]:
+        raise ValueError(
+            f"load_gpt_oss_moe_layer: layer {layer} has gate_up_proj {list(gate_up.shape)} and down_proj "
+            f"{list(down.shape)}; expected [E, 2I, H] and [E, H, I]"
+        )
+    return GptOssMoELayer(pack(gate_up), pack(down), loaded.get("gate_up_proj_bias"), loaded.get("down_proj_bias"))
 
 
 def _as_uint8_tensor(data: object) -> torch.Tensor:

@@ -22,18 +22,20 @@ def expert_tensors(layer: int) -> dict[str, torch.Tensor]:
     for name, (n, k) in {"gate_up_proj": (2 * INTERMEDIATE, HIDDEN), "down_proj": (HIDDEN, INTERMEDIATE)}.items():
         tensors[f"{prefix}{name}_blocks"] = torch.randint(0, 256, (E, n, k // 32, 16), dtype=torch.uint8)
         tensors[f"{prefix}{name}_scales"] = torch.randint(100, 140, (E, n, k // 32), dtype=torch.uint8)
-        tensors[f"{prefix}{name}_bias"] = torch.randn(E, n).bfloat16()  # present in gpt-oss, not ours
+        tensors[f"{prefix}{name}_bias"] = torch.randn(E, n).bfloat16()
     return tensors
 
 
-def check_layer(loaded: dict[str, MXFP4Tensor], tensors: dict[str, torch.Tensor], layer: int) -> None:
+def check_layer(loaded: dict[str, MXFP4Tensor | torch.Tensor], tensors: dict[str, torch.Tensor], layer: int) -> None:
     prefix = f"model.layers.{layer}.mlp.experts."
-    assert set(loaded) == {"gate_up_proj", "down_proj"}
+    assert set(loaded) == {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
     assert loaded["gate_up_proj"].shape == (E, 2 * INTERMEDIATE, HIDDEN)
     assert loaded["down_proj"].shape == (E, HIDDEN, INTERMEDIATE)
-    for name, t in loaded.items():
-        assert torch.equal(t.blocks, tensors[f"{prefix}{name}_blocks"])
-        assert torch.equal(t.scales, tensors[f"{prefix}{name}_scales"])
+    for name in ("gate_up_proj", "down_proj"):
+        assert torch.equal(loaded[name].blocks, tensors[f"{prefix}{name}_blocks"])
+        assert torch.equal(loaded[name].scales, tensors[f"{prefix}{name}_scales"])
+        bias = loaded[f"{name}_bias"]
+        assert bias.dtype == torch.bfloat16 and torch.equal(bias, tensors[f"{prefix}{name}_bias"])
 
 
 def test_load_from_single_file(tmp_path: Path, seed: int) -> None:
@@ -79,6 +81,55 @@ def test_loaded_experts_pack_roundtrip(tmp_path: Path, seed: int) -> None:
     down = mxfp4.load_gpt_oss_experts(tmp_path, 0)["down_proj"]
     packed = mxfp4.pack(down)
     assert torch.equal(mxfp4.unpack(packed).blocks, down.blocks)
+
+
+def test_load_without_biases(tmp_path: Path, seed: int) -> None:
+    tensors = {name: t for name, t in expert_tensors(0).items() if not name.endswith("_bias")}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    assert set(mxfp4.load_gpt_oss_experts(tmp_path, 0)) == {"gate_up_proj", "down_proj"}
+    layer = mxfp4.load_gpt_oss_moe_layer(tmp_path, 0)
+    assert layer.gate_up_bias is None and layer.down_bias is None
+
+
+def test_load_moe_layer_packs_bit_exact(tmp_path: Path, seed: int) -> None:
+    tensors = {**expert_tensors(0), **expert_tensors(1)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    layer = mxfp4.load_gpt_oss_moe_layer(tmp_path / "model.safetensors", 1)
+    prefix = "model.layers.1.mlp.experts."
+    assert layer.gate_up.shape == (E, 2 * INTERMEDIATE, HIDDEN) and layer.down.shape == (E, HIDDEN, INTERMEDIATE)
+    for name, packed in (("gate_up_proj", layer.gate_up), ("down_proj", layer.down)):
+        back = mxfp4.unpack(packed)
+        assert torch.equal(back.blocks, tensors[f"{prefix}{name}_blocks"])
+        assert torch.equal(back.scales, tensors[f"{prefix}{name}_scales"])
+    assert torch.equal(layer.gate_up_bias, tensors[f"{prefix}gate_up_proj_bias"])
+    assert torch.equal(layer.down_bias, tensors[f"{prefix}down_proj_bias"])
+    assert layer.to("cpu").gate_up.n == 2 * INTERMEDIATE
+
+
+def test_load_moe_layer_rejects_mismatched_shapes(tmp_path: Path, seed: int) -> None:
+    tensors = expert_tensors(0)
+    prefix = "model.layers.0.mlp.experts."
+    tensors[f"{prefix}down_proj_blocks"] = tensors[f"{prefix}down_proj_blocks"][:, :, :1].contiguous()
+    tensors[f"{prefix}down_proj_scales"] = tensors[f"{prefix}down_proj_scales"][:, :, :1].contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"expected \[E, 2I, H\] and \[E, H, I\]"):
+        mxfp4.load_gpt_oss_moe_layer(tmp_path, 0)
+
+
+def test_checkpoint_orientation_matches_transformers(tmp_path: Path, seed: int) -> None:
+    """transformers dequantizes the same bytes to its module weight [E, K, N]: ours is its transpose."""
+    mxfp4_integration = pytest.importorskip("transformers.integrations.mxfp4")
+    tensors = expert_tensors(0)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    loaded = mxfp4.load_gpt_oss_experts(tmp_path, 0)
+    prefix = "model.layers.0.mlp.experts."
+    for name in ("gate_up_proj", "down_proj"):
+        theirs = mxfp4_integration.convert_moe_packed_tensors(
+            tensors[f"{prefix}{name}_blocks"], tensors[f"{prefix}{name}_scales"], dtype=torch.float32
+        )
+        ours = mxfp4.dequantize(loaded[name], torch.float32)
+        assert theirs.shape == (ours.shape[0], ours.shape[2], ours.shape[1])
+        assert torch.equal(theirs, ours.transpose(1, 2))
 
 
 def test_from_gpt_oss_is_bit_exact_and_checks(seed: int) -> None:

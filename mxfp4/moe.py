@@ -1,0 +1,294 @@
+"""The gpt-oss expert layer in one call: ``mxfp4.moe`` (the torch op ``mxfp4::moe``).
+
+The math is transformers' ``GptOssExperts.forward``: for token t and each of its k choices
+(expert e = topk_ids[t, j], weight w = topk_weights[t, j])::
+
+    h    = x[t] @ gate_up[e]^T + gate_up_bias[e]                 # [2I], gate/up interleaved
+    gate = min(h[0::2], limit);  up = clamp(h[1::2], -limit, limit)
+    a    = (up + 1) * gate * sigmoid(alpha * gate)               # [I]
+    y    = a @ down[e]^T + down_bias[e]                          # [H]
+    out[t] = sum over j of w * y                                  # in the order j = 0 .. k-1
+
+Steps (each a small function, so fused-epilogue kernels can replace them one at a time):
+
+* :func:`route` — stable sort of the flattened ids, int32 offsets [E + 1] by ``searchsorted``;
+* :func:`gate_up_step` — gather x rows through the routing, ``mxfp4.grouped_mm``, bias + activation
+  in float32, bf16 ``[T·k, I]``;
+* :func:`down_step` — ``mxfp4.grouped_mm``, bias in float32, ``[T·k, H]``;
+* :func:`combine` — un-permute to ``[T, k, H]``, scale by the routing weights, sum over k (a fixed-order
+  reduction, no atomics), bf16 ``[T, H]``.
+
+On CUDA nothing here reads a device value on the host and every shape depends on T, k, E, H and I
+only (always T·k routed rows), so with a fixed T the whole layer captures into a CUDA graph: that is
+the static-shape decode variant. Every step is deterministic, so calls are bitwise identical. On SM90
+``mxfp4.grouped_mm`` runs the generated kernel; elsewhere its portable path (which reads the offsets
+on the host, a sync on non-Hopper CUDA devices).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .layout import PackedMXFP4
+from .ops import debug_checks_enabled, grouped_mm
+from .tensor import MXFP4Tensor
+
+ACTIVATIONS = ("gpt_oss",)
+_ID_DTYPES = (torch.int32, torch.int64)
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps.
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Routed rows grouped by expert: row r is choice ``order[r]`` (= token * k + slot) of the flat top-k."""
+
+    sorted_ids: torch.Tensor  # [T·k], ascending expert id of each routed row
+    order: torch.Tensor  # int64 [T·k]
+    offsets: torch.Tensor  # int32 [E + 1], rows offsets[e]:offsets[e + 1] go to expert e
+
+
+def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
+    """Group the T·k choices by expert on the device (no host sync; shapes independent of the ids)."""
+    flat = topk_ids.reshape(-1)
+    # Stable: ties keep token order, so the permutation (and everything after it) is deterministic.
+    sorted_ids, order = torch.sort(flat, stable=True)
+    bounds = torch.arange(num_experts + 1, dtype=flat.dtype, device=flat.device)
+    # searchsorted, not bincount: bincount sizes its output from a device max (a sync).
+    offsets = torch.searchsorted(sorted_ids, bounds, out_int32=True)
+    return Routing(sorted_ids, order, offsets)
+
+
+def gpt_oss_activation(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """transformers' ``GptOssExperts._apply_gate``: interleaved gate/up, clamped SwiGLU."""
+    gate = h[..., 0::2].clamp(max=limit)
+    up = h[..., 1::2].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def gate_up_step(
+    x: torch.Tensor, routing: Routing, top_k: int, gate_up: PackedMXFP4, bias: torch.Tensor | None,
+    alpha: float, limit: float,
+) -> torch.Tensor:
+    """Gather, gate_up GEMM, bias and activation: bf16 ``[T·k, I]`` in routed order."""
+    rows = x.index_select(0, routing.order // top_k)
+    h = grouped_mm(rows, gate_up, routing.offsets).float()
+    if bias is not None:
+        h = h + bias.index_select(0, routing.sorted_ids).float()
+    return gpt_oss_activation(h, alpha, limit).to(torch.bfloat16)
+
+
+def down_step(a: torch.Tensor, routing: Routing, down: PackedMXFP4, bias: torch.Tensor | None) -> torch.Tensor:
+    """Down GEMM and bias: float32 ``[T·k, H]`` in routed order."""
+    y = grouped_mm(a, down, routing.offsets).float()
+    if bias is not None:
+        y = y + bias.index_select(0, routing.sorted_ids).float()
+    return y
+
+
+def combine(y: torch.Tensor, routing: Routing, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Back to token order, times the routing weights, summed over the k choices: bf16 ``[T, H]``."""
+    num_tokens, top_k = topk_weights.shape
+    # order is a permutation, so this scatter writes each row once (deterministic).
+    unsorted = torch.empty_like(y).index_copy_(0, routing.order, y)
+    weighted = unsorted.view(num_tokens, top_k, -1) * topk_weights.float().unsqueeze(-1)
+    return weighted.sum(dim=1).to(torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (shapes, dtypes and devices always; id values only where that costs no device sync).
+
+
+def _check_dtype_and_shape(name: str, t: torch.Tensor, dtypes: tuple, shape: tuple, what: str, x: torch.Tensor) -> None:
+    if t.dtype not in dtypes:
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"moe: {name} must be {names}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"moe: {name} must have shape {what} = {list(shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"moe: {name} is on {t.device} but x is on {x.device}; they must share a device")
+
+
+def _check_weights(gate_up: PackedMXFP4, down: PackedMXFP4, hidden: int) -> int:
+    """The intermediate size I, after checking gate_up [E, 2I, H] against down [E, H, I]."""
+    if gate_up.k != hidden:
+        raise ValueError(f"moe: gate_up is {list(gate_up.shape)} but x has H = {hidden}; gate_up must be [E, 2I, H]")
+    if gate_up.n % 2:
+        raise ValueError(f"moe: gate_up has N = {gate_up.n} rows; it must be [E, 2I, H] (interleaved gate/up)")
+    if down.num_experts != gate_up.num_experts:
+        raise ValueError(f"moe: gate_up has {gate_up.num_experts} experts but down has {down.num_experts}")
+    if down.n != hidden:
+        raise ValueError(f"moe: down is {list(down.shape)} but x has H = {hidden}; down must be [E, H, I]")
+    if down.k != gate_up.n // 2:
+        raise ValueError(f"moe: down is {list(down.shape)} but gate_up is {list(gate_up.shape)}: down must be [E, H, I] with 2I = {gate_up.n}")
+    return down.k
+
+
+def _check_bias(name: str, bias: torch.Tensor | None, shape: tuple, what: str, x: torch.Tensor) -> None:
+    if bias is None:
+        return
+    if not bias.is_floating_point():
+        raise TypeError(f"moe: {name} must be a floating-point tensor, got {bias.dtype}")
+    _check_dtype_and_shape(name, bias, (bias.dtype,), shape, what, x)
+
+
+def _check_ids_values(topk_ids: torch.Tensor, num_experts: int) -> None:
+    if topk_ids.device.type != "cpu" and not debug_checks_enabled():
+        return  # a value check on a device tensor would sync; mxfp4.set_debug_checks(True) turns it on
+    if topk_ids.numel() == 0:
+        return
+    low, high = int(topk_ids.min()), int(topk_ids.max())
+    if low < 0 or high >= num_experts:
+        bad = low if low < 0 else high
+        raise ValueError(f"moe: topk_ids holds expert {bad}, outside [0, E = {num_experts})")
+
+
+def _check_moe(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4,
+    down: PackedMXFP4, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    activation: str, alpha: float, limit: float,
+) -> None:
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"moe: x must be bfloat16, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"moe: x must be [T, H], got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError("moe: x must be contiguous; pass x.contiguous()")
+    tokens, hidden = x.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != tokens or topk_ids.shape[1] < 1:
+        raise ValueError(f"moe: topk_ids must be [T, k] with T = x.shape[0] = {tokens} and k >= 1, got {tuple(topk_ids.shape)}")
+    _check_dtype_and_shape("topk_ids", topk_ids, _ID_DTYPES, tuple(topk_ids.shape), "[T, k]", x)
+    _check_dtype_and_shape("topk_weights", topk_weights, _WEIGHT_DTYPES, tuple(topk_ids.shape), "[T, k]", x)
+    for name, w in (("gate_up", gate_up), ("down", down)):
+        if w.device != x.device:
+            raise ValueError(f"moe: {name} is on {w.device} but x is on {x.device}; move it with {name}.to(x.device)")
+    inter = _check_weights(gate_up, down, hidden)
+    experts = gate_up.num_experts
+    _check_bias("gate_up_bias", gate_up_bias, (experts, 2 * inter), "[E, 2I]", x)
+    _check_bias("down_bias", down_bias, (experts, hidden), "[E, H]", x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moe: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _check_scalars(alpha, limit)
+
+
+def _check_scalars(alpha: object, limit: object) -> None:
+    for name, value in (("alpha", alpha), ("limit", limit)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"moe: {name} must be a float, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"moe: {name} must be finite, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom op (plain tensors and scalars) and its fake kernel.
+
+
+@torch.library.custom_op("mxfp4::moe", mutates_args=())
+def _moe_op(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    gate_up_data: torch.Tensor, gate_up_n: int, gate_up_k: int,
+    down_data: torch.Tensor, down_n: int, down_k: int,
+    gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    activation: str, alpha: float, limit: float,
+) -> torch.Tensor:
+    gate_up, down = PackedMXFP4(gate_up_data, gate_up_n, gate_up_k), PackedMXFP4(down_data, down_n, down_k)
+    _check_moe(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit)
+    _check_ids_values(topk_ids, gate_up.num_experts)
+    if x.shape[0] == 0:
+        return torch.empty_like(x)
+    routing = route(topk_ids, gate_up.num_experts)
+    a = gate_up_step(x, routing, topk_ids.shape[1], gate_up, gate_up_bias, alpha, limit)
+    y = down_step(a, routing, down, down_bias)
+    return combine(y, routing, topk_weights)
+
+
+@_moe_op.register_fake
+def _moe_fake(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    gate_up_data: torch.Tensor, gate_up_n: int, gate_up_k: int,
+    down_data: torch.Tensor, down_n: int, down_k: int,
+    gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    activation: str, alpha: float, limit: float,
+) -> torch.Tensor:
+    gate_up, down = PackedMXFP4(gate_up_data, gate_up_n, gate_up_k), PackedMXFP4(down_data, down_n, down_k)
+    _check_moe(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit)
+    return torch.empty_like(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The user API.
+
+
+def _packed(name: str, w: object) -> PackedMXFP4:
+    if isinstance(w, MXFP4Tensor):
+        raise TypeError(f"moe: {name} is an unpacked MXFP4Tensor; call {name} = mxfp4.pack({name}) once (at load time)")
+    if not isinstance(w, PackedMXFP4):
+        raise TypeError(f"moe: {name} must be a PackedMXFP4 (from mxfp4.pack), got {type(w).__name__}")
+    return w
+
+
+def moe(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4,
+    *, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+    activation: str = "gpt_oss", alpha: float = 1.702, limit: float = 7.0,
+) -> torch.Tensor:
+    """The gpt-oss MoE expert layer (transformers' ``GptOssExperts.forward``); see the module docstring.
+
+    x: bf16 ``[T, H]``; topk_ids: int32/int64 ``[T, k]`` in ``[0, E)``; topk_weights: float32/bf16 ``[T, k]``;
+    gate_up: ``mxfp4.pack`` of ``[E, 2I, H]`` (gate/up rows interleaved, as gpt-oss stores them);
+    down: ``mxfp4.pack`` of ``[E, H, I]``; biases ``[E, 2I]`` / ``[E, H]`` or None. Returns bf16 ``[T, H]``.
+
+    No host sync on CUDA (ids are range-checked by value only on the CPU, or after
+    ``mxfp4.set_debug_checks(True)``), deterministic, and capturable into a CUDA graph for a fixed T
+    (the static-shape decode variant); works under ``torch.compile(fullgraph=True)``.
+    """
+    for name, value in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"moe: {name} must be a torch.Tensor, got {type(value).__name__}")
+    for name, bias in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise TypeError(f"moe: {name} must be a torch.Tensor or None, got {type(bias).__name__}")
+    gate_up, down = _packed("gate_up", gate_up), _packed("down", down)
+    _check_scalars(alpha, limit)  # before the op's schema sees them
+    if not isinstance(activation, str):
+        raise TypeError(f"moe: activation must be a str, got {type(activation).__name__}")
+    return torch.ops.mxfp4.moe(
+        x, topk_ids, topk_weights, gate_up.data, gate_up.n, gate_up.k, down.data, down.n, down.k,
+        gate_up_bias, down_bias, activation, float(alpha), float(limit),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 reference (tests): transformers' per-token loop, on the dequantized weights.
+
+
+def reference_moe_float64(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    gate_up: PackedMXFP4 | MXFP4Tensor, down: PackedMXFP4 | MXFP4Tensor,
+    gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+    alpha: float = 1.702, limit: float = 7.0,
+) -> torch.Tensor:
+    """float64 ``[T, H]``, written token by token from the definition (test sizes only)."""
+    from .format import dequantize
+    from .layout import unpack
+
+    w1, w2 = (dequantize(unpack(w) if isinstance(w, PackedMXFP4) else w, torch.float64).to(x.device) for w in (gate_up, down))
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            h = w1[e] @ x[t].double()
+            if gate_up_bias is not None:
+                h = h + gate_up_bias[e].double()
+            gate, up = h[0::2].clamp(max=limit), h[1::2].clamp(-limit, limit)
+            y = w2[e] @ ((up + 1) * gate * torch.sigmoid(alpha * gate))
+            if down_bias is not None:
+                y = y + down_bias[e].double()
+            out[t] += float(topk_weights[t, j]) * y
+    return out

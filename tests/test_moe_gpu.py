@@ -1,0 +1,126 @@
+"""mxfp4.moe on the H100 (SM90 path): float64 reference, no host sync, determinism, CUDA graphs, compile.
+
+Skipped without an SM90 GPU. Fresh random data every run (never zeros); the caching allocator is
+filled with NaN before each checked call, so rows the layer forgets to write show up as NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mxfp4
+from mxfp4.dispatch import SM90
+from mxfp4.moe import reference_moe_float64
+from test_moe import ACCURACY, Layer, make_layer, make_routing, relative_error, run
+
+pytestmark = pytest.mark.gpu
+
+# gpt-oss-20b experts: E = 32, H = I = 2880, top-4. Weights ~ 1/sqrt(fan-in) keep the layer's gain ~1.
+GPT_OSS_20B = dict(experts=32, hidden=2880, inter=2880, top_k=4)
+WEIGHT_SCALE = 2880 ** -0.5
+
+
+@pytest.fixture(scope="module")
+def layer_20b() -> Layer:
+    torch.manual_seed(20)
+    cfg = GPT_OSS_20B
+    return make_layer(cfg["experts"], cfg["hidden"], cfg["inter"], WEIGHT_SCALE, device="cuda")
+
+
+def poison_allocator(megabytes: int = 256) -> None:
+    """Leave NaN in the blocks the caching allocator hands out next."""
+    junk = torch.full((megabytes << 18,), float("nan"), device="cuda")
+    del junk
+
+
+def inputs(tokens: int, skew: bool, cfg: dict = GPT_OSS_20B) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = torch.randn(tokens, cfg["hidden"], device="cuda").bfloat16()
+    ids, weights = make_routing(tokens, cfg["experts"], cfg["top_k"], skew, device="cuda")
+    return x, ids, weights
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize("skew", [False, True])
+def test_moe_gpt_oss_20b_matches_float64(layer_20b: Layer, tokens: int, skew: bool, seed: int) -> None:
+    x, ids, weights = inputs(tokens, skew)
+    assert mxfp4.select_path(x.device).path == SM90
+    poison_allocator()
+    out = run(x, ids, weights, layer_20b)
+    assert torch.isfinite(out).all(), f"seed {seed}: unwritten or non-finite output"
+    ref = reference_moe_float64(x, ids, weights, layer_20b.gate_up, layer_20b.down, layer_20b.gate_up_bias, layer_20b.down_bias)
+    assert relative_error(out, ref) <= ACCURACY, f"seed {seed}"
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_moe_gpu_variants_with_tails(id_dtype: torch.dtype, weight_dtype: torch.dtype, bias: bool, seed: int) -> None:
+    """H and I not multiples of the 64-wide atom, empty experts (skew), int32/int64 ids, bf16/fp32 weights."""
+    layer = make_layer(8, 160, 96, 160 ** -0.5, device="cuda")
+    x = torch.randn(13, 160, device="cuda").bfloat16()
+    ids, weights = make_routing(13, 8, 3, skew=True, device="cuda")
+    ids, weights = ids.to(id_dtype), weights.to(weight_dtype)
+    poison_allocator()
+    out = run(x, ids, weights, layer, bias=bias)
+    biases = (layer.gate_up_bias, layer.down_bias) if bias else (None, None)
+    ref = reference_moe_float64(x, ids, weights, layer.gate_up, layer.down, *biases)
+    assert relative_error(out, ref) <= ACCURACY, f"seed {seed}"
+
+
+def test_moe_gpu_no_host_sync_and_deterministic(layer_20b: Layer, seed: int) -> None:
+    x, ids, weights = inputs(32, skew=True)
+    first = run(x, ids, weights, layer_20b)  # warm: compiles / loads the kernels
+    torch.cuda.set_sync_debug_mode("error")  # any torch host sync now raises
+    try:
+        again = run(x, ids, weights, layer_20b)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(first, again), f"seed {seed}"
+
+
+@pytest.mark.parametrize("tokens", [1, 32])
+def test_moe_cuda_graph_replay_equals_eager(layer_20b: Layer, tokens: int, seed: int) -> None:
+    """A fixed T captures (the static-shape decode variant); replays with new routing match eager bitwise."""
+    x, ids, weights = inputs(tokens, skew=False)
+    run(x, ids, weights, layer_20b)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(x, ids, weights, layer_20b)
+    for skew in (False, True):
+        new_x, new_ids, new_weights = inputs(tokens, skew)
+        x.copy_(new_x)
+        ids.copy_(new_ids)
+        weights.copy_(new_weights)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, run(new_x, new_ids, new_weights, layer_20b)), f"seed {seed}"
+
+
+def test_moe_gpu_compiles_fullgraph(layer_20b: Layer, seed: int) -> None:
+    x, ids, weights = inputs(8, skew=False)
+    compiled = torch.compile(lambda x, i, w: run(x, i, w, layer_20b), fullgraph=True)
+    assert torch.equal(compiled(x, ids, weights), run(x, ids, weights, layer_20b)), f"seed {seed}"
+
+
+def test_transformers_drop_in_on_gpu(seed: int) -> None:
+    """The tiny GptOssForCausalLM of the CPU test, on the GPU through the SM90 path."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from test_integrations_transformers import experts_modules, logits, pin_routing, round_trip, tiny_model
+
+    from mxfp4.integrations.transformers import convert_gpt_oss
+
+    model = tiny_model().cuda()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in experts_modules(reference):
+            module.gate_up_proj.copy_(round_trip(module.gate_up_proj))
+            module.down_proj.copy_(round_trip(module.down_proj))
+    ids = torch.randint(0, 128, (1, 12), device="cuda")
+    pin_routing(reference, model)
+    ref = logits(reference, ids)
+    convert_gpt_oss(model)
+    assert relative_error(logits(model, ids), ref) <= ACCURACY, f"seed {seed}"
