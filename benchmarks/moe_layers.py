@@ -82,14 +82,11 @@ def torch_bf16(w: ExpertWeights) -> Callable[..., torch.Tensor]:
 
 
 def ours_fused(w: ExpertWeights) -> Callable[..., torch.Tensor]:
-    """``mxfp4.moe`` (issue 10); AttributeError when this mxfp4 does not have it yet."""
+    """``mxfp4.moe``: the whole layer in one call."""
     import mxfp4
 
-    moe = getattr(mxfp4, "moe", None)
-    if moe is None:
-        raise AttributeError("mxfp4.moe is not in this build of mxfp4")
-    return lambda x, ids, weights: moe(x, ids, weights, w.gate_up, w.down, gate_up_bias=w.gate_up_bias,
-                                       down_bias=w.down_bias)
+    return lambda x, ids, weights: mxfp4.moe(x, ids, weights, w.gate_up, w.down, gate_up_bias=w.gate_up_bias,
+                                             down_bias=w.down_bias)
 
 
 def transformers_grouped_mm(w: ExpertWeights) -> Callable[..., torch.Tensor]:

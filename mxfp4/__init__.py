@@ -32,7 +32,7 @@ _USER_API = {
     "explain": "dispatch",
     "select_path": "dispatch",
     "set_fallback_memory_budget": "weight_cache",
-    "moe": "moe",
+    "moe": "moe_layer",
 }
 
 __all__ = [

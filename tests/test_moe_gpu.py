@@ -11,7 +11,7 @@ import torch
 
 import mxfp4
 from mxfp4.dispatch import SM90
-from mxfp4.moe import reference_moe_float64
+from mxfp4.moe_layer import reference_moe_float64
 from test_moe import ACCURACY, Layer, make_layer, make_routing, relative_error, run
 
 pytestmark = pytest.mark.gpu

@@ -31,7 +31,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 from ..checkpoint import load_gpt_oss_moe_layer
 from ..format import quantize
 from ..layout import PackedMXFP4, pack
-from ..moe import moe
+from ..moe_layer import moe
 
 IMPLEMENTATION = "hopper_mxfp4"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts$")
