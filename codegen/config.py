@@ -27,9 +27,10 @@ TILE_M_RANGE = (8, 256)  # WGMMA's N, in steps of 8
 MAX_TILE_K = 512  # the decode loop is unrolled over a stage
 MAX_ATOMS_PER_WARPGROUP = 4  # 64-row blocks of W per consumer warpgroup
 MIN_STAGES = 2
+EPILOGUES = ("store", "swiglu", "scatter")  # templates/mxfp4_epilogue.cuh: Store, SwiGLU, ScaleScatter
 CTAS_PER_SM_CHOICES = (1, 2, 3, 4)  # resident CTAs per SM (light CTAs hide decode latency at small M)
 
-_NAME = re.compile(r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?$")
+_NAME = re.compile(r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(?:_(swiglu|scatter))?$")
 
 
 @dataclass(frozen=True, order=True)
@@ -43,6 +44,9 @@ class TileConfig:
     warpgroups  consumer warpgroups (each owns tile_n / warpgroups rows); one more produces.
     ctas_per_sm CTAs resident on each SM (the grid is SMs x ctas_per_sm); shared memory and
                 registers are sized so that they fit together. Names add ``_c<n>`` when n > 1.
+    epilogue    what the consumers do with the accumulators: "store" (the grouped GEMM), "swiglu" (gpt-oss
+                gate_up: bias + clamped SwiGLU on pack-time-paired gate/up rows) or "scatter" (MoE down:
+                bias, routing weight, rows back in token order). Names add ``_<epilogue>`` unless "store".
     """
 
     tile_n: int = 128
@@ -51,10 +55,12 @@ class TileConfig:
     stages: int = 4
     warpgroups: int = 2
     ctas_per_sm: int = 1
+    epilogue: str = "store"
 
     @property
     def name(self) -> str:
         suffix = f"_c{self.ctas_per_sm}" if self.ctas_per_sm != 1 else ""
+        suffix += f"_{self.epilogue}" if self.epilogue != "store" else ""
         return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}{suffix}"
 
     @classmethod
@@ -63,13 +69,14 @@ class TileConfig:
         if match is None:
             raise ValueError(
                 f"config name {name!r} is not of the form "
-                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>]"
+                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_swiglu|_scatter]"
             )
-        config = cls(*(int(group) for group in match.groups() if group is not None))
+        *numbers, ctas, epilogue = match.groups()
+        config = cls(*(int(v) for v in numbers), int(ctas or 1), epilogue or "store")
         config.validate()
         return config
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
     # Derived quantities the template and the launcher share.
@@ -137,7 +144,10 @@ class TileConfig:
         """Raise ValueError with the reason when the kernel cannot be built for this config."""
         for field in fields(self):
             value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if field.name == "epilogue":
+                if value not in EPILOGUES:
+                    raise ValueError(f"epilogue={value!r}: one of {EPILOGUES}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field.name} must be a positive int, got {value!r}")
         low, high = TILE_M_RANGE
         if self.tile_m % 8 or not low <= self.tile_m <= high:

@@ -99,6 +99,30 @@ def load(config: TileConfig, device: torch.device) -> LoadedKernel:
     return kernel
 
 
+@dataclass(frozen=True)
+class EpilogueArgs:
+    """The tensors and numbers an epilogue other than "store" reads (validated by the caller).
+
+    bias: bf16 [E, C] or None (SwiGLU: C = N in the original interleaved gate/up order; ScaleScatter:
+    C = N); row_scale: fp32 [rows of x]; row_dest: int32 [rows of x] (ScaleScatter); alpha, limit (SwiGLU).
+    """
+
+    bias: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None
+    row_dest: torch.Tensor | None = None
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def pointers(self) -> tuple[int, int, int, int]:
+        """(bias, row_scale, row_dest, bias_stride) as the parameter block takes them."""
+        address = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+        stride = self.bias.shape[-1] if self.bias is not None else 0
+        return address(self.bias), address(self.row_scale), address(self.row_dest), stride
+
+
+_NO_EPILOGUE = EpilogueArgs()
+
+
 # Descriptors of recent x tensors: a pure function of (address, rows, K, tile_m), so an entry can
 # never be stale; steady-state loops reuse the caching allocator's addresses and skip the encode.
 _X_MAPS: dict[tuple[int, int, int, int], bytes] = {}
@@ -130,12 +154,15 @@ def grid_size(config: TileConfig, kernel: LoadedKernel, *, rows: int, num_expert
 
 
 def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows: torch.Tensor,
-                    masked: bool, config: TileConfig, out: torch.Tensor) -> None:
+                    masked: bool, config: TileConfig, out: torch.Tensor,
+                    epilogue: EpilogueArgs = _NO_EPILOGUE) -> None:
     """Launch the SM90 kernel: ``out[rows of e] = x[rows of e] @ W_e^T`` for every expert e.
 
     x: bf16 contiguous ``[T, K]`` (contiguous mode) or ``[E, max_m, K]`` (masked mode);
     w_data: ``PackedMXFP4.data``; rows: ``offsets`` [E+1] or ``masked_m`` [E], int32 or int64;
-    out: bf16 ``[T, N]`` or ``[E, max_m, N]``. Inputs are validated by the op (mxfp4.ops).
+    out: bf16 ``[T, N]`` or ``[E, max_m, N]`` (``[T, N / 2]`` for the SwiGLU epilogue, scattered
+    rows for ScaleScatter). ``epilogue`` carries what ``config.epilogue`` reads. Inputs are validated
+    by the caller (mxfp4.ops, mxfp4.moe_layer).
     """
     total_rows = x.numel() // k
     if total_rows == 0 or n == 0:
@@ -148,9 +175,12 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
     device = x.device.index
     kernel = _loaded.get((device, config.name)) or load(config, x.device)
     x_map = encode_x_map(x_address, total_rows, k, config.tile_m)
+    bias, row_scale, row_dest, bias_stride = epilogue.pointers()
     PARAMS_STRUCT.pack_into(
         params_buffer(PARAMS_SIZE), 0, x_map, w_data.data_ptr(), out.data_ptr(), rows.data_ptr(),
         num_experts, n, n_atoms, k_atoms, max_m, total_rows, int(masked), int(rows.dtype == torch.int64),
+        bias, row_scale, row_dest, n // 2 if config.epilogue == "swiglu" else n, bias_stride,
+        epilogue.alpha, epilogue.limit,
     )
     grid = grid_size(config, kernel, rows=total_rows, num_experts=num_experts, n=n, masked=masked, max_m=max_m)
     if torch._C._cuda_getDevice() != device:

@@ -36,6 +36,14 @@ PARAM_FIELDS: tuple[ParamField, ...] = (
     ParamField("total_rows", "int32_t", "i", 4, "rows of x (and out)"),
     ParamField("masked", "int32_t", "i", 4, "1: rows = masked_m, 0: rows = offsets"),
     ParamField("rows_int64", "int32_t", "i", 4, "1 when rows is int64"),
+    # Epilogue inputs (mxfp4_epilogue.cuh); null / unused for the plain store.
+    ParamField("bias", "uint16_t const*", "Q", 8, "bf16 bias [E, bias_stride] or null"),
+    ParamField("row_scale", "float const*", "Q", 8, "ScaleScatter: fp32 factor per row of x"),
+    ParamField("row_dest", "int32_t const*", "Q", 8, "ScaleScatter: output row of each row of x"),
+    ParamField("out_cols", "int32_t", "i", 4, "columns of out: N, or N / 2 for SwiGLU"),
+    ParamField("bias_stride", "int32_t", "i", 4, "elements per expert in bias"),
+    ParamField("alpha", "float", "f", 4, "SwiGLU: sigmoid(alpha * gate)"),
+    ParamField("limit", "float", "f", 4, "SwiGLU: clamp limit"),
 )
 
 

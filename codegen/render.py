@@ -30,6 +30,10 @@ LAYOUT_CONSTANTS: tuple[tuple[str, int, str], ...] = (
 )
 
 
+# TileConfig.epilogue -> the mxfp4::Epilogue enumerator (templates/mxfp4_epilogue.cuh).
+_EPILOGUE_ENUM = {"store": "Store", "swiglu": "SwiGLU", "scatter": "ScaleScatter"}
+
+
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
@@ -53,5 +57,6 @@ def render(config: TileConfig) -> str:
         params_align=PARAMS_ALIGN,
         producer_registers=PRODUCER_REGISTERS,
         consumer_registers=config.consumer_registers,
+        epilogue=_EPILOGUE_ENUM[config.epilogue],
         entry_point=ENTRY_POINT,
     )

@@ -21,6 +21,7 @@ from typing import Any
 
 from .checkpoint import GptOssMoELayer, from_ggml, from_gpt_oss, load_gpt_oss_experts, load_gpt_oss_moe_layer, to_ggml
 from .format import dequantize, quantize
+from .gate_up import PackedGateUp, pack_gate_up, unpack_gate_up
 from .layout import PackedMXFP4, pack, unpack
 from .tensor import MXFP4Tensor
 
@@ -37,6 +38,7 @@ _USER_API = {
 
 __all__ = [
     "MXFP4Tensor",
+    "PackedGateUp",
     "PackedMXFP4",
     "dequantize",
     "from_ggml",
@@ -45,9 +47,11 @@ __all__ = [
     "load_gpt_oss_moe_layer",
     "GptOssMoELayer",
     "pack",
+    "pack_gate_up",
     "quantize",
     "to_ggml",
     "unpack",
+    "unpack_gate_up",
     *_USER_API,
 ]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .gate_up import pack_for_moe
 from .layout import PackedMXFP4, pack
 from .tensor import BLOCK_SIZE, BYTES_PER_BLOCK, MXFP4Tensor
 
@@ -115,7 +116,8 @@ def load_gpt_oss_experts(
 
 @dataclass(frozen=True)
 class GptOssMoELayer:
-    """One gpt-oss layer's experts, ready for ``mxfp4.moe``: packed ``[E, 2I, H]`` / ``[E, H, I]`` + biases."""
+    """One gpt-oss layer's experts, ready for ``mxfp4.moe``: packed ``[E, 2I, H]`` (gate/up rows paired,
+    ``mxfp4.pack_gate_up``, when I is a multiple of 8) / ``[E, H, I]`` + biases."""
 
     gate_up: PackedMXFP4
     down: PackedMXFP4
@@ -142,7 +144,7 @@ def load_gpt_oss_moe_layer(
             f"load_gpt_oss_moe_layer: layer {layer} has gate_up_proj {list(gate_up.shape)} and down_proj "
             f"{list(down.shape)}; expected [E, 2I, H] and [E, H, I]"
         )
-    return GptOssMoELayer(pack(gate_up), pack(down), loaded.get("gate_up_proj_bias"), loaded.get("down_proj_bias"))
+    return GptOssMoELayer(pack_for_moe(gate_up), pack(down), loaded.get("gate_up_proj_bias"), loaded.get("down_proj_bias"))
 
 
 def _as_uint8_tensor(data: object) -> torch.Tensor:

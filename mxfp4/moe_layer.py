@@ -32,8 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .dispatch import SM90, select_path
+from .gate_up import PackedGateUp, split_gate_up, unpack_gate_up
 from .layout import PackedMXFP4
-from .ops import debug_checks_enabled, grouped_mm
+from .ops import _direct_call, _inference_only, debug_checks_enabled, grouped_mm
 from .tensor import MXFP4Tensor
 
 ACTIVATIONS = ("gpt_oss",)
@@ -65,10 +67,10 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
     return Routing(sorted_ids, order, offsets)
 
 
-def gpt_oss_activation(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """transformers' ``GptOssExperts._apply_gate``: interleaved gate/up, clamped SwiGLU."""
-    gate = h[..., 0::2].clamp(max=limit)
-    up = h[..., 1::2].clamp(min=-limit, max=limit)
+def gpt_oss_activation(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """transformers' ``GptOssExperts._apply_gate`` on split gate / up: clamped SwiGLU."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
@@ -78,10 +80,11 @@ def gate_up_step(
 ) -> torch.Tensor:
     """Gather, gate_up GEMM, bias and activation: bf16 ``[T·k, I]`` in routed order."""
     rows = x.index_select(0, routing.order // top_k)
-    h = grouped_mm(rows, gate_up, routing.offsets).float()
-    if bias is not None:
-        h = h + bias.index_select(0, routing.sorted_ids).float()
-    return gpt_oss_activation(h, alpha, limit).to(torch.bfloat16)
+    gate, up = split_gate_up(grouped_mm(rows, gate_up, routing.offsets).float(), isinstance(gate_up, PackedGateUp))
+    if bias is not None:  # the bias keeps the interleaved order of the checkpoint
+        routed = bias.index_select(0, routing.sorted_ids).float()
+        gate, up = gate + routed[:, 0::2], up + routed[:, 1::2]
+    return gpt_oss_activation(gate, up, alpha, limit).to(torch.bfloat16)
 
 
 def down_step(a: torch.Tensor, routing: Routing, down: PackedMXFP4, bias: torch.Tensor | None) -> torch.Tensor:
@@ -189,29 +192,38 @@ def _check_scalars(alpha: object, limit: object) -> None:
 # The custom op (plain tensors and scalars) and its fake kernel.
 
 
-@torch.library.custom_op("mxfp4::moe", mutates_args=())
-def _moe_op(
+def _moe_impl(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-    gate_up_data: torch.Tensor, gate_up_n: int, gate_up_k: int,
+    gate_up_data: torch.Tensor, gate_up_n: int, gate_up_k: int, gate_up_paired: bool,
     down_data: torch.Tensor, down_n: int, down_k: int,
     gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
     activation: str, alpha: float, limit: float,
 ) -> torch.Tensor:
-    gate_up, down = PackedMXFP4(gate_up_data, gate_up_n, gate_up_k), PackedMXFP4(down_data, down_n, down_k)
+    gate_up = (PackedGateUp if gate_up_paired else PackedMXFP4)(gate_up_data, gate_up_n, gate_up_k)
+    down = PackedMXFP4(down_data, down_n, down_k)
     _check_moe(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit)
     _check_ids_values(topk_ids, gate_up.num_experts)
     if x.shape[0] == 0:
         return torch.empty_like(x)
+    choice = select_path(x.device)
+    if choice.path == SM90 and gate_up_paired:
+        from .moe_fused import moe_sm90
+
+        return moe_sm90(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, choice.device_name)
     routing = route(topk_ids, gate_up.num_experts)
     a = gate_up_step(x, routing, topk_ids.shape[1], gate_up, gate_up_bias, alpha, limit)
     y = down_step(a, routing, down, down_bias)
     return combine(y, routing, topk_weights)
 
 
+_moe_op = torch.library.custom_op("mxfp4::moe", mutates_args=())(_moe_impl)
+_moe_op.register_autograd(_inference_only("moe"))
+
+
 @_moe_op.register_fake
 def _moe_fake(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-    gate_up_data: torch.Tensor, gate_up_n: int, gate_up_k: int,
+    gate_up_data: torch.Tensor, gate_up_n: int, gate_up_k: int, gate_up_paired: bool,
     down_data: torch.Tensor, down_n: int, down_k: int,
     gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
     activation: str, alpha: float, limit: float,
@@ -241,7 +253,8 @@ def moe(
     """The gpt-oss MoE expert layer (transformers' ``GptOssExperts.forward``); see the module docstring.
 
     x: bf16 ``[T, H]``; topk_ids: int32/int64 ``[T, k]`` in ``[0, E)``; topk_weights: float32/bf16 ``[T, k]``;
-    gate_up: ``mxfp4.pack`` of ``[E, 2I, H]`` (gate/up rows interleaved, as gpt-oss stores them);
+    gate_up: ``mxfp4.pack_gate_up`` (rows paired: the fused SM90 kernels) or ``mxfp4.pack`` (the unfused
+    composition) of ``[E, 2I, H]`` with gate/up rows interleaved, as gpt-oss stores them;
     down: ``mxfp4.pack`` of ``[E, H, I]``; biases ``[E, 2I]`` / ``[E, H]`` or None. Returns bf16 ``[T, H]``.
 
     No host sync on CUDA (ids are range-checked by value only on the CPU, or after
@@ -258,10 +271,11 @@ def moe(
     _check_scalars(alpha, limit)  # before the op's schema sees them
     if not isinstance(activation, str):
         raise TypeError(f"moe: activation must be a str, got {type(activation).__name__}")
-    return torch.ops.mxfp4.moe(
-        x, topk_ids, topk_weights, gate_up.data, gate_up.n, gate_up.k, down.data, down.n, down.k,
-        gate_up_bias, down_bias, activation, float(alpha), float(limit),
+    args = (
+        x, topk_ids, topk_weights, gate_up.data, gate_up.n, gate_up.k, isinstance(gate_up, PackedGateUp),
+        down.data, down.n, down.k, gate_up_bias, down_bias, activation, float(alpha), float(limit),
     )
+    return _moe_impl(*args) if _direct_call(x) else torch.ops.mxfp4.moe(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +292,12 @@ def reference_moe_float64(
     from .format import dequantize
     from .layout import unpack
 
-    w1, w2 = (dequantize(unpack(w) if isinstance(w, PackedMXFP4) else w, torch.float64).to(x.device) for w in (gate_up, down))
+    def natural(w: PackedMXFP4 | MXFP4Tensor) -> MXFP4Tensor:
+        if isinstance(w, PackedGateUp):
+            return unpack_gate_up(w)
+        return unpack(w) if isinstance(w, PackedMXFP4) else w
+
+    w1, w2 = (dequantize(natural(w), torch.float64).to(x.device) for w in (gate_up, down))
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     for t in range(x.shape[0]):
         for j in range(topk_ids.shape[1]):

@@ -19,6 +19,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "mxfp4_decode.cuh"
+#include "mxfp4_epilogue.cuh"
 #include "mxfp4_scheduler.cuh"
 
 namespace mxfp4 {
@@ -32,8 +33,10 @@ struct alignas(64) TensorMap {
   uint64_t opaque[16];
 };
 
-template <int TileN_, int TileM_, int TileK_, int Stages_, int Warpgroups_, int ProducerRegs_, int ConsumerRegs_>
+template <int TileN_, int TileM_, int TileK_, int Stages_, int Warpgroups_, int ProducerRegs_, int ConsumerRegs_,
+          Epilogue Epilogue_>
 struct KernelConfig {
+  static constexpr Epilogue EpilogueKind = Epilogue_;
   static constexpr int TileN = TileN_;
   static constexpr int TileM = TileM_;
   static constexpr int TileK = TileK_;
@@ -65,12 +68,6 @@ __device__ __forceinline__ uint64_t x_descriptor(void const* chunk, int step) {
   desc.bitfield.base_offset_ = 0;
   desc.bitfield.layout_type_ = static_cast<uint8_t>(cute::SM90::GMMA::LayoutType::B128);
   return desc.desc_;
-}
-
-__device__ __forceinline__ uint16_t float_to_bf16(float value) {
-  uint16_t bits;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));
-  return bits;
 }
 
 template <class Mma, int N, size_t... I>
@@ -251,13 +248,21 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
     int const n0 = tile.n_tile * Cfg::TileN + (consumer * Cfg::AtomsPerWarpgroup + a) * kAtomN + 16 * warp + g;
 #pragma unroll
     for (int i = 0; i < Cfg::TileM / 8; ++i) {
+      // acc[a][4 i + r]: weight row n0 + 8 (r >> 1), x row 8 i + 2 t + (r & 1) of the tile.
+      if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        int const n = n0 + 8 * (r >> 1);
-        int const m = 8 * i + 2 * t + (r & 1);
-        if (m < m_limit && n < p.n) {
-          size_t const row = static_cast<size_t>(rows.start + m_base + m);
-          p.out[row * p.n + n] = float_to_bf16(st.acc[a][4 * i + r]);
+        for (int r = 0; r < 2; ++r) {
+          int const m = 8 * i + 2 * t + r;
+          if (m < m_limit && n0 < p.n)
+            store_swiglu(p, tile.expert, rows.start + m_base + m, n0, st.acc[a][4 * i + r], st.acc[a][4 * i + r + 2]);
+        }
+      } else {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          int const n = n0 + 8 * (r >> 1);
+          int const m = 8 * i + 2 * t + (r & 1);
+          if (m < m_limit && n < p.n)
+            store_one<Cfg::EpilogueKind>(p, tile.expert, rows.start + m_base + m, n, st.acc[a][4 * i + r]);
         }
       }
     }

@@ -19,6 +19,7 @@ from transformers import GptOssConfig, GptOssForCausalLM  # noqa: E402
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
 
+import mxfp4.integrations.transformers as integration  # noqa: E402
 from mxfp4.integrations.transformers import IMPLEMENTATION, convert_gpt_oss  # noqa: E402
 
 ACCURACY = 1e-2
@@ -131,8 +132,9 @@ def test_convert_from_checkpoint_is_bit_exact(tmp_path: Path, seed: int) -> None
     for layer, module in enumerate(experts_modules(model)):
         prefix = f"model.layers.{layer}.mlp.experts."
         for name in ("gate_up_proj", "down_proj"):
-            n, k = module._mxfp4_shapes[name]
-            back = mxfp4.unpack(mxfp4.PackedMXFP4(getattr(module, f"{name}_mxfp4"), n, k))
+            packed = integration._packed(module, name)
+            assert isinstance(packed, mxfp4.PackedGateUp) == (name == "gate_up_proj")  # paired: the fused kernels
+            back = mxfp4.unpack_gate_up(packed) if name == "gate_up_proj" else mxfp4.unpack(packed)
             assert torch.equal(back.blocks, tensors[f"{prefix}{name}_blocks"])
             assert torch.equal(back.scales, tensors[f"{prefix}{name}_scales"])
     assert relative_error(logits(model, ids), ref) <= ACCURACY, f"seed {seed}"

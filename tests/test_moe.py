@@ -22,9 +22,11 @@ class Layer:
     down_bias: torch.Tensor
 
 
-def make_layer(experts: int, hidden: int, inter: int, scale: float = 0.15, device: str = "cpu") -> Layer:
-    """Random weights (never zeros); scale sets how often the activation's clamps engage."""
-    gate_up = mxfp4.pack(mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, device=device) * scale))
+def make_layer(experts: int, hidden: int, inter: int, scale: float = 0.15, device: str = "cpu", paired: bool = False) -> Layer:
+    """Random weights (never zeros); scale sets how often the activation's clamps engage. ``paired``
+    packs gate_up with its gate/up rows paired (mxfp4.pack_gate_up: the fused SM90 kernels)."""
+    pack_gate_up = mxfp4.pack_gate_up if paired else mxfp4.pack
+    gate_up = pack_gate_up(mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, device=device) * scale))
     down = mxfp4.pack(mxfp4.quantize(torch.randn(experts, hidden, inter, device=device) * scale))
     return Layer(gate_up, down, torch.randn(experts, 2 * inter, device=device).bfloat16(), torch.randn(experts, hidden, device=device).bfloat16())
 
@@ -145,9 +147,11 @@ def test_moe_op_schema() -> None:
     layer = make_layer(2, 64, 32)
     x = torch.randn(3, 64).bfloat16()
     ids, weights = make_routing(3, 2, 1)
-    args = (x, ids, weights, layer.gate_up.data, layer.gate_up.n, layer.gate_up.k, layer.down.data, layer.down.n, layer.down.k,
-            None, None, "gpt_oss", 1.702, 7.0)
-    torch.library.opcheck(torch.ops.mxfp4.moe.default, args)
+    for paired in (False, True):
+        gate_up = mxfp4.pack_gate_up(mxfp4.unpack(layer.gate_up)) if paired else layer.gate_up
+        args = (x, ids, weights, gate_up.data, gate_up.n, gate_up.k, paired, layer.down.data, layer.down.n,
+                layer.down.k, None, None, "gpt_oss", 1.702, 7.0)
+        torch.library.opcheck(torch.ops.mxfp4.moe.default, args)
 
 
 # ---------------------------------------------------------------------------------------------

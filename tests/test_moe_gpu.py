@@ -21,11 +21,12 @@ GPT_OSS_20B = dict(experts=32, hidden=2880, inter=2880, top_k=4)
 WEIGHT_SCALE = 2880 ** -0.5
 
 
-@pytest.fixture(scope="module")
-def layer_20b() -> Layer:
+@pytest.fixture(scope="module", params=[True, False], ids=["fused", "unfused"])
+def layer_20b(request: pytest.FixtureRequest) -> Layer:
+    """gate_up paired (the fused SwiGLU / scatter kernels) or in checkpoint order (two grouped_mm + torch glue)."""
     torch.manual_seed(20)
     cfg = GPT_OSS_20B
-    return make_layer(cfg["experts"], cfg["hidden"], cfg["inter"], WEIGHT_SCALE, device="cuda")
+    return make_layer(cfg["experts"], cfg["hidden"], cfg["inter"], WEIGHT_SCALE, device="cuda", paired=request.param)
 
 
 def poison_allocator(megabytes: int = 256) -> None:
@@ -55,9 +56,10 @@ def test_moe_gpt_oss_20b_matches_float64(layer_20b: Layer, tokens: int, skew: bo
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_moe_gpu_variants_with_tails(id_dtype: torch.dtype, weight_dtype: torch.dtype, bias: bool, seed: int) -> None:
+@pytest.mark.parametrize("paired", [True, False], ids=["fused", "unfused"])
+def test_moe_gpu_variants_with_tails(id_dtype: torch.dtype, weight_dtype: torch.dtype, bias: bool, paired: bool, seed: int) -> None:
     """H and I not multiples of the 64-wide atom, empty experts (skew), int32/int64 ids, bf16/fp32 weights."""
-    layer = make_layer(8, 160, 96, 160 ** -0.5, device="cuda")
+    layer = make_layer(8, 160, 96, 160 ** -0.5, device="cuda", paired=paired)
     x = torch.randn(13, 160, device="cuda").bfloat16()
     ids, weights = make_routing(13, 8, 3, skew=True, device="cuda")
     ids, weights = ids.to(id_dtype), weights.to(weight_dtype)

@@ -30,6 +30,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 
 from ..checkpoint import load_gpt_oss_moe_layer
 from ..format import quantize
+from ..gate_up import pack_for_moe
 from ..layout import PackedMXFP4, pack
 from ..moe_layer import moe
 
@@ -44,8 +45,8 @@ def _packed(module: torch.nn.Module, name: str) -> PackedMXFP4:
             f"{type(module).__name__} has no packed MXFP4 weights; call "
             "mxfp4.integrations.transformers.convert_gpt_oss(model) before selecting 'hopper_mxfp4'"
         )
-    n, k = module._mxfp4_shapes[name]
-    return PackedMXFP4(data, n, k)
+    kind, n, k = module._mxfp4_shapes[name]  # kind: PackedGateUp when the gate/up rows are paired
+    return kind(data, n, k)
 
 
 def hopper_mxfp4_experts_forward(
@@ -70,7 +71,7 @@ ExpertsInterface.register(IMPLEMENTATION, hopper_mxfp4_experts_forward)
 def _quantized_from_module(module: GptOssExperts) -> tuple[PackedMXFP4, PackedMXFP4]:
     # The module holds [E, K, N] (x @ W); mxfp4 packs [E, N, K] with the scale blocks along K.
     with torch.no_grad():
-        gate_up = pack(quantize(module.gate_up_proj.detach().transpose(1, 2)))
+        gate_up = pack_for_moe(quantize(module.gate_up_proj.detach().transpose(1, 2)))
         down = pack(quantize(module.down_proj.detach().transpose(1, 2)))
     return gate_up, down
 
@@ -93,7 +94,7 @@ def _install(module: GptOssExperts, gate_up: PackedMXFP4, down: PackedMXFP4) -> 
     device = module.gate_up_proj.device
     module.register_buffer("gate_up_proj_mxfp4", gate_up.data.to(device), persistent=False)
     module.register_buffer("down_proj_mxfp4", down.data.to(device), persistent=False)
-    module._mxfp4_shapes = {"gate_up_proj": (gate_up.n, gate_up.k), "down_proj": (down.n, down.k)}
+    module._mxfp4_shapes = {"gate_up_proj": (type(gate_up), gate_up.n, gate_up.k), "down_proj": (type(down), down.n, down.k)}
 
 
 def convert_gpt_oss(model: torch.nn.Module, checkpoint: str | Path | None = None) -> torch.nn.Module:

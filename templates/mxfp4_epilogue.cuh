@@ -1,0 +1,61 @@
+// Epilogues of the grouped GEMM: what a consumer thread does with its fp32 accumulators.
+//
+//   Store         out[row, n] = acc                                           (the plain grouped GEMM)
+//   SwiGLU        out[row, c] = gpt-oss activation of (gate + bias, up + bias) for channel c, where the
+//                 weight's gate row of channel c and its up row were paired at pack time so that one
+//                 thread holds both (rows 16b + j and 16b + 8 + j are channel 8b + j's gate and up)
+//   ScaleScatter  out[dest[row], n] = (acc + bias[e, n]) * scale[row]         (MoE down projection:
+//                 routing weight, and rows put back in token order for the top-k combine)
+#pragma once
+
+#include <cuda/std/cstdint>
+
+namespace mxfp4 {
+
+enum class Epilogue : int { Store = 0, SwiGLU = 1, ScaleScatter = 2 };
+
+__device__ __forceinline__ uint16_t float_to_bf16(float value) {
+  uint16_t bits;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));
+  return bits;
+}
+
+__device__ __forceinline__ float bf16_to_float(uint16_t bits) {
+  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+}
+
+template <class Params>
+__device__ __forceinline__ float bias_at(Params const& p, int expert, int column) {
+  if (p.bias == nullptr) return 0.0f;
+  return bf16_to_float(p.bias[static_cast<size_t>(expert) * p.bias_stride + column]);
+}
+
+// transformers' GptOssExperts._apply_gate: gate clamped above, up clamped both ways, (up + 1) * glu.
+__device__ __forceinline__ float gpt_oss_swiglu(float gate, float up, float alpha, float limit) {
+  gate = fminf(gate, limit);
+  up = fminf(fmaxf(up, -limit), limit);
+  float const glu = gate / (1.0f + __expf(-alpha * gate));
+  return (up + 1.0f) * glu;
+}
+
+// One accumulator of weight row n and x row `row` (Store, ScaleScatter).
+template <Epilogue Kind, class Params>
+__device__ __forceinline__ void store_one(Params const& p, int expert, int row, int n, float acc) {
+  if constexpr (Kind == Epilogue::ScaleScatter) {
+    float const value = (acc + bias_at(p, expert, n)) * p.row_scale[row];
+    p.out[static_cast<size_t>(p.row_dest[row]) * p.out_cols + n] = float_to_bf16(value);
+  } else {
+    p.out[static_cast<size_t>(row) * p.out_cols + n] = float_to_bf16(acc);
+  }
+}
+
+// The paired gate (row n) and up (row n + 8) accumulators of channel c of x row `row` (SwiGLU).
+template <class Params>
+__device__ __forceinline__ void store_swiglu(Params const& p, int expert, int row, int n, float gate, float up) {
+  int const channel = (n >> 4) * 8 + (n & 7);
+  gate += bias_at(p, expert, 2 * channel);  // the bias keeps transformers' interleaved order
+  up += bias_at(p, expert, 2 * channel + 1);
+  p.out[static_cast<size_t>(row) * p.out_cols + channel] = float_to_bf16(gpt_oss_swiglu(gate, up, p.alpha, p.limit));
+}
+
+}  // namespace mxfp4
