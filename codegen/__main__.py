@@ -13,19 +13,28 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from .config import DEFAULT_CONFIGS, TileConfig
+from mxfp4.layout import ATOM_K, ATOM_N
+
+from .config import (
+    DEFAULT_CONFIGS,
+    MAX_ATOMS_PER_WARPGROUP,
+    MAX_TILE_K,
+    MIN_STAGES,
+    TILE_M_RANGE,
+    WARPGROUP_CHOICES,
+    TileConfig,
+)
+from .usage import UsageError
 
 
-class UsageError(Exception):
-    """A bad selection: exit 2 with the message."""
-
-
+# The help states the limits that TileConfig.validate() enforces, read from where they are declared.
 _FIELD_FLAGS = (
-    ("tile_n", "--tile-n", "weight rows (N) per CTA, a multiple of 64 x warpgroups"),
-    ("tile_m", "--tile-m", "tokens per CTA (WGMMA's N), a multiple of 8 in 8..256"),
-    ("tile_k", "--tile-k", "K per pipeline stage, a multiple of 64"),
-    ("stages", "--stages", "pipeline depth"),
-    ("warpgroups", "--warpgroups", "consumer warpgroups (1..3)"),
+    ("tile_n", "--tile-n", f"weight rows (N) per CTA, a multiple of {ATOM_N} x warpgroups, "
+     f"at most {MAX_ATOMS_PER_WARPGROUP} x {ATOM_N} rows per warpgroup"),
+    ("tile_m", "--tile-m", f"tokens per CTA (WGMMA's N), a multiple of 8 in {TILE_M_RANGE[0]}..{TILE_M_RANGE[1]}"),
+    ("tile_k", "--tile-k", f"K per pipeline stage, a multiple of {ATOM_K} up to {MAX_TILE_K}"),
+    ("stages", "--stages", f"pipeline depth, at least {MIN_STAGES} (shared memory bounds it)"),
+    ("warpgroups", "--warpgroups", f"consumer warpgroups, one of {', '.join(map(str, WARPGROUP_CHOICES))}"),
 )
 
 

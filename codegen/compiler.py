@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from . import cache
+from .cuda_result import as_text, unwrap
+from .render import ENTRY_POINT, render
 from .toolchain import ToolchainError, check_toolchain
 
 if TYPE_CHECKING:
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
     from .sass import SassSummary
 
 DEFAULT_ARCH = "sm_90a"
-ENTRY_POINT = "mxfp4_grouped_mm"
 ELF_MAGIC = b"\x7fELF"
 
 
@@ -200,23 +201,18 @@ def _nvrtc():
 def _error_string(nvrtc, err) -> str:
     try:
         result = nvrtc.nvrtcGetErrorString(err)
-        text = result[1] if isinstance(result, tuple) else result
-        return text.decode() if isinstance(text, bytes) else str(text)
+        return as_text(result[1] if isinstance(result, tuple) else result)
     except Exception:
         return repr(err)
 
 
 def _check(nvrtc, result, what: str, name: str, log: str = ""):
-    """cuda-bindings returns ``(err, *values)``: raise on err, else return the values."""
-    if not isinstance(result, tuple):
-        result = (result,)
-    err = result[0]
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        raise CompileError(f"{what} failed for {name}: {_error_string(nvrtc, err)}", log=log, name=name)
-    values = result[1:]
-    if len(values) == 1:
-        return values[0]
-    return values
+    """The values of an NVRTC call's ``(err, *values)``; CompileError (with ``log``) on err."""
+
+    def error(status) -> CompileError:
+        return CompileError(f"{what} failed for {name}: {_error_string(nvrtc, status)}", log=log, name=name)
+
+    return unwrap(result, nvrtc.nvrtcResult.NVRTC_SUCCESS, error)
 
 
 def _program_log(nvrtc, program, name: str) -> str:
@@ -306,7 +302,7 @@ def _plan(
     compile_options = default_options(arch) + extra + [f"-I{d}" for d in includes]
     key = cache.cache_key(
         source=source,
-        headers=cache.project_header_hashes(templates),
+        headers=cache.template_hashes(templates, cache.HEADER_SUFFIXES) if templates is not None else {},
         # Include paths differ between machines and venvs; the header *versions* stand in for
         # the system headers, the hashed contents for the project's, the paths for the user's.
         options=default_options(arch) + extra + [f"-I{d}" for d in user_includes],
@@ -419,8 +415,6 @@ def compile_source(
 def compile_kernel(config: "TileConfig", **kwargs: Any) -> CompiledKernel:
     """Render ``config`` with ``codegen.render.render`` and compile it (keyword args as compile_source)."""
     config.validate()
-    from .render import render  # the template layer; imported lazily
-
     source = render(config)
     kwargs.setdefault("entry", ENTRY_POINT)
     return compile_source(source, config.name, **kwargs)
@@ -429,8 +423,6 @@ def compile_kernel(config: "TileConfig", **kwargs: Any) -> CompiledKernel:
 def lookup_kernel(config: "TileConfig", **kwargs: Any) -> CompiledKernel | None:
     """The cached kernel of ``config``, or None (renders, never compiles)."""
     config.validate()
-    from .render import render
-
     return lookup(render(config), config.name, **kwargs)
 
 

@@ -14,6 +14,7 @@ import torch
 from cuda.bindings import driver
 
 from .config import TileConfig
+from .cuda_result import as_text, unwrap
 from .params import PARAMS_SIZE, TENSOR_MAP_BYTES, pack_params
 from .render import ENTRY_POINT
 
@@ -26,15 +27,13 @@ class DriverError(RuntimeError):
 
 def check(result: tuple, what: str):
     """Unwrap a cuda.bindings ``(CUresult, *values)`` tuple, raising with the driver's error name."""
-    error, *values = result
-    if error != driver.CUresult.CUDA_SUCCESS:
-        _, name = driver.cuGetErrorName(error)
-        _, text = driver.cuGetErrorString(error)
-        decode = lambda b: b.decode() if isinstance(b, bytes) else str(b)  # noqa: E731
-        raise DriverError(f"{what} failed: {decode(name)} ({decode(text)})")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
+
+    def error(status) -> DriverError:
+        _, name = driver.cuGetErrorName(status)
+        _, text = driver.cuGetErrorString(status)
+        return DriverError(f"{what} failed: {as_text(name)} ({as_text(text)})")
+
+    return unwrap(result, driver.CUresult.CUDA_SUCCESS, error)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mxfp4.tensor import BLOCK_SIZE
+
 H100_L2_BYTES = 50 * 1024 * 1024
 DEFAULT_MEMORY_BUDGET = 8 * 1024**3  # bytes the rotation sets may take at most (before free-memory checks)
 MAX_ROTATION_SETS = 64
@@ -312,9 +314,6 @@ def measure_bf16_peak(size: int = 8192, *, rep: int = 30) -> MachineRate:
 # Grouped GEMM arithmetic
 # ---------------------------------------------------------------------------------------------
 
-MXFP4_BLOCK = 32
-
-
 def grouped_mm_bytes(active_experts: int, n: int, k: int, tokens: int) -> int:
     """Bytes a grouped GEMM must move at least: each used expert's weights once, x once, out once.
 
@@ -322,7 +321,7 @@ def grouped_mm_bytes(active_experts: int, n: int, k: int, tokens: int) -> int:
     x: ``T K`` bf16; out: ``T N`` bf16 (``T`` = rows of x = token-expert assignments). Experts
     that get no rows need not be read. The offsets (``4 (E + 1)``) are negligible and left out.
     """
-    weights = active_experts * n * k // 2 + active_experts * n * k // MXFP4_BLOCK
+    weights = active_experts * n * k // 2 + active_experts * n * k // BLOCK_SIZE
     return weights + tokens * k * 2 + tokens * n * 2
 
 

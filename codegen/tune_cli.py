@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import TileConfig
+from .usage import UsageError
 
 EXAMPLES = """\
 examples:
@@ -32,10 +33,6 @@ The table goes to the user tuning dir ($HOPPER_MXFP4_TUNING_DIR, else ~/.cache/h
 as <gpu>.json, which mxfp4.grouped_mm consults before the shipped generated/tuning/ tables. Results
 are logged to <out>.progress.jsonl as they come: an interrupted sweep resumes where it stopped.
 """
-
-
-class UsageError(ValueError):
-    pass
 
 
 def _int_list(text: str) -> list[int]:

@@ -92,6 +92,23 @@ def test_selection():
     assert [c.name for c in both] == [named, TileConfig(tile_m=32).name]
 
 
+def test_field_help_states_the_config_limits(capsys):
+    """The flags' help reads the limits TileConfig.validate() enforces; every warpgroup count it names is accepted."""
+    from codegen.__main__ import select_configs
+    from codegen.config import MAX_TILE_K, MIN_STAGES, TILE_M_RANGE, WARPGROUP_CHOICES
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"one of {', '.join(map(str, WARPGROUP_CHOICES))}" in help_text
+    assert f"{TILE_M_RANGE[0]}..{TILE_M_RANGE[1]}" in help_text
+    assert f"up to {MAX_TILE_K}" in help_text and f"at least {MIN_STAGES}" in help_text
+    parser = build_parser()
+    for warpgroups in WARPGROUP_CHOICES:
+        argv = ["generate", "--warpgroups", str(warpgroups), "--tile-n", str(64 * warpgroups)]
+        assert select_configs(parser.parse_args(argv))[0].warpgroups == warpgroups
+
+
 # ---------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------

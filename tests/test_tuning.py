@@ -66,6 +66,19 @@ def test_space_can_be_narrowed_and_widened():
     assert 6 <= len(quick) <= 40 and set(DEFAULT_CONFIGS) <= set(quick)  # tile_n 128/256 x wg 2/4
 
 
+def test_default_space_reads_the_config_limits():
+    """The sweep's defaults are a subset of what validate() allows, computed from codegen.config."""
+    from codegen.config import MAX_ATOMS_PER_WARPGROUP, MAX_TILE_K, MIN_STAGES, TILE_M_RANGE, WARPGROUP_CHOICES
+
+    space = SearchSpace()
+    assert set(space.warpgroups) <= set(WARPGROUP_CHOICES) and space.warpgroups == (1, 2, 4)
+    assert all(TILE_M_RANGE[0] <= m <= TILE_M_RANGE[1] for m in space.tile_m)
+    assert space.tile_m == (8, 16, 32, 64, 128, 192, 256)
+    assert max(space.tile_k) <= MAX_TILE_K and space.tile_k == (64, 128, 256)
+    assert space.tile_n == tuple(64 * a for a in range(1, MAX_ATOMS_PER_WARPGROUP + 1))
+    assert min(space.stages) == MIN_STAGES and space.stages == tuple(range(2, 11))
+
+
 def test_configs_for_m_window():
     configs = tuning.enumerate_configs()
     for m in (1, 4, 16, 64, 256, 1024, 4096):
