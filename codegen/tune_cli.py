@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import TileConfig
-from .usage import UsageError
+from .cli_common import UsageError, add_verb
 
 EXAMPLES = """\
 examples:
@@ -80,18 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``tune`` verb to ``subparsers`` (from ``parser.add_subparsers()``); its handler is ``run``."""
-    parser = subparsers.add_parser(
-        "tune",
+    parser = add_verb(
+        subparsers, "tune", run,
         help="autotune the tile config per shape and tokens per expert (needs an SM90 GPU)",
         description="Compile candidate tile configs in parallel, check each against an fp32 reference, time it "
         "on the GPU with device events (median of rotating inputs larger than the L2), and write a tuning table "
         "of the fastest correct config per (E, N, K, M bucket), with the heuristic default's time for comparison. "
         "Prints a summary table and draws a PNG (with matplotlib).",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    parser.set_defaults(handler=run)
     return parser
 
 

@@ -204,6 +204,27 @@ def test_compile_prints_a_table_and_hits_the_cache(capsys):
     assert records[0]["resources"]["spill_stores"] == 0
 
 
+def test_compile_table_shows_the_dynamic_shared_memory_of_the_launch(monkeypatch, capsys):
+    """ptxas reports static shared memory (0 here); the table shows what the launch asks for."""
+    import codegen.compiler as compiler
+    import codegen.toolchain as toolchain
+    from codegen.compiler import CompiledKernel, Resources
+
+    config = DEFAULT_CONFIGS[3]
+    kernel = CompiledKernel(name=config.name, cubin=b"\x7fELF", resources=Resources(registers=168, smem_bytes=0),
+                            compile_seconds=1.0, log="", cache_hit=True)
+    monkeypatch.setattr(toolchain, "check_toolchain", lambda: toolchain.ToolchainStatus(ok=True, reason="ok"))
+    monkeypatch.setattr(compiler, "compile_many", lambda configs, **kwargs: [kernel for _ in configs])
+    assert main(["compile", "--config", config.name, "--no-sass", "-q"]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    header_cells = [cell.strip() for cell in header.split("  ") if cell.strip()]
+    assert "dyn smem B" in header_cells
+    assert row.split()[header_cells.index("dyn smem B")] == str(config.shared_memory_bytes) != "0"
+    assert main(["compile", "--config", config.name, "--no-sass", "--json", "-q"]) == 0
+    record = json.loads(capsys.readouterr().out)[0]
+    assert record["dynamic_smem_bytes"] == config.shared_memory_bytes and record["resources"]["smem_bytes"] == 0
+
+
 def test_compile_fails_without_a_toolchain(monkeypatch, capsys):
     import codegen.toolchain as toolchain
 

@@ -100,7 +100,7 @@ def _top_level_definitions() -> dict[str, list[str]]:
     "name, home",
     [
         ("ENTRY_POINT", "codegen/render.py"),
-        ("UsageError", "codegen/usage.py"),
+        ("UsageError", "codegen/cli_common.py"),
         ("BLOCK_SIZE", "mxfp4/tensor.py"),
         ("unwrap", "codegen/cuda_result.py"),
         ("template_hashes", "codegen/cache.py"),
