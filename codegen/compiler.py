@@ -442,6 +442,52 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _from_cache(configs: list["TileConfig"], results: list, bar: Any, kwargs: dict[str, Any]) -> list[int]:
+    """Fill ``results`` with the cache hits (and the configs that cannot even render); return the
+    indices still to compile."""
+    pending: list[int] = []
+    use_cache = kwargs.get("use_cache", True)
+    lookup_kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
+    for index, config in enumerate(configs):
+        try:
+            hit = lookup_kernel(config, **lookup_kwargs) if use_cache else None
+        except Exception as error:  # invalid config, render failure, missing toolchain
+            results[index] = error
+            bar.advance(config.name, ok=False)
+            continue
+        if hit is not None:
+            results[index] = hit
+            bar.advance(config.name, ok=True, note="cached")
+        else:
+            pending.append(index)
+    return pending
+
+
+def _settle(results: list, index: int, name: str, bar: Any, compile: Any) -> None:
+    """``results[index]`` = ``compile()``, or the exception it raised; one progress step either way."""
+    try:
+        kernel = results[index] = compile()
+        bar.advance(name, ok=True, note=f"{kernel.compile_seconds:.1f} s")
+    except Exception as error:  # CompileError, BrokenProcessPool, ...
+        results[index] = error
+        bar.advance(name, ok=False)
+
+
+def _compile_in_pool(configs: list["TileConfig"], pending: list[int], jobs: int, results: list, bar: Any,
+                     kwargs: dict[str, Any]) -> None:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_worker_compile, configs[i], kwargs): i for i in pending}
+        bar.working(f"{len(pending)} in {jobs} processes")
+        try:
+            for future in as_completed(futures):
+                _settle(results, futures[future], configs[futures[future]].name, bar, future.result)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def compile_many(
     configs: Iterable["TileConfig"],
     jobs: int | None = None,
@@ -459,53 +505,16 @@ def compile_many(
     configs = list(configs)
     results: list[CompiledKernel | Exception | None] = [None] * len(configs)
     bar = Progress(len(configs), label="compile", enabled=progress)
-    pending: list[int] = []
-    use_cache = kwargs.get("use_cache", True)
-    lookup_kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
-    for index, config in enumerate(configs):
-        try:
-            hit = lookup_kernel(config, **lookup_kwargs) if use_cache else None
-        except Exception as error:  # invalid config, render failure, missing toolchain
-            results[index] = error
-            bar.advance(config.name, ok=False)
-            continue
-        if hit is not None:
-            results[index] = hit
-            bar.advance(config.name, ok=True, note="cached")
-        else:
-            pending.append(index)
-
+    pending = _from_cache(configs, results, bar, kwargs)
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     jobs = min(jobs, len(pending)) if pending else 1
     try:
         if jobs <= 1:
             for index in pending:
                 bar.working(configs[index].name)
-                try:
-                    results[index] = compile_kernel(configs[index], **kwargs)
-                    bar.advance(configs[index].name, ok=True, note=f"{results[index].compile_seconds:.1f} s")
-                except Exception as error:
-                    results[index] = error
-                    bar.advance(configs[index].name, ok=False)
+                _settle(results, index, configs[index].name, bar, lambda: compile_kernel(configs[index], **kwargs))
         elif pending:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-                futures = {pool.submit(_worker_compile, configs[i], kwargs): i for i in pending}
-                bar.working(f"{len(pending)} in {jobs} processes")
-                try:
-                    for future in as_completed(futures):
-                        index = futures[future]
-                        try:
-                            kernel = future.result()
-                            results[index] = kernel
-                            bar.advance(configs[index].name, ok=True, note=f"{kernel.compile_seconds:.1f} s")
-                        except Exception as error:  # CompileError, BrokenProcessPool, ...
-                            results[index] = error
-                            bar.advance(configs[index].name, ok=False)
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+            _compile_in_pool(configs, pending, jobs, results, bar, kwargs)
     finally:
         bar.close()
-    return [result for result in results]  # type: ignore[misc]
+    return list(results)  # type: ignore[arg-type]
