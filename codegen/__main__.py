@@ -15,26 +15,19 @@ from typing import Sequence
 
 from mxfp4.layout import ATOM_K, ATOM_N
 
-from .config import (
-    DEFAULT_CONFIGS,
-    MAX_ATOMS_PER_WARPGROUP,
-    MAX_TILE_K,
-    MIN_STAGES,
-    TILE_M_RANGE,
-    WARPGROUP_CHOICES,
-    TileConfig,
-)
-from .cli_common import UsageError, add_verb
+from . import config as limits
+from .config import DEFAULT_CONFIGS, TileConfig
+from .cli_common import UsageError, add_verb, parse_each
 
 
 # The help states the limits that TileConfig.validate() enforces, read from where they are declared.
 _FIELD_FLAGS = (
     ("tile_n", "--tile-n", f"weight rows (N) per CTA, a multiple of {ATOM_N} x warpgroups, "
-     f"at most {MAX_ATOMS_PER_WARPGROUP} x {ATOM_N} rows per warpgroup"),
-    ("tile_m", "--tile-m", f"tokens per CTA (WGMMA's N), a multiple of 8 in {TILE_M_RANGE[0]}..{TILE_M_RANGE[1]}"),
-    ("tile_k", "--tile-k", f"K per pipeline stage, a multiple of {ATOM_K} up to {MAX_TILE_K}"),
-    ("stages", "--stages", f"pipeline depth, at least {MIN_STAGES} (shared memory bounds it)"),
-    ("warpgroups", "--warpgroups", f"consumer warpgroups, one of {', '.join(map(str, WARPGROUP_CHOICES))}"),
+     f"at most {limits.MAX_ATOMS_PER_WARPGROUP} x {ATOM_N} rows per warpgroup"),
+    ("tile_m", "--tile-m", "tokens per CTA (WGMMA's N), a multiple of 8 in {}..{}".format(*limits.TILE_M_RANGE)),
+    ("tile_k", "--tile-k", f"K per pipeline stage, a multiple of {ATOM_K} up to {limits.MAX_TILE_K}"),
+    ("stages", "--stages", f"pipeline depth, at least {limits.MIN_STAGES} (shared memory bounds it)"),
+    ("warpgroups", "--warpgroups", f"consumer warpgroups, one of {', '.join(map(str, limits.WARPGROUP_CHOICES))}"),
 )
 
 
@@ -54,12 +47,7 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
 
 def select_configs(args: argparse.Namespace) -> list[TileConfig]:
     """The configs a command line selects; raises UsageError with validate()'s sentence."""
-    configs: list[TileConfig] = []
-    for name in args.config:
-        try:
-            configs.append(TileConfig.from_name(name))
-        except ValueError as error:
-            raise UsageError(f"invalid config {name!r}: {error}") from None
+    configs = parse_each(args.config, TileConfig.from_name, "invalid config {text!r}")
     fields = {name: getattr(args, name) for name, _, _ in _FIELD_FLAGS if getattr(args, name) is not None}
     if fields:
         config = TileConfig(**fields)
@@ -303,34 +291,44 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+# Each verb's help, description and examples.
+_GENERATE_TEXT = dict(
+    help="write the rendered .cu sources and manifest.json to generated/",
+    description="Render the selected configs to <out>/<config>.cu plus manifest.json (sha256 of every "
+    "source and template file, nvidia-cutlass version). --check compares instead of writing and exits 1 "
+    "when the directory is stale.",
+    epilog="examples:\n  python -m codegen generate\n  python -m codegen generate --check\n"
+    "  python -m codegen generate --config n128_m64_k128_s4_wg2 --out /tmp/kernels\n"
+    "  python -m codegen generate --tile-n 256 --tile-m 32 --stages 6 --out /tmp/kernels",
+)
+_COMPILE_TEXT = dict(
+    help="compile configs to sm_90a cubins (cached) and report their resources",
+    description="Compile the selected configs with NVRTC into the disk cache (no GPU needed) and print, per "
+    "config: registers, the dynamic shared memory it launches with (dyn smem B: TileConfig.shared_memory_bytes; "
+    "ptxas's static figure stays in --json's resources), spill stores/loads, stack, compile seconds, cache hit "
+    "and, where cuobjdump + nvdisasm are installed, SASS counts (HGMMA, TMA, LDL/STL, setmaxnreg). "
+    "Exits 1 if any config fails to compile.",
+    epilog="examples:\n  python -m codegen compile\n  python -m codegen compile --config n128_m64_k128_s4_wg2 --jobs 1\n"
+    "  python -m codegen compile --tile-m 128 --stages 5 --strict\n  python -m codegen compile --json > resources.json",
+)
+_DOCTOR_TEXT = dict(
+    help="describe the machine: GPU, NVRTC, headers, cache, the path mxfp4.grouped_mm takes",
+    description="Print the GPU and its compute capability, the NVRTC version, the include directories and "
+    "header versions found (CUTLASS, CCCL, CUDA), cuobjdump/nvdisasm, the cache directory and the path "
+    "mxfp4.grouped_mm will take (the SM90 kernel or the portable torch path) and why.",
+    epilog="example:\n  python -m codegen doctor",
+)
+
+
 def _add_generate(commands) -> None:
-    generate = add_verb(
-        commands, "generate", cmd_generate,
-        help="write the rendered .cu sources and manifest.json to generated/",
-        description="Render the selected configs to <out>/<config>.cu plus manifest.json (sha256 of every "
-        "source and template file, nvidia-cutlass version). --check compares instead of writing and exits 1 "
-        "when the directory is stale.",
-        epilog="examples:\n  python -m codegen generate\n  python -m codegen generate --check\n"
-        "  python -m codegen generate --config n128_m64_k128_s4_wg2 --out /tmp/kernels\n"
-        "  python -m codegen generate --tile-n 256 --tile-m 32 --stages 6 --out /tmp/kernels",
-    )
+    generate = add_verb(commands, "generate", cmd_generate, **_GENERATE_TEXT)
     _add_selection(generate)
     generate.add_argument("--out", metavar="DIR", help="output directory (default: the repository's generated/)")
     generate.add_argument("--check", action="store_true", help="compare with DIR instead of writing; exit 1 if stale")
 
 
 def _add_compile(commands) -> None:
-    compile_ = add_verb(
-        commands, "compile", cmd_compile,
-        help="compile configs to sm_90a cubins (cached) and report their resources",
-        description="Compile the selected configs with NVRTC into the disk cache (no GPU needed) and print, per "
-        "config: registers, the dynamic shared memory it launches with (dyn smem B: TileConfig.shared_memory_bytes; "
-        "ptxas's static figure stays in --json's resources), spill stores/loads, stack, compile seconds, cache hit and, "
-        "where cuobjdump + nvdisasm are installed, SASS counts (HGMMA, TMA, LDL/STL, setmaxnreg). "
-        "Exits 1 if any config fails to compile.",
-        epilog="examples:\n  python -m codegen compile\n  python -m codegen compile --config n128_m64_k128_s4_wg2 --jobs 1\n"
-        "  python -m codegen compile --tile-m 128 --stages 5 --strict\n  python -m codegen compile --json > resources.json",
-    )
+    compile_ = add_verb(commands, "compile", cmd_compile, **_COMPILE_TEXT)
     _add_selection(compile_)
     compile_.add_argument("--jobs", "-j", type=int, default=None, metavar="N", help="parallel compiles (default: CPUs)")
     compile_.add_argument("--no-cache", action="store_true", help="recompile even when the cache has the cubin")
@@ -355,14 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     _add_generate(commands)
     _add_compile(commands)
-    add_verb(
-        commands, "doctor", cmd_doctor,
-        help="describe the machine: GPU, NVRTC, headers, cache, the path mxfp4.grouped_mm takes",
-        description="Print the GPU and its compute capability, the NVRTC version, the include directories and "
-        "header versions found (CUTLASS, CCCL, CUDA), cuobjdump/nvdisasm, the cache directory and the path "
-        "mxfp4.grouped_mm will take (the SM90 kernel or the portable torch path) and why.",
-        epilog="example:\n  python -m codegen doctor",
-    )
+    add_verb(commands, "doctor", cmd_doctor, **_DOCTOR_TEXT)
     from .tune_cli import register as register_tune
 
     register_tune(commands)

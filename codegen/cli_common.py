@@ -4,7 +4,9 @@ type of a bad command line and the way a verb is added."""
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from typing import Callable, Iterable, TypeVar
+
+T = TypeVar("T")
 
 
 class UsageError(ValueError):
@@ -21,3 +23,15 @@ def add_verb(
     )
     parser.set_defaults(handler=handler)
     return parser
+
+
+def parse_each(texts: Iterable[str], parse: Callable[[str], T], label: str) -> list[T]:
+    """``parse`` of every text; its ValueError becomes a UsageError ``"<label>: <reason>"``, where
+    ``{text!r}`` in ``label`` names the text that failed."""
+    parsed = []
+    for text in texts:
+        try:
+            parsed.append(parse(text))
+        except ValueError as error:
+            raise UsageError(f"{label.format(text=text)}: {error}") from None
+    return parsed

@@ -55,12 +55,16 @@ class Resources:
     (the grouped GEMM's pipeline is dynamic shared memory, sized by the launcher)."""
 
     registers: int = 0
+    """Registers per thread (``Used N registers``)."""
     smem_bytes: int = 0
+    """Static shared memory (``N bytes smem``); the pipeline's dynamic part is not in it."""
     spill_stores: int = 0
     spill_loads: int = 0
     stack_bytes: int = 0
+    """The stack frame; with the spills, from ``N bytes stack frame, N bytes spill stores, ...``."""
     barriers: int = 0
     cmem_bytes: int = 0
+    """Constant bank 0 (``N bytes cmem[0]``): the kernel's parameters among it."""
 
     @property
     def spills(self) -> int:
@@ -285,11 +289,11 @@ class _Plan:
 def _plan(
     source: str,
     *,
-    options: Sequence[str] | None,
-    arch: str,
-    entry: str,
-    include_dirs: Sequence[Path | str] | None,
-    templates_dir: Path | str | None,
+    options: Sequence[str] | None = None,
+    arch: str = DEFAULT_ARCH,
+    entry: str = ENTRY_POINT,
+    include_dirs: Sequence[Path | str] | None = None,
+    templates_dir: Path | str | None = None,
 ) -> _Plan:
     status = check_toolchain()
     if not status.ok:
@@ -344,50 +348,31 @@ def _from_entry(entry: cache.CacheEntry, name: str, plan: _Plan, cache_hit: bool
     )
 
 
-def lookup(
-    source: str,
-    name: str,
-    *,
-    options: Sequence[str] | None = None,
-    arch: str = DEFAULT_ARCH,
-    entry: str = ENTRY_POINT,
-    include_dirs: Sequence[Path | str] | None = None,
-    templates_dir: Path | str | None = None,
-    cache_dir: Path | str | None = None,
-) -> CompiledKernel | None:
-    """The cached kernel for this source and these options, or None (never compiles)."""
-    plan = _plan(
-        source, options=options, arch=arch, entry=entry, include_dirs=include_dirs, templates_dir=templates_dir
-    )
+def lookup(source: str, name: str, *, cache_dir: Path | str | None = None, **options: Any) -> CompiledKernel | None:
+    """The cached kernel for this source, or None (never compiles). ``options``: compile_source's
+    ``options``, ``arch``, ``entry``, ``include_dirs`` and ``templates_dir``."""
+    plan = _plan(source, **options)
     hit = cache.load(plan.key, Path(cache_dir) if cache_dir is not None else None)
     return None if hit is None else _from_entry(hit, name, plan, cache_hit=True)
 
 
 def compile_source(
-    source: str,
-    name: str,
-    *,
-    options: Sequence[str] | None = None,
-    arch: str = DEFAULT_ARCH,
-    entry: str = ENTRY_POINT,
-    include_dirs: Sequence[Path | str] | None = None,
-    templates_dir: Path | str | None = None,
-    use_cache: bool = True,
-    cache_dir: Path | str | None = None,
+    source: str, name: str, *, use_cache: bool = True, cache_dir: Path | str | None = None, **options: Any
 ) -> CompiledKernel:
     """Compile CUDA C++ ``source`` to a cubin for ``arch`` (sm_90a), or take it from the cache.
 
-    ``options``: extra NVRTC options, appended to ``default_options(arch)`` (e.g. ``["-lineinfo"]``).
-    ``entry``: the ``extern "C" __global__`` function whose ptxas report fills ``.resources``.
-    ``include_dirs``: extra include directories, searched after ``templates_dir``.
+    ``options`` (keywords, with their defaults in one place, ``_plan``):
+    ``options``: extra NVRTC options, appended to ``default_options(arch)`` (e.g. ``["-lineinfo"]``);
+    ``arch``: default ``DEFAULT_ARCH``;
+    ``entry``: the ``extern "C" __global__`` function whose ptxas report fills ``.resources``
+    (default ``ENTRY_POINT``);
+    ``include_dirs``: extra include directories, searched after ``templates_dir``;
     ``templates_dir``: the project headers (default ``codegen.paths.TEMPLATES_DIR``): on the include
     path, and the contents of every header in it are part of the cache key.
     ``use_cache=False`` always compiles (and still stores the result).
     Raises CompileError (with NVRTC's log) or codegen.toolchain.ToolchainError.
     """
-    plan = _plan(
-        source, options=options, arch=arch, entry=entry, include_dirs=include_dirs, templates_dir=templates_dir
-    )
+    plan = _plan(source, **options)
     directory = Path(cache_dir) if cache_dir is not None else None
     if use_cache:
         hit = cache.load(plan.key, directory)
@@ -395,11 +380,11 @@ def compile_source(
             return _from_entry(hit, name, plan, cache_hit=True)
 
     cubin, log, seconds = _nvrtc_compile(source, name, plan.options)
-    resources = _pick_resources(parse_ptxas_report(log), entry)
+    resources = _pick_resources(parse_ptxas_report(log), plan.entry)
     meta: dict[str, Any] = {
         "name": name,
-        "entry": entry,
-        "arch": arch,
+        "entry": plan.entry,
+        "arch": plan.arch,
         "resources": asdict(resources),
         "compile_seconds": round(seconds, 3),
         "log": log,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import TileConfig
-from .cli_common import UsageError, add_verb
+from .cli_common import UsageError, add_verb, parse_each
 
 EXAMPLES = """\
 examples:
@@ -103,24 +103,12 @@ def resolve(args: argparse.Namespace):
     shapes: list[Shape] = []
     for model in args.model:
         shapes += MODEL_SHAPES[model].values()
-    for text in args.shape:
-        try:
-            shapes.append(Shape.parse(text))
-        except ValueError as error:
-            raise UsageError(f"--shape: {error}") from None
+    shapes += parse_each(args.shape, Shape.parse, "--shape")
     if not shapes:
         raise UsageError("name what to tune: --model gpt-oss-20b|gpt-oss-120b and/or --shape E,N,K")
     shapes = list(dict.fromkeys(shapes))
     if args.configs:
-        configs = []
-        for name in args.configs.split(","):
-            name = name.strip()
-            if not name:
-                continue
-            try:
-                configs.append(TileConfig.from_name(name))
-            except ValueError as error:
-                raise UsageError(f"--configs: {error}") from None
+        configs = parse_each(filter(None, (n.strip() for n in args.configs.split(","))), TileConfig.from_name, "--configs")
         if not configs:
             raise UsageError("--configs: no config names given")
         m_filter = None

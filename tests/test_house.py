@@ -113,3 +113,13 @@ def test_a_contract_is_defined_once(name, home):
 def test_no_second_name_for_the_mxfp4_block():
     definitions = _top_level_definitions()
     assert "MXFP4_BLOCK" not in definitions and "project_header_hashes" not in definitions
+
+
+def test_parse_each_names_the_flag_and_the_text():
+    from codegen.cli_common import UsageError, parse_each
+
+    assert parse_each(["1", "2"], int, "--m") == [1, 2]
+    with pytest.raises(UsageError, match=r"^--m: invalid literal"):
+        parse_each(["1", "x"], int, "--m")
+    with pytest.raises(UsageError, match=r"^invalid config 'x': "):
+        parse_each(["x"], int, "invalid config {text!r}")
