@@ -9,23 +9,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from mxfp4.layout import ATOM_K, ATOM_N
+
+from . import config as limits
 from .config import DEFAULT_CONFIGS, TileConfig
+from .cli_common import UsageError, add_verb, parse_each
 
 
-class UsageError(Exception):
-    """A bad selection: exit 2 with the message."""
-
-
+# The help states the limits that TileConfig.validate() enforces, read from where they are declared.
 _FIELD_FLAGS = (
-    ("tile_n", "--tile-n", "weight rows (N) per CTA, a multiple of 64 x warpgroups"),
-    ("tile_m", "--tile-m", "tokens per CTA (WGMMA's N), a multiple of 8 in 8..256"),
-    ("tile_k", "--tile-k", "K per pipeline stage, a multiple of 64"),
-    ("stages", "--stages", "pipeline depth"),
-    ("warpgroups", "--warpgroups", "consumer warpgroups (1..3)"),
+    ("tile_n", "--tile-n", f"weight rows (N) per CTA, a multiple of {ATOM_N} x warpgroups, "
+     f"at most {limits.MAX_ATOMS_PER_WARPGROUP} x {ATOM_N} rows per warpgroup"),
+    ("tile_m", "--tile-m", "tokens per CTA (WGMMA's N), a multiple of 8 in {}..{}".format(*limits.TILE_M_RANGE)),
+    ("tile_k", "--tile-k", f"K per pipeline stage, a multiple of {ATOM_K} up to {limits.MAX_TILE_K}"),
+    ("stages", "--stages", f"pipeline depth, at least {limits.MIN_STAGES} (shared memory bounds it)"),
+    ("warpgroups", "--warpgroups", f"consumer warpgroups, one of {', '.join(map(str, limits.WARPGROUP_CHOICES))}"),
 )
 
 
@@ -45,12 +47,7 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
 
 def select_configs(args: argparse.Namespace) -> list[TileConfig]:
     """The configs a command line selects; raises UsageError with validate()'s sentence."""
-    configs: list[TileConfig] = []
-    for name in args.config:
-        try:
-            configs.append(TileConfig.from_name(name))
-        except ValueError as error:
-            raise UsageError(f"invalid config {name!r}: {error}") from None
+    configs = parse_each(args.config, TileConfig.from_name, "invalid config {text!r}")
     fields = {name: getattr(args, name) for name, _, _ in _FIELD_FLAGS if getattr(args, name) is not None}
     if fields:
         config = TileConfig(**fields)
@@ -106,9 +103,73 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+_COMPILE_COLUMNS = ["config", "regs", "dyn smem B", "spill st/ld", "stack", "compile s", "cache"]
+_SASS_COLUMNS = ["HGMMA", "TMA", "LDL/STL", "setmaxnreg"]
+
+
+@dataclass
+class _CompileReport:
+    """The compile verb's output: table rows, JSON records, warnings and the configs that failed."""
+
+    with_sass: bool
+    rows: list[list[str]] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    failures: list[tuple[TileConfig, BaseException]] = field(default_factory=list)
+
+    @property
+    def header(self) -> list[str]:
+        return _COMPILE_COLUMNS + (_SASS_COLUMNS if self.with_sass else [])
+
+    def add(self, config: TileConfig, result) -> None:
+        from .compiler import CompiledKernel
+
+        if not isinstance(result, CompiledKernel):
+            self.failures.append((config, result))
+            self.rows.append([config.name, "FAILED"] + [""] * (len(self.header) - 2))
+            self.records.append({"config": config.name, "ok": False, "error": str(result)})
+            return
+        r = result.resources
+        # The shared memory a launch asks for is the config's dynamic size (ptxas reports static only).
+        row = [config.name, str(r.registers), str(config.shared_memory_bytes), f"{r.spill_stores}/{r.spill_loads}",
+               str(r.stack_bytes), f"{result.compile_seconds:.1f}", "hit" if result.cache_hit else "miss"]
+        record = {
+            "config": config.name, "ok": True, "resources": asdict(r), "dynamic_smem_bytes": config.shared_memory_bytes,
+            "compile_seconds": result.compile_seconds, "cache_hit": result.cache_hit, "cubin_bytes": len(result.cubin),
+            "ptxas_notes": list(result.ptxas_notes),
+        }
+        if r.spills or r.stack_bytes:
+            self.problems.append(f"{config.name}: {r.spill_stores} B spill stores, {r.spill_loads} B spill loads, {r.stack_bytes} B stack")
+        if self.with_sass:
+            row += self._sass_cells(config, result, record)
+        self.rows.append(row)
+        self.records.append(record)
+
+    def _sass_cells(self, config: TileConfig, result, record: dict) -> list[str]:
+        from .sass import SassUnavailable
+
+        try:
+            sass = result.sass()
+        except (SassUnavailable, RuntimeError, OSError) as error:
+            record["sass_error"] = str(error)
+            return ["?"] * len(_SASS_COLUMNS)
+        record["sass"] = {k: v for k, v in asdict(sass).items() if k != "opcodes"}
+        if sass.local_memory:
+            self.problems.append(f"{config.name}: {sass.ldl} LDL / {sass.stl} STL (local memory)")
+        return [str(sass.hgmma), str(sass.tma), f"{sass.ldl}/{sass.stl}", "yes" if sass.setmaxnreg else "no"]
+
+
+def _print_failure(config: TileConfig, error: BaseException, verbose: bool) -> None:
+    text = str(error)
+    if not verbose:
+        lines = text.splitlines()
+        text = "\n".join(lines[:25] + ([f"... ({len(lines) - 25} more lines; --verbose shows all)"] if len(lines) > 25 else []))
+    print(f"error: {config.name}: {type(error).__name__}: {text}", file=sys.stderr)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from .compiler import CompiledKernel, compile_many
-    from .sass import SassUnavailable, sass_unavailable_reason
+    from .sass import sass_unavailable_reason
     from .toolchain import check_toolchain
 
     configs = select_configs(args)
@@ -116,82 +177,28 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not status.ok:
         print(f"error: the toolchain is not usable: {status.reason}", file=sys.stderr)
         return 1
-    if status.warnings:
-        for warning in status.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-    options = {"use_cache": not args.no_cache}
-    if args.lineinfo:
-        options["options"] = ["-lineinfo"]
+    for warning in status.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    options = {"use_cache": not args.no_cache, **({"options": ["-lineinfo"]} if args.lineinfo else {})}
     results = compile_many(configs, jobs=args.jobs, progress=not args.quiet, **options)
-
     no_sass = None if args.no_sass else sass_unavailable_reason()
-    header = ["config", "regs", "smem", "spill st/ld", "stack", "compile s", "cache"]
-    if not args.no_sass and no_sass is None:
-        header += ["HGMMA", "TMA", "LDL/STL", "setmaxnreg"]
-    rows, failures, problems, records = [], [], [], []
+    report = _CompileReport(with_sass=not args.no_sass and no_sass is None)
     for config, result in zip(configs, results):
-        if not isinstance(result, CompiledKernel):
-            failures.append((config, result))
-            rows.append([config.name, "FAILED"] + [""] * (len(header) - 2))
-            records.append({"config": config.name, "ok": False, "error": str(result)})
-            continue
-        r = result.resources
-        row = [
-            config.name,
-            str(r.registers),
-            str(r.smem_bytes),
-            f"{r.spill_stores}/{r.spill_loads}",
-            str(r.stack_bytes),
-            f"{result.compile_seconds:.1f}",
-            "hit" if result.cache_hit else "miss",
-        ]
-        record = {
-            "config": config.name,
-            "ok": True,
-            "resources": asdict(r),
-            "compile_seconds": result.compile_seconds,
-            "cache_hit": result.cache_hit,
-            "cubin_bytes": len(result.cubin),
-            "ptxas_notes": list(result.ptxas_notes),
-        }
-        if r.spills or r.stack_bytes:
-            problems.append(f"{config.name}: {r.spill_stores} B spill stores, {r.spill_loads} B spill loads, {r.stack_bytes} B stack")
-        if len(header) > 7:
-            try:
-                sass = result.sass()
-                row += [str(sass.hgmma), str(sass.tma), f"{sass.ldl}/{sass.stl}", "yes" if sass.setmaxnreg else "no"]
-                record["sass"] = {k: v for k, v in asdict(sass).items() if k != "opcodes"}
-                if sass.local_memory:
-                    problems.append(f"{config.name}: {sass.ldl} LDL / {sass.stl} STL (local memory)")
-            except (SassUnavailable, RuntimeError, OSError) as error:
-                row += ["?"] * 4
-                record["sass_error"] = str(error)
-        rows.append(row)
-        records.append(record)
-
+        report.add(config, result)
     if args.json:
-        print(json.dumps(records, indent=2))
+        print(json.dumps(report.records, indent=2))
     else:
-        print(_table(rows, header))
+        print(_table(report.rows, report.header))
         if no_sass and not args.no_sass:
             print(f"(no SASS columns: {no_sass})")
         for config, result in zip(configs, results):
-            if isinstance(result, CompiledKernel):
-                for note in result.ptxas_notes:
-                    print(f"{config.name}: {note}")
-    for message in problems:
+            for note in result.ptxas_notes if isinstance(result, CompiledKernel) else ():
+                print(f"{config.name}: {note}")
+    for message in report.problems:
         print(f"warning: {message}", file=sys.stderr)
-    for config, error in failures:
-        text = str(error)
-        if not args.verbose:
-            lines = text.splitlines()
-            text = "\n".join(lines[:25] + ([f"... ({len(lines) - 25} more lines; --verbose shows all)"] if len(lines) > 25 else []))
-        print(f"error: {config.name}: {type(error).__name__}: {text}", file=sys.stderr)
-    if failures:
-        return 1
-    if args.strict and problems:
-        return 1
-    return 0
+    for config, error in report.failures:
+        _print_failure(config, error, args.verbose)
+    return 1 if report.failures or (args.strict and report.problems) else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,46 +291,44 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="python -m codegen",
-        description="hopper-mxfp4 kernel generator: render, compile and inspect the SM90 MXFP4 grouped GEMM.",
-        epilog="examples:\n  python -m codegen doctor\n  python -m codegen generate --check\n"
-        "  python -m codegen compile --config n128_m64_k128_s4_wg2\n"
-        "  python -m codegen tune --model gpt-oss-20b --m 1,16,256\n  python -m codegen bench --quick",
-        formatter_class=formatter,
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
+# Each verb's help, description and examples.
+_GENERATE_TEXT = dict(
+    help="write the rendered .cu sources and manifest.json to generated/",
+    description="Render the selected configs to <out>/<config>.cu plus manifest.json (sha256 of every "
+    "source and template file, nvidia-cutlass version). --check compares instead of writing and exits 1 "
+    "when the directory is stale.",
+    epilog="examples:\n  python -m codegen generate\n  python -m codegen generate --check\n"
+    "  python -m codegen generate --config n128_m64_k128_s4_wg2 --out /tmp/kernels\n"
+    "  python -m codegen generate --tile-n 256 --tile-m 32 --stages 6 --out /tmp/kernels",
+)
+_COMPILE_TEXT = dict(
+    help="compile configs to sm_90a cubins (cached) and report their resources",
+    description="Compile the selected configs with NVRTC into the disk cache (no GPU needed) and print, per "
+    "config: registers, the dynamic shared memory it launches with (dyn smem B: TileConfig.shared_memory_bytes; "
+    "ptxas's static figure stays in --json's resources), spill stores/loads, stack, compile seconds, cache hit "
+    "and, where cuobjdump + nvdisasm are installed, SASS counts (HGMMA, TMA, LDL/STL, setmaxnreg). "
+    "Exits 1 if any config fails to compile.",
+    epilog="examples:\n  python -m codegen compile\n  python -m codegen compile --config n128_m64_k128_s4_wg2 --jobs 1\n"
+    "  python -m codegen compile --tile-m 128 --stages 5 --strict\n  python -m codegen compile --json > resources.json",
+)
+_DOCTOR_TEXT = dict(
+    help="describe the machine: GPU, NVRTC, headers, cache, the path mxfp4.grouped_mm takes",
+    description="Print the GPU and its compute capability, the NVRTC version, the include directories and "
+    "header versions found (CUTLASS, CCCL, CUDA), cuobjdump/nvdisasm, the cache directory and the path "
+    "mxfp4.grouped_mm will take (the SM90 kernel or the portable torch path) and why.",
+    epilog="example:\n  python -m codegen doctor",
+)
 
-    generate = commands.add_parser(
-        "generate",
-        help="write the rendered .cu sources and manifest.json to generated/",
-        description="Render the selected configs to <out>/<config>.cu plus manifest.json (sha256 of every "
-        "source and template file, nvidia-cutlass version). --check compares instead of writing and exits 1 "
-        "when the directory is stale.",
-        epilog="examples:\n  python -m codegen generate\n  python -m codegen generate --check\n"
-        "  python -m codegen generate --config n128_m64_k128_s4_wg2 --out /tmp/kernels\n"
-        "  python -m codegen generate --tile-n 256 --tile-m 32 --stages 6 --out /tmp/kernels",
-        formatter_class=formatter,
-    )
+
+def _add_generate(commands) -> None:
+    generate = add_verb(commands, "generate", cmd_generate, **_GENERATE_TEXT)
     _add_selection(generate)
     generate.add_argument("--out", metavar="DIR", help="output directory (default: the repository's generated/)")
     generate.add_argument("--check", action="store_true", help="compare with DIR instead of writing; exit 1 if stale")
-    generate.set_defaults(handler=cmd_generate)
 
-    compile_ = commands.add_parser(
-        "compile",
-        help="compile configs to sm_90a cubins (cached) and report their resources",
-        description="Compile the selected configs with NVRTC into the disk cache (no GPU needed) and print, per "
-        "config: registers, static shared memory, spill stores/loads, stack, compile seconds, cache hit and, "
-        "where cuobjdump + nvdisasm are installed, SASS counts (HGMMA, TMA, LDL/STL, setmaxnreg). "
-        "Exits 1 if any config fails to compile.",
-        epilog="examples:\n  python -m codegen compile\n  python -m codegen compile --config n128_m64_k128_s4_wg2 --jobs 1\n"
-        "  python -m codegen compile --tile-m 128 --stages 5 --strict\n  python -m codegen compile --json > resources.json",
-        formatter_class=formatter,
-    )
+
+def _add_compile(commands) -> None:
+    compile_ = add_verb(commands, "compile", cmd_compile, **_COMPILE_TEXT)
     _add_selection(compile_)
     compile_.add_argument("--jobs", "-j", type=int, default=None, metavar="N", help="parallel compiles (default: CPUs)")
     compile_.add_argument("--no-cache", action="store_true", help="recompile even when the cache has the cubin")
@@ -333,19 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--json", action="store_true", help="print JSON records instead of the table")
     compile_.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     compile_.add_argument("--verbose", "-v", action="store_true", help="print NVRTC's whole log on failure")
-    compile_.set_defaults(handler=cmd_compile)
 
-    doctor = commands.add_parser(
-        "doctor",
-        help="describe the machine: GPU, NVRTC, headers, cache, the path mxfp4.grouped_mm takes",
-        description="Print the GPU and its compute capability, the NVRTC version, the include directories and "
-        "header versions found (CUTLASS, CCCL, CUDA), cuobjdump/nvdisasm, the cache directory and the path "
-        "mxfp4.grouped_mm will take (the SM90 kernel or the portable torch path) and why.",
-        epilog="example:\n  python -m codegen doctor",
-        formatter_class=formatter,
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m codegen",
+        description="hopper-mxfp4 kernel generator: render, compile and inspect the SM90 MXFP4 grouped GEMM.",
+        epilog="examples:\n  python -m codegen doctor\n  python -m codegen generate --check\n"
+        "  python -m codegen compile --config n128_m64_k128_s4_wg2\n"
+        "  python -m codegen tune --model gpt-oss-20b --m 1,16,256\n  python -m codegen bench --quick",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    doctor.set_defaults(handler=cmd_doctor)
-
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    _add_generate(commands)
+    _add_compile(commands)
+    add_verb(commands, "doctor", cmd_doctor, **_DOCTOR_TEXT)
     from .tune_cli import register as register_tune
 
     register_tune(commands)

@@ -55,15 +55,27 @@ def sha256_text(text: str) -> str:
     return sha256_bytes(text.encode())
 
 
-def project_header_hashes(templates_dir: Path | None) -> dict[str, str]:
-    """``{relative path: sha256 of contents}`` of every project header under ``templates_dir``."""
-    if templates_dir is None or not Path(templates_dir).is_dir():
-        return {}
+def template_hashes(templates_dir: Path | str | None = None, suffixes: tuple[str, ...] | None = None) -> dict[str, str]:
+    """``{relative path: sha256 of contents}`` of the files under ``templates_dir`` (default: the project's
+    ``templates/``), leaving out hidden files and Python files; ``suffixes`` keeps only those endings
+    (``HEADER_SUFFIXES``: the headers a compile may include, the cache key's part). {} for no directory.
+
+    The one hashing of the templates: the cache key and ``generate``'s manifest both read it."""
+    if templates_dir is None:
+        from .paths import TEMPLATES_DIR
+
+        templates_dir = TEMPLATES_DIR
     root = Path(templates_dir)
-    hashes = {}
+    if not root.is_dir():
+        return {}
+    hashes: dict[str, str] = {}
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in HEADER_SUFFIXES:
-            hashes[path.relative_to(root).as_posix()] = sha256_bytes(path.read_bytes())
+        relative = path.relative_to(root)
+        if not path.is_file() or any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
+            continue
+        if path.suffix in (".py", ".pyc") or (suffixes is not None and path.suffix not in suffixes):
+            continue
+        hashes[relative.as_posix()] = sha256_bytes(path.read_bytes())
     return hashes
 
 
@@ -76,7 +88,7 @@ def cache_key(
     arch: str,
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """sha256 over everything that decides the cubin. ``headers`` is ``project_header_hashes(...)``."""
+    """sha256 over everything that decides the cubin. ``headers`` is ``template_hashes(dir, HEADER_SUFFIXES)``."""
     material = {
         "format": CACHE_FORMAT,
         "source": sha256_text(source),

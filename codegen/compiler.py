@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from . import cache
+from .cuda_result import as_text, unwrap
+from .render import ENTRY_POINT, render
 from .toolchain import ToolchainError, check_toolchain
 
 if TYPE_CHECKING:
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
     from .sass import SassSummary
 
 DEFAULT_ARCH = "sm_90a"
-ENTRY_POINT = "mxfp4_grouped_mm"
 ELF_MAGIC = b"\x7fELF"
 
 
@@ -54,12 +55,16 @@ class Resources:
     (the grouped GEMM's pipeline is dynamic shared memory, sized by the launcher)."""
 
     registers: int = 0
+    """Registers per thread (``Used N registers``)."""
     smem_bytes: int = 0
+    """Static shared memory (``N bytes smem``); the pipeline's dynamic part is not in it."""
     spill_stores: int = 0
     spill_loads: int = 0
     stack_bytes: int = 0
+    """The stack frame; with the spills, from ``N bytes stack frame, N bytes spill stores, ...``."""
     barriers: int = 0
     cmem_bytes: int = 0
+    """Constant bank 0 (``N bytes cmem[0]``): the kernel's parameters among it."""
 
     @property
     def spills(self) -> int:
@@ -200,23 +205,18 @@ def _nvrtc():
 def _error_string(nvrtc, err) -> str:
     try:
         result = nvrtc.nvrtcGetErrorString(err)
-        text = result[1] if isinstance(result, tuple) else result
-        return text.decode() if isinstance(text, bytes) else str(text)
+        return as_text(result[1] if isinstance(result, tuple) else result)
     except Exception:
         return repr(err)
 
 
 def _check(nvrtc, result, what: str, name: str, log: str = ""):
-    """cuda-bindings returns ``(err, *values)``: raise on err, else return the values."""
-    if not isinstance(result, tuple):
-        result = (result,)
-    err = result[0]
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        raise CompileError(f"{what} failed for {name}: {_error_string(nvrtc, err)}", log=log, name=name)
-    values = result[1:]
-    if len(values) == 1:
-        return values[0]
-    return values
+    """The values of an NVRTC call's ``(err, *values)``; CompileError (with ``log``) on err."""
+
+    def error(status) -> CompileError:
+        return CompileError(f"{what} failed for {name}: {_error_string(nvrtc, status)}", log=log, name=name)
+
+    return unwrap(result, nvrtc.nvrtcResult.NVRTC_SUCCESS, error)
 
 
 def _program_log(nvrtc, program, name: str) -> str:
@@ -289,11 +289,11 @@ class _Plan:
 def _plan(
     source: str,
     *,
-    options: Sequence[str] | None,
-    arch: str,
-    entry: str,
-    include_dirs: Sequence[Path | str] | None,
-    templates_dir: Path | str | None,
+    options: Sequence[str] | None = None,
+    arch: str = DEFAULT_ARCH,
+    entry: str = ENTRY_POINT,
+    include_dirs: Sequence[Path | str] | None = None,
+    templates_dir: Path | str | None = None,
 ) -> _Plan:
     status = check_toolchain()
     if not status.ok:
@@ -306,7 +306,7 @@ def _plan(
     compile_options = default_options(arch) + extra + [f"-I{d}" for d in includes]
     key = cache.cache_key(
         source=source,
-        headers=cache.project_header_hashes(templates),
+        headers=cache.template_hashes(templates, cache.HEADER_SUFFIXES) if templates is not None else {},
         # Include paths differ between machines and venvs; the header *versions* stand in for
         # the system headers, the hashed contents for the project's, the paths for the user's.
         options=default_options(arch) + extra + [f"-I{d}" for d in user_includes],
@@ -348,50 +348,31 @@ def _from_entry(entry: cache.CacheEntry, name: str, plan: _Plan, cache_hit: bool
     )
 
 
-def lookup(
-    source: str,
-    name: str,
-    *,
-    options: Sequence[str] | None = None,
-    arch: str = DEFAULT_ARCH,
-    entry: str = ENTRY_POINT,
-    include_dirs: Sequence[Path | str] | None = None,
-    templates_dir: Path | str | None = None,
-    cache_dir: Path | str | None = None,
-) -> CompiledKernel | None:
-    """The cached kernel for this source and these options, or None (never compiles)."""
-    plan = _plan(
-        source, options=options, arch=arch, entry=entry, include_dirs=include_dirs, templates_dir=templates_dir
-    )
+def lookup(source: str, name: str, *, cache_dir: Path | str | None = None, **options: Any) -> CompiledKernel | None:
+    """The cached kernel for this source, or None (never compiles). ``options``: compile_source's
+    ``options``, ``arch``, ``entry``, ``include_dirs`` and ``templates_dir``."""
+    plan = _plan(source, **options)
     hit = cache.load(plan.key, Path(cache_dir) if cache_dir is not None else None)
     return None if hit is None else _from_entry(hit, name, plan, cache_hit=True)
 
 
 def compile_source(
-    source: str,
-    name: str,
-    *,
-    options: Sequence[str] | None = None,
-    arch: str = DEFAULT_ARCH,
-    entry: str = ENTRY_POINT,
-    include_dirs: Sequence[Path | str] | None = None,
-    templates_dir: Path | str | None = None,
-    use_cache: bool = True,
-    cache_dir: Path | str | None = None,
+    source: str, name: str, *, use_cache: bool = True, cache_dir: Path | str | None = None, **options: Any
 ) -> CompiledKernel:
     """Compile CUDA C++ ``source`` to a cubin for ``arch`` (sm_90a), or take it from the cache.
 
-    ``options``: extra NVRTC options, appended to ``default_options(arch)`` (e.g. ``["-lineinfo"]``).
-    ``entry``: the ``extern "C" __global__`` function whose ptxas report fills ``.resources``.
-    ``include_dirs``: extra include directories, searched after ``templates_dir``.
+    ``options`` (keywords, with their defaults in one place, ``_plan``):
+    ``options``: extra NVRTC options, appended to ``default_options(arch)`` (e.g. ``["-lineinfo"]``);
+    ``arch``: default ``DEFAULT_ARCH``;
+    ``entry``: the ``extern "C" __global__`` function whose ptxas report fills ``.resources``
+    (default ``ENTRY_POINT``);
+    ``include_dirs``: extra include directories, searched after ``templates_dir``;
     ``templates_dir``: the project headers (default ``codegen.paths.TEMPLATES_DIR``): on the include
     path, and the contents of every header in it are part of the cache key.
     ``use_cache=False`` always compiles (and still stores the result).
     Raises CompileError (with NVRTC's log) or codegen.toolchain.ToolchainError.
     """
-    plan = _plan(
-        source, options=options, arch=arch, entry=entry, include_dirs=include_dirs, templates_dir=templates_dir
-    )
+    plan = _plan(source, **options)
     directory = Path(cache_dir) if cache_dir is not None else None
     if use_cache:
         hit = cache.load(plan.key, directory)
@@ -399,11 +380,11 @@ def compile_source(
             return _from_entry(hit, name, plan, cache_hit=True)
 
     cubin, log, seconds = _nvrtc_compile(source, name, plan.options)
-    resources = _pick_resources(parse_ptxas_report(log), entry)
+    resources = _pick_resources(parse_ptxas_report(log), plan.entry)
     meta: dict[str, Any] = {
         "name": name,
-        "entry": entry,
-        "arch": arch,
+        "entry": plan.entry,
+        "arch": plan.arch,
         "resources": asdict(resources),
         "compile_seconds": round(seconds, 3),
         "log": log,
@@ -419,8 +400,6 @@ def compile_source(
 def compile_kernel(config: "TileConfig", **kwargs: Any) -> CompiledKernel:
     """Render ``config`` with ``codegen.render.render`` and compile it (keyword args as compile_source)."""
     config.validate()
-    from .render import render  # the template layer; imported lazily
-
     source = render(config)
     kwargs.setdefault("entry", ENTRY_POINT)
     return compile_source(source, config.name, **kwargs)
@@ -429,8 +408,6 @@ def compile_kernel(config: "TileConfig", **kwargs: Any) -> CompiledKernel:
 def lookup_kernel(config: "TileConfig", **kwargs: Any) -> CompiledKernel | None:
     """The cached kernel of ``config``, or None (renders, never compiles)."""
     config.validate()
-    from .render import render
-
     return lookup(render(config), config.name, **kwargs)
 
 
@@ -450,6 +427,52 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _from_cache(configs: list["TileConfig"], results: list, bar: Any, kwargs: dict[str, Any]) -> list[int]:
+    """Fill ``results`` with the cache hits (and the configs that cannot even render); return the
+    indices still to compile."""
+    pending: list[int] = []
+    use_cache = kwargs.get("use_cache", True)
+    lookup_kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
+    for index, config in enumerate(configs):
+        try:
+            hit = lookup_kernel(config, **lookup_kwargs) if use_cache else None
+        except Exception as error:  # invalid config, render failure, missing toolchain
+            results[index] = error
+            bar.advance(config.name, ok=False)
+            continue
+        if hit is not None:
+            results[index] = hit
+            bar.advance(config.name, ok=True, note="cached")
+        else:
+            pending.append(index)
+    return pending
+
+
+def _settle(results: list, index: int, name: str, bar: Any, compile: Any) -> None:
+    """``results[index]`` = ``compile()``, or the exception it raised; one progress step either way."""
+    try:
+        kernel = results[index] = compile()
+        bar.advance(name, ok=True, note=f"{kernel.compile_seconds:.1f} s")
+    except Exception as error:  # CompileError, BrokenProcessPool, ...
+        results[index] = error
+        bar.advance(name, ok=False)
+
+
+def _compile_in_pool(configs: list["TileConfig"], pending: list[int], jobs: int, results: list, bar: Any,
+                     kwargs: dict[str, Any]) -> None:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_worker_compile, configs[i], kwargs): i for i in pending}
+        bar.working(f"{len(pending)} in {jobs} processes")
+        try:
+            for future in as_completed(futures):
+                _settle(results, futures[future], configs[futures[future]].name, bar, future.result)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def compile_many(
     configs: Iterable["TileConfig"],
     jobs: int | None = None,
@@ -467,53 +490,16 @@ def compile_many(
     configs = list(configs)
     results: list[CompiledKernel | Exception | None] = [None] * len(configs)
     bar = Progress(len(configs), label="compile", enabled=progress)
-    pending: list[int] = []
-    use_cache = kwargs.get("use_cache", True)
-    lookup_kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
-    for index, config in enumerate(configs):
-        try:
-            hit = lookup_kernel(config, **lookup_kwargs) if use_cache else None
-        except Exception as error:  # invalid config, render failure, missing toolchain
-            results[index] = error
-            bar.advance(config.name, ok=False)
-            continue
-        if hit is not None:
-            results[index] = hit
-            bar.advance(config.name, ok=True, note="cached")
-        else:
-            pending.append(index)
-
+    pending = _from_cache(configs, results, bar, kwargs)
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     jobs = min(jobs, len(pending)) if pending else 1
     try:
         if jobs <= 1:
             for index in pending:
                 bar.working(configs[index].name)
-                try:
-                    results[index] = compile_kernel(configs[index], **kwargs)
-                    bar.advance(configs[index].name, ok=True, note=f"{results[index].compile_seconds:.1f} s")
-                except Exception as error:
-                    results[index] = error
-                    bar.advance(configs[index].name, ok=False)
+                _settle(results, index, configs[index].name, bar, lambda: compile_kernel(configs[index], **kwargs))
         elif pending:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-                futures = {pool.submit(_worker_compile, configs[i], kwargs): i for i in pending}
-                bar.working(f"{len(pending)} in {jobs} processes")
-                try:
-                    for future in as_completed(futures):
-                        index = futures[future]
-                        try:
-                            kernel = future.result()
-                            results[index] = kernel
-                            bar.advance(configs[index].name, ok=True, note=f"{kernel.compile_seconds:.1f} s")
-                        except Exception as error:  # CompileError, BrokenProcessPool, ...
-                            results[index] = error
-                            bar.advance(configs[index].name, ok=False)
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+            _compile_in_pool(configs, pending, jobs, results, bar, kwargs)
     finally:
         bar.close()
-    return [result for result in results]  # type: ignore[misc]
+    return list(results)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from .cache import sha256_bytes, sha256_text
+from .cache import sha256_text, template_hashes  # the manifest's template hashes: every file, .j2 included
 from .config import TileConfig
 
 MANIFEST = "manifest.json"
@@ -27,28 +27,6 @@ def _default_out_dir() -> Path:
     from .paths import GENERATED_DIR
 
     return Path(GENERATED_DIR)
-
-
-def _templates_dir() -> Path:
-    from .paths import TEMPLATES_DIR
-
-    return Path(TEMPLATES_DIR)
-
-
-def template_hashes(templates_dir: Path | None = None) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file of the templates directory (the .j2 and the headers)."""
-    root = Path(templates_dir) if templates_dir is not None else _templates_dir()
-    hashes: dict[str, str] = {}
-    if not root.is_dir():
-        return hashes
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if not path.is_file() or any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
-            continue
-        if path.suffix in (".pyc", ".py"):
-            continue
-        hashes[relative.as_posix()] = sha256_bytes(path.read_bytes())
-    return hashes
 
 
 def _cutlass_version() -> str | None:

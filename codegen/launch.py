@@ -15,6 +15,7 @@ import torch
 from cuda.bindings import driver
 
 from .config import TileConfig
+from .cuda_result import as_text, unwrap
 from .fast_driver import DriverError, encode_bf16_2d_map, launch, params_buffer
 from .params import PARAMS_SIZE, PARAMS_STRUCT
 from .render import ENTRY_POINT
@@ -24,15 +25,13 @@ _X_BOX_K = 64  # one 128-byte swizzled row of bf16
 
 def check(result: tuple, what: str):
     """Unwrap a cuda.bindings ``(CUresult, *values)`` tuple, raising with the driver's error name."""
-    error, *values = result
-    if error != driver.CUresult.CUDA_SUCCESS:
-        _, name = driver.cuGetErrorName(error)
-        _, text = driver.cuGetErrorString(error)
-        decode = lambda b: b.decode() if isinstance(b, bytes) else str(b)  # noqa: E731
-        raise DriverError(f"{what} failed: {decode(name)} ({decode(text)})")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
+
+    def error(status) -> DriverError:
+        _, name = driver.cuGetErrorName(status)
+        _, text = driver.cuGetErrorString(status)
+        return DriverError(f"{what} failed: {as_text(name)} ({as_text(text)})")
+
+    return unwrap(result, driver.CUresult.CUDA_SUCCESS, error)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mxfp4.tensor import BLOCK_SIZE
+
 H100_L2_BYTES = 50 * 1024 * 1024
 DEFAULT_MEMORY_BUDGET = 8 * 1024**3  # bytes the rotation sets may take at most (before free-memory checks)
 MAX_ROTATION_SETS = 64
@@ -174,6 +176,56 @@ def _gpu_sleep(ms: float) -> None:
     torch.cuda._sleep(int(rate * ms))
 
 
+class _Calls:
+    """``fn`` called with argument set 0, 1, 2, ... in turn (see ``rotate``)."""
+
+    def __init__(self, fn: Callable[..., Any], rotate: Any):
+        self.fn, self.args, self.count = fn, _args_getter(rotate), 0
+
+    def next_args(self) -> tuple:
+        args = self.args(self.count)
+        self.count += 1
+        return args
+
+    def __call__(self) -> None:
+        self.fn(*self.next_args())
+
+
+def _estimate(calls: _Calls, count: int = 3) -> tuple[float, float]:
+    """(device ms, host ms) per call, roughly, from ``count`` back-to-back calls."""
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    host_start = time.perf_counter()
+    start.record()
+    for _ in range(count):
+        calls()
+    end.record()
+    host_ms = (time.perf_counter() - host_start) * 1e3 / count
+    end.synchronize()
+    return max(start.elapsed_time(end) / count, 1e-4), host_ms
+
+
+def _timed(calls: _Calls, rep: int, host_ms: float, run_ahead: bool) -> list[float]:
+    """``rep`` calls, each between its own pair of events; their device times in microseconds."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    # Batches whose enqueue takes at most _MAX_RUN_AHEAD_MS of host time.
+    batch = max(1, min(rep, int(_MAX_RUN_AHEAD_MS / max(host_ms, 1e-3)))) if run_ahead else rep
+    for index in range(0, rep, batch):
+        stop = min(rep, index + batch)
+        if run_ahead:
+            # Host time to enqueue the batch, with margin; the spin covers it so the GPU never idles.
+            _gpu_sleep(min(_MAX_RUN_AHEAD_MS * 1.5, (stop - index) * host_ms * 1.5 + 0.5))
+        for j in range(index, stop):
+            call_args = calls.next_args()
+            starts[j].record()
+            calls.fn(*call_args)
+            ends[j].record()
+    ends[-1].synchronize()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+
+
 def time_cuda(
     fn: Callable[..., Any],
     *,
@@ -197,61 +249,16 @@ def time_cuda(
         raise RuntimeError("time_cuda needs a CUDA device")
     if rep < 1:
         raise ValueError(f"time_cuda: rep must be >= 1, got {rep}")
-    args = _args_getter(rotate)
-    call = 0
-
-    # The first call: compiles / loads / allocates whatever it needs.
-    fn(*args(call))
-    call += 1
+    calls = _Calls(fn, rotate)
+    calls()  # the first call compiles / loads / allocates whatever it needs
     torch.cuda.synchronize()
-
-    # A rough estimate of the per-call device and host times.
-    estimate_calls = 3
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    host_start = time.perf_counter()
-    start.record()
-    for _ in range(estimate_calls):
-        fn(*args(call))
-        call += 1
-    end.record()
-    host_ms = (time.perf_counter() - host_start) * 1e3 / estimate_calls
-    end.synchronize()
-    device_ms = max(start.elapsed_time(end) / estimate_calls, 1e-4)
-    per_call_ms = max(device_ms, 1e-4)
-
-    # Warm-up.
+    per_call_ms, host_ms = _estimate(calls)
     warmup_calls = int(min(10_000, max(1, math.ceil(warmup_ms / per_call_ms)))) if warmup_ms > 0 else 0
     for _ in range(warmup_calls):
-        fn(*args(call))
-        call += 1
-
+        calls()
     if max_ms is not None:
         rep = max(min_rep, min(rep, int(max_ms / per_call_ms)))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
-
-    # Batches whose enqueue takes at most _MAX_RUN_AHEAD_MS of host time.
-    batch = rep
-    if run_ahead:
-        batch = max(1, min(rep, int(_MAX_RUN_AHEAD_MS / max(host_ms, 1e-3))))
-    index = 0
-    while index < rep:
-        stop = min(rep, index + batch)
-        if run_ahead:
-            # Host time to enqueue the batch, with margin; the spin covers it so the GPU never idles.
-            _gpu_sleep(min(_MAX_RUN_AHEAD_MS * 1.5, (stop - index) * host_ms * 1.5 + 0.5))
-        for j in range(index, stop):
-            call_args = args(call)
-            starts[j].record()
-            fn(*call_args)
-            ends[j].record()
-            call += 1
-        index = stop
-    ends[-1].synchronize()
-    torch.cuda.synchronize()
-    samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
-    return summarize(samples)
+    return summarize(_timed(calls, rep, host_ms, run_ahead))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,9 +319,6 @@ def measure_bf16_peak(size: int = 8192, *, rep: int = 30) -> MachineRate:
 # Grouped GEMM arithmetic
 # ---------------------------------------------------------------------------------------------
 
-MXFP4_BLOCK = 32
-
-
 def grouped_mm_bytes(active_experts: int, n: int, k: int, tokens: int) -> int:
     """Bytes a grouped GEMM must move at least: each used expert's weights once, x once, out once.
 
@@ -322,7 +326,7 @@ def grouped_mm_bytes(active_experts: int, n: int, k: int, tokens: int) -> int:
     x: ``T K`` bf16; out: ``T N`` bf16 (``T`` = rows of x = token-expert assignments). Experts
     that get no rows need not be read. The offsets (``4 (E + 1)``) are negligible and left out.
     """
-    weights = active_experts * n * k // 2 + active_experts * n * k // MXFP4_BLOCK
+    weights = active_experts * n * k // 2 + active_experts * n * k // BLOCK_SIZE
     return weights + tokens * k * 2 + tokens * n * 2
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import TileConfig
+from .cli_common import UsageError, add_verb, parse_each
 
 EXAMPLES = """\
 examples:
@@ -32,10 +33,6 @@ The table goes to the user tuning dir ($HOPPER_MXFP4_TUNING_DIR, else ~/.cache/h
 as <gpu>.json, which mxfp4.grouped_mm consults before the shipped generated/tuning/ tables. Results
 are logged to <out>.progress.jsonl as they come: an interrupted sweep resumes where it stopped.
 """
-
-
-class UsageError(ValueError):
-    pass
 
 
 def _int_list(text: str) -> list[int]:
@@ -83,18 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``tune`` verb to ``subparsers`` (from ``parser.add_subparsers()``); its handler is ``run``."""
-    parser = subparsers.add_parser(
-        "tune",
+    parser = add_verb(
+        subparsers, "tune", run,
         help="autotune the tile config per shape and tokens per expert (needs an SM90 GPU)",
         description="Compile candidate tile configs in parallel, check each against an fp32 reference, time it "
         "on the GPU with device events (median of rotating inputs larger than the L2), and write a tuning table "
         "of the fastest correct config per (E, N, K, M bucket), with the heuristic default's time for comparison. "
         "Prints a summary table and draws a PNG (with matplotlib).",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    parser.set_defaults(handler=run)
     return parser
 
 
@@ -108,24 +103,12 @@ def resolve(args: argparse.Namespace):
     shapes: list[Shape] = []
     for model in args.model:
         shapes += MODEL_SHAPES[model].values()
-    for text in args.shape:
-        try:
-            shapes.append(Shape.parse(text))
-        except ValueError as error:
-            raise UsageError(f"--shape: {error}") from None
+    shapes += parse_each(args.shape, Shape.parse, "--shape")
     if not shapes:
         raise UsageError("name what to tune: --model gpt-oss-20b|gpt-oss-120b and/or --shape E,N,K")
     shapes = list(dict.fromkeys(shapes))
     if args.configs:
-        configs = []
-        for name in args.configs.split(","):
-            name = name.strip()
-            if not name:
-                continue
-            try:
-                configs.append(TileConfig.from_name(name))
-            except ValueError as error:
-                raise UsageError(f"--configs: {error}") from None
+        configs = parse_each(filter(None, (n.strip() for n in args.configs.split(","))), TileConfig.from_name, "--configs")
         if not configs:
             raise UsageError("--configs: no config names given")
         m_filter = None

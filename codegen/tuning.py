@@ -37,7 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import DEFAULT_CONFIGS, TileConfig
+from mxfp4.layout import ATOM_K, ATOM_N
+
+from .config import (
+    DEFAULT_CONFIGS,
+    MAX_ATOMS_PER_WARPGROUP,
+    MAX_TILE_K,
+    MIN_STAGES,
+    TILE_M_RANGE,
+    WARPGROUP_CHOICES,
+    TileConfig,
+)
 
 TABLE_FORMAT = 1
 SM = "9.0"
@@ -115,6 +125,23 @@ def nearest_bucket(bucket: int, available: Iterable[int]) -> int | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _powers_of_two(low: int, high: int) -> tuple[int, ...]:
+    """``low, 2 low, 4 low, ...`` up to ``high``."""
+    return tuple(low << i for i in range(max(0, (high // low).bit_length())) if low << i <= high)
+
+
+# The default sweep: a subset of what ``TileConfig.validate`` allows, computed from its limits in
+# ``codegen.config`` so that a changed limit changes the sweep too.
+_SWEEP_TILE_N = tuple(ATOM_N * atoms for atoms in range(1, MAX_ATOMS_PER_WARPGROUP + 1))  # 64 .. 256
+# The warpgroup counts that split the widest swept tile_n into whole atoms evenly (1, 2, 4).
+_SWEEP_WARPGROUPS = tuple(w for w in WARPGROUP_CHOICES if (_SWEEP_TILE_N[-1] // ATOM_N) % w == 0)
+# Powers of two over the legal range, and three quarters of the largest (192).
+_SWEEP_TILE_M = tuple(sorted({*_powers_of_two(*TILE_M_RANGE), TILE_M_RANGE[1] * 3 // 4}))
+# From one atom deep, in powers of two, stopping one short of MAX_TILE_K (64, 128, 256).
+_SWEEP_TILE_K = _powers_of_two(ATOM_K, MAX_TILE_K // 2)
+_SWEEP_MAX_STAGES = 10  # a cap of the sweep, not of the kernel (shared memory bounds that)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """The configs a sweep tries: every combination of the fields that ``validate()`` accepts, pruned.
@@ -131,11 +158,11 @@ class SearchSpace:
     measures them anyway to report the gain over the default).
     """
 
-    tile_n: tuple[int, ...] = (64, 128, 192, 256)
-    tile_m: tuple[int, ...] = (8, 16, 32, 64, 128, 192, 256)
-    tile_k: tuple[int, ...] = (64, 128, 256)
-    stages: tuple[int, ...] = tuple(range(2, 11))
-    warpgroups: tuple[int, ...] = (1, 2, 4)
+    tile_n: tuple[int, ...] = _SWEEP_TILE_N
+    tile_m: tuple[int, ...] = _SWEEP_TILE_M
+    tile_k: tuple[int, ...] = _SWEEP_TILE_K
+    stages: tuple[int, ...] = tuple(range(MIN_STAGES, _SWEEP_MAX_STAGES + 1))
+    warpgroups: tuple[int, ...] = _SWEEP_WARPGROUPS
     deepest_stages: int | None = 2
     min_stage_bytes: int = 16 * 1024
     include_defaults: bool = True

@@ -53,7 +53,7 @@ from functools import lru_cache
 
 import torch
 
-from .tensor import BLOCK_SIZE, MXFP4Tensor
+from .tensor import BLOCK_SIZE, MXFP4Tensor, describe_bytes
 
 ATOM_N = 64
 ATOM_K = 64
@@ -124,7 +124,7 @@ def _scale_source(device: torch.device) -> torch.Tensor:
     return _scale_source_cpu().to(device)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PackedMXFP4:
     """An MXFP4 weight ``[E, N, K]`` in the packed Hopper layout (see the module docstring)."""
 
@@ -135,6 +135,8 @@ class PackedMXFP4:
     def __post_init__(self) -> None:
         if not isinstance(self.data, torch.Tensor) or self.data.dtype != torch.uint8:
             raise TypeError("PackedMXFP4.data must be a uint8 torch.Tensor")
+        if self.n < 0 or self.k <= 0:  # an empty N is a weight; an empty K has no block to scale
+            raise ValueError(f"PackedMXFP4: n must be >= 0 and k positive; got n={self.n!r}, k={self.k!r}")
         expected = (_round_up(self.n, ATOM_N) // ATOM_N, _round_up(self.k, ATOM_K) // ATOM_K, ATOM_BYTES)
         if self.data.dim() != 4 or tuple(self.data.shape[1:]) != expected:
             raise ValueError(
@@ -168,9 +170,16 @@ class PackedMXFP4:
     def to(self, device: torch.device | str) -> "PackedMXFP4":
         return PackedMXFP4(self.data.to(device), self.n, self.k)
 
+    def __repr__(self) -> str:
+        return (
+            f"PackedMXFP4(shape={list(self.shape)}, format=MXFP4 in the packed Hopper layout "
+            f"(data {list(self.data.shape)} uint8: atoms of {ATOM_N}x{ATOM_K}), device={self.device},\n"
+            f"            bytes={describe_bytes(self.data.numel())})"
+        )
+
 
 def _experts_per_chunk(n_pad: int, k_pad: int) -> int:
-    return max(1, _CHUNK_VALUES // (n_pad * k_pad))
+    return max(1, _CHUNK_VALUES // max(1, n_pad * k_pad))  # N = 0 packs to an empty result
 
 
 def pack(weight: MXFP4Tensor) -> PackedMXFP4:

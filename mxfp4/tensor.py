@@ -23,7 +23,15 @@ BYTES_PER_BLOCK = BLOCK_SIZE // 2
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
-@dataclass(frozen=True)
+def describe_bytes(count: int) -> str:
+    """``8.7 MB (8704000 bytes)``: a size for a repr, exact and readable."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit} ({count} bytes)"
+    return f"{count} bytes"
+
+
+@dataclass(frozen=True, repr=False)
 class MXFP4Tensor:
     """Codes and scales of an MXFP4 tensor, in the checkpoint's byte order."""
 
@@ -50,6 +58,17 @@ class MXFP4Tensor:
             raise ValueError(
                 f"MXFP4Tensor: blocks on {self.blocks.device} but scales on {self.scales.device}"
             )
+        if self.blocks.shape[-2] == 0:  # quantize and the ops reject K = 0 too: no block, no value
+            raise ValueError(
+                f"MXFP4Tensor: blocks must hold at least one block of {BLOCK_SIZE} along K, got {tuple(self.blocks.shape)}"
+            )
+
+    def __repr__(self) -> str:
+        size = self.blocks.numel() + self.scales.numel()
+        return (
+            f"MXFP4Tensor(shape={list(self.shape)}, format=MXFP4 (E2M1 codes, one E8M0 scale per {BLOCK_SIZE} "
+            f"along K), device={self.device},\n            bytes={describe_bytes(size)})"
+        )
 
     @property
     def shape(self) -> torch.Size:

@@ -92,6 +92,23 @@ def test_selection():
     assert [c.name for c in both] == [named, TileConfig(tile_m=32).name]
 
 
+def test_field_help_states_the_config_limits(capsys):
+    """The flags' help reads the limits TileConfig.validate() enforces; every warpgroup count it names is accepted."""
+    from codegen.__main__ import select_configs
+    from codegen.config import MAX_TILE_K, MIN_STAGES, TILE_M_RANGE, WARPGROUP_CHOICES
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"one of {', '.join(map(str, WARPGROUP_CHOICES))}" in help_text
+    assert f"{TILE_M_RANGE[0]}..{TILE_M_RANGE[1]}" in help_text
+    assert f"up to {MAX_TILE_K}" in help_text and f"at least {MIN_STAGES}" in help_text
+    parser = build_parser()
+    for warpgroups in WARPGROUP_CHOICES:
+        argv = ["generate", "--warpgroups", str(warpgroups), "--tile-n", str(64 * warpgroups)]
+        assert select_configs(parser.parse_args(argv))[0].warpgroups == warpgroups
+
+
 # ---------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +202,27 @@ def test_compile_prints_a_table_and_hits_the_cache(capsys):
     records = json.loads(capsys.readouterr().out)
     assert records[0]["config"] == name and records[0]["ok"] and records[0]["cache_hit"]
     assert records[0]["resources"]["spill_stores"] == 0
+
+
+def test_compile_table_shows_the_dynamic_shared_memory_of_the_launch(monkeypatch, capsys):
+    """ptxas reports static shared memory (0 here); the table shows what the launch asks for."""
+    import codegen.compiler as compiler
+    import codegen.toolchain as toolchain
+    from codegen.compiler import CompiledKernel, Resources
+
+    config = DEFAULT_CONFIGS[3]
+    kernel = CompiledKernel(name=config.name, cubin=b"\x7fELF", resources=Resources(registers=168, smem_bytes=0),
+                            compile_seconds=1.0, log="", cache_hit=True)
+    monkeypatch.setattr(toolchain, "check_toolchain", lambda: toolchain.ToolchainStatus(ok=True, reason="ok"))
+    monkeypatch.setattr(compiler, "compile_many", lambda configs, **kwargs: [kernel for _ in configs])
+    assert main(["compile", "--config", config.name, "--no-sass", "-q"]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    header_cells = [cell.strip() for cell in header.split("  ") if cell.strip()]
+    assert "dyn smem B" in header_cells
+    assert row.split()[header_cells.index("dyn smem B")] == str(config.shared_memory_bytes) != "0"
+    assert main(["compile", "--config", config.name, "--no-sass", "--json", "-q"]) == 0
+    record = json.loads(capsys.readouterr().out)[0]
+    assert record["dynamic_smem_bytes"] == config.shared_memory_bytes and record["resources"]["smem_bytes"] == 0
 
 
 def test_compile_fails_without_a_toolchain(monkeypatch, capsys):

@@ -103,3 +103,36 @@ def test_pack_rejects_bad_input() -> None:
         mxfp4.pack(torch.zeros(2, 64, 64))
     with pytest.raises(TypeError, match="PackedMXFP4"):
         mxfp4.unpack(random_weight(1, 64, 64))
+
+
+@pytest.mark.parametrize(("e", "n", "k"), [(0, 64, 64), (2, 0, 64), (0, 0, 32), (3, 0, 96)])
+def test_empty_experts_or_rows_pack_to_an_empty_result(e: int, n: int, k: int) -> None:
+    w = random_weight(e, n, k)
+    packed = mxfp4.pack(w)
+    assert packed.shape == (e, n, k) and packed.data.numel() == 0
+    assert packed.data.shape == (e, -(-n // ATOM_N), -(-k // ATOM_K), ATOM_BYTES)
+    back = mxfp4.unpack(packed)
+    assert back.shape == (e, n, k) and torch.equal(back.blocks, w.blocks) and torch.equal(back.scales, w.scales)
+    assert mxfp4.dequantize(back).shape == (e, n, k)
+    if e:  # a 2-D weight with no rows is one empty expert
+        assert mxfp4.pack(MXFP4Tensor(w.blocks[0], w.scales[0])).shape == (1, n, k)
+
+
+def test_an_empty_k_is_a_clear_value_error() -> None:
+    """K = 0 holds no block: the tensor says so (naming blocks), as quantize and the ops do."""
+    with pytest.raises(ValueError, match="blocks must hold at least one block of 32 along K"):
+        MXFP4Tensor(torch.zeros((2, 64, 0, 16), dtype=torch.uint8), torch.zeros((2, 64, 0), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="k positive"):
+        layout.PackedMXFP4(torch.zeros((2, 1, 0, ATOM_BYTES), dtype=torch.uint8), 64, 0)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        layout.PackedMXFP4(torch.zeros((2, 0, 1, ATOM_BYTES), dtype=torch.uint8), -1, 64)
+
+
+def test_reprs_are_a_few_lines_of_shape_format_device_and_bytes() -> None:
+    w = random_weight(2, 100, 128)
+    packed = mxfp4.pack(w)
+    for obj, name, size in ((w, "MXFP4Tensor", 2 * 100 * 4 * 17), (packed, "PackedMXFP4", packed.data.numel())):
+        text = repr(obj)
+        assert text.startswith(f"{name}(shape=[2, 100, 128]") and len(text.splitlines()) <= 3 and len(text) < 300
+        assert "MXFP4" in text and "device=cpu" in text and f"({size} bytes)" in text
+        assert "tensor(" not in text and str(obj) == text

@@ -66,6 +66,19 @@ def test_space_can_be_narrowed_and_widened():
     assert 6 <= len(quick) <= 40 and set(DEFAULT_CONFIGS) <= set(quick)  # tile_n 128/256 x wg 2/4
 
 
+def test_default_space_reads_the_config_limits():
+    """The sweep's defaults are a subset of what validate() allows, computed from codegen.config."""
+    from codegen.config import MAX_ATOMS_PER_WARPGROUP, MAX_TILE_K, MIN_STAGES, TILE_M_RANGE, WARPGROUP_CHOICES
+
+    space = SearchSpace()
+    assert set(space.warpgroups) <= set(WARPGROUP_CHOICES) and space.warpgroups == (1, 2, 4)
+    assert all(TILE_M_RANGE[0] <= m <= TILE_M_RANGE[1] for m in space.tile_m)
+    assert space.tile_m == (8, 16, 32, 64, 128, 192, 256)
+    assert max(space.tile_k) <= MAX_TILE_K and space.tile_k == (64, 128, 256)
+    assert space.tile_n == tuple(64 * a for a in range(1, MAX_ATOMS_PER_WARPGROUP + 1))
+    assert min(space.stages) == MIN_STAGES and space.stages == tuple(range(2, 11))
+
+
 def test_configs_for_m_window():
     configs = tuning.enumerate_configs()
     for m in (1, 4, 16, 64, 256, 1024, 4096):
@@ -323,6 +336,55 @@ def test_sweep_m_filter(tmp_path):
     assert {call[2] for call in measure.calls} == {A.name, B.name}
 
 
+def test_plan_puts_the_default_first_and_skips_what_the_log_holds(tmp_path):
+    plan = sweep.plan_sweep([SHAPE, SHAPE], [8, 1, 8], [C, B], m_filter=None)
+    assert plan.shapes == [SHAPE] and plan.m_values == [1, 8]
+    # Per M the heuristic default (A at M <= 8) comes first, then the candidates in order.
+    assert plan.items == [(SHAPE, 1, A), (SHAPE, 1, C), (SHAPE, 1, B), (SHAPE, 8, A), (SHAPE, 8, C), (SHAPE, 8, B)]
+    assert plan.configs == [A, C, B]
+    log = sweep._Log(tmp_path / "log.jsonl", resume=True)
+    log.append({**sweep._base_record(H100, plan.items[0]), "status": "ok", "median_us": 3.0})
+    log.append({**sweep._base_record("other GPU", plan.items[1]), "status": "ok", "median_us": 3.0})
+    assert plan.remaining(log, H100) == plan.items[1:]
+    with pytest.raises(ValueError, match="at least one shape"):
+        sweep.plan_sweep([], [1], [A])
+    with pytest.raises(ValueError, match=">= 1"):
+        sweep.plan_sweep([SHAPE], [0], [A])
+
+
+def test_best_so_far_starts_from_the_log(tmp_path):
+    log = sweep._Log(tmp_path / "log.jsonl", resume=True)
+    log.append({**sweep._base_record(H100, (SHAPE, 8, A)), "status": "ok", "median_us": 5.0})
+    log.append({**sweep._base_record(H100, (SHAPE, 8, B)), "status": "wrong", "median_us": 1.0})
+    best = sweep._BestSoFar.from_log(log, H100)
+    assert best.offer(SHAPE, 8, 7.0, C.name) == (5.0, A.name)
+    assert best.offer(SHAPE, 8, 4.0, C.name) == (4.0, C.name)
+    assert best.offer(SHAPE, 1, 9.0, B.name) == (9.0, B.name)
+
+
+def test_watchdog_records_a_hang_and_exits_for_a_restart(tmp_path, monkeypatch):
+    import time as time_module
+
+    exits = []
+    monkeypatch.setattr(sweep.os, "_exit", lambda code: exits.append(code))
+
+    class Slow(FakeMeasure):
+        def __call__(self, shape, m, config):
+            if config.name == B.name:
+                time_module.sleep(0.6)
+            return super().__call__(shape, m, config)
+
+    run_fake_sweep(tmp_path, Slow({A.name: 30.0, B.name: 20.0, C.name: 25.0}), m_values=[8], watchdog_s=0.2)
+    hung = [r for r in read_log(tmp_path) if "no result after" in r.get("error", "")]
+    assert [r["config"] for r in hung] == [B.name] and exits == [sweep.EXIT_RESTART]
+    # A quick or failing measurement cancels its watchdog.
+    exits.clear()
+    run_fake_sweep(tmp_path, FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0}, raises=(C.name,)),
+                   m_values=[4], watchdog_s=0.3)
+    time_module.sleep(0.5)
+    assert exits == []
+
+
 def test_classify_marks_nan_and_missing_checks_wrong():
     assert sweep._classify(Measurement(median_us=5.0, rel_error=float("nan")), SHAPE, 1, 1e-2)["status"] == "wrong"
     assert sweep._classify(Measurement(median_us=5.0, rel_error=None), SHAPE, 1, 1e-2)["status"] == "wrong"
@@ -348,14 +410,35 @@ def test_gpu_measurer_dry_run_on_cpu(monkeypatch):
     result = measurer(Shape(2, 128, 128), 8, A)
     assert result.median_us == pytest.approx(11.0)
     assert result.rel_error is not None and result.rel_error <= 1e-2
-    assert len(measurer._sets) > 1  # small sets rotate
-    x, packed, offsets = measurer._sets[0]
+    assert len(measurer.inputs.sets) > 1  # small sets rotate
+    x, packed, offsets = measurer.inputs.sets[0]
     assert x.shape == (16, 128) and offsets.tolist() == [0, 8, 16]
     # A wrong output is caught by the check and left untimed.
     monkeypatch.setattr("mxfp4.grouped_mm", lambda x, w, o, config=None: torch.zeros(x.shape[0], w.n, dtype=torch.bfloat16))
     wrong = measurer(Shape(2, 128, 128), 8, A)
     assert wrong.median_us is None and wrong.rel_error == pytest.approx(1.0)
     measurer.release()
+
+
+def test_rotating_inputs_rebuild_only_what_changed():
+    from codegen.measure import RotatingInputs, relative_error
+
+    inputs = RotatingInputs(torch.device("cpu"), memory_budget=1 << 22)
+    inputs.prepare(Shape(2, 128, 128), 8)
+    weights, sets = inputs.weights, inputs.sets
+    inputs.prepare(Shape(2, 128, 128), 8)
+    assert inputs.weights is weights and inputs.sets is sets  # nothing changed: nothing rebuilt
+    inputs.prepare(Shape(2, 128, 128), 4)
+    assert inputs.weights is weights and inputs.sets is not sets and inputs.sets[0][0].shape == (8, 128)
+    inputs.prepare(Shape(2, 64, 128), 4)
+    assert inputs.weights is not weights and inputs.dequantized.shape == (2, 64, 128)
+    # The check: an exact output has no error, a zero output all of it.
+    x, _, _ = inputs.sets[0]
+    ref = torch.cat([x[4 * e:4 * e + 4].float() @ inputs.dequantized[e].float().T for e in range(2)])
+    assert relative_error(ref, x, inputs.dequantized, 4, [0, 4, 8]) == pytest.approx(0.0, abs=1e-6)
+    assert relative_error(torch.zeros_like(ref), x, inputs.dequantized, 4, [0, 4, 8]) == pytest.approx(1.0)
+    inputs.release()
+    assert inputs.shape is None and inputs.sets == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,264 @@
+"""The sweep's GPU measure step: check one (shape, M, config) against a reference, then time it.
+
+:class:`GpuMeasurer` is the ``measure`` callable of :func:`codegen.sweep.run_sweep`. Its pieces,
+one job each: :func:`measure_device` (which device, and its name), :class:`RotatingInputs` (the
+random weights per shape and the input sets per M, rotated past the L2), :func:`relative_error`
+(the check against an fp32 reference) and :func:`context_healthy` (whether a faulting kernel left
+the CUDA context usable).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from .config import TileConfig
+from .tuning import Shape
+
+DEFAULT_TOLERANCE = 1e-2
+
+
+@dataclass
+class Measurement:
+    """What a measure step returns for one (shape, M, config).
+
+    ``rel_error``: ``||out - ref|| / ||ref||`` (None: not checked, which the sweep counts as wrong).
+    ``median_us`` may be None when the measure step skipped timing a wrong result.
+    """
+
+    median_us: float | None = None
+    p10_us: float | None = None
+    p90_us: float | None = None
+    rel_error: float | None = None
+    reps: int = 0
+    note: str = ""
+
+
+def random_weights(shape: Shape, device: Any, *, seed: int = 0):
+    """(packed, dequantized): random ``N(0, 1)`` weights ``[E, N, K]`` quantized to MXFP4 and packed,
+    and their exact bf16 dequantization, built on ``device`` a few experts at a time."""
+    import torch
+
+    import mxfp4
+    from mxfp4.layout import unpack_experts
+
+    e, n, k = shape.num_experts, shape.n, shape.k
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed * 1_000_003 + (zlib.crc32(shape.key.encode()) & 0xFFFF))
+    step = max(1, (1 << 27) // (n * k))  # experts per chunk: bounded fp32 temporaries
+    parts = []
+    for e0 in range(0, e, step):
+        w = torch.randn((min(e, e0 + step) - e0, n, k), generator=generator, dtype=torch.float32, device=device)
+        parts.append(mxfp4.pack(mxfp4.quantize(w)).data)
+        del w
+    packed = mxfp4.PackedMXFP4(torch.cat(parts) if len(parts) > 1 else parts[0], n, k)
+    del parts
+    dequantized = torch.empty((e, n, k), dtype=torch.bfloat16, device=device)
+    for e0 in range(0, e, step):
+        e1 = min(e, e0 + step)
+        dequantized[e0:e1] = mxfp4.dequantize(unpack_experts(packed, e0, e1), torch.bfloat16)
+    return packed, dequantized
+
+
+def measure_device(device: Any = None) -> tuple[Any, str]:
+    """(device, its name). None: the current CUDA device, which must take the SM90 path; an explicit
+    device is taken as it is (a CPU dry run in tests, where ``time_cuda`` must then be replaced)."""
+    import torch
+
+    from mxfp4.dispatch import SM90, select_path
+
+    if device is not None:
+        device = torch.device(device)
+        return device, torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    if not torch.cuda.is_available():
+        raise RuntimeError("GpuMeasurer needs a CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device())
+    choice = select_path(device)
+    if choice.path != SM90:
+        raise RuntimeError(f"mxfp4.grouped_mm would not run the SM90 kernel here: {choice.reason}")
+    return device, torch.cuda.get_device_name(device)
+
+
+def synchronize(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def context_healthy(device: Any) -> bool:
+    """Whether the CUDA context still works (a faulting kernel makes every later call fail)."""
+    import torch
+
+    try:
+        synchronize(device)
+        return float(torch.ones(4, device=device).sum().item()) == 4.0
+    except Exception:
+        return False
+
+
+class RotatingInputs:
+    """The inputs of one (shape, M), rebuilt only when either changes.
+
+    Per shape: random bf16 weights ``N(0, 1)``, quantized and packed once, plus their bf16
+    dequantization (exact) for the reference. Per M: x with uniform routing (M rows per expert),
+    int32 offsets, and enough copies of (x, weights, offsets) in ``sets`` to rotate past the L2
+    (``codegen.timing.rotation_sets``), within ``memory_budget`` bytes (None: a quarter of the free
+    GPU memory, at most 4 GiB).
+    """
+
+    def __init__(self, device: Any, *, seed: int = 0, memory_budget: int | None = None):
+        self.device, self.seed, self.memory_budget = device, seed, memory_budget
+        self.shape: Shape | None = None
+        self.m: int | None = None
+        self.weights: Any = None  # (packed, dequantized bf16)
+        self.sets: list[tuple] = []
+
+    @property
+    def dequantized(self) -> Any:
+        return self.weights[1]
+
+    def release(self) -> None:
+        import torch
+
+        self.shape = self.weights = self.m = None
+        self.sets = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def prepare(self, shape: Shape, m: int) -> None:
+        if self.shape != shape:
+            self.release()
+            self.weights = random_weights(shape, self.device, seed=self.seed)
+            self.shape = shape
+        if self.m != m:
+            self._build_sets(shape, m)
+
+    def _budget(self) -> int:
+        import torch
+
+        if self.memory_budget is not None:
+            return self.memory_budget
+        if self.device.type == "cuda":
+            return min(4 << 30, int(torch.cuda.mem_get_info(self.device)[0] * 0.25))
+        return 8 << 20
+
+    def _build_sets(self, shape: Shape, m: int) -> None:
+        import torch
+
+        import mxfp4
+
+        from .timing import l2_cache_bytes, rotation_sets
+
+        packed, _ = self.weights
+        self.sets = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        e, n, k = shape.num_experts, shape.n, shape.k
+        tokens = e * m
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.seed * 1_000_003 + 7919 * m + 1)
+        x = torch.randn((tokens, k), generator=generator, dtype=torch.bfloat16, device=self.device)
+        offsets = (torch.arange(e + 1, dtype=torch.int32, device=self.device) * m).contiguous()
+        per_set = packed.data.numel() + x.numel() * 2 + tokens * n * 2
+        l2 = l2_cache_bytes(self.device if self.device.type == "cuda" else None)
+        count = rotation_sets(per_set, l2_bytes=l2, memory_budget=max(self._budget(), per_set))
+        self.sets = [(x, packed, offsets)]
+        for _ in range(count - 1):
+            self.sets.append((x.clone(), mxfp4.PackedMXFP4(packed.data.clone(), n, k), offsets.clone()))
+        self.m = m
+
+
+def relative_error(out: Any, x: Any, dequantized: Any, m: int, offsets_host: list[int]) -> float:
+    """``||out - ref|| / ||ref||`` with ref in fp32 from the bf16 ``dequantized`` weights ``[E, N, K]``
+    (TF32 off), computed a chunk of experts at a time; inf for a non-finite result."""
+    import torch
+
+    e, n, k = dequantized.shape
+    step = max(1, (1 << 28) // max(1, n * k * 4 + m * (k + n) * 4))  # ~256 MB of fp32 per chunk
+    diff2 = torch.zeros((), dtype=torch.float64, device=out.device)
+    ref2 = torch.zeros((), dtype=torch.float64, device=out.device)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for e0 in range(0, e, step):
+            e1 = min(e, e0 + step)
+            rows = slice(offsets_host[e0], offsets_host[e1])
+            xs = x[rows].float().view(e1 - e0, m, k)
+            ref = torch.bmm(xs, dequantized[e0:e1].float().transpose(1, 2))
+            got = out[rows].float().view(e1 - e0, m, n)
+            diff2 += (got - ref).double().square().sum()
+            ref2 += ref.double().square().sum()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    value = float((diff2.sqrt() / ref2.sqrt().clamp_min(1e-30)).item())
+    return value if math.isfinite(value) else float("inf")
+
+
+class GpuMeasurer:
+    """``measure(shape, m, config)`` on the current CUDA device: check, then time ``mxfp4.grouped_mm``.
+
+    The inputs are :class:`RotatingInputs` (built once per shape, freed by :meth:`release`). The
+    check is :func:`relative_error`; a result over ``tolerance`` is returned untimed. A correct one
+    is timed (``codegen.timing.time_cuda`` over the rotating sets) and checked once more after.
+    """
+
+    def __init__(
+        self,
+        *,
+        rep: int = 50,
+        warmup_ms: float = 20.0,
+        max_ms: float = 1500.0,
+        tolerance: float = DEFAULT_TOLERANCE,
+        seed: int = 0,
+        memory_budget: int | None = None,
+        device: Any = None,
+    ):
+        self.device, self.device_name = measure_device(device)
+        self.rep, self.warmup_ms, self.max_ms = rep, warmup_ms, max_ms
+        self.tolerance = tolerance
+        self.inputs = RotatingInputs(self.device, seed=seed, memory_budget=memory_budget)
+
+    def release(self) -> None:
+        self.inputs.release()
+
+    def healthy(self) -> bool:
+        return context_healthy(self.device)
+
+    def _check(self, config: TileConfig) -> float:
+        import mxfp4
+
+        x, packed, offsets = self.inputs.sets[0]
+        m = self.inputs.m
+        out = mxfp4.grouped_mm(x, packed, offsets, config=config)
+        synchronize(self.device)
+        offsets_host = [i * m for i in range(packed.num_experts + 1)]
+        return relative_error(out, x, self.inputs.dequantized, m, offsets_host)
+
+    def __call__(self, shape: Shape, m: int, config: TileConfig) -> Measurement:
+        import mxfp4
+
+        from .timing import time_cuda
+
+        self.inputs.prepare(shape, m)
+        rel = self._check(config)
+        if not rel <= self.tolerance:
+            return Measurement(rel_error=rel, note="untimed: wrong result")
+        timing = time_cuda(
+            lambda xi, wi, oi: mxfp4.grouped_mm(xi, wi, oi, config=config),
+            rotate=self.inputs.sets,
+            warmup_ms=self.warmup_ms,
+            rep=self.rep,
+            max_ms=self.max_ms,
+        )
+        rel = max(rel, self._check(config))  # timing must not have changed the answer
+        return Measurement(
+            median_us=timing.median_us,
+            p10_us=timing.p10_us,
+            p90_us=timing.p90_us,
+            rel_error=rel,
+            reps=len(timing.samples),
+            note=f"{len(self.inputs.sets)} rotating input set(s)",
+        )
