@@ -1,8 +1,8 @@
 """The fallback suite: our portable path, forced on this (Hopper) GPU, vs bf16 ``torch._grouped_mm`` on
 the pre-dequantized weights, gpt-oss-20b shapes, M in {1, 16, 256, 4096} (issue 9's table).
 
-The portable path is forced with ``HOPPER_MXFP4_FORCE_PORTABLE=1`` (read by ``mxfp4.dispatch``) or
-``mxfp4.dispatch.force_portable(True)`` where it exists; the suite refuses to time anything if the
+The portable path is forced with ``mxfp4.dispatch.force_portable(True)`` (as
+``HOPPER_MXFP4_FORCE_PORTABLE=1`` would); the suite refuses to time anything if the
 op still takes the SM90 path. The first call is untimed (the fallback may cache decoded weights):
 eager and device times are of the second call on.
 """
@@ -10,7 +10,6 @@ eager and device times are of the second call on.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,21 +22,16 @@ from .bench_grouped_mm import Machine, operands
 from .problems import MODEL_SHAPES, TOLERANCE, Row, make_row, sample_rows
 from .report import align, write_json
 
-FORCE_ENV = "HOPPER_MXFP4_FORCE_PORTABLE"
 
 
 def force_portable() -> str:
     """Make ``mxfp4`` take its portable path on CUDA; returns the path's reason, raises Unavailable."""
-    os.environ[FORCE_ENV] = "1"
     from mxfp4 import dispatch
 
-    hook = getattr(dispatch, "force_portable", None)
-    if callable(hook):
-        hook(True)
-    dispatch.reset_cache()
+    dispatch.force_portable(True)  # resets the cached decision
     choice = dispatch.select_path(torch.device("cuda"))
     if choice.path != dispatch.PORTABLE:
-        raise peers.Unavailable(f"this mxfp4 does not honour {FORCE_ENV}=1 or dispatch.force_portable: "
+        raise peers.Unavailable("dispatch.force_portable(True) did not take effect: "
                                 f"the op still takes {choice.path} ({choice.reason})")
     return choice.reason
 

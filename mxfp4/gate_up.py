@@ -30,7 +30,11 @@ PAIR_CHANNELS = PAIR_BLOCK // 2
 
 @dataclass(frozen=True)
 class PackedGateUp(PackedMXFP4):
-    """A packed ``[E, 2I, H]`` gate_up weight whose rows are paired (see the module docstring)."""
+    """A packed ``[E, 2I, H]`` gate_up weight whose rows are paired (see the module docstring).
+
+    Like any PackedMXFP4, ``grouped_mm`` and ``unpack`` see the rows as stored (paired order);
+    :func:`unpack_gate_up` gives the checkpoint's interleaved order back.
+    """
 
     def to(self, device: torch.device | str) -> "PackedGateUp":
         return PackedGateUp(self.data.to(device), self.n, self.k)

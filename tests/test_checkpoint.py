@@ -97,8 +97,8 @@ def test_load_moe_layer_packs_bit_exact(tmp_path: Path, seed: int) -> None:
     layer = mxfp4.load_gpt_oss_moe_layer(tmp_path / "model.safetensors", 1)
     prefix = "model.layers.1.mlp.experts."
     assert layer.gate_up.shape == (E, 2 * INTERMEDIATE, HIDDEN) and layer.down.shape == (E, HIDDEN, INTERMEDIATE)
-    for name, packed in (("gate_up_proj", layer.gate_up), ("down_proj", layer.down)):
-        back = mxfp4.unpack(packed)
+    assert isinstance(layer.gate_up, mxfp4.PackedGateUp)  # paired for the fused kernels
+    for name, back in (("gate_up_proj", mxfp4.unpack_gate_up(layer.gate_up)), ("down_proj", mxfp4.unpack(layer.down))):
         assert torch.equal(back.blocks, tensors[f"{prefix}{name}_blocks"])
         assert torch.equal(back.scales, tensors[f"{prefix}{name}_scales"])
     assert torch.equal(layer.gate_up_bias, tensors[f"{prefix}gate_up_proj_bias"])
