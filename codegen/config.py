@@ -192,13 +192,13 @@ class TileConfig:
         return self
 
 
-# Decode (few tokens per expert: memory-bound, small tile_m, deep pipelines, many consumer warps
-# to hide the decode's latency) to prefill (many tokens per expert: tensor-core bound, tile_m 256).
-# Chosen from the gpt-oss-20b sweep on the H100 (benchmarks/NOTES.md); the shipped tuning table
-# refines the choice per shape.
+# Decode (few tokens per expert: memory-bound; three light CTAs per SM, each one consumer warpgroup, so
+# that independent decode -> WGMMA chains hide each other's latency) to prefill (many tokens per
+# expert: tensor-core bound, tile_m 256). From the H100 probes and sweeps (benchmarks/NOTES.md); the
+# shipped tuning table refines the choice per shape.
 DEFAULT_CONFIGS: tuple[TileConfig, ...] = (
-    TileConfig(tile_n=256, tile_m=8, tile_k=128, stages=10, warpgroups=4),
-    TileConfig(tile_n=128, tile_m=16, tile_k=256, stages=8, warpgroups=2),
+    TileConfig(tile_n=128, tile_m=8, tile_k=128, stages=6, warpgroups=1, ctas_per_sm=3),
+    TileConfig(tile_n=128, tile_m=16, tile_k=128, stages=5, warpgroups=1, ctas_per_sm=3),
     TileConfig(tile_n=128, tile_m=32, tile_k=256, stages=5, warpgroups=2),
     TileConfig(tile_n=128, tile_m=64, tile_k=128, stages=7, warpgroups=2),
     TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=5, warpgroups=2),

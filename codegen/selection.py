@@ -36,14 +36,11 @@ def select_config(num_experts: int, n: int, k: int, tokens_per_expert: int,
                   device_name: str | None = None) -> Selection:
     """Pick the config for a call. ``tokens_per_expert`` is a host-side estimate (T / E, or max_m)."""
     if device_name is not None:
-        try:
-            from .tuning import lookup
-        except ImportError:
-            lookup = None
-        if lookup is not None:
-            found = lookup(device_name, num_experts, n, k, tokens_per_expert)
-            if found is not None:
-                return Selection(*found)
+        from .tuning import lookup  # the tables load on first use
+
+        found = lookup(device_name, num_experts, n, k, tokens_per_expert)
+        if found is not None:
+            return Selection(*found)
     config = heuristic_config(tokens_per_expert)
     return Selection(
         config,

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 from mxfp4.layout import ATOM_K, ATOM_N
 
 from .config import (
+    CTAS_PER_SM_CHOICES,
     DEFAULT_CONFIGS,
     MAX_ATOMS_PER_WARPGROUP,
     MAX_TILE_K,
@@ -152,8 +153,9 @@ class SearchSpace:
     memory (2: the deepest and one fewer). A deeper pipeline hides more latency and costs nothing
     but shared memory, which is only worth leaving free for occupancy the kernel does not use
     (one CTA per SM). None keeps every stage count.
-    ``min_stage_bytes``: drop tile shapes whose pipeline stage (weights + x) moves fewer bytes
-    than this; a tiny TMA transfer per barrier round-trip cannot keep HBM busy.
+    ``min_stage_bytes``: drop tile shapes whose pipeline stages in flight on an SM (weights + x, times
+    ``ctas_per_sm``) move fewer bytes than this; a tiny TMA transfer per barrier round-trip cannot
+    keep HBM busy.
     ``include_defaults``: always add ``DEFAULT_CONFIGS`` (the heuristic's choices: the sweep
     measures them anyway to report the gain over the default).
     """
@@ -163,6 +165,7 @@ class SearchSpace:
     tile_k: tuple[int, ...] = _SWEEP_TILE_K
     stages: tuple[int, ...] = tuple(range(MIN_STAGES, _SWEEP_MAX_STAGES + 1))
     warpgroups: tuple[int, ...] = _SWEEP_WARPGROUPS
+    ctas_per_sm: tuple[int, ...] = CTAS_PER_SM_CHOICES
     deepest_stages: int | None = 2
     min_stage_bytes: int = 16 * 1024
     include_defaults: bool = True
@@ -174,8 +177,9 @@ class SearchSpace:
 
     @classmethod
     def quick(cls) -> "SearchSpace":
-        """A small space for a fast sweep: tile_n 128 / 256 with 2 or 4 consumer warpgroups, the deepest stages."""
-        return cls(tile_n=(128, 256), tile_k=(128, 256), warpgroups=(2, 4), deepest_stages=1)
+        """A small space for a fast sweep: tile_n 128 / 256, 1, 2 or 4 consumer warpgroups, 1 or 3 CTAs per SM,
+        the deepest stages."""
+        return cls(tile_n=(128, 256), tile_k=(128, 256), warpgroups=(1, 2, 4), ctas_per_sm=(1, 3), deepest_stages=1)
 
 
 def _valid(config: TileConfig) -> bool:
@@ -190,17 +194,17 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
     """The valid configs of ``space`` (default: ``SearchSpace()``), unique, ordered by tile_m then size."""
     space = space or SearchSpace()
     found: dict[str, TileConfig] = {}
-    for tile_n, tile_m, tile_k, warpgroups in itertools.product(
-        space.tile_n, space.tile_m, space.tile_k, space.warpgroups
+    for tile_n, tile_m, tile_k, warpgroups, ctas in itertools.product(
+        space.tile_n, space.tile_m, space.tile_k, space.warpgroups, space.ctas_per_sm
     ):
         fitting = [
             config
             for stages in sorted(set(space.stages))
-            if _valid(config := TileConfig(tile_n, tile_m, tile_k, stages, warpgroups))
+            if _valid(config := TileConfig(tile_n, tile_m, tile_k, stages, warpgroups, ctas))
         ]
         if not fitting:
             continue
-        if fitting[0].x_stage_bytes + fitting[0].w_stage_bytes < space.min_stage_bytes:
+        if (fitting[0].x_stage_bytes + fitting[0].w_stage_bytes) * ctas < space.min_stage_bytes:
             continue
         if space.deepest_stages is not None:
             fitting = fitting[-space.deepest_stages :]
@@ -209,7 +213,7 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
     if space.include_defaults:
         for config in DEFAULT_CONFIGS:
             found.setdefault(config.name, config)
-    return sorted(found.values(), key=lambda c: (c.tile_m, c.tile_n, c.tile_k, c.warpgroups, c.stages))
+    return sorted(found.values(), key=lambda c: (c.tile_m, c.tile_n, c.tile_k, c.warpgroups, c.ctas_per_sm, c.stages))
 
 
 def tile_m_window(tokens_per_expert: int) -> tuple[int, int]:

@@ -1,5 +1,5 @@
-"""One small grouped GEMM per config the op can pick (defaults + shipped tuning tables), for
-compute-sanitizer (memcheck, racecheck) on the device.
+"""One small grouped GEMM per config the op can pick (defaults + shipped tuning tables), and the
+fused MoE layer (SwiGLU and scatter epilogues), for compute-sanitizer (memcheck, racecheck) on the device.
 
 Usage: compute-sanitizer --tool memcheck python scripts/sanitize_case.py [CONFIG ...]
 Exits non-zero if a result is off (the sanitizer's own report is what the device script reads).
@@ -40,7 +40,26 @@ def main(names: list[str]) -> int:
         ok = error <= 1e-2
         failures += not ok
         print(f"{config.name}: relative error {error:.2e} {'ok' if ok else 'FAIL'}")
-    return 1 if failures else 0
+    return 1 if failures + moe_case() else 0
+
+
+def moe_case() -> int:
+    """The fused layer on a small problem with tails (H, I not multiples of 64), an empty expert, biases."""
+    from mxfp4.moe_layer import reference_moe_float64
+
+    generator = torch.Generator().manual_seed(1)
+    experts, hidden, inter, tokens, top_k = 4, 160, 96, 13, 2
+    gate_up = mxfp4.pack_gate_up(mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, generator=generator) * 0.1)).to("cuda")
+    down = mxfp4.pack(mxfp4.quantize(torch.randn(experts, hidden, inter, generator=generator) * 0.1)).to("cuda")
+    biases = [torch.randn(experts, size, generator=generator).to("cuda", torch.bfloat16) for size in (2 * inter, hidden)]
+    x = torch.randn(tokens, hidden, generator=generator).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, experts - 1, (tokens, top_k), generator=generator).to("cuda")  # expert 3: empty
+    weights = torch.rand(tokens, top_k, generator=generator).to("cuda")
+    out = mxfp4.moe(x, ids, weights, gate_up, down, gate_up_bias=biases[0], down_bias=biases[1])
+    ref = reference_moe_float64(x, ids, weights, gate_up, down, *biases)
+    error = ((out.double() - ref).norm() / ref.norm()).item()
+    print(f"moe (fused epilogues): relative error {error:.2e} {'ok' if error <= 1e-2 else 'FAIL'}")
+    return int(not error <= 1e-2)
 
 
 if __name__ == "__main__":
