@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+import mxfp4
+
 from . import measure
 from .bench_grouped_mm import Machine
 from .moe_layers import LAYERS, ExpertWeights, reference_tokens, routing_plan
@@ -46,7 +48,8 @@ def build_weights(seed: int) -> ExpertWeights:
     down, down_bf16 = random_weights(Shape(EXPERTS, HIDDEN, INTERMEDIATE), device, seed=seed + 1)
     generator = torch.Generator(device=device).manual_seed(seed)
     bias = lambda *shape: (0.5 * torch.randn(shape, generator=generator, device=device)).to(torch.bfloat16)  # noqa: E731
-    return ExpertWeights(gate_up, down, gate_up_bf16, down_bf16, bias(EXPERTS, 2 * INTERMEDIATE), bias(EXPERTS, HIDDEN))
+    paired = mxfp4.pack_gate_up(mxfp4.unpack(gate_up))
+    return ExpertWeights(gate_up, paired, down, gate_up_bf16, down_bf16, bias(EXPERTS, 2 * INTERMEDIATE), bias(EXPERTS, HIDDEN))
 
 
 def routing(kind: str, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

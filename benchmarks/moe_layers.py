@@ -23,7 +23,8 @@ Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows grouped b
 class ExpertWeights:
     """One layer's experts: packed MXFP4 (ours), their exact bf16 dequantization, the biases."""
 
-    gate_up: Any  # PackedMXFP4 [E, 2I, H]
+    gate_up: Any  # PackedMXFP4 [E, 2I, H], checkpoint (interleaved) row order: the unfused glue
+    gate_up_paired: Any  # the same weight through mxfp4.pack_gate_up: what mxfp4.moe fuses
     down: Any  # PackedMXFP4 [E, H, I]
     gate_up_bf16: torch.Tensor  # [E, 2I, H]
     down_bf16: torch.Tensor  # [E, H, I]
@@ -85,8 +86,8 @@ def ours_fused(w: ExpertWeights) -> Callable[..., torch.Tensor]:
     """``mxfp4.moe``: the whole layer in one call."""
     import mxfp4
 
-    return lambda x, ids, weights: mxfp4.moe(x, ids, weights, w.gate_up, w.down, gate_up_bias=w.gate_up_bias,
-                                             down_bias=w.down_bias)
+    return lambda x, ids, weights: mxfp4.moe(x, ids, weights, w.gate_up_paired, w.down,
+                                             gate_up_bias=w.gate_up_bias, down_bias=w.down_bias)
 
 
 def transformers_grouped_mm(w: ExpertWeights) -> Callable[..., torch.Tensor]:

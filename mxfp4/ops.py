@@ -168,7 +168,7 @@ def _grouped_mm_impl(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tenso
     choice = select_path(x.device)
     if choice.path != SM90:
         return portable_grouped_mm(x, w_data, n, k, offsets)  # its own output: no extra copy
-    out = torch.empty((x.shape[0], n), dtype=torch.bfloat16, device=x.device)
+    out = x.new_empty((x.shape[0], n))  # x is bf16 on the right device: no dtype/device arguments to parse
     hint = -(-x.shape[0] // w_data.shape[0])
     _launch_sm90(x, w_data, n, k, offsets, False, config, out, hint, choice.device_name)
     return out
@@ -179,7 +179,7 @@ def _grouped_mm_masked_impl(x: torch.Tensor, w_data: torch.Tensor, masked_m: tor
     _check_x_and_w(op, x, w_data, n, k, 3)
     _check_masked_shapes(op, x, w_data, masked_m)
     _check_masked_values(op, masked_m, x.shape[1])
-    out = torch.empty((x.shape[0], x.shape[1], n), dtype=torch.bfloat16, device=x.device)
+    out = x.new_empty((x.shape[0], x.shape[1], n))
     if x.shape[1] == 0 or n == 0:
         return out
     choice = select_path(x.device)

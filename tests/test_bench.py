@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import mxfp4
+
 from benchmarks import cli, measure, moe_layers, peers, problems, report
 from codegen import timing
 from codegen.tuning import Shape
@@ -270,7 +272,7 @@ def tiny_layer():
     gate_up, gate_up_bf16 = random_weights(Shape(e, 2 * i, h), "cpu", seed=1)
     down, down_bf16 = random_weights(Shape(e, h, i), "cpu", seed=2)
     g = torch.Generator().manual_seed(0)
-    w = moe_layers.ExpertWeights(gate_up, down, gate_up_bf16, down_bf16,
+    w = moe_layers.ExpertWeights(gate_up, mxfp4.pack_gate_up(mxfp4.unpack(gate_up)), down, gate_up_bf16, down_bf16,
                                  (0.5 * torch.randn(e, 2 * i, generator=g)).bfloat16(), (0.5 * torch.randn(e, h, generator=g)).bfloat16())
     tokens = 6
     ids = torch.tensor(problems.topk_from_loads(problems.zipf_loads_total(e, tokens * 2, top_k=2), tokens, 2), dtype=torch.int32)
