@@ -11,6 +11,7 @@ layer captures into a CUDA graph for a fixed T.
 from __future__ import annotations
 
 import dataclasses
+from functools import lru_cache
 
 import torch
 
@@ -25,8 +26,12 @@ from .moe_layer import route
 def fused_config(w: PackedMXFP4, rows: int, epilogue: str, device_name: str | None) -> TileConfig:
     """The tuned (or heuristic) config of this GEMM shape with ``epilogue``: the epilogue runs once per
     tile after the K loop, so the best plain-GEMM config is the fused kernel's too."""
-    hint = -(-rows // w.num_experts)
-    return dataclasses.replace(choose_config(w.num_experts, w.n, w.k, hint, device_name).config, epilogue=epilogue)
+    return _fused_config(w.num_experts, w.n, w.k, -(-rows // w.num_experts), epilogue, device_name)
+
+
+@lru_cache(maxsize=1024)  # per call: keep it a dict lookup
+def _fused_config(num_experts: int, n: int, k: int, hint: int, epilogue: str, device_name: str | None) -> TileConfig:
+    return dataclasses.replace(choose_config(num_experts, n, k, hint, device_name).config, epilogue=epilogue)
 
 
 def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
