@@ -27,6 +27,16 @@ LAYOUT_CONSTANTS: tuple[tuple[str, int, str], ...] = (
     ("kAtomBytes", layout.ATOM_BYTES, "codes then E8M0 scales"),
     ("kScaleWordsPerWarp", layout.SCALE_WORDS_PER_WARP, "scale words of one warp's 16 rows"),
     ("kLanesPerScaleWord", layout.LANES_PER_SCALE_WORD, "lanes that share (broadcast) one scale word"),
+) + tuple(
+    entry
+    for register in range(4)
+    for piece in range(2)
+    for entry in (
+        (f"kDecodeRotate{register}{piece}", layout.decode_piece(register, piece)[0],
+         f"A-register {register}, piece {piece}: rotate the code word left by this"),
+        (f"kDecodeHalfMask{register}{piece}", layout.decode_piece(register, piece)[1],
+         f"A-register {register}, piece {piece}: then keep these bits of each 16-bit half (0: no piece)"),
+    )
 )
 
 

@@ -12,6 +12,22 @@ constexpr int kAtomCodeBytes = 2048;  // E2M1 codes of an atom, 16 bytes per con
 constexpr int kAtomBytes = 2176;  // codes then E8M0 scales
 constexpr int kScaleWordsPerWarp = 8;  // scale words of one warp's 16 rows
 constexpr int kLanesPerScaleWord = 4;  // lanes that share (broadcast) one scale word
+constexpr int kDecodeRotate00 = 0;  // A-register 0, piece 0: rotate the code word left by this
+constexpr int kDecodeHalfMask00 = 33216;  // A-register 0, piece 0: then keep these bits of each 16-bit half (0: no piece)
+constexpr int kDecodeRotate01 = 0;  // A-register 0, piece 1: rotate the code word left by this
+constexpr int kDecodeHalfMask01 = 0;  // A-register 0, piece 1: then keep these bits of each 16-bit half (0: no piece)
+constexpr int kDecodeRotate10 = 10;  // A-register 1, piece 0: rotate the code word left by this
+constexpr int kDecodeHalfMask10 = 33216;  // A-register 1, piece 0: then keep these bits of each 16-bit half (0: no piece)
+constexpr int kDecodeRotate11 = 0;  // A-register 1, piece 1: rotate the code word left by this
+constexpr int kDecodeHalfMask11 = 0;  // A-register 1, piece 1: then keep these bits of each 16-bit half (0: no piece)
+constexpr int kDecodeRotate20 = 6;  // A-register 2, piece 0: rotate the code word left by this
+constexpr int kDecodeHalfMask20 = 33216;  // A-register 2, piece 0: then keep these bits of each 16-bit half (0: no piece)
+constexpr int kDecodeRotate21 = 0;  // A-register 2, piece 1: rotate the code word left by this
+constexpr int kDecodeHalfMask21 = 0;  // A-register 2, piece 1: then keep these bits of each 16-bit half (0: no piece)
+constexpr int kDecodeRotate30 = 12;  // A-register 3, piece 0: rotate the code word left by this
+constexpr int kDecodeHalfMask30 = 64;  // A-register 3, piece 0: then keep these bits of each 16-bit half (0: no piece)
+constexpr int kDecodeRotate31 = 4;  // A-register 3, piece 1: rotate the code word left by this
+constexpr int kDecodeHalfMask31 = 33152;  // A-register 3, piece 1: then keep these bits of each 16-bit half (0: no piece)
 }  // namespace mxfp4
 
 #include "mxfp4_grouped_mm_sm90.cuh"

@@ -1,6 +1,6 @@
-"""The packed Hopper layout: the one place that says where every nibble and scale byte goes.
+"""The packed Hopper layout: the one place that says where every code bit and scale byte goes.
 
-``pack`` permutes an MXFP4 weight ``[E, N, K]`` (codes + E8M0 scales, the checkpoint's bytes) into
+``pack`` permutes an MXFP4 weight ``[E, N, K]`` (codes + E8M0 scales, the checkpoint's bits) into
 the order the SM90 kernel reads; ``unpack`` is its inverse. The layout does not depend on the tile
 config: every generated kernel reads the same packed copy, so tuning never repacks.
 
@@ -14,8 +14,8 @@ range and one bulk copy (TMA) moves a whole ``64 x 64k`` slab. Each atom is 2176
 * bytes ``[0, 2048)``: the 4096 codes, 16 bytes per thread of the consumer warpgroup;
 * bytes ``[2048, 2176)``: the 128 scales (64 rows x 2 blocks of 32), 4 bytes per row pair.
 
-Codes
------
+Codes: which code a word holds
+------------------------------
 The kernel computes ``out^T = W . x^T`` with W as the register operand A of
 ``wgmma.m64nNk16``. Thread ``tid`` (0..127) of the warpgroup is warp ``w = tid // 32``, group
 ``g = (tid % 32) // 4`` and ``t = tid % 4``; for each k16 step it owns rows ``16w + g`` and
@@ -24,14 +24,47 @@ Its 16 bytes hold all of that for the four k16 steps of the atom, so one 16-byte
 load per thread per 64 values of K feeds 4 WGMMAs, and a warp reads 512 contiguous bytes
 (no bank conflict).
 
-The 16 bytes are four little-endian 32-bit words; word ``c`` is k16 step ``c``. Nibble ``i``
-(bits ``4i..4i+3``) of word ``c`` holds the element at::
+The 16 bytes are four little-endian 32-bit words; word ``c`` is k16 step ``c`` and holds 8 codes.
+Slot ``i`` (0..7) of word ``c`` is the code of the element at::
 
     row = 16 w + g + 8 (i & 1)
     k   = 16 c + 2 t + 8 ((i >> 1) & 1) + (i >> 2)
 
-so nibbles ``j`` and ``j + 4`` are the low and high bf16 of A-register ``j`` of that k16 step:
-register ``j`` of the fragment is one shift and two masks away from the word.
+so slots ``j`` and ``j + 4`` are the low and high bf16 of A-register ``j`` of that k16 step.
+
+Codes: where a code's bits sit in its word
+------------------------------------------
+An E2M1 code is ``s e1 e0 m`` (bit 3 .. bit 0). Its bits are not kept together: each is placed so
+that A-register ``j`` is one or two rotate-and-mask steps away from the word (``DECODE_PIECES``).
+Bit ``p`` of every code word (the same in every word of every thread) holds::
+
+    bit     31   30   29   28   27   26   25   24   23   22   21   20   19   18   17   16
+    holds  4.s 1.e1 1.e0  1.m  7.s  3.m  6.s 4.e1 4.e0  4.m  5.s 7.e1 7.e0 6.e1 6.e0  6.m
+    bit     15   14   13   12   11   10    9    8    7    6    5    4    3    2    1    0
+    holds  0.s 5.e1 5.e0  5.m  3.s  7.m  2.s 0.e1 0.e0  0.m  1.s 3.e1 3.e0 2.e1 2.e0  2.m
+
+(``i.f``: field ``f`` of the code in slot ``i``.) As a table, slot ``i``'s bits ``(m, e0, e1, s)`` are at
+``CODE_BITS[i]``::
+
+    slot 0: ( 6,  7,  8, 15)    slot 4: (22, 23, 24, 31)
+    slot 1: (28, 29, 30,  5)    slot 5: (12, 13, 14, 21)
+    slot 2: ( 0,  1,  2,  9)    slot 6: (16, 17, 18, 25)
+    slot 3: (26,  3,  4, 11)    slot 7: (10, 19, 20, 27)
+
+Decode (templates/mxfp4_decode.cuh mirrors this): a code placed at bf16 bits ``m -> 6, e0 -> 7,
+e1 -> 8, s -> 15`` is exactly its value times 2^-126 (e = 0 lands on bf16 subnormals, E2M1's own
+subnormal), so A-register ``j`` = bf16x2 {slot j, slot j + 4} times 2^-126 is::
+
+    OR over the pieces (r, m) of DECODE_PIECES[j] of  rotl(word, r) & (m | m << 16)
+
+    register 0: word & 0x81C081C0                                   (1 LOP3)
+    register 1: rotl(word, 10) & 0x81C081C0                         (SHF + LOP3)
+    register 2: (word << 6) & 0x81C081C0                            (shift + LOP3)
+    register 3: rotl(word, 12) & 0x00400040 | (word << 4) & 0x81808180  (2 shifts + 2 LOP3)
+
+9 integer instructions per word (4 A-registers), then one bf16x2 multiply by the scale factor.
+One word's 32 bits cannot be split into four rotations of the register pattern (no translate
+tiling exists, even across the words of a thread), so one register takes two pieces.
 
 Scales
 ------
@@ -65,6 +98,18 @@ ATOM_BYTES = ATOM_CODE_BYTES + ATOM_SCALE_BYTES  # 2176, a multiple of 16 for bu
 SCALE_WORDS_PER_WARP = 8
 LANES_PER_SCALE_WORD = 4
 
+CODES_PER_WORD = 8
+# Where E2M1 bits (m, e0, e1, s) sit in a bf16 half so that the half is the code's value * 2^-126.
+BF16_CODE_BITS = (6, 7, 8, 15)
+# A-register j of a k16 step = OR over (rotate, half_mask) of rotl(word, rotate) & (half_mask * 0x10001):
+# the decode's every shift amount and mask (rendered into the kernel), and the source of CODE_BITS.
+DECODE_PIECES: tuple[tuple[tuple[int, int], ...], ...] = (
+    ((0, 0x81C0),),
+    ((10, 0x81C0),),
+    ((6, 0x81C0),),
+    ((12, 0x0040), (4, 0x8180)),
+)
+
 # Bound on the codes unpacked at once (one byte per value) while packing, in values.
 _CHUNK_VALUES = 1 << 27
 
@@ -73,12 +118,44 @@ def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
 
-def code_position(tid: int, word: int, nibble: int) -> tuple[int, int]:
-    """(row, k) inside an atom of the code at ``tid``'s word ``word``, nibble ``nibble``."""
+def code_position(tid: int, word: int, slot: int) -> tuple[int, int]:
+    """(row, k) inside an atom of the code in ``tid``'s word ``word``, slot ``slot`` (0..7)."""
     w, g, t = tid // 32, (tid % 32) // 4, tid % 4
-    row = 16 * w + g + 8 * (nibble & 1)
-    k = 16 * word + 2 * t + 8 * ((nibble >> 1) & 1) + (nibble >> 2)
+    row = 16 * w + g + 8 * (slot & 1)
+    k = 16 * word + 2 * t + 8 * ((slot >> 1) & 1) + (slot >> 2)
     return row, k
+
+
+def _code_bits() -> tuple[tuple[int, int, int, int], ...]:
+    """CODE_BITS from DECODE_PIECES: slot j + 4h's bit b sits where register j's piece fetches it."""
+    table = []
+    for slot in range(CODES_PER_WORD):
+        register, half = slot % 4, slot // 4
+        positions = []
+        for target in BF16_CODE_BITS:
+            (rotate,) = [r for r, mask in DECODE_PIECES[register] if (mask >> target) & 1]
+            positions.append((target + 16 * half - rotate) % 32)
+        table.append(tuple(positions))
+    return tuple(table)
+
+
+# CODE_BITS[slot] = word bit positions of the slot's code bits (m, e0, e1, s); see the docstring.
+CODE_BITS: tuple[tuple[int, int, int, int], ...] = _code_bits()
+
+
+def decode_piece(register: int, piece: int) -> tuple[int, int]:
+    """(rotate, half_mask) of piece ``piece`` (0 or 1) of A-register ``register``; (0, 0) if absent."""
+    pieces = DECODE_PIECES[register]
+    return pieces[piece] if piece < len(pieces) else (0, 0)
+
+
+def code_bit_position(tid: int, word: int, bit: int) -> tuple[int, int, int]:
+    """(row, k, code bit) held by bit ``bit`` (0..31) of ``tid``'s code word ``word``."""
+    for slot, positions in enumerate(CODE_BITS):
+        if bit in positions:
+            row, k = code_position(tid, word, slot)
+            return row, k, positions.index(bit)
+    raise ValueError(f"code_bit_position: bit must be in 0..31, got {bit}")
 
 
 def scale_position(word: int, byte: int) -> tuple[int, int]:
@@ -94,14 +171,37 @@ def scale_word_of_thread(tid: int) -> int:
 
 @lru_cache(maxsize=None)
 def _code_source_cpu() -> torch.Tensor:
-    """For packed nibble p = 32 tid + 8 word + nibble: the source index row * 64 + k."""
+    """For packed code q = 32 tid + 8 word + slot: the source index row * 64 + k."""
     index = [0] * (ATOM_N * ATOM_K)
     for tid in range(128):
         for word in range(4):
-            for nibble in range(8):
-                row, k = code_position(tid, word, nibble)
-                index[32 * tid + 8 * word + nibble] = row * ATOM_K + k
+            for slot in range(CODES_PER_WORD):
+                row, k = code_position(tid, word, slot)
+                index[32 * tid + 8 * word + slot] = row * ATOM_K + k
     return torch.tensor(index, dtype=torch.long)
+
+
+def _spread_code_bits(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., 8 * words] in slot order -> the packed bytes [..., 4 * words].
+
+    Byte-wise (uint8 temporaries of one byte per word), so packing needs no wider copy of the codes.
+    """
+    slots = codes.view(*codes.shape[:-1], -1, CODES_PER_WORD)
+    out = torch.zeros((*slots.shape[:-1], 4), dtype=torch.uint8, device=codes.device)
+    for slot, positions in enumerate(CODE_BITS):
+        for bit, position in enumerate(positions):
+            out[..., position // 8] |= ((slots[..., slot] >> bit) & 1) << (position % 8)
+    return out.view(*codes.shape[:-1], -1)  # byte i of a word is its bits 8i..8i+7 (little-endian)
+
+
+def _gather_code_bits(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of _spread_code_bits: packed bytes [..., 4 * words] -> uint8 codes [..., 8 * words]."""
+    words = packed.reshape(*packed.shape[:-1], -1, 4)
+    codes = torch.zeros((*words.shape[:-1], CODES_PER_WORD), dtype=torch.uint8, device=packed.device)
+    for slot, positions in enumerate(CODE_BITS):
+        for bit, position in enumerate(positions):
+            codes[..., slot] |= ((words[..., position // 8] >> (position % 8)) & 1) << bit
+    return codes.view(*packed.shape[:-1], -1)
 
 
 @lru_cache(maxsize=None)
@@ -206,7 +306,7 @@ def pack(weight: MXFP4Tensor) -> PackedMXFP4:
         codes = torch.nn.functional.pad(chunk.codes(), (0, k_pad - k, 0, n_pad - n))
         codes = codes.view(e1 - e0, n_atoms, ATOM_N, k_atoms, ATOM_K).permute(0, 1, 3, 2, 4)
         codes = codes.reshape(e1 - e0, n_atoms, k_atoms, ATOM_N * ATOM_K)[..., code_source]
-        out[e0:e1, :, :, :ATOM_CODE_BYTES] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        out[e0:e1, :, :, :ATOM_CODE_BYTES] = _spread_code_bits(codes)
         scales = torch.nn.functional.pad(chunk.scales, (0, (k_pad - k) // BLOCK_SIZE, 0, n_pad - n))
         scales = scales.view(e1 - e0, n_atoms, ATOM_N, k_atoms, ATOM_K // BLOCK_SIZE).permute(0, 1, 3, 2, 4)
         scales = scales.reshape(e1 - e0, n_atoms, k_atoms, ATOM_SCALE_BYTES)[..., scale_source]
@@ -220,12 +320,9 @@ def unpack_experts(packed: PackedMXFP4, start: int, stop: int) -> MXFP4Tensor:
     count = data.shape[0]
     n_atoms, k_atoms = packed.n_atoms, packed.k_atoms
     device = data.device
-    code_bytes = data[..., :ATOM_CODE_BYTES]
-    nibbles = torch.stack((code_bytes & 0x0F, code_bytes >> 4), dim=-1).reshape(
-        count, n_atoms, k_atoms, ATOM_N * ATOM_K
-    )
-    codes = torch.empty_like(nibbles)
-    codes[..., _code_source(device)] = nibbles
+    slots = _gather_code_bits(data[..., :ATOM_CODE_BYTES])
+    codes = torch.empty_like(slots)
+    codes[..., _code_source(device)] = slots
     codes = codes.view(count, n_atoms, k_atoms, ATOM_N, ATOM_K).permute(0, 1, 3, 2, 4)
     codes = codes.reshape(count, n_atoms * ATOM_N, k_atoms * ATOM_K)[:, : packed.n, : packed.k]
     scale_bytes = data[..., ATOM_CODE_BYTES:]

@@ -1,24 +1,55 @@
 // In-register MXFP4 decode for the packed Hopper layout (mxfp4/layout.py is the contract).
 //
-// A thread's 32-bit code word for one k16 step holds 8 E2M1 nibbles; nibbles j and j+4 are the
-// low and high bf16 of WGMMA A-register j. An E2M1 nibble s|e1 e0|m placed as bf16 bits
+// A thread's 32-bit code word for one k16 step holds 8 E2M1 codes (slots j and j+4 are the low and
+// high bf16 of WGMMA A-register j), their bits spread over the word at pack time so that each
+// register is a rotate and a mask away. An E2M1 code s|e1 e0|m placed as bf16 bits
 // s<<15 | (e1 e0 m)<<6 is exactly its value times 2^-126 (e = 0 lands on bf16 subnormals,
 // which is E2M1's own subnormal), so decode is shifts and masks, and the scale
 // 2^(s-127) together with the 2^126 rebias is a power of two that we build by shifting the
 // E8M0 byte into a bf16 exponent field: no float conversion, no table.
+//
+// The rotate amounts and half masks (kDecodeRotate<j><p>, kDecodeHalfMask<j><p>: piece p of
+// register j, mask 0 = no such piece) are mxfp4/layout.py's DECODE_PIECES, rendered into the
+// generated source before this header.
 #pragma once
 
 #include <cuda/std/cstdint>
 
 namespace mxfp4 {
 
-// Register J (0..3) of the A fragment from a k16 code word: nibble J -> bits 6..8 (e, m) and 15
-// (sign) of the low bf16, nibble J + 4 -> the same bits of the high bf16.
+constexpr int kPieceRotate[4][2] = {{kDecodeRotate00, kDecodeRotate01},
+                                    {kDecodeRotate10, kDecodeRotate11},
+                                    {kDecodeRotate20, kDecodeRotate21},
+                                    {kDecodeRotate30, kDecodeRotate31}};
+constexpr int kPieceHalfMask[4][2] = {{kDecodeHalfMask00, kDecodeHalfMask01},
+                                      {kDecodeHalfMask10, kDecodeHalfMask11},
+                                      {kDecodeHalfMask20, kDecodeHalfMask21},
+                                      {kDecodeHalfMask30, kDecodeHalfMask31}};
+
+// One piece: the word rotated left by Rotate and masked to HalfMask in both bf16 halves. Where
+// no kept bit wraps around, a plain shift does (ptxas may issue it as IMAD.SHL on the FMA pipe,
+// off the integer pipe that the masks and rotates share).
+template <int Rotate, int HalfMask>
+__device__ __forceinline__ uint32_t decode_piece(uint32_t word) {
+  constexpr uint32_t mask = static_cast<uint32_t>(HalfMask) * 0x00010001u;
+  static_assert(Rotate >= 0 && Rotate < 32 && (HalfMask >> 16) == 0, "a rotate of a 32-bit word, a 16-bit mask");
+  if constexpr (HalfMask == 0) {
+    return 0u;
+  } else if constexpr (Rotate == 0) {
+    return word & mask;
+  } else if constexpr ((mask & ((1u << Rotate) - 1u)) == 0u) {
+    return (word << Rotate) & mask;
+  } else {
+    return __funnelshift_l(word, word, Rotate) & mask;
+  }
+}
+
+// Register J (0..3) of the A fragment from a k16 code word: slot J as the low bf16, slot J + 4 as
+// the high bf16, each with bits m, e0, e1, s at 6, 7, 8, 15 (value * 2^-126).
 template <int J>
 __device__ __forceinline__ uint32_t decode_e2m1_pair(uint32_t word) {
-  uint32_t const em = (J >= 2 ? word >> (4 * J - 6) : word << (6 - 4 * J)) & 0x01C001C0u;
-  uint32_t const sign = (word << (12 - 4 * J)) & 0x80008000u;
-  return em | sign;
+  return decode_piece<kPieceRotate[J][0], kPieceHalfMask[J][0]>(word) |
+         decode_piece<kPieceRotate[J][1], kPieceHalfMask[J][1]>(word);
 }
 
 // Fast path, for four scale bytes that are all below 128 (weights below 2^0 x 6: what real

@@ -22,6 +22,11 @@ def test_layout_constants_are_rendered_from_layout_py() -> None:
         "kAtomBytes": layout.ATOM_BYTES, "kScaleWordsPerWarp": layout.SCALE_WORDS_PER_WARP,
         "kLanesPerScaleWord": layout.LANES_PER_SCALE_WORD,
     }
+    for register in range(4):  # the decode's rotates and masks (layout.DECODE_PIECES)
+        for piece in range(2):
+            rotate, half_mask = layout.decode_piece(register, piece)
+            expected[f"kDecodeRotate{register}{piece}"] = rotate
+            expected[f"kDecodeHalfMask{register}{piece}"] = half_mask
     assert {name: value for name, value, _ in LAYOUT_CONSTANTS} == expected
     for name, value in expected.items():
         assert re.search(rf"constexpr int {name} = {value};", source), name

@@ -7,7 +7,16 @@ import torch
 
 import mxfp4
 from mxfp4 import layout
-from mxfp4.layout import ATOM_BYTES, ATOM_CODE_BYTES, ATOM_K, ATOM_N, code_position, scale_position
+from mxfp4.layout import (
+    ATOM_BYTES,
+    ATOM_CODE_BYTES,
+    ATOM_K,
+    ATOM_N,
+    CODE_BITS,
+    code_bit_position,
+    code_position,
+    scale_position,
+)
 from mxfp4.tensor import MXFP4Tensor
 
 
@@ -64,14 +73,16 @@ def test_packed_bytes_follow_the_docstring(seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for _ in range(200):
         expert, n_atom, k_atom = (int(torch.randint(0, size, (), generator=generator)) for size in (e, 4, 2))
-        tid, word, nibble = (int(torch.randint(0, size, (), generator=generator)) for size in (128, 4, 8))
-        row, col = code_position(tid, word, nibble)
+        tid, word, slot = (int(torch.randint(0, size, (), generator=generator)) for size in (128, 4, 8))
+        row, col = code_position(tid, word, slot)
         # Spelled out from the docstring: w = tid // 32, g = (tid % 32) // 4, t = tid % 4.
         wg, g, t = tid // 32, (tid % 32) // 4, tid % 4
-        assert row == 16 * wg + g + 8 * (nibble & 1)
-        assert col == 16 * word + 2 * t + 8 * ((nibble >> 1) & 1) + (nibble >> 2)
-        byte = int(data[expert, n_atom, k_atom, 16 * tid + 4 * word + nibble // 2])
-        got = (byte >> (4 * (nibble % 2))) & 0xF
+        assert row == 16 * wg + g + 8 * (slot & 1)
+        assert col == 16 * word + 2 * t + 8 * ((slot >> 1) & 1) + (slot >> 2)
+        # The slot's code bits (m, e0, e1, s) at the docstring's bit positions of the little-endian word.
+        first = 16 * tid + 4 * word
+        packed_word = int.from_bytes(bytes(data[expert, n_atom, k_atom, first : first + 4].tolist()), "little")
+        got = sum(((packed_word >> position) & 1) << bit for bit, position in enumerate(DOCSTRING_CODE_BITS[slot]))
         assert got == code_at(expert, ATOM_N * n_atom + row, ATOM_K * k_atom + col)
 
         sword, sbyte = int(torch.randint(0, 32, (), generator=generator)), int(torch.randint(0, 4, (), generator=generator))
@@ -81,11 +92,53 @@ def test_packed_bytes_follow_the_docstring(seed: int) -> None:
         assert got_scale == scale_at(expert, ATOM_N * n_atom + srow, 2 * k_atom + kblock)
 
 
+# The table of the docstring ("slot i's bits (m, e0, e1, s) are at CODE_BITS[i]"), copied by hand.
+DOCSTRING_CODE_BITS = (
+    (6, 7, 8, 15), (28, 29, 30, 5), (0, 1, 2, 9), (26, 3, 4, 11),
+    (22, 23, 24, 31), (12, 13, 14, 21), (16, 17, 18, 25), (10, 19, 20, 27),
+)
+
+
+def test_code_bits_are_the_docstring_table() -> None:
+    assert CODE_BITS == DOCSTRING_CODE_BITS
+    diagram = {}  # the docstring's bit diagram: "holds" rows under "bit" rows
+    lines = (layout.__doc__ or "").splitlines()
+    for bits_line, holds_line in zip(lines, lines[1:]):
+        if bits_line.strip().startswith("bit ") and holds_line.strip().startswith("holds"):
+            diagram.update(zip(map(int, bits_line.split()[1:]), holds_line.split()[1:]))
+    assert sorted(diagram) == list(range(32))
+    for slot, positions in enumerate(CODE_BITS):
+        for field, position in zip(("m", "e0", "e1", "s"), positions):
+            assert diagram[position] == f"{slot}.{field}"
+
+
 def test_code_positions_cover_the_atom_once() -> None:
-    seen = {code_position(tid, word, nibble) for tid in range(128) for word in range(4) for nibble in range(8)}
+    seen = {code_position(tid, word, slot) for tid in range(128) for word in range(4) for slot in range(8)}
     assert len(seen) == ATOM_N * ATOM_K
     scales = {scale_position(word, byte) for word in range(32) for byte in range(4)}
     assert len(scales) == ATOM_N * 2
+
+
+def test_every_code_bit_is_placed_exactly_once() -> None:
+    """Every (tid, word, bit) of the atom's codes holds one bit of one code, and each code bit has one home."""
+    homes = [code_bit_position(tid, word, bit) for tid in range(128) for word in range(4) for bit in range(32)]
+    assert len(set(homes)) == len(homes) == ATOM_N * ATOM_K * 4
+    assert {(row, k) for row, k, _ in homes} == {(row, k) for row in range(ATOM_N) for k in range(ATOM_K)}
+    assert {bit for _, _, bit in homes} == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="bit"):
+        code_bit_position(0, 0, 32)
+
+
+def test_decode_pieces_rebuild_each_slot_as_a_bf16_half() -> None:
+    """Register j = OR of rotl(word, r) & mask: slot j's bits land at BF16_CODE_BITS, slot j + 4's 16 higher."""
+    for register, pieces in enumerate(layout.DECODE_PIECES):
+        masks = [mask for _, mask in pieces]
+        assert sum(masks) == 0x81C0 and all(a & b == 0 for i, a in enumerate(masks) for b in masks[i + 1 :])
+        for half in (0, 1):
+            for bit, target in enumerate(layout.BF16_CODE_BITS):
+                (rotate,) = [r for r, mask in pieces if (mask >> target) & 1]
+                source = CODE_BITS[register + 4 * half][bit]
+                assert (source + rotate) % 32 == target + 16 * half
 
 
 def test_padding_decodes_to_zero(seed: int) -> None:
