@@ -186,22 +186,22 @@ def _spread_code_bits(codes: torch.Tensor) -> torch.Tensor:
 
     Byte-wise (uint8 temporaries of one byte per word), so packing needs no wider copy of the codes.
     """
-    slots = codes.view(*codes.shape[:-1], -1, CODES_PER_WORD)
-    out = torch.zeros((*slots.shape[:-1], 4), dtype=torch.uint8, device=codes.device)
+    slots = codes.view(*codes.shape[:-1], codes.shape[-1] // CODES_PER_WORD, CODES_PER_WORD)
+    out = torch.zeros((*slots.shape[:-1], 4), dtype=torch.uint8, device=codes.device)  # 4 bytes per word
     for slot, positions in enumerate(CODE_BITS):
         for bit, position in enumerate(positions):
             out[..., position // 8] |= ((slots[..., slot] >> bit) & 1) << (position % 8)
-    return out.view(*codes.shape[:-1], -1)  # byte i of a word is its bits 8i..8i+7 (little-endian)
+    return out.view(*codes.shape[:-1], slots.shape[-2] * 4)  # byte i of a word is its bits 8i..8i+7 (little-endian)
 
 
 def _gather_code_bits(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of _spread_code_bits: packed bytes [..., 4 * words] -> uint8 codes [..., 8 * words]."""
-    words = packed.reshape(*packed.shape[:-1], -1, 4)
+    words = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 4, 4)
     codes = torch.zeros((*words.shape[:-1], CODES_PER_WORD), dtype=torch.uint8, device=packed.device)
     for slot, positions in enumerate(CODE_BITS):
         for bit, position in enumerate(positions):
             codes[..., slot] |= ((words[..., position // 8] >> (position % 8)) & 1) << bit
-    return codes.view(*packed.shape[:-1], -1)
+    return codes.view(*packed.shape[:-1], words.shape[-2] * CODES_PER_WORD)
 
 
 @lru_cache(maxsize=None)
