@@ -79,6 +79,15 @@ class TileConfig:
     def as_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
+    @property
+    def family(self) -> str:
+        """The kernel family in words (``mxfp4.explain`` prints it)."""
+        if self.ctas_per_sm > 1:
+            shape = f"decode: {self.ctas_per_sm} light CTAs per SM, {self.warpgroups} consumer warpgroup(s) each"
+        else:
+            shape = f"warp-specialized: one CTA per SM, {self.warpgroups} consumer warpgroup(s)"
+        return shape if self.epilogue == "store" else f"{shape}, {self.epilogue} epilogue"
+
     # Derived quantities the template and the launcher share.
     @property
     def atoms_per_warpgroup(self) -> int:

@@ -34,6 +34,7 @@ _USER_API = {
     "select_path": "dispatch",
     "set_fallback_memory_budget": "weight_cache",
     "moe": "moe_layer",
+    "explain_moe": "moe_layer",
 }
 
 __all__ = [

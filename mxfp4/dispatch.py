@@ -164,12 +164,12 @@ def _forced_reason() -> str | None:
 
 @dataclass(frozen=True)
 class ConfigChoice:
-    config: object | None  # a codegen TileConfig (always set now; Optional only for older callers)
+    config: object  # a codegen TileConfig
     reason: str
 
     @property
     def name(self) -> str:
-        return self.config.name if self.config is not None else ""
+        return self.config.name
 
 
 @lru_cache(maxsize=4096)  # called per launch when no config is forced: keep it a dict lookup
@@ -232,7 +232,8 @@ def explain(
         lines.append(f"  config:    {forced}: forced by the caller (config=...)")
     elif choice.path == SM90:
         chosen = choose_config(num_experts, w.n, w.k, hint, choice.device_name)
-        lines.append(f"  config:    {chosen.name or '(left to the launcher)'}: {chosen.reason}")
+        lines.append(f"  config:    {chosen.name}: {chosen.reason}")
+        lines.append(f"  family:    {chosen.config.family}")
     else:
         lines.append("  config:    none (tile configs apply to the SM90 kernel only)")
         lines += _fallback_lines(w, variant == "grouped_mm_masked")

@@ -311,3 +311,30 @@ def reference_moe_float64(
                 y = y + down_bias[e].double()
             out[t] += float(topk_weights[t, j]) * y
     return out
+
+
+def explain_moe(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4) -> str:
+    """What ``mxfp4.moe(x, topk_ids, ..., gate_up, down)`` would run, and why (reads no tensor values)."""
+    gate_up, down = _packed("gate_up", gate_up), _packed("down", down)
+    routed = topk_ids.numel()
+    choice = select_path(x.device)
+    paired = isinstance(gate_up, PackedGateUp)
+    lines = [
+        f"mxfp4.moe: T = {x.shape[0]} tokens x top-{topk_ids.shape[-1]} = {routed} routed rows, "
+        f"E = {gate_up.num_experts}, H = {down.n}, I = {down.k}",
+        f"  path:      {choice.path}: {choice.reason}",
+    ]
+    if choice.path == SM90 and paired:
+        from .moe_fused import fused_config
+
+        lines.append("  layer:     fused: device routing + gather, gate_up with the SwiGLU epilogue, down with the "
+                     "scatter epilogue (bias, routing weight, token slots), fixed-order sum over k")
+        for name, w, kind in (("gate_up", gate_up, "swiglu"), ("down", down, "scatter")):
+            config = fused_config(w, routed, kind, choice.device_name)
+            lines.append(f"  {name + ':':10s} {config.name} ({config.family})")
+    elif choice.path == SM90:
+        lines.append("  layer:     unfused: gate_up is not paired (pack it with mxfp4.pack_gate_up for the fused "
+                     "kernels); two grouped_mm calls with the bias, activation and combine in torch")
+    else:
+        lines.append("  layer:     portable: two grouped_mm calls on the portable path, torch for the rest")
+    return "\n".join(lines)

@@ -153,7 +153,7 @@ def _launch_sm90(
     if config:
         tile = _config_from_name(config)
     else:
-        tile = choose_config(w_data.shape[0], n, k, tokens_hint, device_name).config or TileConfig()
+        tile = choose_config(w_data.shape[0], n, k, tokens_hint, device_name).config
     # The kernel reads int32 and int64 routing alike: no cast, no allocation in the hot path.
     grouped_mm_sm90(x, w_data, n, k, rows, masked, tile, out)
 

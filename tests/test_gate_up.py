@@ -57,3 +57,16 @@ def test_moe_on_paired_weights_matches_float64(skew: bool, seed: int) -> None:
     out = run(x, ids, weights, layer)
     ref = reference_moe_float64(x, ids, weights, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias)
     assert relative_error(out, ref) <= ACCURACY, f"seed {seed}"
+
+
+def test_explain_moe_names_the_layer_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mxfp4 import dispatch, moe_layer
+
+    paired, plain = make_layer(4, 64, 64, paired=True), make_layer(4, 64, 64)
+    x, ids = torch.randn(3, 64).bfloat16(), torch.zeros(3, 2, dtype=torch.int32)
+    assert "layer:     portable" in mxfp4.explain_moe(x, ids, paired.gate_up, paired.down)
+    sm90 = dispatch.PathChoice("sm90", "test", "cuda:0", (9, 0), "NVIDIA H100", "ok")
+    monkeypatch.setattr(moe_layer, "select_path", lambda device: sm90)
+    text = mxfp4.explain_moe(x, ids, paired.gate_up, paired.down)
+    assert "layer:     fused" in text and "_swiglu (" in text and "_scatter (" in text and "epilogue" in text
+    assert "not paired" in mxfp4.explain_moe(x, ids, plain.gate_up, plain.down)

@@ -80,3 +80,9 @@ def test_ctas_per_sm_sizes_shared_memory_and_registers() -> None:
         TileConfig(ctas_per_sm=5).validate()
     with pytest.raises(ValueError, match="2048 threads"):
         TileConfig(tile_n=256, tile_m=8, tile_k=64, stages=2, warpgroups=4, ctas_per_sm=4).validate()
+
+
+def test_family_names_the_kernel_shape() -> None:
+    assert TileConfig.from_name("n128_m8_k128_s6_wg1_c3").family.startswith("decode: 3 light CTAs per SM")
+    assert TileConfig.from_name("n128_m64_k128_s7_wg2").family.startswith("warp-specialized: one CTA per SM")
+    assert TileConfig.from_name("n128_m8_k128_s6_wg1_c3_swiglu").family.endswith("swiglu epilogue")
