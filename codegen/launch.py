@@ -61,6 +61,23 @@ def _make_context_current(device: torch.device) -> None:
         check(driver.cuCtxSetCurrent(primary), "cuCtxSetCurrent")
 
 
+def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory: int,
+                  name: str) -> tuple[driver.CUmodule, driver.CUfunction]:
+    """Load ``cubin`` into ``device``'s primary context and return its ``entry`` function, with the
+    dynamic shared-memory limit raised to ``shared_memory`` bytes."""
+    with torch.cuda.device(device):
+        _make_context_current(device)
+        module = check(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({name})")
+        function = check(driver.cuModuleGetFunction(module, entry.encode()), f"cuModuleGetFunction({name})")
+        check(
+            driver.cuFuncSetAttribute(
+                function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_memory
+            ),
+            f"raising the shared-memory limit of {name} to {shared_memory} bytes",
+        )
+    return module, function
+
+
 def load(config: TileConfig, device: torch.device) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached."""
     key = (device.index, config.name)
@@ -79,18 +96,7 @@ def load(config: TileConfig, device: torch.device) -> LoadedKernel:
                     f"for setmaxnreg to give {config.warpgroups} consumer warpgroups {config.consumer_registers} "
                     "each; refusing to launch a kernel that would hang"
                 )
-            with torch.cuda.device(device):
-                _make_context_current(device)
-                module = check(driver.cuModuleLoadData(compiled.cubin), f"cuModuleLoadData({config.name})")
-                function = check(driver.cuModuleGetFunction(module, ENTRY_POINT.encode()), "cuModuleGetFunction")
-                check(
-                    driver.cuFuncSetAttribute(
-                        function,
-                        driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        config.shared_memory_bytes,
-                    ),
-                    f"raising the shared-memory limit of {config.name} to {config.shared_memory_bytes} bytes",
-                )
+            module, function = load_function(compiled.cubin, ENTRY_POINT, device, config.shared_memory_bytes, config.name)
             multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
             kernel = LoadedKernel(config, module, function, config.shared_memory_bytes,
                                   multiprocessors * config.ctas_per_sm, int(function), config.threads, config.name)
@@ -182,13 +188,14 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
         epilogue.alpha, epilogue.limit,
     )
     grid = grid_size(config, kernel, rows=total_rows, num_experts=num_experts, n=n, masked=masked, max_m=max_m)
-    if torch._C._cuda_getDevice() != device:
-        with torch.cuda.device(device):  # the module lives in this device's context
-            _launch(kernel, grid, device)
-    else:
-        _launch(kernel, grid, device)
+    launch_on(device, kernel.function_handle, grid, kernel.threads, kernel.shared_memory, kernel.name)
 
 
-def _launch(kernel: LoadedKernel, grid: int, device: int) -> None:
-    stream = torch._C._cuda_getCurrentRawStream(device)  # torch's current stream, as a handle
-    launch(kernel.function_handle, grid, kernel.threads, kernel.shared_memory, stream, kernel.name)
+def launch_on(device: int, function: int, grid: int, threads: int, shared_memory: int, name: str) -> None:
+    """Launch ``function`` (its parameters already in this thread's buffer) on torch's current stream
+    of ``device``, making that device current for the call if it is not (its module lives there)."""
+    if torch._C._cuda_getDevice() == device:
+        launch(function, grid, threads, shared_memory, torch._C._cuda_getCurrentRawStream(device), name)
+        return
+    with torch.cuda.device(device):
+        launch(function, grid, threads, shared_memory, torch._C._cuda_getCurrentRawStream(device), name)

@@ -1,14 +1,16 @@
-"""The kernel's parameter block: one field list that renders the C++ struct and packs its bytes.
+"""Kernel parameter blocks: one field list per kernel that renders the C++ struct and packs its bytes.
 
-The kernel takes a single ``__grid_constant__`` struct; the template renders it from
-``PARAM_FIELDS`` with a static_assert per offset, and :func:`pack_params` fills the same bytes, so
-the two sides cannot drift apart.
+Each kernel takes a single ``__grid_constant__`` struct; its template renders it from the fields
+(``ParamBlock.template_fields``, with the size checked by a static_assert), and the launcher packs
+the same bytes with ``ParamBlock.struct``, so the two sides cannot drift apart. ``PARAM_FIELDS`` is
+the grouped GEMM's block; codegen.routing declares the MoE routing kernel's.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 TENSOR_MAP_BYTES = 128  # CUtensorMap
 PARAMS_ALIGN = 64  # CUtensorMap's alignment
@@ -47,10 +49,36 @@ PARAM_FIELDS: tuple[ParamField, ...] = (
 )
 
 
-def _layout() -> tuple[dict[str, int], int]:
+@dataclass(frozen=True)
+class ParamBlock:
+    """A kernel's parameter struct: C++ field offsets (natural alignment, the tensor map at 64), the
+    size rounded to 64, and one precompiled ``struct`` that packs every field in order."""
+
+    fields: tuple[ParamField, ...]
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        return _layout(self.fields)[0]
+
+    @property
+    def size(self) -> int:
+        return _layout(self.fields)[1]
+
+    @property
+    def struct(self) -> struct.Struct:
+        return _struct(self.fields)
+
+    def template_fields(self) -> list[dict[str, object]]:
+        """The field list as the templates render it."""
+        offsets = self.offsets
+        return [{"name": f.name, "ctype": f.ctype, "offset": offsets[f.name], "comment": f.comment} for f in self.fields]
+
+
+@lru_cache(maxsize=None)
+def _layout(fields: tuple[ParamField, ...]) -> tuple[dict[str, int], int]:
     offsets: dict[str, int] = {}
     cursor = 0
-    for field in PARAM_FIELDS:
+    for field in fields:
         align = min(field.size, 8) if field.fmt else PARAMS_ALIGN
         cursor = (cursor + align - 1) // align * align
         offsets[field.name] = cursor
@@ -58,32 +86,31 @@ def _layout() -> tuple[dict[str, int], int]:
     return offsets, (cursor + PARAMS_ALIGN - 1) // PARAMS_ALIGN * PARAMS_ALIGN
 
 
-PARAM_OFFSETS, PARAMS_SIZE = _layout()
-
-
-def _struct_format() -> str:
-    """One ``struct`` format for the whole block (explicit pad bytes at the C++ offsets)."""
+@lru_cache(maxsize=None)
+def _struct(fields: tuple[ParamField, ...]) -> struct.Struct:
+    """One ``struct`` for the whole block (explicit pad bytes at the C++ offsets)."""
+    offsets, size = _layout(fields)
     parts, cursor = ["<"], 0
-    for field in PARAM_FIELDS:
-        offset = PARAM_OFFSETS[field.name]
+    for field in fields:
+        offset = offsets[field.name]
         parts.append(f"{offset - cursor}x" if offset > cursor else "")
         parts.append(field.fmt or f"{field.size}s")
         cursor = offset + field.size
-    parts.append(f"{PARAMS_SIZE - cursor}x")
-    return "".join(parts)
+    parts.append(f"{size - cursor}x")
+    packer = struct.Struct("".join(parts))
+    assert packer.size == size
+    return packer
 
 
-# The hot path packs the whole block with one precompiled call; fields go in PARAM_FIELDS order.
-PARAMS_STRUCT = struct.Struct(_struct_format())
-assert PARAMS_STRUCT.size == PARAMS_SIZE
+GROUPED_MM_PARAMS = ParamBlock(PARAM_FIELDS)
+# The grouped GEMM's block, as the launcher and the template use it; the hot path packs it with
+# one precompiled call, fields in PARAM_FIELDS order.
+PARAM_OFFSETS, PARAMS_SIZE, PARAMS_STRUCT = GROUPED_MM_PARAMS.offsets, GROUPED_MM_PARAMS.size, GROUPED_MM_PARAMS.struct
 
 
 def template_fields() -> list[dict[str, object]]:
-    """The field list as the template renders it."""
-    return [
-        {"name": f.name, "ctype": f.ctype, "offset": PARAM_OFFSETS[f.name], "comment": f.comment}
-        for f in PARAM_FIELDS
-    ]
+    """The grouped GEMM's field list as its template renders it."""
+    return GROUPED_MM_PARAMS.template_fields()
 
 
 def pack_params(tensor_map: bytes, **values: int) -> bytearray:

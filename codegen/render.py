@@ -45,7 +45,7 @@ _EPILOGUE_ENUM = {"store": "Store", "swiglu": "SwiGLU", "scatter": "ScaleScatter
 
 
 @lru_cache(maxsize=1)
-def _environment() -> jinja2.Environment:
+def environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
         undefined=jinja2.StrictUndefined,
@@ -57,7 +57,7 @@ def _environment() -> jinja2.Environment:
 def render(config: TileConfig) -> str:
     """CUDA C++ source of the kernel for ``config`` (validated first)."""
     config.validate()
-    template = _environment().get_template(TEMPLATE_NAME)
+    template = environment().get_template(TEMPLATE_NAME)
     return template.render(
         config=config,
         needs_gmma_ext=config.tile_m not in _GMMA_BASE_SIZES,

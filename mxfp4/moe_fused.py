@@ -1,7 +1,7 @@
 """The gpt-oss expert layer on SM90 with the work fused into the generated kernels.
 
-Routing (a stable sort and per-expert offsets) and the gather of x rows run as torch ops on the device;
-the gate_up kernel's epilogue adds the bias and applies the clamped SwiGLU (its weight rows paired at
+One routing kernel (codegen.routing) groups the T·k choices by expert on the device; x rows are gathered
+with one index_select; the gate_up kernel's epilogue adds the bias and applies the clamped SwiGLU (its weight rows paired at
 pack time, ``mxfp4.gate_up``), writing bf16 ``[T·k, I]``; the down kernel's epilogue adds the bias,
 multiplies by the routing weight and writes each row to its token's slot, ``[T, k, H]``; the top-k
 combine is a fixed-order sum over k. No host sync, no atomics: calls are bitwise identical and the
@@ -20,7 +20,6 @@ from codegen.config import TileConfig
 from .dispatch import choose_config
 from .gate_up import PackedGateUp
 from .layout import PackedMXFP4
-from .moe_layer import route
 
 
 def fused_config(w: PackedMXFP4, rows: int, epilogue: str, device_name: str | None) -> TileConfig:
@@ -44,12 +43,14 @@ def moe_sm90(
     device_name: str | None,
 ) -> torch.Tensor:
     """``mxfp4.moe`` on SM90 (inputs validated by the op)."""
-    from codegen.launch import EpilogueArgs, grouped_mm_sm90  # lazy: CPU machines never import cuda-python
+    # lazy: CPU machines never import cuda-python
+    from codegen.launch import EpilogueArgs, grouped_mm_sm90
+    from codegen.routing import route_topk
 
     tokens, top_k = topk_ids.shape
     routed = tokens * top_k
-    routing = route(topk_ids, gate_up.num_experts)
-    rows = x.index_select(0, routing.order // top_k)
+    routing = route_topk(topk_ids.contiguous(), topk_weights.contiguous(), gate_up.num_experts)
+    rows = x.index_select(0, routing.row_token)
     activated = torch.empty((routed, down.k), dtype=torch.bfloat16, device=x.device)
     grouped_mm_sm90(
         rows, gate_up.data, gate_up.n, gate_up.k, routing.offsets, False,
@@ -57,10 +58,9 @@ def moe_sm90(
         EpilogueArgs(bias=_bias(gate_up_bias), alpha=alpha, limit=limit),
     )
     slots = torch.empty((tokens, top_k, down.n), dtype=torch.bfloat16, device=x.device)
-    scale = topk_weights.reshape(-1).to(torch.float32).index_select(0, routing.order)
     grouped_mm_sm90(
         activated, down.data, down.n, down.k, routing.offsets, False,
         fused_config(down, routed, "scatter", device_name), slots,
-        EpilogueArgs(bias=_bias(down_bias), row_scale=scale, row_dest=routing.order.to(torch.int32)),
+        EpilogueArgs(bias=_bias(down_bias), row_scale=routing.row_scale, row_dest=routing.row_dest),
     )
     return slots.sum(dim=1)  # fp32 accumulation in a fixed order, one rounding to bf16

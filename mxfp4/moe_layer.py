@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from codegen.config import MAX_EXPERTS
+
 from .dispatch import SM90, select_path
 from .gate_up import PackedGateUp, split_gate_up, unpack_gate_up
 from .layout import PackedMXFP4
@@ -124,6 +126,8 @@ def _check_weights(gate_up: PackedMXFP4, down: PackedMXFP4, hidden: int) -> int:
         raise ValueError(f"moe: gate_up is {list(gate_up.shape)} but x has H = {hidden}; gate_up must be [E, 2I, H]")
     if gate_up.n % 2:
         raise ValueError(f"moe: gate_up has N = {gate_up.n} rows; it must be [E, 2I, H] (interleaved gate/up)")
+    if not 1 <= gate_up.num_experts <= MAX_EXPERTS:
+        raise ValueError(f"moe: gate_up has {gate_up.num_experts} experts; 1 to {MAX_EXPERTS} are supported")
     if down.num_experts != gate_up.num_experts:
         raise ValueError(f"moe: gate_up has {gate_up.num_experts} experts but down has {down.num_experts}")
     if down.n != hidden:
