@@ -67,6 +67,11 @@ def compiled_routing():
     return compile_source(render_routing(), "moe_routing", entry=ROUTING_ENTRY)
 
 
+def _shared_memory(num_experts: int) -> int:
+    """One int cursor per expert, then a chunk of ROUTING_THREADS staged ids (int) and weights (float)."""
+    return 4 * num_experts + 8 * ROUTING_THREADS
+
+
 _functions: dict[int, int] = {}  # device index -> CUfunction handle
 _modules: dict[int, object] = {}  # keeps each loaded module alive
 _lock = threading.Lock()
@@ -79,7 +84,7 @@ def _function(device: torch.device) -> int:
             if device.index not in _functions:
                 from .launch import load_function
 
-                shared = 4 * MAX_EXPERTS  # one int cursor per expert
+                shared = _shared_memory(MAX_EXPERTS)
                 module, function = load_function(compiled_routing().cubin, ROUTING_ENTRY, device, shared, "moe_routing")
                 _modules[device.index], _functions[device.index] = module, int(function)
             handle = _functions[device.index]
@@ -103,5 +108,5 @@ def route_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: 
     )
     from .launch import launch_on
 
-    launch_on(topk_ids.device.index, _function(topk_ids.device), 1, ROUTING_THREADS, 4 * num_experts, "moe_routing")
+    launch_on(topk_ids.device.index, _function(topk_ids.device), 1, ROUTING_THREADS, _shared_memory(num_experts), "moe_routing")
     return rows

@@ -1,8 +1,10 @@
 // MoE routing on the device: the T x k expert choices grouped by expert, stably (rows keep their flat
 // (token, slot) order within an expert), so that the grouped GEMMs read the rows of one expert
 // contiguously and every call gives the same permutation. One CTA: a shared-memory histogram, one
-// warp's scan to offsets, then one warp places 32 rows per step (__match_any_sync ranks the lanes
-// that chose the same expert). Ids outside [0, E) are left out (the op checks them where it can).
+// warp's scan to offsets, then the rows in chunks of blockDim: the whole CTA stages a chunk's ids and
+// weights in shared memory (one round of global latency per chunk, not per step), and one warp places
+// them 32 per step (__match_any_sync ranks the lanes that chose the same expert). Ids outside [0, E)
+// are left out (the op checks them where it can).
 #pragma once
 
 #include <cuda/std/cstdint>
@@ -40,13 +42,15 @@ __device__ __forceinline__ void scan_expert_counts(Params const& p, int* cursor,
   if (lane == 0) p.offsets[p.num_experts] = running;
 }
 
-// Rows in flat order, 32 per step; lanes that chose the same expert take consecutive places.
+// The staged rows chunk0 .. chunk0 + count in flat order, 32 per step; lanes that chose the same expert
+// take consecutive places.
 template <class Params>
-__device__ __forceinline__ void place_rows(Params const& p, int* cursor, int lane) {
+__device__ __forceinline__ void place_rows(Params const& p, int* cursor, int const* expert, float const* weight,
+                                           int chunk0, int count, int lane) {
   unsigned const lower_lanes = (1u << lane) - 1u;
-  for (int base = 0; base < p.routed; base += 32) {
-    int const i = base + lane;
-    int const e = i < p.routed ? routed_expert(p, i) : -1;
+  for (int base = 0; base < count; base += 32) {
+    int const j = base + lane;
+    int const e = j < count ? expert[j] : -1;
     bool const valid = e >= 0 && e < p.num_experts;
     unsigned const same = __match_any_sync(0xffffffffu, valid ? e : -1);
     int const place = valid ? cursor[e] + __popc(same & lower_lanes) : 0;
@@ -54,16 +58,19 @@ __device__ __forceinline__ void place_rows(Params const& p, int* cursor, int lan
     if (valid && (same >> lane) == 1u) cursor[e] += __popc(same);  // the group's highest lane moves it on
     __syncwarp();
     if (valid) {
-      p.row_dest[place] = i;
-      p.row_token[place] = i / p.top_k;
-      p.row_scale[place] = routed_weight(p, i);
+      p.row_dest[place] = chunk0 + j;
+      p.row_token[place] = (chunk0 + j) / p.top_k;
+      p.row_scale[place] = weight[j];
     }
   }
 }
 
+// Shared memory: cursor[num_experts], then a chunk of blockDim staged ids and weights.
 template <class Params>
 __device__ __forceinline__ void route_topk(Params const& p) {
-  extern __shared__ int cursor[];  // [num_experts]
+  extern __shared__ int cursor[];
+  int* const staged_expert = cursor + p.num_experts;
+  float* const staged_weight = reinterpret_cast<float*>(staged_expert + blockDim.x);
   for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) cursor[e] = 0;
   __syncthreads();
   for (int i = threadIdx.x; i < p.routed; i += blockDim.x) {
@@ -71,10 +78,16 @@ __device__ __forceinline__ void route_topk(Params const& p) {
     if (e >= 0 && e < p.num_experts) atomicAdd(&cursor[e], 1);
   }
   __syncthreads();
-  if (threadIdx.x < 32) {
-    scan_expert_counts(p, cursor, threadIdx.x);
-    __syncwarp();
-    place_rows(p, cursor, threadIdx.x);
+  if (threadIdx.x < 32) scan_expert_counts(p, cursor, threadIdx.x);
+  for (int chunk0 = 0; chunk0 < p.routed; chunk0 += blockDim.x) {
+    int const i = chunk0 + threadIdx.x;
+    if (i < p.routed) {
+      staged_expert[threadIdx.x] = routed_expert(p, i);
+      staged_weight[threadIdx.x] = routed_weight(p, i);
+    }
+    __syncthreads();  // also orders the scan (first chunk) before the placement
+    if (threadIdx.x < 32) place_rows(p, cursor, staged_expert, staged_weight, chunk0, min(blockDim.x, p.routed - chunk0), threadIdx.x);
+    __syncthreads();  // the chunk is placed before the next one overwrites the stage
   }
 }
 
