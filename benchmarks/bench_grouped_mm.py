@@ -1,7 +1,7 @@
 """The grouped-GEMM suite: ours vs humming vs bf16 ``torch._grouped_mm``, side by side in one run.
 
     python -m codegen bench [--quick] [--model M] [--m 1,16] [--routing zipf] [--out DIR]
-    python benchmarks/bench_grouped_mm.py --quick          (from a checkout)
+    python -m benchmarks [--quick]                         (from a checkout)
 
 For gpt-oss-20b and -120b (gate_up N=5760, down N=2880, K=2880) at M tokens per expert, uniform
 and Zipf routing (top-4, loads ∝ 1/rank^1.1): every path's output is checked on sampled rows
@@ -20,17 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-if __package__ in (None, ""):  # run as a script from a checkout: import as the benchmarks package
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import benchmarks  # noqa: F401
+import torch
 
-    __package__ = "benchmarks"
-
-import torch  # noqa: E402
-
-from . import measure, peers  # noqa: E402
-from .problems import MODEL_SHAPES, TOLERANCE, Row, make_row, memory_needed, offsets_from_loads, sample_rows  # noqa: E402
-from .report import annotate, format_table, plot, write_json  # noqa: E402
+from . import measure, peers
+from .problems import MODEL_SHAPES, TOLERANCE, Row, make_row, memory_needed, offsets_from_loads, sample_rows
+from .report import annotate, format_table, plot, write_json
 
 
 @dataclass
@@ -210,13 +204,3 @@ def _print_summary(machine: Machine, settings: Settings, skipped: list[str], row
     print("times in us; graph = CUDA-graph replay per call, eager = back-to-back Python calls, device = kernel "
           "events; %floor = (bytes / torch.sum read BW) / graph time; ratios = ours' graph time / the peer's")
     print(format_table(rows))
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import main as cli_main
-
-    return cli_main(["grouped", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -137,29 +137,6 @@ def reset_cache() -> None:
     with _lock:
         _cache.clear()
         _warned = False
-_forced: bool | None = None  # force_portable(); None: follow the environment variable
-
-
-def force_portable(enabled: bool) -> None:
-    """Take the portable path on every device (True), or decide per device again (False).
-
-    Overrides ``HOPPER_MXFP4_FORCE_PORTABLE`` and forgets the cached decisions.
-    """
-    global _forced
-    if not isinstance(enabled, bool):
-        raise TypeError(f"force_portable: enabled must be a bool, got {type(enabled).__name__}")
-    _forced = enabled
-    reset_cache()
-
-
-def _forced_reason() -> str | None:
-    """Why the portable path is forced, or None when it is not."""
-    if _forced is not None:
-        return "forced by mxfp4.dispatch.force_portable(True)" if _forced else None
-    value = os.environ.get(ENV_FORCE_PORTABLE, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return None
-    return f"forced by {ENV_FORCE_PORTABLE}={os.environ[ENV_FORCE_PORTABLE]}"
 
 
 @dataclass(frozen=True)

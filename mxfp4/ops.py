@@ -248,6 +248,17 @@ def _direct_call(x: torch.Tensor) -> bool:
 # The user API.
 
 
+def _call(op: str, impl, custom_op, x: object, w: object, rows_name: str, rows: object, config: object) -> torch.Tensor:
+    """Check the Python-level arguments, then run ``impl`` directly (plain eager) or through the op."""
+    w = _check_weight(op, w)
+    _check_tensor(op, "x", x)
+    _check_tensor(op, rows_name, rows)
+    name = _config_name(op, config)
+    if _direct_call(x):
+        return impl(x, w.data, rows, w.n, w.k, name)
+    return custom_op(x, w.data, rows, w.n, w.k, name)
+
+
 def grouped_mm(
     x: torch.Tensor, w: PackedMXFP4, offsets: torch.Tensor, *, config: TileConfig | str | None = None
 ) -> torch.Tensor:
@@ -257,14 +268,7 @@ def grouped_mm(
     offsets: int32/int64 ``[E + 1]``, rising from 0 to T, on x's device. Returns bf16 ``[T, N]``.
     ``config`` forces a tile config on the SM90 path (None: chosen from the tuning table).
     """
-    op = "grouped_mm"
-    w = _check_weight(op, w)
-    _check_tensor(op, "x", x)
-    _check_tensor(op, "offsets", offsets)
-    name = _config_name(op, config)
-    if _direct_call(x):
-        return _grouped_mm_impl(x, w.data, offsets, w.n, w.k, name)
-    return torch.ops.mxfp4.grouped_mm(x, w.data, offsets, w.n, w.k, name)
+    return _call("grouped_mm", _grouped_mm_impl, torch.ops.mxfp4.grouped_mm, x, w, "offsets", offsets, config)
 
 
 def grouped_mm_masked(
@@ -275,11 +279,5 @@ def grouped_mm_masked(
     x: bf16 ``[E, max_m, K]``; masked_m: int32/int64 ``[E]`` on x's device. Returns bf16 ``[E, max_m, N]``.
     Shapes do not depend on the routing, so this variant captures into CUDA graphs for decode.
     """
-    op = "grouped_mm_masked"
-    w = _check_weight(op, w)
-    _check_tensor(op, "x", x)
-    _check_tensor(op, "masked_m", masked_m)
-    name = _config_name(op, config)
-    if _direct_call(x):
-        return _grouped_mm_masked_impl(x, w.data, masked_m, w.n, w.k, name)
-    return torch.ops.mxfp4.grouped_mm_masked(x, w.data, masked_m, w.n, w.k, name)
+    return _call("grouped_mm_masked", _grouped_mm_masked_impl, torch.ops.mxfp4.grouped_mm_masked, x, w, "masked_m",
+                 masked_m, config)
