@@ -207,10 +207,17 @@ def _moe_impl(
     down = PackedMXFP4(down_data, down_n, down_k)
     _check_moe(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit)
     _check_ids_values(topk_ids, gate_up.num_experts)
+    return _moe_checked(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit)
+
+
+def _moe_checked(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4,
+    gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, alpha: float, limit: float,
+) -> torch.Tensor:
     if x.shape[0] == 0:
         return torch.empty_like(x)
     choice = select_path(x.device)
-    if choice.path == SM90 and gate_up_paired:
+    if choice.path == SM90 and isinstance(gate_up, PackedGateUp):
         from .moe_fused import moe_sm90
 
         return moe_sm90(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, choice.device_name)
@@ -225,15 +232,11 @@ _moe_op.register_autograd(_inference_only("moe"))
 
 
 @_moe_op.register_fake
-def _moe_fake(
-    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-    gate_up_data: torch.Tensor, gate_up_n: int, gate_up_k: int, gate_up_paired: bool,
-    down_data: torch.Tensor, down_n: int, down_k: int,
-    gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
-    activation: str, alpha: float, limit: float,
-) -> torch.Tensor:
+def _moe_fake(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *weights_and_options: object) -> torch.Tensor:
+    """The same checks as _moe_impl (shapes only), and the output's shape: x's."""
+    gate_up_data, gate_up_n, gate_up_k, _, down_data, down_n, down_k, *rest = weights_and_options
     gate_up, down = PackedMXFP4(gate_up_data, gate_up_n, gate_up_k), PackedMXFP4(down_data, down_n, down_k)
-    _check_moe(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit)
+    _check_moe(x, topk_ids, topk_weights, gate_up, down, *rest)
     return torch.empty_like(x)
 
 
