@@ -59,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     space = parser.add_argument_group("configs")
     chosen = space.add_mutually_exclusive_group()
     chosen.add_argument("--configs", metavar="NAME,...", help="exactly these configs (e.g. n128_m64_k128_s7_wg2,...)")
-    chosen.add_argument("--quick", action="store_true", help="a small search space (about 15 configs)")
-    chosen.add_argument("--full", action="store_true", help="every valid config, no pruning (about 600)")
+    chosen.add_argument("--quick", action="store_true", help="a small search space (about 50 configs)")
+    chosen.add_argument("--full", action="store_true", help="every valid config, no pruning (about 1100)")
     space.add_argument("--no-m-window", action="store_true",
                        help="measure every candidate at every M (default: only tile_m near M, see codegen.tuning.tile_m_window)")
     run = parser.add_argument_group("running")

@@ -141,13 +141,16 @@ _SWEEP_TILE_M = tuple(sorted({*_powers_of_two(*TILE_M_RANGE), TILE_M_RANGE[1] * 
 # From one atom deep, in powers of two, stopping one short of MAX_TILE_K (64, 128, 256).
 _SWEEP_TILE_K = _powers_of_two(ATOM_K, MAX_TILE_K // 2)
 _SWEEP_MAX_STAGES = 10  # a cap of the sweep, not of the kernel (shared memory bounds that)
+# One fat CTA per SM and three light ones: on the H100 two gained nothing over one and four fit only
+# 64-row tiles, which lost to three (benchmarks/NOTES.md, v3); SearchSpace.full() tries them all.
+_SWEEP_CTAS_PER_SM = tuple(c for c in CTAS_PER_SM_CHOICES if c in (1, 3))
 
 
 @dataclass(frozen=True)
 class SearchSpace:
     """The configs a sweep tries: every combination of the fields that ``validate()`` accepts, pruned.
 
-    Pruning (the defaults give about 130 configs; ``SearchSpace.full()`` turns it off):
+    Pruning (the defaults give about 160 configs; ``SearchSpace.full()`` turns it off):
 
     ``deepest_stages``: per tile shape, keep only the deepest N stage counts that fit in shared
     memory (2: the deepest and one fewer). A deeper pipeline hides more latency and costs nothing
@@ -165,15 +168,15 @@ class SearchSpace:
     tile_k: tuple[int, ...] = _SWEEP_TILE_K
     stages: tuple[int, ...] = tuple(range(MIN_STAGES, _SWEEP_MAX_STAGES + 1))
     warpgroups: tuple[int, ...] = _SWEEP_WARPGROUPS
-    ctas_per_sm: tuple[int, ...] = CTAS_PER_SM_CHOICES
+    ctas_per_sm: tuple[int, ...] = _SWEEP_CTAS_PER_SM
     deepest_stages: int | None = 2
     min_stage_bytes: int = 16 * 1024
     include_defaults: bool = True
 
     @classmethod
     def full(cls) -> "SearchSpace":
-        """Every valid combination, no pruning (about 500 configs)."""
-        return cls(deepest_stages=None, min_stage_bytes=0)
+        """Every valid combination, no pruning (about 1100 configs)."""
+        return cls(ctas_per_sm=CTAS_PER_SM_CHOICES, deepest_stages=None, min_stage_bytes=0)
 
     @classmethod
     def quick(cls) -> "SearchSpace":
