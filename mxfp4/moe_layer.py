@@ -37,7 +37,7 @@ from codegen.config import MAX_EXPERTS
 from .dispatch import SM90, select_path
 from .gate_up import PackedGateUp, split_gate_up, unpack_gate_up
 from .layout import PackedMXFP4
-from .ops import _direct_call, _inference_only, debug_checks_enabled, grouped_mm
+from .ops import runs_directly, inference_only_backward, debug_checks_enabled, grouped_mm
 from .tensor import MXFP4Tensor
 
 ACTIVATIONS = ("gpt_oss",)
@@ -228,7 +228,7 @@ def _moe_checked(
 
 
 _moe_op = torch.library.custom_op("mxfp4::moe", mutates_args=())(_moe_impl)
-_moe_op.register_autograd(_inference_only("moe"))
+_moe_op.register_autograd(inference_only_backward("moe"))
 
 
 @_moe_op.register_fake
@@ -282,7 +282,7 @@ def moe(
         x, topk_ids, topk_weights, gate_up.data, gate_up.n, gate_up.k, isinstance(gate_up, PackedGateUp),
         down.data, down.n, down.k, gate_up_bias, down_bias, activation, float(alpha), float(limit),
     )
-    return _moe_impl(*args) if _direct_call(x) else torch.ops.mxfp4.moe(*args)
+    return _moe_impl(*args) if runs_directly(x) else torch.ops.mxfp4.moe(*args)
 
 
 # ---------------------------------------------------------------------------------------------

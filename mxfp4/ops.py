@@ -14,6 +14,7 @@ the output, so a copy is left to the caller to see and pay for.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -136,7 +137,7 @@ def _check_masked_values(op: str, masked_m: torch.Tensor, max_m: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The implementations. The custom ops run them; so does an eager call that needs no tracing or
-# autograd (see _direct_call), which skips the torch.library dispatch (tens of microseconds).
+# autograd (see runs_directly), which skips the torch.library dispatch (tens of microseconds).
 
 
 @lru_cache(maxsize=256)
@@ -217,7 +218,8 @@ def _grouped_mm_masked_fake(x: torch.Tensor, w_data: torch.Tensor, masked_m: tor
     return x.new_empty((x.shape[0], x.shape[1], n))
 
 
-def _inference_only(op: str):
+def inference_only_backward(op: str) -> Callable[..., None]:
+    """The autograd formula of an mxfp4 op: an error that says the op is inference-only."""
     def backward(ctx, grad):
         raise RuntimeError(
             f"mxfp4.{op} is inference-only: it has no gradient (the MXFP4 weights are frozen, and a gradient "
@@ -228,11 +230,11 @@ def _inference_only(op: str):
     return backward
 
 
-_grouped_mm_op.register_autograd(_inference_only("grouped_mm"))
-_grouped_mm_masked_op.register_autograd(_inference_only("grouped_mm_masked"))
+_grouped_mm_op.register_autograd(inference_only_backward("grouped_mm"))
+_grouped_mm_masked_op.register_autograd(inference_only_backward("grouped_mm_masked"))
 
 
-def _direct_call(x: torch.Tensor) -> bool:
+def runs_directly(x: torch.Tensor) -> bool:
     """Whether an eager call may run the implementation without the torch.library dispatch: a plain
     tensor, no autograd to record, and no compiler, tracer or mode that must see the op."""
     return (
@@ -248,13 +250,14 @@ def _direct_call(x: torch.Tensor) -> bool:
 # The user API.
 
 
-def _call(op: str, impl, custom_op, x: object, w: object, rows_name: str, rows: object, config: object) -> torch.Tensor:
+def _call(op: str, impl: Callable[..., torch.Tensor], custom_op: Callable[..., torch.Tensor], x: object, w: object,
+          rows_name: str, rows: object, config: object) -> torch.Tensor:
     """Check the Python-level arguments, then run ``impl`` directly (plain eager) or through the op."""
     w = _check_weight(op, w)
     _check_tensor(op, "x", x)
     _check_tensor(op, rows_name, rows)
     name = _config_name(op, config)
-    if _direct_call(x):
+    if runs_directly(x):
         return impl(x, w.data, rows, w.n, w.k, name)
     return custom_op(x, w.data, rows, w.n, w.k, name)
 
