@@ -16,6 +16,7 @@ MAX_THREADS_PER_SM = 2048
 # The kernel keeps a per-expert prefix sum of m-tiles in shared memory.
 MAX_EXPERTS = 1024
 BARRIER_BYTES = 8
+STREAM_K_FLAG_BYTES = 16  # one int per consumer warpgroup (SharedStorage::last_share)
 SMEM_ALIGN = 1024  # 128-byte-swizzled TMA destinations need 1024-byte alignment
 REGISTERS_PER_SM = 65536
 PRODUCER_REGISTERS = 40  # setmaxnreg of the producer warpgroup
@@ -28,9 +29,16 @@ MAX_TILE_K = 512  # the decode loop is unrolled over a stage
 MAX_ATOMS_PER_WARPGROUP = 4  # 64-row blocks of W per consumer warpgroup
 MIN_STAGES = 2
 EPILOGUES = ("store", "swiglu", "scatter")  # templates/mxfp4_epilogue.cuh: Store, SwiGLU, ScaleScatter
-CTAS_PER_SM_CHOICES = (1, 2, 3, 4)  # resident CTAs per SM (light CTAs hide decode latency at small M)
+CTAS_PER_SM_CHOICES = (1, 2, 3, 4, 5, 6)  # resident CTAs per SM (light CTAs hide decode latency at small M)
+# Who issues the TMA loads: a whole producer warpgroup (setmaxnreg hands its registers to the
+# consumers) or a single producer warp beside the consumers (no setmaxnreg; a CTA of 128 x wg + 32
+# threads, so more light CTAs fit on an SM).
+PRODUCERS = ("warpgroup", "warp")
+PRODUCER_WARP_THREADS = 32
 
-_NAME = re.compile(r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(?:_(swiglu|scatter))?$")
+_NAME = re.compile(
+    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_(swiglu|scatter))?$"
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -47,6 +55,12 @@ class TileConfig:
     epilogue    what the consumers do with the accumulators: "store" (the grouped GEMM), "swiglu" (gpt-oss
                 gate_up: bias + clamped SwiGLU on pack-time-paired gate/up rows) or "scatter" (MoE down:
                 bias, routing weight, rows back in token order). Names add ``_<epilogue>`` unless "store".
+    producer    "warpgroup" (a producer warpgroup that gives its registers to the consumers) or "warp"
+                (one producer warp beside them; names add ``_pw``).
+    stream_k    split the K loop of all tiles evenly over the persistent grid (stream-K): every CTA
+                gets the same number of k-steps, so the last wave is never part-empty; a tile split
+                between CTAs is summed in k order by the one that finishes it last (deterministic).
+                Names add ``_sk``.
     """
 
     tile_n: int = 128
@@ -56,10 +70,14 @@ class TileConfig:
     warpgroups: int = 2
     ctas_per_sm: int = 1
     epilogue: str = "store"
+    producer: str = "warpgroup"
+    stream_k: bool = False
 
     @property
     def name(self) -> str:
         suffix = f"_c{self.ctas_per_sm}" if self.ctas_per_sm != 1 else ""
+        suffix += "_pw" if self.producer == "warp" else ""
+        suffix += "_sk" if self.stream_k else ""
         suffix += f"_{self.epilogue}" if self.epilogue != "store" else ""
         return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}{suffix}"
 
@@ -69,10 +87,13 @@ class TileConfig:
         if match is None:
             raise ValueError(
                 f"config name {name!r} is not of the form "
-                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_swiglu|_scatter]"
+                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_pw][_sk][_swiglu|_scatter]"
             )
-        *numbers, ctas, epilogue = match.groups()
-        config = cls(*(int(v) for v in numbers), int(ctas or 1), epilogue or "store")
+        *numbers, ctas, producer_warp, stream_k, epilogue = match.groups()
+        config = cls(
+            *(int(v) for v in numbers), ctas_per_sm=int(ctas or 1), epilogue=epilogue or "store",
+            producer="warp" if producer_warp else "warpgroup", stream_k=bool(stream_k),
+        )
         config.validate()
         return config
 
@@ -86,6 +107,8 @@ class TileConfig:
             shape = f"decode: {self.ctas_per_sm} light CTAs per SM, {self.warpgroups} consumer warpgroup(s) each"
         else:
             shape = f"warp-specialized: one CTA per SM, {self.warpgroups} consumer warpgroup(s)"
+        shape += ", a producer warp" if self.producer == "warp" else ""
+        shape += ", stream-K" if self.stream_k else ""
         return shape if self.epilogue == "store" else f"{shape}, {self.epilogue} epilogue"
 
     # Derived quantities the template and the launcher share.
@@ -98,9 +121,17 @@ class TileConfig:
     def k_atoms_per_stage(self) -> int:
         return self.tile_k // ATOM_K
 
+    def k_steps(self, k_atoms: int) -> int:
+        """Pipeline stages (k-steps) of one tile when K spans ``k_atoms`` packed atoms."""
+        return -(-k_atoms // self.k_atoms_per_stage)
+
+    @property
+    def producer_threads(self) -> int:
+        return PRODUCER_WARP_THREADS if self.producer == "warp" else 128
+
     @property
     def threads(self) -> int:
-        return 128 * (self.warpgroups + 1)
+        return 128 * self.warpgroups + self.producer_threads
 
     @property
     def x_stage_bytes(self) -> int:
@@ -116,7 +147,7 @@ class TileConfig:
         stage = self.x_stage_bytes + self.w_stage_bytes
         barriers = 2 * self.stages * BARRIER_BYTES
         table = 4 * (MAX_EXPERTS + 1)
-        return SMEM_ALIGN + self.stages * stage + barriers + table
+        return SMEM_ALIGN + self.stages * stage + barriers + STREAM_K_FLAG_BYTES + table
 
     @property
     def max_shared_memory_bytes(self) -> int:
@@ -130,18 +161,29 @@ class TileConfig:
         return min(256, REGISTERS_PER_SM // (self.threads * self.ctas_per_sm) // 8 * 8)
 
     @property
+    def uses_setmaxnreg(self) -> bool:
+        """A producer warpgroup hands registers to the consumers; a producer warp cannot (setmaxnreg
+        works on whole warpgroups), so every thread keeps the launch allocation."""
+        return self.producer == "warpgroup"
+
+    @property
     def consumer_registers(self) -> int:
-        """setmaxnreg of each consumer warpgroup: the launch pool less the producer's, in steps of 8.
+        """Registers of each consumer thread: with a producer warpgroup, setmaxnreg's request (the
+        launch pool less the producer's, in steps of 8); with a producer warp, the launch allocation.
 
         setmaxnreg.inc waits until the CTA's pool has the registers, so asking for more than the
         launch allocation freed by the producer would hang the kernel.
         """
+        if not self.uses_setmaxnreg:
+            return self.launch_registers
         pool = self.launch_registers * self.threads - 128 * PRODUCER_REGISTERS
         return min(256, pool // (128 * self.warpgroups) // 8 * 8)
 
     def register_pool_suffices(self, launch_registers: int) -> bool:
         """Whether a kernel launched with ``launch_registers`` per thread (ptxas's count) leaves
         the pool that the setmaxnreg requests need; if not, setmaxnreg.inc would wait forever."""
+        if not self.uses_setmaxnreg:
+            return True
         needed = 128 * PRODUCER_REGISTERS + 128 * self.warpgroups * self.consumer_registers
         return launch_registers * self.threads >= needed
 
@@ -156,6 +198,12 @@ class TileConfig:
             if field.name == "epilogue":
                 if value not in EPILOGUES:
                     raise ValueError(f"epilogue={value!r}: one of {EPILOGUES}")
+            elif field.name == "producer":
+                if value not in PRODUCERS:
+                    raise ValueError(f"producer={value!r}: one of {PRODUCERS}")
+            elif field.name == "stream_k":
+                if not isinstance(value, bool):
+                    raise ValueError(f"stream_k must be a bool, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field.name} must be a positive int, got {value!r}")
         low, high = TILE_M_RANGE

@@ -1,4 +1,4 @@
-"""The two driver calls of the hot path, made through ctypes on ``libcuda`` directly.
+"""The driver calls of the hot path, made through ctypes on ``libcuda`` directly.
 
 cuda-bindings wraps every argument in a Python object (``cuuint64_t`` lists, ``CUstream``,
 ``CUtensorMap``), which costs tens of microseconds per launch; these two calls take plain integers
@@ -41,6 +41,8 @@ def _libcuda() -> ctypes.CDLL:
     ]
     lib.cuTensorMapEncodeTiled.restype = ctypes.c_int
     lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    lib.cuMemsetD32Async.argtypes = [ctypes.c_uint64, ctypes.c_uint, ctypes.c_size_t, ctypes.c_void_p]
+    lib.cuMemsetD32Async.restype = ctypes.c_int
     return lib
 
 
@@ -97,3 +99,10 @@ def launch(function: int, grid: int, threads: int, shared_memory: int, stream: i
     )
     if code:
         _raise(code, f"cuLaunchKernel({name}, grid={grid}, threads={threads}, shared memory={shared_memory})")
+
+
+def memset_d32(address: int, value: int, count: int, stream: int) -> None:
+    """cuMemsetD32Async: ``count`` 32-bit words at ``address`` set to ``value``, on ``stream``."""
+    code = _libcuda().cuMemsetD32Async(address, value, count, stream)
+    if code:
+        _raise(code, f"cuMemsetD32Async(count={count})")

@@ -16,7 +16,7 @@ from cuda.bindings import driver
 
 from .config import TileConfig
 from .cuda_result import as_text, unwrap
-from .fast_driver import DriverError, encode_bf16_2d_map, launch, params_buffer
+from .fast_driver import DriverError, encode_bf16_2d_map, launch, memset_d32, params_buffer
 from .params import PARAMS_SIZE, PARAMS_STRUCT
 from .render import ENTRY_POINT
 
@@ -147,15 +147,45 @@ def encode_x_map(address: int, rows: int, k: int, tile_m: int) -> bytes:
     return tensor_map
 
 
-def grid_size(config: TileConfig, kernel: LoadedKernel, *, rows: int, num_experts: int, n: int,
-              masked: bool, max_m: int) -> int:
-    """CTAs to launch: ctas_per_sm per SM, fewer when the routing cannot produce that many tiles."""
+def tile_bound(config: TileConfig, *, rows: int, num_experts: int, n: int, masked: bool, max_m: int) -> int:
+    """The most tiles the routing can produce (the device counts the real number)."""
     n_tiles = -(-n // config.tile_n)
     if masked:
         m_tiles = num_experts * -(-max_m // config.tile_m)
     else:  # each expert adds at most one partial tile to rows / tile_m
         m_tiles = rows // config.tile_m + num_experts
-    return max(1, min(kernel.max_ctas, m_tiles * n_tiles))
+    return m_tiles * n_tiles
+
+
+def grid_size(config: TileConfig, kernel: LoadedKernel, tiles: int, k_atoms: int) -> int:
+    """CTAs to launch: ctas_per_sm per SM, fewer when the work cannot keep that many busy (a tile each,
+    or with stream-K a k-step each)."""
+    work = tiles * config.k_steps(k_atoms) if config.stream_k else tiles
+    return max(1, min(kernel.max_ctas, work))
+
+
+# The stream-K split runs in 32-bit arithmetic (templates/mxfp4_scheduler.cuh, StreamKSplit).
+STREAM_K_MAX_STEPS = 2**31 - 2**20
+
+
+def stream_k_workspace(config: TileConfig, grid: int, tiles: int, k_atoms: int,
+                       device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """(buffer, workspace address, counters address) for a stream-K launch, the counters zeroed on the
+    current stream. A fresh buffer from torch's stream-ordered allocator per call, so concurrent
+    streams and CUDA graphs never share one (mxfp4_stream_k.cuh has the layout)."""
+    steps = tiles * config.k_steps(k_atoms)
+    if steps + grid > STREAM_K_MAX_STEPS:
+        raise ValueError(
+            f"config {config.name}: stream-K splits at most {STREAM_K_MAX_STEPS} k-steps, and this problem can have "
+            f"{steps}; pick a config without _sk (stream-K is for decode-sized problems)"
+        )
+    counters = tiles * config.warpgroups
+    counter_bytes = -(-counters * 4 // 256) * 256
+    partial_bytes = 2 * grid * config.warpgroups * config.accumulators_per_thread * 128 * 4
+    buffer = torch.empty(counter_bytes + partial_bytes, dtype=torch.uint8, device=device)
+    address = buffer.data_ptr()
+    memset_d32(address, 0, counters, torch._C._cuda_getCurrentRawStream(device.index))
+    return buffer, address + counter_bytes, address
 
 
 def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows: torch.Tensor,
@@ -181,13 +211,17 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
     kernel = load(config, x.device)  # a dict hit after the first call
     x_map = encode_x_map(x_address, total_rows, k, config.tile_m)
     bias, row_scale, row_dest, bias_stride = epilogue.pointers()
+    tiles = tile_bound(config, rows=total_rows, num_experts=num_experts, n=n, masked=masked, max_m=max_m)
+    grid = grid_size(config, kernel, tiles, k_atoms)
+    workspace = counters = 0
+    if config.stream_k:  # `buffer` lives until the launch is enqueued; the allocator orders its reuse
+        buffer, workspace, counters = stream_k_workspace(config, grid, tiles, k_atoms, x.device)
     PARAMS_STRUCT.pack_into(
         params_buffer(PARAMS_SIZE), 0, x_map, w_data.data_ptr(), out.data_ptr(), rows.data_ptr(),
         num_experts, n, n_atoms, k_atoms, max_m, total_rows, int(masked), int(rows.dtype == torch.int64),
         bias, row_scale, row_dest, n // 2 if config.epilogue == "swiglu" else n, bias_stride,
-        epilogue.alpha, epilogue.limit,
+        epilogue.alpha, epilogue.limit, workspace, counters,
     )
-    grid = grid_size(config, kernel, rows=total_rows, num_experts=num_experts, n=n, masked=masked, max_m=max_m)
     launch_on(device, kernel.function_handle, grid, kernel.threads, kernel.shared_memory, kernel.name)
 
 

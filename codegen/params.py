@@ -46,6 +46,9 @@ PARAM_FIELDS: tuple[ParamField, ...] = (
     ParamField("bias_stride", "int32_t", "i", 4, "elements per expert in bias"),
     ParamField("alpha", "float", "f", 4, "SwiGLU: sigmoid(alpha * gate)"),
     ParamField("limit", "float", "f", 4, "SwiGLU: clamp limit"),
+    # Stream-K (mxfp4_stream_k.cuh); null for the tile-by-tile configs.
+    ParamField("workspace", "float*", "Q", 8, "stream-K: fp32 accumulators of cut tiles"),
+    ParamField("tile_counters", "int32_t*", "Q", 8, "stream-K: k-steps done per tile and warpgroup, zeroed per launch"),
 )
 
 

@@ -23,6 +23,19 @@ def configs_in_use() -> list[TileConfig]:
     return list(dict.fromkeys([*DEFAULT_CONFIGS, *shipped_configs()]))
 
 
+# One config of each decode family the tuner can choose, picked by a table or not: a producer warp,
+# stream-K on either producer, and a multi-warpgroup stream-K (one counter per warpgroup).
+FAMILY_SAMPLES: tuple[str, ...] = (
+    "n64_m8_k128_s6_wg1_c5_pw", "n128_m8_k128_s6_wg1_c3_pw_sk", "n128_m16_k128_s5_wg1_c3_sk",
+    "n64_m8_k128_s6_wg1_c5_pw_sk", "n128_m64_k128_s7_wg2_pw_sk",
+)
+
+
+def configs_under_test() -> list[TileConfig]:
+    """What the GPU tests and the sanitizer run: every config in use and one of each family."""
+    return list(dict.fromkeys([*configs_in_use(), *(TileConfig.from_name(name) for name in FAMILY_SAMPLES)]))
+
+
 def heuristic_config(tokens_per_expert: int) -> TileConfig:
     """The default config whose tile_m is the smallest that covers the tokens of one expert."""
     by_tile_m = sorted(DEFAULT_CONFIGS, key=lambda c: c.tile_m)

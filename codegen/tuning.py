@@ -41,6 +41,7 @@ from mxfp4.layout import ATOM_K, ATOM_N
 
 from .config import (
     CTAS_PER_SM_CHOICES,
+    PRODUCERS,
     DEFAULT_CONFIGS,
     MAX_ATOMS_PER_WARPGROUP,
     MAX_TILE_K,
@@ -141,9 +142,12 @@ _SWEEP_TILE_M = tuple(sorted({*_powers_of_two(*TILE_M_RANGE), TILE_M_RANGE[1] * 
 # From one atom deep, in powers of two, stopping one short of MAX_TILE_K (64, 128, 256).
 _SWEEP_TILE_K = _powers_of_two(ATOM_K, MAX_TILE_K // 2)
 _SWEEP_MAX_STAGES = 10  # a cap of the sweep, not of the kernel (shared memory bounds that)
-# One fat CTA per SM and three light ones: on the H100 two gained nothing over one and four fit only
-# 64-row tiles, which lost to three (benchmarks/NOTES.md, v3); SearchSpace.full() tries them all.
-_SWEEP_CTAS_PER_SM = tuple(c for c in CTAS_PER_SM_CHOICES if c in (1, 3))
+# One fat CTA per SM and three to five light ones: on the H100 two gained nothing over one and four
+# (with a producer warpgroup) fit only 64-row tiles, which lost to three (benchmarks/NOTES.md, v3);
+# a producer warp leaves room for four or five. SearchSpace.full() tries them all.
+_SWEEP_CTAS_PER_SM = tuple(c for c in CTAS_PER_SM_CHOICES if c in (1, 3, 4, 5))
+# Stream-K pays where the tiles fill the grid in few waves: decode-sized tiles on light CTAs.
+_STREAM_K_MAX_TILE_M = 16
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,9 @@ class SearchSpace:
     keep HBM busy.
     ``include_defaults``: always add ``DEFAULT_CONFIGS`` (the heuristic's choices: the sweep
     measures them anyway to report the gain over the default).
+    ``prune_families``: a producer warp only for light CTAs (``ctas_per_sm`` > 1, one consumer
+    warpgroup), where its registers buy occupancy; stream-K only for light CTAs with tile_m up to 16
+    (decode), where tiles fill the grid in few waves.
     """
 
     tile_n: tuple[int, ...] = _SWEEP_TILE_N
@@ -169,20 +176,24 @@ class SearchSpace:
     stages: tuple[int, ...] = tuple(range(MIN_STAGES, _SWEEP_MAX_STAGES + 1))
     warpgroups: tuple[int, ...] = _SWEEP_WARPGROUPS
     ctas_per_sm: tuple[int, ...] = _SWEEP_CTAS_PER_SM
+    producers: tuple[str, ...] = PRODUCERS
+    stream_k: tuple[bool, ...] = (False, True)
     deepest_stages: int | None = 2
     min_stage_bytes: int = 16 * 1024
     include_defaults: bool = True
+    prune_families: bool = True
 
     @classmethod
     def full(cls) -> "SearchSpace":
         """Every valid combination, no pruning (about 1100 configs)."""
-        return cls(ctas_per_sm=CTAS_PER_SM_CHOICES, deepest_stages=None, min_stage_bytes=0)
+        return cls(ctas_per_sm=CTAS_PER_SM_CHOICES, deepest_stages=None, min_stage_bytes=0, prune_families=False)
 
     @classmethod
     def quick(cls) -> "SearchSpace":
         """A small space for a fast sweep: tile_n 128 / 256, 1, 2 or 4 consumer warpgroups, 1 or 3 CTAs per SM,
         the deepest stages."""
-        return cls(tile_n=(128, 256), tile_k=(128, 256), warpgroups=(1, 2, 4), ctas_per_sm=(1, 3), deepest_stages=1)
+        return cls(tile_n=(64, 128, 256), tile_k=(128, 256), warpgroups=(1, 2, 4), ctas_per_sm=(1, 3, 4, 5),
+                   deepest_stages=1)
 
 
 def _valid(config: TileConfig) -> bool:
@@ -193,17 +204,28 @@ def _valid(config: TileConfig) -> bool:
     return True
 
 
+def _family_worth_trying(tile_m: int, warpgroups: int, ctas: int, producer: str, stream_k: bool) -> bool:
+    """SearchSpace's family pruning (see its docstring)."""
+    light = ctas > 1 and warpgroups == 1
+    if producer == "warp" and not light:
+        return False
+    return not stream_k or (light and tile_m <= _STREAM_K_MAX_TILE_M)
+
+
 def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
     """The valid configs of ``space`` (default: ``SearchSpace()``), unique, ordered by tile_m then size."""
     space = space or SearchSpace()
     found: dict[str, TileConfig] = {}
-    for tile_n, tile_m, tile_k, warpgroups, ctas in itertools.product(
-        space.tile_n, space.tile_m, space.tile_k, space.warpgroups, space.ctas_per_sm
+    for tile_n, tile_m, tile_k, warpgroups, ctas, producer, stream_k in itertools.product(
+        space.tile_n, space.tile_m, space.tile_k, space.warpgroups, space.ctas_per_sm, space.producers, space.stream_k
     ):
+        if space.prune_families and not _family_worth_trying(tile_m, warpgroups, ctas, producer, stream_k):
+            continue
         fitting = [
             config
             for stages in sorted(set(space.stages))
-            if _valid(config := TileConfig(tile_n, tile_m, tile_k, stages, warpgroups, ctas))
+            if _valid(config := TileConfig(tile_n, tile_m, tile_k, stages, warpgroups, ctas, producer=producer,
+                                           stream_k=stream_k))
         ]
         if not fitting:
             continue
@@ -216,7 +238,8 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
     if space.include_defaults:
         for config in DEFAULT_CONFIGS:
             found.setdefault(config.name, config)
-    return sorted(found.values(), key=lambda c: (c.tile_m, c.tile_n, c.tile_k, c.warpgroups, c.ctas_per_sm, c.stages))
+    return sorted(found.values(), key=lambda c: (c.tile_m, c.tile_n, c.tile_k, c.warpgroups, c.ctas_per_sm,
+                                                 c.producer, c.stream_k, c.stages))
 
 
 def tile_m_window(tokens_per_expert: int) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, run on the H100 through the device tool:
+# The GPU checks, run on an SM90 GPU (the H200, earlier the H100) through the device tool:
 #   device run: bash scripts/device_check.sh [STEP ...]     (default: tests sanitize bench)
 # with carry=[".whl"], where .whl holds the wheels the device machine lacks:
 #   nvidia-cutlass==4.2.0.0, nvidia-cuda-cccl==13.0.85 (every step: the kernel build), and for the
@@ -126,15 +126,18 @@ for step in "${steps[@]}"; do
       note "tuning GPU tests: exit ${PIPESTATUS[0]}: $(tail -n 1 "$LOGS/pytest-tuning-gpu.txt")"
       ;;
     tune)
-      # The sweep merges into the shipped table, so one file ends up with every model's entries.
+      # The sweep merges into the GPU's shipped table (generated/tuning/<family>.json, e.g. h200.json),
+      # so one file ends up with every model's entries; the table lands in $OUT.
       mkdir -p "$LOGS/tune"
-      [ -f generated/tuning/h100.json ] && cp generated/tuning/h100.json "$LOGS/tune/h100.json"
-      # TUNE_ARGS overrides the sweep (e.g. "--model gpt-oss-120b --quick --m 1,16"); the table lands in $OUT.
+      table=$(python3 -c "import torch; from codegen.tuning import gpu_family; print(gpu_family(torch.cuda.get_device_name()))").json
+      [ -f "generated/tuning/$table" ] && cp "generated/tuning/$table" "$LOGS/tune/$table"
+      # TUNE_ARGS overrides the sweep (e.g. "--model gpt-oss-120b --quick --m 1,16").
       # shellcheck disable=SC2086
       timeout "${TUNE_TIMEOUT:-400}" python3 -m codegen tune ${TUNE_ARGS:---model gpt-oss-20b --quick --m 1,16,256,4096} \
-        --out "$LOGS/tune/h100.json" 2>&1 | tee "$LOGS/tune.txt"
-      note "tune: exit ${PIPESTATUS[0]}"
-      cp "$LOGS/tune/h100.json" "$OUT/h100.json"
+        --out "$LOGS/tune/$table" 2>&1 | tee "$LOGS/tune.txt"
+      note "tune ($table): exit ${PIPESTATUS[0]}"
+      { echo "== tune"; sed -n '/^device:/,$p' "$LOGS/tune.txt"; echo; } >> "$LOGS/summary.txt"
+      cp "$LOGS/tune/$table" "$OUT/$table"
       ;;
     *) echo "unknown step $step"; finish; exit 2 ;;
   esac

@@ -1,4 +1,5 @@
-"""One small grouped GEMM per config the op can pick (defaults + shipped tuning tables), and the
+"""One small grouped GEMM per config the op can pick (defaults + shipped tuning tables) and per kernel
+family (codegen.selection.FAMILY_SAMPLES), and the
 fused MoE layer (SwiGLU and scatter epilogues), for compute-sanitizer (memcheck, racecheck) on the device.
 
 Usage: compute-sanitizer --tool memcheck python scripts/sanitize_case.py [CONFIG ...]
@@ -14,11 +15,11 @@ import torch
 import mxfp4
 from codegen import TileConfig
 from codegen.launch import grouped_mm_sm90
-from codegen.selection import configs_in_use
+from codegen.selection import configs_under_test
 
 
 def main(names: list[str]) -> int:
-    configs = [TileConfig.from_name(n) for n in names] if names else configs_in_use()
+    configs = [TileConfig.from_name(n) for n in names] if names else configs_under_test()
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(0)
     num_experts, n, k = 3, 200, 160  # N and K tails, an empty expert

@@ -1,11 +1,13 @@
 // SM90a MXFP4 grouped GEMM: out[rows of e] = x[rows of e] @ W_e^T, computed as
 // out^T tile = W tile (WGMMA A, decoded into registers) . x tile^T (WGMMA B, TMA -> shared memory).
 //
-// One CTA per SM walks the tile list (mxfp4_scheduler.cuh). Warpgroup 0 produces: one thread
-// issues TMA loads of x (128-byte swizzled) and bulk copies of whole packed weight atoms into a
-// `Stages`-deep ring guarded by full/empty mbarriers. Warpgroups 1..Warpgroups consume: each owns
-// `AtomsPerWarpgroup` blocks of 64 weight rows, loads its fragment bytes with one 16-byte shared
-// load per 64 values of K, decodes them (mxfp4_decode.cuh) and issues wgmma.mma_async.
+// A persistent grid (ctas_per_sm CTAs per SM) walks the work (mxfp4_scheduler.cuh: whole tiles, or
+// stream-K shares of them, mxfp4_stream_k.cuh). One producer thread issues TMA loads of x (128-byte
+// swizzled) and bulk copies of whole packed weight atoms into a `Stages`-deep ring guarded by
+// full/empty mbarriers; it sits in a producer warpgroup (warpgroup 0, whose registers setmaxnreg
+// hands to the consumers) or in a single producer warp after the consumers. Each consumer
+// warpgroup owns `AtomsPerWarpgroup` blocks of 64 weight rows, loads its fragment bytes with one
+// 16-byte shared load per 64 values of K, decodes them (mxfp4_decode.cuh) and issues wgmma.mma_async.
 #pragma once
 
 #include <cuda/std/cstdint>
@@ -21,6 +23,7 @@
 #include "mxfp4_decode.cuh"
 #include "mxfp4_epilogue.cuh"
 #include "mxfp4_scheduler.cuh"
+#include "mxfp4_stream_k.cuh"
 
 namespace mxfp4 {
 
@@ -34,8 +37,10 @@ struct alignas(64) TensorMap {
 };
 
 template <int TileN_, int TileM_, int TileK_, int Stages_, int Warpgroups_, int ProducerRegs_, int ConsumerRegs_,
-          Epilogue Epilogue_>
+          Epilogue Epilogue_, bool ProducerWarp_, bool StreamK_>
 struct KernelConfig {
+  static constexpr bool ProducerWarp = ProducerWarp_;  // a producer warp (no setmaxnreg), not a warpgroup
+  static constexpr bool StreamK = StreamK_;
   static constexpr Epilogue EpilogueKind = Epilogue_;
   static constexpr int TileN = TileN_;
   static constexpr int TileM = TileM_;
@@ -44,7 +49,7 @@ struct KernelConfig {
   static constexpr int Warpgroups = Warpgroups_;
   static constexpr int ProducerRegs = ProducerRegs_;
   static constexpr int ConsumerRegs = ConsumerRegs_;
-  static constexpr int Threads = 128 * (Warpgroups + 1);
+  static constexpr int Threads = 128 * Warpgroups + (ProducerWarp ? 32 : 128);
   static constexpr int AtomsN = TileN / kAtomN;                // weight atoms along N per tile
   static constexpr int AtomsK = TileK / kAtomK;                // weight atoms along K per stage
   static constexpr int AtomsPerWarpgroup = AtomsN / Warpgroups;
@@ -83,6 +88,7 @@ struct SharedStorage {
   uint64_t* full;     // [Stages]: TMA bytes landed
   uint64_t* empty;    // [Stages]: consumers done with the slot
   int* tile_prefix;   // [num_experts + 1]
+  int* last_share;    // [4]: per consumer warpgroup, whether its stream-K share completed the tile
 
   __device__ explicit SharedStorage(uint8_t* raw) {
     // Offset `raw` itself (no integer round trip) so that the compiler keeps every pointer in the
@@ -92,7 +98,8 @@ struct SharedStorage {
     w = x + Cfg::Stages * Cfg::XStageBytes;
     full = reinterpret_cast<uint64_t*>(w + Cfg::Stages * Cfg::WStageBytes);
     empty = full + Cfg::Stages;
-    tile_prefix = reinterpret_cast<int*>(empty + Cfg::Stages);
+    last_share = reinterpret_cast<int*>(empty + Cfg::Stages);
+    tile_prefix = last_share + 4;
   }
 };
 
@@ -111,13 +118,15 @@ __device__ __forceinline__ void produce(Params const& p, SharedStorage<Cfg> cons
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
   RingPosition ring;
   int const k_tiles = (p.k_atoms + Cfg::AtomsK - 1) / Cfg::AtomsK;
-  for (int index = blockIdx.x; index < total_tiles; index += gridDim.x) {
-    Tile const tile = tile_coords(s.tile_prefix, p.num_experts, n_tiles, index);
+  WorkCursor<Cfg::StreamK> work(total_tiles, k_tiles);
+  WorkUnit unit;
+  while (work.fetch(k_tiles, unit)) {
+    Tile const tile = tile_coords(s.tile_prefix, p.num_experts, n_tiles, unit.tile);
     int const row0 = expert_rows(p, tile.expert).start + tile.m_tile * Cfg::TileM;
     int const n_atom0 = tile.n_tile * Cfg::AtomsN;
     int const n_atoms_here = min(Cfg::AtomsN, p.n_atoms - n_atom0);
     uint8_t const* w_expert = p.w + (static_cast<size_t>(tile.expert) * p.n_atoms + n_atom0) * p.k_atoms * kAtomBytes;
-    for (int kt = 0; kt < k_tiles; ++kt) {
+    for (int kt = unit.k_begin; kt < unit.k_end; ++kt) {
       int const k_atom0 = kt * Cfg::AtomsK;
       int const k_atoms_here = min(Cfg::AtomsK, p.k_atoms - k_atom0);
       Barrier::wait(&s.empty[ring.slot], ring.phase ^ 1u);
@@ -277,30 +286,39 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
   RingPosition ring;
   int const k_tiles = (p.k_atoms + Cfg::AtomsK - 1) / Cfg::AtomsK;
   int const atom_offset = consumer * Cfg::AtomsPerWarpgroup * Cfg::AtomsK * kAtomBytes;
-  for (int index = blockIdx.x; index < total_tiles; index += gridDim.x) {
-    Tile const tile = tile_coords(s.tile_prefix, p.num_experts, n_tiles, index);
+  WorkCursor<Cfg::StreamK> work(total_tiles, k_tiles);
+  WorkUnit unit;
+  while (work.fetch(k_tiles, unit)) {
+    Tile const tile = tile_coords(s.tile_prefix, p.num_experts, n_tiles, unit.tile);
     ExpertRows const rows = expert_rows(p, tile.expert);
 #pragma unroll
     for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a)
 #pragma unroll
       for (int i = 0; i < Cfg::Accumulators; ++i) st.acc[a][i] = 0.0f;
     int previous_slot = 0;
-    for (int kt = 0; kt < k_tiles; ++kt) {
+    for (int kt = unit.k_begin; kt < unit.k_end; ++kt) {
       int const chunks = min(Cfg::AtomsK, p.k_atoms - kt * Cfg::AtomsK);
       Barrier::wait(&s.full[ring.slot], ring.phase);
       uint8_t const* x_slot = s.x + ring.slot * Cfg::XStageBytes;
       uint8_t const* w_slot = s.w + ring.slot * Cfg::WStageBytes + atom_offset;
+      bool const release_previous = kt > unit.k_begin;
       // With an odd number of chunks per stage, odd stages start on register buffer 1.
-      if ((Cfg::AtomsK & 1) && (kt & 1))
-        consume_stage<1>(st, x_slot, w_slot, chunks, tid, kt > 0, &s.empty[previous_slot]);
+      if ((Cfg::AtomsK & 1) && ((kt - unit.k_begin) & 1))
+        consume_stage<1>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot]);
       else
-        consume_stage<0>(st, x_slot, w_slot, chunks, tid, kt > 0, &s.empty[previous_slot]);
+        consume_stage<0>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot]);
       previous_slot = ring.slot;
       ring.advance<Cfg::Stages>();
     }
     cute::warpgroup_wait<0>();
     __syncwarp();
     if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(&s.empty[previous_slot]);
+    if constexpr (Cfg::StreamK) {
+      bool const whole = unit.k_begin == 0 && unit.k_end == k_tiles;
+      if (!whole && !stream_k_fixup<Cfg::Warpgroups>(st.acc, p, unit, k_tiles, total_tiles, consumer, tid,
+                                                     &s.last_share[consumer]))
+        continue;  // another CTA finishes this tile
+    }
     store_tile(st, p, tile, rows, consumer, tid);
   }
 }
@@ -325,7 +343,15 @@ __device__ __forceinline__ void grouped_mm_kernel(Params const& p) {
   int const n_tiles = (p.n + Cfg::TileN - 1) / Cfg::TileN;
   int const total_tiles = s.tile_prefix[p.num_experts] * n_tiles;
   int const warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0) {
+  if constexpr (Cfg::ProducerWarp) {
+    // Consumers are warpgroups 0 .. Warpgroups-1 (wgmma needs warpgroup-aligned warps); the producer
+    // warp follows them. No setmaxnreg: every thread keeps the launch allocation.
+    if (warpgroup == Cfg::Warpgroups) {
+      if (threadIdx.x == 128 * Cfg::Warpgroups) produce<Cfg>(p, s, n_tiles, total_tiles);
+    } else {
+      consume<Cfg>(p, s, n_tiles, total_tiles, warpgroup, threadIdx.x & 127);
+    }
+  } else if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::ProducerRegs>();
     if (threadIdx.x == 0) produce<Cfg>(p, s, n_tiles, total_tiles);
   } else {

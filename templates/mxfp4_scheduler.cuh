@@ -55,6 +55,68 @@ struct Tile {
   int n_tile;
 };
 
+// One unit of a CTA's work: k-steps [k_begin, k_end) of tile `tile` (all of them: 0, k_tiles).
+struct WorkUnit {
+  int tile;
+  int k_begin;
+  int k_end;
+};
+
+// The stream-K split of `steps` k-steps over `grid` CTAs: CTA b takes [begin(b), begin(b + 1)), the
+// first `extra` CTAs one step more than the others. 32-bit arithmetic (no 64-bit division, which
+// compiles to a call that spills the accumulators); the launcher keeps steps + grid below 2^31.
+struct StreamKSplit {
+  int per_cta;  // steps / grid
+  int extra;    // steps % grid
+
+  __device__ __forceinline__ StreamKSplit(int steps, int grid) : per_cta(steps / grid), extra(steps % grid) {}
+
+  __device__ __forceinline__ int begin(int cta) const { return cta * per_cta + min(cta, extra); }
+
+  // The CTA whose range holds `step`.
+  __device__ __forceinline__ int owner(int step) const {
+    int const long_ranges = extra * (per_cta + 1);
+    return step < long_ranges ? step / (per_cta + 1) : extra + (step - long_ranges) / per_cta;
+  }
+};
+
+// A CTA's walk over the work, the same for its producer and its consumers.
+//   tile by tile: CTA b takes tiles b, b + G, b + 2G, ... whole (G = gridDim.x);
+//   stream-K:     the tiles x k_tiles k-steps, tile-major, are cut into G equal ranges (StreamKSplit):
+//                 every CTA does the same number of k-steps (give or take one), so no wave is
+//                 part-empty; a tile cut between CTAs is summed by the fix-up (mxfp4_stream_k.cuh).
+template <bool StreamK>
+struct WorkCursor {
+  int next;  // the next tile (tile by tile) or k-step (stream-K)
+  int end;
+
+  __device__ __forceinline__ WorkCursor(int total_tiles, int k_tiles) {
+    if constexpr (StreamK) {
+      StreamKSplit const split(total_tiles * k_tiles, gridDim.x);
+      next = split.begin(blockIdx.x);
+      end = split.begin(blockIdx.x + 1);
+    } else {
+      next = blockIdx.x;
+      end = total_tiles;
+    }
+  }
+
+  __device__ __forceinline__ bool fetch(int k_tiles, WorkUnit& unit) {
+    if (next >= end) return false;
+    if constexpr (StreamK) {
+      int const tile = next / k_tiles;
+      int const k_begin = next - tile * k_tiles;
+      int const k_end = min(k_tiles, k_begin + (end - next));
+      unit = {tile, k_begin, k_end};
+      next += k_end - k_begin;
+    } else {
+      unit = {next, 0, k_tiles};
+      next += gridDim.x;
+    }
+    return true;
+  }
+};
+
 // Tiles are numbered n-tile fastest, so CTAs working at the same time share an x tile
 // and walk over one expert's weights.
 __device__ __forceinline__ Tile tile_coords(int const* prefix, int num_experts, int n_tiles, int index) {

@@ -29,7 +29,7 @@ from codegen.compiler import (
     parse_ptxas_report,
 )
 from codegen.config import DEFAULT_CONFIGS, TileConfig
-from codegen.selection import configs_in_use
+from codegen.selection import configs_under_test
 from codegen.progress import Progress
 from codegen.sass import sass_unavailable_reason, summarize_sass
 from codegen.toolchain import _cccl_warnings, _probe, check_toolchain
@@ -405,8 +405,9 @@ def test_compile_many_reports_each_failure(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-# Every config the op can pick on its own (defaults + shipped tuning tables) must build cleanly.
-CONFIGS_IN_USE = configs_in_use()
+# Every config the op can pick on its own (defaults + shipped tuning tables) and one of each kernel
+# family must build cleanly.
+CONFIGS_IN_USE = configs_under_test()
 
 
 @pytest.fixture(scope="module")
@@ -433,6 +434,7 @@ def test_default_config_compiles_without_spills(default_kernels, config):
     assert r.spill_stores == 0 and r.spill_loads == 0, kernel.log
     assert r.stack_bytes == 0, kernel.log
     assert config.register_pool_suffices(r.registers), "setmaxnreg would wait for registers forever"
+    assert not [note for note in kernel.ptxas_notes if "serialized" in note], kernel.ptxas_notes
 
 
 @needs_render
@@ -446,7 +448,7 @@ def test_default_config_sass(default_kernels, config):
     assert summary.hgmma > 0
     assert summary.utmaldg > 0, "x must arrive by TMA (UTMALDG)"
     assert summary.tma > 0
-    assert summary.setmaxnreg
+    assert summary.setmaxnreg == config.uses_setmaxnreg  # a producer warp keeps the launch registers
     assert summary.ldl == 0 and summary.stl == 0, "local memory (LDL/STL) in the kernel"
 
 

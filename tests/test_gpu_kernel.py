@@ -13,7 +13,7 @@ import torch
 import mxfp4
 from codegen import TileConfig
 from codegen.launch import grouped_mm_sm90
-from codegen.selection import configs_in_use
+from codegen.selection import configs_under_test
 from mxfp4.dispatch import is_sm90
 
 pytestmark = pytest.mark.gpu
@@ -22,9 +22,11 @@ ACCURACY = 1e-2
 
 
 requires_sm90 = pytest.mark.skipif(not is_sm90(), reason="needs an SM90 (Hopper) GPU")
-# Every config the op can pick on its own: the defaults and the shipped tuning tables' choices.
-CONFIGS = configs_in_use()
+# Every config the op can pick on its own (the defaults and the shipped tuning tables' choices), and
+# one of each decode family (codegen.selection.FAMILY_SAMPLES).
+CONFIGS = configs_under_test()
 CONFIG_IDS = [c.name for c in CONFIGS]
+STREAM_K_CONFIGS = [c for c in CONFIGS if c.stream_k]
 
 
 def random_weight(num_experts: int, n: int, k: int, generator: torch.Generator,
@@ -204,3 +206,23 @@ def test_torch_compile_fullgraph() -> None:
     out = layer(x, packed.data, offsets)
     ref = reference(x * 2, weight, offsets.tolist()).relu()
     assert relative_error(out, ref) <= ACCURACY
+
+
+@requires_sm90
+@pytest.mark.parametrize("config", STREAM_K_CONFIGS, ids=[c.name for c in STREAM_K_CONFIGS])
+def test_stream_k_is_deterministic_and_splits_tiles(config: TileConfig) -> None:
+    """Many tiles cut between CTAs (K of 23 k-steps over the whole grid, ragged experts): the result
+    matches float64 and is bitwise the same on every run, whichever CTA finishes a tile."""
+    device = torch.device("cuda")
+    generator = torch.Generator().manual_seed(17)
+    counts = [1, 0, 3, 2, 1, 5, 0, 1]
+    k = 64 * config.k_atoms_per_stage * 23 // 2  # not a whole number of k-steps: a short last step
+    weight = random_weight(len(counts), 200, k, generator)
+    packed = mxfp4.pack(weight.to(device))
+    offsets = random_offsets(counts, device)
+    x = torch.randn(sum(counts), k, generator=generator).to(device, torch.bfloat16)
+    first = run_kernel(x, packed, offsets, config)
+    assert relative_error(first, reference(x, weight.to(device), offsets.tolist())) <= ACCURACY
+    for _ in range(3):
+        again = run_kernel(x, packed, offsets, config)
+        assert torch.equal(again.view(torch.int16), first.view(torch.int16))

@@ -76,10 +76,36 @@ def test_ctas_per_sm_sizes_shared_memory_and_registers() -> None:
     assert "__launch_bounds__(Config::Threads, 3)" in render(three.validate())
     with pytest.raises(ValueError, match="shared memory per CTA"):
         TileConfig(tile_n=128, tile_m=8, tile_k=256, stages=8, warpgroups=1, ctas_per_sm=2).validate()
-    with pytest.raises(ValueError, match="ctas_per_sm=5"):
-        TileConfig(ctas_per_sm=5).validate()
+    with pytest.raises(ValueError, match="ctas_per_sm=7"):
+        TileConfig(ctas_per_sm=7).validate()
     with pytest.raises(ValueError, match="2048 threads"):
         TileConfig(tile_n=256, tile_m=8, tile_k=64, stages=2, warpgroups=4, ctas_per_sm=4).validate()
+
+
+def test_producer_warp_sizes_threads_and_registers() -> None:
+    warp = TileConfig(tile_n=64, tile_m=8, tile_k=128, stages=6, warpgroups=1, ctas_per_sm=5, producer="warp").validate()
+    assert warp.name == "n64_m8_k128_s6_wg1_c5_pw" and TileConfig.from_name(warp.name) == warp
+    assert warp.threads == 128 + 32 and not warp.uses_setmaxnreg
+    assert warp.consumer_registers == warp.launch_registers == 65536 // (160 * 5) // 8 * 8
+    assert warp.register_pool_suffices(1)  # nothing to hand over: no setmaxnreg request can hang
+    source = render(warp)
+    assert "__launch_bounds__(Config::Threads, 5)" in source and "Epilogue::Store, true, false>" in source
+    with pytest.raises(ValueError, match="producer='thread'"):
+        TileConfig(producer="thread").validate()
+    with pytest.raises(ValueError, match="registers"):  # four CTAs of 160 threads: 96 registers, too few for n128
+        TileConfig(tile_n=128, tile_m=8, tile_k=128, stages=4, warpgroups=1, ctas_per_sm=4, producer="warp").validate()
+
+
+def test_stream_k_is_a_name_suffix_and_a_template_flag() -> None:
+    config = TileConfig.from_name("n128_m8_k128_s6_wg1_c3_pw_sk_swiglu")
+    assert (config.producer, config.stream_k, config.epilogue) == ("warp", True, "swiglu")
+    assert config.name == "n128_m8_k128_s6_wg1_c3_pw_sk_swiglu"
+    assert "stream-K" in config.family and "producer warp" in config.family
+    assert "Epilogue::SwiGLU, true, true>" in render(config)
+    with pytest.raises(ValueError, match="stream_k must be a bool"):
+        TileConfig(stream_k=1).validate()
+    with pytest.raises(ValueError, match="not of the form"):
+        TileConfig.from_name("n128_m8_k128_s6_wg1_sk_pw")  # suffixes in their fixed order
 
 
 def test_family_names_the_kernel_shape() -> None:

@@ -39,7 +39,7 @@ def test_default_space_is_valid_unique_and_sized():
     for config in configs:
         config.validate()
         assert TileConfig.from_name(config.name) == config
-    assert 50 <= len(configs) <= 200, len(configs)
+    assert 50 <= len(configs) <= 350, len(configs)
     assert set(DEFAULT_CONFIGS) <= set(configs)  # include_defaults
 
 
@@ -48,13 +48,14 @@ def test_space_pruning_keeps_the_deepest_stages():
     by_tile: dict[tuple, list[int]] = {}
     for c in configs:  # the stages in flight on an SM (all its CTAs) move at least min_stage_bytes
         assert (c.x_stage_bytes + c.w_stage_bytes) * c.ctas_per_sm >= SearchSpace().min_stage_bytes
-        by_tile.setdefault((c.tile_n, c.tile_m, c.tile_k, c.warpgroups, c.ctas_per_sm), []).append(c.stages)
-    for (n, m, k, wg, ctas), stages in by_tile.items():
+        family = (c.tile_n, c.tile_m, c.tile_k, c.warpgroups, c.ctas_per_sm, c.producer, c.stream_k)
+        by_tile.setdefault(family, []).append(c.stages)
+    for (n, m, k, wg, ctas, producer, stream_k), stages in by_tile.items():
         assert len(stages) <= 2
         deepest = max(stages)
         if deepest < 10:  # the next deeper one does not fit
             with pytest.raises(ValueError):
-                TileConfig(n, m, k, deepest + 1, wg, ctas).validate()
+                TileConfig(n, m, k, deepest + 1, wg, ctas, producer=producer, stream_k=stream_k).validate()
 
 
 def test_space_can_be_narrowed_and_widened():
@@ -63,7 +64,21 @@ def test_space_can_be_narrowed_and_widened():
     full = tuning.enumerate_configs(SearchSpace.full())
     assert len(full) > len(tuning.enumerate_configs())
     quick = tuning.enumerate_configs(SearchSpace.quick())
-    assert 6 <= len(quick) <= 60 and set(DEFAULT_CONFIGS) <= set(quick)  # tile_n 128/256 x wg 1/2/4 x 1 or 3 CTAs
+    # tile_n 64/128/256 x wg 1/2/4 x 1, 3, 4 or 5 CTAs, the decode families on light CTAs
+    assert 6 <= len(quick) <= 130 and set(DEFAULT_CONFIGS) <= set(quick)
+    assert len(quick) < len(tuning.enumerate_configs())
+
+
+def test_space_prunes_the_families_to_light_decode_ctas():
+    configs = tuning.enumerate_configs(SearchSpace(include_defaults=False))
+    assert any(c.producer == "warp" for c in configs) and any(c.stream_k for c in configs)
+    for c in configs:
+        if c.producer == "warp" or c.stream_k:
+            assert c.ctas_per_sm > 1 and c.warpgroups == 1, c.name
+        if c.stream_k:
+            assert c.tile_m <= 16, c.name
+    full = tuning.enumerate_configs(SearchSpace.full())
+    assert any(c.stream_k and c.ctas_per_sm == 1 for c in full)
 
 
 def test_default_space_reads_the_config_limits():
