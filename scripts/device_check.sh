@@ -138,6 +138,7 @@ for step in "${steps[@]}"; do
       note "tune ($table): exit ${PIPESTATUS[0]}"
       { echo "== tune"; sed -n '/^device:/,$p' "$LOGS/tune.txt"; echo; } >> "$LOGS/summary.txt"
       cp "$LOGS/tune/$table" "$OUT/$table"
+      export HOPPER_MXFP4_TUNING_DIR="$LOGS/tune"  # the later steps of this run use the fresh table
       ;;
     *) echo "unknown step $step"; finish; exit 2 ;;
   esac

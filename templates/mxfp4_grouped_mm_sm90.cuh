@@ -342,7 +342,9 @@ __device__ __forceinline__ void grouped_mm_kernel(Params const& p) {
 
   int const n_tiles = (p.n + Cfg::TileN - 1) / Cfg::TileN;
   int const total_tiles = s.tile_prefix[p.num_experts] * n_tiles;
-  int const warpgroup = threadIdx.x / 128;
+  // Broadcast from lane 0 so that ptxas knows the index (and the shared-memory addresses derived
+  // from it) is warp-uniform: wgmma descriptors then stay in uniform registers, no R2UR per wgmma.
+  int const warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
   if constexpr (Cfg::ProducerWarp) {
     // Consumers are warpgroups 0 .. Warpgroups-1 (wgmma needs warpgroup-aligned warps); the producer
     // warp follows them. No setmaxnreg: every thread keeps the launch allocation.
