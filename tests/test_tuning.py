@@ -179,6 +179,19 @@ def test_lookup_exact_and_nearest(tables):
     assert tuning.lookup("NVIDIA A100-SXM4-80GB", 32, 5760, 2880, 16) is None  # another GPU
 
 
+def test_a_hopper_part_without_a_table_uses_the_nearest_parts(tables):
+    user, shipped = tables
+    tuning.write_table(shipped / "h100.json", _table(H100, {"32,5760,2880": {"16": _entry("n128_m16_k256_s7_wg2", 97.1)}}))
+    config, reason = tuning.lookup("NVIDIA H800", 32, 5760, 2880, 16)
+    assert config.name == "n128_m16_k256_s7_wg2"
+    assert "h100.json (nearest part: no table for NVIDIA H800)" in reason
+    tuning.write_table(user / "h800.json", _table("NVIDIA H800", {"32,5760,2880": {"16": _entry("n128_m32_k256_s5_wg2", 90.0)}}))
+    config, reason = tuning.lookup("NVIDIA H800", 32, 5760, 2880, 16)  # a table of its own: no fallback
+    assert config.name == "n128_m32_k256_s5_wg2" and "nearest part" not in reason
+    assert tuning.lookup("NVIDIA H800", 32, 2880, 2880, 16) is None  # its own table lacks the shape
+    assert tuning.nearest_part_table("NVIDIA A100-SXM4-80GB") is None
+
+
 def test_shipped_tables_are_named_relative_to_the_repository():
     from codegen.paths import GENERATED_DIR
 
@@ -280,6 +293,18 @@ def test_sweep_writes_the_best_valid_config_with_the_default(tmp_path, capsys):
     assert tuning.read_table(tmp_path / "gpu.json") == table
     out = capsys.readouterr().out
     assert "best config" in out and B.name in out and "1.50x" in out  # the summary table
+
+
+def test_sweep_keeps_the_default_unless_the_winner_beats_it_by_the_margin(tmp_path):
+    from codegen.sweep_report import DEFAULT_MARGIN
+
+    measure = FakeMeasure({A.name: 30.0, B.name: 30.0 / (DEFAULT_MARGIN - 0.005), C.name: 31.0})
+    table = run_fake_sweep(tmp_path, measure)
+    entry = table["entries"]["2,128,128"]["8"]  # B is faster, but by less than the margin: noise
+    assert entry["config"] == A.name == entry["default_config"] and entry["median_us"] == entry["default_us"]
+    measure = FakeMeasure({A.name: 30.0, B.name: 30.0 / (DEFAULT_MARGIN + 0.005), C.name: 31.0})
+    table = run_fake_sweep(tmp_path / "again", measure)
+    assert table["entries"]["2,128,128"]["8"]["config"] == B.name
 
 
 def test_sweep_resumes_after_an_interruption(tmp_path):
@@ -545,10 +570,11 @@ def test_tune_supervisor_restarts_a_lost_worker(tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
-def test_shipped_h100_table_covers_both_models_with_valid_configs():
-    """generated/tuning/h100.json comes from `tune` on the H100: every gpt-oss shape, every M bucket."""
-    table = tuning.read_table(tuning.shipped_tuning_dir() / "h100.json")
-    assert table["gpu"] == "NVIDIA H100 80GB HBM3" and table["sm"] == "9.0"
+@pytest.mark.parametrize("family, gpu", [("h100", "NVIDIA H100 80GB HBM3"), ("h200", "NVIDIA H200")])
+def test_shipped_tables_cover_both_models_with_valid_configs(family, gpu):
+    """generated/tuning/<family>.json comes from `tune` on that GPU: every gpt-oss shape, every M bucket."""
+    table = tuning.read_table(tuning.shipped_tuning_dir() / f"{family}.json")
+    assert table["gpu"] == gpu and table["sm"] == "9.0"
     for model in ("gpt-oss-20b", "gpt-oss-120b"):
         for shape in tuning.MODEL_SHAPES[model].values():
             buckets = table["entries"][shape.key]
