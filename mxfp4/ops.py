@@ -32,7 +32,9 @@ _debug_checks = False
 def set_debug_checks(enabled: bool) -> None:
     """Also check the values of device-resident ``offsets`` / ``masked_m`` (syncs every call)."""
     global _debug_checks
-    _debug_checks = bool(enabled)
+    if not isinstance(enabled, bool):  # bool("false") is True: a string must not switch the checks on
+        raise TypeError(f"set_debug_checks: enabled must be a bool, got {type(enabled).__name__} {enabled!r}")
+    _debug_checks = enabled
 
 
 def debug_checks_enabled() -> bool:

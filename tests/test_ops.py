@@ -201,6 +201,13 @@ def test_debug_checks_switch() -> None:
     assert ops._values_checkable(torch.zeros(4, dtype=torch.int32))  # CPU values: always
 
 
+@pytest.mark.parametrize("value", ["false", "False", 0, 1, None, "yes"])
+def test_debug_checks_switch_takes_a_bool_only(value: object) -> None:
+    with pytest.raises(TypeError, match=r"set_debug_checks: enabled must be a bool"):
+        mxfp4.set_debug_checks(value)
+    assert not ops.debug_checks_enabled()  # left off
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.compile: the fake kernels let fullgraph tracing through the op.
 
