@@ -190,6 +190,8 @@ def _check_scalars(alpha: object, limit: object) -> None:
             raise TypeError(f"moe: {name} must be a float, got {type(value).__name__}")
         if not math.isfinite(value):
             raise ValueError(f"moe: {name} must be finite, got {value}")
+    if limit <= 0:  # the clamps would pin up (and bound gate) at a non-positive value: a meaningless layer
+        raise ValueError(f"moe: limit must be positive (the SwiGLU clamp, gpt-oss: 7.0), got {limit}")
 
 
 # ---------------------------------------------------------------------------------------------
