@@ -153,6 +153,8 @@ def _as_uint8_tensor(data: object) -> torch.Tensor:
             raise TypeError(f"from_ggml: data must be uint8, got {data.dtype}")
         return data.reshape(-1)
     if isinstance(data, (bytes, bytearray, memoryview)):
+        if len(data) == 0:  # torch.frombuffer rejects an empty buffer; an empty tensor is valid input
+            return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8:
@@ -161,9 +163,20 @@ def _as_uint8_tensor(data: object) -> torch.Tensor:
     raise TypeError(f"from_ggml: data must be a uint8 tensor, numpy array or bytes, got {type(data).__name__}")
 
 
+def _ggml_shape(shape: object) -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints; TypeError/ValueError naming it otherwise."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"from_ggml: shape must be a tuple of ints such as (E, N, K), got {type(shape).__name__} {shape!r}")
+    if not all(isinstance(size, (int, np.integer)) and not isinstance(size, bool) for size in shape):
+        raise TypeError(f"from_ggml: shape must be a tuple of ints, got {shape!r}")
+    if any(size < 0 for size in shape):
+        raise ValueError(f"from_ggml: shape must not have negative sizes, got {tuple(shape)}")
+    return tuple(int(size) for size in shape)
+
+
 def from_ggml(data: torch.Tensor | np.ndarray | bytes, shape: tuple[int, ...] | torch.Size) -> MXFP4Tensor:
     """Decode a ggml MXFP4 tensor (``block_mxfp4`` bytes) of logical ``shape`` ``[..., K]``."""
-    shape = tuple(int(size) for size in shape)
+    shape = _ggml_shape(shape)
     if not shape or shape[-1] % BLOCK_SIZE:
         raise ValueError(f"from_ggml: shape must end in a multiple of {BLOCK_SIZE} (K), got {shape}")
     raw = _as_uint8_tensor(data)

@@ -187,3 +187,19 @@ def test_ggml_bad_input() -> None:
         mxfp4.from_ggml(np.zeros(17, dtype=np.int16), (32,))
     with pytest.raises(TypeError, match="MXFP4Tensor"):
         mxfp4.to_ggml(torch.zeros(17, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"from_ggml: shape must be a tuple of ints such as \(E, N, K\), got int 32"):
+        mxfp4.from_ggml(bytes(17), 32)
+    with pytest.raises(TypeError, match="from_ggml: shape must be a tuple of ints"):
+        mxfp4.from_ggml(bytes(17), (1.0, 32))
+    with pytest.raises(ValueError, match="from_ggml: shape must not have negative sizes"):
+        mxfp4.from_ggml(bytes(17), (-1, 32))
+
+
+@pytest.mark.parametrize("data", [b"", bytearray(), torch.zeros(0, dtype=torch.uint8), np.zeros(0, dtype=np.uint8)])
+def test_ggml_empty_tensor(data: object) -> None:
+    """No rows is a valid tensor: an empty MXFP4Tensor that round-trips to no bytes."""
+    t = mxfp4.from_ggml(data, (0, 32))
+    assert t.shape == (0, 32) and t.blocks.shape == (0, 1, 16) and t.scales.shape == (0, 1)
+    assert mxfp4.to_ggml(t).numel() == 0
+    with pytest.raises(ValueError, match=r"data has 0 bytes; shape \(1, 32\) needs 1 blocks x 17 = 17"):
+        mxfp4.from_ggml(data, (1, 32))
