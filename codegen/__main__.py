@@ -84,7 +84,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 1
         print(f"{where} is up to date ({len(configs)} config(s))")
         return 0
-    changed = generate(configs, out)
+    try:
+        changed = generate(configs, out)
+    except OSError as error:  # --out under a file, a read-only directory, a full disk: say so, no traceback
+        print(f"generate: error: cannot write {where}: {error.strerror or error} ({error.filename or where})", file=sys.stderr)
+        return 1
     for path in changed:
         print(f"{'removed' if not path.exists() else 'wrote'} {path}")
     print(f"{len(configs)} config(s) in {where}: {len(changed)} file(s) changed")

@@ -162,6 +162,17 @@ def test_check_reports_a_template_change(tmp_path, monkeypatch):
 
 
 @needs_render
+def test_generate_into_an_unwritable_place_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a directory")
+    out = tmp_path / "a_file" / "generated"
+    assert main(["generate", "--config", DEFAULT_CONFIGS[0].name, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "generate: error: cannot write" in err and str(tmp_path / "a_file") in err and "Traceback" not in err
+    result = subprocess.run([sys.executable, "-m", "codegen", "generate", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "Not a directory" in result.stderr
+
+
 def test_generate_selected_config_prunes_the_previous_selection(tmp_path, capsys):
     out = tmp_path / "kernels"
     assert main(["generate", "--out", str(out)]) == 0
