@@ -17,7 +17,7 @@ from mxfp4.layout import ATOM_K, ATOM_N
 
 from . import config as limits
 from .config import DEFAULT_CONFIGS, TileConfig
-from .cli_common import UsageError, add_verb, parse_each
+from .cli_common import UsageError, add_verb, parse_each, positive_int
 
 
 # The help states the limits that TileConfig.validate() enforces, read from where they are declared.
@@ -334,7 +334,7 @@ def _add_generate(commands) -> None:
 def _add_compile(commands) -> None:
     compile_ = add_verb(commands, "compile", cmd_compile, **_COMPILE_TEXT)
     _add_selection(compile_)
-    compile_.add_argument("--jobs", "-j", type=int, default=None, metavar="N", help="parallel compiles (default: CPUs)")
+    compile_.add_argument("--jobs", "-j", type=positive_int, default=None, metavar="N", help="parallel compiles (default: CPUs)")
     compile_.add_argument("--no-cache", action="store_true", help="recompile even when the cache has the cubin")
     compile_.add_argument("--lineinfo", action="store_true", help="compile with -lineinfo (for profilers)")
     compile_.add_argument("--no-sass", action="store_true", help="skip the SASS columns")

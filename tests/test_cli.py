@@ -245,6 +245,15 @@ def test_compile_fails_without_a_toolchain(monkeypatch, capsys):
     assert "pip install nvidia-cutlass" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("verb", ["compile", "tune"])
+@pytest.mark.parametrize("jobs", ["0", "-1", "two"])
+def test_jobs_must_be_positive(verb, jobs, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--jobs", jobs])
+    assert exit_info.value.code == 2
+    assert "argument --jobs/-j: expected a positive whole number" in capsys.readouterr().err
+
+
 def test_doctor(capsys, tmp_path):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
