@@ -259,6 +259,19 @@ def _path_lines(has_cuda: bool, toolchain_ok: bool, toolchain_reason: str) -> li
     return [f"path:         sm90 kernel if the GPU is SM90, else portable{note}"]
 
 
+def _fallback_budget_line(has_cuda: bool) -> str:
+    """The portable path's memory budget and where it comes from, or why every portable call would fail."""
+    try:
+        from mxfp4 import weight_cache
+    except Exception as error:
+        return f"fallback:     unknown (mxfp4.weight_cache unavailable: {type(error).__name__}: {error})"
+    try:
+        budget, source = weight_cache.fallback_memory_budget("cuda" if has_cuda else "cpu")
+    except ValueError as error:  # a bad HOPPER_MXFP4_FALLBACK_BUDGET: every portable-path call raises it
+        return f"fallback:     PROBLEM: {error}; every call on the portable path fails until it is fixed or unset"
+    return f"fallback:     decoded-weight budget {weight_cache.format_bytes(budget)} ({source})"
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import cache
     from .sass import find_cuobjdump, find_nvdisasm
@@ -286,6 +299,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     size = sum(len(entry.cubin) for entry in found)
     lines.append(f"cache:        {root}  ({len(found)} cubin(s), {size / 1e6:.1f} MB)")
     lines += _path_lines(has_cuda, status.ok, status.reason)
+    lines.append(_fallback_budget_line(has_cuda))
     print("\n".join(lines))
     return 0
 

@@ -257,10 +257,20 @@ def test_jobs_must_be_positive(verb, jobs, capsys):
 def test_doctor(capsys, tmp_path):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
-    for label in ("GPU", "NVRTC:", "CUTLASS:", "CCCL:", "CUDA headers:", "toolchain:", "cache:", "path:"):
+    for label in ("GPU", "NVRTC:", "CUTLASS:", "CCCL:", "CUDA headers:", "toolchain:", "cache:", "path:", "fallback:"):
         assert label in out, out
     assert str(tmp_path / "cache") in out
     status = check_toolchain()
     if status.ok:
         assert status.nvrtc_version_string in out
         assert status.cccl_version in out
+
+
+def test_doctor_reports_a_bad_fallback_budget(capsys, monkeypatch):
+    monkeypatch.setenv("HOPPER_MXFP4_FALLBACK_BUDGET", "garbage")
+    assert main(["doctor"]) == 0
+    line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fallback:")]
+    assert line and "PROBLEM" in line[0] and "HOPPER_MXFP4_FALLBACK_BUDGET = 'garbage'" in line[0], line
+    monkeypatch.setenv("HOPPER_MXFP4_FALLBACK_BUDGET", "8G")
+    assert main(["doctor"]) == 0
+    assert "fallback:     decoded-weight budget 8.00 GiB (HOPPER_MXFP4_FALLBACK_BUDGET=8G)" in capsys.readouterr().out
