@@ -298,6 +298,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     found = cache.entries()
     size = sum(len(entry.cubin) for entry in found)
     lines.append(f"cache:        {root}  ({len(found)} cubin(s), {size / 1e6:.1f} MB)")
+    problem = cache.unusable_reason()
+    if problem:
+        lines.append(f"              PROBLEM: not usable ({problem}): kernels are compiled again in every process; "
+                     "set HOPPER_MXFP4_CACHE to a writable directory")
     lines += _path_lines(has_cuda, status.ok, status.reason)
     lines.append(_fallback_budget_line(has_cuda))
     print("\n".join(lines))
