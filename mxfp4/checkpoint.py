@@ -52,6 +52,10 @@ def gpt_oss_expert_shapes(hidden: int, intermediate: int) -> dict[str, tuple[int
 
 
 def _layer_index(layer: object, caller: str) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise TypeError(f"{caller}: layer must be an int (a layer index), got {type(layer).__name__} {layer!r}")
+    if layer < 0:
+        raise ValueError(f"{caller}: layer must be >= 0, got {layer}")
     return int(layer)
 
 

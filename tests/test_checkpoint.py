@@ -294,3 +294,12 @@ def test_packing_in_chunks_matches_one_pack(tmp_path: Path, monkeypatch: pytest.
     whole = mxfp4.load_gpt_oss_experts(tmp_path, 0)
     assert torch.equal(layer.gate_up.data, mxfp4.pack_gate_up(whole["gate_up_proj"]).data)
     assert torch.equal(layer.down.data, mxfp4.pack(whole["down_proj"]).data)
+
+
+@pytest.mark.parametrize("layer, error", [(0.7, TypeError), (1.0, TypeError), ("0", TypeError), (True, TypeError), (-1, ValueError)])
+def test_layer_must_be_a_non_negative_int(tmp_path: Path, layer: object, error: type) -> None:
+    save_file(expert_tensors(0), str(tmp_path / "model.safetensors"))
+    for load in (mxfp4.load_gpt_oss_experts, mxfp4.load_gpt_oss_moe_layer):
+        with pytest.raises(error, match=r"layer must be"):
+            load(tmp_path, layer)
+    assert mxfp4.load_gpt_oss_moe_layer(tmp_path, np.int64(0)).gate_up.num_experts == E  # numpy ints are ints
