@@ -310,7 +310,7 @@ def test_explain_checks_what_the_op_checks(problem) -> None:
         (ValueError, r"grouped_mm: offsets must have shape \[E \+ 1\] = \[4\], got \(3,\)", (x, packed, offsets[:-1]), {}),
         (ValueError, "grouped_mm: offsets must end at T", (x, packed, offsets.clone().fill_(0)), {}),
         (TypeError, "grouped_mm: offsets must be int32 or int64", (x, packed, offsets.float()), {}),
-        (ValueError, "grouped_mm: x.shape\[-1\] = 64 but w.k = 96", (x[:, :64].contiguous(), packed, offsets), {}),
+        (ValueError, r"grouped_mm: x.shape\[-1\] = 64 but w.k = 96", (x[:, :64].contiguous(), packed, offsets), {}),
         (ValueError, "grouped_mm_masked: masked_m must have shape", (x.view(3, 2, 96), packed, None),
          dict(masked_m=torch.ones(2, dtype=torch.int32))),
         (ValueError, "grouped_mm_masked: x must be contiguous", (x.view(3, 2, 96).transpose(0, 1), packed, None), {}),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -81,9 +82,10 @@ def _check_names(model: GptOssForCausalLM, checkpoint: ShardedCheckpoint, config
             f"{name} (in {checkpoint.tensors[name].file.name})" for name in unexpected[:8]) if unexpected else ""
         raise KeyError(f"{CALLER}: {missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
                        f"not found in the checkpoint {checkpoint.path}{extra}")
-    if unexpected:
-        raise CheckpointError(f"{CALLER}: the checkpoint {checkpoint.path} holds tensors this gpt-oss config does not "
-                              f"have: " + ", ".join(f"{n} (in {checkpoint.tensors[n].file.name})" for n in unexpected[:8]))
+    if unexpected:  # as transformers does: said, not fatal (a newer checkpoint may carry more)
+        warnings.warn(f"{CALLER}: the checkpoint {checkpoint.path} holds {len(unexpected)} tensor(s) this gpt-oss config "
+                      "does not have, left out: " + ", ".join(f"{n} (in {checkpoint.tensors[n].file.name})"
+                                                              for n in unexpected[:8]), RuntimeWarning, stacklevel=3)
     for name, tensor in wanted.items():
         checkpoint.check(name, tuple(tensor.shape), FLOATING, "the model's shape")
     for layer in range(config.num_hidden_layers):
