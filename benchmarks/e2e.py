@@ -32,7 +32,6 @@ from .gpt_oss_checkpoint import checkpoint_bytes, ensure_checkpoint, model_confi
 from .report import write_json
 
 
-
 def log(text: str, started: float) -> None:
     print(f"e2e [{time.time() - started:6.0f} s] {text}", file=sys.stderr, flush=True)
 
@@ -151,6 +150,7 @@ def to_bf16_experts(model: Any) -> None:
                 packed = packed_weight(module, name)
                 natural = mxfp4.unpack_gate_up(packed) if isinstance(packed, mxfp4.PackedGateUp) else mxfp4.unpack(packed)
                 delattr(module, f"{name}_mxfp4")
+                del packed  # the packed bytes go as the dense weight comes
                 dense = mxfp4.dequantize(natural, torch.bfloat16).transpose(1, 2).contiguous()
                 setattr(module, name, torch.nn.Parameter(dense, requires_grad=False))
                 del natural, dense
@@ -227,12 +227,14 @@ def run(args: argparse.Namespace, batches: list[int]) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results = [run_model(name, args, device, started) for name in models]
-    payload = {**_machine(device), "suite": "e2e", "seconds": round(time.time() - started, 1),
-               "settings": {"batches": batches, "modes": args.mode_list, "new_tokens": args.new_tokens,
-                            "prompt_tokens": args.prompt_tokens, "reps": args.reps},
-               "models": results, "targets": targets(results)}
-    write_json(out_dir / "bench_e2e.json", payload)
+    results: list[dict[str, Any]] = []
+    for name in models:
+        results.append(run_model(name, args, device, started))
+        payload = {**_machine(device), "suite": "e2e", "seconds": round(time.time() - started, 1),
+                   "settings": {"batches": batches, "modes": args.mode_list, "new_tokens": args.new_tokens,
+                                "prompt_tokens": args.prompt_tokens, "reps": args.reps},
+                   "models": results, "targets": targets(results)}
+        write_json(out_dir / "bench_e2e.json", payload)  # after each model: a later timeout keeps it
     print(f"device: {payload['device']} (torch {payload['torch']}, transformers {payload['transformers']})")
     print(format_e2e(results, batches, args.mode_list))
     return 0

@@ -181,8 +181,7 @@ def write_checkpoint(directory: Path, config: Any, *, seed: int = 0, shard_bytes
     _clear(directory)
     shards = plan_shards(tensor_specs(config), shard_bytes)
     _check_room(directory, sum(spec.nbytes for specs in shards.values() for spec in specs))
-    saved = config.to_dict()
-    saved["quantization_config"] = QUANTIZATION_CONFIG
+    saved = {**json.loads(config.to_json_string()), "quantization_config": QUANTIZATION_CONFIG}
     (directory / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     generator = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
     files = {}
