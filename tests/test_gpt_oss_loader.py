@@ -139,6 +139,17 @@ def test_expert_range(checkpoint: Path) -> None:
             load_gpt_oss(checkpoint, device="cpu", experts=bad, progress=False)
 
 
+def test_tied_embeddings(tmp_path: Path, seed: int) -> None:
+    write_checkpoint(tmp_path, tiny_config(tie_word_embeddings=True), seed=seed, std=0.1, progress=False)
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(str(file))
+    del tensors["lm_head.weight"]  # a tied checkpoint stores the embedding once
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    model = load_gpt_oss(tmp_path, device="cpu", progress=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, tensors["model.embed_tokens.weight"])
+
+
 def test_bad_options(checkpoint: Path) -> None:
     with pytest.raises(TypeError, match="load_gpt_oss: dtype must be a floating-point torch.dtype"):
         load_gpt_oss(checkpoint, device="cpu", dtype="bfloat16")

@@ -137,8 +137,6 @@ def _materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def _finish(model: GptOssForCausalLM, path: Path, dtype: torch.dtype) -> GptOssForCausalLM:
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
     model.config.dtype = dtype
     model.set_experts_implementation(IMPLEMENTATION)
     generation = (path.parent if path.is_file() else path) / "generation_config.json"
@@ -179,5 +177,7 @@ def load_gpt_oss(
             _load_dense(model, checkpoint, [n for n in names if n.startswith(prefix)], device, dtype)
             _load_experts(model, checkpoint, layer, rows, device, dtype)
             bar.update()
+        if config.tie_word_embeddings and "lm_head.weight" not in names:
+            model.lm_head.weight = model.model.embed_tokens.weight  # one tensor, as transformers ties them
     _materialize_buffers(model, device)
     return _finish(model, root, dtype)
