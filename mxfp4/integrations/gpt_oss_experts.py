@@ -79,3 +79,12 @@ def install_packed(
 def is_converted(module: torch.nn.Module) -> bool:
     """Whether ``module`` holds packed weights (from :func:`install_packed`)."""
     return getattr(module, "gate_up_proj_mxfp4", None) is not None
+
+
+def use_hopper_mxfp4(model: torch.nn.Module, modules: list[torch.nn.Module]) -> None:
+    """Switch ``model`` (and ``modules``, its experts, which may carry configs of their own) to "hopper_mxfp4"."""
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(IMPLEMENTATION)
+    for module in modules:  # modules built outside a PreTrainedModel read their own config
+        if module.config._experts_implementation != IMPLEMENTATION:
+            module.config._experts_implementation = IMPLEMENTATION

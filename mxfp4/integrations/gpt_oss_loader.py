@@ -22,7 +22,7 @@ from transformers import GenerationConfig, GptOssConfig, GptOssForCausalLM
 
 from ..checkpoint import GPT_OSS_EXPERT_WEIGHTS, check_moe_layer, expert_range, expert_tensor_name, read_moe_layer
 from ..shards import FLOATING, CheckpointError, ShardedCheckpoint
-from .gpt_oss_experts import DENSE_WEIGHTS, IMPLEMENTATION, install_packed
+from .gpt_oss_experts import DENSE_WEIGHTS, install_packed, use_hopper_mxfp4
 
 CALLER = "load_gpt_oss"
 CONFIG_FILE = "config.json"
@@ -138,7 +138,7 @@ def _materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
 
 def _finish(model: GptOssForCausalLM, path: Path, dtype: torch.dtype) -> GptOssForCausalLM:
     model.config.dtype = dtype
-    model.set_experts_implementation(IMPLEMENTATION)
+    use_hopper_mxfp4(model, [layer.mlp.experts for layer in model.model.layers])
     generation = (path.parent if path.is_file() else path) / "generation_config.json"
     if generation.is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(generation.parent))

@@ -37,7 +37,9 @@ from ..format import quantize
 from ..gate_up import pack_for_moe
 from ..layout import PackedMXFP4, pack
 from ..shards import ShardedCheckpoint
-from .gpt_oss_experts import IMPLEMENTATION, hopper_mxfp4_experts_forward, install_packed, is_converted, packed_weight
+from .gpt_oss_experts import (
+    IMPLEMENTATION, hopper_mxfp4_experts_forward, install_packed, is_converted, packed_weight, use_hopper_mxfp4,
+)
 from .gpt_oss_loader import load_gpt_oss
 
 __all__ = ["IMPLEMENTATION", "convert_gpt_oss", "hopper_mxfp4_experts_forward", "load_gpt_oss"]
@@ -84,9 +86,5 @@ def convert_gpt_oss(model: torch.nn.Module, checkpoint: str | Path | None = None
             continue  # its dense weights are gone: nothing to quantize
         packed = _from_checkpoint(module, files, name) if files is not None else _quantized_from_module(module)
         install_packed(module, *packed)
-    if hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(IMPLEMENTATION)
-    for _, module in experts:  # modules built outside a PreTrainedModel read their own config
-        if module.config._experts_implementation != IMPLEMENTATION:
-            module.config._experts_implementation = IMPLEMENTATION
+    use_hopper_mxfp4(model, [module for _, module in experts])
     return model
