@@ -2,7 +2,8 @@
 
 Suites: ``grouped`` (default; ours vs humming vs bf16 ``torch._grouped_mm``), ``host`` (host µs per
 eager call), ``fallback`` (the portable path forced on this GPU vs bf16), ``moe`` (the gpt-oss
-expert layer) and ``ncu-case`` (the M = 1 gate_up calls under NVTX ranges, for Nsight Compute).
+expert layer), ``ncu-case`` (the M = 1 gate_up calls under NVTX ranges, for Nsight Compute) and
+``e2e`` (gpt-oss as a model: checkpoint, load, decode).
 Every flag is accepted by every suite; the help says which suites read it.
 """
 
@@ -14,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from .problems import FALLBACK_M_VALUES, MODEL_SHAPES, MOE_TOKENS, M_VALUES, QUICK_MOE_TOKENS, QUICK_M_VALUES, parse_int_list
 
-SUITES = ("grouped", "host", "fallback", "moe", "ncu-case")
+SUITES = ("grouped", "host", "fallback", "moe", "ncu-case", "e2e")
 PROG = "hopper-mxfp4 bench"
 
 DESCRIPTION = (
@@ -29,12 +30,15 @@ EPILOG = """suites:
   fallback   the portable path forced on this GPU (HOPPER_MXFP4_FORCE_PORTABLE=1) vs bf16 torch._grouped_mm
   moe        the gpt-oss-20b expert layer: mxfp4.moe, the unfused mxfp4 glue, the bf16 torch layer, transformers
   ncu-case   one M=1 gate_up call of ours and humming in NVTX ranges "ours/" and "humming/" (run under ncu)
+  e2e        gpt-oss as a model: a synthetic MXFP4 checkpoint at the real dimensions, load_gpt_oss (time,
+             peak GPU memory), decode tokens/s eager and compiled, beside transformers' bf16 experts
 
 examples:
   hopper-mxfp4 bench --quick
   hopper-mxfp4 bench --model gpt-oss-120b --m 1,16,256 --out /tmp/bench
   hopper-mxfp4 bench moe --tokens 1,32,4096 --routing zipf
   HOPPER_MXFP4_FORCE_PORTABLE=1 hopper-mxfp4 bench fallback
+  hopper-mxfp4 bench e2e --model gpt-oss-120b --dir /dev/shm/e2e --batch 1,64 --modes compiled
 """
 
 
@@ -45,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{','.join(map(str, QUICK_MOE_TOKENS))}), shorter timings")
     parser.add_argument("--out", metavar="DIR", default="bench-results", help="where the JSON and PNG go (default ./bench-results)")
     parser.add_argument("--model", action="append", choices=sorted(MODEL_SHAPES), default=[],
-                        help="models, repeatable (default both; --quick, host, fallback, moe: gpt-oss-20b)")
+                        help="models, repeatable (default both; --quick, host, fallback, moe, e2e: gpt-oss-20b)")
     parser.add_argument("--m", metavar="M,...", help=f"tokens per expert (grouped default {','.join(map(str, M_VALUES))}; "
                         f"fallback {','.join(map(str, FALLBACK_M_VALUES))}; host 1,16)")
     parser.add_argument("--tokens", metavar="T,...", help=f"moe: tokens per layer call (default {','.join(map(str, MOE_TOKENS))})")
@@ -57,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watchdog", type=float, default=300.0, metavar="S",
                         help="seconds one measurement may take before the run saves and exits (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="random data and routing seed")
+    from .e2e_options import add_arguments as add_e2e_arguments
+
+    add_e2e_arguments(parser)
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -80,6 +87,10 @@ def m_values_for(args: argparse.Namespace) -> list[int]:
     """The M (or, for moe, T) values a command line asks for; ValueError naming the flag."""
     if args.suite == "moe":
         return parse_int_list(args.tokens, QUICK_MOE_TOKENS if args.quick else MOE_TOKENS, name="--tokens")
+    if args.suite == "e2e":
+        from .e2e_options import DEFAULT_BATCHES
+
+        return parse_int_list(args.batch, DEFAULT_BATCHES, name="--batch")
     defaults = {"fallback": FALLBACK_M_VALUES, "host": (1, 16), "ncu-case": (1,)}
     default = defaults.get(args.suite, QUICK_M_VALUES if args.quick else M_VALUES)
     return parse_int_list(args.m, default, name="--m")
@@ -95,6 +106,8 @@ def _suite(name: str) -> Callable[[argparse.Namespace, list[int]], int]:
         from .fallback import run
     elif name == "moe":
         from .bench_moe import run
+    elif name == "e2e":
+        from .e2e import run
     else:
         from .ncu_case import run
     return run
@@ -112,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    if not torch.cuda.is_available():
-        print("bench needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+    if not torch.cuda.is_available() and not (args.suite == "e2e" and args.tiny):
+        print("bench needs a CUDA GPU (torch.cuda.is_available() is False; e2e --tiny runs on the CPU)", file=sys.stderr)
         return 2
     return int(_suite(args.suite)(args, values) or 0)
 

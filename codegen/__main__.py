@@ -17,7 +17,7 @@ from mxfp4.layout import ATOM_K, ATOM_N
 
 from . import config as limits
 from .config import DEFAULT_CONFIGS, TileConfig
-from .cli_common import UsageError, add_verb, parse_each
+from .cli_common import UsageError, add_verb, parse_each, positive_int
 
 
 # The help states the limits that TileConfig.validate() enforces, read from where they are declared.
@@ -84,7 +84,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 1
         print(f"{where} is up to date ({len(configs)} config(s))")
         return 0
-    changed = generate(configs, out)
+    try:
+        changed = generate(configs, out)
+    except OSError as error:  # --out under a file, a read-only directory, a full disk: say so, no traceback
+        print(f"generate: error: cannot write {where}: {error.strerror or error} ({error.filename or where})", file=sys.stderr)
+        return 1
     for path in changed:
         print(f"{'removed' if not path.exists() else 'wrote'} {path}")
     print(f"{len(configs)} config(s) in {where}: {len(changed)} file(s) changed")
@@ -255,6 +259,19 @@ def _path_lines(has_cuda: bool, toolchain_ok: bool, toolchain_reason: str) -> li
     return [f"path:         sm90 kernel if the GPU is SM90, else portable{note}"]
 
 
+def _fallback_budget_line(has_cuda: bool) -> str:
+    """The portable path's memory budget and where it comes from, or why every portable call would fail."""
+    try:
+        from mxfp4 import weight_cache
+    except Exception as error:
+        return f"fallback:     unknown (mxfp4.weight_cache unavailable: {type(error).__name__}: {error})"
+    try:
+        budget, source = weight_cache.fallback_memory_budget("cuda" if has_cuda else "cpu")
+    except ValueError as error:  # a bad HOPPER_MXFP4_FALLBACK_BUDGET: every portable-path call raises it
+        return f"fallback:     PROBLEM: {error}; every call on the portable path fails until it is fixed or unset"
+    return f"fallback:     decoded-weight budget {weight_cache.format_bytes(budget)} ({source})"
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import cache
     from .sass import find_cuobjdump, find_nvdisasm
@@ -281,7 +298,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     found = cache.entries()
     size = sum(len(entry.cubin) for entry in found)
     lines.append(f"cache:        {root}  ({len(found)} cubin(s), {size / 1e6:.1f} MB)")
+    problem = cache.unusable_reason()
+    if problem:
+        lines.append(f"              PROBLEM: not usable ({problem}): kernels are compiled again in every process; "
+                     "set HOPPER_MXFP4_CACHE to a writable directory")
     lines += _path_lines(has_cuda, status.ok, status.reason)
+    lines.append(_fallback_budget_line(has_cuda))
     print("\n".join(lines))
     return 0
 
@@ -330,7 +352,7 @@ def _add_generate(commands) -> None:
 def _add_compile(commands) -> None:
     compile_ = add_verb(commands, "compile", cmd_compile, **_COMPILE_TEXT)
     _add_selection(compile_)
-    compile_.add_argument("--jobs", "-j", type=int, default=None, metavar="N", help="parallel compiles (default: CPUs)")
+    compile_.add_argument("--jobs", "-j", type=positive_int, default=None, metavar="N", help="parallel compiles (default: CPUs)")
     compile_.add_argument("--no-cache", action="store_true", help="recompile even when the cache has the cubin")
     compile_.add_argument("--lineinfo", action="store_true", help="compile with -lineinfo (for profilers)")
     compile_.add_argument("--no-sass", action="store_true", help="skip the SASS columns")

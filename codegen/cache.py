@@ -22,6 +22,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,41 @@ def cache_dir() -> Path:
 
 def _entries_root(directory: Path | None) -> Path:
     return (directory if directory is not None else cache_dir()) / f"v{CACHE_FORMAT}"
+
+
+_warned_roots: set[Path] = set()
+_warn_lock = threading.Lock()
+
+
+def unusable_reason(directory: Path | None = None) -> str | None:
+    """Why cubins cannot be kept in the cache (``directory`` or ``cache_dir()``), or None when it works.
+
+    Probes for real (creates the entries directory and a scratch file): permission bits do not tell,
+    for example, for root or a read-only mount."""
+    root = _entries_root(directory)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".probe.", dir=root)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        return f"{error.strerror or error}: {error.filename or root}"
+    return None
+
+
+def _warn_unusable(final: Path, error: OSError) -> None:
+    """One warning per cache root and process: every process would otherwise recompile in silence."""
+    root = final.parents[2]  # final is <root>/v1/<key[:2]>/<key>
+    with _warn_lock:
+        if root in _warned_roots:
+            return
+        _warned_roots.add(root)
+    warnings.warn(
+        f"hopper-mxfp4: the kernel cache {root} is not usable ({error.strerror or error}: "
+        f"{error.filename or root}); compiled kernels are not kept, so every process compiles them again. "
+        "Point HOPPER_MXFP4_CACHE at a writable directory ('python -m codegen doctor' checks it).",
+        RuntimeWarning, stacklevel=3,
+    )
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -130,14 +167,16 @@ def store(key: str, cubin: bytes, meta: dict[str, Any], directory: Path | None =
     """Publish an entry atomically. If another process published the same key first, keep theirs.
 
     Never raises for a cache that cannot be written (read-only home, full disk): the compile
-    result is still good, it is just not kept; the returned entry's path is then empty.
+    result is still good, it is just not kept; the returned entry's path is then empty, and the
+    first such failure per cache directory warns (RuntimeWarning).
     """
     final = entry_path(key, directory)
     meta = dict(meta, cubin_sha256=sha256_bytes(cubin), key=key, format=CACHE_FORMAT)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=final.parent))
-    except OSError:
+    except OSError as error:
+        _warn_unusable(final, error)
         return CacheEntry(key=key, path=Path(), cubin=cubin, meta=meta)
     try:
         (staging / CUBIN_FILE).write_bytes(cubin)
@@ -154,7 +193,8 @@ def store(key: str, cubin: bytes, meta: dict[str, Any], directory: Path | None =
                 os.rename(staging, final)
             except OSError:
                 return load(key, directory) or CacheEntry(key=key, path=Path(), cubin=cubin, meta=meta)
-    except OSError:
+    except OSError as error:  # a full disk, a quota
+        _warn_unusable(final, error)
         return CacheEntry(key=key, path=Path(), cubin=cubin, meta=meta)
     finally:
         if staging.exists():

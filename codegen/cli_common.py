@@ -35,3 +35,14 @@ def parse_each(texts: Iterable[str], parse: Callable[[str], T], label: str) -> l
         except ValueError as error:
             raise UsageError(f"{label.format(text=text)}: {error}") from None
     return parsed
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number >= 1 (``--jobs 0`` or ``-1`` is a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number (1 or more), got {value}")
+    return value

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import TileConfig
-from .cli_common import UsageError, add_verb, parse_each
+from .cli_common import UsageError, add_verb, parse_each, positive_int
 
 EXAMPLES = """\
 examples:
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     space.add_argument("--no-m-window", action="store_true",
                        help="measure every candidate at every M (default: only tile_m near M, see codegen.tuning.tile_m_window)")
     run = parser.add_argument_group("running")
-    run.add_argument("--jobs", "-j", type=int, default=None, metavar="N", help="parallel compiles (default: CPUs)")
+    run.add_argument("--jobs", "-j", type=positive_int, default=None, metavar="N", help="parallel compiles (default: CPUs)")
     run.add_argument("--out", metavar="PATH", help="the table to write (default: <user tuning dir>/<gpu>.json)")
     run.add_argument("--no-resume", action="store_true", help="ignore the progress log of an earlier run; measure everything")
     run.add_argument("--rep", type=int, default=50, metavar="N", help="timed calls per measurement (default 50)")

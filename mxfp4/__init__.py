@@ -30,7 +30,7 @@ _USER_API = {
     "grouped_mm": "ops",
     "grouped_mm_masked": "ops",
     "set_debug_checks": "ops",
-    "explain": "dispatch",
+    "explain": "ops",
     "select_path": "dispatch",
     "set_fallback_memory_budget": "weight_cache",
     "moe": "moe_layer",

@@ -160,39 +160,18 @@ def choose_config(
     return ConfigChoice(selection.config, str(selection.reason))
 
 
-def explain(
-    x: torch.Tensor,
-    w: object,
-    offsets: torch.Tensor | None = None,
-    masked_m: torch.Tensor | None = None,
-    *,
-    config: object = None,
-) -> str:
-    """What ``grouped_mm(x, w, offsets)`` / ``grouped_mm_masked(x, w, masked_m)`` would do, and why.
-
-    A multi-line human-readable report: problem shape, device and capability, toolchain, path, and
-    on the SM90 path the tile config and why it was chosen. Reads no tensor values.
-    """
-    from .layout import PackedMXFP4
-    from .tensor import MXFP4Tensor
-
-    if isinstance(w, MXFP4Tensor):
-        raise TypeError("explain: w is an unpacked MXFP4Tensor; call w = mxfp4.pack(w) once and pass the PackedMXFP4")
-    if not isinstance(w, PackedMXFP4):
-        raise TypeError(f"explain: w must be a PackedMXFP4 (from mxfp4.pack), got {type(w).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"explain: x must be a torch.Tensor, got {type(x).__name__}")
-    if offsets is not None and masked_m is not None:
-        raise ValueError("explain: pass offsets (grouped_mm) or masked_m (grouped_mm_masked), not both")
+def describe_call(x: torch.Tensor, w: object, masked: bool, config: str = "") -> str:
+    """The report of ``mxfp4.explain`` (which runs the op's checks first): problem shape, device and
+    capability, toolchain, path, and on the SM90 path the tile config and why. Reads no tensor values."""
     num_experts = w.num_experts
-    if masked_m is not None or x.dim() == 3:
+    if masked:
         variant = "grouped_mm_masked"
-        max_m = x.shape[1] if x.dim() == 3 else 0
+        max_m = x.shape[1]
         rows = f"x {tuple(x.shape)}: up to max_m = {max_m} rows per expert"
         hint = max_m
     else:
         variant = "grouped_mm"
-        tokens = x.shape[0] if x.dim() >= 1 else 0
+        tokens = x.shape[0]
         hint = -(-tokens // max(1, num_experts))
         rows = f"x {tuple(x.shape)}: T = {tokens} rows, about {hint} per expert"
     choice = select_path(x.device)
@@ -205,8 +184,7 @@ def explain(
         f"  path:      {choice.path}: {choice.reason}",
     ]
     if choice.path == SM90 and config:
-        forced = config if isinstance(config, str) else getattr(config, "name", str(config))
-        lines.append(f"  config:    {forced}: forced by the caller (config=...)")
+        lines.append(f"  config:    {config}: forced by the caller (config=...)")
     elif choice.path == SM90:
         chosen = choose_config(num_experts, w.n, w.k, hint, choice.device_name)
         lines.append(f"  config:    {chosen.name}: {chosen.reason}")

@@ -126,8 +126,8 @@ def dequantize(t: MXFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Ten
     """The values of an MXFP4 tensor as ``dtype`` (exact wherever ``dtype`` can hold them)."""
     if not isinstance(t, MXFP4Tensor):
         raise TypeError(f"dequantize: t must be an MXFP4Tensor, got {type(t).__name__}")
-    if not dtype.is_floating_point:
-        raise TypeError(f"dequantize: dtype must be a floating-point dtype, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dequantize: dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     device = t.device
     values = torch.tensor(E2M1_VALUES, dtype=work_dtype, device=device)

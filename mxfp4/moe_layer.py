@@ -161,6 +161,18 @@ def _check_moe(
     down: PackedMXFP4, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
     activation: str, alpha: float, limit: float,
 ) -> None:
+    inter = _check_routed_input(x, topk_ids, gate_up, down)
+    _check_dtype_and_shape("topk_weights", topk_weights, _WEIGHT_DTYPES, tuple(topk_ids.shape), "[T, k]", x)
+    hidden, experts = x.shape[1], gate_up.num_experts
+    _check_bias("gate_up_bias", gate_up_bias, (experts, 2 * inter), "[E, 2I]", x)
+    _check_bias("down_bias", down_bias, (experts, hidden), "[E, H]", x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moe: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _check_scalars(alpha, limit)
+
+
+def _check_routed_input(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4) -> int:
+    """x, topk_ids and the two weights (what explain_moe knows of a call); returns I."""
     if x.dtype != torch.bfloat16:
         raise TypeError(f"moe: x must be bfloat16, got {x.dtype}")
     if x.dim() != 2:
@@ -171,17 +183,10 @@ def _check_moe(
     if topk_ids.dim() != 2 or topk_ids.shape[0] != tokens or topk_ids.shape[1] < 1:
         raise ValueError(f"moe: topk_ids must be [T, k] with T = x.shape[0] = {tokens} and k >= 1, got {tuple(topk_ids.shape)}")
     _check_dtype_and_shape("topk_ids", topk_ids, _ID_DTYPES, tuple(topk_ids.shape), "[T, k]", x)
-    _check_dtype_and_shape("topk_weights", topk_weights, _WEIGHT_DTYPES, tuple(topk_ids.shape), "[T, k]", x)
     for name, w in (("gate_up", gate_up), ("down", down)):
         if w.device != x.device:
             raise ValueError(f"moe: {name} is on {w.device} but x is on {x.device}; move it with {name}.to(x.device)")
-    inter = _check_weights(gate_up, down, hidden)
-    experts = gate_up.num_experts
-    _check_bias("gate_up_bias", gate_up_bias, (experts, 2 * inter), "[E, 2I]", x)
-    _check_bias("down_bias", down_bias, (experts, hidden), "[E, H]", x)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"moe: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    _check_scalars(alpha, limit)
+    return _check_weights(gate_up, down, hidden)
 
 
 def _check_scalars(alpha: object, limit: object) -> None:
@@ -190,6 +195,8 @@ def _check_scalars(alpha: object, limit: object) -> None:
             raise TypeError(f"moe: {name} must be a float, got {type(value).__name__}")
         if not math.isfinite(value):
             raise ValueError(f"moe: {name} must be finite, got {value}")
+    if limit <= 0:  # the clamps would pin up (and bound gate) at a non-positive value: a meaningless layer
+        raise ValueError(f"moe: limit must be positive (the SwiGLU clamp, gpt-oss: 7.0), got {limit}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +251,12 @@ def _moe_fake(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
 # The user API.
 
 
+def _check_tensors(**named: object) -> None:
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"moe: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 def _packed(name: str, w: object) -> PackedMXFP4:
     if isinstance(w, MXFP4Tensor):
         raise TypeError(f"moe: {name} is an unpacked MXFP4Tensor; call {name} = mxfp4.pack({name}) once (at load time)")
@@ -268,9 +281,7 @@ def moe(
     ``mxfp4.set_debug_checks(True)``), deterministic, and capturable into a CUDA graph for a fixed T
     (the static-shape decode variant); works under ``torch.compile(fullgraph=True)``.
     """
-    for name, value in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"moe: {name} must be a torch.Tensor, got {type(value).__name__}")
+    _check_tensors(x=x, topk_ids=topk_ids, topk_weights=topk_weights)
     for name, bias in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
         if bias is not None and not isinstance(bias, torch.Tensor):
             raise TypeError(f"moe: {name} must be a torch.Tensor or None, got {type(bias).__name__}")
@@ -321,8 +332,14 @@ def reference_moe_float64(
 
 
 def explain_moe(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4) -> str:
-    """What ``mxfp4.moe(x, topk_ids, ..., gate_up, down)`` would run, and why (reads no tensor values)."""
+    """What ``mxfp4.moe(x, topk_ids, ..., gate_up, down)`` would run, and why.
+
+    Runs the op's checks of what it is given first (raising what the call would raise; the ids' values
+    only where the op reads them: on the CPU, or with debug checks on)."""
+    _check_tensors(x=x, topk_ids=topk_ids)
     gate_up, down = _packed("gate_up", gate_up), _packed("down", down)
+    _check_routed_input(x, topk_ids, gate_up, down)
+    _check_ids_values(topk_ids, gate_up.num_experts)
     routed = topk_ids.numel()
     choice = select_path(x.device)
     paired = isinstance(gate_up, PackedGateUp)

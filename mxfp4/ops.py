@@ -20,7 +20,7 @@ import torch
 
 from codegen.config import MAX_EXPERTS, TileConfig
 
-from .dispatch import SM90, choose_config, select_path
+from .dispatch import SM90, choose_config, describe_call, select_path
 from .layout import ATOM_BYTES, ATOM_K, ATOM_N, PackedMXFP4
 from .reference import portable_grouped_mm, portable_grouped_mm_masked
 from .tensor import BLOCK_SIZE, MXFP4Tensor
@@ -32,7 +32,9 @@ _debug_checks = False
 def set_debug_checks(enabled: bool) -> None:
     """Also check the values of device-resident ``offsets`` / ``masked_m`` (syncs every call)."""
     global _debug_checks
-    _debug_checks = bool(enabled)
+    if not isinstance(enabled, bool):  # bool("false") is True: a string must not switch the checks on
+        raise TypeError(f"set_debug_checks: enabled must be a bool, got {type(enabled).__name__} {enabled!r}")
+    _debug_checks = enabled
 
 
 def debug_checks_enabled() -> bool:
@@ -159,11 +161,22 @@ def _launch_sm90(
     grouped_mm_sm90(x, w_data, n, k, rows, masked, tile, out)
 
 
-def _grouped_mm_impl(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
+def _check_grouped_mm(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int) -> None:
     op = "grouped_mm"
     _check_x_and_w(op, x, w_data, n, k, 2)
     _check_index(op, "offsets", offsets, w_data.shape[0] + 1, "E + 1", x)
     _check_offsets_values(op, offsets, x.shape[0])
+
+
+def _check_grouped_mm_masked(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int) -> None:
+    op = "grouped_mm_masked"
+    _check_x_and_w(op, x, w_data, n, k, 3)
+    _check_masked_shapes(op, x, w_data, masked_m)
+    _check_masked_values(op, masked_m, x.shape[1])
+
+
+def _grouped_mm_impl(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
+    _check_grouped_mm(x, w_data, offsets, n, k)
     if x.shape[0] == 0 or n == 0:
         return torch.empty((x.shape[0], n), dtype=torch.bfloat16, device=x.device)
     choice = select_path(x.device)
@@ -176,10 +189,7 @@ def _grouped_mm_impl(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tenso
 
 
 def _grouped_mm_masked_impl(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
-    op = "grouped_mm_masked"
-    _check_x_and_w(op, x, w_data, n, k, 3)
-    _check_masked_shapes(op, x, w_data, masked_m)
-    _check_masked_values(op, masked_m, x.shape[1])
+    _check_grouped_mm_masked(x, w_data, masked_m, n, k)
     out = x.new_empty((x.shape[0], x.shape[1], n))
     if x.shape[1] == 0 or n == 0:
         return out
@@ -284,3 +294,28 @@ def grouped_mm_masked(
     """
     return _call("grouped_mm_masked", _grouped_mm_masked_impl, torch.ops.mxfp4.grouped_mm_masked, x, w, "masked_m",
                  masked_m, config)
+
+
+def explain(
+    x: torch.Tensor, w: PackedMXFP4, offsets: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
+    *, config: TileConfig | str | None = None,
+) -> str:
+    """What ``grouped_mm(x, w, offsets)`` / ``grouped_mm_masked(x, w, masked_m)`` would do, and why.
+
+    First the op's own checks (the same functions, so explain raises what the call would raise; without
+    offsets / masked_m, the checks of x and w), then ``mxfp4.dispatch.describe_call``'s report: problem
+    shape, device and capability, toolchain, path, and on the SM90 path the tile config and why.
+    """
+    if offsets is not None and masked_m is not None:
+        raise ValueError("explain: pass offsets (grouped_mm) or masked_m (grouped_mm_masked), not both")
+    masked = masked_m is not None or (offsets is None and isinstance(x, torch.Tensor) and x.dim() == 3)
+    op, rows_name, rows = ("grouped_mm_masked", "masked_m", masked_m) if masked else ("grouped_mm", "offsets", offsets)
+    w = _check_weight(op, w)
+    _check_tensor(op, "x", x)
+    name = _config_name(op, config)
+    if rows is None:
+        _check_x_and_w(op, x, w.data, w.n, w.k, 3 if masked else 2)
+    else:
+        _check_tensor(op, rows_name, rows)
+        (_check_grouped_mm_masked if masked else _check_grouped_mm)(x, w.data, rows, w.n, w.k)
+    return describe_call(x, w, masked, name)

@@ -5,8 +5,10 @@
 #   nvidia-cutlass==4.2.0.0, nvidia-cuda-cccl==13.0.85 (every step: the kernel build), and for the
 #   humming column humming-kernels==0.1.19 + packaging (bench, bench-full, bench-120b, host, ncu).
 # Steps: tests sanitize example tune tuning-test | bench (quick, with humming) bench-full (gpt-oss-20b,
-# every M) bench-120b | host | fallback | moe | ncu. One device call runs for at most 10 minutes:
-# run bench-full, bench-120b and ncu each in a call of their own.
+# every M) bench-120b | host | fallback | moe | ncu | e2e. One device call runs for at most 10 minutes:
+# run bench-full, bench-120b, ncu and each e2e model in a call of their own.
+# e2e: E2E_MODELS (default gpt-oss-20b; or gpt-oss-120b), E2E_ARGS (more bench flags, e.g. "--modes eager"),
+# E2E_TIMEOUT (seconds, default 480); the checkpoint goes to /dev/shm or /tmp, whichever has room.
 # Results and logs land in $LOGS, packed into $OUT/logs.tgz; $OUT also gets summary.txt (each step's
 # table) and the benchmark PNGs (the device tool brings back at most 8 files). A summary prints last.
 set -uo pipefail
@@ -67,6 +69,19 @@ ncu_run() {
   ncu --import "$rep.ncu-rep" --csv --page raw > "$rep.csv" 2>> "$rep.log"
 }
 
+# e2e_dir MODEL: where MODEL's synthetic checkpoint is (an earlier run's) or fits; empty when nowhere.
+e2e_dir() {
+  local base need avail
+  for base in /dev/shm /tmp; do
+    [ -f "$base/hopper-mxfp4-e2e/$1/synthetic.json" ] && { echo "$base/hopper-mxfp4-e2e"; return; }
+  done
+  need=$(python3 -c "from benchmarks.gpt_oss_checkpoint import checkpoint_bytes, model_config; print(checkpoint_bytes(model_config('$1')))")
+  for base in /dev/shm /tmp; do
+    avail=$(df -B1 --output=avail "$base" 2>/dev/null | tail -n 1)
+    [ -n "$avail" ] && [ "$avail" -gt $((need / 100 * 103)) ] && { echo "$base/hopper-mxfp4-e2e"; return; }
+  done
+}
+
 for step in "${steps[@]}"; do
   case "$step" in
     tests)
@@ -106,6 +121,20 @@ for step in "${steps[@]}"; do
     moe)
       bench 420 moe --out "$LOGS/moe" 2>&1 | tee "$LOGS/moe.txt"
       note "moe layer: exit ${PIPESTATUS[0]}"; table "$LOGS/moe.txt" "moe"
+      ;;
+    e2e)
+      for model in ${E2E_MODELS:-gpt-oss-20b}; do
+        dir=$(e2e_dir "$model")
+        if [ -z "$dir" ]; then
+          note "e2e $model: SKIPPED: no room for its checkpoint ($(df -h --output=target,avail /dev/shm /tmp | tail -n +2 | tr -s ' ' | tr '\n' ';'))"
+          continue
+        fi
+        # shellcheck disable=SC2086
+        bench "${E2E_TIMEOUT:-480}" e2e --model "$model" --dir "$dir" --out "$LOGS/e2e-$model" ${E2E_ARGS:-} 2>&1 \
+          | tee "$LOGS/e2e-$model.txt"
+        note "e2e $model (checkpoint under $dir): exit ${PIPESTATUS[0]}"; table "$LOGS/e2e-$model.txt" "e2e $model"
+        grep -E "^e2e \[.*(loaded|decode)" "$LOGS/e2e-$model.txt" >> "$LOGS/summary.txt"  # what a timeout leaves
+      done
       ;;
     ncu)
       mkdir -p "$LOGS/ncu"

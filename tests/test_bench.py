@@ -522,3 +522,95 @@ def test_ncu_summary_parses_a_raw_page():
     (summary,) = ncu_summary.summarize("ours 20b", [row])
     assert "DRAM % 65.10" in summary and "grid 132" in summary and "long_scoreboard 3.50" in summary
     assert "no kernels" in ncu_summary.summarize("x", [])[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# e2e: synthetic gpt-oss checkpoints, the suite end to end (tiny, on the CPU), its tables and targets
+
+
+def test_synthetic_checkpoint_sizes_at_the_real_dimensions():
+    pytest.importorskip("transformers")
+    from benchmarks import gpt_oss_checkpoint as ckpt
+
+    sizes = {name: ckpt.checkpoint_bytes(ckpt.model_config(name)) for name in ("gpt-oss-20b", "gpt-oss-120b")}
+    experts_20b = 24 * 32 * (5760 + 2880) * 2880 // 32 * 17  # blocks + scales: 17 bytes per 32 values
+    assert experts_20b < sizes["gpt-oss-20b"] < experts_20b + 4.5e9  # + attention, router, embeddings, biases
+    assert 64e9 < sizes["gpt-oss-120b"] < 66e9
+    shards = ckpt.plan_shards(ckpt.tensor_specs(ckpt.model_config("gpt-oss-120b")), ckpt.SHARD_BYTES)
+    assert 13 <= len(shards) <= 16 and all(sum(s.nbytes for s in specs) <= ckpt.SHARD_BYTES for specs in shards.values())
+    names = [spec.name for specs in shards.values() for spec in specs]
+    assert len(names) == len(set(names)) and "model.layers.35.mlp.experts.down_proj_scales" in names
+
+
+def test_synthetic_checkpoint_is_reused_only_when_it_matches(tmp_path):
+    pytest.importorskip("transformers")
+    from benchmarks import gpt_oss_checkpoint as ckpt
+
+    config = ckpt.model_config("tiny", num_hidden_layers=1)
+    first = ckpt.ensure_checkpoint(tmp_path, config, seed=1, shard_bytes=30_000, progress=False)
+    assert not first["reused"] and len(list(tmp_path.glob("model-*.safetensors"))) >= 2
+    assert ckpt.ensure_checkpoint(tmp_path, config, seed=1, shard_bytes=30_000, progress=False)["reused"]
+    (tmp_path / "unrelated.txt").write_text("kept")
+    again = ckpt.ensure_checkpoint(tmp_path, config, seed=2, progress=False)  # another seed, one file
+    assert not again["reused"] and [p.name for p in tmp_path.glob("model*.safetensors*")] == ["model.safetensors"]
+    assert (tmp_path / "unrelated.txt").read_text() == "kept"
+    (tmp_path / "model.safetensors").write_bytes(b"cut")  # a damaged file is not reused
+    assert not ckpt.ensure_checkpoint(tmp_path, config, seed=2, progress=False)["reused"]
+    config_json = json.loads((tmp_path / "config.json").read_text())
+    assert config_json["quantization_config"]["quant_method"] == "mxfp4" and config_json["model_type"] == "gpt_oss"
+
+
+def test_e2e_values_and_flags(capsys):
+    parse = lambda *argv: cli.build_parser().parse_args(list(argv))  # noqa: E731
+    assert cli.m_values_for(parse("e2e")) == [1, 8, 64] and cli.m_values_for(parse("e2e", "--batch", "2,4")) == [2, 4]
+    args = parse("e2e", "--modes", "compiled", "--tiny", "--dir", "/tmp/d", "--new-tokens", "5", "--no-bf16")
+    assert args.modes == "compiled" and args.tiny and args.dir == "/tmp/d" and args.new_tokens == 5 and args.no_bf16
+    with pytest.raises(SystemExit):
+        parse("e2e", "--modes", "eager,fast")
+    assert "eager, compiled" in capsys.readouterr().err
+    assert cli.main(["e2e", "--tiny", "--new-tokens", "1"]) == 2 and "--new-tokens" in capsys.readouterr().err
+
+
+def test_e2e_runs_end_to_end_on_the_cpu(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["e2e", "--tiny", "--dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--batch", "1,3",
+            "--new-tokens", "3", "--prompt-tokens", "4", "--reps", "1"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    payload = json.loads((tmp_path / "out" / "bench_e2e.json").read_text())
+    (model,) = payload["models"]
+    assert model["model"] == "tiny" and not model["checkpoint"]["reused"] and model["ours"]["load_s"] > 0
+    for side in ("ours", "bf16"):
+        for mode in ("eager", "compiled"):
+            for batch in ("1", "3"):
+                point = model[side]["decode"][mode][batch]
+                assert point["ms_per_step"] > 0 and point["tokens_per_s"] == pytest.approx(int(batch) * 1e3 / point["ms_per_step"])
+                assert not point["compiled"]  # transformers compiles the decode step on CUDA only
+    assert "static, not compiled" in captured.out and "bf16 (transformers grouped_mm)" in captured.out
+    assert "tiny eager: ours/bf16 tokens/s B=1" in captured.out and "decode eager B=3:" in captured.err
+    assert cli.main(argv) == 0  # the checkpoint is reused
+    assert json.loads((tmp_path / "out" / "bench_e2e.json").read_text())["models"][0]["checkpoint"]["reused"]
+
+
+def test_e2e_targets_and_tables():
+    from benchmarks import e2e_report
+
+    point = lambda tps: {"tokens_per_s": tps, "ms_per_step": 1e3 / tps, "compiled": True}  # noqa: E731
+    results = [
+        {"model": "gpt-oss-20b", "checkpoint": {"bytes": 13.8e9, "reused": False, "seconds": 40.0},
+         "ours": {"load_s": 9.0, "peak_gb": 14.1, "after_gb": 13.9,
+                  "decode": {"eager": {"1": point(36.0)}, "compiled": {"1": point(300.0), "64": point(9000.0)}}},
+         "bf16": {"after_gb": 42.0, "decode": {"eager": {"1": point(30.0)}, "compiled": {"1": point(250.0), "64": point(2000.0)}}}},
+        {"model": "gpt-oss-120b", "checkpoint": {"bytes": 65e9, "reused": True, "seconds": 0.1},
+         "ours": {"load_s": 40.0, "peak_gb": 71.0, "after_gb": 65.0, "decode": {"eager": {"1": {"error": "boom"}}}},
+         "bf16": {"error": "does not fit: the bf16 model is 234 GB, the GPU has 150 GB"}},
+    ]
+    verdicts = e2e_report.targets(results)
+    assert verdicts["gpt-oss-20b load peak <= 15 GB"]["met"] and not verdicts["gpt-oss-120b load peak <= 70 GB"]["met"]
+    assert verdicts["compiled decode B=1 >= 1.3x bf16"] == {"value": pytest.approx(1.2), "limit": 1.3, "met": False}
+    assert verdicts["compiled decode B=64 >= 3x bf16"]["met"] and verdicts["eager decode B=1 >= 1.2x bf16"]["met"]
+    text = e2e_report.format_e2e(results, [1, 64], ["eager", "compiled"])
+    assert "does not fit: the bf16 model is 234 GB" in text and "boom" in text and "MISSED" in text
+    assert "gpt-oss-20b compiled: ours/bf16 tokens/s B=1 1.20x, B=64 4.50x" in text
+    assert "300.0 (3.33 ms)" in text and "1.014" in text  # tokens/s (ms/step); peak/after

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import mxfp4
+from mxfp4.shards import CheckpointError
 from mxfp4.tensor import MXFP4Tensor
 
 E, HIDDEN, INTERMEDIATE = 4, 64, 96  # gate_up: [E, 2 * I, H], down: [E, H, I]
@@ -187,3 +189,117 @@ def test_ggml_bad_input() -> None:
         mxfp4.from_ggml(np.zeros(17, dtype=np.int16), (32,))
     with pytest.raises(TypeError, match="MXFP4Tensor"):
         mxfp4.to_ggml(torch.zeros(17, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"from_ggml: shape must be a tuple of ints such as \(E, N, K\), got int 32"):
+        mxfp4.from_ggml(bytes(17), 32)
+    with pytest.raises(TypeError, match="from_ggml: shape must be a tuple of ints"):
+        mxfp4.from_ggml(bytes(17), (1.0, 32))
+    with pytest.raises(ValueError, match="from_ggml: shape must not have negative sizes"):
+        mxfp4.from_ggml(bytes(17), (-1, 32))
+
+
+@pytest.mark.parametrize("data", [b"", bytearray(), torch.zeros(0, dtype=torch.uint8), np.zeros(0, dtype=np.uint8)])
+def test_ggml_empty_tensor(data: object) -> None:
+    """No rows is a valid tensor: an empty MXFP4Tensor that round-trips to no bytes."""
+    t = mxfp4.from_ggml(data, (0, 32))
+    assert t.shape == (0, 32) and t.blocks.shape == (0, 1, 16) and t.scales.shape == (0, 1)
+    assert mxfp4.to_ggml(t).numel() == 0
+    with pytest.raises(ValueError, match=r"data has 0 bytes; shape \(1, 32\) needs 1 blocks x 17 = 17"):
+        mxfp4.from_ggml(data, (1, 32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged checkpoints: every error names the file (and the tensor).
+
+
+def write_sharded(directory: Path, tensors: dict[str, torch.Tensor]) -> list[Path]:
+    """Two shards (first half of the names, second half) and their index."""
+    names = sorted(tensors)
+    files = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for file, chosen in files.items():
+        save_file({name: tensors[name] for name in chosen}, str(directory / file))
+    weight_map = {name: file for file, chosen in files.items() for name in chosen}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return [directory / file for file in files]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header", "empty"])
+@pytest.mark.parametrize("loader", ["experts", "moe_layer"])
+def test_corrupt_shard_names_the_file(tmp_path: Path, damage: str, loader: str) -> None:
+    first, second = write_sharded(tmp_path, expert_tensors(0))
+    data = second.read_bytes()
+    second.write_bytes({"truncated": data[: len(data) // 2], "garbage header": b"\xff" * 64, "empty": b""}[damage])
+    load = mxfp4.load_gpt_oss_experts if loader == "experts" else mxfp4.load_gpt_oss_moe_layer
+    with pytest.raises(CheckpointError, match=re.escape(f"{second} is not a readable safetensors file")) as caught:
+        load(tmp_path, 0)
+    assert "corrupt or truncated" in str(caught.value)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_missing_shard_and_bad_index_name_the_file(tmp_path: Path) -> None:
+    first, second = write_sharded(tmp_path, expert_tensors(0))
+    second.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint file {second} is missing; model.safetensors.index.json lists it"):
+        mxfp4.load_gpt_oss_experts(tmp_path, 0)
+    write_sharded(tmp_path, expert_tensors(0))
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    moved = sorted(weight_map)[0]
+    weight_map[moved] = second.name  # the index points at the wrong shard
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"puts {moved} in {second.name}, but it is in {first.name}"):
+        mxfp4.load_gpt_oss_moe_layer(tmp_path, 0)
+    index.write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json is not a safetensors index"):
+        mxfp4.load_gpt_oss_moe_layer(tmp_path, 0)
+
+
+def test_wrong_dtype_or_shape_names_file_and_tensor(tmp_path: Path) -> None:
+    prefix = "model.layers.0.mlp.experts."
+    file = tmp_path / "model.safetensors"
+    tensors = expert_tensors(0)
+    tensors[f"{prefix}down_proj_scales"] = tensors[f"{prefix}down_proj_scales"].to(torch.int16)
+    save_file(tensors, str(file))
+    with pytest.raises(CheckpointError, match=rf"{file}: {prefix}down_proj_scales has dtype I16; expected U8"):
+        mxfp4.load_gpt_oss_moe_layer(file, 0)
+    tensors = expert_tensors(0)
+    tensors[f"{prefix}gate_up_proj_bias"] = tensors[f"{prefix}gate_up_proj_bias"][:, :-1].contiguous()
+    save_file(tensors, str(file))
+    with pytest.raises(CheckpointError, match=rf"{prefix}gate_up_proj_bias has shape \[4, 191\]; expected \[E, N\] = \[4, 192\]"):
+        mxfp4.load_gpt_oss_moe_layer(file, 0)
+
+
+def test_moe_layer_expert_range(tmp_path: Path, seed: int) -> None:
+    tensors = expert_tensors(0)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    prefix = "model.layers.0.mlp.experts."
+    part = mxfp4.load_gpt_oss_moe_layer(tmp_path, 0, experts=(1, 3))
+    assert part.gate_up.shape == (2, 2 * INTERMEDIATE, HIDDEN) and part.down.shape == (2, HIDDEN, INTERMEDIATE)
+    for name, back in (("gate_up_proj", mxfp4.unpack_gate_up(part.gate_up)), ("down_proj", mxfp4.unpack(part.down))):
+        assert torch.equal(back.blocks, tensors[f"{prefix}{name}_blocks"][1:3])
+        assert torch.equal(back.scales, tensors[f"{prefix}{name}_scales"][1:3])
+        assert torch.equal(getattr(part, f"{name.removesuffix('_proj')}_bias"), tensors[f"{prefix}{name}_bias"][1:3])
+    for bad, error in (((2, 2), ValueError), ((0, 5), ValueError), ((-1, 2), ValueError), ((0.0, 2), TypeError), (3, TypeError)):
+        with pytest.raises(error, match="experts"):
+            mxfp4.load_gpt_oss_moe_layer(tmp_path, 0, experts=bad)
+
+
+def test_packing_in_chunks_matches_one_pack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Loading packs a few experts at a time; the bytes are those of packing the whole weight at once."""
+    import mxfp4.checkpoint as checkpoint
+
+    tensors = expert_tensors(0)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(checkpoint, "_PACK_CHUNK_VALUES", 2 * INTERMEDIATE * HIDDEN)  # one gate_up expert per step
+    layer = mxfp4.load_gpt_oss_moe_layer(tmp_path, 0)
+    whole = mxfp4.load_gpt_oss_experts(tmp_path, 0)
+    assert torch.equal(layer.gate_up.data, mxfp4.pack_gate_up(whole["gate_up_proj"]).data)
+    assert torch.equal(layer.down.data, mxfp4.pack(whole["down_proj"]).data)
+
+
+@pytest.mark.parametrize("layer, error", [(0.7, TypeError), (1.0, TypeError), ("0", TypeError), (True, TypeError), (-1, ValueError)])
+def test_layer_must_be_a_non_negative_int(tmp_path: Path, layer: object, error: type) -> None:
+    save_file(expert_tensors(0), str(tmp_path / "model.safetensors"))
+    for load in (mxfp4.load_gpt_oss_experts, mxfp4.load_gpt_oss_moe_layer):
+        with pytest.raises(error, match=r"layer must be"):
+            load(tmp_path, layer)
+    assert mxfp4.load_gpt_oss_moe_layer(tmp_path, np.int64(0)).gate_up.num_experts == E  # numpy ints are ints

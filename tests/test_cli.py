@@ -162,6 +162,17 @@ def test_check_reports_a_template_change(tmp_path, monkeypatch):
 
 
 @needs_render
+def test_generate_into_an_unwritable_place_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a directory")
+    out = tmp_path / "a_file" / "generated"
+    assert main(["generate", "--config", DEFAULT_CONFIGS[0].name, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "generate: error: cannot write" in err and str(tmp_path / "a_file") in err and "Traceback" not in err
+    result = subprocess.run([sys.executable, "-m", "codegen", "generate", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "Not a directory" in result.stderr
+
+
 def test_generate_selected_config_prunes_the_previous_selection(tmp_path, capsys):
     out = tmp_path / "kernels"
     assert main(["generate", "--out", str(out)]) == 0
@@ -234,13 +245,32 @@ def test_compile_fails_without_a_toolchain(monkeypatch, capsys):
     assert "pip install nvidia-cutlass" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("verb", ["compile", "tune"])
+@pytest.mark.parametrize("jobs", ["0", "-1", "two"])
+def test_jobs_must_be_positive(verb, jobs, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--jobs", jobs])
+    assert exit_info.value.code == 2
+    assert "argument --jobs/-j: expected a positive whole number" in capsys.readouterr().err
+
+
 def test_doctor(capsys, tmp_path):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
-    for label in ("GPU", "NVRTC:", "CUTLASS:", "CCCL:", "CUDA headers:", "toolchain:", "cache:", "path:"):
+    for label in ("GPU", "NVRTC:", "CUTLASS:", "CCCL:", "CUDA headers:", "toolchain:", "cache:", "path:", "fallback:"):
         assert label in out, out
     assert str(tmp_path / "cache") in out
     status = check_toolchain()
     if status.ok:
         assert status.nvrtc_version_string in out
         assert status.cccl_version in out
+
+
+def test_doctor_reports_a_bad_fallback_budget(capsys, monkeypatch):
+    monkeypatch.setenv("HOPPER_MXFP4_FALLBACK_BUDGET", "garbage")
+    assert main(["doctor"]) == 0
+    line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fallback:")]
+    assert line and "PROBLEM" in line[0] and "HOPPER_MXFP4_FALLBACK_BUDGET = 'garbage'" in line[0], line
+    monkeypatch.setenv("HOPPER_MXFP4_FALLBACK_BUDGET", "8G")
+    assert main(["doctor"]) == 0
+    assert "fallback:     decoded-weight budget 8.00 GiB (HOPPER_MXFP4_FALLBACK_BUDGET=8G)" in capsys.readouterr().out

@@ -321,6 +321,32 @@ def test_cache_store_is_first_writer_wins(tmp_path):
     assert sorted(p.name for p in shard.iterdir()) == [key]
 
 
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_unusable_cache_warns_once_and_doctor_shows_it(where, monkeypatch, tmp_path, capsys):
+    from codegen.__main__ import main
+
+    (tmp_path / "file").write_text("not a directory")
+    root = tmp_path / "file" if where == "a file" else tmp_path / "file" / "cache"
+    monkeypatch.setenv("HOPPER_MXFP4_CACHE", str(root))
+    monkeypatch.setattr(cache, "_warned_roots", set())
+    assert cache.unusable_reason() is not None and str(tmp_path / "file") in cache.unusable_reason()
+    with pytest.warns(RuntimeWarning, match="the kernel cache .* is not usable") as caught:
+        first = cache.store("cd" * 32, ELF_MAGIC + b"x", {})
+        second = cache.store("ef" * 32, ELF_MAGIC + b"y", {})
+    assert len([w for w in caught if "kernel cache" in str(w.message)]) == 1  # once per process
+    assert str(root) in str(caught[0].message) and "HOPPER_MXFP4_CACHE" in str(caught[0].message)
+    assert first.path == second.path == Path() and first.cubin == ELF_MAGIC + b"x"  # the result is still good
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "PROBLEM: not usable" in out and "HOPPER_MXFP4_CACHE" in out
+
+
+def test_usable_cache_has_no_problem(tmp_path, recwarn):
+    assert cache.unusable_reason(tmp_path / "fresh") is None
+    cache.store("ab" * 32, ELF_MAGIC + b"z", {}, tmp_path / "fresh")
+    assert not [w for w in recwarn if "kernel cache" in str(w.message)]
+
+
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HOPPER_MXFP4_CACHE", str(tmp_path / "explicit"))
     assert cache.cache_dir() == tmp_path / "explicit"

@@ -198,7 +198,7 @@ def test_explain_reports_cached_mode_and_memory(seed: int) -> None:
     after = mxfp4.explain(x, packed, offsets)
     assert "16.00 KiB (cached now)" in after and "holds 1 weight(s), 16.00 KiB" in after
     assert "compute:   torch._grouped_mm" in after
-    masked = mxfp4.explain(x.view(1, 3, 64).expand(2, 3, 64), packed, masked_m=torch.ones(2, dtype=torch.int32))
+    masked = mxfp4.explain(x.view(1, 3, 64).expand(2, 3, 64).contiguous(), packed, masked_m=torch.ones(2, dtype=torch.int32))
     assert "compute:   torch.bmm" in masked
 
 

@@ -154,6 +154,10 @@ def test_bad_types_raise() -> None:
         mxfp4.quantize(torch.ones(4, 32, dtype=torch.int32))
     with pytest.raises(TypeError, match="MXFP4Tensor"):
         mxfp4.dequantize(torch.ones(4, 32))
+    t = mxfp4.quantize(torch.randn(2, 32))
+    for dtype in ("bfloat16", torch.int32, None):
+        with pytest.raises(TypeError, match=r"dequantize: dtype must be a floating-point torch.dtype"):
+            mxfp4.dequantize(t, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])

@@ -70,3 +70,24 @@ def test_explain_moe_names_the_layer_path(monkeypatch: pytest.MonkeyPatch) -> No
     text = mxfp4.explain_moe(x, ids, paired.gate_up, paired.down)
     assert "layer:     fused" in text and "_swiglu (" in text and "_scatter (" in text and "epilogue" in text
     assert "not paired" in mxfp4.explain_moe(x, ids, plain.gate_up, plain.down)
+
+
+
+def test_explain_moe_checks_what_the_op_checks() -> None:
+    layer = make_layer(4, 64, 64, paired=True)
+    x, ids = torch.randn(3, 64).bfloat16(), torch.zeros(3, 2, dtype=torch.int32)
+    weights = torch.full((3, 2), 0.5)
+    cases = [
+        (TypeError, "moe: x must be bfloat16, got torch.float32", dict(x=x.float())),
+        (ValueError, r"moe: topk_ids must be \[T, k\] with T = x.shape\[0\] = 3", dict(ids=ids[:2])),
+        (TypeError, "moe: topk_ids must be int32 or int64", dict(ids=ids.float())),
+        (ValueError, "moe: topk_ids holds expert 4, outside", dict(ids=ids + 4)),
+        (ValueError, r"moe: gate_up is \[4, 128, 64\] but x has H = 32", dict(x=x[:, :32].contiguous())),
+        (TypeError, "moe: x must be a torch.Tensor", dict(x=x.tolist())),
+    ]
+    for error, message, change in cases:
+        args = {"x": x, "ids": ids, **change}
+        with pytest.raises(error, match=message):
+            mxfp4.explain_moe(args["x"], args["ids"], layer.gate_up, layer.down)
+        with pytest.raises(error, match=message):  # the op raises the same
+            mxfp4.moe(args["x"], args["ids"], weights, layer.gate_up, layer.down)

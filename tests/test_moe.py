@@ -185,6 +185,9 @@ def _bad_cases(layer: Layer, other: Layer, x: torch.Tensor, ids: torch.Tensor, w
         (ValueError, "activation must be one of", dict(activation="silu")),
         (TypeError, "alpha must be a float", dict(alpha="1.7")),
         (ValueError, "limit must be finite", dict(limit=float("inf"))),
+        (ValueError, r"limit must be positive \(the SwiGLU clamp, gpt-oss: 7.0\), got 0", dict(limit=0)),
+        (ValueError, "limit must be positive", dict(limit=-7.0)),
+        (ValueError, "limit must be positive", dict(limit=-0.0)),
         (ValueError, "down_bias is on meta but x is on cpu", dict(down_bias=layer.down_bias.to("meta"))),
     ]
 

@@ -201,6 +201,13 @@ def test_debug_checks_switch() -> None:
     assert ops._values_checkable(torch.zeros(4, dtype=torch.int32))  # CPU values: always
 
 
+@pytest.mark.parametrize("value", ["false", "False", 0, 1, None, "yes"])
+def test_debug_checks_switch_takes_a_bool_only(value: object) -> None:
+    with pytest.raises(TypeError, match=r"set_debug_checks: enabled must be a bool"):
+        mxfp4.set_debug_checks(value)
+    assert not ops.debug_checks_enabled()  # left off
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.compile: the fake kernels let fullgraph tracing through the op.
 
@@ -293,6 +300,31 @@ def test_explain_on_cpu(problem) -> None:
     assert "grouped_mm_masked" in masked_text and "max_m = 2" in masked_text
     with pytest.raises(TypeError, match=r"mxfp4\.pack"):
         mxfp4.explain(x, w, offsets)
+
+
+def test_explain_checks_what_the_op_checks(problem) -> None:
+    """Inputs the op rejects get the op's own error from explain, not a report of a call that cannot run."""
+    x, _, packed, offsets = problem
+    cases = [
+        (TypeError, "grouped_mm: x must be bfloat16, got torch.float32", (x.float(), packed, offsets), {}),
+        (ValueError, r"grouped_mm: offsets must have shape \[E \+ 1\] = \[4\], got \(3,\)", (x, packed, offsets[:-1]), {}),
+        (ValueError, "grouped_mm: offsets must end at T", (x, packed, offsets.clone().fill_(0)), {}),
+        (TypeError, "grouped_mm: offsets must be int32 or int64", (x, packed, offsets.float()), {}),
+        (ValueError, r"grouped_mm: x.shape\[-1\] = 64 but w.k = 96", (x[:, :64].contiguous(), packed, offsets), {}),
+        (ValueError, "grouped_mm_masked: masked_m must have shape", (x.view(3, 2, 96), packed, None),
+         dict(masked_m=torch.ones(2, dtype=torch.int32))),
+        (ValueError, "grouped_mm_masked: x must be contiguous", (x.view(3, 2, 96).transpose(0, 1), packed, None), {}),
+        (ValueError, "grouped_mm: config: ", (x, packed, offsets), dict(config="not_a_config")),
+        (ValueError, "not both", (x, packed, offsets), dict(masked_m=torch.ones(3, dtype=torch.int32))),
+    ]
+    for error, message, args, kwargs in cases:
+        with pytest.raises(error, match=message):
+            mxfp4.explain(*args, **kwargs)
+        if "not both" not in message:  # and the op says the same
+            call = mxfp4.grouped_mm_masked if "masked" in message else mxfp4.grouped_mm
+            rows = kwargs.pop("masked_m", None) if "masked" in message else args[2]
+            with pytest.raises(error, match=message):
+                call(args[0], args[1], rows if rows is not None else torch.ones(3, dtype=torch.int32), **kwargs)
 
 
 def fake_sm90(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
