@@ -180,7 +180,7 @@ HOPPER_CONFIGS: tuple[tuple[int, KernelConfig], ...] = (
 OTHER_CONFIGS: tuple[tuple[int, KernelConfig], ...] = (
     (16, KernelConfig(16, 32, 64, 4, 3)),
     (32, KernelConfig(32, 32, 64, 4, 3)),
-    (1 << 62, KernelConfig(64, 32, 16, 4, 4)),
+    (1 << 62, KernelConfig(64, 32, 32, 8, 3)),
 )
 
 

@@ -522,3 +522,25 @@ def test_ncu_summary_parses_a_raw_page():
     (summary,) = ncu_summary.summarize("ours 20b", [row])
     assert "DRAM % 65.10" in summary and "grid 132" in summary and "long_scoreboard 3.50" in summary
     assert "no kernels" in ncu_summary.summarize("x", [])[0]
+
+
+def test_fallback_table_ratios_and_targets():
+    """The fallback suite's table on made-up times: ratios are bf16 / path, targets by M, held memory."""
+    from benchmarks import fallback
+
+    shape = problems.MODEL_SHAPES["gpt-oss-20b"]["down"]
+    rows = []
+    for m, kernel_us in ((1, 100.0), (1024, 900.0), (256, 50.0)):
+        row = problems.make_row("gpt-oss-20b", "down", shape, "uniform", m)
+        row.results = {"portable kernel": {"graph_us": kernel_us, "rel_error": 2e-3, "held_bytes": 3 << 29},
+                       "portable cached": {"eager_us": 250.0, "held_bytes": 9 << 29},
+                       "torch bf16": {"graph_us": 300.0, "held_bytes": 6 << 29},
+                       "ours sm90": {"error": "wrong result"}}
+        fallback.add_ratios(row)
+        rows.append(row)
+    assert rows[0].results["portable kernel"]["vs_bf16"] == 3.0 and rows[0].results["portable cached"]["vs_bf16"] == 1.2
+    assert rows[0].results["ours sm90"]["vs_bf16"] is None
+    assert [fallback.target_note(row) for row in rows] == ["ok (>= 2.0x)", "MISS (>= 0.7x)", ""]
+    table = fallback.format_fallback(rows)
+    assert "1.50/4.50/3.00" in table and "3.00" in table and "err" in table
+    assert "ours sm90: wrong result" in fallback.format_errors(rows)

@@ -81,11 +81,12 @@ def test_masked_matches_float64(n: int, k: int, masked: list[int], max_m: int, s
 
 
 def test_decode_is_bit_exact_for_every_scale(seed: int) -> None:
-    """x = identity: out[j, r] = W[r, j], bit for bit, with scale bytes 0..252 (subnormal to huge; no inf)."""
+    """x = identity: out[j, r] = W[r, j], bit for bit, with scale bytes 2..252 (the SM90 test's range: every
+    value a normal number through the MMA's fp32 accumulator, no inf; the interpreter test covers 0 and 1)."""
     n, k = 136, 320
     blocks = torch.randint(0, 256, (1, n, k // 32, 16), dtype=torch.uint8, device="cuda")
-    scales = torch.randint(0, 253, (1, n, k // 32), dtype=torch.uint8, device="cuda")
-    scales.view(-1)[:8] = torch.tensor([0, 1, 2, 126, 127, 128, 129, 252], dtype=torch.uint8)
+    scales = torch.randint(2, 253, (1, n, k // 32), dtype=torch.uint8, device="cuda")
+    scales.view(-1)[:6] = torch.tensor([2, 126, 127, 128, 129, 252], dtype=torch.uint8)
     weight = mxfp4.MXFP4Tensor(blocks, scales)
     out = poisoned(k, n)
     portable_kernel.launch(torch.eye(k, device="cuda").bfloat16(), mxfp4.pack(weight).data, n, k, offsets_of([k]), False, out)

@@ -187,7 +187,7 @@ def test_explain_names_the_kernel_and_its_memory(kernel_runs: None) -> None:
     assert "decoded copy held: 0 B" in text and "Triton kernel m16_n64_k256_w4_s3" in text
     assert "offsets read on the device (no host sync" in text
     masked = mxfp4.explain(torch.zeros(4, 300, 96, dtype=torch.bfloat16), packed, masked_m=torch.ones(4, dtype=torch.int32))
-    assert "Triton kernel m64_n64_k64_w4_s4" in masked and "masked_m read on the device" in masked
+    assert "Triton kernel m64_n64_k128_w8_s3" in masked and "masked_m read on the device" in masked
     mxfp4.set_fallback_memory_budget(1 << 30)
     prefill = mxfp4.explain(torch.zeros(4 * 256, 96, dtype=torch.bfloat16), packed, torch.tensor([0, 256, 512, 768, 1024]))
     assert "fallback:  cached decoded weights: 256 rows per expert" in prefill
