@@ -32,6 +32,8 @@ of the word; :func:`register_pieces` turns them into shifts and masks. The two h
 (k, k + 1) of the weight tile, and the E8M0 scale ``s`` is applied as two exact power-of-two bf16 multiplies,
 2^(min(s, 128) - 1) and 2^(max(s, 128) - 128) (NaN for 0xFF), each built by shifting the byte into a bf16
 exponent field (two bf16x2 multiplies per register). The result is ``mxfp4.dequantize``'s value bit for bit.
+On a GPU one PTX ``mov.b32 {lo, hi}`` hands a decoded register to Triton as its bf16 pair (no repacking);
+Triton's interpreter, which runs no PTX, splits it with shifts (the ``PTX_SPLIT`` constexpr).
 
 Scheduling: a 1D grid of (m-tile, n-tile) programs, n fastest, so the programs of one expert's rows run
 together and read its weight once at decode (all of an expert's rows fit one m-tile). The grouped variant's

@@ -71,7 +71,7 @@ ncu_run() {
 for step in "${steps[@]}"; do
   case "$step" in
     tests)
-      timeout 300 python3 -m pytest -q -rs --maxfail=20 -m gpu tests/ 2>&1 | tee "$LOGS/pytest-gpu.txt"
+      timeout 420 python3 -m pytest -q -rs --maxfail=20 -m gpu tests/ 2>&1 | tee "$LOGS/pytest-gpu.txt"
       note "gpu tests: exit ${PIPESTATUS[0]}: $(tail -n 1 "$LOGS/pytest-gpu.txt")"
       ;;
     sanitize)
