@@ -27,7 +27,8 @@ DESCRIPTION = (
 EPILOG = """suites:
   grouped    ours (mxfp4.grouped_mm) vs humming-kernels 0.1.19 vs bf16 torch._grouped_mm (default)
   host       host µs per eager call: grouped_mm, grouped_mm_masked, torch._grouped_mm, humming, mxfp4.moe
-  fallback   the portable path forced on this GPU (HOPPER_MXFP4_FORCE_PORTABLE=1) vs bf16 torch._grouped_mm
+  fallback   the portable path forced on this GPU (HOPPER_MXFP4_FORCE_PORTABLE=1): the in-register kernel (no copy),
+             the cached bf16 copy, bf16 torch._grouped_mm and our SM90 kernel
   moe        the gpt-oss-20b expert layer: mxfp4.moe, the unfused mxfp4 glue, the bf16 torch layer, transformers
   ncu-case   one M=1 gate_up call of ours and humming in NVTX ranges "ours/" and "humming/" (run under ncu)
   e2e        gpt-oss as a model: a synthetic MXFP4 checkpoint at the real dimensions, load_gpt_oss (time,
@@ -64,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .e2e_options import add_arguments as add_e2e_arguments
 
     add_e2e_arguments(parser)
+    parser.add_argument("--portable-sweep", action="store_true",
+                        help="fallback: also time every candidate tile config of the portable kernel per row")
+    parser.add_argument("--model-path", metavar="DIR",
+                        help="fallback: load gpt-oss from DIR with load_gpt_oss on the forced portable path and "
+                        "report its GPU memory and a short decode, instead of the table")
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:

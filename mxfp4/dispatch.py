@@ -104,7 +104,7 @@ def _decide(key: tuple[str, int | None]) -> PathChoice:
     if forced is not None:
         return PathChoice(PORTABLE, f"portable path {forced} (GPU {sm}, {device_name})", name, capability, device_name)
     if capability != _SM90_CAPABILITY:
-        reason = f"GPU {sm} ({device_name}) is not SM90 (Hopper); using the portable path (decode in torch + bf16 matmul)"
+        reason = f"GPU {sm} ({device_name}) is not SM90 (Hopper); using the portable path"
         return PathChoice(PORTABLE, reason, name, capability, device_name)
     ok, toolchain = check_toolchain()
     if not ok:
@@ -191,24 +191,31 @@ def describe_call(x: torch.Tensor, w: object, masked: bool, config: str = "") ->
         lines.append(f"  family:    {chosen.config.family}")
     else:
         lines.append("  config:    none (tile configs apply to the SM90 kernel only)")
-        lines += _fallback_lines(w, variant == "grouped_mm_masked")
+        lines += _fallback_lines(w, variant == "grouped_mm_masked", hint)
     return "\n".join(lines)
 
 
-def _fallback_lines(w: object, masked: bool) -> list[str]:
-    """The portable path's mode for ``w`` (cached decoded weights or per-call decode), why, and its memory."""
-    from .fallback import fallback_mode
+def _fallback_lines(w: object, masked: bool, rows_per_expert: int) -> list[str]:
+    """The portable path's mode for this call (in-register kernel, cached decoded weights or per-call decode),
+    why, and what it holds in memory."""
+    from .fallback import CACHED, KERNEL, fallback_mode
     from .weight_cache import format_bytes
 
-    mode = fallback_mode(w.data, w.n, w.k, masked)
+    mode = fallback_mode(w.data, w.n, w.k, masked, rows_per_expert)
     stats = mode.stats
-    name = "cached decoded weights" if mode.cached else "per-call decode (slow)"
-    state = "cached now" if mode.cached_now else ("decoded on the next call" if mode.cached else "not cached")
+    name = {KERNEL: "in-register kernel (no decoded copy)", CACHED: "cached decoded weights"}.get(
+        mode.mode, "per-call decode (slow)")
+    copy = format_bytes(mode.decoded_nbytes)
+    if mode.mode == KERNEL:
+        held = "0 B" if not mode.cached_now else f"0 B for this call (a copy of {copy} from an earlier call is cached)"
+        memory = f"decoded copy held: {held}; reads the packed weight ({format_bytes(w.data.numel())}) in place"
+    else:
+        state = "cached now" if mode.cached_now else ("decoded on the next call" if mode.mode == CACHED else "not cached")
+        memory = f"decoded copy bf16 [E, N, K] = {copy} ({state})"
     return [
         f"  fallback:  {name}: {mode.reason}",
         f"  compute:   {mode.compute}",
-        f"  memory:    decoded copy bf16 [E, N, K] = {format_bytes(mode.decoded_nbytes)} ({state}); "
-        f"budget {format_bytes(stats.budget)} ({stats.budget_source}); "
+        f"  memory:    {memory}; budget {format_bytes(stats.budget)} ({stats.budget_source}); "
         f"cache on {w.data.device} holds {stats.entries} weight(s), {format_bytes(stats.nbytes)} "
         f"({stats.hits} hits, {stats.misses} misses, {stats.evictions} evictions)",
     ]

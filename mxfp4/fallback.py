@@ -1,17 +1,22 @@
 """The portable path (any device that is not an SM90 GPU with a working toolchain).
 
-Two modes, chosen per call:
+Three modes, chosen per call (:func:`choose_mode`):
 
-* **cached** (the usual one): the weight is decoded to bf16 ``[E, N, K]`` once, kept in the
-  decoded-weight cache (:mod:`mxfp4.weight_cache`, under a memory budget), and every call is
-  ``torch._grouped_mm`` (contiguous variant, offsets stay on the device) or ``torch.bmm`` (masked)
-  on it: the same work as bf16 torch on pre-dequantized weights.
-* **per-call decode**: when the copy cannot be cached (over the budget, budget 0, an inference
-  tensor, or during CUDA-graph capture, where a copy filled by captured kernels holds nothing until
-  replay and a replay must see in-place weight changes): decode a bounded number of experts at a time
-  and multiply per expert. Correct, much slower; the contiguous variant reads offsets on the host.
+* **in-register kernel** (CUDA GPUs from SM80 on with Triton: the default there): the Triton kernel of
+  :mod:`mxfp4.portable_kernel` reads the packed bytes and decodes them in registers. No decoded copy, no host
+  read of ``offsets`` / ``masked_m``, CUDA-graph capturable.
+* **cached**: the weight is decoded to bf16 ``[E, N, K]`` once, kept in the decoded-weight cache
+  (:mod:`mxfp4.weight_cache`, under a memory budget), and every call is ``torch._grouped_mm`` (contiguous
+  variant) or ``torch.bmm`` (masked) on it: the same work as bf16 torch on pre-dequantized weights. On the
+  CPU this is the usual mode. Where the kernel runs, the budget is 0 by default; a budget above 0 opts
+  prefill-sized calls (at least ``CACHE_MIN_ROWS`` rows per expert) into the copy, while smaller calls keep
+  the kernel, which reads a quarter of the bytes.
+* **per-call decode**: where neither runs (the CPU or a GPU without the kernel, with a copy that cannot be
+  cached: over the budget, budget 0, an inference tensor, or during CUDA-graph capture): decode a bounded
+  number of experts at a time and multiply per expert. Correct, much slower; the contiguous variant reads
+  offsets on the host.
 
-Both read the packed layout through ``layout.unpack_experts``: the same bytes the SM90 kernel reads.
+All read the packed layout as ``layout.unpack_experts`` describes it: the same bytes the SM90 kernel reads.
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ from functools import lru_cache
 
 import torch
 
-from . import weight_cache
+from . import portable_kernel, weight_cache
 from .format import dequantize
 from .layout import PackedMXFP4, unpack_experts
 
 # Bound on the weight values decoded at once on the per-call path (bf16: 2 bytes each, plus temporaries).
 _DECODE_VALUES = 1 << 25
+# Rows per expert from which a call may use the cached bf16 copy where the in-register kernel also runs.
+CACHE_MIN_ROWS = 128
+KERNEL, CACHED, PER_CALL = "in-register kernel", "cached decoded weights", "per-call decode"
 _warned: set[str] = set()
 _warn_lock = threading.Lock()
 
@@ -108,41 +116,78 @@ def _grouped_mm_syncs(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] not in (9, 10)
 
 
+def choose_mode(w_data: torch.Tensor, n: int, k: int, rows_per_expert: int) -> tuple[str, str]:
+    """(mode, why) of a call with about ``rows_per_expert`` rows per expert: KERNEL, CACHED or PER_CALL."""
+    device = w_data.device
+    if portable_kernel.unavailable_reason(device.type, device.index) is None:
+        return _mode_where_the_kernel_runs(w_data, n, k, rows_per_expert)
+    why_not = per_call_reason(w_data, n, k)
+    if why_not is not None:
+        return PER_CALL, why_not
+    return CACHED, _cache_reason(device)
+
+
+def _cache_reason(device: torch.device) -> str:
+    budget, source = weight_cache.fallback_memory_budget(device)
+    return (f"the decoded copy fits the budget ({weight_cache.format_bytes(budget)}, {source}); the first call "
+            "decodes it, later calls reuse it until the weight changes or is freed")
+
+
+def _mode_where_the_kernel_runs(w_data: torch.Tensor, n: int, k: int, rows_per_expert: int) -> tuple[str, str]:
+    if _capturing(w_data.device):
+        return KERNEL, ("a CUDA graph is being captured: the graph runs the kernel on the packed bytes, so a replay "
+                        "sees in-place weight changes and no copy is held")
+    no_copy = weight_cache.uncacheable_reason(w_data, n, k)
+    if no_copy is not None:
+        return KERNEL, f"no decoded copy is kept: {no_copy}"
+    if rows_per_expert < CACHE_MIN_ROWS:
+        return KERNEL, (f"about {rows_per_expert} rows per expert, below {CACHE_MIN_ROWS}: the kernel reads a "
+                        "quarter of the decoded copy's bytes; the budget lets prefill-sized calls use the copy")
+    return CACHED, f"{rows_per_expert} rows per expert (at least {CACHE_MIN_ROWS}) and {_cache_reason(w_data.device)}"
+
+
 @dataclass(frozen=True)
 class FallbackMode:
-    """What the portable path does for one weight (for ``mxfp4.explain``)."""
+    """What the portable path does for one call on one weight (for ``mxfp4.explain``)."""
 
-    cached: bool
+    mode: str  # KERNEL, CACHED or PER_CALL
     reason: str
     compute: str
-    decoded_nbytes: int
+    decoded_nbytes: int  # what a decoded bf16 copy of the weight takes (held only in CACHED mode)
     cached_now: bool
     stats: weight_cache.CacheStats
 
 
-def fallback_mode(w_data: torch.Tensor, n: int, k: int, masked: bool) -> FallbackMode:
+def fallback_mode(w_data: torch.Tensor, n: int, k: int, masked: bool, rows_per_expert: int) -> FallbackMode:
     device = w_data.device
     size = weight_cache.decoded_nbytes(n, k, w_data.shape[0])
     stats = weight_cache.stats(device)
-    why_not = per_call_reason(w_data, n, k)
-    if why_not is not None:
+    mode, reason = choose_mode(w_data, n, k, rows_per_expert)
+    cached_now = weight_cache.is_cached(w_data, n, k)
+    if mode == KERNEL:
+        config = portable_kernel.device_config(device, rows_per_expert)
+        rows = "masked_m" if masked else "offsets"
+        compute = (f"Triton kernel {config.name}: packed bytes decoded in registers, bf16 x, fp32 accumulation; "
+                   f"{rows} read on the device (no host sync, CUDA-graph capturable)")
+        return FallbackMode(mode, reason, compute, size, cached_now, stats)
+    if mode == PER_CALL:
         compute = "decode a few experts at a time, then a bf16 matmul per expert"
         if not masked:
             compute += " (reads offsets on the host: a device sync per call on a GPU)"
-        return FallbackMode(False, why_not, compute, size, False, stats)
-    reason = (f"the decoded copy fits the budget ({weight_cache.format_bytes(stats.budget)}, {stats.budget_source});"
-              " the first call decodes it, later calls reuse it until the weight changes or is freed")
+        return FallbackMode(mode, reason, compute, size, False, stats)
+    return FallbackMode(mode, reason, _cached_compute(device, masked), size, cached_now, stats)
+
+
+def _cached_compute(device: torch.device, masked: bool) -> str:
     if masked:
-        compute = "torch.bmm on the decoded weights (every row, no host read of masked_m)"
-    elif grouped_mm_usable(device):
-        if device.type == "cpu":
-            sync = "a loop over experts inside torch"
-        else:
-            sync = "reads offsets on the host: torch's loop fallback" if _grouped_mm_syncs(device) else "no host sync"
-        compute = f"torch._grouped_mm on the decoded weights, offsets on {device.type} ({sync})"
+        return "torch.bmm on the decoded weights (every row, no host read of masked_m)"
+    if not grouped_mm_usable(device):
+        return "a bf16 matmul per expert on the decoded weights (torch._grouped_mm unavailable; reads offsets on the host)"
+    if device.type == "cpu":
+        sync = "a loop over experts inside torch"
     else:
-        compute = "a bf16 matmul per expert on the decoded weights (torch._grouped_mm unavailable; reads offsets on the host)"
-    return FallbackMode(True, reason, compute, size, weight_cache.is_cached(w_data, n, k), stats)
+        sync = "reads offsets on the host: torch's loop fallback" if _grouped_mm_syncs(device) else "no host sync"
+    return f"torch._grouped_mm on the decoded weights, offsets on {device.type} ({sync})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +224,10 @@ def portable_grouped_mm(
     x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, offsets: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Contiguous variant: ``[T, N]`` into ``out`` if given, else a new tensor (no copy). Returns it."""
+    if choose_mode(w_data, n, k, -(-x.shape[0] // w_data.shape[0]))[0] == KERNEL:
+        if out is None:
+            out = torch.empty((x.shape[0], n), dtype=torch.bfloat16, device=x.device)
+        return portable_kernel.launch(x, w_data, n, k, offsets, False, out)
     weights = _cached_weights(w_data, n, k)
     if weights is not None:
         return _cached_grouped_mm(x, weights, offsets, out)
@@ -201,6 +250,8 @@ def portable_grouped_mm_masked(
     """Masked variant ``[E, max_m, N]``: every row is computed (no host read of masked_m). Returns ``out``."""
     if out is None:
         out = torch.empty((x.shape[0], x.shape[1], n), dtype=torch.bfloat16, device=x.device)
+    if choose_mode(w_data, n, k, x.shape[1])[0] == KERNEL:
+        return portable_kernel.launch(x, w_data, n, k, masked_m, True, out)
     weights = _cached_weights(w_data, n, k)
     if weights is not None:
         return torch.bmm(x, weights.transpose(1, 2), out=out)

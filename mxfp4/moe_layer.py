@@ -21,8 +21,8 @@ Steps (each a small function, so fused-epilogue kernels can replace them one at 
 On CUDA nothing here reads a device value on the host and every shape depends on T, k, E, H and I
 only (always T·k routed rows), so with a fixed T the whole layer captures into a CUDA graph: that is
 the static-shape decode variant. Every step is deterministic, so calls are bitwise identical. On SM90
-``mxfp4.grouped_mm`` runs the generated kernel; elsewhere its portable path (which reads the offsets
-on the host, a sync on non-Hopper CUDA devices).
+``mxfp4.grouped_mm`` runs the generated kernel; on other CUDA GPUs the portable path's in-register kernel
+(offsets read on the device: no sync either); on the CPU the torch path.
 """
 
 from __future__ import annotations
@@ -360,5 +360,10 @@ def explain_moe(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4, d
         lines.append("  layer:     unfused: gate_up is not paired (pack it with mxfp4.pack_gate_up for the fused "
                      "kernels); two grouped_mm calls with the bias, activation and combine in torch")
     else:
-        lines.append("  layer:     portable: two grouped_mm calls on the portable path, torch for the rest")
+        from .fallback import choose_mode
+
+        rows = -(-routed // gate_up.num_experts)
+        mode = choose_mode(gate_up.data, gate_up.n, gate_up.k, rows)[0]
+        lines.append(f"  layer:     portable: two grouped_mm calls on the portable path ({mode} for about {rows} rows "
+                     "per expert; mxfp4.explain gives the memory), torch for the rest")
     return "\n".join(lines)

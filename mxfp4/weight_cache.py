@@ -16,8 +16,10 @@ Correctness rules (no stale entry is ever served):
   are never cached (decoded per call instead; :func:`uncacheable_reason` says so).
 
 The budget applies per device: ``set_fallback_memory_budget(nbytes)`` or the environment variable
-``HOPPER_MXFP4_FALLBACK_BUDGET`` (bytes, or with a K/M/G/T suffix, binary); by default half the
-GPU's memory, or a quarter of host RAM on the CPU. 0 disables the cache.
+``HOPPER_MXFP4_FALLBACK_BUDGET`` (bytes, or with a K/M/G/T suffix, binary). 0 disables the cache. By default
+it is 0 on a CUDA GPU where the in-register portable kernel runs (:mod:`mxfp4.portable_kernel`: no decoded
+copy at all; a budget above 0 opts prefill-sized calls into the cached copy), half the GPU's memory on a
+CUDA GPU where it cannot, and a quarter of host RAM on the CPU.
 """
 
 from __future__ import annotations
@@ -47,10 +49,17 @@ def parse_budget(text: str, source: str = ENV_BUDGET) -> int:
     return int(float(match.group(1)) * _SUFFIXES[match.group(2).upper()])
 
 
+def _kernel_runs(device: torch.device) -> bool:
+    from .portable_kernel import unavailable_reason  # lazy: imports Triton, which only a GPU needs
+
+    return device.type == "cuda" and unavailable_reason(device.type, device.index) is None
+
+
 def default_budget(device: torch.device) -> int:
-    """Half a GPU's memory; a quarter of host RAM on the CPU (4 GiB if RAM is unknown)."""
+    """0 on a GPU that runs the in-register kernel, else half its memory; a quarter of host RAM on the CPU
+    (4 GiB if RAM is unknown)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 2
+        return 0 if _kernel_runs(device) else torch.cuda.get_device_properties(device).total_memory // 2
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError, AttributeError):
@@ -65,7 +74,12 @@ def fallback_memory_budget(device: torch.device | str) -> tuple[int, str]:
     text = os.environ.get(ENV_BUDGET)
     if text is not None and text.strip():
         return parse_budget(text), f"{ENV_BUDGET}={text.strip()}"
-    share = "half the GPU's memory" if device.type == "cuda" else "a quarter of host RAM"
+    if device.type != "cuda":
+        share = "a quarter of host RAM"
+    elif _kernel_runs(device):
+        share = "0 where the in-register kernel runs, so no decoded copy is kept"
+    else:
+        share = "half the GPU's memory (the in-register kernel cannot run here)"
     return default_budget(device), f"default: {share}"
 
 

@@ -4,6 +4,7 @@
 # with carry=[".whl"], where .whl holds the wheels the device machine lacks:
 #   nvidia-cutlass==4.2.0.0, nvidia-cuda-cccl==13.0.85 (every step: the kernel build), and for the
 #   humming column humming-kernels==0.1.19 + packaging (bench, bench-full, bench-120b, host, ncu).
+#   The portable kernel (tests, sanitize, fallback) uses the Triton that ships with the machine's torch.
 # Steps: tests sanitize example tune tuning-test | bench (quick, with humming) bench-full (gpt-oss-20b,
 # every M) bench-120b | host | fallback | moe | ncu | e2e. One device call runs for at most 10 minutes:
 # run bench-full, bench-120b, ncu and each e2e model in a call of their own.
@@ -52,7 +53,7 @@ python3 -m codegen compile --jobs 12 2>&1 | tee "$LOGS/compile.txt"
 note "compile: exit ${PIPESTATUS[0]}"
 
 # Smoke first: one small problem per default config, so a hang or a wrong kernel stops the run early.
-timeout 120 python3 scripts/sanitize_case.py 2>&1 | tee "$LOGS/smoke.txt"
+timeout 240 python3 scripts/sanitize_case.py 2>&1 | tee "$LOGS/smoke.txt"
 smoke=${PIPESTATUS[0]}
 note "smoke (one small problem per config): exit $smoke"
 if [ "$smoke" -ne 0 ]; then finish; exit 1; fi
@@ -85,18 +86,18 @@ e2e_dir() {
 for step in "${steps[@]}"; do
   case "$step" in
     tests)
-      timeout 300 python3 -m pytest -q -rs --maxfail=20 -m gpu tests/ 2>&1 | tee "$LOGS/pytest-gpu.txt"
+      timeout 420 python3 -m pytest -q -rs --maxfail=20 -m gpu tests/ 2>&1 | tee "$LOGS/pytest-gpu.txt"
       note "gpu tests: exit ${PIPESTATUS[0]}: $(tail -n 1 "$LOGS/pytest-gpu.txt")"
       ;;
     sanitize)
       for tool in memcheck racecheck; do
         # Host API errors are off: torch and cuda-bindings probe driver entry points with
         # cuGetProcAddress, which returns errors that are not ours; device errors are all reported.
-        timeout 150 compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 python3 scripts/sanitize_case.py \
+        timeout 240 compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 python3 scripts/sanitize_case.py \
           > "$LOGS/sanitize-$tool.txt" 2>&1
         rc=$?
         note "compute-sanitizer $tool: exit $rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOGS/sanitize-$tool.txt" | tail -n 1)"
-        grep -E "relative error|FAIL" "$LOGS/sanitize-$tool.txt" | head -n 8
+        grep -E "relative error|FAIL" "$LOGS/sanitize-$tool.txt" | head -n 24
       done
       ;;
     bench)
@@ -115,8 +116,11 @@ for step in "${steps[@]}"; do
       note "host (us per eager call): exit ${PIPESTATUS[0]}"; table "$LOGS/host.txt" "host"
       ;;
     fallback)
-      HOPPER_MXFP4_FORCE_PORTABLE=1 bench 300 fallback --out "$LOGS/fallback" 2>&1 | tee "$LOGS/fallback.txt"
-      note "fallback (portable forced vs bf16): exit ${PIPESTATUS[0]}"; table "$LOGS/fallback.txt" "fallback"
+      # FALLBACK_ARGS adds flags (e.g. "--portable-sweep", "--routing both", "--model-path DIR").
+      # shellcheck disable=SC2086
+      HOPPER_MXFP4_FORCE_PORTABLE=1 bench 540 fallback --routing uniform ${FALLBACK_ARGS:-} --out "$LOGS/fallback" 2>&1 \
+        | tee "$LOGS/fallback.txt"
+      note "fallback (portable forced: kernel, cached copy, bf16, sm90): exit ${PIPESTATUS[0]}"; table "$LOGS/fallback.txt" "fallback"
       ;;
     moe)
       bench 420 moe --out "$LOGS/moe" 2>&1 | tee "$LOGS/moe.txt"

@@ -1,6 +1,7 @@
 """One small grouped GEMM per config the op can pick (defaults + shipped tuning tables) and per kernel
-family (codegen.selection.FAMILY_SAMPLES), and the
-fused MoE layer (SwiGLU and scatter epilogues), for compute-sanitizer (memcheck, racecheck) on the device.
+family (codegen.selection.FAMILY_SAMPLES), the fused MoE layer (SwiGLU and scatter epilogues), and the
+portable in-register kernel (forced: every tile config of its table, both variants), for
+compute-sanitizer (memcheck, racecheck) on the device.
 
 Usage: compute-sanitizer --tool memcheck python scripts/sanitize_case.py [CONFIG ...]
 Exits non-zero if a result is off (the sanitizer's own report is what the device script reads).
@@ -41,7 +42,7 @@ def main(names: list[str]) -> int:
         ok = error <= 1e-2
         failures += not ok
         print(f"{config.name}: relative error {error:.2e} {'ok' if ok else 'FAIL'}")
-    return 1 if failures + moe_case() else 0
+    return 1 if failures + moe_case() + portable_case() else 0
 
 
 def moe_case() -> int:
@@ -61,6 +62,35 @@ def moe_case() -> int:
     error = ((out.double() - ref).norm() / ref.norm()).item()
     print(f"moe (fused epilogues): relative error {error:.2e} {'ok' if error <= 1e-2 else 'FAIL'}")
     return int(not error <= 1e-2)
+
+
+def portable_case() -> int:
+    """The Triton kernel of the forced portable path: tails (N = 200, K = 160), an empty expert, every config."""
+    from mxfp4 import portable_kernel
+    from mxfp4.reference import reference_grouped_mm_float64, reference_grouped_mm_masked_float64
+
+    generator = torch.Generator().manual_seed(2)
+    packed = mxfp4.pack(mxfp4.quantize(torch.randn(3, 200, 160, generator=generator) * 0.1)).to("cuda")
+    offsets = torch.tensor([0, 9, 9, 30], dtype=torch.int32, device="cuda")
+    x = torch.randn(30, 160, generator=generator).to("cuda", torch.bfloat16)
+    xm = torch.randn(3, 7, 160, generator=generator).to("cuda", torch.bfloat16)
+    masked = torch.tensor([7, 0, 3], dtype=torch.int32, device="cuda")
+    ref, ref_masked = reference_grouped_mm_float64(x, packed, offsets), reference_grouped_mm_masked_float64(xm, packed)
+    configs = {config for table in (portable_kernel.HOPPER_CONFIGS, portable_kernel.OTHER_CONFIGS) for _, config in table}
+    failures = 0
+    for config in sorted(configs, key=lambda c: c.name):
+        out = torch.full((30, 200), float("nan"), dtype=torch.bfloat16, device="cuda")
+        out_masked = torch.full((3, 7, 200), float("nan"), dtype=torch.bfloat16, device="cuda")
+        portable_kernel.launch(x, packed.data, 200, 160, offsets, False, out, config)
+        portable_kernel.launch(xm, packed.data, 200, 160, masked, True, out_masked, config)
+        torch.cuda.synchronize()
+        rows = torch.cat([out_masked[0, :7], out_masked[2, :3]]).double()
+        want = torch.cat([ref_masked[0, :7], ref_masked[2, :3]])
+        error = max(((out.double() - ref).norm() / ref.norm()).item(), ((rows - want).norm() / want.norm()).item())
+        ok = error <= 1e-2
+        failures += not ok
+        print(f"portable {config.name}: relative error {error:.2e} {'ok' if ok else 'FAIL'}")
+    return failures
 
 
 if __name__ == "__main__":

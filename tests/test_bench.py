@@ -614,3 +614,25 @@ def test_e2e_targets_and_tables():
     assert "does not fit: the bf16 model is 234 GB" in text and "boom" in text and "MISSED" in text
     assert "gpt-oss-20b compiled: ours/bf16 tokens/s B=1 1.20x, B=64 4.50x" in text
     assert "300.0 (3.33 ms)" in text and "1.014" in text  # tokens/s (ms/step); peak/after
+
+
+def test_fallback_table_ratios_and_targets():
+    """The fallback suite's table on made-up times: ratios are bf16 / path, targets by M, held memory."""
+    from benchmarks import fallback
+
+    shape = problems.MODEL_SHAPES["gpt-oss-20b"]["down"]
+    rows = []
+    for m, kernel_us in ((1, 100.0), (1024, 900.0), (256, 50.0)):
+        row = problems.make_row("gpt-oss-20b", "down", shape, "uniform", m)
+        row.results = {"portable kernel": {"graph_us": kernel_us, "rel_error": 2e-3, "held_bytes": 3 << 29},
+                       "portable cached": {"eager_us": 250.0, "held_bytes": 9 << 29},
+                       "torch bf16": {"graph_us": 300.0, "held_bytes": 6 << 29},
+                       "ours sm90": {"error": "wrong result"}}
+        fallback.add_ratios(row)
+        rows.append(row)
+    assert rows[0].results["portable kernel"]["vs_bf16"] == 3.0 and rows[0].results["portable cached"]["vs_bf16"] == 1.2
+    assert rows[0].results["ours sm90"]["vs_bf16"] is None
+    assert [fallback.target_note(row) for row in rows] == ["ok (>= 2.0x)", "MISS (>= 0.7x)", ""]
+    table = fallback.format_fallback(rows)
+    assert "1.50/4.50/3.00" in table and "3.00" in table and "err" in table
+    assert "ours sm90: wrong result" in fallback.format_errors(rows)

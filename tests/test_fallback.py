@@ -243,12 +243,19 @@ def test_is_sm90_without_a_gpu() -> None:
 # On a GPU: the forced fallback (run on the H100).
 
 
+@pytest.fixture
+def cache_for_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the in-register kernel is the default; a budget and no size rule send every call to the cache."""
+    mxfp4.set_fallback_memory_budget(1 << 30)
+    monkeypatch.setattr(fallback, "CACHE_MIN_ROWS", 0)
+
+
 @pytest.mark.gpu
-def test_forced_fallback_on_cuda(seed: int) -> None:
+def test_forced_fallback_on_cuda(seed: int, cache_for_every_call: None) -> None:
     dispatch.force_portable(True)
     packed = make_packed(4, 200, 96, "cuda")
     text = mxfp4.explain(torch.zeros(1, 96, device="cuda", dtype=torch.bfloat16), packed, offsets_of([1, 0, 0, 0], device="cuda"))
-    assert "path:      portable" in text and "force_portable" in text
+    assert "path:      portable" in text and "force_portable" in text and "cached decoded weights" in text
     for _ in range(2):
         for counts in ([3, 0, 7, 1], [0, 0, 0, 1], [40, 1, 0, 300]):
             check_contiguous(packed, counts)
@@ -260,14 +267,15 @@ def test_forced_fallback_on_cuda(seed: int) -> None:
 
 
 @pytest.mark.gpu
-def test_forced_fallback_writes_every_row_of_a_poisoned_out(seed: int) -> None:
+def test_forced_fallback_writes_every_row_of_a_poisoned_out(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     packed = make_packed(3, 128, 256, "cuda")
     counts = [5, 0, 11]
     offsets = offsets_of(counts, device="cuda")
     x = torch.randn(16, 256, device="cuda").bfloat16()
     ref = reference_grouped_mm_float64(x, packed, offsets)
-    for budget in (None, 0):
+    for budget, min_rows in ((None, 128), (0, 128), (1 << 30, 0)):  # kernel (default), kernel, cached copy
         mxfp4.set_fallback_memory_budget(budget)
+        monkeypatch.setattr(fallback, "CACHE_MIN_ROWS", min_rows)
         out = torch.full((16, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
         fallback.portable_grouped_mm(x, packed.data, 128, 256, offsets, out)
         assert relative_error(out, ref) <= TOLERANCE
@@ -278,7 +286,7 @@ def test_forced_fallback_writes_every_row_of_a_poisoned_out(seed: int) -> None:
 
 
 @pytest.mark.gpu
-def test_forced_fallback_on_a_second_stream(seed: int) -> None:
+def test_forced_fallback_on_a_second_stream(seed: int, cache_for_every_call: None) -> None:
     dispatch.force_portable(True)
     packed = make_packed(2, 256, 512, "cuda")
     check_contiguous(packed, [64, 64])  # decoded on the default stream
