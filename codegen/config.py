@@ -29,8 +29,12 @@ MAX_ATOMS_PER_WARPGROUP = 4  # 64-row blocks of W per consumer warpgroup
 MIN_STAGES = 2
 EPILOGUES = ("store", "swiglu", "scatter")  # templates/mxfp4_epilogue.cuh: Store, SwiGLU, ScaleScatter
 CTAS_PER_SM_CHOICES = (1, 2, 3, 4)  # resident CTAs per SM (light CTAs hide decode latency at small M)
+# Kernel families by activation type: bf16 (W4A16: E2M1 decoded to bf16, BF16 WGMMA k16) or fp8 (W4A8: e4m3
+# activations with a row scale, the FP8-ready weight layout decoded to e4m3, FP8 WGMMA k32).
+ACTIVATIONS = ("bf16", "fp8")
+FP8_TILE_K = 128  # W4A8: x (1 byte per value) arrives by TMA in 128-byte (128-value) swizzled rows
 
-_NAME = re.compile(r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(?:_(swiglu|scatter))?$")
+_NAME = re.compile(r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(?:_(fp8))?(?:_(swiglu|scatter))?$")
 
 
 @dataclass(frozen=True, order=True)
@@ -47,6 +51,9 @@ class TileConfig:
     epilogue    what the consumers do with the accumulators: "store" (the grouped GEMM), "swiglu" (gpt-oss
                 gate_up: bias + clamped SwiGLU on pack-time-paired gate/up rows) or "scatter" (MoE down:
                 bias, routing weight, rows back in token order). Names add ``_<epilogue>`` unless "store".
+    activations the kernel family: "bf16" (W4A16) or "fp8" (W4A8: e4m3 x with one scale per row, weights in
+                the FP8-ready layout decoded to e4m3, FP8 WGMMA; tile_k a multiple of 128). Names add ``_fp8``
+                (before the epilogue's suffix).
     """
 
     tile_n: int = 128
@@ -56,10 +63,12 @@ class TileConfig:
     warpgroups: int = 2
     ctas_per_sm: int = 1
     epilogue: str = "store"
+    activations: str = "bf16"
 
     @property
     def name(self) -> str:
         suffix = f"_c{self.ctas_per_sm}" if self.ctas_per_sm != 1 else ""
+        suffix += "_fp8" if self.activations == "fp8" else ""
         suffix += f"_{self.epilogue}" if self.epilogue != "store" else ""
         return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}{suffix}"
 
@@ -69,10 +78,10 @@ class TileConfig:
         if match is None:
             raise ValueError(
                 f"config name {name!r} is not of the form "
-                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_swiglu|_scatter]"
+                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_fp8][_swiglu|_scatter]"
             )
-        *numbers, ctas, epilogue = match.groups()
-        config = cls(*(int(v) for v in numbers), int(ctas or 1), epilogue or "store")
+        *numbers, ctas, fp8, epilogue = match.groups()
+        config = cls(*(int(v) for v in numbers), int(ctas or 1), epilogue or "store", fp8 or "bf16")
         config.validate()
         return config
 
@@ -86,6 +95,8 @@ class TileConfig:
             shape = f"decode: {self.ctas_per_sm} light CTAs per SM, {self.warpgroups} consumer warpgroup(s) each"
         else:
             shape = f"warp-specialized: one CTA per SM, {self.warpgroups} consumer warpgroup(s)"
+        if self.activations == "fp8":
+            shape = f"W4A8 (e4m3 activations with row scales, E2M1 decoded to e4m3, FP8 WGMMA), {shape}"
         return shape if self.epilogue == "store" else f"{shape}, {self.epilogue} epilogue"
 
     # Derived quantities the template and the launcher share.
@@ -103,8 +114,18 @@ class TileConfig:
         return 128 * (self.warpgroups + 1)
 
     @property
+    def x_element_bytes(self) -> int:
+        return 1 if self.activations == "fp8" else 2
+
+    @property
+    def fragment_registers(self) -> int:
+        """A-fragment registers per 64-row block: two buffers of 4 registers per WGMMA step of an atom
+        (4 k16 steps for bf16, 2 k32 steps for fp8)."""
+        return 2 * 4 * (ATOM_K // (16 if self.activations == "bf16" else 32))
+
+    @property
     def x_stage_bytes(self) -> int:
-        return self.tile_m * self.tile_k * 2
+        return self.tile_m * self.tile_k * self.x_element_bytes
 
     @property
     def w_stage_bytes(self) -> int:
@@ -153,9 +174,10 @@ class TileConfig:
         """Raise ValueError with the reason when the kernel cannot be built for this config."""
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name == "epilogue":
-                if value not in EPILOGUES:
-                    raise ValueError(f"epilogue={value!r}: one of {EPILOGUES}")
+            if field.name in ("epilogue", "activations"):
+                choices = EPILOGUES if field.name == "epilogue" else ACTIVATIONS
+                if value not in choices:
+                    raise ValueError(f"{field.name}={value!r}: one of {choices}")
             elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field.name} must be a positive int, got {value!r}")
         low, high = TILE_M_RANGE
@@ -163,6 +185,9 @@ class TileConfig:
             raise ValueError(f"tile_m={self.tile_m}: WGMMA's N must be a multiple of 8 in {low}..{high}")
         if self.tile_k % ATOM_K:
             raise ValueError(f"tile_k={self.tile_k}: must be a multiple of {ATOM_K} (the packed atom's depth)")
+        if self.activations == "fp8" and self.tile_k % FP8_TILE_K:
+            raise ValueError(f"tile_k={self.tile_k}: the fp8 family needs a multiple of {FP8_TILE_K} (x arrives in "
+                             "128-byte swizzled rows of 128 e4m3 values)")
         if self.tile_k > MAX_TILE_K:
             raise ValueError(f"tile_k={self.tile_k}: at most {MAX_TILE_K} (the decode loop is unrolled over a stage)")
         if self.warpgroups not in WARPGROUP_CHOICES:
@@ -186,8 +211,8 @@ class TileConfig:
                 f"tile_n / warpgroups x tile_m = {self.tile_n // self.warpgroups} x {self.tile_m} needs "
                 f"{self.accumulators_per_thread} fp32 accumulators per thread; at most 128 fit in registers"
             )
-        # Accumulators + two buffers of A fragments (16 registers per 64-row block) + addressing.
-        if self.accumulators_per_thread + 32 * self.atoms_per_warpgroup + 40 > self.consumer_registers:
+        # Accumulators + two buffers of A fragments + addressing.
+        if self.accumulators_per_thread + self.fragment_registers * self.atoms_per_warpgroup + 40 > self.consumer_registers:
             raise ValueError(
                 f"{self.accumulators_per_thread} accumulators per thread do not fit in the "
                 f"{self.consumer_registers} registers each of {self.warpgroups} consumer warpgroups gets"
@@ -201,7 +226,7 @@ class TileConfig:
         return self
 
 
-# Decode (few tokens per expert: memory-bound; three light CTAs per SM, each one consumer warpgroup, so
+# W4A16 first, then W4A8. Decode (few tokens per expert: memory-bound; three light CTAs per SM, each one consumer warpgroup, so
 # that independent decode -> WGMMA chains hide each other's latency) to prefill (many tokens per
 # expert: tensor-core bound, tile_m 256). From the H100 probes and sweeps (benchmarks/NOTES.md); the
 # shipped tuning table refines the choice per shape.
@@ -212,6 +237,11 @@ DEFAULT_CONFIGS: tuple[TileConfig, ...] = (
     TileConfig(tile_n=128, tile_m=64, tile_k=128, stages=7, warpgroups=2),
     TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=5, warpgroups=2),
     TileConfig(tile_n=128, tile_m=256, tile_k=64, stages=5, warpgroups=2),
+    # W4A8 (activations="fp8"): the same shapes at half the x bytes per stage (deeper pipelines), tile_k 128.
+    TileConfig(tile_n=128, tile_m=16, tile_k=128, stages=6, warpgroups=1, ctas_per_sm=3, activations="fp8"),
+    TileConfig(tile_n=128, tile_m=64, tile_k=128, stages=8, warpgroups=2, activations="fp8"),
+    TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=8, warpgroups=2, activations="fp8"),
+    TileConfig(tile_n=128, tile_m=256, tile_k=128, stages=5, warpgroups=2, activations="fp8"),
 )
 
 for _config in DEFAULT_CONFIGS:

@@ -9,8 +9,8 @@ One JSON file per GPU model, ``<gpu-slug>.json`` (``NVIDIA H100 80GB HBM3`` -> `
                                          "tflops": .., "gbps": .., "m": 16,
                                          "default_config": "...", "default_us": ..}}}}
 
-Entries are keyed by ``"E,N,K"`` and then by the M bucket (:func:`m_bucket` of the tokens per
-expert). Tables are searched in two places, the user's first:
+Entries are keyed by ``"E,N,K"`` (``"E,N,K:fp8"`` for the W4A8 family, :func:`table_key`) and then by the
+M bucket (:func:`m_bucket` of the tokens per expert). Tables are searched in two places, the user's first:
 
 1. ``$HOPPER_MXFP4_TUNING_DIR``, else ``$XDG_CACHE_HOME/hopper-mxfp4/tuning``, else
    ``~/.cache/hopper-mxfp4/tuning`` (where ``python -m codegen tune`` writes by default);
@@ -88,6 +88,17 @@ class Shape:
         if shape.k % 32:
             raise ValueError(f"shape {text!r}: K must be a multiple of 32 (the MXFP4 block)")
         return shape
+
+
+def table_key(shape: Shape, activations: str = "bf16") -> str:
+    """The tuning table's key of a shape for a kernel family: ``"E,N,K"`` (bf16) or ``"E,N,K:fp8"``."""
+    return shape.key if activations == "bf16" else f"{shape.key}:{activations}"
+
+
+def _table_key_order(key: str) -> tuple:
+    """Sort order of table keys: by E, N, K, then the family (bf16 first)."""
+    numbers, _, family = key.partition(":")
+    return (*(int(v) for v in numbers.split(",")), family)
 
 
 # gpt-oss MoE layers: gate_up projects K = hidden 2880 to N = 2 x 2880 (SwiGLU), down back to 2880.
@@ -321,7 +332,7 @@ def write_table(path: Path | str, table: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = {
         shape: {str(b): table["entries"][shape][b] for b in sorted(table["entries"][shape], key=int)}
-        for shape in sorted(table["entries"], key=lambda s: tuple(int(v) for v in s.split(",")))
+        for shape in sorted(table["entries"], key=_table_key_order)
     }
     ordered = {**{k: v for k, v in table.items() if k != "entries"}, "entries": entries}
     temporary = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -392,17 +403,17 @@ def _describe(table: _LoadedTable, shape: Shape, bucket: int, found: int, entry:
     return f"{where} M-bucket {bucket} not tuned, nearest tuned bucket {found}{timing}"
 
 
-def _lookup(device_name: str, shape: Shape, bucket: int) -> tuple[TileConfig, str] | None:
+def _lookup(device_name: str, shape: Shape, bucket: int, activations: str = "bf16") -> tuple[TileConfig, str] | None:
     tables = _tables_for(device_name)
     usable: list[tuple[_LoadedTable, dict[int, tuple[TileConfig, dict]]]] = []
     for table in tables:
-        buckets = table.entries.get(shape.key)
+        buckets = table.entries.get(table_key(shape, activations))
         if not isinstance(buckets, dict):
             continue
         valid = {}
         for key, entry in buckets.items():
             config = _entry_config(entry)
-            if config is not None and str(key).isdigit() and int(key) > 0:
+            if config is not None and config.activations == activations and str(key).isdigit() and int(key) > 0:
                 valid[int(key)] = (config, entry)
         if valid:
             usable.append((table, valid))
@@ -427,19 +438,20 @@ def shipped_configs() -> list[TileConfig]:
 
 
 def lookup(
-    device_name: str, num_experts: int, n: int, k: int, tokens_per_expert: int
+    device_name: str, num_experts: int, n: int, k: int, tokens_per_expert: int, activations: str = "bf16"
 ) -> tuple[TileConfig, str] | None:
-    """The tuned config for this GPU and problem, with the reason, or None when no table has the shape.
+    """The tuned config of the ``activations`` family for this GPU and problem, with the reason, or None when
+    no table has the shape (for that family).
 
-    Cached: after the first call for a (GPU, shape, bucket) this is a dict lookup.
+    Cached: after the first call for a (GPU, shape, bucket, family) this is a dict lookup.
     """
     bucket = m_bucket(tokens_per_expert)
-    key = (device_name, num_experts, n, k, bucket)
+    key = (device_name, num_experts, n, k, bucket, activations)
     try:
         return _results[key]
     except KeyError:
         pass
     with _lock:
         if key not in _results:
-            _results[key] = _lookup(device_name, Shape(num_experts, n, k), bucket)
+            _results[key] = _lookup(device_name, Shape(num_experts, n, k), bucket, activations)
         return _results[key]

@@ -151,13 +151,39 @@ class ConfigChoice:
 
 @lru_cache(maxsize=4096)  # called per launch when no config is forced: keep it a dict lookup
 def choose_config(
-    num_experts: int, n: int, k: int, tokens_per_expert_hint: int, device_name: str | None = None
+    num_experts: int, n: int, k: int, tokens_per_expert_hint: int, device_name: str | None = None,
+    activations: str = "bf16",
 ) -> ConfigChoice:
-    """The tile config ``codegen.select_config`` picks for a problem, or why there is none."""
+    """The tile config ``codegen.select_config`` picks for a problem (of the ``activations`` kernel family:
+    "bf16" W4A16, "fp8" W4A8), or why there is none."""
     from codegen.selection import select_config  # lazy: mxfp4 imports no codegen module at import time
 
-    selection = select_config(num_experts, n, k, tokens_per_expert_hint, device_name=device_name)
+    selection = select_config(num_experts, n, k, tokens_per_expert_hint, device_name=device_name, activations=activations)
     return ConfigChoice(selection.config, str(selection.reason))
+
+
+def _explained_weight(w: object) -> object:
+    from .layout import PackedMXFP4
+    from .layout_fp8 import PackedMXFP4FP8
+    from .tensor import MXFP4Tensor
+
+    if isinstance(w, MXFP4Tensor):
+        raise TypeError("explain: w is an unpacked MXFP4Tensor; call w = mxfp4.pack(w) once and pass the PackedMXFP4")
+    if not isinstance(w, (PackedMXFP4, PackedMXFP4FP8)):
+        raise TypeError(f"explain: w must be a PackedMXFP4 (from mxfp4.pack), got {type(w).__name__}")
+    return w
+
+
+def _family_line(x: torch.Tensor, fp8_weights: bool) -> str | None:
+    """How the activations meet the weights, when that is not the plain W4A16 kernel."""
+    if x.dtype == torch.float8_e4m3fn and fp8_weights:
+        return "  kernel:    W4A8: e4m3 x (x_scale per row) and the FP8-ready weights, FP8 WGMMA"
+    if x.dtype == torch.float8_e4m3fn:
+        return ("  kernel:    W4A16 on x widened to bf16 (exact), x_scale in the epilogue: w is packed for bf16 "
+                "activations; mxfp4.pack(w, activations='fp8') runs the W4A8 kernel")
+    if fp8_weights:
+        return "  kernel:    none: w is packed for FP8 activations; pass x_fp8, x_scale = mxfp4.quantize_activations(x)"
+    return None
 
 
 def explain(
@@ -171,20 +197,18 @@ def explain(
     """What ``grouped_mm(x, w, offsets)`` / ``grouped_mm_masked(x, w, masked_m)`` would do, and why.
 
     A multi-line human-readable report: problem shape, device and capability, toolchain, path, and
-    on the SM90 path the tile config and why it was chosen. Reads no tensor values.
+    on the SM90 path the tile config, why it was chosen, and its kernel family (W4A16 or W4A8). Reads no
+    tensor values.
     """
-    from .layout import PackedMXFP4
-    from .tensor import MXFP4Tensor
+    from .layout_fp8 import PackedMXFP4FP8
 
-    if isinstance(w, MXFP4Tensor):
-        raise TypeError("explain: w is an unpacked MXFP4Tensor; call w = mxfp4.pack(w) once and pass the PackedMXFP4")
-    if not isinstance(w, PackedMXFP4):
-        raise TypeError(f"explain: w must be a PackedMXFP4 (from mxfp4.pack), got {type(w).__name__}")
+    w = _explained_weight(w)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"explain: x must be a torch.Tensor, got {type(x).__name__}")
     if offsets is not None and masked_m is not None:
         raise ValueError("explain: pass offsets (grouped_mm) or masked_m (grouped_mm_masked), not both")
     num_experts = w.num_experts
+    fp8_weights = isinstance(w, PackedMXFP4FP8)
     if masked_m is not None or x.dim() == 3:
         variant = "grouped_mm_masked"
         max_m = x.shape[1] if x.dim() == 3 else 0
@@ -197,27 +221,31 @@ def explain(
         rows = f"x {tuple(x.shape)}: T = {tokens} rows, about {hint} per expert"
     choice = select_path(x.device)
     lines = [
-        f"mxfp4.{variant}: E = {num_experts} experts, N = {w.n}, K = {w.k}",
+        f"mxfp4.{variant}: E = {num_experts} experts, N = {w.n}, K = {w.k}"
+        + (" (FP8-ready layout)" if fp8_weights else ""),
         f"  input:     {rows} ({x.dtype})",
         f"  device:    {choice.device}"
         + (f" ({choice.device_name}, compute capability {choice.capability[0]}.{choice.capability[1]})" if choice.capability else ""),
         f"  toolchain: {choice.toolchain if choice.toolchain is not None else 'not checked (not needed for this device)'}",
         f"  path:      {choice.path}: {choice.reason}",
     ]
+    family = _family_line(x, fp8_weights)
+    if family is not None:
+        lines.append(family)
     if choice.path == SM90 and config:
         forced = config if isinstance(config, str) else getattr(config, "name", str(config))
         lines.append(f"  config:    {forced}: forced by the caller (config=...)")
     elif choice.path == SM90:
-        chosen = choose_config(num_experts, w.n, w.k, hint, choice.device_name)
+        chosen = choose_config(num_experts, w.n, w.k, hint, choice.device_name, "fp8" if fp8_weights else "bf16")
         lines.append(f"  config:    {chosen.name}: {chosen.reason}")
         lines.append(f"  family:    {chosen.config.family}")
     else:
         lines.append("  config:    none (tile configs apply to the SM90 kernel only)")
-        lines += _fallback_lines(w, variant == "grouped_mm_masked")
+        lines += _fallback_lines(w, variant == "grouped_mm_masked", x.dtype == torch.float8_e4m3fn)
     return "\n".join(lines)
 
 
-def _fallback_lines(w: object, masked: bool) -> list[str]:
+def _fallback_lines(w: object, masked: bool, fp8_x: bool = False) -> list[str]:
     """The portable path's mode for ``w`` (cached decoded weights or per-call decode), why, and its memory."""
     from .fallback import fallback_mode
     from .weight_cache import format_bytes
@@ -226,9 +254,13 @@ def _fallback_lines(w: object, masked: bool) -> list[str]:
     stats = mode.stats
     name = "cached decoded weights" if mode.cached else "per-call decode (slow)"
     state = "cached now" if mode.cached_now else ("decoded on the next call" if mode.cached else "not cached")
+    compute = mode.compute
+    if fp8_x:
+        compute = ("float32 products of e4m3 x and the decoded weights per expert, row scales applied and rounded "
+                   "once (the W4A8 kernel's math)" + ("" if masked else "; reads offsets on the host"))
     return [
         f"  fallback:  {name}: {mode.reason}",
-        f"  compute:   {mode.compute}",
+        f"  compute:   {compute}",
         f"  memory:    decoded copy bf16 [E, N, K] = {format_bytes(mode.decoded_nbytes)} ({state}); "
         f"budget {format_bytes(stats.budget)} ({stats.budget_source}); "
         f"cache on {w.data.device} holds {stats.entries} weight(s), {format_bytes(stats.nbytes)} "

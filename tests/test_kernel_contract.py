@@ -21,6 +21,9 @@ def test_layout_constants_are_rendered_from_layout_py() -> None:
         "kAtomN": layout.ATOM_N, "kAtomK": layout.ATOM_K, "kAtomCodeBytes": layout.ATOM_CODE_BYTES,
         "kAtomBytes": layout.ATOM_BYTES, "kScaleWordsPerWarp": layout.SCALE_WORDS_PER_WARP,
         "kLanesPerScaleWord": layout.LANES_PER_SCALE_WORD,
+        # the FP8-ready layout's decode (mxfp4_decode_fp8.cuh)
+        "kFp8TableLo": layout.FP8_TABLE_LO, "kFp8TableHi": layout.FP8_TABLE_HI,
+        "kFp8IndexMask": layout.FP8_INDEX_MASK, "kFp8SignShift": layout.FP8_SIGN_SHIFT,
     }
     for register in range(4):  # the decode's rotates and masks (layout.DECODE_PIECES)
         for piece in range(2):
