@@ -170,8 +170,10 @@ class SearchSpace:
     ``min_stage_bytes``: drop tile shapes whose pipeline stages in flight on an SM (weights + x, times
     ``ctas_per_sm``) move fewer bytes than this; a tiny TMA transfer per barrier round-trip cannot
     keep HBM busy.
-    ``include_defaults``: always add ``DEFAULT_CONFIGS`` (the heuristic's choices: the sweep
+    ``include_defaults``: always add ``DEFAULT_CONFIGS`` of the family (the heuristic's choices: the sweep
     measures them anyway to report the gain over the default).
+    ``activations``: the kernel family swept, "bf16" (W4A16) or "fp8" (W4A8: tile_k multiples of 128 only,
+    which validate() keeps); a sweep tunes one family, and the table keeps the families apart (table_key).
     """
 
     tile_n: tuple[int, ...] = _SWEEP_TILE_N
@@ -183,6 +185,7 @@ class SearchSpace:
     deepest_stages: int | None = 2
     min_stage_bytes: int = 16 * 1024
     include_defaults: bool = True
+    activations: str = "bf16"
 
     @classmethod
     def full(cls) -> "SearchSpace":
@@ -214,7 +217,7 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
         fitting = [
             config
             for stages in sorted(set(space.stages))
-            if _valid(config := TileConfig(tile_n, tile_m, tile_k, stages, warpgroups, ctas))
+            if _valid(config := TileConfig(tile_n, tile_m, tile_k, stages, warpgroups, ctas, activations=space.activations))
         ]
         if not fitting:
             continue
@@ -226,7 +229,8 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
             found[config.name] = config
     if space.include_defaults:
         for config in DEFAULT_CONFIGS:
-            found.setdefault(config.name, config)
+            if config.activations == space.activations:
+                found.setdefault(config.name, config)
     return sorted(found.values(), key=lambda c: (c.tile_m, c.tile_n, c.tile_k, c.warpgroups, c.ctas_per_sm, c.stages))
 
 
