@@ -2,7 +2,8 @@
 
 Suites: ``grouped`` (default; ours vs humming vs bf16 ``torch._grouped_mm``), ``host`` (host µs per
 eager call), ``fallback`` (the portable path forced on this GPU vs bf16), ``moe`` (the gpt-oss
-expert layer) and ``ncu-case`` (the M = 1 gate_up calls under NVTX ranges, for Nsight Compute).
+expert layer), ``fp8`` (W4A8 vs W4A16, torch's FP8 grouped GEMM, bf16 and humming's FP8 input path, and the
+accuracy table) and ``ncu-case`` (the M = 1 gate_up calls under NVTX ranges, for Nsight Compute).
 Every flag is accepted by every suite; the help says which suites read it.
 """
 
@@ -12,9 +13,19 @@ import argparse
 import sys
 from typing import Any, Callable, Sequence
 
-from .problems import FALLBACK_M_VALUES, MODEL_SHAPES, MOE_TOKENS, M_VALUES, QUICK_MOE_TOKENS, QUICK_M_VALUES, parse_int_list
+from .problems import (
+    FALLBACK_M_VALUES,
+    FP8_M_VALUES,
+    FP8_QUICK_M_VALUES,
+    MODEL_SHAPES,
+    MOE_TOKENS,
+    M_VALUES,
+    QUICK_MOE_TOKENS,
+    QUICK_M_VALUES,
+    parse_int_list,
+)
 
-SUITES = ("grouped", "host", "fallback", "moe", "ncu-case")
+SUITES = ("grouped", "host", "fallback", "moe", "fp8", "ncu-case")
 PROG = "hopper-mxfp4 bench"
 
 DESCRIPTION = (
@@ -28,12 +39,15 @@ EPILOG = """suites:
   host       host µs per eager call: grouped_mm, grouped_mm_masked, torch._grouped_mm, humming, mxfp4.moe
   fallback   the portable path forced on this GPU (HOPPER_MXFP4_FORCE_PORTABLE=1) vs bf16 torch._grouped_mm
   moe        the gpt-oss-20b expert layer: mxfp4.moe, the unfused mxfp4 glue, the bf16 torch layer, transformers
+  fp8        FP8 activations: our W4A8 vs our W4A16, torch._scaled_grouped_mm (FP8 weights), bf16 torch._grouped_mm
+             and humming's FP8 input path, TFLOP/s and percent of the FP8 peak; then the accuracy table
   ncu-case   one M=1 gate_up call of ours and humming in NVTX ranges "ours/" and "humming/" (run under ncu)
 
 examples:
   hopper-mxfp4 bench --quick
   hopper-mxfp4 bench --model gpt-oss-120b --m 1,16,256 --out /tmp/bench
   hopper-mxfp4 bench moe --tokens 1,32,4096 --routing zipf
+  hopper-mxfp4 bench fp8 --model gpt-oss-20b --routing uniform
   HOPPER_MXFP4_FORCE_PORTABLE=1 hopper-mxfp4 bench fallback
 """
 
@@ -47,10 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", choices=sorted(MODEL_SHAPES), default=[],
                         help="models, repeatable (default both; --quick, host, fallback, moe: gpt-oss-20b)")
     parser.add_argument("--m", metavar="M,...", help=f"tokens per expert (grouped default {','.join(map(str, M_VALUES))}; "
-                        f"fallback {','.join(map(str, FALLBACK_M_VALUES))}; host 1,16)")
+                        f"fallback {','.join(map(str, FALLBACK_M_VALUES))}; fp8 {','.join(map(str, FP8_M_VALUES))}; host 1,16)")
     parser.add_argument("--tokens", metavar="T,...", help=f"moe: tokens per layer call (default {','.join(map(str, MOE_TOKENS))})")
     parser.add_argument("--routing", choices=("uniform", "zipf", "both"), default="both", help="routings (default both)")
-    parser.add_argument("--no-humming", action="store_true", help="leave humming out (grouped, host, ncu-case)")
+    parser.add_argument("--no-humming", action="store_true", help="leave humming out (grouped, host, fp8, ncu-case)")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay times")
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG")
     parser.add_argument("--calls", type=int, default=300, metavar="N", help="host: calls enqueued per host-time measurement (default 300)")
@@ -80,7 +94,8 @@ def m_values_for(args: argparse.Namespace) -> list[int]:
     """The M (or, for moe, T) values a command line asks for; ValueError naming the flag."""
     if args.suite == "moe":
         return parse_int_list(args.tokens, QUICK_MOE_TOKENS if args.quick else MOE_TOKENS, name="--tokens")
-    defaults = {"fallback": FALLBACK_M_VALUES, "host": (1, 16), "ncu-case": (1,)}
+    defaults = {"fallback": FALLBACK_M_VALUES, "host": (1, 16), "ncu-case": (1,),
+                "fp8": FP8_QUICK_M_VALUES if args.quick else FP8_M_VALUES}
     default = defaults.get(args.suite, QUICK_M_VALUES if args.quick else M_VALUES)
     return parse_int_list(args.m, default, name="--m")
 
@@ -95,6 +110,8 @@ def _suite(name: str) -> Callable[[argparse.Namespace, list[int]], int]:
         from .fallback import run
     elif name == "moe":
         from .bench_moe import run
+    elif name == "fp8":
+        from .bench_fp8 import run
     else:
         from .ncu_case import run
     return run

@@ -5,8 +5,9 @@
 #   nvidia-cutlass==4.2.0.0, nvidia-cuda-cccl==13.0.85 (every step: the kernel build), and for the
 #   humming column humming-kernels==0.1.19 + packaging (bench, bench-full, bench-120b, host, ncu).
 # Steps: tests sanitize example tune tuning-test | bench (quick, with humming) bench-full (gpt-oss-20b,
-# every M) bench-120b | host | fallback | moe | ncu. One device call runs for at most 10 minutes:
-# run bench-full, bench-120b and ncu each in a call of their own.
+# every M) bench-120b | host | fallback | moe | fp8 (W4A8 vs W4A16, torch FP8, bf16, humming FP8; accuracy
+# table; FP8_ARGS overrides its arguments) | ncu. One device call runs for at most 10 minutes:
+# run bench-full, bench-120b, fp8 and ncu each in a call of their own.
 # Results and logs land in $LOGS, packed into $OUT/logs.tgz; $OUT also gets summary.txt (each step's
 # table) and the benchmark PNGs (the device tool brings back at most 8 files). A summary prints last.
 set -uo pipefail
@@ -106,6 +107,13 @@ for step in "${steps[@]}"; do
     moe)
       bench 420 moe --out "$LOGS/moe" 2>&1 | tee "$LOGS/moe.txt"
       note "moe layer: exit ${PIPESTATUS[0]}"; table "$LOGS/moe.txt" "moe"
+      ;;
+    fp8)
+      # FP8_ARGS overrides (e.g. "--model gpt-oss-120b"); the default is both models, uniform routing, every M.
+      # shellcheck disable=SC2086
+      bench 560 fp8 ${FP8_ARGS:---routing uniform} --out "$LOGS/fp8" 2>&1 | tee "$LOGS/fp8.txt"
+      note "fp8 (W4A8 vs W4A16, torch._scaled_grouped_mm, bf16, humming fp8; accuracy): exit ${PIPESTATUS[0]}"
+      table "$LOGS/fp8.txt" "fp8"; cp "$LOGS/fp8/bench_fp8.json" "$OUT/bench_fp8.json" 2>/dev/null
       ;;
     ncu)
       mkdir -p "$LOGS/ncu"
