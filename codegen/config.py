@@ -238,6 +238,7 @@ DEFAULT_CONFIGS: tuple[TileConfig, ...] = (
     TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=5, warpgroups=2),
     TileConfig(tile_n=128, tile_m=256, tile_k=64, stages=5, warpgroups=2),
     # W4A8 (activations="fp8"): the same shapes at half the x bytes per stage (deeper pipelines), tile_k 128.
+    TileConfig(tile_n=128, tile_m=8, tile_k=128, stages=7, warpgroups=1, ctas_per_sm=3, activations="fp8"),
     TileConfig(tile_n=128, tile_m=16, tile_k=128, stages=6, warpgroups=1, ctas_per_sm=3, activations="fp8"),
     TileConfig(tile_n=128, tile_m=64, tile_k=128, stages=8, warpgroups=2, activations="fp8"),
     TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=8, warpgroups=2, activations="fp8"),

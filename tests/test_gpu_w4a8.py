@@ -228,18 +228,18 @@ def test_torch_compile_fullgraph_w4a8(seed: int) -> None:
 
 def activations_for(kind: str, rows: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """Gaussian, or heavy-tailed: a few channels (1 in 64) 30x larger, as LLM activations have."""
-    x = torch.randn(rows, k, generator=generator)
+    x = torch.randn(rows, k, generator=generator, device="cuda")
     if kind == "heavy-tailed":
-        x[:, torch.randperm(k, generator=generator)[: k // 64]] *= 30.0
-    return x.to("cuda", torch.bfloat16)
+        x[:, torch.randperm(k, generator=generator, device="cuda")[: k // 64]] *= 30.0
+    return x.bfloat16()
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "heavy-tailed"])
-@pytest.mark.parametrize(("e", "n", "k"), [(32, 5760, 2880), (32, 2880, 2880), (128, 5760, 2880)],
-                         ids=["20b-gate_up", "20b-down", "120b-gate_up"])
+@pytest.mark.parametrize(("e", "n", "k"), [(32, 5760, 2880), (32, 2880, 2880)], ids=["gate_up", "down"])
 def test_fp8_against_bf16_activations(kind: str, e: int, n: int, k: int) -> None:
-    generator = torch.Generator().manual_seed(17)
-    w = mxfp4.quantize(torch.randn(e, n, k, generator=generator).to("cuda") * k**-0.5)
+    """gpt-oss gate_up and down (the -120b shapes differ in E only; `bench fp8` measures both models)."""
+    generator = torch.Generator(device="cuda").manual_seed(17)
+    w = mxfp4.quantize(torch.randn(e, n, k, generator=generator, device="cuda") * k**-0.5)
     plain, ready = mxfp4.pack(w), mxfp4.pack(w, activations="fp8")
     counts = [16] * e
     x = activations_for(kind, sum(counts), k, generator)
