@@ -320,9 +320,7 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
     cute::warpgroup_wait<0>();
     __syncwarp();
     if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(&s.empty[previous_slot]);
-    int const n_base = tile.n_tile * Cfg::TileN + consumer * Cfg::AtomsPerWarpgroup * kAtomN + 16 * (tid >> 5) + ((tid & 31) >> 2);
-    int const m_base = tile.m_tile * Cfg::TileM;
-    apply_row_scales<Cfg::Fp8>(st.acc, p, tile.expert, rows.start + m_base, rows.count - m_base, n_base, tid & 3);
+    apply_tile_row_scales<Cfg>(st.acc, p, tile, rows, consumer, tid);  // FP8 activations: x (and W) row scales
     store_tile(st, p, tile, rows, consumer, tid);
   }
 }
