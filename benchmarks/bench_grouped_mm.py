@@ -71,26 +71,27 @@ def operands(row: Row, packed: Any, dequantized: torch.Tensor, *, seed: int) -> 
     return peers.Operands(packed, dequantized, x, offsets, row.nbytes, l2_cache_bytes(), budget)
 
 
-def check_and_time(prepared: peers.Prepared, index: torch.Tensor, ref: torch.Tensor, settings: Settings) -> dict[str, Any]:
+def check_and_time(prepared: peers.Prepared, index: torch.Tensor, ref: torch.Tensor, settings: Settings,
+                   tolerance: float = TOLERANCE) -> dict[str, Any]:
     """The float64 check on the sampled rows, then (if right) graph / eager / device times."""
     out = prepared.fn(*prepared.arg_sets[0])
     rel = measure.rel_error(out[index], ref)
     del out
     result: dict[str, Any] = {"rel_error": rel, "note": prepared.note, "copies": len(prepared.arg_sets)}
-    if not rel <= TOLERANCE:
-        result["error"] = f"wrong result: rel. error {rel:.2e} vs float64 (> {TOLERANCE:g}); not timed"
+    if not rel <= tolerance:
+        result["error"] = f"wrong result: rel. error {rel:.2e} vs float64 (> {tolerance:g}); not timed"
         return result
     result.update(measure.time_all(prepared.fn, prepared.arg_sets, graph=settings.graph, quick=settings.quick))
     return result
 
 
-def run_path(path: str, ops: peers.Operands, index: torch.Tensor, ref: torch.Tensor, settings: Settings,
-             prepare: Callable[[peers.Operands], peers.Prepared]) -> dict[str, Any]:
+def run_path(path: str, ops: Any, index: torch.Tensor, ref: torch.Tensor, settings: Settings,
+             prepare: Callable[[Any], peers.Prepared], tolerance: float = TOLERANCE) -> dict[str, Any]:
     """One path of one row; errors are recorded. A lost CUDA context raises RuntimeError."""
     if path in settings.skip:
         return {"error": settings.skip[path]}
     try:
-        return check_and_time(prepare(ops), index, ref, settings)
+        return check_and_time(prepare(ops), index, ref, settings, tolerance)
     except peers.Unavailable as error:
         return {"error": f"{path} unavailable: {error}"}
     except Exception as error:

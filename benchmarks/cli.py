@@ -2,7 +2,8 @@
 
 Suites: ``grouped`` (default; ours vs humming vs bf16 ``torch._grouped_mm``), ``host`` (host µs per
 eager call), ``fallback`` (the portable path forced on this GPU vs bf16), ``moe`` (the gpt-oss
-expert layer), ``ncu-case`` (the M = 1 gate_up calls under NVTX ranges, for Nsight Compute) and
+expert layer), ``fp8`` (W4A8 vs W4A16, torch's FP8 grouped GEMM, bf16 and humming's FP8 input path, and the
+accuracy table), ``ncu-case`` (the M = 1 gate_up calls under NVTX ranges, for Nsight Compute) and
 ``e2e`` (gpt-oss as a model: checkpoint, load, decode).
 Every flag is accepted by every suite; the help says which suites read it.
 """
@@ -13,9 +14,19 @@ import argparse
 import sys
 from typing import Any, Callable, Sequence
 
-from .problems import FALLBACK_M_VALUES, MODEL_SHAPES, MOE_TOKENS, M_VALUES, QUICK_MOE_TOKENS, QUICK_M_VALUES, parse_int_list
+from .problems import (
+    FALLBACK_M_VALUES,
+    FP8_M_VALUES,
+    FP8_QUICK_M_VALUES,
+    MODEL_SHAPES,
+    MOE_TOKENS,
+    M_VALUES,
+    QUICK_MOE_TOKENS,
+    QUICK_M_VALUES,
+    parse_int_list,
+)
 
-SUITES = ("grouped", "host", "fallback", "moe", "ncu-case", "e2e")
+SUITES = ("grouped", "host", "fallback", "moe", "fp8", "ncu-case", "e2e")
 PROG = "hopper-mxfp4 bench"
 
 DESCRIPTION = (
@@ -30,6 +41,8 @@ EPILOG = """suites:
   fallback   the portable path forced on this GPU (HOPPER_MXFP4_FORCE_PORTABLE=1): the in-register kernel (no copy),
              the cached bf16 copy, bf16 torch._grouped_mm and our SM90 kernel
   moe        the gpt-oss-20b expert layer: mxfp4.moe, the unfused mxfp4 glue, the bf16 torch layer, transformers
+  fp8        FP8 activations: our W4A8 vs our W4A16, torch._scaled_grouped_mm (FP8 weights), bf16 torch._grouped_mm
+             and humming's FP8 input path, TFLOP/s and percent of the FP8 peak; then the accuracy table
   ncu-case   one M=1 gate_up call of ours and humming in NVTX ranges "ours/" and "humming/" (run under ncu)
   e2e        gpt-oss as a model: a synthetic MXFP4 checkpoint at the real dimensions, load_gpt_oss (time,
              peak GPU memory), decode tokens/s eager and compiled, beside transformers' bf16 experts
@@ -38,6 +51,7 @@ examples:
   hopper-mxfp4 bench --quick
   hopper-mxfp4 bench --model gpt-oss-120b --m 1,16,256 --out /tmp/bench
   hopper-mxfp4 bench moe --tokens 1,32,4096 --routing zipf
+  hopper-mxfp4 bench fp8 --model gpt-oss-20b --routing uniform
   HOPPER_MXFP4_FORCE_PORTABLE=1 hopper-mxfp4 bench fallback
   hopper-mxfp4 bench e2e --model gpt-oss-120b --dir /dev/shm/e2e --batch 1,64 --modes compiled
 """
@@ -52,10 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", choices=sorted(MODEL_SHAPES), default=[],
                         help="models, repeatable (default both; --quick, host, fallback, moe, e2e: gpt-oss-20b)")
     parser.add_argument("--m", metavar="M,...", help=f"tokens per expert (grouped default {','.join(map(str, M_VALUES))}; "
-                        f"fallback {','.join(map(str, FALLBACK_M_VALUES))}; host 1,16)")
+                        f"fallback {','.join(map(str, FALLBACK_M_VALUES))}; fp8 {','.join(map(str, FP8_M_VALUES))}; host 1,16)")
     parser.add_argument("--tokens", metavar="T,...", help=f"moe: tokens per layer call (default {','.join(map(str, MOE_TOKENS))})")
     parser.add_argument("--routing", choices=("uniform", "zipf", "both"), default="both", help="routings (default both)")
-    parser.add_argument("--no-humming", action="store_true", help="leave humming out (grouped, host, ncu-case)")
+    parser.add_argument("--no-humming", action="store_true", help="leave humming out (grouped, host, fp8, ncu-case)")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay times")
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG")
     parser.add_argument("--calls", type=int, default=300, metavar="N", help="host: calls enqueued per host-time measurement (default 300)")
@@ -97,7 +111,8 @@ def m_values_for(args: argparse.Namespace) -> list[int]:
         from .e2e_options import DEFAULT_BATCHES
 
         return parse_int_list(args.batch, DEFAULT_BATCHES, name="--batch")
-    defaults = {"fallback": FALLBACK_M_VALUES, "host": (1, 16), "ncu-case": (1,)}
+    defaults = {"fallback": FALLBACK_M_VALUES, "host": (1, 16), "ncu-case": (1,),
+                "fp8": FP8_QUICK_M_VALUES if args.quick else FP8_M_VALUES}
     default = defaults.get(args.suite, QUICK_M_VALUES if args.quick else M_VALUES)
     return parse_int_list(args.m, default, name="--m")
 
@@ -114,6 +129,8 @@ def _suite(name: str) -> Callable[[argparse.Namespace, list[int]], int]:
         from .bench_moe import run
     elif name == "e2e":
         from .e2e import run
+    elif name == "fp8":
+        from .bench_fp8 import run
     else:
         from .ncu_case import run
     return run

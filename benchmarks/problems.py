@@ -16,6 +16,8 @@ from codegen.tuning import DEFAULT_M_VALUES, MODEL_SHAPES, Shape
 M_VALUES: tuple[int, ...] = DEFAULT_M_VALUES
 QUICK_M_VALUES = (1, 16, 256, 4096)
 FALLBACK_M_VALUES = (1, 4, 16, 256, 1024, 4096)
+FP8_M_VALUES = (1, 16, 256, 1024, 4096)  # the fp8 suite (issue 17's table)
+FP8_QUICK_M_VALUES = (1, 256, 4096)
 MOE_TOKENS = (1, 8, 32, 128, 512, 4096)
 QUICK_MOE_TOKENS = (1, 32, 512)
 TOP_K = 4
@@ -24,7 +26,8 @@ TOLERANCE = 1e-2  # relative error vs the float64 reference above which a path i
 ROUTINGS = ("uniform", "zipf")
 
 __all__ = [
-    "FALLBACK_M_VALUES", "MODEL_SHAPES", "MOE_TOKENS", "M_VALUES", "QUICK_MOE_TOKENS", "QUICK_M_VALUES",
+    "FALLBACK_M_VALUES", "FP8_M_VALUES", "FP8_QUICK_M_VALUES", "MODEL_SHAPES", "MOE_TOKENS", "M_VALUES",
+    "QUICK_MOE_TOKENS", "QUICK_M_VALUES",
     "ROUTINGS", "Row", "Shape", "TOLERANCE", "TOP_K", "ZIPF_EXPONENT", "loads_for", "memory_needed",
     "offsets_from_loads", "parse_int_list", "row_arithmetic", "sample_rows", "topk_from_loads",
     "uniform_loads", "zipf_loads", "zipf_loads_total",

@@ -108,7 +108,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 _COMPILE_COLUMNS = ["config", "regs", "dyn smem B", "spill st/ld", "stack", "compile s", "cache"]
-_SASS_COLUMNS = ["HGMMA", "TMA", "LDL/STL", "setmaxnreg"]
+_SASS_COLUMNS = ["HGMMA", "QGMMA", "TMA", "LDL/STL", "setmaxnreg"]
 
 
 @dataclass
@@ -160,7 +160,7 @@ class _CompileReport:
         record["sass"] = {k: v for k, v in asdict(sass).items() if k != "opcodes"}
         if sass.local_memory:
             self.problems.append(f"{config.name}: {sass.ldl} LDL / {sass.stl} STL (local memory)")
-        return [str(sass.hgmma), str(sass.tma), f"{sass.ldl}/{sass.stl}", "yes" if sass.setmaxnreg else "no"]
+        return [str(sass.hgmma), str(sass.qgmma), str(sass.tma), f"{sass.ldl}/{sass.stl}", "yes" if sass.setmaxnreg else "no"]
 
 
 def _print_failure(config: TileConfig, error: BaseException, verbose: bool) -> None:
@@ -328,7 +328,7 @@ _COMPILE_TEXT = dict(
     description="Compile the selected configs with NVRTC into the disk cache (no GPU needed) and print, per "
     "config: registers, the dynamic shared memory it launches with (dyn smem B: TileConfig.shared_memory_bytes; "
     "ptxas's static figure stays in --json's resources), spill stores/loads, stack, compile seconds, cache hit "
-    "and, where cuobjdump + nvdisasm are installed, SASS counts (HGMMA, TMA, LDL/STL, setmaxnreg). "
+    "and, where cuobjdump + nvdisasm are installed, SASS counts (HGMMA: bf16 WGMMA, QGMMA: FP8 WGMMA, TMA, LDL/STL, setmaxnreg). "
     "Exits 1 if any config fails to compile.",
     epilog="examples:\n  python -m codegen compile\n  python -m codegen compile --config n128_m64_k128_s4_wg2 --jobs 1\n"
     "  python -m codegen compile --tile-m 128 --stages 5 --strict\n  python -m codegen compile --json > resources.json",

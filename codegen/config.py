@@ -35,9 +35,13 @@ CTAS_PER_SM_CHOICES = (1, 2, 3, 4, 5, 6)  # resident CTAs per SM (light CTAs hid
 # threads, so more light CTAs fit on an SM).
 PRODUCERS = ("warpgroup", "warp")
 PRODUCER_WARP_THREADS = 32
+# Kernel families by activation type: bf16 (W4A16: E2M1 decoded to bf16, BF16 WGMMA k16) or fp8 (W4A8: e4m3
+# activations with a row scale, the FP8-ready weight layout decoded to e4m3, FP8 WGMMA k32).
+ACTIVATIONS = ("bf16", "fp8")
+FP8_TILE_K = 128  # W4A8: x (1 byte per value) arrives by TMA in 128-byte (128-value) swizzled rows
 
 _NAME = re.compile(
-    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_(swiglu|scatter))?$"
+    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_(fp8))?(?:_(swiglu|scatter))?$"
 )
 
 
@@ -61,6 +65,9 @@ class TileConfig:
                 gets the same number of k-steps, so the last wave is never part-empty; a tile split
                 between CTAs is summed in k order by the one that finishes it last (deterministic).
                 Names add ``_sk``.
+    activations the kernel family: "bf16" (W4A16) or "fp8" (W4A8: e4m3 x with one scale per row, weights in
+                the FP8-ready layout decoded to e4m3, FP8 WGMMA; tile_k a multiple of 128). Names add ``_fp8``
+                (before the epilogue's suffix).
     """
 
     tile_n: int = 128
@@ -72,12 +79,14 @@ class TileConfig:
     epilogue: str = "store"
     producer: str = "warpgroup"
     stream_k: bool = False
+    activations: str = "bf16"
 
     @property
     def name(self) -> str:
         suffix = f"_c{self.ctas_per_sm}" if self.ctas_per_sm != 1 else ""
         suffix += "_pw" if self.producer == "warp" else ""
         suffix += "_sk" if self.stream_k else ""
+        suffix += "_fp8" if self.activations == "fp8" else ""
         suffix += f"_{self.epilogue}" if self.epilogue != "store" else ""
         return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}{suffix}"
 
@@ -87,12 +96,12 @@ class TileConfig:
         if match is None:
             raise ValueError(
                 f"config name {name!r} is not of the form "
-                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_pw][_sk][_swiglu|_scatter]"
+                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_pw][_sk][_fp8][_swiglu|_scatter]"
             )
-        *numbers, ctas, producer_warp, stream_k, epilogue = match.groups()
+        *numbers, ctas, producer_warp, stream_k, fp8, epilogue = match.groups()
         config = cls(
             *(int(v) for v in numbers), ctas_per_sm=int(ctas or 1), epilogue=epilogue or "store",
-            producer="warp" if producer_warp else "warpgroup", stream_k=bool(stream_k),
+            producer="warp" if producer_warp else "warpgroup", stream_k=bool(stream_k), activations=fp8 or "bf16",
         )
         config.validate()
         return config
@@ -109,6 +118,8 @@ class TileConfig:
             shape = f"warp-specialized: one CTA per SM, {self.warpgroups} consumer warpgroup(s)"
         shape += ", a producer warp" if self.producer == "warp" else ""
         shape += ", stream-K" if self.stream_k else ""
+        if self.activations == "fp8":
+            shape = f"W4A8 (e4m3 activations with row scales, E2M1 decoded to e4m3, FP8 WGMMA), {shape}"
         return shape if self.epilogue == "store" else f"{shape}, {self.epilogue} epilogue"
 
     # Derived quantities the template and the launcher share.
@@ -134,8 +145,18 @@ class TileConfig:
         return 128 * self.warpgroups + self.producer_threads
 
     @property
+    def x_element_bytes(self) -> int:
+        return 1 if self.activations == "fp8" else 2
+
+    @property
+    def fragment_registers(self) -> int:
+        """A-fragment registers per 64-row block: two buffers of 4 registers per WGMMA step of an atom
+        (4 k16 steps for bf16, 2 k32 steps for fp8)."""
+        return 2 * 4 * (ATOM_K // (16 if self.activations == "bf16" else 32))
+
+    @property
     def x_stage_bytes(self) -> int:
-        return self.tile_m * self.tile_k * 2
+        return self.tile_m * self.tile_k * self.x_element_bytes
 
     @property
     def w_stage_bytes(self) -> int:
@@ -195,12 +216,10 @@ class TileConfig:
         """Raise ValueError with the reason when the kernel cannot be built for this config."""
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name == "epilogue":
-                if value not in EPILOGUES:
-                    raise ValueError(f"epilogue={value!r}: one of {EPILOGUES}")
-            elif field.name == "producer":
-                if value not in PRODUCERS:
-                    raise ValueError(f"producer={value!r}: one of {PRODUCERS}")
+            if field.name in ("epilogue", "activations", "producer"):
+                choices = {"epilogue": EPILOGUES, "activations": ACTIVATIONS, "producer": PRODUCERS}[field.name]
+                if value not in choices:
+                    raise ValueError(f"{field.name}={value!r}: one of {choices}")
             elif field.name == "stream_k":
                 if not isinstance(value, bool):
                     raise ValueError(f"stream_k must be a bool, got {value!r}")
@@ -211,6 +230,9 @@ class TileConfig:
             raise ValueError(f"tile_m={self.tile_m}: WGMMA's N must be a multiple of 8 in {low}..{high}")
         if self.tile_k % ATOM_K:
             raise ValueError(f"tile_k={self.tile_k}: must be a multiple of {ATOM_K} (the packed atom's depth)")
+        if self.activations == "fp8" and self.tile_k % FP8_TILE_K:
+            raise ValueError(f"tile_k={self.tile_k}: the fp8 family needs a multiple of {FP8_TILE_K} (x arrives in "
+                             "128-byte swizzled rows of 128 e4m3 values)")
         if self.tile_k > MAX_TILE_K:
             raise ValueError(f"tile_k={self.tile_k}: at most {MAX_TILE_K} (the decode loop is unrolled over a stage)")
         if self.warpgroups not in WARPGROUP_CHOICES:
@@ -234,8 +256,8 @@ class TileConfig:
                 f"tile_n / warpgroups x tile_m = {self.tile_n // self.warpgroups} x {self.tile_m} needs "
                 f"{self.accumulators_per_thread} fp32 accumulators per thread; at most 128 fit in registers"
             )
-        # Accumulators + two buffers of A fragments (16 registers per 64-row block) + addressing.
-        if self.accumulators_per_thread + 32 * self.atoms_per_warpgroup + 40 > self.consumer_registers:
+        # Accumulators + two buffers of A fragments + addressing.
+        if self.accumulators_per_thread + self.fragment_registers * self.atoms_per_warpgroup + 40 > self.consumer_registers:
             raise ValueError(
                 f"{self.accumulators_per_thread} accumulators per thread do not fit in the "
                 f"{self.consumer_registers} registers each of {self.warpgroups} consumer warpgroups gets"
@@ -249,7 +271,7 @@ class TileConfig:
         return self
 
 
-# Decode (few tokens per expert: memory-bound; three light CTAs per SM, each one consumer warpgroup, so
+# W4A16 first, then W4A8. Decode (few tokens per expert: memory-bound; three light CTAs per SM, each one consumer warpgroup, so
 # that independent decode -> WGMMA chains hide each other's latency) to prefill (many tokens per
 # expert: tensor-core bound, tile_m 256). From the H100 probes and sweeps (benchmarks/NOTES.md); the
 # shipped tuning table refines the choice per shape.
@@ -260,6 +282,12 @@ DEFAULT_CONFIGS: tuple[TileConfig, ...] = (
     TileConfig(tile_n=128, tile_m=64, tile_k=128, stages=7, warpgroups=2),
     TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=5, warpgroups=2),
     TileConfig(tile_n=128, tile_m=256, tile_k=64, stages=5, warpgroups=2),
+    # W4A8 (activations="fp8"): the same shapes at half the x bytes per stage (deeper pipelines), tile_k 128.
+    TileConfig(tile_n=128, tile_m=8, tile_k=128, stages=7, warpgroups=1, ctas_per_sm=3, activations="fp8"),
+    TileConfig(tile_n=128, tile_m=16, tile_k=128, stages=6, warpgroups=1, ctas_per_sm=3, activations="fp8"),
+    TileConfig(tile_n=128, tile_m=64, tile_k=128, stages=8, warpgroups=2, activations="fp8"),
+    TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=8, warpgroups=2, activations="fp8"),
+    TileConfig(tile_n=128, tile_m=256, tile_k=128, stages=5, warpgroups=2, activations="fp8"),
 )
 
 for _config in DEFAULT_CONFIGS:

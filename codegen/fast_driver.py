@@ -15,6 +15,7 @@ from functools import lru_cache
 from .params import TENSOR_MAP_BYTES
 
 # CUtensorMapDataType / Interleave / Swizzle / L2promotion / FloatOOBfill values (cuda.h).
+TMA_UINT8 = 0
 TMA_BFLOAT16 = 9
 TMA_INTERLEAVE_NONE = 0
 TMA_SWIZZLE_128B = 3
@@ -70,14 +71,16 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def encode_bf16_2d_map(address: int, rows: int, cols: int, row_pitch_bytes: int, box_cols: int, box_rows: int) -> bytes:
-    """cuTensorMapEncodeTiled of a row-major bf16 [rows, cols] matrix, 128-byte swizzle, as 128 bytes."""
+def encode_2d_map(address: int, rows: int, cols: int, row_pitch_bytes: int, box_cols: int, box_rows: int,
+                       data_type: int = TMA_BFLOAT16) -> bytes:
+    """cuTensorMapEncodeTiled of a row-major bf16 (or ``data_type``: TMA_UINT8 for e4m3) [rows, cols] matrix,
+    128-byte swizzle, as 128 bytes."""
     s = _scratch
     s.dims[0], s.dims[1] = cols, rows
     s.strides[0] = row_pitch_bytes
     s.box[0], s.box[1] = box_cols, box_rows
     code = _libcuda().cuTensorMapEncodeTiled(
-        s.map_address, TMA_BFLOAT16, 2, address, s.dims, s.strides, s.box, s.element_strides,
+        s.map_address, data_type, 2, address, s.dims, s.strides, s.box, s.element_strides,
         TMA_INTERLEAVE_NONE, TMA_SWIZZLE_128B, TMA_L2_PROMOTION_256B, TMA_OOB_FILL_NONE,
     )
     if code:

@@ -16,11 +16,11 @@ from cuda.bindings import driver
 
 from .config import TileConfig
 from .cuda_result import as_text, unwrap
-from .fast_driver import DriverError, encode_bf16_2d_map, launch, memset_d32, params_buffer
+from .fast_driver import TMA_BFLOAT16, TMA_UINT8, DriverError, encode_2d_map, launch, memset_d32, params_buffer
 from .params import PARAMS_SIZE, PARAMS_STRUCT
 from .render import ENTRY_POINT
 
-_X_BOX_K = 64  # one 128-byte swizzled row of bf16
+_X_ROW_BYTES = 128  # one 128-byte swizzled row of x: 64 bf16 or 128 e4m3 values
 
 
 def check(result: tuple, what: str):
@@ -110,6 +110,9 @@ class EpilogueArgs:
 
     bias: bf16 [E, C] or None (SwiGLU: C = N in the original interleaved gate/up order; ScaleScatter:
     C = N); row_scale: fp32 [rows of x]; row_dest: int32 [rows of x] (ScaleScatter); alpha, limit (SwiGLU).
+    x_scale: fp32 [rows of x] or None (FP8 activations, any epilogue: every accumulator is first multiplied
+    by its row's x_scale and, with w_scale (fp32 [E, N padded to 64]: the FP8-ready weights' row scales), by
+    its weight row's).
     """
 
     bias: torch.Tensor | None = None
@@ -117,6 +120,8 @@ class EpilogueArgs:
     row_dest: torch.Tensor | None = None
     alpha: float = 1.702
     limit: float = 7.0
+    x_scale: torch.Tensor | None = None
+    w_scale: torch.Tensor | None = None
 
     def pointers(self) -> tuple[int, int, int, int]:
         """(bias, row_scale, row_dest, bias_stride) as the parameter block takes them."""
@@ -124,22 +129,31 @@ class EpilogueArgs:
         stride = self.bias.shape[-1] if self.bias is not None else 0
         return address(self.bias), address(self.row_scale), address(self.row_dest), stride
 
+    def scale_pointers(self) -> tuple[int, int, int]:
+        """(x_scale, w_scale, w_scale_stride) as the parameter block takes them."""
+        address = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+        stride = self.w_scale.shape[-1] if self.w_scale is not None else 0
+        return address(self.x_scale), address(self.w_scale), stride
+
 
 _NO_EPILOGUE = EpilogueArgs()
 
 
-# Descriptors of recent x tensors: a pure function of (address, rows, K, tile_m), so an entry can
-# never be stale; steady-state loops reuse the caching allocator's addresses and skip the encode.
-_X_MAPS: dict[tuple[int, int, int, int], bytes] = {}
+# Descriptors of recent x tensors: a pure function of (address, rows, K, tile_m, element size), so an entry
+# can never be stale; steady-state loops reuse the caching allocator's addresses and skip the encode.
+_X_MAPS: dict[tuple[int, int, int, int, int], bytes] = {}
 _X_MAPS_LIMIT = 256
 
 
-def encode_x_map(address: int, rows: int, k: int, tile_m: int) -> bytes:
-    """TMA descriptor of x as [rows, K] bf16, boxes of tile_m rows x 64 K, 128-byte swizzle."""
-    key = (address, rows, k, tile_m)
+def encode_x_map(address: int, rows: int, k: int, tile_m: int, element_bytes: int = 2) -> bytes:
+    """TMA descriptor of x as [rows, K] bf16 (``element_bytes`` 2) or e4m3 (1, as uint8), boxes of tile_m rows
+    x 128 bytes, 128-byte swizzle."""
+    key = (address, rows, k, tile_m, element_bytes)
     tensor_map = _X_MAPS.get(key)
     if tensor_map is None:
-        tensor_map = encode_bf16_2d_map(address, rows, k, k * 2, _X_BOX_K, tile_m)
+        data_type = TMA_BFLOAT16 if element_bytes == 2 else TMA_UINT8
+        tensor_map = encode_2d_map(address, rows, k, k * element_bytes, _X_ROW_BYTES // element_bytes, tile_m,
+                                        data_type)
         with _lock:
             while len(_X_MAPS) >= _X_MAPS_LIMIT:
                 _X_MAPS.pop(next(iter(_X_MAPS)))  # oldest first (dicts keep insertion order)
@@ -193,7 +207,8 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
                     epilogue: EpilogueArgs = _NO_EPILOGUE) -> None:
     """Launch the SM90 kernel: ``out[rows of e] = x[rows of e] @ W_e^T`` for every expert e.
 
-    x: bf16 contiguous ``[T, K]`` (contiguous mode) or ``[E, max_m, K]`` (masked mode);
+    x: bf16 contiguous ``[T, K]`` (contiguous mode) or ``[E, max_m, K]`` (masked mode); float8_e4m3fn for a
+    W4A8 config (``config.activations == "fp8"``, with ``epilogue.x_scale`` and ``epilogue.w_scale``);
     w_data: ``PackedMXFP4.data``; rows: ``offsets`` [E+1] or ``masked_m`` [E], int32 or int64;
     out: bf16 ``[T, N]`` or ``[E, max_m, N]`` (``[T, N / 2]`` for the SwiGLU epilogue, scattered
     rows for ScaleScatter). ``epilogue`` carries what ``config.epilogue`` reads. Inputs are validated
@@ -203,13 +218,18 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
     if total_rows == 0 or n == 0:
         return
     x_address = x.data_ptr()
-    if x_address % 16 or (k * 2) % 16:
+    element_bytes = config.x_element_bytes
+    if x.element_size() != element_bytes:
+        raise ValueError(f"x: {config.name} reads {element_bytes}-byte values, x is {x.dtype}")
+    if (config.activations == "fp8") != (epilogue.w_scale is not None and epilogue.x_scale is not None):
+        raise ValueError(f"{config.name}: the W4A8 family needs x_scale and w_scale, and only it takes w_scale")
+    if x_address % 16 or (k * element_bytes) % 16:
         raise ValueError("x: the TMA engine needs a 16-byte aligned base address and row pitch")
     num_experts, n_atoms, k_atoms, _ = w_data.shape
     max_m = x.shape[1] if masked else 0
     device = x.device.index
     kernel = load(config, x.device)  # a dict hit after the first call
-    x_map = encode_x_map(x_address, total_rows, k, config.tile_m)
+    x_map = encode_x_map(x_address, total_rows, k, config.tile_m, element_bytes)
     bias, row_scale, row_dest, bias_stride = epilogue.pointers()
     tiles = tile_bound(config, rows=total_rows, num_experts=num_experts, n=n, masked=masked, max_m=max_m)
     grid = grid_size(config, kernel, tiles, k_atoms)
@@ -220,7 +240,7 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
         params_buffer(PARAMS_SIZE), 0, x_map, w_data.data_ptr(), out.data_ptr(), rows.data_ptr(),
         num_experts, n, n_atoms, k_atoms, max_m, total_rows, int(masked), int(rows.dtype == torch.int64),
         bias, row_scale, row_dest, n // 2 if config.epilogue == "swiglu" else n, bias_stride,
-        epilogue.alpha, epilogue.limit, workspace, counters,
+        epilogue.alpha, epilogue.limit, *epilogue.scale_pointers(), workspace, counters,
     )
     launch_on(device, kernel.function_handle, grid, kernel.threads, kernel.shared_memory, kernel.name)
 

@@ -36,13 +36,13 @@ class Measurement:
     note: str = ""
 
 
-def random_weights(shape: Shape, device: Any, *, seed: int = 0):
-    """(packed, dequantized): random ``N(0, 1)`` weights ``[E, N, K]`` quantized to MXFP4 and packed,
-    and their exact bf16 dequantization, built on ``device`` a few experts at a time."""
+def random_weights(shape: Shape, device: Any, *, seed: int = 0, activations: str = "bf16"):
+    """(packed, dequantized): random ``N(0, 1)`` weights ``[E, N, K]`` quantized to MXFP4 and packed (``activations``
+    "fp8": in the FP8-ready layout), and the exact bf16 values they hold, built on ``device`` a few experts at a
+    time. The same seed gives the same MXFP4 weight in both layouts."""
     import torch
 
     import mxfp4
-    from mxfp4.layout import unpack_experts
 
     e, n, k = shape.num_experts, shape.n, shape.k
     generator = torch.Generator(device=device)
@@ -51,15 +51,43 @@ def random_weights(shape: Shape, device: Any, *, seed: int = 0):
     parts = []
     for e0 in range(0, e, step):
         w = torch.randn((min(e, e0 + step) - e0, n, k), generator=generator, dtype=torch.float32, device=device)
-        parts.append(mxfp4.pack(mxfp4.quantize(w)).data)
+        parts.append(mxfp4.pack(mxfp4.quantize(w), activations=activations))
         del w
-    packed = mxfp4.PackedMXFP4(torch.cat(parts) if len(parts) > 1 else parts[0], n, k)
+    packed = _joined(parts, n, k)
     del parts
     dequantized = torch.empty((e, n, k), dtype=torch.bfloat16, device=device)
     for e0 in range(0, e, step):
         e1 = min(e, e0 + step)
-        dequantized[e0:e1] = mxfp4.dequantize(unpack_experts(packed, e0, e1), torch.bfloat16)
+        dequantized[e0:e1] = _held_values(packed, e0, e1)
     return packed, dequantized
+
+
+def _joined(parts: list, n: int, k: int):
+    """One packed weight from packed chunks of experts (either layout)."""
+    import torch
+
+    import mxfp4
+
+    join = lambda tensors: torch.cat(tensors) if len(tensors) > 1 else tensors[0]  # noqa: E731
+    data = join([p.data for p in parts])
+    if isinstance(parts[0], mxfp4.PackedMXFP4FP8):
+        return mxfp4.PackedMXFP4FP8(data, join([p.row_scale for p in parts]), n, k,
+                                    sum(p.rerounded_blocks for p in parts), sum(p.total_blocks for p in parts))
+    return mxfp4.PackedMXFP4(data, n, k)
+
+
+def _held_values(packed: Any, start: int, stop: int):
+    """bf16 ``[stop - start, N, K]``: the weight values experts start:stop of a packed weight hold (exact)."""
+    import torch
+
+    import mxfp4
+    from mxfp4.layout import unpack_experts
+    from mxfp4.layout_fp8 import decode_fp8_values
+
+    if isinstance(packed, mxfp4.PackedMXFP4FP8):
+        values = decode_fp8_values(packed, start, stop, torch.float32)
+        return (values * packed.row_scale[start:stop, : packed.n, None]).to(torch.bfloat16)
+    return mxfp4.dequantize(unpack_experts(packed, start, stop), torch.bfloat16)
 
 
 def measure_device(device: Any = None) -> tuple[Any, str]:
@@ -102,9 +130,10 @@ def context_healthy(device: Any) -> bool:
 class RotatingInputs:
     """The inputs of one (shape, M), rebuilt only when either changes.
 
-    Per shape: random bf16 weights ``N(0, 1)``, quantized and packed once, plus their bf16
-    dequantization (exact) for the reference. Per M: x with uniform routing (M rows per expert),
-    int32 offsets, and enough copies of (x, weights, offsets) in ``sets`` to rotate past the L2
+    Per shape (and kernel family): random bf16 weights ``N(0, 1)``, quantized and packed once (the W4A8
+    family: in the FP8-ready layout), plus their bf16 dequantization (exact) for the reference. Per M: x with
+    uniform routing (M rows per expert), int32 offsets, and enough copies of (x, weights, offsets) in ``sets``
+    (the W4A8 family: (x_fp8, weights, offsets, x_scale)) to rotate past the L2
     (``codegen.timing.rotation_sets``), within ``memory_budget`` bytes (None: a quarter of the free
     GPU memory, at most 4 GiB).
     """
@@ -112,6 +141,7 @@ class RotatingInputs:
     def __init__(self, device: Any, *, seed: int = 0, memory_budget: int | None = None):
         self.device, self.seed, self.memory_budget = device, seed, memory_budget
         self.shape: Shape | None = None
+        self.activations = "bf16"
         self.m: int | None = None
         self.weights: Any = None  # (packed, dequantized bf16)
         self.sets: list[tuple] = []
@@ -128,11 +158,11 @@ class RotatingInputs:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def prepare(self, shape: Shape, m: int) -> None:
-        if self.shape != shape:
+    def prepare(self, shape: Shape, m: int, activations: str = "bf16") -> None:
+        if self.shape != shape or self.activations != activations:
             self.release()
-            self.weights = random_weights(shape, self.device, seed=self.seed)
-            self.shape = shape
+            self.weights = random_weights(shape, self.device, seed=self.seed, activations=activations)
+            self.shape, self.activations = shape, activations
         if self.m != m:
             self._build_sets(shape, m)
 
@@ -162,13 +192,28 @@ class RotatingInputs:
         generator.manual_seed(self.seed * 1_000_003 + 7919 * m + 1)
         x = torch.randn((tokens, k), generator=generator, dtype=torch.bfloat16, device=self.device)
         offsets = (torch.arange(e + 1, dtype=torch.int32, device=self.device) * m).contiguous()
-        per_set = packed.data.numel() + x.numel() * 2 + tokens * n * 2
+        if self.activations == "bf16":
+            first: tuple = (x, packed, offsets)
+        else:  # the W4A8 family: (x_fp8, weights, offsets, x_scale)
+            x_fp8, x_scale = mxfp4.quantize_activations(x)
+            first = (x_fp8, packed, offsets, x_scale)
+        per_set = packed.data.numel() + first[0].numel() * first[0].element_size() + tokens * n * 2
         l2 = l2_cache_bytes(self.device if self.device.type == "cuda" else None)
         count = rotation_sets(per_set, l2_bytes=l2, memory_budget=max(self._budget(), per_set))
-        self.sets = [(x, packed, offsets)]
-        for _ in range(count - 1):
-            self.sets.append((x.clone(), mxfp4.PackedMXFP4(packed.data.clone(), n, k), offsets.clone()))
+        self.sets = [first] + [tuple(_copy(item) for item in first) for _ in range(count - 1)]
         self.m = m
+
+
+def _copy(item: Any) -> Any:
+    """A copy of one rotating input (a tensor or a packed weight of either layout) in fresh memory."""
+    import mxfp4
+
+    if isinstance(item, mxfp4.PackedMXFP4FP8):
+        return mxfp4.PackedMXFP4FP8(item.data.clone(), item.row_scale.clone(), item.n, item.k, item.rerounded_blocks,
+                                    item.total_blocks)
+    if isinstance(item, mxfp4.PackedMXFP4):
+        return mxfp4.PackedMXFP4(item.data.clone(), item.n, item.k)
+    return item.clone()
 
 
 def relative_error(out: Any, x: Any, dequantized: Any, m: int, offsets_host: list[int]) -> float:
@@ -228,26 +273,23 @@ class GpuMeasurer:
         return context_healthy(self.device)
 
     def _check(self, config: TileConfig) -> float:
-        import mxfp4
-
-        x, packed, offsets = self.inputs.sets[0]
+        x, packed, offsets, *x_scale = self.inputs.sets[0]
         m = self.inputs.m
-        out = mxfp4.grouped_mm(x, packed, offsets, config=config)
+        out = _run(config, x, packed, offsets, *x_scale)
         synchronize(self.device)
         offsets_host = [i * m for i in range(packed.num_experts + 1)]
-        return relative_error(out, x, self.inputs.dequantized, m, offsets_host)
+        x_reference = x if not x_scale else x.float() * x_scale[0].unsqueeze(1)  # the fp8-rounded x
+        return relative_error(out, x_reference, self.inputs.dequantized, m, offsets_host)
 
     def __call__(self, shape: Shape, m: int, config: TileConfig) -> Measurement:
-        import mxfp4
-
         from .timing import time_cuda
 
-        self.inputs.prepare(shape, m)
+        self.inputs.prepare(shape, m, config.activations)
         rel = self._check(config)
         if not rel <= self.tolerance:
             return Measurement(rel_error=rel, note="untimed: wrong result")
         timing = time_cuda(
-            lambda xi, wi, oi: mxfp4.grouped_mm(xi, wi, oi, config=config),
+            lambda *inputs: _run(config, *inputs),
             rotate=self.inputs.sets,
             warmup_ms=self.warmup_ms,
             rep=self.rep,
@@ -262,3 +304,12 @@ class GpuMeasurer:
             reps=len(timing.samples),
             note=f"{len(self.inputs.sets)} rotating input set(s)",
         )
+
+
+def _run(config: TileConfig, x: Any, packed: Any, offsets: Any, x_scale: Any = None) -> Any:
+    """``mxfp4.grouped_mm`` as a user calls it, on one rotating input set (x_scale: the W4A8 family's)."""
+    import mxfp4
+
+    if x_scale is None:
+        return mxfp4.grouped_mm(x, packed, offsets, config=config)
+    return mxfp4.grouped_mm(x, packed, offsets, config=config, x_scale=x_scale)

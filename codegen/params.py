@@ -26,7 +26,7 @@ class ParamField:
 
 
 PARAM_FIELDS: tuple[ParamField, ...] = (
-    ParamField("x_map", "mxfp4::TensorMap", "", TENSOR_MAP_BYTES, "TMA map of x as [rows, K] bf16, 128B swizzle"),
+    ParamField("x_map", "mxfp4::TensorMap", "", TENSOR_MAP_BYTES, "TMA map of x as [rows, K] bf16 (fp8: uint8), 128B swizzle"),
     ParamField("w", "uint8_t const*", "Q", 8, "packed weights [E, N/64, K/64, 2176]"),
     ParamField("out", "uint16_t*", "Q", 8, "bf16 output [rows, N]"),
     ParamField("rows", "void const*", "Q", 8, "offsets [E+1] (contiguous) or masked_m [E] (masked)"),
@@ -46,6 +46,10 @@ PARAM_FIELDS: tuple[ParamField, ...] = (
     ParamField("bias_stride", "int32_t", "i", 4, "elements per expert in bias"),
     ParamField("alpha", "float", "f", 4, "SwiGLU: sigmoid(alpha * gate)"),
     ParamField("limit", "float", "f", 4, "SwiGLU: clamp limit"),
+    # Row scales of FP8 activations (and of the FP8-ready weights): acc * x_scale[row] * w_scale[e, n].
+    ParamField("x_scale", "float const*", "Q", 8, "fp32 scale per row of x, or null"),
+    ParamField("w_scale", "float const*", "Q", 8, "W4A8: fp32 row scale of the weights [E, w_scale_stride]"),
+    ParamField("w_scale_stride", "int32_t", "i", 4, "W4A8: rows per expert in w_scale (N padded to 64)"),
     # Stream-K (mxfp4_stream_k.cuh); null for the tile-by-tile configs.
     ParamField("workspace", "float*", "Q", 8, "stream-K: fp32 accumulators of cut tiles"),
     ParamField("tile_counters", "int32_t*", "Q", 8, "stream-K: k-steps done per tile and warpgroup, zeroed per launch"),

@@ -27,6 +27,11 @@ LAYOUT_CONSTANTS: tuple[tuple[str, int, str], ...] = (
     ("kAtomBytes", layout.ATOM_BYTES, "codes then E8M0 scales"),
     ("kScaleWordsPerWarp", layout.SCALE_WORDS_PER_WARP, "scale words of one warp's 16 rows"),
     ("kLanesPerScaleWord", layout.LANES_PER_SCALE_WORD, "lanes that share (broadcast) one scale word"),
+    # The FP8-ready layout (W4A8 family; mxfp4_decode_fp8.cuh).
+    ("kFp8TableLo", layout.FP8_TABLE_LO, "e4m3 bytes of E2M1 0, 0.5, 1, 1.5 x 2^6: PRMT bytes 0..3 at offset 0"),
+    ("kFp8TableHi", layout.FP8_TABLE_HI, "e4m3 bytes of E2M1 2, 3, 4, 6 x 2^6: PRMT bytes 4..7 at offset 0"),
+    ("kFp8IndexMask", layout.FP8_INDEX_MASK, "the magnitude fields of a code word"),
+    ("kFp8SignShift", layout.FP8_SIGN_SHIFT, "register h's signs sit this far below bit 7"),
 ) + tuple(
     entry
     for register in range(4)
@@ -68,5 +73,6 @@ def render(config: TileConfig) -> str:
         producer_registers=PRODUCER_REGISTERS,
         consumer_registers=config.consumer_registers,
         epilogue=_EPILOGUE_ENUM[config.epilogue],
+        fp8=config.activations == "fp8",
         entry_point=ENTRY_POINT,
     )

@@ -1,6 +1,6 @@
 """SASS of a cubin (``cuobjdump -sass``) and a summary of the instructions that matter here.
 
-The grouped GEMM must show ``HGMMA`` (wgmma.mma_async), TMA (``UTMALDG`` for a tensor-map load,
+The grouped GEMM must show ``HGMMA`` (bf16 wgmma.mma_async; ``QGMMA`` for the FP8 W4A8 family), TMA (``UTMALDG`` for a tensor-map load,
 ``UBLKCP`` for a plain bulk copy), ``USETMAXREG`` (setmaxnreg) and no local memory (``LDL`` /
 ``STL``: spills or a stack array).
 
@@ -118,6 +118,7 @@ class SassSummary:
     setmaxnreg: bool  # USETMAXREG present
     warpgroup_arrive: int
     opcodes: dict[str, int] = field(default_factory=dict)  # base opcode -> count
+    qgmma: int = 0  # FP8 wgmma.mma_async (e4m3/e5m2): the W4A8 family
 
     @property
     def tma(self) -> int:
@@ -150,6 +151,7 @@ def summarize_sass(text: str) -> SassSummary:
         setmaxnreg=opcodes["USETMAXREG"] > 0,
         warpgroup_arrive=warpgroup_arrive,
         opcodes=dict(sorted(opcodes.items())),
+        qgmma=opcodes["QGMMA"],
     )
 
 

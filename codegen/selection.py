@@ -36,9 +36,12 @@ def configs_under_test() -> list[TileConfig]:
     return list(dict.fromkeys([*configs_in_use(), *(TileConfig.from_name(name) for name in FAMILY_SAMPLES)]))
 
 
-def heuristic_config(tokens_per_expert: int) -> TileConfig:
-    """The default config whose tile_m is the smallest that covers the tokens of one expert."""
-    by_tile_m = sorted(DEFAULT_CONFIGS, key=lambda c: c.tile_m)
+def heuristic_config(tokens_per_expert: int, activations: str = "bf16") -> TileConfig:
+    """The default config of the ``activations`` family whose tile_m is the smallest that covers the tokens
+    of one expert."""
+    by_tile_m = sorted((c for c in DEFAULT_CONFIGS if c.activations == activations), key=lambda c: c.tile_m)
+    if not by_tile_m:
+        raise ValueError(f"no default config of activations={activations!r}")
     for config in by_tile_m:
         if tokens_per_expert <= config.tile_m:
             return config
@@ -46,17 +49,19 @@ def heuristic_config(tokens_per_expert: int) -> TileConfig:
 
 
 def select_config(num_experts: int, n: int, k: int, tokens_per_expert: int,
-                  device_name: str | None = None) -> Selection:
-    """Pick the config for a call. ``tokens_per_expert`` is a host-side estimate (T / E, or max_m)."""
+                  device_name: str | None = None, activations: str = "bf16") -> Selection:
+    """Pick the config for a call. ``tokens_per_expert`` is a host-side estimate (T / E, or max_m);
+    ``activations`` the kernel family ("bf16": W4A16, "fp8": W4A8)."""
     if device_name is not None:
         from .tuning import lookup  # the tables load on first use
 
-        found = lookup(device_name, num_experts, n, k, tokens_per_expert)
+        found = lookup(device_name, num_experts, n, k, tokens_per_expert, activations)
         if found is not None:
             return Selection(*found)
-    config = heuristic_config(tokens_per_expert)
+    config = heuristic_config(tokens_per_expert, activations)
+    family = "" if activations == "bf16" else f" {activations}"
     return Selection(
         config,
-        f"heuristic: smallest default tile_m >= {tokens_per_expert} tokens per expert "
-        f"(no tuning-table entry for E={num_experts}, N={n}, K={k})",
+        f"heuristic: smallest default{family} tile_m >= {tokens_per_expert} tokens per expert "
+        f"(no tuning-table entry for E={num_experts}, N={n}, K={k}{family})",
     )

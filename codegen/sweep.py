@@ -128,6 +128,11 @@ class SweepPlan:
     items: list[Item]
     configs: list[TileConfig]
 
+    @property
+    def activations(self) -> str:
+        """The kernel family swept (one per sweep: plan_sweep checks)."""
+        return self.configs[0].activations if self.configs else "bf16"
+
     def remaining(self, log: _Log, gpu: str) -> list[Item]:
         """The items the log of ``gpu`` does not already hold a final result for."""
         done = {_record_key(r) for r in log.measured(gpu, _DONE)}
@@ -140,8 +145,9 @@ def plan_sweep(
     configs: Sequence[TileConfig],
     m_filter: Callable[[Sequence[TileConfig], int], list[TileConfig]] | None = None,
 ) -> SweepPlan:
-    """Per M, the candidates (``m_filter`` narrows them) with the heuristic default first, so the
-    best-so-far starts from the baseline; raises ValueError for no shape, no M or M < 1."""
+    """Per M, the candidates (``m_filter`` narrows them) with the heuristic default of their family first, so
+    the best-so-far starts from the baseline; raises ValueError for no shape, no M, M < 1 or configs of two
+    kernel families (W4A16 and W4A8 tune in separate sweeps)."""
     from .selection import heuristic_config
 
     shapes = list(dict.fromkeys(shapes))
@@ -151,9 +157,12 @@ def plan_sweep(
     if any(m < 1 for m in m_values):
         raise ValueError(f"run_sweep: M values must be >= 1, got {m_values}")
     configs = list(dict.fromkeys(configs))
+    families = sorted({c.activations for c in configs}) or ["bf16"]
+    if len(families) > 1:
+        raise ValueError(f"run_sweep: configs of one kernel family per sweep, got activations {families}")
     per_m: dict[int, list[TileConfig]] = {}
     for m in m_values:
-        default = heuristic_config(m)
+        default = heuristic_config(m, families[0])
         candidates = list(m_filter(configs, m)) if m_filter else list(configs)
         per_m[m] = [default] + [c for c in candidates if c != default]
     items = [(shape, m, config) for shape in shapes for m in m_values for config in per_m[m]]
@@ -355,7 +364,7 @@ def record_step(log: _Log, gpu: str, plan: SweepPlan, out_path: Path, *, plot: b
             print(f"tune: replacing unreadable {error}", file=stream)
     table = build_table(log.records, gpu, base_table)
     write_table(out_path, table)
-    rows = summarize(log.records, plan.shapes, plan.m_values, gpu)
+    rows = summarize(log.records, plan.shapes, plan.m_values, gpu, plan.activations)
     print(format_summary(rows))
     print(f"tune: wrote {out_path}", file=stream)
     if plot:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .tuning import Shape, m_bucket, new_table
+from .config import TileConfig
+from .tuning import Shape, m_bucket, new_table, table_key
 
 
 @dataclass
@@ -28,34 +29,44 @@ class SweepRow:
         return self.default["median_us"] / self.best["median_us"]
 
 
+def _family(record: dict) -> str:
+    """The kernel family (activations) of a record's config; "bf16" for a name that does not parse."""
+    try:
+        return TileConfig.from_name(str(record.get("config"))).activations
+    except ValueError:
+        return "bf16"
+
+
 # Timings of one config repeated on one GPU spread by about 1% (benchmarks/NOTES.md), so a config
 # displaces the heuristic default only when it is more than 2% faster: a table entry is then a
 # measured gain, not noise, and a re-tune does not churn configs that tie.
 DEFAULT_MARGIN = 1.02
 
 
-def _best_and_default(ok: list[dict], m: int) -> tuple[dict | None, str, dict | None]:
+def _best_and_default(ok: list[dict], m: int, activations: str = "bf16") -> tuple[dict | None, str, dict | None]:
     """(the chosen ``ok`` record: the fastest, or the heuristic default when that is within
     DEFAULT_MARGIN of it; the heuristic default's name at ``m``; the default's record)."""
     from .selection import heuristic_config
 
     best = min(ok, key=lambda r: r["median_us"]) if ok else None
-    default_name = heuristic_config(m).name
+    default_name = heuristic_config(m, activations).name
     default = next((r for r in ok if r["config"] == default_name), None)
     if best is not None and default is not None and default["median_us"] <= best["median_us"] * DEFAULT_MARGIN:
         best = default
     return best, default_name, default
 
 
-def summarize(records: list[dict], shapes: Sequence[Shape], m_values: Sequence[int], gpu: str) -> list[SweepRow]:
+def summarize(records: list[dict], shapes: Sequence[Shape], m_values: Sequence[int], gpu: str,
+              activations: str = "bf16") -> list[SweepRow]:
     rows = []
     for shape in shapes:
         for m in m_values:
             mine = [
                 r for r in records
                 if r.get("gpu") == gpu and (r.get("E"), r.get("N"), r.get("K"), r.get("m")) == (shape.num_experts, shape.n, shape.k, m)
+                and _family(r) == activations
             ]
-            best, default_name, default = _best_and_default([r for r in mine if r.get("status") == "ok"], m)
+            best, default_name, default = _best_and_default([r for r in mine if r.get("status") == "ok"], m, activations)
             rows.append(SweepRow(shape, m, best, default_name, default, len(mine), sum(r.get("status") != "ok" for r in mine)))
     return rows
 
@@ -71,15 +82,16 @@ def build_table(records: list[dict], gpu: str, base: dict | None = None) -> dict
         table["entries"] = {shape: dict(buckets) for shape, buckets in base["entries"].items()}
     ok = [r for r in records if r.get("gpu") == gpu and r.get("status") == "ok" and r.get("median_us")]
     by_shape_m: dict[tuple[str, int], list[dict]] = {}
-    for r in ok:
-        by_shape_m.setdefault((f"{r['E']},{r['N']},{r['K']}", int(r["m"])), []).append(r)
+    for r in ok:  # W4A8 records under "E,N,K:fp8" (tuning.table_key)
+        key = table_key(Shape(int(r["E"]), int(r["N"]), int(r["K"])), _family(r))
+        by_shape_m.setdefault((key, int(r["m"])), []).append(r)
     chosen: dict[tuple[str, int], int] = {}
     for shape_key, m in by_shape_m:
         bucket = m_bucket(m)
         if m > chosen.get((shape_key, bucket), 0):
             chosen[(shape_key, bucket)] = m
     for (shape_key, bucket), m in sorted(chosen.items()):
-        best, default_name, default = _best_and_default(by_shape_m[(shape_key, m)], m)
+        best, default_name, default = _best_and_default(by_shape_m[(shape_key, m)], m, _family(by_shape_m[(shape_key, m)][0]))
         table["entries"].setdefault(shape_key, {})[str(bucket)] = {
             "config": best["config"],
             "m": m,

@@ -315,6 +315,24 @@ def measure_bf16_peak(size: int = 8192, *, rep: int = 30) -> MachineRate:
     )
 
 
+def measure_fp8_peak(size: int = 8192, *, rep: int = 30) -> MachineRate:
+    """Dense FP8 (e4m3) tensor-core rate: ``2 size^3`` FLOPs per ``torch._scaled_mm`` of random e4m3 matrices
+    (unit scales, bf16 out, fast accumulation: the rate the tensor cores reach)."""
+    a = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+    one = torch.ones((), device="cuda")
+    timing = time_cuda(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                                use_fast_accum=True), warmup_ms=100.0, rep=rep)
+    del a, b
+    torch.cuda.empty_cache()
+    return MachineRate(
+        2.0 * size**3 / (timing.median_us * 1e-6),
+        "FLOP/s",
+        f"torch._scaled_mm e4m3 {size}x{size}x{size}, random data, fast accumulation (2 n^3 / median time)",
+        timing,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Grouped GEMM arithmetic
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ which resumes after it (at most ``--max-restarts`` times).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ examples:
   python -m codegen tune --shape 32,5760,2880 --shape 32,2880,2880 --m 1,4,16,64
   python -m codegen tune --shape 8,1024,1024 --m 16 --configs n128_m16_k256_s7_wg2,n128_m32_k256_s5_wg2
   python -m codegen tune --model gpt-oss-20b --out generated/tuning/h100.json   # refresh the shipped table
+  python -m codegen tune --model gpt-oss-20b --activations fp8 --quick          # the W4A8 family
 
 The table goes to the user tuning dir ($HOPPER_MXFP4_TUNING_DIR, else ~/.cache/hopper-mxfp4/tuning)
 as <gpu>.json, which mxfp4.grouped_mm consults before the shipped generated/tuning/ tables. Results
@@ -61,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chosen.add_argument("--configs", metavar="NAME,...", help="exactly these configs (e.g. n128_m64_k128_s7_wg2,...)")
     chosen.add_argument("--quick", action="store_true", help="a small search space (about 50 configs)")
     chosen.add_argument("--full", action="store_true", help="every valid config, no pruning (about 1100)")
+    space.add_argument("--activations", choices=("bf16", "fp8"), default="bf16",
+                       help="the kernel family to sweep: bf16 (W4A16, default) or fp8 (W4A8: e4m3 activations, the "
+                       "FP8-ready weight layout); its entries go under E,N,K:fp8 in the table")
     space.add_argument("--no-m-window", action="store_true",
                        help="measure every candidate at every M (default: only tile_m near M, see codegen.tuning.tile_m_window)")
     run = parser.add_argument_group("running")
@@ -114,10 +119,12 @@ def resolve(args: argparse.Namespace):
         m_filter = None
     else:
         space = SearchSpace.quick() if args.quick else SearchSpace.full() if args.full else SearchSpace()
-        configs = enumerate_configs(space)
+        configs = enumerate_configs(dataclasses.replace(space, activations=args.activations))
         m_filter = None if args.no_m_window else configs_for_m
     if args.no_m_window:
         m_filter = None
+    if len({c.activations for c in configs}) > 1:
+        raise UsageError("--configs: name configs of one kernel family (all _fp8, or none), one sweep per family")
     return shapes, sorted(set(args.m)), configs, m_filter
 
 
@@ -210,7 +217,9 @@ def _work(args, shapes, m_values, configs, m_filter, out: Path) -> int:
     except GpuContextLost as error:
         print(f"tune: {error}", file=sys.stderr)
         return EXIT_RESTART
-    wanted = {s.key for s in shapes}
+    from .tuning import table_key
+
+    wanted = {table_key(s, configs[0].activations) for s in shapes}
     found = sum(len(b) for key, b in table["entries"].items() if key in wanted)
     if not found:
         print("tune: no config gave a correct result; nothing was tuned", file=sys.stderr)

@@ -9,8 +9,8 @@ One JSON file per GPU model, ``<gpu-slug>.json`` (``NVIDIA H100 80GB HBM3`` -> `
                                          "tflops": .., "gbps": .., "m": 16,
                                          "default_config": "...", "default_us": ..}}}}
 
-Entries are keyed by ``"E,N,K"`` and then by the M bucket (:func:`m_bucket` of the tokens per
-expert). Tables are searched in two places, the user's first:
+Entries are keyed by ``"E,N,K"`` (``"E,N,K:fp8"`` for the W4A8 family, :func:`table_key`) and then by the
+M bucket (:func:`m_bucket` of the tokens per expert). Tables are searched in two places, the user's first:
 
 1. ``$HOPPER_MXFP4_TUNING_DIR``, else ``$XDG_CACHE_HOME/hopper-mxfp4/tuning``, else
    ``~/.cache/hopper-mxfp4/tuning`` (where ``python -m codegen tune`` writes by default);
@@ -91,6 +91,17 @@ class Shape:
         return shape
 
 
+def table_key(shape: Shape, activations: str = "bf16") -> str:
+    """The tuning table's key of a shape for a kernel family: ``"E,N,K"`` (bf16) or ``"E,N,K:fp8"``."""
+    return shape.key if activations == "bf16" else f"{shape.key}:{activations}"
+
+
+def _table_key_order(key: str) -> tuple:
+    """Sort order of table keys: by E, N, K, then the family (bf16 first)."""
+    numbers, _, family = key.partition(":")
+    return (*(int(v) for v in numbers.split(",")), family)
+
+
 # gpt-oss MoE layers: gate_up projects K = hidden 2880 to N = 2 x 2880 (SwiGLU), down back to 2880.
 MODEL_SHAPES: dict[str, dict[str, Shape]] = {
     "gpt-oss-20b": {"gate_up": Shape(32, 5760, 2880), "down": Shape(32, 2880, 2880)},
@@ -163,11 +174,13 @@ class SearchSpace:
     ``min_stage_bytes``: drop tile shapes whose pipeline stages in flight on an SM (weights + x, times
     ``ctas_per_sm``) move fewer bytes than this; a tiny TMA transfer per barrier round-trip cannot
     keep HBM busy.
-    ``include_defaults``: always add ``DEFAULT_CONFIGS`` (the heuristic's choices: the sweep
+    ``include_defaults``: always add ``DEFAULT_CONFIGS`` of the family (the heuristic's choices: the sweep
     measures them anyway to report the gain over the default).
     ``prune_families``: a producer warp only for light CTAs (``ctas_per_sm`` > 1, one consumer
     warpgroup), where its registers buy occupancy; stream-K only for light CTAs with tile_m up to 16
     (decode), where tiles fill the grid in few waves.
+    ``activations``: the kernel family swept, "bf16" (W4A16) or "fp8" (W4A8: tile_k multiples of 128 only,
+    which validate() keeps); a sweep tunes one family, and the table keeps the families apart (table_key).
     """
 
     tile_n: tuple[int, ...] = _SWEEP_TILE_N
@@ -182,6 +195,7 @@ class SearchSpace:
     min_stage_bytes: int = 16 * 1024
     include_defaults: bool = True
     prune_families: bool = True
+    activations: str = "bf16"
 
     @classmethod
     def full(cls) -> "SearchSpace":
@@ -225,7 +239,7 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
             config
             for stages in sorted(set(space.stages))
             if _valid(config := TileConfig(tile_n, tile_m, tile_k, stages, warpgroups, ctas, producer=producer,
-                                           stream_k=stream_k))
+                                           stream_k=stream_k, activations=space.activations))
         ]
         if not fitting:
             continue
@@ -237,7 +251,8 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
             found[config.name] = config
     if space.include_defaults:
         for config in DEFAULT_CONFIGS:
-            found.setdefault(config.name, config)
+            if config.activations == space.activations:
+                found.setdefault(config.name, config)
     return sorted(found.values(), key=lambda c: (c.tile_m, c.tile_n, c.tile_k, c.warpgroups, c.ctas_per_sm,
                                                  c.producer, c.stream_k, c.stages))
 
@@ -357,7 +372,7 @@ def write_table(path: Path | str, table: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = {
         shape: {str(b): table["entries"][shape][b] for b in sorted(table["entries"][shape], key=int)}
-        for shape in sorted(table["entries"], key=lambda s: tuple(int(v) for v in s.split(",")))
+        for shape in sorted(table["entries"], key=_table_key_order)
     }
     ordered = {**{k: v for k, v in table.items() if k != "entries"}, "entries": entries}
     temporary = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -435,17 +450,17 @@ def _describe(table: _LoadedTable, shape: Shape, bucket: int, found: int, entry:
     return f"{where} M-bucket {bucket} not tuned, nearest tuned bucket {found}{timing}"
 
 
-def _lookup(device_name: str, shape: Shape, bucket: int) -> tuple[TileConfig, str] | None:
+def _lookup(device_name: str, shape: Shape, bucket: int, activations: str = "bf16") -> tuple[TileConfig, str] | None:
     tables = _tables_for(device_name)
     usable: list[tuple[_LoadedTable, dict[int, tuple[TileConfig, dict]]]] = []
     for table in tables:
-        buckets = table.entries.get(shape.key)
+        buckets = table.entries.get(table_key(shape, activations))
         if not isinstance(buckets, dict):
             continue
         valid = {}
         for key, entry in buckets.items():
             config = _entry_config(entry)
-            if config is not None and str(key).isdigit() and int(key) > 0:
+            if config is not None and config.activations == activations and str(key).isdigit() and int(key) > 0:
                 valid[int(key)] = (config, entry)
         if valid:
             usable.append((table, valid))
@@ -470,19 +485,20 @@ def shipped_configs() -> list[TileConfig]:
 
 
 def lookup(
-    device_name: str, num_experts: int, n: int, k: int, tokens_per_expert: int
+    device_name: str, num_experts: int, n: int, k: int, tokens_per_expert: int, activations: str = "bf16"
 ) -> tuple[TileConfig, str] | None:
-    """The tuned config for this GPU and problem, with the reason, or None when no table has the shape.
+    """The tuned config of the ``activations`` family for this GPU and problem, with the reason, or None when
+    no table has the shape (for that family).
 
-    Cached: after the first call for a (GPU, shape, bucket) this is a dict lookup.
+    Cached: after the first call for a (GPU, shape, bucket, family) this is a dict lookup.
     """
     bucket = m_bucket(tokens_per_expert)
-    key = (device_name, num_experts, n, k, bucket)
+    key = (device_name, num_experts, n, k, bucket, activations)
     try:
         return _results[key]
     except KeyError:
         pass
     with _lock:
         if key not in _results:
-            _results[key] = _lookup(device_name, Shape(num_experts, n, k), bucket)
+            _results[key] = _lookup(device_name, Shape(num_experts, n, k), bucket, activations)
         return _results[key]

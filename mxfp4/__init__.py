@@ -21,12 +21,15 @@ from typing import Any
 
 from .checkpoint import GptOssMoELayer, from_ggml, from_gpt_oss, load_gpt_oss_experts, load_gpt_oss_moe_layer, to_ggml
 from .format import dequantize, quantize
-from .gate_up import PackedGateUp, pack_gate_up, unpack_gate_up
-from .layout import PackedMXFP4, pack, unpack
+from .gate_up import PackedGateUp, PackedGateUpFP8, pack_gate_up, unpack_gate_up
+from .layout import PackedMXFP4
+from .layout_fp8 import PackedMXFP4FP8
+from .packing import pack, unpack
 from .tensor import MXFP4Tensor
 
 # The user API: public name -> the module of this package that defines it.
 _USER_API = {
+    "quantize_activations": "activations",
     "grouped_mm": "ops",
     "grouped_mm_masked": "ops",
     "set_debug_checks": "ops",
@@ -40,7 +43,9 @@ _USER_API = {
 __all__ = [
     "MXFP4Tensor",
     "PackedGateUp",
+    "PackedGateUpFP8",
     "PackedMXFP4",
+    "PackedMXFP4FP8",
     "dequantize",
     "from_ggml",
     "from_gpt_oss",

@@ -151,19 +151,35 @@ class ConfigChoice:
 
 @lru_cache(maxsize=4096)  # called per launch when no config is forced: keep it a dict lookup
 def choose_config(
-    num_experts: int, n: int, k: int, tokens_per_expert_hint: int, device_name: str | None = None
+    num_experts: int, n: int, k: int, tokens_per_expert_hint: int, device_name: str | None = None,
+    activations: str = "bf16",
 ) -> ConfigChoice:
-    """The tile config ``codegen.select_config`` picks for a problem, or why there is none."""
+    """The tile config ``codegen.select_config`` picks for a problem (of the ``activations`` kernel family:
+    "bf16" W4A16, "fp8" W4A8), or why there is none."""
     from codegen.selection import select_config  # lazy: mxfp4 imports no codegen module at import time
 
-    selection = select_config(num_experts, n, k, tokens_per_expert_hint, device_name=device_name)
+    selection = select_config(num_experts, n, k, tokens_per_expert_hint, device_name=device_name, activations=activations)
     return ConfigChoice(selection.config, str(selection.reason))
+
+
+def _family_line(x: torch.Tensor, fp8_weights: bool) -> str | None:
+    """How the activations meet the weights, when that is not the plain W4A16 kernel."""
+    if x.dtype == torch.float8_e4m3fn and fp8_weights:
+        return "  kernel:    W4A8: e4m3 x (x_scale per row) and the FP8-ready weights, FP8 WGMMA"
+    if x.dtype == torch.float8_e4m3fn:
+        return ("  kernel:    W4A16 on x widened to bf16 (exact), x_scale in the epilogue: w is packed for bf16 "
+                "activations; mxfp4.pack(w, activations='fp8') runs the W4A8 kernel")
+    return None  # (FP8-ready weights with bf16 x never get here: the op's checks raise first)
 
 
 def describe_call(x: torch.Tensor, w: object, masked: bool, config: str = "") -> str:
     """The report of ``mxfp4.explain`` (which runs the op's checks first): problem shape, device and
-    capability, toolchain, path, and on the SM90 path the tile config and why. Reads no tensor values."""
+    capability, toolchain, path, the kernel family (W4A16 or W4A8), and on the SM90 path the tile config
+    and why. Reads no tensor values."""
+    from .layout_fp8 import PackedMXFP4FP8
+
     num_experts = w.num_experts
+    fp8_weights = isinstance(w, PackedMXFP4FP8)
     if masked:
         variant = "grouped_mm_masked"
         max_m = x.shape[1]
@@ -176,26 +192,30 @@ def describe_call(x: torch.Tensor, w: object, masked: bool, config: str = "") ->
         rows = f"x {tuple(x.shape)}: T = {tokens} rows, about {hint} per expert"
     choice = select_path(x.device)
     lines = [
-        f"mxfp4.{variant}: E = {num_experts} experts, N = {w.n}, K = {w.k}",
+        f"mxfp4.{variant}: E = {num_experts} experts, N = {w.n}, K = {w.k}"
+        + (" (FP8-ready layout)" if fp8_weights else ""),
         f"  input:     {rows} ({x.dtype})",
         f"  device:    {choice.device}"
         + (f" ({choice.device_name}, compute capability {choice.capability[0]}.{choice.capability[1]})" if choice.capability else ""),
         f"  toolchain: {choice.toolchain if choice.toolchain is not None else 'not checked (not needed for this device)'}",
         f"  path:      {choice.path}: {choice.reason}",
     ]
+    family = _family_line(x, fp8_weights)
+    if family is not None:
+        lines.append(family)
     if choice.path == SM90 and config:
         lines.append(f"  config:    {config}: forced by the caller (config=...)")
     elif choice.path == SM90:
-        chosen = choose_config(num_experts, w.n, w.k, hint, choice.device_name)
+        chosen = choose_config(num_experts, w.n, w.k, hint, choice.device_name, "fp8" if fp8_weights else "bf16")
         lines.append(f"  config:    {chosen.name}: {chosen.reason}")
         lines.append(f"  family:    {chosen.config.family}")
     else:
         lines.append("  config:    none (tile configs apply to the SM90 kernel only)")
-        lines += _fallback_lines(w, variant == "grouped_mm_masked", hint)
+        lines += _fallback_lines(w, variant == "grouped_mm_masked", hint, x.dtype == torch.float8_e4m3fn)
     return "\n".join(lines)
 
 
-def _fallback_lines(w: object, masked: bool, rows_per_expert: int) -> list[str]:
+def _fallback_lines(w: object, masked: bool, rows_per_expert: int, fp8_x: bool = False) -> list[str]:
     """The portable path's mode for this call (in-register kernel, cached decoded weights or per-call decode),
     why, and what it holds in memory."""
     from .fallback import CACHED, KERNEL, fallback_mode
@@ -205,8 +225,13 @@ def _fallback_lines(w: object, masked: bool, rows_per_expert: int) -> list[str]:
     stats = mode.stats
     name = {KERNEL: "in-register kernel (no decoded copy)", CACHED: "cached decoded weights"}.get(
         mode.mode, "per-call decode (slow)")
+    compute = mode.compute
+    if fp8_x:  # FP8 activations take the torch composition of the W4A8 math, not the bf16 kernel
+        name = "FP8 activations: decoded weights (cached within the budget, else per call)"
+        compute = ("float32 products of e4m3 x and the decoded weights per expert, row scales applied and rounded "
+                   "once (the W4A8 kernel's math)" + ("" if masked else "; reads offsets on the host"))
     copy = format_bytes(mode.decoded_nbytes)
-    if mode.mode == KERNEL:
+    if mode.mode == KERNEL and not fp8_x:
         held = "0 B" if not mode.cached_now else f"0 B for this call (a copy of {copy} from an earlier call is cached)"
         memory = f"decoded copy held: {held}; reads the packed weight ({format_bytes(w.data.numel())}) in place"
     else:
@@ -214,7 +239,7 @@ def _fallback_lines(w: object, masked: bool, rows_per_expert: int) -> list[str]:
         memory = f"decoded copy bf16 [E, N, K] = {copy} ({state})"
     return [
         f"  fallback:  {name}: {mode.reason}",
-        f"  compute:   {mode.compute}",
+        f"  compute:   {compute}",
         f"  memory:    {memory}; budget {format_bytes(stats.budget)} ({stats.budget_source}); "
         f"cache on {w.data.device} holds {stats.entries} weight(s), {format_bytes(stats.nbytes)} "
         f"({stats.hits} hits, {stats.misses} misses, {stats.evictions} evictions)",

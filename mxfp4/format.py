@@ -53,6 +53,16 @@ def _unravel(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(index))
 
 
+def e2m1_magnitude_codes(magnitude: torch.Tensor) -> torch.Tensor:
+    """Magnitudes (>= 0, float) rounded to nearest, ties to even, on the E2M1 grid, saturated at 6:
+    uint8 codes 0..7 (the sign bit is the caller's)."""
+    magnitude = magnitude.clamp(max=6.0)
+    code = torch.zeros(magnitude.shape, dtype=torch.uint8, device=magnitude.device)
+    for midpoint, tie_goes_up in _MIDPOINTS:
+        code += (magnitude >= midpoint) if tie_goes_up else (magnitude > midpoint)
+    return code
+
+
 def _quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """rows: float [R, K/32, 32] (float32 or float64, all finite) -> (codes uint8 [R, K], scales uint8 [R, K/32])."""
     amax = rows.abs().amax(dim=-1)
@@ -62,10 +72,7 @@ def _quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # X <= 125 for any finite float32 (and 127 suffices for float64 values of bf16 range), so
     # 2**-X is a normal number and the product below is exact wherever it matters (>= 2**-126).
     scaled = rows * _pow2(-shared, rows.dtype).unsqueeze(-1)
-    magnitude = scaled.abs().clamp(max=6.0)
-    code = torch.zeros(scaled.shape, dtype=torch.uint8, device=rows.device)
-    for midpoint, tie_goes_up in _MIDPOINTS:
-        code += (magnitude >= midpoint) if tie_goes_up else (magnitude > midpoint)
+    code = e2m1_magnitude_codes(scaled.abs())
     code |= ((scaled < 0) & (code != 0)).to(torch.uint8) << 3
     scales = (shared + E8M0_BIAS).to(torch.uint8)
     return code.reshape(rows.shape[0], -1), scales

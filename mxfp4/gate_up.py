@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import PackedMXFP4, pack, unpack
+from .layout_fp8 import PackedMXFP4FP8, pack_fp8, unpack_fp8
 from .tensor import MXFP4Tensor
 
 PAIR_BLOCK = 16  # rows per pairing block: 8 gate rows, then their 8 up rows
@@ -38,6 +39,16 @@ class PackedGateUp(PackedMXFP4):
 
     def to(self, device: torch.device | str) -> "PackedGateUp":
         return PackedGateUp(self.data.to(device), self.n, self.k)
+
+
+@dataclass(frozen=True, repr=False)
+class PackedGateUpFP8(PackedMXFP4FP8):
+    """:class:`PackedGateUp` in the FP8-ready layout (``pack_gate_up(w, activations="fp8")``): paired rows."""
+
+
+def is_paired(w: object) -> bool:
+    """Whether ``w`` is a gate_up weight with paired rows (either layout)."""
+    return isinstance(w, (PackedGateUp, PackedGateUpFP8))
 
 
 def pairable(rows: int) -> bool:
@@ -58,18 +69,27 @@ def paired_row_source(rows: int) -> torch.Tensor:
     return torch.arange(rows) - j + 2 * (j % PAIR_CHANNELS) + j // PAIR_CHANNELS
 
 
-def pack_gate_up(w: MXFP4Tensor) -> PackedGateUp:
-    """``mxfp4.pack`` of an interleaved ``[E, 2I, H]`` gate_up weight, rows paired for the fused kernel."""
+def pack_gate_up(w: MXFP4Tensor, *, activations: str = "bf16") -> PackedGateUp | PackedGateUpFP8:
+    """``mxfp4.pack`` of an interleaved ``[E, 2I, H]`` gate_up weight, rows paired for the fused kernel;
+    ``activations="fp8"``: in the FP8-ready layout (``mxfp4.pack(w, activations="fp8")``)."""
     if not isinstance(w, MXFP4Tensor) or w.blocks.dim() != 4:
         raise TypeError(f"pack_gate_up: w must be an MXFP4Tensor of shape [E, 2I, H], got {type(w).__name__}")
+    if activations not in ("bf16", "fp8"):
+        raise ValueError(f"pack_gate_up: activations must be 'bf16' or 'fp8', got {activations!r}")
     source = paired_row_source(w.blocks.shape[1]).to(w.blocks.device)
-    packed = pack(MXFP4Tensor(w.blocks.index_select(1, source), w.scales.index_select(1, source)))
+    paired = MXFP4Tensor(w.blocks.index_select(1, source), w.scales.index_select(1, source))
+    if activations == "fp8":
+        packed = pack_fp8(paired)
+        return PackedGateUpFP8(packed.data, packed.row_scale, packed.n, packed.k, packed.rerounded_blocks,
+                               packed.total_blocks)
+    packed = pack(paired)
     return PackedGateUp(packed.data, packed.n, packed.k)
 
 
-def unpack_gate_up(packed: PackedGateUp) -> MXFP4Tensor:
-    """The interleaved ``[E, 2I, H]`` weight back from a :class:`PackedGateUp` (exact)."""
-    paired = unpack(packed)
+def unpack_gate_up(packed: PackedGateUp | PackedGateUpFP8) -> MXFP4Tensor:
+    """The interleaved ``[E, 2I, H]`` weight back from a :class:`PackedGateUp` (exact) or a
+    :class:`PackedGateUpFP8` (as it holds it)."""
+    paired = unpack_fp8(packed) if isinstance(packed, PackedGateUpFP8) else unpack(packed)
     target = torch.argsort(paired_row_source(packed.n)).to(paired.blocks.device)
     return MXFP4Tensor(paired.blocks.index_select(1, target), paired.scales.index_select(1, target))
 

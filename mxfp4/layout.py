@@ -77,6 +77,61 @@ and ``16w + g + 8``; byte ``j`` of it is::
 The four threads of a group read the same word (a broadcast).
 
 Padding rows and columns hold code 0 and scale 0, which decode to exact zeros.
+
+The FP8-ready layout (``pack(w, activations="fp8")``)
+-----------------------------------------------------
+A second pack-once layout, for the W4A8 kernels (e4m3 activations, FP8 WGMMA ``m64nNk32`` with the
+weight as register operand A). ``mxfp4/layout_fp8.py`` builds and reads it; this section is its contract.
+The atoms are the same (64 x 64, ``ATOM_BYTES`` each, codes then one byte per 32-block at the same byte
+positions as the scales above), and so are the 4 bits per code: only the order of the codes, their bits,
+and the meaning of the block bytes differ. Next to ``data`` sits ``row_scale``, float32 ``[E, N/64 * 64]``.
+
+*Values.* Row n of expert e has a reference exponent ``R`` = the largest E8M0 scale byte of its blocks.
+A block with scale byte ``s`` is ``t = R - s`` (0 .. ``FP8_MAX_OFFSET``) below it; its code ``c`` becomes
+the e4m3 value ``E2M1(c) * 2^(FP8_WEIGHT_SHIFT - t)`` (every such value is a normal e4m3 number, exactly:
+6 * 2^6 = 384 <= 448 at the top, 0.5 * 2^(6 - 11) = 2^-6 at the bottom), and
+``row_scale[e, n] = 2^(R - 127 - FP8_WEIGHT_SHIFT)``, so ``weight = e4m3 value * row_scale``: the block
+scales are honoured before the MMA, and the kernel applies ``row_scale`` (with the activation's row
+scale) once per output in the epilogue. A block with ``t > FP8_MAX_OFFSET`` (more than 2^11 below its
+row's largest block) is re-rounded: its values are rounded (nearest, ties to even) onto the E2M1 grid of
+``t = FP8_MAX_OFFSET``; ``PackedMXFP4FP8.rerounded_blocks`` counts those with a nonzero code. A row with a
+NaN block (scale 0xFF) gets ``row_scale`` NaN (every output of that row is NaN, as with the checkpoint).
+Padding rows have ``row_scale`` 0.
+
+*Block bytes.* The byte of a block holds ``FP8_OFFSET_STEP * t`` (t steps of the e4m3 exponent field).
+
+*Codes: which code a word holds.* For ``m64nNk32`` e4m3 (PTX's register fragment of an 8-bit A), thread
+``tid`` = (w, g, t) as above holds, per k32 step, rows ``16w + g`` (registers 0, 2) and ``16w + g + 8``
+(registers 1, 3) at columns ``4t .. 4t + 3`` (registers 0, 1) and ``16 + 4t .. 16 + 4t + 3`` (registers
+2, 3), byte j of a register being column ``+ j``. Word ``c`` (0..3) of the thread's 16 bytes is k32 step
+``c >> 1`` and row half ``h = c & 1``; its slot ``i`` (0..7) is the code at::
+
+    row = 16 w + g + 8 h
+    k   = 32 (c >> 1) + 16 (i >> 2) + 4 t + (i & 3)
+
+so slots 0..3 are the four bytes of register ``h`` and slots 4..7 those of register ``h + 2``.
+
+*Codes: where a code's bits sit.* The magnitude bits ``e1 e0 m`` of slot ``i`` are the 3-bit field at
+``16 (i >> 2) + 4 (i & 3)`` and its sign is bit ``8 (i & 3) + 3 + 4 (i >> 2)``; as ``FP8_CODE_BITS`` lists
+them, slot ``i``'s bits ``(m, e0, e1, s)`` are at::
+
+    fp8 slot 0: ( 0,  1,  2,  3)    fp8 slot 4: (16, 17, 18,  7)
+    fp8 slot 1: ( 4,  5,  6, 11)    fp8 slot 5: (20, 21, 22, 15)
+    fp8 slot 2: ( 8,  9, 10, 19)    fp8 slot 6: (24, 25, 26, 23)
+    fp8 slot 3: (12, 13, 14, 27)    fp8 slot 7: (28, 29, 30, 31)
+
+Decode (templates/mxfp4_decode_fp8.cuh mirrors this): with ``lo``/``hi`` the e4m3 bytes of
+{0, 0.5, 1, 1.5} / {2, 3, 4, 6} times 2^(6 - t) (``FP8_TABLE_LO``/``FP8_TABLE_HI`` minus
+``FP8_OFFSET_STEP * t`` in every byte, byte 0 of ``lo`` excepted: one multiply-add each, no borrow for
+t <= 11), the two registers of a word are::
+
+    index      = word & 0x77777777                      (the eight magnitudes, sign bits cleared)
+    register h     = prmt(lo, hi, index)       | (word << 4) & 0x80808080
+    register h + 2 = prmt(lo, hi, index >> 16) | word & 0x80808080
+
+7 integer instructions per 8 codes (one PRMT table lookup per 4 codes), plus 3 per (row, block) for the
+tables: no float instruction. PRMT reads the low 16 bits of its selector, four 3-bit indices with the
+nibble's top bit (sign replication) cleared.
 """
 
 from __future__ import annotations
@@ -110,6 +165,16 @@ DECODE_PIECES: tuple[tuple[tuple[int, int], ...], ...] = (
     ((12, 0x0040), (4, 0x8180)),
 )
 
+# The FP8-ready layout (see the docstring's last section); the kernel's decode reads these rendered.
+FP8_MAX_OFFSET = 11  # blocks up to 2^11 below their row's largest are exact; further ones are re-rounded
+FP8_OFFSET_STEP = 8  # a block byte holds 8 t: t steps of the e4m3 exponent field (bits 3..6)
+FP8_WEIGHT_SHIFT = 6  # the e4m3 value is E2M1 x 2^(6 - t); row_scale = 2^(R - 127 - 6)
+FP8_TABLE_LO = 0x6C686000  # e4m3 bytes of 0, 0.5, 1, 1.5 times 2^6 (PRMT source bytes 0..3 at t = 0)
+FP8_TABLE_HI = 0x7C787470  # e4m3 bytes of 2, 3, 4, 6 times 2^6 (PRMT source bytes 4..7)
+FP8_INDEX_MASK = 0x77777777  # the magnitude fields of a word (sign bits cleared)
+FP8_SIGN_MASK = 0x80808080  # bit 7 of every e4m3 byte
+FP8_SIGN_SHIFT = 4  # register h's signs sit 4 bits below bit 7 of its bytes
+
 # Bound on the codes unpacked at once (one byte per value) while packing, in values.
 _CHUNK_VALUES = 1 << 27
 
@@ -141,6 +206,20 @@ def _code_bits() -> tuple[tuple[int, int, int, int], ...]:
 
 # CODE_BITS[slot] = word bit positions of the slot's code bits (m, e0, e1, s); see the docstring.
 CODE_BITS: tuple[tuple[int, int, int, int], ...] = _code_bits()
+
+# The FP8-ready layout's FP8_CODE_BITS[slot]: (m, e0, e1, s) of slot i at 16 (i >> 2) + 4 (i & 3) + 0, 1, 2
+# and 8 (i & 3) + 3 + 4 (i >> 2) (see the docstring's last section).
+FP8_CODE_BITS: tuple[tuple[int, int, int, int], ...] = tuple(
+    (*(16 * (i >> 2) + 4 * (i & 3) + b for b in range(3)), 8 * (i & 3) + 3 + 4 * (i >> 2)) for i in range(CODES_PER_WORD)
+)
+
+
+def fp8_code_position(tid: int, word: int, slot: int) -> tuple[int, int]:
+    """(row, k) inside an atom of the FP8-ready layout's code in ``tid``'s word ``word``, slot ``slot``."""
+    w, g, t = tid // 32, (tid % 32) // 4, tid % 4
+    row = 16 * w + g + 8 * (word & 1)
+    k = 32 * (word >> 1) + 16 * (slot >> 2) + 4 * t + (slot & 3)
+    return row, k
 
 
 def decode_piece(register: int, piece: int) -> tuple[int, int]:
@@ -181,24 +260,24 @@ def _code_source_cpu() -> torch.Tensor:
     return torch.tensor(index, dtype=torch.long)
 
 
-def _spread_code_bits(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [..., 8 * words] in slot order -> the packed bytes [..., 4 * words].
+def _spread_code_bits(codes: torch.Tensor, code_bits: tuple[tuple[int, ...], ...] = CODE_BITS) -> torch.Tensor:
+    """uint8 codes [..., 8 * words] in slot order -> the packed bytes [..., 4 * words] (bits placed by ``code_bits``).
 
     Byte-wise (uint8 temporaries of one byte per word), so packing needs no wider copy of the codes.
     """
     slots = codes.view(*codes.shape[:-1], codes.shape[-1] // CODES_PER_WORD, CODES_PER_WORD)
     out = torch.zeros((*slots.shape[:-1], 4), dtype=torch.uint8, device=codes.device)  # 4 bytes per word
-    for slot, positions in enumerate(CODE_BITS):
+    for slot, positions in enumerate(code_bits):
         for bit, position in enumerate(positions):
             out[..., position // 8] |= ((slots[..., slot] >> bit) & 1) << (position % 8)
     return out.view(*codes.shape[:-1], slots.shape[-2] * 4)  # byte i of a word is its bits 8i..8i+7 (little-endian)
 
 
-def _gather_code_bits(packed: torch.Tensor) -> torch.Tensor:
+def _gather_code_bits(packed: torch.Tensor, code_bits: tuple[tuple[int, ...], ...] = CODE_BITS) -> torch.Tensor:
     """Inverse of _spread_code_bits: packed bytes [..., 4 * words] -> uint8 codes [..., 8 * words]."""
     words = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 4, 4)
     codes = torch.zeros((*words.shape[:-1], CODES_PER_WORD), dtype=torch.uint8, device=packed.device)
-    for slot, positions in enumerate(CODE_BITS):
+    for slot, positions in enumerate(code_bits):
         for bit, position in enumerate(positions):
             codes[..., slot] |= ((words[..., position // 8] >> (position % 8)) & 1) << bit
     return codes.view(*packed.shape[:-1], words.shape[-2] * CODES_PER_WORD)

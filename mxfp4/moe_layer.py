@@ -34,10 +34,13 @@ import torch
 
 from codegen.config import MAX_EXPERTS
 
+from .activations import quantize_activations
 from .dispatch import SM90, select_path
-from .gate_up import PackedGateUp, split_gate_up, unpack_gate_up
+from .gate_up import PackedGateUp, PackedGateUpFP8, is_paired, split_gate_up, unpack_gate_up
 from .layout import PackedMXFP4
+from .layout_fp8 import PackedMXFP4FP8
 from .ops import runs_directly, inference_only_backward, debug_checks_enabled, grouped_mm
+from .packing import check_activations
 from .tensor import MXFP4Tensor
 
 ACTIVATIONS = ("gpt_oss",)
@@ -76,22 +79,38 @@ def gpt_oss_activation(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+def gathered_rows(x: torch.Tensor, token: torch.Tensor, activations: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x's rows of each routed row's token: bf16, or (activations "fp8") e4m3 quantized once per token, with
+    their row scales (the gather moves one byte per value)."""
+    if activations != "fp8":
+        return x.index_select(0, token), None
+    x_fp8, x_scale = quantize_activations(x)
+    rows = x_fp8.view(torch.uint8).index_select(0, token).view(torch.float8_e4m3fn)
+    return rows, x_scale.index_select(0, token)
+
+
 def gate_up_step(
-    x: torch.Tensor, routing: Routing, top_k: int, gate_up: PackedMXFP4, bias: torch.Tensor | None,
-    alpha: float, limit: float,
+    x: torch.Tensor, routing: Routing, top_k: int, gate_up: PackedMXFP4 | PackedMXFP4FP8, bias: torch.Tensor | None,
+    alpha: float, limit: float, activations: str = "bf16",
 ) -> torch.Tensor:
     """Gather, gate_up GEMM, bias and activation: bf16 ``[T·k, I]`` in routed order."""
-    rows = x.index_select(0, routing.order // top_k)
-    gate, up = split_gate_up(grouped_mm(rows, gate_up, routing.offsets).float(), isinstance(gate_up, PackedGateUp))
+    rows, x_scale = gathered_rows(x, routing.order // top_k, activations)
+    h = grouped_mm(rows, gate_up, routing.offsets, x_scale=x_scale).float()
+    gate, up = split_gate_up(h, is_paired(gate_up))
     if bias is not None:  # the bias keeps the interleaved order of the checkpoint
         routed = bias.index_select(0, routing.sorted_ids).float()
         gate, up = gate + routed[:, 0::2], up + routed[:, 1::2]
     return gpt_oss_activation(gate, up, alpha, limit).to(torch.bfloat16)
 
 
-def down_step(a: torch.Tensor, routing: Routing, down: PackedMXFP4, bias: torch.Tensor | None) -> torch.Tensor:
-    """Down GEMM and bias: float32 ``[T·k, H]`` in routed order."""
-    y = grouped_mm(a, down, routing.offsets).float()
+def down_step(a: torch.Tensor, routing: Routing, down: PackedMXFP4 | PackedMXFP4FP8, bias: torch.Tensor | None,
+              activations: str = "bf16") -> torch.Tensor:
+    """Down GEMM and bias: float32 ``[T·k, H]`` in routed order (activations "fp8": ``a`` quantized per row first)."""
+    if activations == "fp8":
+        a_fp8, a_scale = quantize_activations(a)
+        y = grouped_mm(a_fp8, down, routing.offsets, x_scale=a_scale).float()
+    else:
+        y = grouped_mm(a, down, routing.offsets).float()
     if bias is not None:
         y = y + bias.index_select(0, routing.sorted_ids).float()
     return y
@@ -157,9 +176,9 @@ def _check_ids_values(topk_ids: torch.Tensor, num_experts: int) -> None:
 
 
 def _check_moe(
-    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4,
-    down: PackedMXFP4, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
-    activation: str, alpha: float, limit: float,
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
+    down: PackedMXFP4 | PackedMXFP4FP8, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    activation: str, alpha: float, limit: float, activations: str = "bf16",
 ) -> None:
     inter = _check_routed_input(x, topk_ids, gate_up, down)
     _check_dtype_and_shape("topk_weights", topk_weights, _WEIGHT_DTYPES, tuple(topk_ids.shape), "[T, k]", x)
@@ -169,6 +188,7 @@ def _check_moe(
     if activation not in ACTIVATIONS:
         raise ValueError(f"moe: activation must be one of {ACTIVATIONS}, got {activation!r}")
     _check_scalars(alpha, limit)
+    _check_layer_activations(activations, gate_up, down)
 
 
 def _check_routed_input(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4) -> int:
@@ -189,6 +209,16 @@ def _check_routed_input(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: Packed
     return _check_weights(gate_up, down, hidden)
 
 
+def _check_layer_activations(activations: str, gate_up: object, down: object) -> None:
+    """FP8-ready weights (``mxfp4.pack(w, activations="fp8")``) only meet FP8 activations."""
+    if check_activations("moe", activations) == "fp8":
+        return
+    for name, w in (("gate_up", gate_up), ("down", down)):
+        if isinstance(w, PackedMXFP4FP8):
+            raise TypeError(f"moe: {name} was packed for FP8 activations (activations='fp8' at pack time) but "
+                            "activations='bf16'; pass activations='fp8', or pack it with activations='bf16'")
+
+
 def _check_scalars(alpha: object, limit: object) -> None:
     for name, value in (("alpha", alpha), ("limit", limit)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -203,34 +233,44 @@ def _check_scalars(alpha: object, limit: object) -> None:
 # The custom op (plain tensors and scalars) and its fake kernel.
 
 
+def _weight(data: torch.Tensor, n: int, k: int, scale: torch.Tensor | None, paired: bool) -> PackedMXFP4 | PackedMXFP4FP8:
+    """The packed weight an op argument list describes: the FP8-ready layout when it has row scales."""
+    if scale is None:
+        return (PackedGateUp if paired else PackedMXFP4)(data, n, k)
+    return (PackedGateUpFP8 if paired else PackedMXFP4FP8)(data, scale, n, k)
+
+
 def _moe_impl(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     gate_up_data: torch.Tensor, gate_up_n: int, gate_up_k: int, gate_up_paired: bool,
     down_data: torch.Tensor, down_n: int, down_k: int,
     gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
-    activation: str, alpha: float, limit: float,
+    activation: str, alpha: float, limit: float, activations: str = "bf16",
+    gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    gate_up = (PackedGateUp if gate_up_paired else PackedMXFP4)(gate_up_data, gate_up_n, gate_up_k)
-    down = PackedMXFP4(down_data, down_n, down_k)
-    _check_moe(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit)
+    gate_up = _weight(gate_up_data, gate_up_n, gate_up_k, gate_up_scale, gate_up_paired)
+    down = _weight(down_data, down_n, down_k, down_scale, False)
+    _check_moe(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit, activations)
     _check_ids_values(topk_ids, gate_up.num_experts)
-    return _moe_checked(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit)
+    return _moe_checked(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, activations)
 
 
 def _moe_checked(
-    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4,
-    gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, alpha: float, limit: float,
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
+    down: PackedMXFP4 | PackedMXFP4FP8, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    alpha: float, limit: float, activations: str = "bf16",
 ) -> torch.Tensor:
     if x.shape[0] == 0:
         return torch.empty_like(x)
     choice = select_path(x.device)
-    if choice.path == SM90 and isinstance(gate_up, PackedGateUp):
+    if choice.path == SM90 and is_paired(gate_up):
         from .moe_fused import moe_sm90
 
-        return moe_sm90(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, choice.device_name)
+        return moe_sm90(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
+                        choice.device_name, activations)
     routing = route(topk_ids, gate_up.num_experts)
-    a = gate_up_step(x, routing, topk_ids.shape[1], gate_up, gate_up_bias, alpha, limit)
-    y = down_step(a, routing, down, down_bias)
+    a = gate_up_step(x, routing, topk_ids.shape[1], gate_up, gate_up_bias, alpha, limit, activations)
+    y = down_step(a, routing, down, down_bias, activations)
     return combine(y, routing, topk_weights)
 
 
@@ -239,11 +279,18 @@ _moe_op.register_autograd(inference_only_backward("moe"))
 
 
 @_moe_op.register_fake
-def _moe_fake(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *weights_and_options: object) -> torch.Tensor:
+def _moe_fake(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    gate_up_data: torch.Tensor, gate_up_n: int, gate_up_k: int, gate_up_paired: bool,
+    down_data: torch.Tensor, down_n: int, down_k: int,
+    gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    activation: str, alpha: float, limit: float, activations: str = "bf16",
+    gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The same checks as _moe_impl (shapes only), and the output's shape: x's."""
-    gate_up_data, gate_up_n, gate_up_k, _, down_data, down_n, down_k, *rest = weights_and_options
-    gate_up, down = PackedMXFP4(gate_up_data, gate_up_n, gate_up_k), PackedMXFP4(down_data, down_n, down_k)
-    _check_moe(x, topk_ids, topk_weights, gate_up, down, *rest)
+    gate_up = _weight(gate_up_data, gate_up_n, gate_up_k, gate_up_scale, gate_up_paired)
+    down = _weight(down_data, down_n, down_k, down_scale, False)
+    _check_moe(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit, activations)
     return torch.empty_like(x)
 
 
@@ -257,18 +304,33 @@ def _check_tensors(**named: object) -> None:
             raise TypeError(f"moe: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def _packed(name: str, w: object) -> PackedMXFP4:
+def _packed(name: str, w: object) -> PackedMXFP4 | PackedMXFP4FP8:
     if isinstance(w, MXFP4Tensor):
         raise TypeError(f"moe: {name} is an unpacked MXFP4Tensor; call {name} = mxfp4.pack({name}) once (at load time)")
-    if not isinstance(w, PackedMXFP4):
+    if not isinstance(w, (PackedMXFP4, PackedMXFP4FP8)):
         raise TypeError(f"moe: {name} must be a PackedMXFP4 (from mxfp4.pack), got {type(w).__name__}")
     return w
 
 
+def _check_python_arguments(x: object, topk_ids: object, topk_weights: object, gate_up_bias: object,
+                            down_bias: object, activation: object, activations: object, alpha: object,
+                            limit: object) -> None:
+    """What the op's schema cannot take, checked before it sees the arguments."""
+    _check_tensors(x=x, topk_ids=topk_ids, topk_weights=topk_weights)
+    for name, bias in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise TypeError(f"moe: {name} must be a torch.Tensor or None, got {type(bias).__name__}")
+    _check_scalars(alpha, limit)
+    if not isinstance(activation, str):
+        raise TypeError(f"moe: activation must be a str, got {type(activation).__name__}")
+    check_activations("moe", activations)
+
+
 def moe(
-    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4,
-    *, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
-    activation: str = "gpt_oss", alpha: float = 1.702, limit: float = 7.0,
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
+    down: PackedMXFP4 | PackedMXFP4FP8, *, gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None, activation: str = "gpt_oss", alpha: float = 1.702, limit: float = 7.0,
+    activations: str = "bf16",
 ) -> torch.Tensor:
     """The gpt-oss MoE expert layer (transformers' ``GptOssExperts.forward``); see the module docstring.
 
@@ -276,22 +338,21 @@ def moe(
     gate_up: ``mxfp4.pack_gate_up`` (rows paired: the fused SM90 kernels) or ``mxfp4.pack`` (the unfused
     composition) of ``[E, 2I, H]`` with gate/up rows interleaved, as gpt-oss stores them;
     down: ``mxfp4.pack`` of ``[E, H, I]``; biases ``[E, 2I]`` / ``[E, H]`` or None. Returns bf16 ``[T, H]``.
+    ``activations="fp8"``: the layer quantizes x (per token) and the activated rows (per row) to e4m3
+    (``mxfp4.quantize_activations``) and runs the W4A8 kernels on weights packed with ``activations="fp8"``
+    (plain packed weights work too, on the W4A16 kernels); the README states the accuracy traded.
 
     No host sync on CUDA (ids are range-checked by value only on the CPU, or after
     ``mxfp4.set_debug_checks(True)``), deterministic, and capturable into a CUDA graph for a fixed T
     (the static-shape decode variant); works under ``torch.compile(fullgraph=True)``.
     """
-    _check_tensors(x=x, topk_ids=topk_ids, topk_weights=topk_weights)
-    for name, bias in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
-        if bias is not None and not isinstance(bias, torch.Tensor):
-            raise TypeError(f"moe: {name} must be a torch.Tensor or None, got {type(bias).__name__}")
+    _check_python_arguments(x, topk_ids, topk_weights, gate_up_bias, down_bias, activation, activations, alpha, limit)
     gate_up, down = _packed("gate_up", gate_up), _packed("down", down)
-    _check_scalars(alpha, limit)  # before the op's schema sees them
-    if not isinstance(activation, str):
-        raise TypeError(f"moe: activation must be a str, got {type(activation).__name__}")
+    scale = lambda w: w.row_scale if isinstance(w, PackedMXFP4FP8) else None  # noqa: E731
     args = (
-        x, topk_ids, topk_weights, gate_up.data, gate_up.n, gate_up.k, isinstance(gate_up, PackedGateUp),
-        down.data, down.n, down.k, gate_up_bias, down_bias, activation, float(alpha), float(limit),
+        x, topk_ids, topk_weights, gate_up.data, gate_up.n, gate_up.k, is_paired(gate_up),
+        down.data, down.n, down.k, gate_up_bias, down_bias, activation, float(alpha), float(limit), activations,
+        scale(gate_up), scale(down),
     )
     return _moe_impl(*args) if runs_directly(x) else torch.ops.mxfp4.moe(*args)
 
@@ -308,12 +369,12 @@ def reference_moe_float64(
 ) -> torch.Tensor:
     """float64 ``[T, H]``, written token by token from the definition (test sizes only)."""
     from .format import dequantize
-    from .layout import unpack
+    from .packing import unpack
 
-    def natural(w: PackedMXFP4 | MXFP4Tensor) -> MXFP4Tensor:
-        if isinstance(w, PackedGateUp):
+    def natural(w: PackedMXFP4 | PackedMXFP4FP8 | MXFP4Tensor) -> MXFP4Tensor:
+        if is_paired(w):
             return unpack_gate_up(w)
-        return unpack(w) if isinstance(w, PackedMXFP4) else w
+        return unpack(w) if isinstance(w, (PackedMXFP4, PackedMXFP4FP8)) else w
 
     w1, w2 = (dequantize(natural(w), torch.float64).to(x.device) for w in (gate_up, down))
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
@@ -331,8 +392,9 @@ def reference_moe_float64(
     return out
 
 
-def explain_moe(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4) -> str:
-    """What ``mxfp4.moe(x, topk_ids, ..., gate_up, down)`` would run, and why.
+def explain_moe(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
+                down: PackedMXFP4 | PackedMXFP4FP8, *, activations: str = "bf16") -> str:
+    """What ``mxfp4.moe(x, topk_ids, ..., gate_up, down, activations=...)`` would run, and why.
 
     Runs the op's checks of what it is given first (raising what the call would raise; the ids' values
     only where the op reads them: on the CPU, or with debug checks on)."""
@@ -340,13 +402,16 @@ def explain_moe(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4, d
     gate_up, down = _packed("gate_up", gate_up), _packed("down", down)
     _check_routed_input(x, topk_ids, gate_up, down)
     _check_ids_values(topk_ids, gate_up.num_experts)
+    _check_layer_activations(activations, gate_up, down)
     routed = topk_ids.numel()
     choice = select_path(x.device)
-    paired = isinstance(gate_up, PackedGateUp)
+    paired = is_paired(gate_up)
     lines = [
         f"mxfp4.moe: T = {x.shape[0]} tokens x top-{topk_ids.shape[-1]} = {routed} routed rows, "
         f"E = {gate_up.num_experts}, H = {down.n}, I = {down.k}",
         f"  path:      {choice.path}: {choice.reason}",
+        "  activations: " + ("fp8: x quantized per token and the activated rows per row (e4m3, one float32 scale "
+                             "per row), mxfp4.quantize_activations" if activations == "fp8" else "bf16"),
     ]
     if choice.path == SM90 and paired:
         from .moe_fused import fused_config

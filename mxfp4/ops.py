@@ -22,10 +22,13 @@ from codegen.config import MAX_EXPERTS, TileConfig
 
 from .dispatch import SM90, choose_config, describe_call, select_path
 from .layout import ATOM_BYTES, ATOM_K, ATOM_N, PackedMXFP4
+from .fallback_fp8 import portable_grouped_mm_fp8, portable_grouped_mm_masked_fp8
+from .layout_fp8 import PackedMXFP4FP8
 from .reference import portable_grouped_mm, portable_grouped_mm_masked
 from .tensor import BLOCK_SIZE, MXFP4Tensor
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+_X_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 _debug_checks = False
 
 
@@ -45,13 +48,13 @@ def debug_checks_enabled() -> bool:
 # Validation. Messages name the user-facing argument (x, w, offsets, masked_m, config).
 
 
-def _check_weight(op: str, w: object) -> PackedMXFP4:
+def _check_weight(op: str, w: object) -> PackedMXFP4 | PackedMXFP4FP8:
     if isinstance(w, MXFP4Tensor):
         raise TypeError(
             f"{op}: w is an unpacked MXFP4Tensor; call w = mxfp4.pack(w) once (at load time) "
             "and pass the PackedMXFP4"
         )
-    if not isinstance(w, PackedMXFP4):
+    if not isinstance(w, (PackedMXFP4, PackedMXFP4FP8)):
         raise TypeError(f"{op}: w must be a PackedMXFP4 (from mxfp4.pack), got {type(w).__name__}")
     return w
 
@@ -77,8 +80,8 @@ def _config_name(op: str, config: TileConfig | str | None) -> str:
 
 def _check_x_and_w(op: str, x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, x_dims: int) -> None:
     layout = "[T, K]" if x_dims == 2 else "[E, max_m, K]"
-    if x.dtype != torch.bfloat16:
-        raise TypeError(f"{op}: x must be bfloat16, got {x.dtype}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"{op}: x must be bfloat16 (or float8_e4m3fn with x_scale), got {x.dtype}")
     if x.dim() != x_dims:
         raise ValueError(f"{op}: x must be {layout}, got shape {tuple(x.shape)}")
     if not x.is_contiguous():
@@ -110,6 +113,51 @@ def _check_index(op: str, name: str, value: torch.Tensor, length: int, what: str
         raise ValueError(f"{op}: {name} is on {value.device} but x is on {x.device}; they must share a device")
     if not value.is_contiguous():
         raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def _check_row_scales(op: str, name: str, value: torch.Tensor, shape: tuple[int, ...], what: str, x: torch.Tensor) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != torch.float32:
+        raise TypeError(f"{op}: {name} must be float32, got {value.dtype}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {what} = {list(shape)}, got {tuple(value.shape)}")
+    if value.device != x.device:
+        raise ValueError(f"{op}: {name} is on {value.device} but x is on {x.device}; they must share a device")
+    if not value.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def _check_scales(op: str, x: torch.Tensor, x_scale: torch.Tensor | None, w_data: torch.Tensor,
+                  w_scale: torch.Tensor | None) -> None:
+    """x_scale goes with float8 x (one scale per row); w_scale with FP8-ready weights (their row scales)."""
+    fp8 = x.dtype == torch.float8_e4m3fn
+    if fp8 and x_scale is None:
+        raise ValueError(f"{op}: x is float8_e4m3fn but x_scale is missing; pass x_scale= (float32, one per row of x), "
+                         "as x_fp8, x_scale = mxfp4.quantize_activations(x) gives it")
+    if not fp8 and x_scale is not None:
+        raise ValueError(f"{op}: x_scale is given but x is {x.dtype}; x_scale goes with float8_e4m3fn x "
+                         "(x_fp8, x_scale = mxfp4.quantize_activations(x))")
+    if not fp8 and w_scale is not None:
+        raise TypeError(f"{op}: w was packed for FP8 activations (mxfp4.pack(w, activations='fp8')) but x is {x.dtype}; "
+                        "pass x_fp8, x_scale = mxfp4.quantize_activations(x), or pack w with mxfp4.pack(w)")
+    if x_scale is not None:
+        _check_row_scales(op, "x_scale", x_scale, tuple(x.shape[:-1]), "x.shape[:-1]", x)
+    if w_scale is not None:
+        rows = (w_data.shape[0], w_data.shape[1] * ATOM_N)
+        _check_row_scales(op, "w.row_scale", w_scale, rows, "[E, N padded to 64]", x)
+
+
+def _check_config_family(op: str, config: str, w_scale: torch.Tensor | None) -> None:
+    """A forced config must be of the weights' kernel family (W4A8 for FP8-ready weights, W4A16 otherwise)."""
+    if not config:
+        return
+    wanted = "fp8" if w_scale is not None else "bf16"
+    family = _config_from_name(config).activations
+    if family != wanted:
+        weights = "FP8-ready (mxfp4.pack(w, activations='fp8'))" if wanted == "fp8" else "packed by mxfp4.pack(w)"
+        raise ValueError(f"{op}: config {config} is a {family}-activation kernel but w is {weights}; "
+                         f"force a config of activations={wanted!r} or pass config=None")
 
 
 def _values_checkable(value: torch.Tensor) -> bool:
@@ -150,52 +198,75 @@ def _config_from_name(name: str) -> TileConfig:
 def _launch_sm90(
     x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows: torch.Tensor, masked: bool,
     config: str, out: torch.Tensor, tokens_hint: int, device_name: str | None,
+    x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
 ) -> None:
     from codegen.launch import grouped_mm_sm90  # lazy: CPU machines never import cuda-python
 
+    activations = "fp8" if w_scale is not None else "bf16"
     if config:
         tile = _config_from_name(config)
     else:
-        tile = choose_config(w_data.shape[0], n, k, tokens_hint, device_name).config
+        tile = choose_config(w_data.shape[0], n, k, tokens_hint, device_name, activations).config
     # The kernel reads int32 and int64 routing alike: no cast, no allocation in the hot path.
-    grouped_mm_sm90(x, w_data, n, k, rows, masked, tile, out)
+    if x_scale is None:
+        grouped_mm_sm90(x, w_data, n, k, rows, masked, tile, out)
+        return
+    from codegen.launch import EpilogueArgs
+
+    if w_scale is None:  # plain weights: the W4A16 kernel on x widened to bf16 (exact), x_scale in its epilogue
+        x = x.to(torch.bfloat16)
+    grouped_mm_sm90(x, w_data, n, k, rows, masked, tile, out, EpilogueArgs(x_scale=x_scale, w_scale=w_scale))
 
 
-def _check_grouped_mm(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int) -> None:
+def _check_grouped_mm(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str = "",
+                      x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> None:
     op = "grouped_mm"
     _check_x_and_w(op, x, w_data, n, k, 2)
+    _check_scales(op, x, x_scale, w_data, w_scale)
+    _check_config_family(op, config, w_scale)
     _check_index(op, "offsets", offsets, w_data.shape[0] + 1, "E + 1", x)
     _check_offsets_values(op, offsets, x.shape[0])
 
 
-def _check_grouped_mm_masked(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int) -> None:
+def _check_grouped_mm_masked(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int,
+                             config: str = "", x_scale: torch.Tensor | None = None,
+                             w_scale: torch.Tensor | None = None) -> None:
     op = "grouped_mm_masked"
     _check_x_and_w(op, x, w_data, n, k, 3)
+    _check_scales(op, x, x_scale, w_data, w_scale)
+    _check_config_family(op, config, w_scale)
     _check_masked_shapes(op, x, w_data, masked_m)
     _check_masked_values(op, masked_m, x.shape[1])
 
 
-def _grouped_mm_impl(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
-    _check_grouped_mm(x, w_data, offsets, n, k)
+def _grouped_mm_impl(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str,
+                     x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    _check_grouped_mm(x, w_data, offsets, n, k, config, x_scale, w_scale)
     if x.shape[0] == 0 or n == 0:
         return torch.empty((x.shape[0], n), dtype=torch.bfloat16, device=x.device)
     choice = select_path(x.device)
     if choice.path != SM90:
+        if x_scale is not None:
+            return portable_grouped_mm_fp8(x, x_scale, w_data, n, k, offsets, w_scale)
         return portable_grouped_mm(x, w_data, n, k, offsets)  # its own output: no extra copy
-    out = x.new_empty((x.shape[0], n))  # x is bf16 on the right device: no dtype/device arguments to parse
+    # x is bf16 on the right device: no dtype/device arguments to parse on the usual path.
+    out = x.new_empty((x.shape[0], n)) if x_scale is None else x.new_empty((x.shape[0], n), dtype=torch.bfloat16)
     hint = -(-x.shape[0] // w_data.shape[0])
-    _launch_sm90(x, w_data, n, k, offsets, False, config, out, hint, choice.device_name)
+    _launch_sm90(x, w_data, n, k, offsets, False, config, out, hint, choice.device_name, x_scale, w_scale)
     return out
 
 
-def _grouped_mm_masked_impl(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
-    _check_grouped_mm_masked(x, w_data, masked_m, n, k)
-    out = x.new_empty((x.shape[0], x.shape[1], n))
+def _grouped_mm_masked_impl(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int, config: str,
+                            x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    _check_grouped_mm_masked(x, w_data, masked_m, n, k, config, x_scale, w_scale)
+    out = x.new_empty((x.shape[0], x.shape[1], n), dtype=torch.bfloat16)
     if x.shape[1] == 0 or n == 0:
         return out
     choice = select_path(x.device)
     if choice.path == SM90:
-        _launch_sm90(x, w_data, n, k, masked_m, True, config, out, x.shape[1], choice.device_name)
+        _launch_sm90(x, w_data, n, k, masked_m, True, config, out, x.shape[1], choice.device_name, x_scale, w_scale)
+    elif x_scale is not None:
+        portable_grouped_mm_masked_fp8(x, x_scale, w_data, n, k, w_scale, out)
     else:
         portable_grouped_mm_masked(x, w_data, n, k, masked_m, out)
     return out
@@ -215,17 +286,21 @@ _grouped_mm_masked_op = torch.library.custom_op("mxfp4::grouped_mm_masked", muta
 
 
 @_grouped_mm_op.register_fake
-def _grouped_mm_fake(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
+def _grouped_mm_fake(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str,
+                     x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
     _check_x_and_w("grouped_mm", x, w_data, n, k, 2)
+    _check_scales("grouped_mm", x, x_scale, w_data, w_scale)
     _check_index("grouped_mm", "offsets", offsets, w_data.shape[0] + 1, "E + 1", x)
-    return x.new_empty((x.shape[0], n))
+    return x.new_empty((x.shape[0], n), dtype=torch.bfloat16)
 
 
 @_grouped_mm_masked_op.register_fake
-def _grouped_mm_masked_fake(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int, config: str) -> torch.Tensor:
+def _grouped_mm_masked_fake(x: torch.Tensor, w_data: torch.Tensor, masked_m: torch.Tensor, n: int, k: int, config: str,
+                            x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
     _check_x_and_w("grouped_mm_masked", x, w_data, n, k, 3)
+    _check_scales("grouped_mm_masked", x, x_scale, w_data, w_scale)
     _check_masked_shapes("grouped_mm_masked", x, w_data, masked_m)
-    return x.new_empty((x.shape[0], x.shape[1], n))
+    return x.new_empty((x.shape[0], x.shape[1], n), dtype=torch.bfloat16)
 
 
 def inference_only_backward(op: str) -> Callable[..., None]:
@@ -261,50 +336,60 @@ def runs_directly(x: torch.Tensor) -> bool:
 
 
 def _call(op: str, impl: Callable[..., torch.Tensor], custom_op: Callable[..., torch.Tensor], x: object, w: object,
-          rows_name: str, rows: object, config: object) -> torch.Tensor:
+          rows_name: str, rows: object, config: object, x_scale: object) -> torch.Tensor:
     """Check the Python-level arguments, then run ``impl`` directly (plain eager) or through the op."""
     w = _check_weight(op, w)
     _check_tensor(op, "x", x)
     _check_tensor(op, rows_name, rows)
+    if x_scale is not None:
+        _check_tensor(op, "x_scale", x_scale)
     name = _config_name(op, config)
+    w_scale = w.row_scale if isinstance(w, PackedMXFP4FP8) else None
     if runs_directly(x):
-        return impl(x, w.data, rows, w.n, w.k, name)
-    return custom_op(x, w.data, rows, w.n, w.k, name)
+        return impl(x, w.data, rows, w.n, w.k, name, x_scale, w_scale)
+    return custom_op(x, w.data, rows, w.n, w.k, name, x_scale, w_scale)
 
 
 def grouped_mm(
-    x: torch.Tensor, w: PackedMXFP4, offsets: torch.Tensor, *, config: TileConfig | str | None = None
+    x: torch.Tensor, w: PackedMXFP4 | PackedMXFP4FP8, offsets: torch.Tensor, *, config: TileConfig | str | None = None,
+    x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[offsets[e]:offsets[e+1]] = x[offsets[e]:offsets[e+1]] @ W_e^T`` for every expert e.
 
-    x: bf16 ``[T, K]``, rows grouped by expert; w: ``mxfp4.pack(weight)`` of an ``[E, N, K]`` weight;
-    offsets: int32/int64 ``[E + 1]``, rising from 0 to T, on x's device. Returns bf16 ``[T, N]``.
-    ``config`` forces a tile config on the SM90 path (None: chosen from the tuning table).
+    x: bf16 ``[T, K]``, rows grouped by expert, or float8_e4m3fn ``[T, K]`` with ``x_scale`` float32 ``[T]``
+    (``x_fp8, x_scale = mxfp4.quantize_activations(x)``: the W4A8 kernel with ``mxfp4.pack(weight,
+    activations="fp8")`` weights; plain packed weights take it too, on the W4A16 kernel);
+    w: ``mxfp4.pack(weight)`` of an ``[E, N, K]`` weight; offsets: int32/int64 ``[E + 1]``, rising from 0 to T,
+    on x's device. Returns bf16 ``[T, N]``. ``config`` forces a tile config on the SM90 path (None: chosen
+    from the tuning table).
     """
-    return _call("grouped_mm", _grouped_mm_impl, torch.ops.mxfp4.grouped_mm, x, w, "offsets", offsets, config)
+    return _call("grouped_mm", _grouped_mm_impl, torch.ops.mxfp4.grouped_mm, x, w, "offsets", offsets, config, x_scale)
 
 
 def grouped_mm_masked(
-    x: torch.Tensor, w: PackedMXFP4, masked_m: torch.Tensor, *, config: TileConfig | str | None = None
+    x: torch.Tensor, w: PackedMXFP4 | PackedMXFP4FP8, masked_m: torch.Tensor, *, config: TileConfig | str | None = None,
+    x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[e, :masked_m[e]] = x[e, :masked_m[e]] @ W_e^T``; rows at or past masked_m[e] are undefined.
 
-    x: bf16 ``[E, max_m, K]``; masked_m: int32/int64 ``[E]`` on x's device. Returns bf16 ``[E, max_m, N]``.
+    x: bf16 ``[E, max_m, K]``, or float8_e4m3fn with ``x_scale`` float32 ``[E, max_m]`` (as for
+    :func:`grouped_mm`); masked_m: int32/int64 ``[E]`` on x's device. Returns bf16 ``[E, max_m, N]``.
     Shapes do not depend on the routing, so this variant captures into CUDA graphs for decode.
     """
     return _call("grouped_mm_masked", _grouped_mm_masked_impl, torch.ops.mxfp4.grouped_mm_masked, x, w, "masked_m",
-                 masked_m, config)
+                 masked_m, config, x_scale)
 
 
 def explain(
-    x: torch.Tensor, w: PackedMXFP4, offsets: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
-    *, config: TileConfig | str | None = None,
+    x: torch.Tensor, w: PackedMXFP4 | PackedMXFP4FP8, offsets: torch.Tensor | None = None,
+    masked_m: torch.Tensor | None = None, *, config: TileConfig | str | None = None, x_scale: torch.Tensor | None = None,
 ) -> str:
     """What ``grouped_mm(x, w, offsets)`` / ``grouped_mm_masked(x, w, masked_m)`` would do, and why.
 
     First the op's own checks (the same functions, so explain raises what the call would raise; without
     offsets / masked_m, the checks of x and w), then ``mxfp4.dispatch.describe_call``'s report: problem
-    shape, device and capability, toolchain, path, and on the SM90 path the tile config and why.
+    shape, device and capability, toolchain, path, the kernel family (W4A16 or W4A8), and on the SM90 path
+    the tile config and why. float8 x needs its ``x_scale``, as the call does.
     """
     if offsets is not None and masked_m is not None:
         raise ValueError("explain: pass offsets (grouped_mm) or masked_m (grouped_mm_masked), not both")
@@ -312,10 +397,15 @@ def explain(
     op, rows_name, rows = ("grouped_mm_masked", "masked_m", masked_m) if masked else ("grouped_mm", "offsets", offsets)
     w = _check_weight(op, w)
     _check_tensor(op, "x", x)
+    if x_scale is not None:
+        _check_tensor(op, "x_scale", x_scale)
     name = _config_name(op, config)
+    w_scale = w.row_scale if isinstance(w, PackedMXFP4FP8) else None
     if rows is None:
         _check_x_and_w(op, x, w.data, w.n, w.k, 3 if masked else 2)
+        _check_scales(op, x, x_scale, w.data, w_scale)
+        _check_config_family(op, name, w_scale)
     else:
         _check_tensor(op, rows_name, rows)
-        (_check_grouped_mm_masked if masked else _check_grouped_mm)(x, w.data, rows, w.n, w.k)
+        (_check_grouped_mm_masked if masked else _check_grouped_mm)(x, w.data, rows, w.n, w.k, name, x_scale, w_scale)
     return describe_call(x, w, masked, name)

@@ -6,8 +6,9 @@
 #   humming column humming-kernels==0.1.19 + packaging (bench, bench-full, bench-120b, host, ncu).
 #   The portable kernel (tests, sanitize, fallback) uses the Triton that ships with the machine's torch.
 # Steps: tests sanitize example tune tuning-test | bench (quick, with humming) bench-full (gpt-oss-20b,
-# every M) bench-120b | host | fallback | moe | ncu | e2e. One device call runs for at most 10 minutes:
-# run bench-full, bench-120b, ncu and each e2e model in a call of their own.
+# every M) bench-120b | host | fallback | moe | fp8 (W4A8 vs W4A16, torch FP8, bf16, humming FP8; accuracy
+# table; FP8_ARGS overrides its arguments) | ncu | e2e. One device call runs for at most 10 minutes:
+# run bench-full, bench-120b, fp8, ncu and each e2e model in a call of their own.
 # e2e: E2E_MODELS (default gpt-oss-20b; or gpt-oss-120b), E2E_ARGS (more bench flags, e.g. "--modes eager"),
 # E2E_TIMEOUT (seconds, default 480); the checkpoint goes to /dev/shm or /tmp, whichever has room.
 # Results and logs land in $LOGS, packed into $OUT/logs.tgz; $OUT also gets summary.txt (each step's
@@ -86,15 +87,19 @@ e2e_dir() {
 for step in "${steps[@]}"; do
   case "$step" in
     tests)
-      timeout 420 python3 -m pytest -q -rs --maxfail=20 -m gpu tests/ 2>&1 | tee "$LOGS/pytest-gpu.txt"
+      # TESTS_ARGS narrows the run (e.g. "tests/test_gpu_w4a8.py"); TESTS_TIMEOUT raises its limit.
+      # shellcheck disable=SC2086
+      timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -rs --maxfail=20 -m gpu ${TESTS_ARGS:-tests/} 2>&1 | tee "$LOGS/pytest-gpu.txt"
       note "gpu tests: exit ${PIPESTATUS[0]}: $(tail -n 1 "$LOGS/pytest-gpu.txt")"
       ;;
     sanitize)
       for tool in memcheck racecheck; do
         # Host API errors are off: torch and cuda-bindings probe driver entry points with
         # cuGetProcAddress, which returns errors that are not ours; device errors are all reported.
-        timeout 240 compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 python3 scripts/sanitize_case.py \
-          > "$LOGS/sanitize-$tool.txt" 2>&1
+        # SANITIZE_ARGS splits a long run: "--family bf16" and "--family fp8" in two device calls.
+        # shellcheck disable=SC2086
+        timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
+          python3 scripts/sanitize_case.py ${SANITIZE_ARGS:-} > "$LOGS/sanitize-$tool.txt" 2>&1
         rc=$?
         note "compute-sanitizer $tool: exit $rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOGS/sanitize-$tool.txt" | tail -n 1)"
         grep -E "relative error|FAIL" "$LOGS/sanitize-$tool.txt" | head -n 24
@@ -139,6 +144,13 @@ for step in "${steps[@]}"; do
         note "e2e $model (checkpoint under $dir): exit ${PIPESTATUS[0]}"; table "$LOGS/e2e-$model.txt" "e2e $model"
         grep -E "^e2e \[.*(loaded|decode)" "$LOGS/e2e-$model.txt" >> "$LOGS/summary.txt"  # what a timeout leaves
       done
+      ;;
+    fp8)
+      # FP8_ARGS overrides (e.g. "--model gpt-oss-120b"); the default is both models, uniform routing, every M.
+      # shellcheck disable=SC2086
+      bench 560 fp8 ${FP8_ARGS:---routing uniform} --out "$LOGS/fp8" 2>&1 | tee "$LOGS/fp8.txt"
+      note "fp8 (W4A8 vs W4A16, torch._scaled_grouped_mm, bf16, humming fp8; accuracy): exit ${PIPESTATUS[0]}"
+      table "$LOGS/fp8.txt" "fp8"; cp "$LOGS/fp8/bench_fp8.json" "$OUT/bench_fp8.json" 2>/dev/null
       ;;
     ncu)
       mkdir -p "$LOGS/ncu"

@@ -1,9 +1,10 @@
-"""One small grouped GEMM per config the op can pick (defaults + shipped tuning tables) and per kernel
-family (codegen.selection.FAMILY_SAMPLES), the fused MoE layer (SwiGLU and scatter epilogues), and the
-portable in-register kernel (forced: every tile config of its table, both variants), for
-compute-sanitizer (memcheck, racecheck) on the device.
+"""One small grouped GEMM per config the op can pick (defaults + shipped tuning tables; the W4A8 ones on e4m3 x
+and FP8-ready weights) and per kernel family (codegen.selection.FAMILY_SAMPLES), the activation quantizer, the
+fused MoE layer (SwiGLU and scatter epilogues, bf16 and fp8 activations), and the portable in-register kernel
+(forced: every tile config of its table, both variants), for compute-sanitizer (memcheck, racecheck) on the device.
 
-Usage: compute-sanitizer --tool memcheck python scripts/sanitize_case.py [CONFIG ...]
+Usage: compute-sanitizer --tool memcheck python scripts/sanitize_case.py [--family bf16|fp8] [CONFIG ...]
+``--family`` keeps the configs, quantizer and layer of one activation family (to split a long run in two).
 Exits non-zero if a result is off (the sanitizer's own report is what the device script reads).
 """
 
@@ -15,53 +16,97 @@ import torch
 
 import mxfp4
 from codegen import TileConfig
-from codegen.launch import grouped_mm_sm90
+from codegen.launch import EpilogueArgs, grouped_mm_sm90
 from codegen.selection import configs_under_test
 
+TOLERANCE = 1e-2
 
-def main(names: list[str]) -> int:
-    configs = [TileConfig.from_name(n) for n in names] if names else configs_under_test()
-    device = torch.device("cuda")
-    generator = torch.Generator().manual_seed(0)
-    num_experts, n, k = 3, 200, 160  # N and K tails, an empty expert
-    blocks = torch.randint(0, 256, (num_experts, n, k // 32, 16), generator=generator, dtype=torch.uint8)
-    scales = torch.randint(120, 130, (num_experts, n, k // 32), generator=generator, dtype=torch.uint8)
-    weight = mxfp4.MXFP4Tensor(blocks, scales).to(device)
-    packed = mxfp4.pack(weight)
-    counts = [9, 0, 21]
-    offsets = torch.tensor([0, 9, 9, 30], dtype=torch.int32, device=device)
-    x = torch.randn(sum(counts), k, generator=generator).to(device, torch.bfloat16)
-    w = mxfp4.dequantize(weight, torch.float32)
-    ref = torch.cat([x[0:9].float() @ w[0].T, x[9:30].float() @ w[2].T])
+
+class Problem:
+    """N and K tails, an empty expert; the weight in both layouts, x in bf16 and quantized to e4m3."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        num_experts, self.n, self.k = 3, 200, 160
+        blocks = torch.randint(0, 256, (num_experts, self.n, self.k // 32, 16), generator=generator, dtype=torch.uint8)
+        scales = torch.randint(120, 130, (num_experts, self.n, self.k // 32), generator=generator, dtype=torch.uint8)
+        weight = mxfp4.MXFP4Tensor(blocks, scales).to("cuda")
+        self.plain, self.fp8 = mxfp4.pack(weight), mxfp4.pack(weight, activations="fp8")
+        self.offsets = torch.tensor([0, 9, 9, 30], dtype=torch.int32, device="cuda")
+        self.x = torch.randn(30, self.k, generator=generator).to("cuda", torch.bfloat16)
+        self.x_fp8, self.x_scale = mxfp4.quantize_activations(self.x)
+        self.w = mxfp4.dequantize(weight, torch.float32)
+        self.w_fp8 = mxfp4.dequantize(mxfp4.unpack(self.fp8), torch.float32)
+
+    def run(self, config: TileConfig) -> float:
+        """The relative error of one launch of ``config`` against fp32 on its own inputs."""
+        out = torch.full((self.x.shape[0], self.n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        if config.activations == "fp8":
+            grouped_mm_sm90(self.x_fp8, self.fp8.data, self.n, self.k, self.offsets, False, config, out,
+                            EpilogueArgs(x_scale=self.x_scale, w_scale=self.fp8.row_scale))
+            x, w = self.x_fp8.float() * self.x_scale.unsqueeze(1), self.w_fp8
+        else:
+            grouped_mm_sm90(self.x, self.plain.data, self.n, self.k, self.offsets, False, config, out)
+            x, w = self.x.float(), self.w
+        torch.cuda.synchronize()
+        ref = torch.cat([x[0:9] @ w[0].T, x[9:30] @ w[2].T])
+        return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def main(arguments: list[str]) -> int:
+    family = None
+    if arguments[:1] == ["--family"]:
+        family, arguments = arguments[1], arguments[2:]
+    configs = [TileConfig.from_name(n) for n in arguments] if arguments else configs_under_test()
+    configs = [c for c in configs if family in (None, c.activations)]
+    problem = Problem()
     failures = 0
     for config in configs:
-        out = torch.full((x.shape[0], n), float("nan"), dtype=torch.bfloat16, device=device)
-        grouped_mm_sm90(x, packed.data, n, k, offsets, False, config, out)
-        torch.cuda.synchronize()
-        error = ((out.float() - ref).norm() / ref.norm()).item()
-        ok = error <= 1e-2
+        error = problem.run(config)
+        ok = error <= TOLERANCE
         failures += not ok
         print(f"{config.name}: relative error {error:.2e} {'ok' if ok else 'FAIL'}")
-    return 1 if failures + moe_case() + portable_case() else 0
+    if family in (None, "fp8"):
+        failures += quantize_case() + moe_case("fp8")
+    if family in (None, "bf16"):
+        failures += moe_case("bf16") + portable_case()
+    return 1 if failures else 0
 
 
-def moe_case() -> int:
+def quantize_case() -> int:
+    """The quantizer kernel on rows of both paths (K a multiple of 8, and not), against its torch composition."""
+    from mxfp4.activations import quantize_activations_reference
+
+    bad = 0
+    for k in (160, 100):
+        x = torch.randn(37, k, device="cuda").bfloat16()
+        got, want = mxfp4.quantize_activations(x), quantize_activations_reference(x)
+        same = torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+        print(f"quantize_activations K={k}: {'ok' if same else 'FAIL (differs from the torch composition)'}")
+        bad += not same
+    return bad
+
+
+def moe_case(activations: str) -> int:
     """The fused layer on a small problem with tails (H, I not multiples of 64), an empty expert, biases."""
     from mxfp4.moe_layer import reference_moe_float64
 
     generator = torch.Generator().manual_seed(1)
     experts, hidden, inter, tokens, top_k = 4, 160, 96, 13, 2
-    gate_up = mxfp4.pack_gate_up(mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, generator=generator) * 0.1)).to("cuda")
-    down = mxfp4.pack(mxfp4.quantize(torch.randn(experts, hidden, inter, generator=generator) * 0.1)).to("cuda")
+    gate_up_w = mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, generator=generator) * 0.1).to("cuda")
+    down_w = mxfp4.quantize(torch.randn(experts, hidden, inter, generator=generator) * 0.1).to("cuda")
+    gate_up = mxfp4.pack_gate_up(gate_up_w, activations=activations)
+    down = mxfp4.pack(down_w, activations=activations)
     biases = [torch.randn(experts, size, generator=generator).to("cuda", torch.bfloat16) for size in (2 * inter, hidden)]
     x = torch.randn(tokens, hidden, generator=generator).to("cuda", torch.bfloat16)
     ids = torch.randint(0, experts - 1, (tokens, top_k), generator=generator).to("cuda")  # expert 3: empty
     weights = torch.rand(tokens, top_k, generator=generator).to("cuda")
-    out = mxfp4.moe(x, ids, weights, gate_up, down, gate_up_bias=biases[0], down_bias=biases[1])
-    ref = reference_moe_float64(x, ids, weights, gate_up, down, *biases)
+    out = mxfp4.moe(x, ids, weights, gate_up, down, gate_up_bias=biases[0], down_bias=biases[1], activations=activations)
+    ref = reference_moe_float64(x, ids, weights, gate_up_w, down_w, *biases)
     error = ((out.double() - ref).norm() / ref.norm()).item()
-    print(f"moe (fused epilogues): relative error {error:.2e} {'ok' if error <= 1e-2 else 'FAIL'}")
-    return int(not error <= 1e-2)
+    budget = TOLERANCE if activations == "bf16" else 5e-2  # fp8: against float64 with bf16 activations
+    print(f"moe (fused epilogues, {activations} activations): relative error {error:.2e} {'ok' if error <= budget else 'FAIL'}")
+    return int(not error <= budget)
 
 
 def portable_case() -> int:

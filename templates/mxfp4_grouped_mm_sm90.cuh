@@ -8,6 +8,11 @@
 // hands to the consumers) or in a single producer warp after the consumers. Each consumer
 // warpgroup owns `AtomsPerWarpgroup` blocks of 64 weight rows, loads its fragment bytes with one
 // 16-byte shared load per 64 values of K, decodes them (mxfp4_decode.cuh) and issues wgmma.mma_async.
+//
+// The W4A8 family (Cfg::Fp8) differs only where marked: x is e4m3 (128 values per swizzled row, so one
+// TMA box covers two atoms of K), the weights are in the FP8-ready layout (mxfp4_decode_fp8.cuh) and
+// each atom is two k32 FP8 WGMMAs instead of four k16 ones; the row scales are applied before the
+// epilogue (mxfp4_row_scales.cuh), after a stream-K fix-up has summed a cut tile.
 #pragma once
 
 #include <cuda/std/cstdint>
@@ -21,7 +26,9 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "mxfp4_decode.cuh"
+#include "mxfp4_decode_fp8.cuh"
 #include "mxfp4_epilogue.cuh"
+#include "mxfp4_row_scales.cuh"
 #include "mxfp4_scheduler.cuh"
 #include "mxfp4_stream_k.cuh"
 
@@ -29,7 +36,7 @@ namespace mxfp4 {
 
 // kAtomN, kAtomK, kAtomCodeBytes, kAtomBytes, kScaleWordsPerWarp and kLanesPerScaleWord: the packed
 // layout's constants, rendered from mxfp4/layout.py into the generated source before this header.
-constexpr int kSwizzleRowBytes = 128;  // one 128B-swizzled row: 64 bf16 of K
+constexpr int kSwizzleRowBytes = 128;  // one 128B-swizzled row: 64 bf16 (128 e4m3) of K
 
 // cuTensorMapEncodeTiled's opaque 128-byte descriptor, passed by value in the kernel parameters.
 struct alignas(64) TensorMap {
@@ -37,11 +44,12 @@ struct alignas(64) TensorMap {
 };
 
 template <int TileN_, int TileM_, int TileK_, int Stages_, int Warpgroups_, int ProducerRegs_, int ConsumerRegs_,
-          Epilogue Epilogue_, bool ProducerWarp_, bool StreamK_>
+          Epilogue Epilogue_, bool ProducerWarp_, bool StreamK_, bool Fp8_ = false>
 struct KernelConfig {
   static constexpr bool ProducerWarp = ProducerWarp_;  // a producer warp (no setmaxnreg), not a warpgroup
   static constexpr bool StreamK = StreamK_;
   static constexpr Epilogue EpilogueKind = Epilogue_;
+  static constexpr bool Fp8 = Fp8_;  // W4A8: e4m3 x, FP8-ready weights, FP8 WGMMA k32
   static constexpr int TileN = TileN_;
   static constexpr int TileM = TileM_;
   static constexpr int TileK = TileK_;
@@ -53,17 +61,23 @@ struct KernelConfig {
   static constexpr int AtomsN = TileN / kAtomN;                // weight atoms along N per tile
   static constexpr int AtomsK = TileK / kAtomK;                // weight atoms along K per stage
   static constexpr int AtomsPerWarpgroup = AtomsN / Warpgroups;
-  static constexpr int XStageBytes = TileM * TileK * 2;
-  static constexpr int XChunkBytes = TileM * kSwizzleRowBytes;  // one 64-wide column block of x
+  static constexpr int XElementBytes = Fp8 ? 1 : 2;
+  static constexpr int XChunkK = kSwizzleRowBytes / XElementBytes;  // K of one swizzled row: 64 or 128
+  static constexpr int AtomsPerXChunk = XChunkK / kAtomK;
+  static constexpr int XChunks = TileK / XChunkK;               // TMA boxes of x per stage
+  static constexpr int MmaSteps = Fp8 ? 2 : 4;                  // WGMMAs (k32 or k16) per 64-deep atom
+  static constexpr int XStageBytes = TileM * TileK * XElementBytes;
+  static constexpr int XChunkBytes = TileM * kSwizzleRowBytes;  // one 128-byte-wide column block of x
   static constexpr int WStageBytes = AtomsN * AtomsK * kAtomBytes;
   static constexpr int Accumulators = TileM / 2;               // per thread, per 64-row block
   static_assert(TileN % (kAtomN * Warpgroups) == 0, "tile_n must split into 64-row blocks per warpgroup");
   static_assert(TileM % 8 == 0 && TileM >= 8 && TileM <= 256, "tile_m is WGMMA's N");
   static_assert(XChunkBytes % 1024 == 0, "128B-swizzled x chunks must stay 1024-byte aligned");
+  static_assert(TileK % XChunkK == 0, "a stage holds whole 128-byte rows of x");
 };
 
 // The 128B-swizzle K-major shared-memory descriptor of an x chunk (rows of 128 bytes, 8-row
-// swizzle atoms 1024 bytes apart), advanced to k16 step `step` (32 bytes each).
+// swizzle atoms 1024 bytes apart), advanced to WGMMA step `step` (32 bytes each: k16 bf16 or k32 e4m3).
 __device__ __forceinline__ uint64_t x_descriptor(void const* chunk, int step) {
   cute::GmmaDescriptor desc;
   uint32_t const address = cute::cast_smem_ptr_to_uint(chunk) + 32u * step;
@@ -135,10 +149,10 @@ __device__ __forceinline__ void produce(Params const& p, SharedStorage<Cfg> cons
                                     Cfg::XStageBytes + n_atoms_here * k_atoms_here * kAtomBytes);
       uint8_t* x_slot = s.x + ring.slot * Cfg::XStageBytes;
 #pragma unroll
-      for (int c = 0; c < Cfg::AtomsK; ++c) {
+      for (int c = 0; c < Cfg::XChunks; ++c) {
         cute::SM90_TMA_LOAD_2D::copy(&p.x_map, &s.full[ring.slot],
                                      static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
-                                     x_slot + c * Cfg::XChunkBytes, (k_atom0 + c) * kAtomK, row0);
+                                     x_slot + c * Cfg::XChunkBytes, k_atom0 * kAtomK + c * Cfg::XChunkK, row0);
       }
       uint8_t* w_slot = s.w + ring.slot * Cfg::WStageBytes;
       for (int a = 0; a < n_atoms_here; ++a) {
@@ -156,7 +170,7 @@ struct ConsumerState {
   using Mma = typename Cfg::Mma;
   static constexpr int A = Cfg::AtomsPerWarpgroup;
   float acc[A][Cfg::Accumulators];
-  uint32_t frag[2][A][4][4];  // [register buffer][atom][k16 step][A register]
+  uint32_t frag[2][A][Cfg::MmaSteps][4];  // [register buffer][atom][WGMMA step][A register]
 
   __device__ __forceinline__ void fence_accumulators() {
 #pragma unroll
@@ -170,7 +184,7 @@ struct ConsumerState {
 #pragma unroll
     for (int a = 0; a < A; ++a)
 #pragma unroll
-      for (int s = 0; s < 4; ++s)
+      for (int s = 0; s < Cfg::MmaSteps; ++s)
 #pragma unroll
         for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(frag[Buf][a][s][r]);
   }
@@ -184,7 +198,9 @@ struct ConsumerState {
       uint8_t const* atom = w_chunk + a * Cfg::AtomsK * kAtomBytes;
       uint4 const codes = *reinterpret_cast<uint4 const*>(atom + tid * 16);
       uint32_t const scales = *reinterpret_cast<uint32_t const*>(atom + kAtomCodeBytes + scale_word * 4);
-      if ((scales & 0x80808080u) == 0) {  // every scale below 128: one multiply per register
+      if constexpr (Cfg::Fp8) {  // the FP8-ready layout: block offsets, not scales
+        decode_atom_fp8(codes, scales, frag[Buf][a]);
+      } else if ((scales & 0x80808080u) == 0) {  // every scale below 128: one multiply per register
         uint32_t factor[4];
         e8m0_factors_below_128(scales, factor);
         decode_k16(codes.x, factor[0], factor[1], frag[Buf][a][0]);
@@ -202,14 +218,15 @@ struct ConsumerState {
     }
   }
 
+  // One atom's WGMMAs; its x starts `step0` WGMMA steps into the swizzled rows of `x_chunk`.
   template <int Buf>
-  __device__ __forceinline__ void issue_chunk(uint8_t const* x_chunk) {
+  __device__ __forceinline__ void issue_chunk(uint8_t const* x_chunk, int step0) {
     fence_fragments<Buf>();
     fence_accumulators();
     cute::warpgroup_arrive();
 #pragma unroll
-    for (int step = 0; step < 4; ++step) {
-      uint64_t const desc = x_descriptor(x_chunk, step);
+    for (int step = 0; step < Cfg::MmaSteps; ++step) {
+      uint64_t const desc = x_descriptor(x_chunk, step0 + step);
 #pragma unroll
       for (int a = 0; a < A; ++a)
         wgmma_rs<Mma>(frag[Buf][a][step], desc, acc[a], cute::make_index_sequence<Cfg::Accumulators>{});
@@ -229,12 +246,14 @@ __device__ __forceinline__ void consume_stage(ConsumerState<Cfg>& st, uint8_t co
 #pragma unroll
   for (int c = 0; c < Cfg::AtomsK; ++c) {
     if (c < chunks) {
+      uint8_t const* x_chunk = x_slot + (c / Cfg::AtomsPerXChunk) * Cfg::XChunkBytes;
+      int const step0 = (c % Cfg::AtomsPerXChunk) * Cfg::MmaSteps;
       if (((Buf0 + c) & 1) == 0) {
         st.template decode_chunk<0>(w_slot + c * kAtomBytes, tid);
-        st.template issue_chunk<0>(x_slot + c * Cfg::XChunkBytes);
+        st.template issue_chunk<0>(x_chunk, step0);
       } else {
         st.template decode_chunk<1>(w_slot + c * kAtomBytes, tid);
-        st.template issue_chunk<1>(x_slot + c * Cfg::XChunkBytes);
+        st.template issue_chunk<1>(x_chunk, step0);
       }
       cute::warpgroup_wait<1>();
       if (c == 0 && release_previous) {
@@ -319,6 +338,7 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
                                                      &s.last_share[consumer]))
         continue;  // another CTA finishes this tile
     }
+    apply_tile_row_scales<Cfg>(st.acc, p, tile, rows, consumer, tid);  // FP8 activations: x (and W) row scales
     store_tile(st, p, tile, rows, consumer, tid);
   }
 }

@@ -471,7 +471,10 @@ def test_default_config_sass(default_kernels, config):
     if isinstance(kernel, Exception):
         pytest.fail(f"{config.name} did not compile: {kernel}")
     summary = kernel.sass()
-    assert summary.hgmma > 0
+    if config.activations == "fp8":  # W4A8: FP8 WGMMA (QGMMA), no bf16 one
+        assert summary.qgmma > 0 and summary.hgmma == 0, summary.opcodes
+    else:
+        assert summary.hgmma > 0 and summary.qgmma == 0, summary.opcodes
     assert summary.utmaldg > 0, "x must arrive by TMA (UTMALDG)"
     assert summary.tma > 0
     assert summary.setmaxnreg == config.uses_setmaxnreg  # a producer warp keeps the launch registers
@@ -487,3 +490,18 @@ def test_second_compile_many_is_all_cache_hits(default_kernels, tmp_path_factory
     again = compile_many(DEFAULT_CONFIGS, jobs=2, progress=False, cache_dir=store)
     assert all(isinstance(k, CompiledKernel) and k.cache_hit for k in again)
     assert [k.cubin for k in again] == [default_kernels[c.name].cubin for c in DEFAULT_CONFIGS]
+
+
+@needs_toolchain
+def test_quantize_kernel_compiles_without_local_memory(tmp_path, monkeypatch):
+    """mxfp4.quantize_activations' SM90 kernel: e4m3 conversion with saturation, no spills, no stack."""
+    monkeypatch.setenv("HOPPER_MXFP4_CACHE", str(tmp_path))
+    from codegen.quantize import QUANTIZE_ENTRY, render_quantize
+
+    kernel = compile_source(render_quantize(), "quantize_fp8", entry=QUANTIZE_ENTRY, cache_dir=tmp_path)
+    assert kernel.cubin.startswith(ELF_MAGIC)
+    assert kernel.resources.spills == 0 and kernel.resources.stack_bytes == 0, kernel.log
+    if SASS_MISSING is None:
+        summary = kernel.sass()
+        assert summary.local_memory == 0
+        assert any(name.startswith("F2FP") for name in summary.opcodes), summary.opcodes  # cvt.rn.satfinite.e4m3x2

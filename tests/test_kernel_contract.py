@@ -21,6 +21,9 @@ def test_layout_constants_are_rendered_from_layout_py() -> None:
         "kAtomN": layout.ATOM_N, "kAtomK": layout.ATOM_K, "kAtomCodeBytes": layout.ATOM_CODE_BYTES,
         "kAtomBytes": layout.ATOM_BYTES, "kScaleWordsPerWarp": layout.SCALE_WORDS_PER_WARP,
         "kLanesPerScaleWord": layout.LANES_PER_SCALE_WORD,
+        # the FP8-ready layout's decode (mxfp4_decode_fp8.cuh)
+        "kFp8TableLo": layout.FP8_TABLE_LO, "kFp8TableHi": layout.FP8_TABLE_HI,
+        "kFp8IndexMask": layout.FP8_INDEX_MASK, "kFp8SignShift": layout.FP8_SIGN_SHIFT,
     }
     for register in range(4):  # the decode's rotates and masks (layout.DECODE_PIECES)
         for piece in range(2):
@@ -89,7 +92,7 @@ def test_producer_warp_sizes_threads_and_registers() -> None:
     assert warp.consumer_registers == warp.launch_registers == 65536 // (160 * 5) // 8 * 8
     assert warp.register_pool_suffices(1)  # nothing to hand over: no setmaxnreg request can hang
     source = render(warp)
-    assert "__launch_bounds__(Config::Threads, 5)" in source and "Epilogue::Store, true, false>" in source
+    assert "__launch_bounds__(Config::Threads, 5)" in source and "Epilogue::Store, true, false, false>" in source
     with pytest.raises(ValueError, match="producer='thread'"):
         TileConfig(producer="thread").validate()
     with pytest.raises(ValueError, match="registers"):  # four CTAs of 160 threads: 96 registers, too few for n128
@@ -101,7 +104,7 @@ def test_stream_k_is_a_name_suffix_and_a_template_flag() -> None:
     assert (config.producer, config.stream_k, config.epilogue) == ("warp", True, "swiglu")
     assert config.name == "n128_m8_k128_s6_wg1_c3_pw_sk_swiglu"
     assert "stream-K" in config.family and "producer warp" in config.family
-    assert "Epilogue::SwiGLU, true, true>" in render(config)
+    assert "Epilogue::SwiGLU, true, true, false>" in render(config)
     with pytest.raises(ValueError, match="stream_k must be a bool"):
         TileConfig(stream_k=1).validate()
     with pytest.raises(ValueError, match="not of the form"):

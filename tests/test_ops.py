@@ -306,7 +306,7 @@ def test_explain_checks_what_the_op_checks(problem) -> None:
     """Inputs the op rejects get the op's own error from explain, not a report of a call that cannot run."""
     x, _, packed, offsets = problem
     cases = [
-        (TypeError, "grouped_mm: x must be bfloat16, got torch.float32", (x.float(), packed, offsets), {}),
+        (TypeError, r"grouped_mm: x must be bfloat16 \(or float8_e4m3fn with x_scale\), got torch.float32", (x.float(), packed, offsets), {}),
         (ValueError, r"grouped_mm: offsets must have shape \[E \+ 1\] = \[4\], got \(3,\)", (x, packed, offsets[:-1]), {}),
         (ValueError, "grouped_mm: offsets must end at T", (x, packed, offsets.clone().fill_(0)), {}),
         (TypeError, "grouped_mm: offsets must be int32 or int64", (x, packed, offsets.float()), {}),
@@ -351,7 +351,7 @@ def test_sm90_launch_contract(monkeypatch: pytest.MonkeyPatch, problem) -> None:
     selection = types.SimpleNamespace(config=chosen, reason="tuned")
     import codegen.selection
 
-    monkeypatch.setattr(codegen.selection, "select_config", lambda e, n, k, hint, device_name=None: selection)
+    monkeypatch.setattr(codegen.selection, "select_config", lambda e, n, k, hint, device_name=None, activations="bf16": selection)
     out = mxfp4.grouped_mm(x, packed, offsets.long())
     assert bool((out == 1).all())
     (cx, w_data, n, k, rows, masked, config, cout), = calls

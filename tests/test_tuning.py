@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import json
 
 import pytest
 import torch
 
+import mxfp4
 from codegen import sweep, timing, tune_cli, tuning
 from codegen.config import DEFAULT_CONFIGS, TileConfig
 from codegen.selection import configs_in_use, heuristic_config, select_config
@@ -40,7 +43,17 @@ def test_default_space_is_valid_unique_and_sized():
         config.validate()
         assert TileConfig.from_name(config.name) == config
     assert 50 <= len(configs) <= 350, len(configs)
-    assert set(DEFAULT_CONFIGS) <= set(configs)  # include_defaults
+    bf16_defaults = {c for c in DEFAULT_CONFIGS if c.activations == "bf16"}
+    assert bf16_defaults <= set(configs) and all(c.activations == "bf16" for c in configs)  # include_defaults
+
+
+def test_fp8_space_is_the_w4a8_family():
+    configs = tuning.enumerate_configs(SearchSpace(activations="fp8"))
+    assert 20 <= len(configs) <= 350, len(configs)
+    assert all(c.activations == "fp8" and c.tile_k % 128 == 0 and c.name.endswith("_fp8") for c in configs)
+    assert {c for c in DEFAULT_CONFIGS if c.activations == "fp8"} <= set(configs)
+    quick = tuning.enumerate_configs(dataclasses.replace(SearchSpace.quick(), activations="fp8"))
+    assert quick and all(c.activations == "fp8" for c in quick)
 
 
 def test_space_pruning_keeps_the_deepest_stages():
@@ -65,7 +78,8 @@ def test_space_can_be_narrowed_and_widened():
     assert len(full) > len(tuning.enumerate_configs())
     quick = tuning.enumerate_configs(SearchSpace.quick())
     # tile_n 64/128/256 x wg 1/2/4 x 1, 3, 4 or 5 CTAs, the decode families on light CTAs
-    assert 6 <= len(quick) <= 130 and set(DEFAULT_CONFIGS) <= set(quick)
+    bf16_defaults = {c for c in DEFAULT_CONFIGS if c.activations == "bf16"}
+    assert 6 <= len(quick) <= 130 and bf16_defaults <= set(quick)
     assert len(quick) < len(tuning.enumerate_configs())
 
 
@@ -583,3 +597,60 @@ def test_shipped_tables_cover_both_models_with_valid_configs(family, gpu):
                 TileConfig.from_name(entry["config"])  # valid, or ValueError
                 assert entry["median_us"] <= entry["default_us"] * 1.02  # the winner, or within noise of the default
     assert set(tuning.shipped_configs()) <= set(configs_in_use())
+
+
+# ---------------------------------------------------------------------------------------------
+# the W4A8 family in selection, tables and sweeps
+
+
+def test_fp8_family_selection_tables_and_sweep_plan(tmp_path, monkeypatch):
+    fp8 = heuristic_config(16, "fp8")
+    assert fp8.activations == "fp8" and fp8.tile_m >= 16 and heuristic_config(16).activations == "bf16"
+    assert heuristic_config(10_000, "fp8").tile_m == max(c.tile_m for c in DEFAULT_CONFIGS if c.activations == "fp8")
+    selection = select_config(32, 5760, 2880, 16, activations="fp8")
+    assert selection.config == fp8 and "default fp8 tile_m" in selection.reason
+    # A table holds both families apart: E,N,K and E,N,K:fp8.
+    monkeypatch.setenv(tuning.TUNING_DIR_ENV, str(tmp_path))
+    table = tuning.new_table("NVIDIA H200")
+    table["entries"] = {"32,5760,2880": {"16": {"config": "n128_m16_k128_s5_wg1_c3"}},
+                        "32,5760,2880:fp8": {"16": {"config": "n128_m16_k128_s6_wg1_c3_fp8"}}}
+    tuning.write_table(tmp_path / "h200.json", table)
+    assert tuning.lookup("NVIDIA H200", 32, 5760, 2880, 16)[0].name == "n128_m16_k128_s5_wg1_c3"
+    assert tuning.lookup("NVIDIA H200", 32, 5760, 2880, 16, "fp8")[0].name == "n128_m16_k128_s6_wg1_c3_fp8"
+    assert tuning.lookup("NVIDIA H200", 32, 2880, 2880, 16, "fp8") is None
+    tuning.clear_cache()
+    with pytest.raises(ValueError, match="one kernel family per sweep"):
+        sweep.plan_sweep([Shape(2, 128, 128)], [8], [A, fp8])
+    plan = sweep.plan_sweep([Shape(2, 128, 128)], [8], [fp8])
+    assert plan.activations == "fp8" and plan.items[0][2] == heuristic_config(8, "fp8")
+
+
+def test_fp8_records_build_their_own_table_entries():
+    from codegen.sweep_report import build_table
+
+    base = {"gpu": "G", "E": 2, "N": 128, "K": 128, "m": 8, "status": "ok", "tflops": 1.0, "gbps": 1.0}
+    fp8 = heuristic_config(8, "fp8").name
+    records = [{**base, "config": A.name, "median_us": 10.0}, {**base, "config": fp8, "median_us": 6.0}]
+    entries = build_table(records, "G")["entries"]
+    assert entries["2,128,128"]["8"]["config"] == A.name  # the faster fp8 record does not take the bf16 entry
+    assert entries["2,128,128:fp8"]["8"]["config"] == fp8 and entries["2,128,128:fp8"]["8"]["default_config"] == fp8
+
+
+def test_gpu_measurer_dry_run_on_cpu_fp8(monkeypatch):
+    """A W4A8 config is measured on FP8-ready weights and e4m3 x, checked against the fp8-rounded x."""
+
+    def fake_time_cuda(fn, *, rotate=None, **kwargs):
+        for args in rotate[:2]:
+            fn(*args)
+        return timing.summarize([5.0, 6.0, 7.0])
+
+    monkeypatch.setattr(timing, "time_cuda", fake_time_cuda)
+    measurer = sweep.GpuMeasurer(device="cpu", memory_budget=1 << 22)
+    config = heuristic_config(8, "fp8")
+    result = measurer(Shape(2, 128, 128), 8, config)
+    assert result.median_us == pytest.approx(6.0) and result.rel_error <= 1e-2, result
+    x_fp8, packed, offsets, x_scale = measurer.inputs.sets[0]
+    assert x_fp8.dtype == torch.float8_e4m3fn and isinstance(packed, mxfp4.PackedMXFP4FP8) and x_scale.shape == (16,)
+    plain = measurer(Shape(2, 128, 128), 8, A)  # switching family rebuilds the inputs
+    assert plain.rel_error <= 1e-2 and len(measurer.inputs.sets[0]) == 3
+    measurer.release()

@@ -1,0 +1,185 @@
+"""The paths the FP8 suite (``bench fp8``) puts side by side, all on the same MXFP4 weight values:
+
+* ``W4A16``: ``mxfp4.grouped_mm`` on bf16 x and ``mxfp4.pack`` weights (our bf16-activation kernels);
+* ``W4A8``: ``mxfp4.grouped_mm`` on e4m3 x (``mxfp4.quantize_activations``, not timed) and the FP8-ready
+  layout (``mxfp4.pack(w, activations="fp8")``);
+* ``W4A8+quantize``: the same with the quantizer in the timed call (what a bf16 caller pays);
+* ``torch fp8``: ``torch._scaled_grouped_mm`` on FP8 e4m3 weights of the same shape (twice our bytes) with
+  rowwise scales, on the same e4m3 x; its weight scales are powers of two, so its e4m3 weights hold the
+  MXFP4 values exactly and it computes the same product;
+* ``torch bf16``: ``torch._grouped_mm`` on the bf16 dequantization;
+* ``humming fp8``: humming-kernels 0.1.19 with its FP8 input schema (``input_config={"quant_method": "fp8"}``:
+  dynamic per-token e4m3, its own quantizer inside the call) on the ``gpt_oss_mxfp4`` weights.
+
+Each ``prepare_*`` returns a ``peers.Prepared`` (a callable and argument sets rotated past the L2) or raises
+``peers.Unavailable`` with the reason. ``REFERENCE`` says which float64 reference each path is checked
+against: the bf16 x, or the e4m3 x with its row scales.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import peers
+
+PATHS = ("W4A16", "W4A8", "W4A8+quantize", "torch fp8", "torch bf16", "humming fp8")
+REFERENCE = {"W4A16": "bf16", "W4A8": "fp8", "W4A8+quantize": "fp8", "torch fp8": "fp8", "torch bf16": "bf16",
+             "humming fp8": "bf16"}
+# Against float64 on the same e4m3 x: the kernels' own error (bf16 rounding of the output). humming quantizes
+# x itself, so it is checked against the bf16-x reference with the FP8 layer's budget.
+TOLERANCE = {"bf16": 1e-2, "fp8": 1e-2, "humming fp8": 5e-2}
+
+
+@dataclass
+class Weights:
+    """One shape's weight in every form a path reads (built once per shape)."""
+
+    plain: Any  # mxfp4.PackedMXFP4
+    ready: Any  # mxfp4.PackedMXFP4FP8 (the same MXFP4 values)
+    dequantized: torch.Tensor  # bf16 [E, N, K], exact
+    fp8: torch.Tensor  # e4m3 [E, N, K] for torch._scaled_grouped_mm
+    fp8_scale: torch.Tensor  # float32 [E, N], powers of two
+    humming: Any = None  # a transformed HummingLayer with the FP8 input schema, or None
+
+
+@dataclass
+class Operands:
+    """One row's inputs: x in bf16 and in e4m3 with its row scales, the offsets, and the rotation budget."""
+
+    weights: Weights
+    x: torch.Tensor
+    x_fp8: torch.Tensor
+    x_scale: torch.Tensor
+    offsets: torch.Tensor
+    read_bytes: int
+    l2_bytes: int
+    budget: int
+
+
+def torch_fp8_weights(dequantized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 ``[E, N, K]`` and float32 ``[E, N]`` row scales with ``e4m3 * scale == dequantized`` wherever the row's
+    values span less than e4m3's range: each scale is the power of two that puts the row's largest value at or
+    below 448 (MXFP4 values have 2 significant bits, e4m3 keeps 4). A few experts at a time."""
+    e, n, k = dequantized.shape
+    out = torch.empty((e, n, k), dtype=torch.float8_e4m3fn, device=dequantized.device)
+    scale = torch.empty((e, n), dtype=torch.float32, device=dequantized.device)
+    step = max(1, (1 << 26) // max(1, n * k))
+    for e0 in range(0, e, step):
+        rows = dequantized[e0:e0 + step].float()
+        amax = rows.abs().amax(dim=-1)
+        power = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax / 448.0))), torch.ones_like(amax))
+        out[e0:e0 + step] = (rows / power.unsqueeze(-1)).to(torch.float8_e4m3fn)
+        scale[e0:e0 + step] = power
+    return out, scale
+
+
+def _rotated(ops: Operands, copy_bytes: int) -> int:
+    return peers.copies_needed(ops.read_bytes, copy_bytes, ops.l2_bytes, ops.budget)
+
+
+def prepare_w4a16(ops: Operands) -> peers.Prepared:
+    import mxfp4
+
+    w = ops.weights.plain
+    copies = [w] + [mxfp4.PackedMXFP4(w.data.clone(), w.n, w.k) for _ in range(_rotated(ops, w.data.numel()) - 1)]
+    offsets = ops.offsets
+    return peers.Prepared(lambda x, wi: mxfp4.grouped_mm(x, wi, offsets), [(ops.x, wi) for wi in copies], _config_note(ops.x, w, offsets))
+
+
+def _ready_copies(ops: Operands) -> list:
+    import mxfp4
+
+    w = ops.weights.ready
+    count = _rotated(ops, w.data.numel())
+    return [w] + [mxfp4.PackedMXFP4FP8(w.data.clone(), w.row_scale.clone(), w.n, w.k) for _ in range(count - 1)]
+
+
+def prepare_w4a8(ops: Operands) -> peers.Prepared:
+    import mxfp4
+
+    offsets = ops.offsets
+    fn = lambda x, wi, s: mxfp4.grouped_mm(x, wi, offsets, x_scale=s)  # noqa: E731
+    return peers.Prepared(fn, [(ops.x_fp8, wi, ops.x_scale) for wi in _ready_copies(ops)],
+                          _config_note(ops.x_fp8, ops.weights.ready, offsets))
+
+
+def prepare_w4a8_quantize(ops: Operands) -> peers.Prepared:
+    import mxfp4
+
+    offsets = ops.offsets
+
+    def fn(x: torch.Tensor, wi: Any) -> torch.Tensor:
+        x_fp8, x_scale = mxfp4.quantize_activations(x)
+        return mxfp4.grouped_mm(x_fp8, wi, offsets, x_scale=x_scale)
+
+    return peers.Prepared(fn, [(ops.x, wi) for wi in _ready_copies(ops)], "quantize_activations + W4A8")
+
+
+def prepare_torch_fp8(ops: Operands) -> peers.Prepared:
+    """``torch._scaled_grouped_mm(x_fp8, W_fp8^T, x_scale, w_scale, offs=ends)``: rowwise scales, bf16 out."""
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        raise peers.Unavailable(f"torch {torch.__version__} has no torch._scaled_grouped_mm")
+    ends = ops.offsets[1:].contiguous()
+    w8, scale = ops.weights.fp8, ops.weights.fp8_scale
+    count = _rotated(ops, w8.numel())
+    sets = [(ops.x_fp8, w8, scale)] + [(ops.x_fp8, w8.clone(), scale.clone()) for _ in range(count - 1)]
+
+    def fn(x: torch.Tensor, wi: torch.Tensor, si: torch.Tensor) -> torch.Tensor:
+        return torch._scaled_grouped_mm(x, wi.transpose(1, 2), ops.x_scale, si, offs=ends, out_dtype=torch.bfloat16)
+
+    return peers.Prepared(fn, sets, "e4m3 weights [E, N, K] (2x our bytes), rowwise scales, default accumulation")
+
+
+def prepare_torch_bf16(ops: Operands) -> peers.Prepared:
+    grouped = peers.Operands(ops.weights.plain, ops.weights.dequantized, ops.x, ops.offsets, ops.read_bytes,
+                             ops.l2_bytes, ops.budget)
+    return peers.prepare_torch_bf16(grouped)
+
+
+def humming_fp8_layer(packed: Any) -> Any:
+    """A transformed ``HummingLayer``: our weight's bytes in the ``gpt_oss_mxfp4`` schema, FP8 input schema."""
+    from humming.layer import HummingLayer
+
+    device = packed.data.device
+    blocks, scales = peers.gpt_oss_tensors(packed)
+    with torch.device(device):
+        layer = HummingLayer(shape_n=packed.n, shape_k=packed.k, weight_config={"quant_method": "gpt_oss_mxfp4"},
+                             input_config={"quant_method": "fp8"}, num_experts=packed.num_experts,
+                             pad_n_to_multiple=256, pad_k_to_multiple=128, torch_dtype=torch.bfloat16)
+    layer = layer.to(device)
+    layer.load_from_tensors({"weight": blocks, "weight_scale": scales})
+    layer.transform()
+    return layer
+
+
+def prepare_humming_fp8(ops: Operands) -> peers.Prepared:
+    reason = peers.humming_unavailable()
+    if reason:
+        raise peers.Unavailable(reason)
+    layer = ops.weights.humming if ops.weights.humming is not None else humming_fp8_layer(ops.weights.plain)
+    configs = peers.humming_configs(layer)
+    copy_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    layers = [layer] + [copy.deepcopy(layer) for _ in range(_rotated(ops, copy_bytes) - 1)]
+    return peers.Prepared(peers.humming_call(ops.offsets, configs), [(ops.x, lay) for lay in layers],
+                          f"humming {peers.humming_version()}, FP8 input schema (dynamic per token), grouped_contiguous")
+
+
+def _config_note(x: torch.Tensor, w: Any, offsets: torch.Tensor) -> str:
+    import mxfp4
+
+    lines = mxfp4.explain(x, w, offsets).splitlines()
+    return "; ".join(line.strip() for line in lines if line.strip().startswith(("path:", "config:")))
+
+
+PREPARE = {
+    "W4A16": prepare_w4a16,
+    "W4A8": prepare_w4a8,
+    "W4A8+quantize": prepare_w4a8_quantize,
+    "torch fp8": prepare_torch_fp8,
+    "torch bf16": prepare_torch_bf16,
+    "humming fp8": prepare_humming_fp8,
+}

@@ -1,0 +1,82 @@
+// Per-row e4m3 quantization of bf16 activations (mxfp4.quantize_activations; mxfp4/activations.py says
+// the arithmetic, and its torch composition rounds at the same points):
+//
+//   scale[r] = amax(|x[r, :]|) / 448  (1 for an all-zero row);  out[r, k] = e4m3(x[r, k] / scale[r])
+//
+// One warp per row, two passes over it: the amax (a warp max), then the division and the conversion (the
+// row comes from L1/L2 the second time). Rows whose K is a multiple of 8 (and 16-byte aligned) move 16
+// bytes per lane per load and 8 per store; any other K goes one value at a time.
+#pragma once
+
+#include <cuda/std/cstdint>
+#include <cuda_fp8.h>
+
+namespace mxfp4 {
+
+constexpr float kE4M3Max = 448.0f;
+
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) { return __uint_as_float(bits << 16); }
+
+__device__ __forceinline__ float warp_max(float value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+
+// Two values divided by the row scale (IEEE division, rounded once) and rounded to e4m3 (nearest even,
+// saturated to +-448; the division never exceeds 448 by more than its rounding).
+__device__ __forceinline__ uint16_t quantize_pair(float a, float b, float scale) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, scale), __fdiv_rn(b, scale)), __NV_SATFINITE, __NV_E4M3);
+}
+
+template <class Params>
+__device__ __forceinline__ float row_amax(Params const& p, uint16_t const* x, int lane) {
+  float amax = 0.0f;
+  if (p.vectorized) {
+    for (int v = lane; v < p.k / 8; v += 32) {
+      uint4 const eight = reinterpret_cast<uint4 const*>(x)[v];
+      uint32_t const words[4] = {eight.x, eight.y, eight.z, eight.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        amax = fmaxf(amax, fmaxf(fabsf(bf16_bits_to_float(words[i] & 0xFFFFu)), fabsf(bf16_bits_to_float(words[i] >> 16))));
+    }
+  } else {
+    for (int i = lane; i < p.k; i += 32) amax = fmaxf(amax, fabsf(bf16_bits_to_float(x[i])));
+  }
+  return warp_max(amax);
+}
+
+template <class Params>
+__device__ __forceinline__ void quantize_row(Params const& p, uint16_t const* x, uint8_t* out, float scale, int lane) {
+  if (p.vectorized) {
+    for (int v = lane; v < p.k / 8; v += 32) {
+      uint4 const eight = reinterpret_cast<uint4 const*>(x)[v];
+      uint32_t const words[4] = {eight.x, eight.y, eight.z, eight.w};
+      uint32_t packed[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        uint32_t const lo = quantize_pair(bf16_bits_to_float(words[2 * i] & 0xFFFFu), bf16_bits_to_float(words[2 * i] >> 16), scale);
+        uint32_t const hi = quantize_pair(bf16_bits_to_float(words[2 * i + 1] & 0xFFFFu), bf16_bits_to_float(words[2 * i + 1] >> 16), scale);
+        packed[i] = lo | (hi << 16);
+      }
+      reinterpret_cast<uint2*>(out)[v] = make_uint2(packed[0], packed[1]);
+    }
+  } else {
+    for (int i = lane; i < p.k; i += 32)
+      out[i] = static_cast<uint8_t>(quantize_pair(bf16_bits_to_float(x[i]), 0.0f, scale) & 0xFFu);
+  }
+}
+
+template <class Params>
+__device__ __forceinline__ void quantize_fp8_rows(Params const& p) {
+  int const lane = threadIdx.x & 31;
+  int const row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (row >= p.rows) return;
+  uint16_t const* x = p.x + static_cast<size_t>(row) * p.k;
+  float const amax = row_amax(p, x, lane);
+  float const scale = amax > 0.0f ? __fdiv_rn(amax, kE4M3Max) : 1.0f;
+  quantize_row(p, x, p.out + static_cast<size_t>(row) * p.k, scale, lane);
+  if (lane == 0) p.scale[row] = scale;
+}
+
+}  // namespace mxfp4
