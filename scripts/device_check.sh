@@ -93,7 +93,7 @@ for step in "${steps[@]}"; do
       note "gpu tests: exit ${PIPESTATUS[0]}: $(tail -n 1 "$LOGS/pytest-gpu.txt")"
       ;;
     sanitize)
-      for tool in memcheck racecheck; do
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
         # Host API errors are off: torch and cuda-bindings probe driver entry points with
         # cuGetProcAddress, which returns errors that are not ours; device errors are all reported.
         # SANITIZE_ARGS splits a long run: "--family bf16" and "--family fp8" in two device calls.
@@ -148,7 +148,7 @@ for step in "${steps[@]}"; do
     fp8)
       # FP8_ARGS overrides (e.g. "--model gpt-oss-120b"); the default is both models, uniform routing, every M.
       # shellcheck disable=SC2086
-      bench 560 fp8 ${FP8_ARGS:---routing uniform} --out "$LOGS/fp8" 2>&1 | tee "$LOGS/fp8.txt"
+      bench "${FP8_TIMEOUT:-560}" fp8 ${FP8_ARGS:---routing uniform} --out "$LOGS/fp8" 2>&1 | tee "$LOGS/fp8.txt"
       note "fp8 (W4A8 vs W4A16, torch._scaled_grouped_mm, bf16, humming fp8; accuracy): exit ${PIPESTATUS[0]}"
       table "$LOGS/fp8.txt" "fp8"; cp "$LOGS/fp8/bench_fp8.json" "$OUT/bench_fp8.json" 2>/dev/null
       ;;
