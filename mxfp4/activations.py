@@ -42,7 +42,9 @@ def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch
     """The quantizer as torch ops (any device): (e4m3 ``x.shape``, float32 ``x.shape[:-1]``)."""
     values = x.float()
     amax = values.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # amax / 448 as a true division: torch divides a CUDA tensor by a Python number as a multiply by its
+    # reciprocal, which rounds differently from the kernel's division in some rows.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
     quantized = (values / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return quantized, scale
 

@@ -110,6 +110,16 @@ for step in "${steps[@]}"; do
       note "bench --quick (ours, humming, bf16): exit ${PIPESTATUS[0]}"
       table "$LOGS/bench.txt" "bench --quick"; cp "$LOGS/bench/bench_grouped_mm.png" "$OUT/bench-quick.png" 2>/dev/null
       ;;
+    grouped)
+      # BENCH_ARGS: one or more argument sets of `bench grouped`, separated by ';' (each its own run).
+      IFS=';' read -ra sets <<< "${BENCH_ARGS:---quick}"
+      for set in "${sets[@]}"; do
+        # shellcheck disable=SC2086
+        bench "${BENCH_TIMEOUT:-400}" grouped $set --no-plot --out "$LOGS/grouped" 2>&1 | tee -a "$LOGS/grouped.txt"
+        note "bench grouped $set: exit ${PIPESTATUS[0]}"
+      done
+      table "$LOGS/grouped.txt" "bench grouped"
+      ;;
     bench-full|bench-120b)
       model=gpt-oss-20b; [ "$step" = bench-120b ] && model=gpt-oss-120b
       bench 540 --model "$model" --out "$LOGS/$step" 2>&1 | tee "$LOGS/$step.txt"
@@ -123,7 +133,7 @@ for step in "${steps[@]}"; do
     fallback)
       # FALLBACK_ARGS adds flags (e.g. "--portable-sweep", "--routing both", "--model-path DIR").
       # shellcheck disable=SC2086
-      HOPPER_MXFP4_FORCE_PORTABLE=1 bench 540 fallback --routing uniform ${FALLBACK_ARGS:-} --out "$LOGS/fallback" 2>&1 \
+      HOPPER_MXFP4_FORCE_PORTABLE=1 bench "${FALLBACK_TIMEOUT:-540}" fallback --routing uniform ${FALLBACK_ARGS:-} --out "$LOGS/fallback" 2>&1 \
         | tee "$LOGS/fallback.txt"
       note "fallback (portable forced: kernel, cached copy, bf16, sm90): exit ${PIPESTATUS[0]}"; table "$LOGS/fallback.txt" "fallback"
       ;;
