@@ -107,7 +107,8 @@ def moe_sm90(
     )
     on_device = current_device() == index
     if may_replay and on_device and gate_up_own and down_own and _replays(tokens):
-        if moe_graphs.replay(plan, plan_key, call, current_stream(index), x):
+        owners = (gate_up.data, down.data, gate_up_bias, down_bias)
+        if moe_graphs.replay(plan, plan_key, call, current_stream(index), x, owners):
             return out
     if on_device:
         _launch(plan, call, x, index)

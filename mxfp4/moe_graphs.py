@@ -21,8 +21,10 @@ torch.compile or a torch mode (the op path), nor from another device than the cu
 
 Bounded: only T <= ``GRAPH_MAX_TOKENS``, at most ``MAX_GRAPHS`` graphs (least recently used dropped
 first), workspaces (one per stream and plan, shared by its graphs) within ``WORKSPACE_BUDGET`` bytes, and
-a graph is built on the second call of its key, so a one-off shape costs no graph.
-``set_moe_graphs(False)`` (or ``HOPPER_MXFP4_MOE_GRAPHS=0``) turns replay off.
+a graph is built on the second call of its key, so a one-off shape costs no graph. A graph goes when one
+of the tensors it reads in place (the packed weights, the biases) is freed, and its workspace with the
+last graph that uses it. ``set_moe_graphs(False)`` (or ``HOPPER_MXFP4_MOE_GRAPHS=0``) turns replay off
+and drops them all.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Hashable
@@ -83,18 +86,21 @@ class _Graph:
     x: int = 0
     out: int = 0
     nodes: list = field(default_factory=list)
+    finalizers: list = field(default_factory=list)  # drop the graph when a tensor it reads in place is freed
 
 
 _graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
 _workspaces: dict[Hashable, _Workspace] = {}
 _seen: OrderedDict[Hashable, int] = OrderedDict()  # calls of keys without a graph yet
 _failed: set[Hashable] = set()  # keys whose graph could not be built (they run eagerly)
+_dead: list[Hashable] = []  # keys whose weights or biases were freed, dropped by the next holder of _lock
 _warned = False
 
 
 def stats() -> dict[str, int]:
     """How many graphs and workspaces are held, and the workspaces' bytes."""
     with _lock:
+        _drop_dead()
         return {"graphs": len(_graphs), "workspaces": len(_workspaces), "workspace_bytes": _workspace_bytes()}
 
 
@@ -105,6 +111,7 @@ def _workspace_bytes() -> int:
 def clear() -> None:
     """Drop every graph and workspace (graphs still running are freed when they finish)."""
     with _lock:
+        _drop_dead()
         while _graphs:
             _evict_oldest()
         _seen.clear()
@@ -117,14 +124,17 @@ def graph_key(stream: int, plan_key: Hashable, call) -> tuple:
             call.down_bias, call.alpha, call.limit)
 
 
-def replay(plan, plan_key: Hashable, call, stream: int, x: torch.Tensor) -> bool:
+def replay(plan, plan_key: Hashable, call, stream: int, x: torch.Tensor, owners: tuple) -> bool:
     """Run the layer for ``call`` as a graph launch on ``stream``; False when the caller must launch eagerly
-    (replay off, first sight of the key, no room, or the graph could not be built)."""
+    (replay off, first sight of the key, no room, or the graph could not be built). ``owners``: the tensors
+    whose addresses the call's graph reads in place (weights' data, biases; None for an absent bias)."""
     key = graph_key(stream, plan_key, call)
     with _lock:
+        if _dead:
+            _drop_dead()
         entry = _graphs.get(key)
         if entry is None:
-            entry = _build_on_second_sight(key, plan, plan_key, call, stream, x)
+            entry = _build_on_second_sight(key, plan, plan_key, call, stream, x, owners)
             if entry is None:
                 return False
         else:
@@ -152,7 +162,8 @@ def _launch(entry: _Graph, call, stream: int) -> None:
     graph.launch(stream)
 
 
-def _build_on_second_sight(key: Hashable, plan, plan_key: Hashable, call, stream: int, x: torch.Tensor) -> _Graph | None:
+def _build_on_second_sight(key: Hashable, plan, plan_key: Hashable, call, stream: int, x: torch.Tensor,
+                           owners: tuple) -> _Graph | None:
     if key in _failed:
         return None
     calls = _seen.pop(key, 0) + 1
@@ -177,6 +188,7 @@ def _build_on_second_sight(key: Hashable, plan, plan_key: Hashable, call, stream
         return None
     while len(_graphs) >= MAX_GRAPHS:
         _evict_oldest()
+    entry.finalizers = [weakref.finalize(t, _forget, key) for t in owners if t is not None]
     _graphs[key] = entry
     return entry
 
@@ -207,10 +219,33 @@ def _workspace(workspace_key: Hashable, nbytes: int, x: torch.Tensor) -> _Worksp
 
 
 def _evict_oldest() -> None:
-    _, entry = _graphs.popitem(last=False)
+    _close(_graphs.popitem(last=False)[1])
+
+
+def _close(entry: _Graph) -> None:
+    for finalizer in entry.finalizers:
+        finalizer.detach()
     entry.graph.close()
     entry.workspace.users -= 1
     _drop_if_unused(entry.workspace_key)
+
+
+def _forget(key: Hashable) -> None:
+    """A tensor the graph of ``key`` reads in place was freed: drop the graph now, or (when _lock is held,
+    perhaps by this very thread, which the garbage collector interrupted) when the holder next looks."""
+    _dead.append(key)
+    if _lock.acquire(blocking=False):
+        try:
+            _drop_dead()
+        finally:
+            _lock.release()
+
+
+def _drop_dead() -> None:
+    while _dead:
+        entry = _graphs.pop(_dead.pop(), None)
+        if entry is not None:
+            _close(entry)
 
 
 def _drop_if_unused(workspace_key: Hashable) -> None:

@@ -198,6 +198,21 @@ def test_graph_count_is_bounded(layer: Layer, device: Recorder, monkeypatch: pyt
     assert all(g.closed for g in device.graphs) and moe_graphs.stats() == {"graphs": 0, "workspaces": 0, "workspace_bytes": 0}
 
 
+def test_a_graph_goes_with_the_tensors_it_reads_in_place(layer: Layer, device: Recorder, seed: int) -> None:
+    x, ids, weights = inputs(3)
+    bias = layer.down_bias.clone()
+    for _ in range(2):
+        checked(layer, x, ids, weights, seed, down_bias=bias)
+        checked(layer, x, ids, weights, seed)
+    assert moe_graphs.stats()["graphs"] == 2
+    del bias  # the first graph read it in place: it goes (its workspace stays for the second)
+    assert device.graphs[0].closed and moe_graphs.stats() == {**moe_graphs.stats(), "graphs": 1, "workspaces": 1}
+    with moe_graphs._lock:  # freed while the cache is busy (perhaps by this thread): dropped by the next look
+        layer.down_bias = layer.down_bias.clone()
+        assert not device.graphs[1].closed
+    assert moe_graphs.stats()["graphs"] == 0 and moe_graphs.stats()["workspaces"] == 0 and device.graphs[1].closed
+
+
 def test_workspace_budget(layer: Layer, device: Recorder, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
     x, ids, weights = inputs(3)
     monkeypatch.setattr(moe_graphs, "WORKSPACE_BUDGET", 1024)  # less than one workspace: no graph
