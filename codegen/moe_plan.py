@@ -21,7 +21,7 @@ from .config import TileConfig
 from .fast_driver import launch, params_buffer
 from .graph_driver import KernelNode
 from .launch import LoadedKernel, encode_x_map, grid_size, load, stream_k_sizes, tile_bound
-from .params import PARAMS_SIZE, PARAMS_STRUCT
+from .params import PARAM_FIELDS, PARAMS_SIZE, PARAMS_STRUCT
 from .routing import ROUTING_PARAMS, routing_kernel
 
 WORKSPACE_ALIGN = 256  # every region starts on a 256-byte boundary (TMA needs 16, vector copies 16)
@@ -193,6 +193,20 @@ class MoePlan:
         for (name, function, grid, threads, shared, _), pack in zip(self.launches, self.packers()):
             pack(buffer, base, call)
             launch(function, grid, threads, shared, stream, name)
+
+
+# _pack_gemm packs the grouped GEMM's block positionally, in this order (checked at import: a change to
+# codegen/params.py must come here too, or the kernels would read shifted fields).
+_GEMM_FIELDS = ("x_map", "w", "out", "rows", "num_experts", "n", "n_atoms", "k_atoms", "max_m", "total_rows",
+                "masked", "rows_int64", "bias", "row_scale", "row_dest", "out_cols", "bias_stride", "alpha", "limit",
+                "workspace", "tile_counters")
+_ROUTING_FIELDS = ("topk_ids", "topk_weights", "offsets", "row_dest", "row_token", "row_scale", "routed", "top_k",
+                   "num_experts", "ids_int64", "weights_bf16")  # MoePlan.pack_routing's order, likewise
+for _block, _packed, _where in ((PARAM_FIELDS, _GEMM_FIELDS, "codegen/params.py"),
+                                (ROUTING_PARAMS.fields, _ROUTING_FIELDS, "codegen/routing.py")):
+    if tuple(f.name for f in _block) != _packed:
+        raise RuntimeError(f"codegen/moe_plan.py packs {_packed}, but {_where} declares "
+                           f"{tuple(f.name for f in _block)}: update codegen/moe_plan.py's packers")
 
 
 def _pack_gemm(buffer, g: GemmLaunch, x_map: bytes, w: int, out: int, offsets: int, rows: int, bias: int,
