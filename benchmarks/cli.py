@@ -1,9 +1,10 @@
 """``hopper-mxfp4 bench [SUITE] [options]``: one parser for every suite, checked before any GPU work.
 
 Suites: ``grouped`` (default; ours vs humming vs bf16 ``torch._grouped_mm``), ``host`` (host µs per
-eager call), ``fallback`` (the portable path forced on this GPU vs bf16), ``moe`` (the gpt-oss
-expert layer), ``fp8`` (W4A8 vs W4A16, torch's FP8 grouped GEMM, bf16 and humming's FP8 input path, and the
-accuracy table), ``ncu-case`` (the M = 1 gate_up calls under NVTX ranges, for Nsight Compute) and
+eager call), ``host-cpu`` (the host work of an ``mxfp4.moe`` call on the CPU, device stubbed), ``fallback``
+(the portable path forced on this GPU vs bf16), ``moe`` (the gpt-oss expert layer), ``fp8`` (W4A8 vs W4A16,
+torch's FP8 grouped GEMM, bf16 and humming's FP8 input path, and the accuracy table), ``ncu-case`` (the
+M = 1 gate_up calls under NVTX ranges, for Nsight Compute) and
 ``e2e`` (gpt-oss as a model: checkpoint, load, decode).
 Every flag is accepted by every suite; the help says which suites read it.
 """
@@ -18,6 +19,7 @@ from .problems import (
     FALLBACK_M_VALUES,
     FP8_M_VALUES,
     FP8_QUICK_M_VALUES,
+    HOST_MOE_TOKENS,
     MODEL_SHAPES,
     MOE_TOKENS,
     M_VALUES,
@@ -26,7 +28,7 @@ from .problems import (
     parse_int_list,
 )
 
-SUITES = ("grouped", "host", "fallback", "moe", "fp8", "ncu-case", "e2e")
+SUITES = ("grouped", "host", "host-cpu", "fallback", "moe", "fp8", "ncu-case", "e2e")
 PROG = "hopper-mxfp4 bench"
 
 DESCRIPTION = (
@@ -37,7 +39,10 @@ DESCRIPTION = (
 )
 EPILOG = """suites:
   grouped    ours (mxfp4.grouped_mm) vs humming-kernels 0.1.19 vs bf16 torch._grouped_mm (default)
-  host       host µs per eager call: grouped_mm, grouped_mm_masked, torch._grouped_mm, humming, mxfp4.moe
+  host       host µs per eager call: grouped_mm, grouped_mm_masked, torch._grouped_mm, humming, and mxfp4.moe at
+             T = 1, 8, 64 (graph replay on and off) against its target (<= 60 us); --moe-only: just those
+  host-cpu   the host work of one mxfp4.moe call (gpt-oss-20b, T = 1, 8, 64) on this CPU with the device
+             stubbed: us per call, torch ops, allocations, launches (no GPU needed)
   fallback   the portable path forced on this GPU (HOPPER_MXFP4_FORCE_PORTABLE=1): the in-register kernel (no copy),
              the cached bf16 copy, bf16 torch._grouped_mm and our SM90 kernel
   moe        the gpt-oss-20b expert layer: mxfp4.moe, the unfused mxfp4 glue, the bf16 torch layer, transformers
@@ -67,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="models, repeatable (default both; --quick, host, fallback, moe, e2e: gpt-oss-20b)")
     parser.add_argument("--m", metavar="M,...", help=f"tokens per expert (grouped default {','.join(map(str, M_VALUES))}; "
                         f"fallback {','.join(map(str, FALLBACK_M_VALUES))}; fp8 {','.join(map(str, FP8_M_VALUES))}; host 1,16)")
-    parser.add_argument("--tokens", metavar="T,...", help=f"moe: tokens per layer call (default {','.join(map(str, MOE_TOKENS))})")
+    parser.add_argument("--tokens", metavar="T,...", help=f"moe: tokens per layer call (default {','.join(map(str, MOE_TOKENS))}; "
+                        f"host, host-cpu: {','.join(map(str, HOST_MOE_TOKENS))})")
+    parser.add_argument("--moe-only", action="store_true", help="host: only the mxfp4.moe rows")
     parser.add_argument("--routing", choices=("uniform", "zipf", "both"), default="both", help="routings (default both)")
     parser.add_argument("--no-humming", action="store_true", help="leave humming out (grouped, host, fp8, ncu-case)")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay times")
@@ -107,6 +114,8 @@ def m_values_for(args: argparse.Namespace) -> list[int]:
     """The M (or, for moe, T) values a command line asks for; ValueError naming the flag."""
     if args.suite == "moe":
         return parse_int_list(args.tokens, QUICK_MOE_TOKENS if args.quick else MOE_TOKENS, name="--tokens")
+    if args.suite == "host-cpu":
+        return parse_int_list(args.tokens, HOST_MOE_TOKENS, name="--tokens")
     if args.suite == "e2e":
         from .e2e_options import DEFAULT_BATCHES
 
@@ -123,6 +132,8 @@ def _suite(name: str) -> Callable[[argparse.Namespace, list[int]], int]:
         from .bench_grouped_mm import run
     elif name == "host":
         from .host import run
+    elif name == "host-cpu":
+        from .host_cpu import run
     elif name == "fallback":
         from .fallback import run
     elif name == "moe":
@@ -148,8 +159,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    if not torch.cuda.is_available() and not (args.suite == "e2e" and args.tiny):
-        print("bench needs a CUDA GPU (torch.cuda.is_available() is False; e2e --tiny runs on the CPU)", file=sys.stderr)
+    if not torch.cuda.is_available() and not (args.suite == "e2e" and args.tiny) and args.suite != "host-cpu":
+        print("bench needs a CUDA GPU (torch.cuda.is_available() is False; e2e --tiny and host-cpu run on the CPU)",
+              file=sys.stderr)
         return 2
     return int(_suite(args.suite)(args, values) or 0)
 

@@ -2,7 +2,9 @@
 
 Method (TOOLCHAIN.md): ``--calls`` calls enqueued while ``torch.cuda._sleep`` keeps the GPU busy;
 wall time / calls. Paths: ``mxfp4.grouped_mm``, ``mxfp4.grouped_mm_masked``, ``torch._grouped_mm``,
-humming, and the gpt-oss-20b layer ``mxfp4.moe`` (T = E * M / 4 tokens) when mxfp4 has it.
+humming, and the gpt-oss-20b layer ``mxfp4.moe`` at T = 1, 8, 64 (``--tokens``; at most 100 calls in
+flight, fewer than the launch queue holds), with its graph replay on (the default) and off, against
+issue 15's target: <= 60 µs per eager call. ``--moe-only`` measures just the layer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from . import measure, peers
 from .bench_grouped_mm import Machine, operands
-from .problems import MODEL_SHAPES, TOP_K, make_row
+from .problems import HOST_MOE_TOKENS, MODEL_SHAPES, make_row, parse_int_list
 from .report import align, write_json
 
 
@@ -31,11 +33,11 @@ def prepare_masked(ops: peers.Operands, m: int) -> peers.Prepared:
     return peers.Prepared(lambda x, w: mxfp4.grouped_mm_masked(x, w, masked_m), [(x3, ops.packed)])
 
 
-def prepare_moe(shape_m: int, weights: Any) -> peers.Prepared:
+def prepare_moe(tokens: int, weights: Any) -> peers.Prepared:
+    """The gpt-oss-20b layer at T = ``tokens`` (uniform routing, int32 ids, fp32 routing weights)."""
     from .bench_moe import routing
     from .moe_layers import ours_fused
 
-    tokens = max(1, weights.num_experts * shape_m // TOP_K)
     ids, topk_weights = routing("uniform", tokens, 0)
     x = torch.randn((tokens, weights.gate_up_bf16.shape[2]), device="cuda", dtype=torch.bfloat16) * 0.02
     return peers.Prepared(ours_fused(weights), [(x, ids, topk_weights)], f"T={tokens}")
@@ -67,19 +69,58 @@ def host_row(model: str, projection: str, shape: Any, m: int, packed: Any, dequa
     return {"model": model, "projection": projection, "m": m, "results": results}
 
 
-def moe_rows(m_values: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+MOE_HOST_TARGET_US = 60.0  # issue 15: eager host time of one mxfp4.moe call on the SM90 path
+MOE_PATHS = {"mxfp4.moe": True, "mxfp4.moe (graph replay off)": False}  # name -> mxfp4.set_moe_graphs(...)
+
+
+def moe_rows(token_values: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """mxfp4.moe at each T, with and without the layer's graph replay (same bits: checked here)."""
     from .bench_moe import build_weights
 
     try:
         weights = build_weights(args.seed)
-        rows = [{"model": "gpt-oss-20b", "projection": "moe layer", "m": m,
-                 "results": {"mxfp4.moe": measure_path(prepare_moe(m, weights), args, min(args.calls, 100))}}
-                for m in m_values]  # fewer calls: a layer may be several launches, and a full queue blocks
+        rows = [{"model": "gpt-oss-20b", "projection": "moe layer", "m": tokens, "results": moe_results(tokens, weights, args)}
+                for tokens in token_values]
     except Exception as error:
         rows = [{"model": "gpt-oss-20b", "projection": "moe layer", "m": 0,
                  "results": {"mxfp4.moe": {"error": measure.error_text(error)}}}]
     torch.cuda.empty_cache()
     return rows
+
+
+def moe_results(tokens: int, weights: Any, args: argparse.Namespace) -> dict[str, Any]:
+    import mxfp4
+
+    prepared, results, outputs = prepare_moe(tokens, weights), {}, {}
+    for name, replay in MOE_PATHS.items():
+        mxfp4.set_moe_graphs(replay)
+        try:
+            outputs[name] = [prepared.fn(*prepared.arg_sets[0]) for _ in range(3)][-1]  # the third call replays
+            # At most 100 calls: five launches each without replay, and a full launch queue blocks the host.
+            results[name] = measure_path(prepared, args, min(args.calls, 100))
+        finally:
+            mxfp4.set_moe_graphs(None)
+    first, second = outputs.values()
+    results["mxfp4.moe"]["note"] = f"T={tokens}, " + ("same bits as without replay" if torch.equal(first, second)
+                                                       else "DIFFERENT bits from the launches")
+    return results
+
+
+def moe_verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per T: mxfp4.moe's host µs against its target."""
+    lines = []
+    for row in rows:
+        r = row["results"].get("mxfp4.moe", {}) if row["projection"] == "moe layer" else None
+        if r is None:
+            continue
+        if r.get("host_us") is None:
+            lines.append(f"mxfp4.moe T={row['m']}: not measured ({r.get('error', 'no result')})")
+            continue
+        met = "met" if r["host_us"] <= MOE_HOST_TARGET_US else "MISSED"
+        idle = " (GPU went idle: rerun with fewer --calls)" if r.get("gpu_idle") else ""
+        lines.append(f"mxfp4.moe T={row['m']}: eager host {r['host_us']:.1f} us per call "
+                     f"(target <= {MOE_HOST_TARGET_US:.0f} us) {met}{idle}")
+    return lines
 
 
 def format_host(rows: list[dict[str, Any]]) -> str:
@@ -102,7 +143,7 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
     machine, started, rows = Machine.measure(), time.time(), []
     unavailable = None if args.no_humming else peers.humming_unavailable()
     args.no_humming = args.no_humming or unavailable is not None
-    for model in args.model or ["gpt-oss-20b"]:
+    for model in [] if args.moe_only else args.model or ["gpt-oss-20b"]:
         for projection, shape in MODEL_SHAPES[model].items():
             packed, dequantized = random_weights(shape, torch.device("cuda"), seed=args.seed)
             layer = None if args.no_humming else peers.humming_layer(packed)
@@ -111,7 +152,7 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
                 rows.append(host_row(model, projection, shape, m, packed, dequantized, layer, args))
             del packed, dequantized, layer
             torch.cuda.empty_cache()
-    rows.extend(moe_rows(m_values, args))
+    rows.extend(moe_rows(parse_int_list(args.tokens, HOST_MOE_TOKENS, name="--tokens"), args))
     write_json(out_dir / "bench_host.json", {**machine.as_dict(), "suite": "host", "calls": args.calls,
                                              "seconds": round(time.time() - started, 1), "rows": rows})
     print(f"device: {machine.line()}")
@@ -119,4 +160,5 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
         print(f"humming unavailable: {unavailable}")
     print(f"host us = wall time of {args.calls} enqueued calls / calls, GPU kept busy by torch.cuda._sleep")
     print(format_host(rows))
+    print("\ntarget (issue 15):\n  " + "\n  ".join(moe_verdicts(rows)))
     return 0

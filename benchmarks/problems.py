@@ -20,14 +20,15 @@ FP8_M_VALUES = (1, 16, 256, 1024, 4096)  # the fp8 suite (issue 17's table)
 FP8_QUICK_M_VALUES = (1, 256, 4096)
 MOE_TOKENS = (1, 8, 32, 128, 512, 4096)
 QUICK_MOE_TOKENS = (1, 32, 512)
+HOST_MOE_TOKENS = (1, 8, 64)  # the decode batches issue 15's host target is measured at
 TOP_K = 4
 ZIPF_EXPONENT = 1.1
 TOLERANCE = 1e-2  # relative error vs the float64 reference above which a path is "wrong" (not timed)
 ROUTINGS = ("uniform", "zipf")
 
 __all__ = [
-    "FALLBACK_M_VALUES", "FP8_M_VALUES", "FP8_QUICK_M_VALUES", "MODEL_SHAPES", "MOE_TOKENS", "M_VALUES",
-    "QUICK_MOE_TOKENS", "QUICK_M_VALUES",
+    "FALLBACK_M_VALUES", "FP8_M_VALUES", "FP8_QUICK_M_VALUES", "HOST_MOE_TOKENS", "MODEL_SHAPES", "MOE_TOKENS",
+    "M_VALUES", "QUICK_MOE_TOKENS", "QUICK_M_VALUES",
     "ROUTINGS", "Row", "Shape", "TOLERANCE", "TOP_K", "ZIPF_EXPONENT", "loads_for", "memory_needed",
     "offsets_from_loads", "parse_int_list", "row_arithmetic", "sample_rows", "topk_from_loads",
     "uniform_loads", "zipf_loads", "zipf_loads_total",

@@ -53,6 +53,16 @@ def _raise(code: int, what: str) -> None:
     raise DriverError(f"{what} failed: {(name.value or b'CUDA error %d' % code).decode()}")
 
 
+def libcuda() -> ctypes.CDLL:
+    """The driver library, for the other hot-path callers (codegen.graph_driver)."""
+    return _libcuda()
+
+
+def raise_driver_error(code: int, what: str) -> None:
+    """Raise DriverError for a failed driver call, with the driver's name of ``code``."""
+    _raise(code, what)
+
+
 class _Scratch(threading.local):
     """Per-thread argument buffers, reused call to call (the driver copies what it reads)."""
 

@@ -182,11 +182,9 @@ def grid_size(config: TileConfig, kernel: LoadedKernel, tiles: int, k_atoms: int
 STREAM_K_MAX_STEPS = 2**31 - 2**20
 
 
-def stream_k_workspace(config: TileConfig, grid: int, tiles: int, k_atoms: int,
-                       device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """(buffer, workspace address, counters address) for a stream-K launch, the counters zeroed on the
-    current stream. A fresh buffer from torch's stream-ordered allocator per call, so concurrent
-    streams and CUDA graphs never share one (mxfp4_stream_k.cuh has the layout)."""
+def stream_k_sizes(config: TileConfig, grid: int, tiles: int, k_atoms: int) -> tuple[int, int, int]:
+    """(tile counters, their bytes rounded up to 256, bytes of the fp32 partials) of a stream-K launch
+    (mxfp4_stream_k.cuh has the layout); ValueError when the split would overflow its 32-bit arithmetic."""
     steps = tiles * config.k_steps(k_atoms)
     if steps + grid > STREAM_K_MAX_STEPS:
         raise ValueError(
@@ -194,8 +192,16 @@ def stream_k_workspace(config: TileConfig, grid: int, tiles: int, k_atoms: int,
             f"{steps}; pick a config without _sk (stream-K is for decode-sized problems)"
         )
     counters = tiles * config.warpgroups
-    counter_bytes = -(-counters * 4 // 256) * 256
     partial_bytes = 2 * grid * config.warpgroups * config.accumulators_per_thread * 128 * 4
+    return counters, -(-counters * 4 // 256) * 256, partial_bytes
+
+
+def stream_k_workspace(config: TileConfig, grid: int, tiles: int, k_atoms: int,
+                       device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """(buffer, workspace address, counters address) for a stream-K launch, the counters zeroed on the
+    current stream. A fresh buffer from torch's stream-ordered allocator per call, so concurrent
+    streams and CUDA graphs never share one (mxfp4_stream_k.cuh has the layout)."""
+    counters, counter_bytes, partial_bytes = stream_k_sizes(config, grid, tiles, k_atoms)
     buffer = torch.empty(counter_bytes + partial_bytes, dtype=torch.uint8, device=device)
     address = buffer.data_ptr()
     memset_d32(address, 0, counters, torch._C._cuda_getCurrentRawStream(device.index))

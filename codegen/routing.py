@@ -110,3 +110,9 @@ def route_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: 
 
     launch_on(topk_ids.device.index, _function(topk_ids.device), 1, ROUTING_THREADS, _shared_memory(num_experts), "moe_routing")
     return rows
+
+
+def routing_kernel(device: torch.device, num_experts: int) -> tuple[int, int, int]:
+    """(CUfunction handle, threads, dynamic shared memory) of a routing launch for ``num_experts``
+    (codegen.moe_plan packs ROUTING_PARAMS itself and launches it, alone or in a graph)."""
+    return _function(device), ROUTING_THREADS, _shared_memory(num_experts)

@@ -38,6 +38,7 @@ _USER_API = {
     "set_fallback_memory_budget": "weight_cache",
     "moe": "moe_layer",
     "explain_moe": "moe_layer",
+    "set_moe_graphs": "moe_graphs",
 }
 
 __all__ = [

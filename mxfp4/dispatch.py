@@ -116,6 +116,10 @@ def _decide(key: tuple[str, int | None]) -> PathChoice:
 def select_path(device: torch.device | str) -> PathChoice:
     """The path calls on ``device`` take, decided on first use and cached; warns once if degraded."""
     global _warned
+    if type(device) is torch.device and (device.index is not None or device.type != "cuda"):
+        choice = _cache.get((device.type, device.index))  # a tensor's device: its key without a conversion
+        if choice is not None:
+            return choice
     key = _device_key(torch.device(device))
     choice = _cache.get(key)
     if choice is not None:

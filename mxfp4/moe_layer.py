@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -133,7 +135,7 @@ def _check_dtype_and_shape(name: str, t: torch.Tensor, dtypes: tuple, shape: tup
     if t.dtype not in dtypes:
         names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"moe: {name} must be {names}, got {t.dtype}")
-    if tuple(t.shape) != shape:
+    if t.shape != shape:  # torch.Size against a tuple: no conversion per call
         raise ValueError(f"moe: {name} must have shape {what} = {list(shape)}, got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"moe: {name} is on {t.device} but x is on {x.device}; they must share a device")
@@ -181,7 +183,7 @@ def _check_moe(
     activation: str, alpha: float, limit: float, activations: str = "bf16",
 ) -> None:
     inter = _check_routed_input(x, topk_ids, gate_up, down)
-    _check_dtype_and_shape("topk_weights", topk_weights, _WEIGHT_DTYPES, tuple(topk_ids.shape), "[T, k]", x)
+    _check_dtype_and_shape("topk_weights", topk_weights, _WEIGHT_DTYPES, topk_ids.shape, "[T, k]", x)
     hidden, experts = x.shape[1], gate_up.num_experts
     _check_bias("gate_up_bias", gate_up_bias, (experts, 2 * inter), "[E, 2I]", x)
     _check_bias("down_bias", down_bias, (experts, hidden), "[E, H]", x)
@@ -202,7 +204,7 @@ def _check_routed_input(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: Packed
     tokens, hidden = x.shape
     if topk_ids.dim() != 2 or topk_ids.shape[0] != tokens or topk_ids.shape[1] < 1:
         raise ValueError(f"moe: topk_ids must be [T, k] with T = x.shape[0] = {tokens} and k >= 1, got {tuple(topk_ids.shape)}")
-    _check_dtype_and_shape("topk_ids", topk_ids, _ID_DTYPES, tuple(topk_ids.shape), "[T, k]", x)
+    _check_dtype_and_shape("topk_ids", topk_ids, _ID_DTYPES, topk_ids.shape, "[T, k]", x)
     for name, w in (("gate_up", gate_up), ("down", down)):
         if w.device != x.device:
             raise ValueError(f"moe: {name} is on {w.device} but x is on {x.device}; move it with {name}.to(x.device)")
@@ -217,6 +219,31 @@ def _check_layer_activations(activations: str, gate_up: object, down: object) ->
         if isinstance(w, PackedMXFP4FP8):
             raise TypeError(f"moe: {name} was packed for FP8 activations (activations='fp8' at pack time) but "
                             "activations='bf16'; pass activations='fp8', or pack it with activations='bf16'")
+
+
+# Signatures of calls that passed _check_moe: the checks are a pure function of the signature (dtypes,
+# shapes, devices, contiguity, the weights' sizes, the options), so a call with a known one passes too.
+_passed: dict[tuple, None] = {}
+_PASSED_LIMIT = 1024
+
+
+def _tensor_signature(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.dtype, t.shape, t.device)
+
+
+def _call_signature(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
+    down: PackedMXFP4 | PackedMXFP4FP8, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    activation: object, alpha: object, limit: object, activations: str,
+) -> tuple:
+    """Everything _check_moe reads (the types of alpha and limit too: True == 1 but a bool is refused; the
+    weights' layouts, which decide what activations they take)."""
+    return (type(gate_up), type(down), activations,
+        x.dtype, x.shape, x.device, x.is_contiguous(), topk_ids.dtype, topk_ids.shape, topk_ids.device,
+        topk_weights.dtype, topk_weights.shape, topk_weights.device,
+        gate_up.n, gate_up.k, gate_up.data.shape, gate_up.data.device, down.n, down.k, down.data.shape, down.data.device,
+        _tensor_signature(gate_up_bias), _tensor_signature(down_bias), activation, type(alpha), alpha, type(limit), limit,
+    )
 
 
 def _check_scalars(alpha: object, limit: object) -> None:
@@ -250,28 +277,58 @@ def _moe_impl(
 ) -> torch.Tensor:
     gate_up = _weight(gate_up_data, gate_up_n, gate_up_k, gate_up_scale, gate_up_paired)
     down = _weight(down_data, down_n, down_k, down_scale, False)
-    _check_moe(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit, activations)
+    return _moe_validated(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit,
+                          activations)
+
+
+def _moe_validated(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
+    down: PackedMXFP4 | PackedMXFP4FP8, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    activation: str, alpha: float, limit: float, activations: str = "bf16", direct: bool = False,
+) -> torch.Tensor:
+    """Every check of the op, then the layer. ``direct``: a plain eager call (see ``runs_directly``), which
+    the SM90 path may serve with a graph replay (mxfp4.moe_graphs)."""
+    signature = _call_signature(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha,
+                                limit, activations)
+    if signature not in _passed:
+        _check_moe(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit,
+                   activations)
+        if len(_passed) >= _PASSED_LIMIT:
+            _passed.clear()
+        _passed[signature] = None
     _check_ids_values(topk_ids, gate_up.num_experts)
-    return _moe_checked(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, activations)
+    return _moe_checked(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, activations,
+                        direct)
 
 
 def _moe_checked(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
     down: PackedMXFP4 | PackedMXFP4FP8, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
-    alpha: float, limit: float, activations: str = "bf16",
+    alpha: float, limit: float, activations: str = "bf16", direct: bool = False,
 ) -> torch.Tensor:
     if x.shape[0] == 0:
         return torch.empty_like(x)
     choice = select_path(x.device)
-    if choice.path == SM90 and is_paired(gate_up):
-        from .moe_fused import moe_sm90
+    if choice.path == SM90 and is_paired(gate_up) and activations == "fp8":
+        from .moe_fused_fp8 import moe_sm90_fp8
 
-        return moe_sm90(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
-                        choice.device_name, activations)
+        return moe_sm90_fp8(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
+                            choice.device_name)
+    if choice.path == SM90 and is_paired(gate_up):
+        return _moe_sm90()(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
+                           choice.device_name, may_replay=direct)
     routing = route(topk_ids, gate_up.num_experts)
     a = gate_up_step(x, routing, topk_ids.shape[1], gate_up, gate_up_bias, alpha, limit, activations)
     y = down_step(a, routing, down, down_bias, activations)
     return combine(y, routing, topk_weights)
+
+
+@lru_cache(maxsize=1)
+def _moe_sm90() -> Callable[..., torch.Tensor]:
+    """mxfp4.moe_fused.moe_sm90, imported on the first SM90 call (it brings in the CUDA driver bindings)."""
+    from .moe_fused import moe_sm90
+
+    return moe_sm90
 
 
 _moe_op = torch.library.custom_op("mxfp4::moe", mutates_args=())(_moe_impl)
@@ -348,13 +405,15 @@ def moe(
     """
     _check_python_arguments(x, topk_ids, topk_weights, gate_up_bias, down_bias, activation, activations, alpha, limit)
     gate_up, down = _packed("gate_up", gate_up), _packed("down", down)
+    if runs_directly(x):  # the same checks and layer as the op's, without the dispatch and the re-wrapping
+        return _moe_validated(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation,
+                              float(alpha), float(limit), activations, direct=True)
     scale = lambda w: w.row_scale if isinstance(w, PackedMXFP4FP8) else None  # noqa: E731
-    args = (
+    return torch.ops.mxfp4.moe(
         x, topk_ids, topk_weights, gate_up.data, gate_up.n, gate_up.k, is_paired(gate_up),
         down.data, down.n, down.k, gate_up_bias, down_bias, activation, float(alpha), float(limit), activations,
         scale(gate_up), scale(down),
     )
-    return _moe_impl(*args) if runs_directly(x) else torch.ops.mxfp4.moe(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,8 +475,14 @@ def explain_moe(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4 | 
     if choice.path == SM90 and paired:
         from .moe_fused import fused_config
 
-        lines.append("  layer:     fused: device routing + gather, gate_up with the SwiGLU epilogue, down with the "
-                     "scatter epilogue (bias, routing weight, token slots), fixed-order sum over k")
+        from .moe_graphs import GRAPH_MAX_TOKENS, moe_graphs_enabled
+
+        lines.append("  layer:     fused: device routing, gather, gate_up with the SwiGLU epilogue, down with the "
+                     "scatter epilogue (bias, routing weight, token slots), top-k sum in slot order: five kernels")
+        replay = (f"plain eager calls at T <= {GRAPH_MAX_TOKENS} replay the five as one CUDA graph from their second "
+                  "call (bf16 contiguous biases)" if moe_graphs_enabled() else "off (set_moe_graphs(False) or "
+                  "HOPPER_MXFP4_MOE_GRAPHS=0): five launches per call")
+        lines.append(f"  launches:  {replay}")
         for name, w, kind in (("gate_up", gate_up, "swiglu"), ("down", down, "scatter")):
             config = fused_config(w, routed, kind, choice.device_name)
             lines.append(f"  {name + ':':10s} {config.name} ({config.family})")

@@ -6,9 +6,10 @@
 #   humming column humming-kernels==0.1.19 + packaging (bench, bench-full, bench-120b, host, ncu).
 #   The portable kernel (tests, sanitize, fallback) uses the Triton that ships with the machine's torch.
 # Steps: tests sanitize example tune tuning-test | bench (quick, with humming) bench-full (gpt-oss-20b,
-# every M) bench-120b | host | fallback | moe | fp8 (W4A8 vs W4A16, torch FP8, bf16, humming FP8; accuracy
-# table; FP8_ARGS overrides its arguments) | ncu | e2e. One device call runs for at most 10 minutes:
-# run bench-full, bench-120b, fp8, ncu and each e2e model in a call of their own.
+# every M) bench-120b | host | moe-host (mxfp4.moe's eager host us, T = 1, 8, 64, vs <= 60) | fallback | moe
+# | fp8 (W4A8 vs W4A16, torch FP8, bf16, humming FP8; accuracy table; FP8_ARGS overrides its arguments) | ncu
+# | e2e. One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu and each e2e model
+# in a call of their own.
 # e2e: E2E_MODELS (default gpt-oss-20b; or gpt-oss-120b), E2E_ARGS (more bench flags, e.g. "--modes eager"),
 # E2E_TIMEOUT (seconds, default 480); the checkpoint goes to /dev/shm or /tmp, whichever has room.
 # Results and logs land in $LOGS, packed into $OUT/logs.tgz; $OUT also gets summary.txt (each step's
@@ -129,6 +130,15 @@ for step in "${steps[@]}"; do
     host)
       bench 300 host --out "$LOGS/host" 2>&1 | tee "$LOGS/host.txt"
       note "host (us per eager call): exit ${PIPESTATUS[0]}"; table "$LOGS/host.txt" "host"
+      ;;
+    moe-host)
+      # issue 15: eager host us per mxfp4.moe call at T = 1, 8, 64 (graph replay on and off), target <= 60 us;
+      # then the same host path on this machine's CPU with the device stubbed (us, torch ops, launches per call).
+      bench 240 host --moe-only --no-humming --out "$LOGS/moe-host" 2>&1 | tee "$LOGS/moe-host.txt"
+      note "moe-host: exit ${PIPESTATUS[0]}: $(grep -c ' met' "$LOGS/moe-host.txt") met, $(grep -c 'MISSED' "$LOGS/moe-host.txt") MISSED"
+      table "$LOGS/moe-host.txt" "moe-host"
+      bench 120 host-cpu 2>&1 | tee "$LOGS/moe-host-cpu.txt"
+      { echo "== moe-host-cpu"; cat "$LOGS/moe-host-cpu.txt"; echo; } >> "$LOGS/summary.txt"
       ;;
     fallback)
       # FALLBACK_ARGS adds flags (e.g. "--portable-sweep", "--routing both", "--model-path DIR").

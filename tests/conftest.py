@@ -46,7 +46,7 @@ def seed() -> int:
 @pytest.fixture(autouse=True)
 def _fresh_path_cache():
     """Each test decides its path anew (tests may monkeypatch capability or toolchain or force the fallback)."""
-    from mxfp4 import dispatch, weight_cache
+    from mxfp4 import dispatch, moe_graphs, weight_cache
 
     dispatch.reset_cache()
     dispatch.choose_config.cache_clear()
@@ -56,3 +56,5 @@ def _fresh_path_cache():
     dispatch.choose_config.cache_clear()
     weight_cache.set_fallback_memory_budget(None)  # and the fallback's cache: no entry outlives its test
     weight_cache.clear()
+    moe_graphs.set_moe_graphs(None)  # and the MoE layer's graphs
+    moe_graphs.clear()

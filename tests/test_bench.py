@@ -355,8 +355,36 @@ def test_values_per_suite():
     assert parse("fallback") == list(problems.FALLBACK_M_VALUES)
     assert parse("moe", "--tokens", "4,8") == [4, 8] and parse("moe") == list(problems.MOE_TOKENS)
     assert parse("host", "--m", "2") == [2]
+    assert parse("host-cpu") == list(problems.HOST_MOE_TOKENS) == [1, 8, 64] and parse("host-cpu", "--tokens", "2") == [2]
     with pytest.raises(ValueError, match="--tokens"):
         parse("moe", "--tokens", "0")
+
+
+def test_host_cpu_suite_runs_without_a_gpu(capsys, monkeypatch):
+    """The host work of one mxfp4.moe call, device stubbed: a replayed call allocates its output and
+    launches one graph; without replay, two allocations and the five kernels."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["host-cpu", "--tokens", "1,64", "--calls", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.split()[:1] in (["1"], ["64"])]
+    # columns: T, mode, host us, torch ops, allocations, kernel launches, graph launches, node updates
+    replayed = [r[:1] + r[4:8] for r in rows if r[1:3] == ["graph", "replay"]]
+    launched = [r[:1] + r[3:7] for r in rows if r[1] == "launches"]
+    assert replayed == [[t, "1", "1", "0", "1"] for t in ("1", "64")]
+    assert launched == [[t, "2", "2", "5", "0"] for t in ("1", "64")]
+
+
+def test_moe_host_verdicts():
+    from benchmarks.host import moe_verdicts
+
+    rows = [{"model": "gpt-oss-20b", "projection": "moe layer", "m": m, "results": {"mxfp4.moe": r}}
+            for m, r in ((1, {"host_us": 41.5}), (8, {"host_us": 60.5, "gpu_idle": True}), (64, {"error": "boom"}))]
+    rows.append({"model": "gpt-oss-20b", "projection": "gate_up", "m": 1, "results": {"ours grouped_mm": {"host_us": 99.0}}})
+    assert moe_verdicts(rows) == [
+        "mxfp4.moe T=1: eager host 41.5 us per call (target <= 60 us) met",
+        "mxfp4.moe T=8: eager host 60.5 us per call (target <= 60 us) MISSED (GPU went idle: rerun with fewer --calls)",
+        "mxfp4.moe T=64: not measured (boom)",
+    ]
 
 
 def test_bad_values_and_no_gpu_exit_2(capsys, monkeypatch):

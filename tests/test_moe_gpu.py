@@ -126,3 +126,84 @@ def test_transformers_drop_in_on_gpu(seed: int) -> None:
     ref = logits(reference, ids)
     convert_gpt_oss(model)
     assert relative_error(logits(model, ids), ref) <= ACCURACY, f"seed {seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph replay of plain eager calls (mxfp4.moe_graphs, issue 15): the same bits as the five launches.
+
+
+def _launched(calls: list, layer: Layer) -> list[torch.Tensor]:
+    """The outputs of the five kernels launched one by one (replay off)."""
+    from mxfp4 import moe_graphs
+
+    moe_graphs.set_moe_graphs(False)
+    try:
+        return [run(*call, layer) for call in calls]
+    finally:
+        moe_graphs.set_moe_graphs(None)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 64])
+def test_moe_graph_replay_equals_launches_bitwise(layer_20b: Layer, tokens: int, seed: int) -> None:
+    """Fresh x, ids and weights every call (each node rewritten before its launch), many calls in flight
+    while the GPU is busy, and the same tensors again (nodes left as they are)."""
+    from mxfp4 import moe_graphs
+
+    calls = [inputs(tokens, skew=i % 2 == 1) for i in range(6)]
+    expected = _launched(calls, layer_20b)
+    ref = reference_moe_float64(*calls[0], layer_20b.gate_up, layer_20b.down, layer_20b.gate_up_bias, layer_20b.down_bias)
+    assert relative_error(expected[0], ref) <= ACCURACY, f"seed {seed}"
+    moe_graphs.set_moe_graphs(True)
+    try:
+        poison_allocator()
+        torch.cuda._sleep(50_000_000)  # the GPU busy: the replays below are set up while earlier ones wait
+        got = [run(*call, layer_20b) for call in calls + calls]
+        torch.cuda.synchronize()
+        graphs = moe_graphs.stats()["graphs"]
+    finally:
+        moe_graphs.set_moe_graphs(None)
+    assert graphs == (1 if isinstance(layer_20b.gate_up, mxfp4.PackedGateUp) else 0)
+    for i, out in enumerate(got):
+        assert torch.equal(out, expected[i % len(calls)]), f"seed {seed}, call {i}"
+
+
+def test_moe_graph_replay_on_two_streams(layer_20b: Layer, seed: int) -> None:
+    from mxfp4 import moe_graphs
+
+    call = inputs(8, skew=True)
+    expected = _launched([call], layer_20b)[0]
+    side, outs = torch.cuda.Stream(), []
+    moe_graphs.set_moe_graphs(True)
+    try:
+        for _ in range(3):
+            outs.append(run(*call, layer_20b))
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outs.append(run(*call, layer_20b))
+            torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        workspaces = moe_graphs.stats()["workspaces"]
+    finally:
+        moe_graphs.set_moe_graphs(None)
+    assert workspaces == (2 if isinstance(layer_20b.gate_up, mxfp4.PackedGateUp) else 0)  # one per stream
+    for i, out in enumerate(outs):
+        assert torch.equal(out, expected), f"seed {seed}, call {i}"
+
+
+def test_moe_user_capture_while_a_graph_is_cached(layer_20b: Layer, seed: int) -> None:
+    """A capture of the layer (the static-shape decode variant) when our own graph of it exists: the call
+    under capture launches its kernels into the user's graph."""
+    x, ids, weights = inputs(4, skew=False)
+    for _ in range(3):
+        run(x, ids, weights, layer_20b)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(x, ids, weights, layer_20b)
+    new_x, new_ids, new_weights = inputs(4, skew=True)
+    x.copy_(new_x)
+    ids.copy_(new_ids)
+    weights.copy_(new_weights)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, run(new_x, new_ids, new_weights, layer_20b)), f"seed {seed}"

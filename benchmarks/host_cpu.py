@@ -1,0 +1,97 @@
+"""``hopper-mxfp4 bench host-cpu``: the host work of one ``mxfp4.moe`` call on the SM90 path, on the CPU.
+
+The layer runs at the gpt-oss-20b shapes (E = 32, H = I = 2880, top-4) on CPU tensors with the device
+stubbed (benchmarks.fake_sm90: every kernel launch, graph launch and node update recorded, not made), so
+what is timed is the Python and torch work of a call. Per T and mode (graph replay on / off): µs per
+call (best of five runs), and per call the torch ops (top level), the allocations among them, the kernel
+launches, graph launches and graph node updates. No GPU needed; the numbers are this CPU's; on the
+device host each kernel launch adds the driver's cost (~12 µs on the H200 host) and each allocation the
+caching allocator's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+
+from .fake_sm90 import Recorder, fake_sm90
+from .report import align
+
+HIDDEN = INTERMEDIATE = 2880
+EXPERTS = 32
+TOP_K = 4
+ALLOCATING_OPS = ("aten::empty", "aten::new_empty", "aten::empty_like", "aten::empty_strided", "aten::zeros")
+
+
+def layer(tokens: int, seed: int = 0) -> Callable[[], torch.Tensor]:
+    """One gpt-oss-20b layer call at ``tokens``, ready to repeat (weights never read: uninitialized)."""
+    import mxfp4
+
+    gate_up = mxfp4.PackedGateUp(torch.empty(EXPERTS, 2 * INTERMEDIATE // 64, HIDDEN // 64, 2176, dtype=torch.uint8),
+                                 2 * INTERMEDIATE, HIDDEN)
+    down = mxfp4.PackedMXFP4(torch.empty(EXPERTS, HIDDEN // 64, INTERMEDIATE // 64, 2176, dtype=torch.uint8),
+                             HIDDEN, INTERMEDIATE)
+    generator = torch.Generator().manual_seed(seed)
+    biases = (torch.randn(EXPERTS, 2 * INTERMEDIATE, generator=generator).bfloat16(),
+              torch.randn(EXPERTS, HIDDEN, generator=generator).bfloat16())
+    x = torch.randn(tokens, HIDDEN, generator=generator).bfloat16()
+    ids = torch.rand(tokens, EXPERTS, generator=generator).argsort(dim=1)[:, :TOP_K].contiguous()  # as topk gives
+    weights = torch.rand(tokens, TOP_K, generator=generator).softmax(dim=1)
+    return lambda: mxfp4.moe(x, ids, weights, gate_up, down, gate_up_bias=biases[0], down_bias=biases[1])
+
+
+def _ops_per_call(call: Callable[[], Any]) -> Counter:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    return Counter(e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
+
+
+def measure(tokens: int, replay: bool, calls: int) -> dict[str, Any]:
+    """µs per call and what one call does, after warm-up calls (a graph is built on the second)."""
+    from mxfp4 import moe_graphs
+
+    call = layer(tokens)
+    recorder = Recorder(count_only=True)
+    with fake_sm90(recorder):
+        moe_graphs.set_moe_graphs(replay)
+        try:
+            for _ in range(5):
+                call()
+            best = min(_timed(call, calls) for _ in range(5))
+            before = Counter(recorder.counts)
+            ops = _ops_per_call(call)
+            done = recorder.counts - before
+        finally:
+            moe_graphs.set_moe_graphs(None)
+    return {"tokens": tokens, "replay": replay, "host_us": best, "torch_ops": sum(ops.values()),
+            "allocations": sum(ops[name] for name in ALLOCATING_OPS), "ops": dict(ops),
+            "kernel_launches": done["kernel launches"], "graph_launches": done["graph launches"],
+            "node_updates": done["node updates"]}
+
+
+def _timed(call: Callable[[], Any], calls: int) -> float:
+    begin = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - begin) * 1e6 / calls
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    header = ("T", "mode", "host us (CPU)", "torch ops", "allocations", "kernel launches", "graph launches", "node updates")
+    lines = [(str(r["tokens"]), "graph replay" if r["replay"] else "launches", f"{r['host_us']:.1f}", str(r["torch_ops"]),
+              str(r["allocations"]), str(r["kernel_launches"]), str(r["graph_launches"]), str(r["node_updates"]))
+             for r in rows]
+    return align(header, lines, {1})
+
+
+def run(args: argparse.Namespace, token_values: list[int]) -> int:
+    rows = [measure(tokens, replay, min(args.calls, 2000)) for tokens in token_values for replay in (True, False)]
+    print("host-cpu: mxfp4.moe's SM90 host path on this CPU, device stubbed (gpt-oss-20b, top-4, best of 5 runs)")
+    print(format_rows(rows))
+    return 0
