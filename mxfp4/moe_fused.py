@@ -6,6 +6,10 @@ pack time, ``mxfp4.gate_up``), writing bf16 ``[T·k, I]``; the down kernel's epi
 multiplies by the routing weight and writes each row to its token's slot, ``[T, k, H]``; the top-k
 combine is a fixed-order sum over k. No host sync, no atomics: calls are bitwise identical and the
 layer captures into a CUDA graph for a fixed T.
+
+With ``skip_invalid_ids`` (expert parallelism) the routing kernel puts choices whose id is outside [0, E) after
+``offsets[E]``, where no GEMM reaches them; their slots start at zero (one memset), so the sum over k adds
+exactly 0 for them.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
 def moe_sm90(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedGateUp, down: PackedMXFP4,
     gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, alpha: float, limit: float,
-    device_name: str | None,
+    device_name: str | None, skip_invalid_ids: bool = False,
 ) -> torch.Tensor:
     """``mxfp4.moe`` on SM90 (inputs validated by the op)."""
     # lazy: CPU machines never import cuda-python
@@ -57,7 +61,8 @@ def moe_sm90(
         fused_config(gate_up, routed, "swiglu", device_name), activated,
         EpilogueArgs(bias=_bias(gate_up_bias), alpha=alpha, limit=limit),
     )
-    slots = torch.empty((tokens, top_k, down.n), dtype=torch.bfloat16, device=x.device)
+    # The down kernel writes the slot of every routed choice; a skipped choice's slot is never written.
+    slots = (torch.zeros if skip_invalid_ids else torch.empty)((tokens, top_k, down.n), dtype=torch.bfloat16, device=x.device)
     grouped_mm_sm90(
         activated, down.data, down.n, down.k, routing.offsets, False,
         fused_config(down, routed, "scatter", device_name), slots,
