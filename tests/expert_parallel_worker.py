@@ -67,12 +67,36 @@ def experts_facts(model: torch.nn.Module) -> list[dict]:
     return facts
 
 
+class CallRecorder:
+    """Wraps the experts forward's ``moe``: what transformers' implementation handed each call (the ids' width
+    k, whether a sentinel or other foreign id came, and skip_invalid_ids)."""
+
+    def __init__(self) -> None:
+        from mxfp4.integrations import gpt_oss_experts
+
+        self.module, self.moe, self.calls = gpt_oss_experts, gpt_oss_experts.moe, []
+
+    def __call__(self, x, topk_ids, topk_weights, gate_up, down, **options):
+        foreign = (topk_ids < 0) | (topk_ids >= gate_up.num_experts)
+        self.calls.append({"top_k": topk_ids.shape[1], "rows": topk_ids.shape[0], "foreign": bool(foreign.any()),
+                           "foreign_weight_zero": bool((topk_weights[foreign] == 0).all()),
+                           "skip_invalid_ids": options.get("skip_invalid_ids")})
+        return self.moe(x, topk_ids, topk_weights, gate_up, down, **options)
+
+    def __enter__(self) -> "CallRecorder":
+        self.module.moe = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.moe = self.moe
+
+
 def run_model(model: torch.nn.Module, case_dir: Path, routing: str, device: torch.device) -> dict:
     replay_routing(model, case_dir / routing, device)
     ids = torch.load(case_dir / "ids.pt").to(device)
-    with torch.no_grad():
+    with torch.no_grad(), CallRecorder() as recorder:
         logits = model(input_ids=ids).logits
-    return {"logits": logits.double().cpu(), "experts": experts_facts(model)}
+    return {"logits": logits.double().cpu(), "experts": experts_facts(model), "calls": recorder.calls}
 
 
 def distributed_config(world: int, implementation: str):
@@ -91,13 +115,27 @@ def converted_case(case_dir: Path, world: int, implementation: str, device: torc
     return run_model(convert_gpt_oss(model.eval()), case_dir, "routing_dense.pt", device)
 
 
-def loaded_case(case_dir: Path, world: int, implementation: str, device: torch.device) -> dict:
-    """load_gpt_oss with the distributed config: each rank reads its own experts."""
+def loaded_case(case_dir: Path, world: int, implementation: str, device: torch.device,
+                experts: tuple[int, int] | None = None) -> dict:
+    """load_gpt_oss with the distributed config: each rank reads its own experts (``experts``, if given, must
+    name them)."""
     from mxfp4.integrations.transformers import load_gpt_oss
 
-    model = load_gpt_oss(case_dir / "mxfp4", device=device, dtype=torch.float32, progress=False,
+    model = load_gpt_oss(case_dir / "mxfp4", device=device, dtype=torch.float32, progress=False, experts=experts,
                          distributed_config=distributed_config(world, implementation))
     return run_model(model, case_dir, "routing_mxfp4.pt", device)
+
+
+def wrong_experts_error(case_dir: Path, world: int, device: torch.device) -> str:
+    """What load_gpt_oss says when ``experts`` is not this rank's share (every expert, here)."""
+    from mxfp4.integrations.transformers import load_gpt_oss
+
+    try:
+        load_gpt_oss(case_dir / "mxfp4", device=device, progress=False, experts=(0, 4),
+                     distributed_config=distributed_config(world, "all_reduce"))
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def main() -> None:
@@ -110,10 +148,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a collective may wait")
     args = parser.parse_args()
     rank, world, device = init_group(args)
-    results = {}
+    share = 4 // world  # the tiny model's 4 experts
+    results = {"wrong_experts_error": wrong_experts_error(args.case_dir, world, device)}
     for implementation in IMPLEMENTATIONS:
         results[f"convert/{implementation}"] = converted_case(args.case_dir, world, implementation, device)
-        results[f"load/{implementation}"] = loaded_case(args.case_dir, world, implementation, device)
+        # all-to-all: passing this rank's experts explicitly is allowed (and the same)
+        experts = (rank * share, (rank + 1) * share) if implementation == "all_to_all" else None
+        results[f"load/{implementation}"] = loaded_case(args.case_dir, world, implementation, device, experts)
     torch.save(results, args.case_dir / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

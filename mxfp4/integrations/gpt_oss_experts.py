@@ -45,6 +45,16 @@ def _local(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else local_tensor(bias)  # transformers swaps in the local shards; be sure
 
 
+def is_expert_parallel(module: torch.nn.Module) -> bool:
+    """Whether transformers sharded ``module`` by expert (its forward then gets other ranks' choices as sentinels)."""
+    flag = getattr(module, "_is_expert_parallel", None)
+    if flag is not None:
+        return bool(flag)
+    # transformers before 5.21 sets no flag; its expert-parallel plan lowers num_experts below the model's
+    config = getattr(module, "config", None)
+    return config is not None and module.num_experts < getattr(config, "num_local_experts", module.num_experts)
+
+
 def hopper_mxfp4_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -58,7 +68,7 @@ def hopper_mxfp4_experts_forward(
         packed_weight(self, "gate_up_proj"), packed_weight(self, "down_proj"),
         gate_up_bias=_local(self.gate_up_proj_bias), down_bias=_local(self.down_proj_bias),
         alpha=float(self.alpha), limit=float(self.limit),
-        skip_invalid_ids=bool(getattr(self, "_is_expert_parallel", False)),
+        skip_invalid_ids=is_expert_parallel(self),
     )
     return out.to(hidden_states.dtype)
 
