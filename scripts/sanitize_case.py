@@ -1,6 +1,7 @@
 """One small grouped GEMM per config the op can pick (defaults + shipped tuning tables) and per kernel
 family (codegen.selection.FAMILY_SAMPLES), and the
-fused MoE layer (SwiGLU and scatter epilogues), for compute-sanitizer (memcheck, racecheck) on the device.
+fused MoE layer (SwiGLU and scatter epilogues; also with foreign expert ids, as expert parallelism passes
+them), for compute-sanitizer (memcheck, racecheck) on the device.
 
 Usage: compute-sanitizer --tool memcheck python scripts/sanitize_case.py [CONFIG ...]
 Exits non-zero if a result is off (the sanitizer's own report is what the device script reads).
@@ -41,11 +42,12 @@ def main(names: list[str]) -> int:
         ok = error <= 1e-2
         failures += not ok
         print(f"{config.name}: relative error {error:.2e} {'ok' if ok else 'FAIL'}")
-    return 1 if failures + moe_case() else 0
+    return 1 if failures + moe_case(False) + moe_case(True) else 0
 
 
-def moe_case() -> int:
-    """The fused layer on a small problem with tails (H, I not multiples of 64), an empty expert, biases."""
+def moe_case(foreign: bool) -> int:
+    """The fused layer on a small problem with tails (H, I not multiples of 64), an empty expert, biases;
+    ``foreign``: a third of the choices carry ids outside [0, E) (the sentinel E, -1), skipped."""
     from mxfp4.moe_layer import reference_moe_float64
 
     generator = torch.Generator().manual_seed(1)
@@ -56,10 +58,14 @@ def moe_case() -> int:
     x = torch.randn(tokens, hidden, generator=generator).to("cuda", torch.bfloat16)
     ids = torch.randint(0, experts - 1, (tokens, top_k), generator=generator).to("cuda")  # expert 3: empty
     weights = torch.rand(tokens, top_k, generator=generator).to("cuda")
-    out = mxfp4.moe(x, ids, weights, gate_up, down, gate_up_bias=biases[0], down_bias=biases[1])
-    ref = reference_moe_float64(x, ids, weights, gate_up, down, *biases)
+    if foreign:  # a sixth of the choices each: the sentinel E, and -1
+        picks = torch.randint(0, 6, ids.shape, generator=generator).to("cuda")
+        ids = ids.masked_fill(picks == 0, experts).masked_fill(picks == 1, -1)
+    out = mxfp4.moe(x, ids, weights, gate_up, down, gate_up_bias=biases[0], down_bias=biases[1], skip_invalid_ids=foreign)
+    ref = reference_moe_float64(x, ids, weights, gate_up, down, *biases, skip_invalid_ids=foreign)
     error = ((out.double() - ref).norm() / ref.norm()).item()
-    print(f"moe (fused epilogues): relative error {error:.2e} {'ok' if error <= 1e-2 else 'FAIL'}")
+    label = "foreign ids skipped" if foreign else "fused epilogues"
+    print(f"moe ({label}): relative error {error:.2e} {'ok' if error <= 1e-2 else 'FAIL'}")
     return int(not error <= 1e-2)
 
 

@@ -115,6 +115,18 @@ def converted_case(case_dir: Path, world: int, implementation: str, device: torc
     return run_model(convert_gpt_oss(model.eval()), case_dir, "routing_dense.pt", device)
 
 
+def checkpoint_case(case_dir: Path, world: int, implementation: str, device: torch.device) -> dict:
+    """transformers loads the MXFP4 checkpoint dequantized and sharded; convert_gpt_oss packs each rank's rows of
+    the checkpoint's experts."""
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    from mxfp4.integrations.transformers import convert_gpt_oss
+
+    model = GptOssForCausalLM.from_pretrained(str(case_dir / "mxfp4"), quantization_config=Mxfp4Config(dequantize=True),
+                                              dtype=torch.float32, distributed_config=distributed_config(world, implementation))
+    return run_model(convert_gpt_oss(model.eval(), checkpoint=case_dir / "mxfp4"), case_dir, "routing_mxfp4.pt", device)
+
+
 def loaded_case(case_dir: Path, world: int, implementation: str, device: torch.device,
                 experts: tuple[int, int] | None = None) -> dict:
     """load_gpt_oss with the distributed config: each rank reads its own experts (``experts``, if given, must
@@ -155,6 +167,7 @@ def main() -> None:
         # all-to-all: passing this rank's experts explicitly is allowed (and the same)
         experts = (rank * share, (rank + 1) * share) if implementation == "all_to_all" else None
         results[f"load/{implementation}"] = loaded_case(args.case_dir, world, implementation, device, experts)
+        results[f"checkpoint/{implementation}"] = checkpoint_case(args.case_dir, world, implementation, device)
     torch.save(results, args.case_dir / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "expert_parallel_worker.py"
 WORLD = 2
 IMPLEMENTATIONS = ("all_reduce", "all_to_all")
+CASES = ("convert", "load", "checkpoint")  # convert_gpt_oss(model), load_gpt_oss, convert_gpt_oss(model, checkpoint)
 WORKER_SECONDS = 300
 BATCH, SEQUENCE = 2, 9
 
@@ -104,7 +105,9 @@ def write_case(case_dir: Path, seed: int, device: str) -> dict[str, Reference]:
     torch.save(torch.randint(0, 128, (BATCH, SEQUENCE)), case_dir / "ids.pt")
     dense = convert_gpt_oss(GptOssForCausalLM.from_pretrained(str(case_dir / "dense")).to(device).eval())
     loaded = load_gpt_oss(case_dir / "mxfp4", device=device, dtype=torch.float32, progress=False)
-    return {"convert": reference(dense, case_dir, "routing_dense.pt"), "load": reference(loaded, case_dir, "routing_mxfp4.pt")}
+    loaded_reference = reference(loaded, case_dir, "routing_mxfp4.pt")
+    # convert_gpt_oss(checkpoint=...) of transformers' dequantized load holds what load_gpt_oss gives
+    return {"convert": reference(dense, case_dir, "routing_dense.pt"), "load": loaded_reference, "checkpoint": loaded_reference}
 
 
 def loopback_store() -> tuple[torch.distributed.TCPStore, int]:
@@ -188,7 +191,7 @@ def check_calls(run: ShardedRun, implementation: str) -> None:
     """all-reduce: the whole batch, top-k wide, other ranks' choices as sentinels of weight 0; all-to-all: the
     rows sent to this rank, top-1, local ids only. Every call asks mxfp4.moe to skip foreign ids."""
     for result in run.ranks:
-        for case in ("convert", "load"):
+        for case in CASES:
             calls = result[f"{case}/{implementation}"]["calls"]
             assert len(calls) == 2 and all(call["skip_invalid_ids"] is True for call in calls)  # one per layer
             for call in calls:
@@ -199,13 +202,13 @@ def check_calls(run: ShardedRun, implementation: str) -> None:
                     assert call["top_k"] == 1 and not call["foreign"]
 
 
-@pytest.mark.parametrize("case", ["convert", "load"])
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_sharded_logits_equal_one_process(sharded_run: ShardedRun, case: str, implementation: str) -> None:
     check_logits(sharded_run, case, implementation)
 
 
-@pytest.mark.parametrize("case", ["convert", "load"])
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_each_rank_holds_its_experts(sharded_run: ShardedRun, case: str, implementation: str) -> None:
     check_experts(sharded_run, case, implementation)
@@ -251,7 +254,7 @@ def test_two_gpus(tmp_path: Path) -> None:
     """The same worker on two GPUs with NCCL (the SM90 fused path on each rank), against one GPU's model."""
     run = sharded_run_on("cuda", tmp_path)
     for implementation in IMPLEMENTATIONS:
-        for case in ("convert", "load"):
+        for case in CASES:
             check_logits(run, case, implementation)
             check_experts(run, case, implementation)
         check_calls(run, implementation)
