@@ -41,25 +41,40 @@ def init_group(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def legacy_router_masking(model: torch.nn.Module):
+    """Before transformers 5.21 expert parallelism masks other ranks' choices in the router's output (the
+    "ep_router" style): the replayed output must go through it too. None from 5.21 on."""
+    from transformers.distributed import DistributedConfig
+
+    if "ep_implementation" in DistributedConfig.__dataclass_fields__:
+        return None
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    style, mesh = ALL_PARALLEL_STYLES["ep_router"], model._device_mesh
+    return lambda module, output: style.transform_output_post_forward(module, output, mesh)
+
+
 def replay_routing(model: torch.nn.Module, path: Path, device: torch.device) -> None:
     """Every router returns what the reference's returned (the test recorded it)."""
-    recorded = torch.load(path)
+    recorded, masking = torch.load(path), legacy_router_masking(model)
     for layer, decoder in enumerate(model.model.layers):
         output = tuple(t.to(device) for t in recorded[layer])
+        if masking is not None:
+            output = masking(decoder.mlp.router, output)
         decoder.mlp.router.register_forward_hook(lambda module, args, out, output=output: output)
 
 
 def experts_facts(model: torch.nn.Module) -> list[dict]:
     """What each layer's experts module holds on this rank."""
     from mxfp4.integrations.expert_parallel import local_expert_range, local_tensor
-    from mxfp4.integrations.gpt_oss_experts import packed_weight
+    from mxfp4.integrations.gpt_oss_experts import is_expert_parallel, packed_weight
 
     facts = []
     for decoder in model.model.layers:
         module = decoder.mlp.experts
         start, stop, total = local_expert_range(module)
         facts.append({
-            "num_experts": module.num_experts, "expert_parallel": bool(getattr(module, "_is_expert_parallel", False)),
+            "num_experts": module.num_experts, "expert_parallel": is_expert_parallel(module),
             "range": (start, stop, total), "implementation": module.config._experts_implementation,
             "gate_up": packed_weight(module, "gate_up_proj").data.cpu(), "down": packed_weight(module, "down_proj").data.cpu(),
             "gate_up_bias": local_tensor(module.gate_up_proj_bias).detach().cpu(),
@@ -100,9 +115,15 @@ def run_model(model: torch.nn.Module, case_dir: Path, routing: str, device: torc
 
 
 def distributed_config(world: int, implementation: str):
+    """transformers >= 5.21: ``ep_size`` and ``ep_implementation``; before, ``enable_expert_parallel`` (its plan
+    masks other ranks' choices in the router and all-reduces: the all-reduce implementation)."""
     from transformers.distributed import DistributedConfig
 
-    return DistributedConfig(tp_size=world, tp_plan="auto", ep_size=world, ep_implementation=implementation)
+    if "ep_implementation" in DistributedConfig.__dataclass_fields__:
+        return DistributedConfig(tp_size=world, tp_plan="auto", ep_size=world, ep_implementation=implementation)
+    if implementation != "all_reduce":
+        raise ValueError(f"this transformers has no {implementation} expert parallelism")
+    return DistributedConfig(tp_size=world, tp_plan="auto", enable_expert_parallel=True)
 
 
 def converted_case(case_dir: Path, world: int, implementation: str, device: torch.device) -> dict:
@@ -158,11 +179,12 @@ def main() -> None:
     parser.add_argument("--world", type=int, help="default: $WORLD_SIZE (torchrun)")
     parser.add_argument("--store-port", type=int, help="the test's TCPStore on 127.0.0.1 (default: torchrun's)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a collective may wait")
+    parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS), help="comma-separated")
     args = parser.parse_args()
     rank, world, device = init_group(args)
     share = 4 // world  # the tiny model's 4 experts
     results = {"wrong_experts_error": wrong_experts_error(args.case_dir, world, device)}
-    for implementation in IMPLEMENTATIONS:
+    for implementation in args.implementations.split(","):
         results[f"convert/{implementation}"] = converted_case(args.case_dir, world, implementation, device)
         # all-to-all: passing this rank's experts explicitly is allowed (and the same)
         experts = (rank * share, (rank + 1) * share) if implementation == "all_to_all" else None

@@ -42,14 +42,23 @@ def _has_module(name: str) -> bool:
         return False
 
 
-def expert_parallel_missing() -> str | None:
-    """Why this transformers cannot run the tests (None: it can)."""
-    if not _has_module("transformers.distributed.expert_parallel"):
-        return f"transformers {transformers.__version__} has no expert parallelism (transformers.distributed.expert_parallel)"
+def implementations_here() -> tuple[str, ...]:
+    """The expert-parallel implementations this transformers has: both from 5.21 (``ep_implementation``); before,
+    ``enable_expert_parallel`` gives the all-reduce one; none without transformers' distributed engine."""
+    if not _has_module("transformers.distributed"):
+        return ()
     from transformers.distributed import DistributedConfig
 
-    if "ep_implementation" not in DistributedConfig.__dataclass_fields__:
-        return f"transformers {transformers.__version__} cannot choose the expert-parallel implementation (ep_implementation)"
+    fields = DistributedConfig.__dataclass_fields__
+    if "ep_implementation" in fields:
+        return IMPLEMENTATIONS
+    return ("all_reduce",) if "enable_expert_parallel" in fields else ()
+
+
+def expert_parallel_missing() -> str | None:
+    """Why this transformers cannot run the tests (None: it can)."""
+    if not implementations_here():
+        return f"transformers {transformers.__version__} has no expert parallelism (DistributedConfig with ep_size)"
     if not _has_module("accelerate"):
         return "from_pretrained(tp_plan=...) needs accelerate (pip install -e '.[test]' installs it)"
     if not torch.distributed.is_available():
@@ -135,7 +144,7 @@ def worker_environment(device: str) -> dict[str, str]:
 def run_workers(case_dir: Path, device: str) -> list[dict]:
     store, port = loopback_store()
     command = [sys.executable, str(WORKER), "--case-dir", str(case_dir), "--device", device, "--world", str(WORLD),
-               "--store-port", str(port)]
+               "--store-port", str(port), "--implementations", ",".join(implementations_here())]
     workers = [subprocess.Popen([*command, "--rank", str(rank)], env=worker_environment(device), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for rank in range(WORLD)]
     try:
@@ -164,6 +173,11 @@ def sharded_run(tmp_path_factory: pytest.TempPathFactory) -> ShardedRun:
 
 # ---------------------------------------------------------------------------------------------
 # The checks, for the CPU run (one test each) and the two-GPU run (all of them).
+
+
+def require(implementation: str) -> None:
+    if implementation not in implementations_here():
+        pytest.skip(f"transformers {transformers.__version__} has no {implementation} expert parallelism (5.21 added it)")
 
 
 def check_logits(run: ShardedRun, case: str, implementation: str) -> None:
@@ -205,17 +219,20 @@ def check_calls(run: ShardedRun, implementation: str) -> None:
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_sharded_logits_equal_one_process(sharded_run: ShardedRun, case: str, implementation: str) -> None:
+    require(implementation)
     check_logits(sharded_run, case, implementation)
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_each_rank_holds_its_experts(sharded_run: ShardedRun, case: str, implementation: str) -> None:
+    require(implementation)
     check_experts(sharded_run, case, implementation)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_each_implementation_hands_the_experts_what_it_should(sharded_run: ShardedRun, implementation: str) -> None:
+    require(implementation)
     check_calls(sharded_run, implementation)
 
 
@@ -253,7 +270,7 @@ def test_load_gpt_oss_rejects_an_experts_range_that_is_not_the_ranks(sharded_run
 def test_two_gpus(tmp_path: Path) -> None:
     """The same worker on two GPUs with NCCL (the SM90 fused path on each rank), against one GPU's model."""
     run = sharded_run_on("cuda", tmp_path)
-    for implementation in IMPLEMENTATIONS:
+    for implementation in implementations_here():
         for case in CASES:
             check_logits(run, case, implementation)
             check_experts(run, case, implementation)

@@ -67,6 +67,15 @@ def local_as_placeholder(local: torch.Tensor, placeholder: torch.Tensor) -> torc
                               shape=placeholder.shape, stride=placeholder.stride())
 
 
+def expert_parallel_size(distributed_config: object) -> int:
+    """How many ranks share the experts: ``ep_size``, or before transformers 5.21 (``enable_expert_parallel``)
+    the tensor-parallel size."""
+    size = getattr(distributed_config, "ep_size", None)
+    if size is None:
+        size = getattr(distributed_config, "tp_size", 1) if getattr(distributed_config, "enable_expert_parallel", False) else 1
+    return size or 1
+
+
 def distribute_meta_model(model: torch.nn.Module, distributed_config: object, caller: str) -> torch.nn.Module:
     """``model`` (on the meta device) with transformers' tensor and expert parallel plans applied, as
     ``from_pretrained(distributed_config=...)`` applies them before it loads weights; initializes
@@ -77,8 +86,8 @@ def distribute_meta_model(model: torch.nn.Module, distributed_config: object, ca
         import transformers
 
         raise ValueError(f"{caller}: distributed_config needs transformers' distributed engine "
-                         f"(transformers >= 5.21), this is transformers {transformers.__version__}")
+                         f"(DistributedConfig and maybe_distribute_model), this is transformers {transformers.__version__}")
     distributed_config, _, mesh_manager = prepare(distributed_config)  # a dict becomes a DistributedConfig
-    if getattr(distributed_config, "ep_size", 1) <= 1:
+    if expert_parallel_size(distributed_config) <= 1:
         raise ValueError(f"{caller}: distributed_config must shard the experts (ep_size > 1), got {distributed_config!r}")
     return distribute(model, distributed_config, mesh_manager)
