@@ -3,7 +3,8 @@
 ``route_topk(topk_ids, topk_weights, num_experts)`` returns, for the T·k routed rows in expert order
 (stable: flat (token, slot) order within an expert), the int32 ``offsets`` [E + 1], each row's flat
 choice index ``row_dest`` (token * k + slot), its token ``row_token`` and its routing weight
-``row_scale`` (fp32): what the fused MoE layer's gather, gate_up and down kernels read. It replaces a
+``row_scale`` (fp32): what the fused MoE layer's gather, gate_up and down kernels read. Choices whose id is
+outside [0, E) follow at ``offsets[E]``, in flat order, with weight 0 (no GEMM reaches them). It replaces a
 sort, a search and three index ops (templates/mxfp4_routing.cuh says how), with no host sync.
 """
 
@@ -68,8 +69,9 @@ def compiled_routing():
 
 
 def _shared_memory(num_experts: int) -> int:
-    """One int cursor per expert, then a chunk of ROUTING_THREADS staged ids (int) and weights (float)."""
-    return 4 * num_experts + 8 * ROUTING_THREADS
+    """One int cursor per expert and one for the tail of foreign ids, then a chunk of ROUTING_THREADS staged
+    buckets (int) and weights (float)."""
+    return 4 * (num_experts + 1) + 8 * ROUTING_THREADS
 
 
 _functions: dict[int, int] = {}  # device index -> CUfunction handle

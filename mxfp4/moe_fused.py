@@ -12,7 +12,7 @@ A call allocates its workspace and its output and makes no other torch op. A pla
 replays the five kernels as one CUDA graph instead (mxfp4.moe_graphs: the same kernels and parameters,
 so the same bits), which takes the host cost of five launches down to one.
 
-``activations="fp8"`` takes its own launches (mxfp4.moe_fused_fp8).
+``activations="fp8"`` and expert parallelism's foreign ids take their own launches (mxfp4.moe_fused_steps).
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ Steps (each a small function, so fused-epilogue kernels can replace them one at 
 * :func:`combine` — un-permute to ``[T, k, H]``, scale by the routing weights, sum over k (a fixed-order
   reduction, no atomics), bf16 ``[T, H]``.
 
+Expert parallelism (``skip_invalid_ids=True``): a choice whose id is outside ``[0, E)`` (transformers marks
+another rank's expert with the sentinel id E) contributes exactly zero, whatever its weight. The fused SM90
+path routes such choices to a tail no GEMM reaches and leaves their slot at zero; this composition runs them
+through the last expert (wasted work, no data-dependent shape) and :func:`combine` selects zero for them, so
+no value from their rows, not even a NaN, reaches the sum.
+
 On CUDA nothing here reads a device value on the host and every shape depends on T, k, E, H and I
 only (always T·k routed rows), so with a fixed T the whole layer captures into a CUDA graph: that is
 the static-shape decode variant. Every step is deterministic, so calls are bitwise identical. On SM90
@@ -118,13 +124,25 @@ def down_step(a: torch.Tensor, routing: Routing, down: PackedMXFP4 | PackedMXFP4
     return y
 
 
-def combine(y: torch.Tensor, routing: Routing, topk_weights: torch.Tensor) -> torch.Tensor:
-    """Back to token order, times the routing weights, summed over the k choices: bf16 ``[T, H]``."""
+def combine(y: torch.Tensor, routing: Routing, topk_weights: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Back to token order, times the routing weights, summed over the k choices: bf16 ``[T, H]``.
+
+    ``valid`` (bool ``[T, k]``, optional): choices where it is False contribute exactly 0 (a select, not a
+    multiply, so not even a NaN in their rows gets through)."""
     num_tokens, top_k = topk_weights.shape
     # order is a permutation, so this scatter writes each row once (deterministic).
     unsorted = torch.empty_like(y).index_copy_(0, routing.order, y)
     weighted = unsorted.view(num_tokens, top_k, -1) * topk_weights.float().unsqueeze(-1)
+    if valid is not None:
+        weighted = torch.where(valid.unsqueeze(-1), weighted, 0.0)
     return weighted.sum(dim=1).to(torch.bfloat16)
+
+
+def foreign_to_last_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids outside ``[0, E)`` replaced by E - 1 (so every routed row belongs to an expert and the offsets end at
+    T·k), and the bool ``[T, k]`` mask of the choices that were in range (for :func:`combine`)."""
+    valid = (topk_ids >= 0) & (topk_ids < num_experts)
+    return torch.where(valid, topk_ids, num_experts - 1), valid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,18 +291,19 @@ def _moe_impl(
     down_data: torch.Tensor, down_n: int, down_k: int,
     gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
     activation: str, alpha: float, limit: float, activations: str = "bf16",
-    gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
+    gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None, skip_invalid_ids: bool = False,
 ) -> torch.Tensor:
     gate_up = _weight(gate_up_data, gate_up_n, gate_up_k, gate_up_scale, gate_up_paired)
     down = _weight(down_data, down_n, down_k, down_scale, False)
     return _moe_validated(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit,
-                          activations)
+                          activations, skip_invalid_ids=skip_invalid_ids)
 
 
 def _moe_validated(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
     down: PackedMXFP4 | PackedMXFP4FP8, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
     activation: str, alpha: float, limit: float, activations: str = "bf16", direct: bool = False,
+    skip_invalid_ids: bool = False,
 ) -> torch.Tensor:
     """Every check of the op, then the layer. ``direct``: a plain eager call (see ``runs_directly``), which
     the SM90 path may serve with a graph replay (mxfp4.moe_graphs)."""
@@ -296,31 +315,35 @@ def _moe_validated(
         if len(_passed) >= _PASSED_LIMIT:
             _passed.clear()
         _passed[signature] = None
-    _check_ids_values(topk_ids, gate_up.num_experts)
+    if not skip_invalid_ids:
+        _check_ids_values(topk_ids, gate_up.num_experts)
     return _moe_checked(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, activations,
-                        direct)
+                        direct, skip_invalid_ids)
 
 
 def _moe_checked(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
     down: PackedMXFP4 | PackedMXFP4FP8, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
-    alpha: float, limit: float, activations: str = "bf16", direct: bool = False,
+    alpha: float, limit: float, activations: str = "bf16", direct: bool = False, skip_invalid_ids: bool = False,
 ) -> torch.Tensor:
     if x.shape[0] == 0:
         return torch.empty_like(x)
     choice = select_path(x.device)
-    if choice.path == SM90 and is_paired(gate_up) and activations == "fp8":
-        from .moe_fused_fp8 import moe_sm90_fp8
-
-        return moe_sm90_fp8(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
-                            choice.device_name)
     if choice.path == SM90 and is_paired(gate_up):
+        if activations == "fp8" or skip_invalid_ids:  # launch by launch: FP8 activations, foreign ids
+            from .moe_fused_steps import moe_sm90_steps
+
+            return moe_sm90_steps(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
+                                  choice.device_name, activations, skip_invalid_ids)
         return _moe_sm90()(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
                            choice.device_name, may_replay=direct)
+    valid = None
+    if skip_invalid_ids:
+        topk_ids, valid = foreign_to_last_expert(topk_ids, gate_up.num_experts)
     routing = route(topk_ids, gate_up.num_experts)
     a = gate_up_step(x, routing, topk_ids.shape[1], gate_up, gate_up_bias, alpha, limit, activations)
     y = down_step(a, routing, down, down_bias, activations)
-    return combine(y, routing, topk_weights)
+    return combine(y, routing, topk_weights, valid)
 
 
 @lru_cache(maxsize=1)
@@ -342,9 +365,9 @@ def _moe_fake(
     down_data: torch.Tensor, down_n: int, down_k: int,
     gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
     activation: str, alpha: float, limit: float, activations: str = "bf16",
-    gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
+    gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None, skip_invalid_ids: bool = False,
 ) -> torch.Tensor:
-    """The same checks as _moe_impl (shapes only), and the output's shape: x's."""
+    """The same checks as _moe_impl (shapes only), and the output's shape: x's (skip_invalid_ids changes no shape)."""
     gate_up = _weight(gate_up_data, gate_up_n, gate_up_k, gate_up_scale, gate_up_paired)
     down = _weight(down_data, down_n, down_k, down_scale, False)
     _check_moe(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit, activations)
@@ -387,7 +410,7 @@ def moe(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
     down: PackedMXFP4 | PackedMXFP4FP8, *, gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None, activation: str = "gpt_oss", alpha: float = 1.702, limit: float = 7.0,
-    activations: str = "bf16",
+    activations: str = "bf16", skip_invalid_ids: bool = False,
 ) -> torch.Tensor:
     """The gpt-oss MoE expert layer (transformers' ``GptOssExperts.forward``); see the module docstring.
 
@@ -402,17 +425,23 @@ def moe(
     No host sync on CUDA (ids are range-checked by value only on the CPU, or after
     ``mxfp4.set_debug_checks(True)``), deterministic, and capturable into a CUDA graph for a fixed T
     (the static-shape decode variant); works under ``torch.compile(fullgraph=True)``.
+
+    ``skip_invalid_ids=True`` (expert parallelism: this rank holds E of the model's experts, and transformers
+    hands other ranks' choices over as the sentinel id E with weight 0): a choice whose id is outside
+    ``[0, E)`` contributes exactly zero to its token's sum, whatever its weight; no id is range-checked.
     """
     _check_python_arguments(x, topk_ids, topk_weights, gate_up_bias, down_bias, activation, activations, alpha, limit)
     gate_up, down = _packed("gate_up", gate_up), _packed("down", down)
+    if not isinstance(skip_invalid_ids, bool):
+        raise TypeError(f"moe: skip_invalid_ids must be a bool, got {type(skip_invalid_ids).__name__}")
     if runs_directly(x):  # the same checks and layer as the op's, without the dispatch and the re-wrapping
         return _moe_validated(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation,
-                              float(alpha), float(limit), activations, direct=True)
+                              float(alpha), float(limit), activations, direct=True, skip_invalid_ids=skip_invalid_ids)
     scale = lambda w: w.row_scale if isinstance(w, PackedMXFP4FP8) else None  # noqa: E731
     return torch.ops.mxfp4.moe(
         x, topk_ids, topk_weights, gate_up.data, gate_up.n, gate_up.k, is_paired(gate_up),
         down.data, down.n, down.k, gate_up_bias, down_bias, activation, float(alpha), float(limit), activations,
-        scale(gate_up), scale(down),
+        scale(gate_up), scale(down), skip_invalid_ids,
     )
 
 
@@ -424,9 +453,10 @@ def reference_moe_float64(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     gate_up: PackedMXFP4 | MXFP4Tensor, down: PackedMXFP4 | MXFP4Tensor,
     gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
-    alpha: float = 1.702, limit: float = 7.0,
+    alpha: float = 1.702, limit: float = 7.0, skip_invalid_ids: bool = False,
 ) -> torch.Tensor:
-    """float64 ``[T, H]``, written token by token from the definition (test sizes only)."""
+    """float64 ``[T, H]``, written token by token from the definition (test sizes only); with
+    ``skip_invalid_ids`` the choices whose id is outside ``[0, E)`` are left out of the sum."""
     from .format import dequantize
     from .packing import unpack
 
@@ -440,6 +470,8 @@ def reference_moe_float64(
     for t in range(x.shape[0]):
         for j in range(topk_ids.shape[1]):
             e = int(topk_ids[t, j])
+            if skip_invalid_ids and not 0 <= e < w1.shape[0]:
+                continue
             h = w1[e] @ x[t].double()
             if gate_up_bias is not None:
                 h = h + gate_up_bias[e].double()
@@ -451,16 +483,19 @@ def reference_moe_float64(
     return out
 
 
-def explain_moe(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
-                down: PackedMXFP4 | PackedMXFP4FP8, *, activations: str = "bf16") -> str:
-    """What ``mxfp4.moe(x, topk_ids, ..., gate_up, down, activations=...)`` would run, and why.
+def explain_moe(
+    x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8, down: PackedMXFP4 | PackedMXFP4FP8,
+    *, activations: str = "bf16", skip_invalid_ids: bool = False,
+) -> str:
+    """What ``mxfp4.moe(x, topk_ids, ..., gate_up, down, activations=..., skip_invalid_ids=...)`` would run, and why.
 
     Runs the op's checks of what it is given first (raising what the call would raise; the ids' values
-    only where the op reads them: on the CPU, or with debug checks on)."""
+    only where the op reads them: on the CPU, or with debug checks on, and not with skip_invalid_ids)."""
     _check_tensors(x=x, topk_ids=topk_ids)
     gate_up, down = _packed("gate_up", gate_up), _packed("down", down)
     _check_routed_input(x, topk_ids, gate_up, down)
-    _check_ids_values(topk_ids, gate_up.num_experts)
+    if not skip_invalid_ids:
+        _check_ids_values(topk_ids, gate_up.num_experts)
     _check_layer_activations(activations, gate_up, down)
     routed = topk_ids.numel()
     choice = select_path(x.device)
@@ -496,4 +531,6 @@ def explain_moe(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4 | 
         mode = choose_mode(gate_up.data, gate_up.n, gate_up.k, rows)[0]
         lines.append(f"  layer:     portable: two grouped_mm calls on the portable path ({mode} for about {rows} rows "
                      "per expert; mxfp4.explain gives the memory), torch for the rest")
+    if skip_invalid_ids:
+        lines.append(f"  ids:       outside [0, {gate_up.num_experts}) contribute zero (expert parallelism: other ranks' experts)")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """One small grouped GEMM per config the op can pick (defaults + shipped tuning tables; the W4A8 ones on e4m3 x
 and FP8-ready weights) and per kernel family (codegen.selection.FAMILY_SAMPLES), the activation quantizer, the
-fused MoE layer (SwiGLU and scatter epilogues, bf16 and fp8 activations), and the portable in-register kernel
-(forced: every tile config of its table, both variants), for compute-sanitizer (memcheck, racecheck) on the device.
+fused MoE layer (SwiGLU and scatter epilogues, bf16 and fp8 activations; also with foreign expert ids, as expert
+parallelism passes them), and the portable in-register kernel (forced: every tile config of its table, both
+variants), for compute-sanitizer (memcheck, racecheck) on the device.
 
 Usage: compute-sanitizer --tool memcheck python scripts/sanitize_case.py [--family bf16|fp8] [CONFIG ...]
 ``--family`` keeps the configs, quantizer and layer of one activation family (to split a long run in two).
@@ -69,7 +70,7 @@ def main(arguments: list[str]) -> int:
     if family in (None, "fp8"):
         failures += quantize_case() + moe_case("fp8")
     if family in (None, "bf16"):
-        failures += moe_case("bf16") + portable_case()
+        failures += moe_case("bf16") + moe_case("bf16", foreign=True) + portable_case()
     return 1 if failures else 0
 
 
@@ -87,8 +88,9 @@ def quantize_case() -> int:
     return bad
 
 
-def moe_case(activations: str) -> int:
-    """The fused layer on a small problem with tails (H, I not multiples of 64), an empty expert, biases."""
+def moe_case(activations: str, foreign: bool = False) -> int:
+    """The fused layer on a small problem with tails (H, I not multiples of 64), an empty expert, biases;
+    ``foreign``: a third of the choices carry ids outside [0, E) (the sentinel E, -1), skipped."""
     from mxfp4.moe_layer import reference_moe_float64
 
     generator = torch.Generator().manual_seed(1)
@@ -101,18 +103,21 @@ def moe_case(activations: str) -> int:
     x = torch.randn(tokens, hidden, generator=generator).to("cuda", torch.bfloat16)
     ids = torch.randint(0, experts - 1, (tokens, top_k), generator=generator).to("cuda")  # expert 3: empty
     weights = torch.rand(tokens, top_k, generator=generator).to("cuda")
-    ref = reference_moe_float64(x, ids, weights, gate_up_w, down_w, *biases)
+    if foreign:  # a sixth of the choices each: the sentinel E, and -1
+        picks = torch.randint(0, 6, ids.shape, generator=generator).to("cuda")
+        ids = ids.masked_fill(picks == 0, experts).masked_fill(picks == 1, -1)
+    ref = reference_moe_float64(x, ids, weights, gate_up_w, down_w, *biases, skip_invalid_ids=foreign)
     budget = TOLERANCE if activations == "bf16" else 5e-2  # fp8: against float64 with bf16 activations
     failures = 0
     # bf16: call 1 launches the five kernels; call 2 builds the layer's CUDA graph and replays it; call 3 replays it.
-    hows = ("launches", "graph built", "graph replayed") if activations == "bf16" else ("launches",)
+    hows = ("launches", "graph built", "graph replayed") if activations == "bf16" and not foreign else ("launches",)
+    label = f"{activations} activations" + (", foreign ids skipped" if foreign else "")
     for how in hows:
         out = mxfp4.moe(x.clone(), ids, weights, gate_up, down, gate_up_bias=biases[0], down_bias=biases[1],
-                        activations=activations)
+                        activations=activations, skip_invalid_ids=foreign)
         error = ((out.double() - ref).norm() / ref.norm()).item()
         failures += not error <= budget
-        print(f"moe (fused epilogues, {activations} activations, {how}): relative error {error:.2e} "
-              f"{'ok' if error <= budget else 'FAIL'}")
+        print(f"moe (fused epilogues, {label}, {how}): relative error {error:.2e} {'ok' if error <= budget else 'FAIL'}")
     return failures
 
 

@@ -22,6 +22,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 
 from ..layout import PackedMXFP4
 from ..moe_layer import moe
+from .expert_parallel import local_tensor
 
 IMPLEMENTATION = "hopper_mxfp4"
 DENSE_WEIGHTS = ("gate_up_proj", "down_proj")
@@ -40,18 +41,34 @@ def packed_weight(module: torch.nn.Module, name: str) -> PackedMXFP4:
     return kind(data, n, k)
 
 
+def _local(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else local_tensor(bias)  # transformers swaps in the local shards; be sure
+
+
+def is_expert_parallel(module: torch.nn.Module) -> bool:
+    """Whether transformers sharded ``module`` by expert (its forward then gets other ranks' choices as sentinels)."""
+    flag = getattr(module, "_is_expert_parallel", None)
+    if flag is not None:
+        return bool(flag)
+    # transformers before 5.21 sets no flag; its expert-parallel plan lowers num_experts below the model's
+    config = getattr(module, "config", None)
+    return config is not None and module.num_experts < getattr(config, "num_local_experts", module.num_experts)
+
+
 def hopper_mxfp4_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The experts forward of a converted ``GptOssExperts``: one ``mxfp4.moe`` call (bf16 inside)."""
-    if getattr(self, "_is_expert_parallel", False):
-        raise NotImplementedError("hopper_mxfp4: expert parallelism is not supported")
+    """The experts forward of a converted ``GptOssExperts``: one ``mxfp4.moe`` call (bf16 inside).
+
+    Under transformers' expert parallelism the module holds this rank's experts and other ranks' choices
+    arrive as the sentinel id ``num_experts`` (weight 0): they add exactly zero (``skip_invalid_ids``)."""
     out = moe(
         hidden_states.to(torch.bfloat16).contiguous(), top_k_index,
         top_k_weights if top_k_weights.dtype in (torch.float32, torch.bfloat16) else top_k_weights.float(),
         packed_weight(self, "gate_up_proj"), packed_weight(self, "down_proj"),
-        gate_up_bias=self.gate_up_proj_bias, down_bias=self.down_proj_bias,
+        gate_up_bias=_local(self.gate_up_proj_bias), down_bias=_local(self.down_proj_bias),
         alpha=float(self.alpha), limit=float(self.limit),
+        skip_invalid_ids=is_expert_parallel(self),
     )
     return out.to(hidden_states.dtype)
 

@@ -8,6 +8,11 @@ and the tensor), and then, a layer at a time: each non-expert tensor is read fro
 packed on ``device`` a few experts at a time (``mxfp4.checkpoint.read_moe_layer``: gate_up rows paired
 for the fused kernels); the biases stay as stored. So the device never holds more than the finished
 model plus one chunk's packing temporaries, and the host about one tensor.
+
+With ``distributed_config`` (transformers' ``DistributedConfig`` with ``ep_size > 1``, under torchrun) the
+meta model is first laid out as ``from_pretrained(distributed_config=...)`` lays it out (transformers' own
+tensor and expert parallel plans), and then each rank reads only its own experts and keeps its shard of
+every tensor a plan splits.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from transformers import GenerationConfig, GptOssConfig, GptOssForCausalLM
 
 from ..checkpoint import GPT_OSS_EXPERT_WEIGHTS, check_moe_layer, expert_range, expert_tensor_name, read_moe_layer
 from ..shards import FLOATING, CheckpointError, ShardedCheckpoint
+from .expert_parallel import distribute_meta_model, like_placeholder, local_as_placeholder, local_expert_range
 from .gpt_oss_experts import DENSE_WEIGHTS, install_packed, use_hopper_mxfp4
 
 CALLER = "load_gpt_oss"
@@ -94,12 +100,16 @@ def _check_names(model: GptOssForCausalLM, checkpoint: ShardedCheckpoint, config
 
 
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """``value`` (the whole tensor) in place of the meta placeholder ``name`` (this rank's shard, if a
+    parallel plan made the placeholder a DTensor)."""
     owner, _, attribute = name.rpartition(".")
     module = model.get_submodule(owner)
     if attribute in module._parameters:
-        module._parameters[attribute] = torch.nn.Parameter(value, requires_grad=module._parameters[attribute].requires_grad)
+        placeholder = module._parameters[attribute]
+        module._parameters[attribute] = torch.nn.Parameter(like_placeholder(value, placeholder),
+                                                           requires_grad=placeholder.requires_grad)
     else:
-        module._buffers[attribute] = value
+        module._buffers[attribute] = like_placeholder(value, module._buffers[attribute])
 
 
 def _load_dense(model: torch.nn.Module, checkpoint: ShardedCheckpoint, names: list[str], device: torch.device,
@@ -115,9 +125,11 @@ def _load_experts(model: GptOssForCausalLM, checkpoint: ShardedCheckpoint, layer
     dims = (config.num_local_experts, config.hidden_size, config.intermediate_size)
     packed = read_moe_layer(checkpoint, layer, device, rows, dims)
     module = model.model.layers[layer].mlp.experts
+    placeholders = {name: getattr(module, name) for name in ("gate_up_proj_bias", "down_proj_bias")}
     install_packed(module, packed.gate_up, packed.down, dtype)
     for name, bias in (("gate_up_proj_bias", packed.gate_up_bias), ("down_proj_bias", packed.down_bias)):
-        setattr(module, name, torch.nn.Parameter(bias, requires_grad=False))  # as stored (bf16 in gpt-oss)
+        # as stored (bf16 in gpt-oss); this rank's rows of an expert-sharded DTensor under expert parallelism
+        setattr(module, name, torch.nn.Parameter(local_as_placeholder(bias, placeholders[name]), requires_grad=False))
     module.num_experts = rows[1] - rows[0]
 
 
@@ -145,9 +157,23 @@ def _finish(model: GptOssForCausalLM, path: Path, dtype: torch.dtype) -> GptOssF
     return model.eval()
 
 
+def _rank_experts(model: GptOssForCausalLM, experts: object, sharded: bool) -> tuple[int, int]:
+    """The experts to load: ``experts`` (checked), or under expert parallelism the rank's share (which an
+    ``experts`` given as well must equal)."""
+    total = model.config.num_local_experts
+    rows = expert_range(experts, total, CALLER)
+    if not sharded:
+        return rows
+    start, stop, _ = local_expert_range(model.model.layers[0].mlp.experts)
+    if experts is not None and rows != (start, stop):
+        raise ValueError(f"{CALLER}: experts = {rows} but distributed_config gives this rank experts ({start}, {stop}); "
+                         "leave experts out under expert parallelism")
+    return start, stop
+
+
 def load_gpt_oss(
     path: str | Path, *, device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
-    experts: tuple[int, int] | None = None, progress: bool = True,
+    experts: tuple[int, int] | None = None, progress: bool = True, distributed_config: object | None = None,
 ) -> GptOssForCausalLM:
     """A ``GptOssForCausalLM`` from a gpt-oss MXFP4 checkpoint, running the ``"hopper_mxfp4"`` experts.
 
@@ -157,17 +183,25 @@ def load_gpt_oss(
     modules hold no dense weight (``gate_up_proj`` / ``down_proj`` are empty). ``experts=(start, stop)``
     loads only that range of every layer's experts (the modules get ``num_experts = stop - start``; the
     routers keep all). ``progress``: a progress bar over the layers. Packing runs on ``device``.
+
+    ``distributed_config``: a transformers ``DistributedConfig`` with ``ep_size > 1`` (for example
+    ``DistributedConfig(tp_size=2, tp_plan="auto", ep_size=2)``, under ``torchrun --nproc-per-node 2``): the
+    model is sharded as ``from_pretrained`` shards it, each rank reads and packs only its experts
+    (``experts`` follows from the rank), and runs them under transformers' expert parallelism.
     """
     from tqdm.auto import tqdm
 
-    device = _check_options(device, dtype)
+    requested, device = device, _check_options(device, dtype)
     root = Path(path)
     config = read_config(root)
     checkpoint = ShardedCheckpoint(root, CALLER)
     with torch.device("meta"):
         model = GptOssForCausalLM(copy.deepcopy(config))
+    if distributed_config is not None:
+        model = distribute_meta_model(model, distributed_config, CALLER)
+        device = _check_options(requested, dtype)  # transformers bound this rank's accelerator: "cuda" is it now
     names = _check_names(model, checkpoint, config)
-    rows = expert_range(experts, config.num_local_experts, CALLER)
+    rows = _rank_experts(model, experts, distributed_config is not None)
     layers = config.num_hidden_layers
     with torch.no_grad(), tqdm(total=layers + 1, desc=CALLER, unit="layer", disable=not progress) as bar:
         _load_dense(model, checkpoint, [n for n in names if not n.startswith("model.layers.")], device, dtype)

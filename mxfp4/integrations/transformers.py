@@ -40,6 +40,7 @@ from ..shards import ShardedCheckpoint
 from .gpt_oss_experts import (
     IMPLEMENTATION, hopper_mxfp4_experts_forward, install_packed, is_converted, packed_weight, use_hopper_mxfp4,
 )
+from .expert_parallel import local_expert_range, local_tensor
 from .gpt_oss_loader import load_gpt_oss
 
 __all__ = ["IMPLEMENTATION", "convert_gpt_oss", "hopper_mxfp4_experts_forward", "load_gpt_oss"]
@@ -48,10 +49,11 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts$")
 
 
 def _quantized_from_module(module: GptOssExperts) -> tuple[PackedMXFP4, PackedMXFP4]:
-    # The module holds [E, K, N] (x @ W); mxfp4 packs [E, N, K] with the scale blocks along K.
+    # The module holds [E, K, N] (x @ W); mxfp4 packs [E, N, K] with the scale blocks along K. Under expert
+    # parallelism the weights are DTensors: this rank packs its own experts (the local shard).
     with torch.no_grad():
-        gate_up = pack_for_moe(quantize(module.gate_up_proj.detach().transpose(1, 2)))
-        down = pack(quantize(module.down_proj.detach().transpose(1, 2)))
+        gate_up = pack_for_moe(quantize(local_tensor(module.gate_up_proj.detach()).transpose(1, 2)))
+        down = pack(quantize(local_tensor(module.down_proj.detach()).transpose(1, 2)))
     return gate_up, down
 
 
@@ -59,8 +61,9 @@ def _from_checkpoint(module: GptOssExperts, checkpoint: ShardedCheckpoint, name:
     match = _LAYER.search(name)
     if match is None:
         raise ValueError(f"convert_gpt_oss: cannot tell the layer index of module {name!r} (expected '...layers.N.mlp.experts')")
-    dims = (module.num_experts, module.hidden_size, module.intermediate_size)
-    layer = read_moe_layer(checkpoint, int(match.group(1)), module.gate_up_proj_bias.device, dims=dims)
+    start, stop, num_experts = local_expert_range(module)  # this rank's experts under expert parallelism
+    dims = (num_experts, module.hidden_size, module.intermediate_size)
+    layer = read_moe_layer(checkpoint, int(match.group(1)), module.gate_up_proj_bias.device, (start, stop), dims)
     return layer.gate_up, layer.down
 
 
@@ -73,6 +76,11 @@ def convert_gpt_oss(model: torch.nn.Module, checkpoint: str | Path | None = None
     modules converted before are left as they are. A layer at a time: each layer's dense weights are
     freed once its packed ones are in place, so memory peaks at the model's plus one layer's packed
     weights. Returns ``model`` (converted in place).
+
+    A model sharded by transformers' expert parallelism (``from_pretrained(..., distributed_config=
+    DistributedConfig(..., ep_size=W))``, under torchrun) is converted on every rank: each rank packs its own
+    experts (from its shard, or the checkpoint's rows of them) and runs them with the sentinel choices of
+    other ranks' experts adding zero.
     """
     experts = [(name, module) for name, module in model.named_modules() if isinstance(module, GptOssExperts)]
     if not experts:
