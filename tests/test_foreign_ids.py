@@ -17,18 +17,19 @@ EXPERTS, HIDDEN, INTER, TOKENS, TOP_K = 4, 64, 96, 11, 3
 INT32_MAX, INT32_MIN = 2**31 - 1, -(2**31)
 
 
-def foreign_values(kind: str, dtype: torch.dtype) -> list[int]:
-    """Ids outside [0, EXPERTS) of one kind."""
+def foreign_values(kind: str, dtype: torch.dtype, experts: int = EXPERTS) -> list[int]:
+    """Ids outside [0, experts) of one kind."""
     huge = 2**40 + 1 if dtype == torch.int64 else INT32_MAX  # 2^40 + 1 narrowed to int32 would be a valid 1
-    return {"sentinel": [EXPERTS], "beyond": [EXPERTS + 1, EXPERTS + 7, huge],
-            "negative": [-1, -EXPERTS, INT32_MIN], "mixed": [EXPERTS, -1, EXPERTS + 3, huge]}[kind]
+    return {"sentinel": [experts], "beyond": [experts + 1, experts + 7, huge],
+            "negative": [-1, -experts, INT32_MIN], "mixed": [experts, -1, experts + 3, huge]}[kind]
 
 
-def with_foreign(ids: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ids`` with about 40% of the choices (and every choice of token 0) replaced by foreign ids; the mask."""
+def with_foreign(ids: torch.Tensor, kind: str, experts: int = EXPERTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids`` with about 40% of the choices (and every choice of token 0) replaced by ids outside
+    [0, experts); the mask."""
     foreign = torch.rand(ids.shape) < 0.4
     foreign[0] = True
-    values = torch.tensor(foreign_values(kind, ids.dtype), dtype=ids.dtype)
+    values = torch.tensor(foreign_values(kind, ids.dtype, experts), dtype=ids.dtype)
     picks = values[torch.randint(0, len(values), ids.shape)]
     return torch.where(foreign, picks, ids), foreign
 

@@ -16,8 +16,9 @@ from test_moe_gpu import GPT_OSS_20B, WEIGHT_SCALE, poison_allocator
 pytestmark = pytest.mark.gpu
 
 
-def foreign_on_device(ids: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    mixed, foreign = with_foreign(ids.cpu(), kind)
+def foreign_on_device(ids: torch.Tensor, kind: str, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """with_foreign on the device, the foreign ids outside [0, experts) (the test's own expert count)."""
+    mixed, foreign = with_foreign(ids.cpu(), kind, experts)
     return mixed.to(ids.device), foreign.to(ids.device)
 
 
@@ -31,7 +32,7 @@ def test_routing_kernel_puts_foreign_choices_in_a_written_tail(tokens: int, expe
     from codegen.routing import route_topk
 
     ids, weights = make_routing(tokens, experts, top_k, skew=True, device="cuda")
-    ids, foreign = foreign_on_device(ids.to(ids_dtype), kind)
+    ids, foreign = foreign_on_device(ids.to(ids_dtype), kind, experts)
     poison_allocator()
     got = route_topk(ids.contiguous(), weights.contiguous(), experts)
     want = route(torch.where(foreign, experts, ids), experts)  # every foreign id as the sentinel: last, stably
@@ -53,7 +54,7 @@ def test_foreign_choices_add_exactly_zero_on_sm90(paired: bool, kind: str, weigh
     x = torch.randn(13, 160, device="cuda").bfloat16()
     x[0] = float("nan")
     ids, weights = make_routing(13, 8, 3, skew=True, device="cuda")
-    ids, foreign = foreign_on_device(ids.to(id_dtype), kind)
+    ids, foreign = foreign_on_device(ids.to(id_dtype), kind, 8)
     weights = foreign_weights(weights, foreign, weight)
     assert select_path(x.device).path == SM90
     poison_allocator()
