@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 
 from .fast_driver import params_buffer
-from .params import PARAMS_ALIGN, ParamBlock, ParamField
+from .params import ParamBlock, ParamField
 
 QUANTIZE_TEMPLATE = "quantize_fp8.cu.j2"
 QUANTIZE_ENTRY = "mxfp4_quantize_fp8"
@@ -32,12 +32,9 @@ _QUANTIZE_STRUCT = QUANTIZE_PARAMS.struct
 
 def render_quantize() -> str:
     """CUDA C++ source of the quantizer kernel."""
-    from .render import environment
+    from .render import render_param_kernel
 
-    return environment().get_template(QUANTIZE_TEMPLATE).render(
-        params=QUANTIZE_PARAMS.template_fields(), params_size=QUANTIZE_PARAMS.size, params_align=PARAMS_ALIGN,
-        threads=QUANTIZE_THREADS, entry_point=QUANTIZE_ENTRY,
-    )
+    return render_param_kernel(QUANTIZE_TEMPLATE, QUANTIZE_PARAMS, QUANTIZE_THREADS, QUANTIZE_ENTRY)
 
 
 @lru_cache(maxsize=1)

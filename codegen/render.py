@@ -9,7 +9,7 @@ import jinja2
 from mxfp4 import layout
 
 from .config import PRODUCER_REGISTERS, TileConfig
-from .params import PARAMS_ALIGN, PARAMS_SIZE, template_fields
+from .params import PARAMS_ALIGN, PARAMS_SIZE, ParamBlock, template_fields
 from .paths import TEMPLATES_DIR
 
 TEMPLATE_NAME = "grouped_mm.cu.j2"
@@ -56,6 +56,15 @@ def environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
+    )
+
+
+def render_param_kernel(template: str, params: ParamBlock, threads: int, entry_point: str) -> str:
+    """CUDA C++ source of a kernel that takes one parameter block (the routing kernel, the quantizer):
+    the block's fields, its size and alignment, the block size and the entry point rendered in."""
+    return environment().get_template(template).render(
+        params=params.template_fields(), params_size=params.size, params_align=PARAMS_ALIGN, threads=threads,
+        entry_point=entry_point,
     )
 
 

@@ -18,7 +18,7 @@ import torch
 
 from .config import MAX_EXPERTS
 from .fast_driver import params_buffer
-from .params import PARAMS_ALIGN, ParamBlock, ParamField
+from .params import ParamBlock, ParamField
 
 ROUTING_TEMPLATE = "moe_routing.cu.j2"
 ROUTING_ENTRY = "mxfp4_moe_routing"
@@ -52,12 +52,9 @@ class RoutedRows:
 
 def render_routing() -> str:
     """CUDA C++ source of the routing kernel."""
-    from .render import environment
+    from .render import render_param_kernel
 
-    return environment().get_template(ROUTING_TEMPLATE).render(
-        params=ROUTING_PARAMS.template_fields(), params_size=ROUTING_PARAMS.size, params_align=PARAMS_ALIGN,
-        threads=ROUTING_THREADS, entry_point=ROUTING_ENTRY,
-    )
+    return render_param_kernel(ROUTING_TEMPLATE, ROUTING_PARAMS, ROUTING_THREADS, ROUTING_ENTRY)
 
 
 @lru_cache(maxsize=1)
