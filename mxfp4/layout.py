@@ -303,27 +303,13 @@ def _scale_source(device: torch.device) -> torch.Tensor:
     return _scale_source_cpu().to(device)
 
 
-@dataclass(frozen=True, repr=False)
-class PackedMXFP4:
-    """An MXFP4 weight ``[E, N, K]`` in the packed Hopper layout (see the module docstring)."""
+class PackedGeometry:
+    """What any packed layout's weight says of its size: ``data`` is ``[E, N_pad/64, K_pad/64, ATOM_BYTES]``
+    atoms of the logical ``[E, n, k]`` weight (shared by PackedMXFP4 and the FP8-ready layout)."""
 
-    data: torch.Tensor  # uint8 [E, N_pad/64, K_pad/64, ATOM_BYTES]
+    data: torch.Tensor
     n: int
     k: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.data, torch.Tensor) or self.data.dtype != torch.uint8:
-            raise TypeError("PackedMXFP4.data must be a uint8 torch.Tensor")
-        if self.n < 0 or self.k <= 0:  # an empty N is a weight; an empty K has no block to scale
-            raise ValueError(f"PackedMXFP4: n must be >= 0 and k positive; got n={self.n!r}, k={self.k!r}")
-        expected = (_round_up(self.n, ATOM_N) // ATOM_N, _round_up(self.k, ATOM_K) // ATOM_K, ATOM_BYTES)
-        if self.data.dim() != 4 or tuple(self.data.shape[1:]) != expected:
-            raise ValueError(
-                f"PackedMXFP4.data must have shape [E, {expected[0]}, {expected[1]}, {expected[2]}] "
-                f"for N={self.n}, K={self.k}; got {tuple(self.data.shape)}"
-            )
-        if not self.data.is_contiguous():
-            raise ValueError("PackedMXFP4.data must be contiguous")
 
     @property
     def num_experts(self) -> int:
@@ -345,6 +331,29 @@ class PackedMXFP4:
     @property
     def k_atoms(self) -> int:
         return self.data.shape[2]
+
+
+@dataclass(frozen=True, repr=False)
+class PackedMXFP4(PackedGeometry):
+    """An MXFP4 weight ``[E, N, K]`` in the packed Hopper layout (see the module docstring)."""
+
+    data: torch.Tensor  # uint8 [E, N_pad/64, K_pad/64, ATOM_BYTES]
+    n: int
+    k: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, torch.Tensor) or self.data.dtype != torch.uint8:
+            raise TypeError("PackedMXFP4.data must be a uint8 torch.Tensor")
+        if self.n < 0 or self.k <= 0:  # an empty N is a weight; an empty K has no block to scale
+            raise ValueError(f"PackedMXFP4: n must be >= 0 and k positive; got n={self.n!r}, k={self.k!r}")
+        expected = (_round_up(self.n, ATOM_N) // ATOM_N, _round_up(self.k, ATOM_K) // ATOM_K, ATOM_BYTES)
+        if self.data.dim() != 4 or tuple(self.data.shape[1:]) != expected:
+            raise ValueError(
+                f"PackedMXFP4.data must have shape [E, {expected[0]}, {expected[1]}, {expected[2]}] "
+                f"for N={self.n}, K={self.k}; got {tuple(self.data.shape)}"
+            )
+        if not self.data.is_contiguous():
+            raise ValueError("PackedMXFP4.data must be contiguous")
 
     def to(self, device: torch.device | str) -> "PackedMXFP4":
         return PackedMXFP4(self.data.to(device), self.n, self.k)

@@ -29,6 +29,7 @@ from .layout import (
     FP8_MAX_OFFSET,
     FP8_OFFSET_STEP,
     FP8_WEIGHT_SHIFT,
+    PackedGeometry,
     _experts_per_chunk,
     _gather_code_bits,
     _round_up,
@@ -39,7 +40,7 @@ from .layout import (
 from .tensor import BLOCK_SIZE, E2M1_VALUES, MXFP4Tensor, describe_bytes
 
 @dataclass(frozen=True, repr=False)
-class PackedMXFP4FP8:
+class PackedMXFP4FP8(PackedGeometry):
     """An MXFP4 weight ``[E, N, K]`` in the FP8-ready layout (``mxfp4.pack(w, activations="fp8")``).
 
     ``data``: uint8 ``[E, N/64, K/64, ATOM_BYTES]`` (codes and block offsets); ``row_scale``: float32
@@ -70,26 +71,6 @@ class PackedMXFP4FP8:
             raise ValueError(f"PackedMXFP4FP8.row_scale must be contiguous {list(rows)}; got {tuple(self.row_scale.shape)}")
         if self.row_scale.device != self.data.device:
             raise ValueError(f"PackedMXFP4FP8: data on {self.data.device} but row_scale on {self.row_scale.device}")
-
-    @property
-    def num_experts(self) -> int:
-        return self.data.shape[0]
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.num_experts, self.n, self.k))
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def n_atoms(self) -> int:
-        return self.data.shape[1]
-
-    @property
-    def k_atoms(self) -> int:
-        return self.data.shape[2]
 
     def to(self, device: torch.device | str) -> "PackedMXFP4FP8":
         return type(self)(self.data.to(device), self.row_scale.to(device), self.n, self.k, self.rerounded_blocks,
