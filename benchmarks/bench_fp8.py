@@ -34,7 +34,7 @@ HEAVY_FACTOR = 30.0  # ... this many times larger
 
 def build_weights(shape: Any, settings: Settings) -> fp8_paths.Weights:
     """The shape's random MXFP4 weight in every form the paths read (the same seed, the same values)."""
-    from codegen.sweep import random_weights
+    from codegen.tune.sweep import random_weights
 
     device = torch.device("cuda")
     plain, dequantized = random_weights(shape, device, seed=settings.seed)
@@ -52,7 +52,7 @@ def build_weights(shape: Any, settings: Settings) -> fp8_paths.Weights:
 
 def operands(row: Row, weights: fp8_paths.Weights, seed: int) -> fp8_paths.Operands:
     import mxfp4
-    from codegen.timing import l2_cache_bytes
+    from codegen.tune.timing import l2_cache_bytes
 
     generator = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn((row.tokens, row.shape.k), generator=generator, device="cuda", dtype=torch.bfloat16)
@@ -198,7 +198,7 @@ def _run_shapes(models: list[str], m_values: list[int], routings: list[str], set
 
 def run(args: argparse.Namespace, m_values: list[int]) -> int:
     """The suite for parsed arguments (``benchmarks.cli`` checked them); 1 if the CUDA context was lost."""
-    from codegen.timing import measure_fp8_peak
+    from codegen.tune.timing import measure_fp8_peak
 
     settings = _settings(args)
     out_dir = Path(args.out)

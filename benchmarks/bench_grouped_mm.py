@@ -23,7 +23,15 @@ from typing import Any, Callable
 import torch
 
 from . import measure, peers
-from .problems import MODEL_SHAPES, TOLERANCE, Row, make_row, memory_needed, offsets_from_loads, sample_rows
+from .problems import (
+    MODEL_SHAPES,
+    TOLERANCE,
+    Row,
+    make_row,
+    memory_needed,
+    offsets_from_loads,
+    sample_rows,
+)
 from .report import annotate, format_table, plot, write_json
 
 
@@ -42,12 +50,12 @@ class Machine:
 
     name: str
     capability: tuple[int, int]
-    read: Any  # codegen.timing.MachineRate
+    read: Any  # codegen.tune.timing.MachineRate
     peak: Any
 
     @classmethod
     def measure(cls) -> "Machine":
-        from codegen.timing import measure_bf16_peak, measure_hbm_read_bandwidth
+        from codegen.tune.timing import measure_bf16_peak, measure_hbm_read_bandwidth
 
         return cls(torch.cuda.get_device_name(), tuple(torch.cuda.get_device_capability()),
                    measure_hbm_read_bandwidth(), measure_bf16_peak())
@@ -62,7 +70,7 @@ class Machine:
 
 
 def operands(row: Row, packed: Any, dequantized: torch.Tensor, *, seed: int) -> peers.Operands:
-    from codegen.timing import l2_cache_bytes
+    from codegen.tune.timing import l2_cache_bytes
 
     generator = torch.Generator(device=packed.data.device).manual_seed(seed)
     x = torch.randn((row.tokens, row.shape.k), generator=generator, device=packed.data.device, dtype=torch.bfloat16)
@@ -138,7 +146,7 @@ def rows_for_shape(model: str, projection: str, shape: Any, m_values: list[int],
 
 
 def run_shape(model: str, projection: str, shape: Any, rows: list[Row], settings: Settings, save: Callable) -> None:
-    from codegen.sweep import random_weights
+    from codegen.tune.sweep import random_weights
 
     print(f"bench: {model} {projection} ({shape.label}): building weights", file=sys.stderr)
     packed, dequantized = random_weights(shape, torch.device("cuda"), seed=settings.seed)

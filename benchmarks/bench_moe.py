@@ -40,8 +40,8 @@ TARGETS = (
 
 
 def build_weights(seed: int) -> ExpertWeights:
-    from codegen.sweep import random_weights
-    from codegen.tuning import Shape
+    from codegen.tune.sweep import random_weights
+    from codegen.tune.tables import Shape
 
     device = torch.device("cuda")
     gate_up, gate_up_bf16 = random_weights(Shape(EXPERTS, 2 * INTERMEDIATE, HIDDEN), device, seed=seed)

@@ -20,11 +20,11 @@ from .problems import (
     FP8_M_VALUES,
     FP8_QUICK_M_VALUES,
     HOST_MOE_TOKENS,
+    M_VALUES,
     MODEL_SHAPES,
     MOE_TOKENS,
-    M_VALUES,
-    QUICK_MOE_TOKENS,
     QUICK_M_VALUES,
+    QUICK_MOE_TOKENS,
     parse_int_list,
 )
 

@@ -28,7 +28,12 @@ from typing import Any
 import torch
 
 from .e2e_report import format_e2e, targets
-from .gpt_oss_checkpoint import checkpoint_bytes, ensure_checkpoint, model_config, tensor_specs
+from .gpt_oss_checkpoint import (
+    checkpoint_bytes,
+    ensure_checkpoint,
+    model_config,
+    tensor_specs,
+)
 from .report import write_json
 
 
@@ -140,9 +145,10 @@ def load_ours(path: Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
 def to_bf16_experts(model: Any) -> None:
     """Replace every experts module's packed weights by their exact bf16 dequantization, transformers'
     layout ``[E, K, N]``, and switch the model to transformers' ``grouped_mm`` experts."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
     import mxfp4
     from mxfp4.integrations.gpt_oss_experts import DENSE_WEIGHTS, packed_weight
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     with torch.no_grad():
         for module in (m for m in model.modules() if isinstance(m, GptOssExperts)):

@@ -51,7 +51,7 @@ class Recorder:
 
 
 class FakeGraph:
-    """codegen.graph_driver.KernelGraph's interface: a launch replays the nodes' current parameters."""
+    """codegen.runtime.graph_driver.KernelGraph's interface: a launch replays the nodes' current parameters."""
 
     recorder: Recorder  # set by fake_sm90
 
@@ -88,7 +88,7 @@ def fake_tensor_map(address: int, rows: int, k: int, tile_m: int, *_: int) -> by
 
 
 def _fake_load(config, device):
-    from codegen.launch import LoadedKernel
+    from codegen.runtime.launch import LoadedKernel
 
     handle = 0x1000 + hash(config.name) % 0x1000
     return LoadedKernel(config, None, None, config.shared_memory_bytes, FAKE_SMS * config.ctas_per_sm, handle,
@@ -99,15 +99,17 @@ def _fake_load(config, device):
 def fake_sm90(recorder: Recorder | None = None) -> Iterator[Recorder]:
     """Within: CPU tensors take mxfp4.moe's SM90 path, recorded in the yielded Recorder. Plans and graphs
     made inside are dropped on the way in and out (they hold fake kernels)."""
-    from codegen import moe_glue, moe_plan, routing
-    from mxfp4 import moe_fused, moe_graphs, moe_layer
-    from mxfp4.dispatch import SM90, PathChoice
+    from codegen.runtime import moe_glue, moe_plan, routing
+    from mxfp4.experts import fused as moe_fused
+    from mxfp4.experts import graphs as moe_graphs
+    from mxfp4.experts import layer as moe_layer
+    from mxfp4.ops.dispatch import SM90, PathChoice
 
     rec = recorder or Recorder()
     choice = PathChoice(SM90, "fake SM90 on the CPU (benchmarks.fake_sm90)", "cpu", (9, 0), rec.device_name)
 
     def launch(function: int, grid: int, threads: int, shared: int, stream: int, name: str) -> None:
-        from codegen.fast_driver import params_buffer
+        from codegen.runtime.fast_driver import params_buffer
 
         rec.counts["kernel launches"] += 1
         if not rec.count_only:
@@ -132,7 +134,7 @@ def fake_sm90(recorder: Recorder | None = None) -> Iterator[Recorder]:
         mock.patch.object(moe_glue, "glue_function", lambda device, entry: 0x3000 + len(entry)),
         mock.patch.object(moe_plan, "encode_x_map", fake_tensor_map),
         mock.patch.object(moe_plan, "launch", launch),
-        mock.patch("codegen.graph_driver.KernelGraph", FakeGraph),
+        mock.patch("codegen.runtime.graph_driver.KernelGraph", FakeGraph),
     ]
     with contextlib.ExitStack() as stack:
         moe_fused.clear_plans()

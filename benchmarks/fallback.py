@@ -43,7 +43,7 @@ SWEEP_CANDIDATES = (
 
 def force_portable() -> str:
     """Make ``mxfp4`` take its portable path on CUDA; returns the path's reason, raises Unavailable."""
-    from mxfp4 import dispatch
+    from mxfp4.ops import dispatch
 
     dispatch.force_portable(True)  # resets the cached decision
     choice = dispatch.select_path(torch.device("cuda"))
@@ -77,7 +77,7 @@ def cache_policy(path: str, ops: peers.Operands) -> Iterator[None]:
     """The cache allowed for every M on the cached path (a budget for every rotation copy, no size rule);
     the defaults (budget 0 where the kernel runs) elsewhere. Restored, and the cache emptied, afterwards."""
     import mxfp4
-    from mxfp4 import fallback, weight_cache
+    from mxfp4.portable import fallback, weight_cache
 
     min_rows = fallback.CACHE_MIN_ROWS
     if path == "portable cached":
@@ -94,8 +94,8 @@ def cache_policy(path: str, ops: peers.Operands) -> Iterator[None]:
 
 def prepare_sm90(ops: peers.Operands) -> peers.Prepared:
     """Our SM90 kernel through its launcher, past the forced flag; the config the op would pick."""
-    from codegen.launch import grouped_mm_sm90
-    from mxfp4 import dispatch
+    from codegen.runtime.launch import grouped_mm_sm90
+    from mxfp4.ops import dispatch
 
     w, offsets = ops.packed, ops.offsets
     hint = -(-ops.x.shape[0] // w.num_experts)
@@ -164,7 +164,7 @@ def add_ratios(row: Row) -> None:
 
 def sweep_row(ops: peers.Operands, index: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
     """Graph-replay µs of the kernel with each candidate tile config (each checked against float64 first)."""
-    from mxfp4 import portable_kernel
+    from mxfp4.portable import kernel as portable_kernel
 
     w, times = ops.packed, {}
     out = ops.x.new_empty((ops.x.shape[0], w.n))
@@ -229,7 +229,7 @@ def format_sweep(rows: list[Row]) -> str:
 
 
 def run(args: argparse.Namespace, m_values: list[int]) -> int:
-    from codegen.sweep import random_weights
+    from codegen.tune.sweep import random_weights
 
     try:
         reason = force_portable()
@@ -268,7 +268,8 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
 
 def model_memory(path: str) -> int:
     """GPU memory of gpt-oss loaded by ``load_gpt_oss`` on the forced portable path, and a short greedy decode."""
-    from mxfp4 import dispatch, weight_cache
+    from mxfp4.ops import dispatch
+    from mxfp4.portable import weight_cache
 
     try:
         from mxfp4.integrations.transformers import load_gpt_oss

@@ -136,7 +136,7 @@ def format_host(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace, m_values: list[int]) -> int:
-    from codegen.sweep import random_weights
+    from codegen.tune.sweep import random_weights
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

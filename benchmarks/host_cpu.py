@@ -54,7 +54,7 @@ def _ops_per_call(call: Callable[[], Any]) -> Counter:
 
 def measure(tokens: int, replay: bool, calls: int) -> dict[str, Any]:
     """µs per call and what one call does, after warm-up calls (a graph is built on the second)."""
-    from mxfp4 import moe_graphs
+    from mxfp4.experts import graphs as moe_graphs
 
     call = layer(tokens)
     recorder = Recorder(count_only=True)

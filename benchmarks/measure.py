@@ -5,7 +5,7 @@ float64 check on sampled rows.
   graph is replayed between two events and the time divided by ``calls``. Host hidden, as serving runs.
 * **eager**: the same calls issued back to back from Python between two events, divided by the
   calls: what an eager caller waits for, ``max(host, device)`` per call.
-* **device**: ``codegen.timing.time_cuda`` (one event pair per call, the GPU kept busy while Python
+* **device**: ``codegen.tune.timing.time_cuda`` (one event pair per call, the GPU kept busy while Python
   enqueues): the kernel's own time.
 * **host**: ``calls`` calls enqueued while ``torch.cuda._sleep`` keeps the GPU busy; wall time / calls.
 
@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from codegen import timing as _timing
+from codegen.tune import timing as _timing
 
 Args = Sequence[tuple]
 
@@ -176,7 +176,7 @@ def eager_time(fn: Callable[..., Any], arg_sets: Args, *, budget_ms: float = 100
 
 
 def device_time(fn: Callable[..., Any], arg_sets: Args, **kwargs: Any) -> _timing.TimingResult:
-    """The kernel's own time: ``codegen.timing.time_cuda`` over the rotating argument sets."""
+    """The kernel's own time: ``codegen.tune.timing.time_cuda`` over the rotating argument sets."""
     return _timing.time_cuda(fn, rotate=list(arg_sets), **kwargs)
 
 

@@ -31,7 +31,7 @@ def profile_once(name: str, prepared: peers.Prepared) -> None:
 
 
 def run_model(model: str, args: argparse.Namespace, m: int) -> None:
-    from codegen.sweep import random_weights
+    from codegen.tune.sweep import random_weights
 
     shape = MODEL_SHAPES[model]["gate_up"]
     packed, dequantized = random_weights(shape, torch.device("cuda"), seed=args.seed)

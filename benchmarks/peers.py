@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from codegen.timing import rotation_sets
+from codegen.tune.timing import rotation_sets
 
 PATHS = ("ours", "humming", "torch bf16")
 HUMMING_VERSION = "0.1.19"
@@ -113,7 +113,7 @@ def humming_version() -> str:
 
 def gpt_oss_tensors(packed: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Our packed weight back in gpt-oss's checkpoint bytes: blocks ``[E, N, K/2]``, scales ``[E, N, K/32]``."""
-    from mxfp4.layout import unpack_experts
+    from mxfp4.format.layout import unpack_experts
 
     e, n, k = packed.num_experts, packed.n, packed.k
     blocks = torch.empty((e, n, k // 2), dtype=torch.uint8, device=packed.data.device)

@@ -10,8 +10,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from codegen.timing import grouped_mm_bytes, grouped_mm_flops
-from codegen.tuning import DEFAULT_M_VALUES, MODEL_SHAPES, Shape
+from codegen.tune.tables import DEFAULT_M_VALUES, MODEL_SHAPES, Shape
+from codegen.tune.timing import grouped_mm_bytes, grouped_mm_flops
 
 M_VALUES: tuple[int, ...] = DEFAULT_M_VALUES
 QUICK_M_VALUES = (1, 16, 256, 4096)

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import mxfp4
-from mxfp4.reference import reference_grouped_mm_float64
+from mxfp4.format.reference import reference_grouped_mm_float64
 
 
 def main() -> None:

@@ -196,7 +196,7 @@ for step in "${steps[@]}"; do
       # The sweep merges into the GPU's shipped table (generated/tuning/<family>.json, e.g. h200.json),
       # so one file ends up with every model's entries; the table lands in $OUT.
       mkdir -p "$LOGS/tune"
-      table=$(python3 -c "import torch; from codegen.tuning import gpu_family; print(gpu_family(torch.cuda.get_device_name()))").json
+      table=$(python3 -c "import torch; from codegen.tune.tables import gpu_family; print(gpu_family(torch.cuda.get_device_name()))").json
       [ -f "generated/tuning/$table" ] && cp "generated/tuning/$table" "$LOGS/tune/$table"
       # TUNE_ARGS overrides the sweep (e.g. "--model gpt-oss-120b --quick --m 1,16").
       # shellcheck disable=SC2086

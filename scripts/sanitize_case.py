@@ -1,5 +1,5 @@
 """One small grouped GEMM per config the op can pick (defaults + shipped tuning tables; the W4A8 ones on e4m3 x
-and FP8-ready weights) and per kernel family (codegen.selection.FAMILY_SAMPLES), the activation quantizer, the
+and FP8-ready weights) and per kernel family (codegen.tune.selection.FAMILY_SAMPLES), the activation quantizer, the
 fused MoE layer (SwiGLU and scatter epilogues, bf16 and fp8 activations; also with foreign expert ids, as expert
 parallelism passes them), and the portable in-register kernel (forced: every tile config of its table, both
 variants), for compute-sanitizer (memcheck, racecheck) on the device.
@@ -17,8 +17,8 @@ import torch
 
 import mxfp4
 from codegen import TileConfig
-from codegen.launch import EpilogueArgs, grouped_mm_sm90
-from codegen.selection import configs_under_test
+from codegen.runtime.launch import EpilogueArgs, grouped_mm_sm90
+from codegen.tune.selection import configs_under_test
 
 TOLERANCE = 1e-2
 
@@ -76,7 +76,7 @@ def main(arguments: list[str]) -> int:
 
 def quantize_case() -> int:
     """The quantizer kernel on rows of both paths (K a multiple of 8, and not), against its torch composition."""
-    from mxfp4.activations import quantize_activations_reference
+    from mxfp4.ops.activations import quantize_activations_reference
 
     bad = 0
     for k in (160, 100):
@@ -91,7 +91,7 @@ def quantize_case() -> int:
 def moe_case(activations: str, foreign: bool = False) -> int:
     """The fused layer on a small problem with tails (H, I not multiples of 64), an empty expert, biases;
     ``foreign``: a third of the choices carry ids outside [0, E) (the sentinel E, -1), skipped."""
-    from mxfp4.moe_layer import reference_moe_float64
+    from mxfp4.experts.layer import reference_moe_float64
 
     generator = torch.Generator().manual_seed(1)
     experts, hidden, inter, tokens, top_k = 4, 160, 96, 13, 2
@@ -123,8 +123,11 @@ def moe_case(activations: str, foreign: bool = False) -> int:
 
 def portable_case() -> int:
     """The Triton kernel of the forced portable path: tails (N = 200, K = 160), an empty expert, every config."""
-    from mxfp4 import portable_kernel
-    from mxfp4.reference import reference_grouped_mm_float64, reference_grouped_mm_masked_float64
+    from mxfp4.format.reference import (
+        reference_grouped_mm_float64,
+        reference_grouped_mm_masked_float64,
+    )
+    from mxfp4.portable import kernel as portable_kernel
 
     generator = torch.Generator().manual_seed(2)
     packed = mxfp4.pack(mxfp4.quantize(torch.randn(3, 200, 160, generator=generator) * 0.1)).to("cuda")

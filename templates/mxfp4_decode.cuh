@@ -1,4 +1,4 @@
-// In-register MXFP4 decode for the packed Hopper layout (mxfp4/layout.py is the contract).
+// In-register MXFP4 decode for the packed Hopper layout (mxfp4/format/layout.py is the contract).
 //
 // A thread's 32-bit code word for one k16 step holds 8 E2M1 codes (slots j and j+4 are the low and
 // high bf16 of WGMMA A-register j), their bits spread over the word at pack time so that each
@@ -9,7 +9,7 @@
 // E8M0 byte into a bf16 exponent field: no float conversion, no table.
 //
 // The rotate amounts and half masks (kDecodeRotate<j><p>, kDecodeHalfMask<j><p>: piece p of
-// register j, mask 0 = no such piece) are mxfp4/layout.py's DECODE_PIECES, rendered into the
+// register j, mask 0 = no such piece) are mxfp4/format/layout.py's DECODE_PIECES, rendered into the
 // generated source before this header.
 #pragma once
 

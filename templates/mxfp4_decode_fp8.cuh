@@ -1,4 +1,4 @@
-// In-register decode of the FP8-ready layout (mxfp4/layout.py, "The FP8-ready layout", is the contract)
+// In-register decode of the FP8-ready layout (mxfp4/format/layout.py, "The FP8-ready layout", is the contract)
 // into the e4m3 A fragment of wgmma.m64nNk32 (W4A8 kernels).
 //
 // A thread's 16 bytes of an atom are four code words: word c is k32 step c >> 1 and row half h = c & 1
@@ -11,7 +11,7 @@
 // lookups) and one LOP3 that ORs the signs in: no float instruction, no table in memory.
 //
 // The table constants and masks (kFp8TableLo, kFp8TableHi, kFp8IndexMask, kFp8SignShift) are
-// mxfp4/layout.py's FP8_* names, rendered into the generated source before this header.
+// mxfp4/format/layout.py's FP8_* names, rendered into the generated source before this header.
 #pragma once
 
 #include <cuda/std/cstdint>

@@ -35,7 +35,7 @@
 namespace mxfp4 {
 
 // kAtomN, kAtomK, kAtomCodeBytes, kAtomBytes, kScaleWordsPerWarp and kLanesPerScaleWord: the packed
-// layout's constants, rendered from mxfp4/layout.py into the generated source before this header.
+// layout's constants, rendered from mxfp4/format/layout.py into the generated source before this header.
 constexpr int kSwizzleRowBytes = 128;  // one 128B-swizzled row: 64 bf16 (128 e4m3) of K
 
 // cuTensorMapEncodeTiled's opaque 128-byte descriptor, passed by value in the kernel parameters.

@@ -1,4 +1,4 @@
-// The fused MoE layer's two data movers around its grouped GEMMs (codegen/moe_glue.py launches them):
+// The fused MoE layer's two data movers around its grouped GEMMs (codegen/runtime/moe_glue.py launches them):
 //
 //   gather_rows   rows[r] = x[row_token[r]] for the routed rows r < offsets[E] (one CTA per row), and, in the
 //                 same launch, the stream-K tile counters of the two GEMMs that follow set to zero (they

@@ -1,4 +1,4 @@
-// Per-row e4m3 quantization of bf16 activations (mxfp4.quantize_activations; mxfp4/activations.py says
+// Per-row e4m3 quantization of bf16 activations (mxfp4.quantize_activations; mxfp4/ops/activations.py says
 // the arithmetic, and its torch composition rounds at the same points):
 //
 //   scale[r] = amax(|x[r, :]|) / 448  (1 for an all-zero row);  out[r, k] = e4m3(x[r, k] / scale[r])

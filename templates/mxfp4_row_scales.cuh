@@ -4,7 +4,7 @@
 //   acc[n, m] *= x_scale[row m]                           (W4A16 kernel on e4m3 x widened to bf16)
 //
 // x_scale null (bf16 activations) leaves the accumulators as they are. The product of the two factors is
-// formed first (w_scale is a power of two), so one rounding per accumulator; mxfp4/fallback_fp8.py does
+// formed first (w_scale is a power of two), so one rounding per accumulator; mxfp4/portable/fallback_fp8.py does
 // the same.
 #pragma once
 

@@ -1,13 +1,18 @@
-"""Shared test helpers: the SM90 skip, a fresh random seed, a clean path-selection cache and fallback cache."""
+"""Shared test helpers: the SM90 skip, a fresh random seed, a clean path-selection cache and fallback cache, and the
+project built once as a wheel."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from mxfp4.dispatch import is_sm90
+from mxfp4.ops.dispatch import is_sm90
 
 
 def has_sm90() -> bool:
@@ -46,7 +51,9 @@ def seed() -> int:
 @pytest.fixture(autouse=True)
 def _fresh_path_cache():
     """Each test decides its path anew (tests may monkeypatch capability or toolchain or force the fallback)."""
-    from mxfp4 import dispatch, moe_graphs, weight_cache
+    from mxfp4.experts import graphs as moe_graphs
+    from mxfp4.ops import dispatch
+    from mxfp4.portable import weight_cache
 
     dispatch.reset_cache()
     dispatch.choose_config.cache_clear()
@@ -58,3 +65,25 @@ def _fresh_path_cache():
     weight_cache.clear()
     moe_graphs.set_moe_graphs(None)  # and the MoE layer's graphs
     moe_graphs.clear()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project as a wheel, built once for the session from a copy of the sources (setuptools writes build/ and
+    *.egg-info in place): the packaging tests read it, and the bench test runs from it outside a checkout."""
+    pytest.importorskip("setuptools")
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "results")
+    for name in ("mxfp4", "codegen", "templates", "generated", "benchmarks"):
+        shutil.copytree(ROOT / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(work), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = work.glob("hopper_mxfp4-*.whl")
+    return wheel

@@ -15,11 +15,11 @@ import struct
 import torch
 
 from benchmarks.fake_sm90 import Launch
-from codegen.moe_glue import GATHER_PARAMS, TOPK_SUM_PARAMS
-from codegen.params import PARAM_FIELDS, PARAMS_STRUCT
-from codegen.routing import ROUTING_PARAMS
-from mxfp4.format import dequantize
-from mxfp4.layout import PackedMXFP4, unpack
+from codegen.build.params import PARAM_FIELDS, PARAMS_STRUCT
+from codegen.runtime.moe_glue import GATHER_PARAMS, TOPK_SUM_PARAMS
+from codegen.runtime.routing import ROUTING_PARAMS
+from mxfp4.format.codec import dequantize
+from mxfp4.format.layout import PackedMXFP4, unpack
 
 
 def memory(address: int, dtype: torch.dtype, count: int) -> torch.Tensor:

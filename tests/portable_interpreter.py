@@ -1,7 +1,7 @@
 """Runs the portable Triton kernel under Triton's interpreter on the CPU (``TRITON_INTERPRET=1``).
 
 Not a test module: ``tests/test_portable_kernel.py`` starts this script in a subprocess, because Triton reads
-``TRITON_INTERPRET`` when a kernel is defined (at import of ``mxfp4.portable_kernel``), so the normal pytest
+``TRITON_INTERPRET`` when a kernel is defined (at import of ``mxfp4.portable.kernel``), so the normal pytest
 process cannot switch to the interpreter. It prints one JSON line per case, then ``done``:
 ``{"case": name, "error": relative error vs float64, "nan_rows": rows left NaN, ...}``.
 
@@ -97,8 +97,8 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def grouped_case(generator: torch.Generator, n: int, k: int, counts: list[int], dtype: torch.dtype = torch.int32,
                  config: str | None = None) -> dict:
     """grouped_mm through the kernel against float64, output NaN-poisoned first."""
-    from mxfp4 import portable_kernel
-    from mxfp4.reference import reference_grouped_mm_float64
+    from mxfp4.format.reference import reference_grouped_mm_float64
+    from mxfp4.portable import kernel as portable_kernel
 
     packed = _weight(generator, len(counts), n, k)
     offsets = _offsets(counts, dtype)
@@ -113,8 +113,8 @@ def grouped_case(generator: torch.Generator, n: int, k: int, counts: list[int], 
 def masked_case(generator: torch.Generator, n: int, k: int, masked: list[int], max_m: int,
                 config: str | None = None) -> dict:
     """grouped_mm_masked: rows below masked_m against float64; rows at or past it are not written."""
-    from mxfp4 import portable_kernel
-    from mxfp4.reference import reference_grouped_mm_masked_float64
+    from mxfp4.format.reference import reference_grouped_mm_masked_float64
+    from mxfp4.portable import kernel as portable_kernel
 
     packed = _weight(generator, len(masked), n, k)
     x = torch.randn(len(masked), max_m, k, generator=generator).bfloat16()
@@ -138,7 +138,7 @@ def _special_scales(generator: torch.Generator, shape: tuple[int, ...], top: int
 def exact_decode_case(generator: torch.Generator, n: int = 72, k: int = 96) -> dict:
     """x = identity: out[j, r] = W[r, j] exactly, for random codes and scale bytes 0..252 (no inf, no NaN)."""
     import mxfp4
-    from mxfp4 import portable_kernel
+    from mxfp4.portable import kernel as portable_kernel
 
     blocks = torch.randint(0, 256, (1, n, k // 32, 16), generator=generator, dtype=torch.uint8)
     weight = mxfp4.MXFP4Tensor(blocks, _special_scales(generator, (1, n, k // 32), 252))
@@ -153,8 +153,8 @@ def exact_decode_case(generator: torch.Generator, n: int = 72, k: int = 96) -> d
 def nan_scale_case(generator: torch.Generator, n: int = 40, k: int = 64) -> dict:
     """Blocks with scale 0xFF decode to NaN: the output has NaN exactly where the float64 reference has."""
     import mxfp4
-    from mxfp4 import portable_kernel
-    from mxfp4.reference import reference_grouped_mm_float64
+    from mxfp4.format.reference import reference_grouped_mm_float64
+    from mxfp4.portable import kernel as portable_kernel
 
     scales = torch.randint(110, 130, (2, n, k // 32), generator=generator, dtype=torch.uint8)
     scales[0, 3, 1] = scales[1, n - 1, 0] = 0xFF

@@ -4,11 +4,9 @@ through scripts/device_check.sh.)"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,10 +16,9 @@ import pytest
 import torch
 
 import mxfp4
-
 from benchmarks import cli, measure, moe_layers, peers, problems, report
-from codegen import timing
-from codegen.tuning import Shape
+from codegen.tune import timing
+from codegen.tune.tables import Shape
 
 ROOT = Path(__file__).resolve().parent.parent
 H100_READ = 3.09e12  # B/s, measured
@@ -248,7 +245,7 @@ def test_humming_unavailable_says_why(monkeypatch):
 
 def test_force_portable_refuses_when_not_honoured(monkeypatch):
     from benchmarks import fallback
-    from mxfp4 import dispatch
+    from mxfp4.ops import dispatch
 
     forced: list[bool] = []
     monkeypatch.setattr(dispatch, "force_portable", forced.append)
@@ -266,7 +263,7 @@ def test_force_portable_refuses_when_not_honoured(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_layer():
-    from codegen.sweep import random_weights
+    from codegen.tune.sweep import random_weights
 
     e, h, i = 4, 64, 64
     gate_up, gate_up_bf16 = random_weights(Shape(e, 2 * i, h), "cpu", seed=1)
@@ -395,7 +392,7 @@ def test_bad_values_and_no_gpu_exit_2(capsys, monkeypatch):
 
 
 def test_codegen_bench_verb_takes_the_flags():
-    from codegen.__main__ import build_parser
+    from codegen.cli.main import build_parser
 
     args = build_parser().parse_args(["bench", "moe", "--quick", "--tokens", "1,32"])
     assert args.handler is cli.run and args.suite == "moe" and args.tokens == "1,32"
@@ -413,18 +410,8 @@ def test_bench_help_from_another_directory(tmp_path):
         assert "--quick" in result.stdout and "ncu-case" in result.stdout
 
 
-def test_wheel_ships_the_benchmarks_and_bench_runs_outside_a_checkout(tmp_path):
-    pytest.importorskip("setuptools")
-    source = tmp_path / "src"
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "results")
-    for name in ("mxfp4", "codegen", "templates", "generated", "benchmarks"):
-        shutil.copytree(ROOT / name, source / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr[-2000:]
-    (wheel,) = tmp_path.glob("hopper_mxfp4-*.whl")
+def test_wheel_ships_the_benchmarks_and_bench_runs_outside_a_checkout(tmp_path, built_wheel):
+    wheel = built_wheel
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     assert (site / "hopper_mxfp4_bench" / "cli.py").is_file() and not (site / "benchmarks").exists()
@@ -433,7 +420,7 @@ def test_wheel_ships_the_benchmarks_and_bench_runs_outside_a_checkout(tmp_path):
     result = _run(["-m", "codegen", "bench", "--quick", "--help"], elsewhere, site)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--quick" in result.stdout and "humming" in result.stdout
-    probe = _run(["-c", "import codegen.__main__ as m, sys; p = m.build_parser(); "
+    probe = _run(["-c", "import codegen.cli.main as m, sys; p = m.build_parser(); "
                   "a = p.parse_args(['bench', '--quick', '--m', 'x']); sys.exit(a.handler(a))"], elsewhere, site)
     assert probe.returncode == 2 and "--m" in probe.stderr  # the installed verb runs (and checks its flags)
 

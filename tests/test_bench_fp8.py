@@ -10,7 +10,7 @@ import torch
 import mxfp4
 from benchmarks import bench_fp8, cli, fp8_paths, problems
 from benchmarks.problems import make_row
-from codegen.tuning import Shape
+from codegen.tune.tables import Shape
 
 
 def test_torch_fp8_weights_hold_the_mxfp4_values_exactly(seed: int) -> None:

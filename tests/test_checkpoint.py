@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import mxfp4
-from mxfp4.shards import CheckpointError
-from mxfp4.tensor import MXFP4Tensor
+from mxfp4.format.shards import CheckpointError
+from mxfp4.format.tensor import MXFP4Tensor
 
 E, HIDDEN, INTERMEDIATE = 4, 64, 96  # gate_up: [E, 2 * I, H], down: [E, H, I]
 
@@ -285,7 +285,7 @@ def test_moe_layer_expert_range(tmp_path: Path, seed: int) -> None:
 
 def test_packing_in_chunks_matches_one_pack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
     """Loading packs a few experts at a time; the bytes are those of packing the whole weight at once."""
-    import mxfp4.checkpoint as checkpoint
+    import mxfp4.format.checkpoint as checkpoint
 
     tensors = expert_tensors(0)
     save_file(tensors, str(tmp_path / "model.safetensors"))

@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from codegen.__main__ import build_parser, main
-from codegen.config import DEFAULT_CONFIGS, TileConfig
-from codegen.toolchain import check_toolchain
+from codegen.cli.main import build_parser, main
+from codegen.build.config import DEFAULT_CONFIGS, TileConfig
+from codegen.build.toolchain import check_toolchain
 
 REPO = Path(__file__).resolve().parent.parent
 VERBS = ("generate", "compile", "doctor", "tune", "bench")
 
 try:
-    import codegen.render  # noqa: F401
+    import codegen.build.render  # noqa: F401
 
     RENDER_ERROR = None
 except ImportError as error:
-    RENDER_ERROR = f"codegen.render is not importable yet ({error})"
+    RENDER_ERROR = f"codegen.build.render is not importable yet ({error})"
 needs_render = pytest.mark.skipif(RENDER_ERROR is not None, reason=RENDER_ERROR or "")
 needs_toolchain = pytest.mark.skipif(not check_toolchain().ok, reason=f"toolchain: {check_toolchain().reason}")
 
@@ -80,7 +80,7 @@ def test_invalid_config_exits_2_with_the_reason(verb, argv, sentence, capsys, tm
 
 
 def test_selection():
-    from codegen.__main__ import select_configs
+    from codegen.cli.main import select_configs
 
     parser = build_parser()
     assert select_configs(parser.parse_args(["generate"])) == list(DEFAULT_CONFIGS)
@@ -94,8 +94,13 @@ def test_selection():
 
 def test_field_help_states_the_config_limits(capsys):
     """The flags' help reads the limits TileConfig.validate() enforces; every warpgroup count it names is accepted."""
-    from codegen.__main__ import select_configs
-    from codegen.config import MAX_TILE_K, MIN_STAGES, TILE_M_RANGE, WARPGROUP_CHOICES
+    from codegen.cli.main import select_configs
+    from codegen.build.config import (
+        MAX_TILE_K,
+        MIN_STAGES,
+        TILE_M_RANGE,
+        WARPGROUP_CHOICES,
+    )
 
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
@@ -150,7 +155,7 @@ def test_generate_then_check_detects_stale_missing_and_extra(tmp_path, capsys):
 
 @needs_render
 def test_check_reports_a_template_change(tmp_path, monkeypatch):
-    from codegen import generate as gen
+    from codegen.build import generate as gen
 
     out = tmp_path / "generated"
     gen.generate(DEFAULT_CONFIGS[:1], out)
@@ -184,8 +189,8 @@ def test_generate_selected_config_prunes_the_previous_selection(tmp_path, capsys
 
 @needs_render
 def test_repository_generated_dir_is_up_to_date():
-    from codegen.generate import check
-    from codegen.paths import GENERATED_DIR
+    from codegen.build.generate import check
+    from codegen.build.paths import GENERATED_DIR
 
     if not (Path(GENERATED_DIR) / "manifest.json").is_file():
         pytest.skip("generated/ is not populated yet (python -m codegen generate)")
@@ -217,9 +222,9 @@ def test_compile_prints_a_table_and_hits_the_cache(capsys):
 
 def test_compile_table_shows_the_dynamic_shared_memory_of_the_launch(monkeypatch, capsys):
     """ptxas reports static shared memory (0 here); the table shows what the launch asks for."""
-    import codegen.compiler as compiler
-    import codegen.toolchain as toolchain
-    from codegen.compiler import CompiledKernel, Resources
+    import codegen.build.compiler as compiler
+    import codegen.build.toolchain as toolchain
+    from codegen.build.compiler import CompiledKernel, Resources
 
     config = DEFAULT_CONFIGS[3]
     kernel = CompiledKernel(name=config.name, cubin=b"\x7fELF", resources=Resources(registers=168, smem_bytes=0),
@@ -237,7 +242,7 @@ def test_compile_table_shows_the_dynamic_shared_memory_of_the_launch(monkeypatch
 
 
 def test_compile_fails_without_a_toolchain(monkeypatch, capsys):
-    import codegen.toolchain as toolchain
+    import codegen.build.toolchain as toolchain
 
     broken = toolchain.ToolchainStatus(ok=False, reason="CuTe/CUTLASS headers not found (pip install nvidia-cutlass)")
     monkeypatch.setattr(toolchain, "check_toolchain", lambda: broken)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from codegen import cache
-from codegen.compiler import (
+from codegen.build import cache
+from codegen.build.compiler import (
     ELF_MAGIC,
     CompiledKernel,
     CompileError,
@@ -28,11 +28,11 @@ from codegen.compiler import (
     default_options,
     parse_ptxas_report,
 )
-from codegen.config import DEFAULT_CONFIGS, TileConfig
-from codegen.selection import configs_under_test
-from codegen.progress import Progress
-from codegen.sass import sass_unavailable_reason, summarize_sass
-from codegen.toolchain import _cccl_warnings, _probe, check_toolchain
+from codegen.build.config import DEFAULT_CONFIGS, TileConfig
+from codegen.build.progress import Progress
+from codegen.build.sass import sass_unavailable_reason, summarize_sass
+from codegen.build.toolchain import _cccl_warnings, _probe, check_toolchain
+from codegen.tune.selection import configs_under_test
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,11 +42,11 @@ SASS_MISSING = sass_unavailable_reason()
 needs_sass = pytest.mark.skipif(SASS_MISSING is not None, reason=f"no SASS tools: {SASS_MISSING}")
 
 try:
-    import codegen.render  # noqa: F401
+    import codegen.build.render  # noqa: F401
 
     RENDER_ERROR = None
 except ImportError as error:  # the lead's template layer is not there yet
-    RENDER_ERROR = f"codegen.render is not importable yet ({error})"
+    RENDER_ERROR = f"codegen.build.render is not importable yet ({error})"
 needs_render = pytest.mark.skipif(RENDER_ERROR is not None, reason=RENDER_ERROR or "")
 
 # A stand-in for the real kernel: every SM90 feature the grouped GEMM uses, nothing it computes.
@@ -142,7 +142,7 @@ def test_toolchain_warns_about_newer_cccl():
 
 
 def test_toolchain_missing_headers_say_what_to_install(monkeypatch):
-    import codegen.toolchain as toolchain
+    import codegen.build.toolchain as toolchain
 
     monkeypatch.setattr(toolchain, "find_cutlass_include", lambda: None)
     status = _probe()
@@ -323,7 +323,7 @@ def test_cache_store_is_first_writer_wins(tmp_path):
 
 @pytest.mark.parametrize("where", ["a file", "under a file"])
 def test_unusable_cache_warns_once_and_doctor_shows_it(where, monkeypatch, tmp_path, capsys):
-    from codegen.__main__ import main
+    from codegen.cli.main import main
 
     (tmp_path / "file").write_text("not a directory")
     root = tmp_path / "file" if where == "a file" else tmp_path / "file" / "cache"
@@ -360,7 +360,7 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
 _CONCURRENT = textwrap.dedent(
     """
     import json, os, sys, time
-    from codegen.compiler import compile_source
+    from codegen.build.compiler import compile_source
     source, cache_dir, go = sys.argv[1], sys.argv[2], sys.argv[3]
     print("ready", flush=True)
     while not os.path.exists(go):  # both processes compile at the same moment
@@ -496,7 +496,7 @@ def test_second_compile_many_is_all_cache_hits(default_kernels, tmp_path_factory
 def test_quantize_kernel_compiles_without_local_memory(tmp_path, monkeypatch):
     """mxfp4.quantize_activations' SM90 kernel: e4m3 conversion with saturation, no spills, no stack."""
     monkeypatch.setenv("HOPPER_MXFP4_CACHE", str(tmp_path))
-    from codegen.quantize import QUANTIZE_ENTRY, render_quantize
+    from codegen.runtime.quantize import QUANTIZE_ENTRY, render_quantize
 
     kernel = compile_source(render_quantize(), "quantize_fp8", entry=QUANTIZE_ENTRY, cache_dir=tmp_path)
     assert kernel.cubin.startswith(ELF_MAGIC)

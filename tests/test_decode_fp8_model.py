@@ -3,7 +3,7 @@
 It replays the kernel's integer ops on the packed words of ``mxfp4.pack(w, activations="fp8")`` (uint32
 numpy): the table build from the block byte, PRMT in its default mode (sign replication included), the
 masks and shifts; then puts every byte of every A register where PTX's fragment of an 8-bit A operand of
-``wgmma.m64nNk32`` says it goes (written here from CuTe's ``ALayout_64x32``, not from mxfp4/layout.py),
+``wgmma.m64nNk32`` says it goes (written here from CuTe's ``ALayout_64x32``, not from mxfp4/format/layout.py),
 and compares bit for bit with the e4m3 encoding of ``weight / row_scale`` computed from the MXFP4 source
 (``mxfp4.dequantize``), for every code at every block offset 0..11. The GPU test
 ``test_gpu_w4a8.py::test_decode_is_bit_exact`` reads the same values back through QGMMA.
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import mxfp4
-from codegen.paths import TEMPLATES_DIR
-from mxfp4 import layout
-from mxfp4.layout import ATOM_CODE_BYTES, ATOM_K, ATOM_N, MXFP4Tensor
+from codegen.build.paths import TEMPLATES_DIR
+from mxfp4.format import layout
+from mxfp4.format.layout import ATOM_CODE_BYTES, ATOM_K, ATOM_N, MXFP4Tensor
 
 U32 = np.uint32
 
@@ -206,7 +206,7 @@ def test_tables_are_the_e4m3_magnitudes_at_every_offset() -> None:
 
 
 def test_the_kernel_fragment_is_the_layout_contract() -> None:
-    """mxfp4/layout.py's word / slot placement agrees with CuTe's fragment (via the decode's register order)."""
+    """mxfp4/format/layout.py's word / slot placement agrees with CuTe's fragment (via the decode's register order)."""
     for tid in range(128):
         for word in range(4):
             step, half = word >> 1, word & 1

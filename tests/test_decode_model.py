@@ -16,9 +16,15 @@ import pytest
 import torch
 
 import mxfp4
-from codegen.paths import TEMPLATES_DIR
-from mxfp4 import layout
-from mxfp4.layout import ATOM_CODE_BYTES, ATOM_K, ATOM_N, CODES_PER_WORD, MXFP4Tensor
+from codegen.build.paths import TEMPLATES_DIR
+from mxfp4.format import layout
+from mxfp4.format.layout import (
+    ATOM_CODE_BYTES,
+    ATOM_K,
+    ATOM_N,
+    CODES_PER_WORD,
+    MXFP4Tensor,
+)
 
 U32 = np.uint32
 BF16_CANONICAL_NAN = 0x7FFF

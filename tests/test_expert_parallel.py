@@ -19,12 +19,18 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from test_integrations_transformers import (  # noqa: E402
+    ACCURACY,
+    EXPERTS,
+    experts_modules,
+    relative_error,
+    tiny_model,
+)
 from transformers import GptOssForCausalLM  # noqa: E402
 
 from benchmarks.gpt_oss_checkpoint import model_config, write_checkpoint  # noqa: E402
 from mxfp4.integrations.gpt_oss_experts import packed_weight  # noqa: E402
 from mxfp4.integrations.transformers import convert_gpt_oss, load_gpt_oss  # noqa: E402
-from test_integrations_transformers import ACCURACY, EXPERTS, experts_modules, relative_error, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "expert_parallel_worker.py"

@@ -10,9 +10,13 @@ import pytest
 import torch
 
 import mxfp4
-from mxfp4 import dispatch, fallback, weight_cache
-from mxfp4.layout import PackedMXFP4
-from mxfp4.reference import reference_grouped_mm_float64, reference_grouped_mm_masked_float64
+from mxfp4.format.layout import PackedMXFP4
+from mxfp4.format.reference import (
+    reference_grouped_mm_float64,
+    reference_grouped_mm_masked_float64,
+)
+from mxfp4.ops import dispatch
+from mxfp4.portable import fallback, weight_cache
 
 TOLERANCE = 1e-2  # ||out - ref|| / ||ref|| against float64 on the dequantized weights
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_moe import ACCURACY, make_layer, make_routing, relative_error, run
 
 import mxfp4
-from mxfp4 import weight_cache
-from mxfp4.moe_layer import foreign_to_last_expert, reference_moe_float64
-from test_moe import ACCURACY, make_layer, make_routing, relative_error, run
+from mxfp4.experts.layer import foreign_to_last_expert, reference_moe_float64
+from mxfp4.portable import weight_cache
 
 EXPERTS, HIDDEN, INTER, TOKENS, TOP_K = 4, 64, 96, 11, 3
 INT32_MAX, INT32_MIN = 2**31 - 1, -(2**31)

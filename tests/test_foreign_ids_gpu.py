@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from mxfp4.dispatch import SM90, select_path
-from mxfp4.moe_layer import reference_moe_float64, route
 from test_foreign_ids import foreign_weights, with_foreign
 from test_moe import ACCURACY, make_layer, make_routing, relative_error, run
 from test_moe_gpu import GPT_OSS_20B, WEIGHT_SCALE, poison_allocator
+
+from mxfp4.experts.layer import reference_moe_float64, route
+from mxfp4.ops.dispatch import SM90, select_path
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +29,7 @@ def test_routing_kernel_puts_foreign_choices_in_a_written_tail(tokens: int, expe
                                                                ids_dtype: torch.dtype, kind: str, seed: int) -> None:
     """Offsets count the valid choices only; rows past offsets[E] are the foreign choices in flat order, with
     their tokens and weight 0 (every row written: the allocator was poisoned)."""
-    from codegen.routing import route_topk
+    from codegen.runtime.routing import route_topk
 
     ids, weights = make_routing(tokens, experts, top_k, skew=True, device="cuda")
     ids, foreign = foreign_on_device(ids.to(ids_dtype), kind, experts)

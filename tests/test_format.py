@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mxfp4
-from mxfp4.tensor import MXFP4Tensor
+from mxfp4.format.tensor import MXFP4Tensor
 
 
 def e2m1_value(code: int) -> float:
@@ -198,7 +198,7 @@ def test_quantize_matches_brute_force_nearest_even(seed: int) -> None:
 
 
 def test_large_tensor_is_chunked_consistently(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
-    from mxfp4 import format as module
+    from mxfp4.format import codec as module
 
     w = torch.randn(10, 96)
     whole = mxfp4.quantize(w)

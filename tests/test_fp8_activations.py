@@ -9,11 +9,12 @@ import types
 
 import pytest
 import torch
+from test_moe import make_routing
 
 import mxfp4
-from mxfp4 import dispatch, ops
-from mxfp4.moe_layer import reference_moe_float64
-from test_moe import make_routing
+from mxfp4.experts.layer import reference_moe_float64
+from mxfp4.ops import dispatch
+from mxfp4.ops import grouped_gemm as ops
 
 TOLERANCE = 1e-2  # against float64 on the same fp8-rounded x (bf16 rounding of the output dominates)
 MOE_TOLERANCE = 5e-2  # the layer with activations="fp8" against float64 with bf16 activations
@@ -301,7 +302,7 @@ def test_explain_names_how_fp8_x_meets_the_weights(fp8_problem) -> None:
 
 
 def fake_sm90(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    from codegen.launch import EpilogueArgs
+    from codegen.runtime.launch import EpilogueArgs
 
     sm90 = dispatch.PathChoice("sm90", "test", "cuda:0", (9, 0), "NVIDIA H200", "ok")
     monkeypatch.setattr(ops, "select_path", lambda device: sm90)
@@ -313,7 +314,7 @@ def fake_sm90(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         out.fill_(1)
 
     namespace = types.SimpleNamespace(grouped_mm_sm90=grouped_mm_sm90, EpilogueArgs=EpilogueArgs)
-    monkeypatch.setitem(sys.modules, "codegen.launch", namespace)
+    monkeypatch.setitem(sys.modules, "codegen.runtime.launch", namespace)
     return calls
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_moe import ACCURACY, make_layer, make_routing, relative_error, run
 
 import mxfp4
-from mxfp4.gate_up import pack_for_moe, paired_row_source, split_gate_up, unpack_gate_up
-from mxfp4.moe_layer import reference_moe_float64
-from test_moe import ACCURACY, make_layer, make_routing, relative_error, run
+from mxfp4.experts.layer import reference_moe_float64
+from mxfp4.format.gate_up import (
+    pack_for_moe,
+    paired_row_source,
+    split_gate_up,
+    unpack_gate_up,
+)
 
 
 def test_pairing_is_a_permutation_inside_16_row_blocks() -> None:
@@ -60,7 +65,8 @@ def test_moe_on_paired_weights_matches_float64(skew: bool, seed: int) -> None:
 
 
 def test_explain_moe_names_the_layer_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mxfp4 import dispatch, moe_layer
+    from mxfp4.experts import layer as moe_layer
+    from mxfp4.ops import dispatch
 
     paired, plain = make_layer(4, 64, 64, paired=True), make_layer(4, 64, 64)
     x, ids = torch.randn(3, 64).bfloat16(), torch.zeros(3, 2, dtype=torch.int32)

@@ -16,13 +16,28 @@ from safetensors.torch import load_file, save_file
 import mxfp4
 
 transformers = pytest.importorskip("transformers")
+from test_integrations_transformers import (  # noqa: E402
+    ACCURACY,
+    experts_modules,
+    logits,
+    pin_routing,
+    relative_error,
+    tiny_model,
+)
 from transformers import GptOssForCausalLM, Mxfp4Config  # noqa: E402
-from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
 
-from benchmarks.gpt_oss_checkpoint import checkpoint_bytes, ensure_checkpoint, model_config, write_checkpoint  # noqa: E402
-from mxfp4.integrations.transformers import IMPLEMENTATION, convert_gpt_oss, load_gpt_oss  # noqa: E402
-from mxfp4.shards import CheckpointError  # noqa: E402
-from test_integrations_transformers import ACCURACY, experts_modules, logits, pin_routing, relative_error, tiny_model  # noqa: E402
+from benchmarks.gpt_oss_checkpoint import (  # noqa: E402
+    checkpoint_bytes,
+    ensure_checkpoint,
+    model_config,
+    write_checkpoint,
+)
+from mxfp4.format.shards import CheckpointError  # noqa: E402
+from mxfp4.integrations.transformers import (  # noqa: E402
+    IMPLEMENTATION,
+    convert_gpt_oss,
+    load_gpt_oss,
+)
 
 LAYERS, EXPERTS = 3, 4
 

@@ -12,9 +12,9 @@ import torch
 
 import mxfp4
 from codegen import TileConfig
-from codegen.launch import grouped_mm_sm90
-from codegen.selection import configs_under_test
-from mxfp4.dispatch import is_sm90
+from codegen.runtime.launch import grouped_mm_sm90
+from codegen.tune.selection import configs_under_test
+from mxfp4.ops.dispatch import is_sm90
 
 pytestmark = pytest.mark.gpu
 
@@ -23,7 +23,7 @@ ACCURACY = 1e-2
 
 requires_sm90 = pytest.mark.skipif(not is_sm90(), reason="needs an SM90 (Hopper) GPU")
 # Every config the op can pick on its own (the defaults and the shipped tuning tables' choices), and
-# one of each decode family (codegen.selection.FAMILY_SAMPLES).
+# one of each decode family (codegen.tune.selection.FAMILY_SAMPLES).
 # The W4A8 family reads e4m3 x (tests/test_gpu_w4a8.py); these tests feed bf16.
 CONFIGS = [config for config in configs_under_test() if config.activations == "bf16"]
 CONFIG_IDS = [c.name for c in CONFIGS]

@@ -14,9 +14,9 @@ import torch
 
 import mxfp4
 from codegen import TileConfig
-from codegen.launch import EpilogueArgs, grouped_mm_sm90
-from codegen.selection import configs_in_use
-from mxfp4.dispatch import is_sm90
+from codegen.runtime.launch import EpilogueArgs, grouped_mm_sm90
+from codegen.tune.selection import configs_in_use
+from mxfp4.ops.dispatch import is_sm90
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not is_sm90(), reason="needs an SM90 (Hopper) GPU")]
 
@@ -146,9 +146,9 @@ def test_w4a8_masked(config: TileConfig) -> None:
 
 
 def test_quantize_kernel_is_the_torch_composition_bit_for_bit() -> None:
-    """The SM90 quantizer against mxfp4.activations.quantize_activations_reference: vector (K % 8 == 0) and
+    """The SM90 quantizer against mxfp4.ops.activations.quantize_activations_reference: vector (K % 8 == 0) and
     scalar (K = 100) paths, rows of every magnitude, a zero row, one huge channel."""
-    from mxfp4.activations import quantize_activations_reference
+    from mxfp4.ops.activations import quantize_activations_reference
 
     for k in (2880, 100, 8):
         x = (torch.randn(257, k, device="cuda") * torch.logspace(-20, 20, 257, device="cuda").unsqueeze(1)).bfloat16()
@@ -260,8 +260,9 @@ def test_fp8_against_bf16_activations(kind: str, e: int, n: int, k: int) -> None
 @pytest.mark.parametrize("paired", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("tokens", [1, 64, 512])
 def test_moe_fp8_gpt_oss_20b(paired: bool, tokens: int, seed: int) -> None:
-    from mxfp4.moe_layer import reference_moe_float64
     from test_moe import make_routing
+
+    from mxfp4.experts.layer import reference_moe_float64
 
     experts, hidden, inter, top_k = 32, 2880, 2880, 4
     gate_up_w = mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5)

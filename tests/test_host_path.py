@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mxfp4
-from mxfp4 import ops
+from mxfp4.ops import grouped_gemm as ops
 
 
 @pytest.fixture()

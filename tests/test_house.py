@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from codegen import cache, compiler, generate, launch
-from codegen.compiler import CompileError
-from codegen.cuda_result import as_text, unwrap
+from codegen.build import cache, compiler, generate
+from codegen.build.compiler import CompileError
+from codegen.build.cuda_result import as_text, unwrap
+from codegen.runtime import launch
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("mxfp4", "codegen", "benchmarks")
@@ -99,11 +100,11 @@ def _top_level_definitions() -> dict[str, list[str]]:
 @pytest.mark.parametrize(
     "name, home",
     [
-        ("ENTRY_POINT", "codegen/render.py"),
-        ("UsageError", "codegen/cli_common.py"),
-        ("BLOCK_SIZE", "mxfp4/tensor.py"),
-        ("unwrap", "codegen/cuda_result.py"),
-        ("template_hashes", "codegen/cache.py"),
+        ("ENTRY_POINT", "codegen/build/render.py"),
+        ("UsageError", "codegen/cli/common.py"),
+        ("BLOCK_SIZE", "mxfp4/format/tensor.py"),
+        ("unwrap", "codegen/build/cuda_result.py"),
+        ("template_hashes", "codegen/build/cache.py"),
     ],
 )
 def test_a_contract_is_defined_once(name, home):
@@ -116,7 +117,7 @@ def test_no_second_name_for_the_mxfp4_block():
 
 
 def test_parse_each_names_the_flag_and_the_text():
-    from codegen.cli_common import UsageError, parse_each
+    from codegen.cli.common import UsageError, parse_each
 
     assert parse_each(["1", "2"], int, "--m") == [1, 2]
     with pytest.raises(UsageError, match=r"^--m: invalid literal"):

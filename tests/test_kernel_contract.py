@@ -7,12 +7,17 @@ import struct
 
 import pytest
 
-from codegen import render
-from codegen.config import DEFAULT_CONFIGS, TileConfig
-from codegen.params import PARAM_FIELDS, PARAM_OFFSETS, PARAMS_SIZE, PARAMS_STRUCT, pack_params
-from codegen.paths import TEMPLATES_DIR
-from codegen.render import LAYOUT_CONSTANTS
-from mxfp4 import layout
+from codegen.build.config import DEFAULT_CONFIGS, TileConfig
+from codegen.build.params import (
+    PARAM_FIELDS,
+    PARAM_OFFSETS,
+    PARAMS_SIZE,
+    PARAMS_STRUCT,
+    pack_params,
+)
+from codegen.build.paths import TEMPLATES_DIR
+from codegen.build.render import LAYOUT_CONSTANTS, render
+from mxfp4.format import layout
 
 
 def test_layout_constants_are_rendered_from_layout_py() -> None:

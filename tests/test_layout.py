@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mxfp4
-from mxfp4 import layout
-from mxfp4.layout import (
+from mxfp4.format import layout
+from mxfp4.format.layout import (
     ATOM_BYTES,
     ATOM_CODE_BYTES,
     ATOM_K,
@@ -17,7 +17,7 @@ from mxfp4.layout import (
     code_position,
     scale_position,
 )
-from mxfp4.tensor import MXFP4Tensor
+from mxfp4.format.tensor import MXFP4Tensor
 
 
 def random_weight(e: int, n: int, k: int) -> MXFP4Tensor:

@@ -1,5 +1,5 @@
 """The FP8-ready layout (``mxfp4.pack(w, activations="fp8")``): round trips, the re-rounding rule and its
-count, the row scales, and the docstring's tables (mxfp4/layout.py, "The FP8-ready layout")."""
+count, the row scales, and the docstring's tables (mxfp4/format/layout.py, "The FP8-ready layout")."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ import pytest
 import torch
 
 import mxfp4
-from mxfp4 import layout
-from mxfp4.layout import ATOM_K, ATOM_N, FP8_CODE_BITS, FP8_MAX_OFFSET, MXFP4Tensor
-from mxfp4.layout_fp8 import decode_fp8_values, pack_fp8
+from mxfp4.format import layout
+from mxfp4.format.layout import (
+    ATOM_K,
+    ATOM_N,
+    FP8_CODE_BITS,
+    FP8_MAX_OFFSET,
+    MXFP4Tensor,
+)
+from mxfp4.format.layout_fp8 import decode_fp8_values, pack_fp8
 
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import mxfp4
-from mxfp4.layout import PackedMXFP4
-from mxfp4.moe_layer import reference_moe_float64, route
+from mxfp4.experts.layer import reference_moe_float64, route
+from mxfp4.format.layout import PackedMXFP4
 
 ACCURACY = 1e-2
 
@@ -206,7 +206,7 @@ def test_moe_bad_input(seed: int) -> None:
 
 def test_moe_ids_on_device_are_not_read() -> None:
     """The id range check would sync on a device, so it runs only on the CPU (or with debug checks on)."""
-    from mxfp4.moe_layer import _check_ids_values
+    from mxfp4.experts.layer import _check_ids_values
 
     _check_ids_values(torch.full((1, 1), 5, dtype=torch.int64, device="meta"), 2)  # not read: no error
     with pytest.raises(ValueError, match="topk_ids holds expert 5"):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_moe import ACCURACY, Layer, make_layer, make_routing, relative_error, run
 
 import mxfp4
-from mxfp4.dispatch import SM90
-from mxfp4.moe_layer import reference_moe_float64
-from test_moe import ACCURACY, Layer, make_layer, make_routing, relative_error, run
+from mxfp4.experts.layer import reference_moe_float64
+from mxfp4.ops.dispatch import SM90
 
 pytestmark = pytest.mark.gpu
 
@@ -111,7 +111,13 @@ def test_transformers_drop_in_on_gpu(seed: int) -> None:
     pytest.importorskip("transformers")
     import copy
 
-    from test_integrations_transformers import experts_modules, logits, pin_routing, round_trip, tiny_model
+    from test_integrations_transformers import (
+        experts_modules,
+        logits,
+        pin_routing,
+        round_trip,
+        tiny_model,
+    )
 
     from mxfp4.integrations.transformers import convert_gpt_oss
 
@@ -129,12 +135,12 @@ def test_transformers_drop_in_on_gpu(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The graph replay of plain eager calls (mxfp4.moe_graphs, issue 15): the same bits as the five launches.
+# The graph replay of plain eager calls (mxfp4.experts.graphs, issue 15): the same bits as the five launches.
 
 
 def _launched(calls: list, layer: Layer) -> list[torch.Tensor]:
     """The outputs of the five kernels launched one by one (replay off)."""
-    from mxfp4 import moe_graphs
+    from mxfp4.experts import graphs as moe_graphs
 
     moe_graphs.set_moe_graphs(False)
     try:
@@ -147,7 +153,7 @@ def _launched(calls: list, layer: Layer) -> list[torch.Tensor]:
 def test_moe_graph_replay_equals_launches_bitwise(layer_20b: Layer, tokens: int, seed: int) -> None:
     """Fresh x, ids and weights every call (each node rewritten before its launch), many calls in flight
     while the GPU is busy, and the same tensors again (nodes left as they are)."""
-    from mxfp4 import moe_graphs
+    from mxfp4.experts import graphs as moe_graphs
 
     calls = [inputs(tokens, skew=i % 2 == 1) for i in range(6)]
     expected = _launched(calls, layer_20b)
@@ -168,7 +174,7 @@ def test_moe_graph_replay_equals_launches_bitwise(layer_20b: Layer, tokens: int,
 
 
 def test_moe_graph_replay_on_two_streams(layer_20b: Layer, seed: int) -> None:
-    from mxfp4 import moe_graphs
+    from mxfp4.experts import graphs as moe_graphs
 
     call = inputs(8, skew=True)
     expected = _launched([call], layer_20b)[0]

@@ -9,14 +9,14 @@ from collections import Counter
 
 import pytest
 import torch
+from moe_emulator import Emulator
+from test_moe import ACCURACY, Layer, make_layer, make_routing, relative_error
 
 import mxfp4
 from benchmarks.fake_sm90 import FakeGraph, Recorder, fake_sm90
-from codegen.fast_driver import DriverError
-from moe_emulator import Emulator
-from mxfp4 import moe_graphs
-from mxfp4.moe_layer import reference_moe_float64
-from test_moe import ACCURACY, Layer, make_layer, make_routing, relative_error
+from codegen.runtime.fast_driver import DriverError
+from mxfp4.experts import graphs as moe_graphs
+from mxfp4.experts.layer import reference_moe_float64
 
 FUSED_KERNELS = ["moe_routing", "moe_gather", "swiglu", "scatter", "moe_topk_sum"]
 

@@ -1,5 +1,5 @@
-"""The fused MoE layer's plan (codegen.moe_plan), its gather and top-k sum kernels (codegen.moe_glue) and the
-ctypes graph calls (codegen.graph_driver): the workspace layout and the driver calls on the CPU, the kernels'
+"""The fused MoE layer's plan (codegen.runtime.moe_plan), its gather and top-k sum kernels (codegen.runtime.moe_glue) and the
+ctypes graph calls (codegen.runtime.graph_driver): the workspace layout and the driver calls on the CPU, the kernels'
 source and compile on any machine with the toolchain, and the kernels themselves on an SM90 GPU."""
 
 from __future__ import annotations
@@ -9,13 +9,20 @@ import ctypes
 import pytest
 import torch
 
-from codegen import graph_driver
-from codegen.fast_driver import DriverError
-from codegen.moe_glue import (GATHER_ENTRY, GATHER_PARAMS, GLUE_KERNELS, TOPK_SUM_ENTRY, TOPK_SUM_PARAMS,
-                              compiled_glue, render_glue)
-from codegen.moe_plan import WORKSPACE_ALIGN, LayerShape, workspace_layout
-from codegen.toolchain import check_toolchain
-from mxfp4.dispatch import is_sm90
+from codegen.build.toolchain import check_toolchain
+from codegen.runtime import graph_driver
+from codegen.runtime.fast_driver import DriverError
+from codegen.runtime.moe_glue import (
+    GATHER_ENTRY,
+    GATHER_PARAMS,
+    GLUE_KERNELS,
+    TOPK_SUM_ENTRY,
+    TOPK_SUM_PARAMS,
+    compiled_glue,
+    render_glue,
+)
+from codegen.runtime.moe_plan import WORKSPACE_ALIGN, LayerShape, workspace_layout
+from mxfp4.ops.dispatch import is_sm90
 
 
 @pytest.mark.parametrize("shape", [LayerShape(1, 4, 32, 2880, 2880), LayerShape(13, 3, 8, 160, 96),
@@ -125,7 +132,7 @@ def test_glue_source_renders_both_parameter_blocks() -> None:
 
 @pytest.mark.skipif(not check_toolchain().ok, reason="NVRTC toolchain not usable")
 def test_glue_kernels_compile_without_spills() -> None:
-    from codegen.sass import dump_sass, sass_unavailable_reason
+    from codegen.build.sass import dump_sass, sass_unavailable_reason
 
     compiled = compiled_glue()
     assert compiled.resources.spills == 0 and compiled.resources.stack_bytes == 0
@@ -141,8 +148,8 @@ requires_sm90 = pytest.mark.skipif(not is_sm90(), reason="needs an SM90 (Hopper)
 
 
 def _launch(entry: str, block, values: tuple, grid: int, threads: int) -> None:
-    from codegen.fast_driver import launch, params_buffer
-    from codegen.moe_glue import glue_function
+    from codegen.runtime.fast_driver import launch, params_buffer
+    from codegen.runtime.moe_glue import glue_function
 
     device = torch.device("cuda", torch.cuda.current_device())
     block.struct.pack_into(params_buffer(block.size), 0, *values)
@@ -155,7 +162,7 @@ def _launch(entry: str, block, values: tuple, grid: int, threads: int) -> None:
 @pytest.mark.parametrize("tokens, hidden, routed, placed", [(1, 2880, 4, 4), (13, 160, 39, 30), (64, 2880, 256, 256)])
 def test_gather_kernel_copies_the_placed_rows_and_zeroes(aligned: bool, tokens: int, hidden: int, routed: int,
                                                          placed: int, seed: int) -> None:
-    from codegen.moe_glue import GATHER_THREADS, gather_grid
+    from codegen.runtime.moe_glue import GATHER_THREADS, gather_grid
 
     storage = torch.randn(tokens * hidden + 1, device="cuda").bfloat16()
     x = (storage[:-1] if aligned else storage[1:]).view(tokens, hidden)  # 2-byte aligned: the 2-byte copy
@@ -176,7 +183,7 @@ def test_gather_kernel_copies_the_placed_rows_and_zeroes(aligned: bool, tokens: 
 @requires_sm90
 @pytest.mark.parametrize("tokens, top_k, hidden", [(1, 4, 2880), (7, 3, 160), (64, 4, 2880), (5, 1, 32)])
 def test_topk_sum_kernel_adds_in_slot_order(tokens: int, top_k: int, hidden: int, seed: int) -> None:
-    from codegen.moe_glue import TOPK_SUM_THREADS, topk_sum_grid
+    from codegen.runtime.moe_glue import TOPK_SUM_THREADS, topk_sum_grid
 
     slots = (torch.randn(tokens, top_k, hidden, device="cuda") * torch.logspace(-3, 3, hidden, device="cuda")).bfloat16()
     slots[:, -1] = -slots[:, 0]  # cancellations: the order shows in the bits

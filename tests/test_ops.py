@@ -10,9 +10,13 @@ import pytest
 import torch
 
 import mxfp4
-from mxfp4 import dispatch, ops
-from mxfp4.layout import PackedMXFP4
-from mxfp4.reference import reference_grouped_mm_float64, reference_grouped_mm_masked_float64
+from mxfp4.format.layout import PackedMXFP4
+from mxfp4.format.reference import (
+    reference_grouped_mm_float64,
+    reference_grouped_mm_masked_float64,
+)
+from mxfp4.ops import dispatch
+from mxfp4.ops import grouped_gemm as ops
 
 TOLERANCE = 1e-2  # ||out - ref|| / ||ref|| against float64 on the dequantized weights
 
@@ -89,7 +93,7 @@ def test_grouped_mm_masked_zero_max_m() -> None:
 
 
 def test_forced_config_is_accepted_and_a_bad_one_named(seed: int) -> None:
-    from codegen.config import DEFAULT_CONFIGS
+    from codegen.build.config import DEFAULT_CONFIGS
 
     w, packed = make_weight(2, 64, 64)
     x, offsets = torch.randn(5, 64).bfloat16(), random_offsets([2, 3])
@@ -328,7 +332,7 @@ def test_explain_checks_what_the_op_checks(problem) -> None:
 
 
 def fake_sm90(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    """Route the ops to the SM90 branch with a recording stand-in for codegen.launch."""
+    """Route the ops to the SM90 branch with a recording stand-in for codegen.runtime.launch."""
     sm90 = dispatch.PathChoice("sm90", "test", "cuda:0", (9, 0), "NVIDIA H100", "ok")
     monkeypatch.setattr(ops, "select_path", lambda device: sm90)
     monkeypatch.setattr(dispatch, "select_path", lambda device: sm90)
@@ -338,20 +342,20 @@ def fake_sm90(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         calls.append((x, w_data, n, k, rows, masked, config, out))
         out.fill_(1)
 
-    monkeypatch.setitem(sys.modules, "codegen.launch", types.SimpleNamespace(grouped_mm_sm90=grouped_mm_sm90))
+    monkeypatch.setitem(sys.modules, "codegen.runtime.launch", types.SimpleNamespace(grouped_mm_sm90=grouped_mm_sm90))
     return calls
 
 
 def test_sm90_launch_contract(monkeypatch: pytest.MonkeyPatch, problem) -> None:
-    from codegen.config import TileConfig
+    from codegen.build.config import TileConfig
 
     x, _, packed, offsets = problem
     calls = fake_sm90(monkeypatch)
     chosen = TileConfig.from_name("n128_m8_k256_s8_wg1")
     selection = types.SimpleNamespace(config=chosen, reason="tuned")
-    import codegen.selection
+    import codegen.tune.selection
 
-    monkeypatch.setattr(codegen.selection, "select_config", lambda e, n, k, hint, device_name=None, activations="bf16": selection)
+    monkeypatch.setattr(codegen.tune.selection, "select_config", lambda e, n, k, hint, device_name=None, activations="bf16": selection)
     out = mxfp4.grouped_mm(x, packed, offsets.long())
     assert bool((out == 1).all())
     (cx, w_data, n, k, rows, masked, config, cout), = calls

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_moe import ACCURACY, make_layer, make_routing, relative_error, run
 
 import mxfp4
-from mxfp4 import dispatch, fallback, portable_kernel, weight_cache
-from mxfp4.layout import ATOM_CODE_BYTES, PackedMXFP4
-from mxfp4.moe_layer import reference_moe_float64
-from mxfp4.reference import reference_grouped_mm_float64, reference_grouped_mm_masked_float64
-from test_moe import ACCURACY, make_layer, make_routing, relative_error, run
+from mxfp4.experts.layer import reference_moe_float64
+from mxfp4.format.layout import ATOM_CODE_BYTES, PackedMXFP4
+from mxfp4.format.reference import (
+    reference_grouped_mm_float64,
+    reference_grouped_mm_masked_float64,
+)
+from mxfp4.ops import dispatch
+from mxfp4.portable import fallback, weight_cache
+from mxfp4.portable import kernel as portable_kernel
 
 pytestmark = pytest.mark.gpu
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import mxfp4
-from mxfp4 import fallback, portable_kernel, weight_cache
-from mxfp4.layout import CODE_BITS, code_position
-from mxfp4.tensor import E2M1_VALUES
+from mxfp4.format.layout import CODE_BITS, code_position
+from mxfp4.format.tensor import E2M1_VALUES
+from mxfp4.portable import fallback, weight_cache
+from mxfp4.portable import kernel as portable_kernel
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = 1e-2
@@ -206,7 +207,7 @@ def compile_kernel(capability: int, config: portable_kernel.KernelConfig, masked
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from mxfp4.portable_triton import mxfp4_grouped_kernel
+    from mxfp4.portable.triton_kernel import mxfp4_grouped_kernel
 
     signature = {"x_ptr": "*bf16", "words_ptr": "*i32", "rows_ptr": "*i32", "out_ptr": "*bf16"}
     signature.update({name: "i32" for name in KERNEL_INTS})
@@ -225,7 +226,7 @@ def compile_kernel(capability: int, config: portable_kernel.KernelConfig, masked
 def test_kernel_compiles_without_spills(capability: int, tmp_path: Path) -> None:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed here")
-    from codegen.sass import find_cuobjdump
+    from codegen.build.sass import find_cuobjdump
 
     cuobjdump = find_cuobjdump()
     table = portable_kernel.HOPPER_CONFIGS if capability == 90 else portable_kernel.OTHER_CONFIGS

@@ -1,16 +1,21 @@
-"""The MoE routing kernel (codegen.routing): renders and compiles on any machine; on the H100 its
-output equals the torch routing of mxfp4.moe_layer.route (stable sort by expert)."""
+"""The MoE routing kernel (codegen.runtime.routing): renders and compiles on any machine; on the H100 its
+output equals the torch routing of mxfp4.experts.layer.route (stable sort by expert)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from codegen.routing import ROUTING_ENTRY, ROUTING_PARAMS, compiled_routing, render_routing
-from codegen.sass import dump_sass, sass_unavailable_reason
-from codegen.toolchain import check_toolchain
-from mxfp4.dispatch import is_sm90
-from mxfp4.moe_layer import route
+from codegen.build.sass import dump_sass, sass_unavailable_reason
+from codegen.build.toolchain import check_toolchain
+from codegen.runtime.routing import (
+    ROUTING_ENTRY,
+    ROUTING_PARAMS,
+    compiled_routing,
+    render_routing,
+)
+from mxfp4.experts.layer import route
+from mxfp4.ops.dispatch import is_sm90
 
 
 def test_routing_source_renders_its_parameter_block() -> None:
@@ -37,7 +42,7 @@ def test_routing_kernel_compiles() -> None:
 @pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
 def test_routing_kernel_equals_the_torch_routing(tokens: int, experts: int, top_k: int, ids_dtype: torch.dtype,
                                                  weights_dtype: torch.dtype, seed: int) -> None:
-    from codegen.routing import route_topk
+    from codegen.runtime.routing import route_topk
 
     scores = torch.rand(tokens, experts, device="cuda")
     scores[:, : max(top_k, experts // 8)] += 1.0  # skewed: a few experts take most rows, many get none

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import argparse
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import mxfp4
-from codegen import sweep, timing, tune_cli, tuning
-from codegen.config import DEFAULT_CONFIGS, TileConfig
-from codegen.selection import configs_in_use, heuristic_config, select_config
-from codegen.sweep import Measurement
-from codegen.tuning import SearchSpace, Shape
+from codegen.build.config import DEFAULT_CONFIGS, TileConfig
+from codegen.cli import tune as tune_cli
+from codegen.tune import sweep, timing
+from codegen.tune import tables as tuning
+from codegen.tune.selection import configs_in_use, heuristic_config, select_config
+from codegen.tune.measure import Runner
+from codegen.tune.sweep import Measurement
+from codegen.tune.tables import SearchSpace, Shape
 
 H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _run_op(config, x, packed, offsets, x_scale=None):
+    """The kernel step of a dry run: ``mxfp4.grouped_mm`` on the CPU (the portable path) with the config named."""
+    if x_scale is None:
+        return mxfp4.grouped_mm(x, packed, offsets, config=config)
+    return mxfp4.grouped_mm(x, packed, offsets, config=config, x_scale=x_scale)
+
+
+CPU_RUNNER = Runner(run=_run_op, quantize=lambda x: mxfp4.quantize_activations(x))
 
 
 @pytest.fixture
@@ -96,8 +108,14 @@ def test_space_prunes_the_families_to_light_decode_ctas():
 
 
 def test_default_space_reads_the_config_limits():
-    """The sweep's defaults are a subset of what validate() allows, computed from codegen.config."""
-    from codegen.config import MAX_ATOMS_PER_WARPGROUP, MAX_TILE_K, MIN_STAGES, TILE_M_RANGE, WARPGROUP_CHOICES
+    """The sweep's defaults are a subset of what validate() allows, computed from codegen.build.config."""
+    from codegen.build.config import (
+        MAX_ATOMS_PER_WARPGROUP,
+        MAX_TILE_K,
+        MIN_STAGES,
+        TILE_M_RANGE,
+        WARPGROUP_CHOICES,
+    )
 
     space = SearchSpace()
     assert set(space.warpgroups) <= set(WARPGROUP_CHOICES) and space.warpgroups == (1, 2, 4)
@@ -207,7 +225,7 @@ def test_a_hopper_part_without_a_table_uses_the_nearest_parts(tables):
 
 
 def test_shipped_tables_are_named_relative_to_the_repository():
-    from codegen.paths import GENERATED_DIR
+    from codegen.build.paths import GENERATED_DIR
 
     assert tuning.shipped_tuning_dir() == GENERATED_DIR / "tuning"
     assert tuning._display_path(GENERATED_DIR / "tuning" / "h100.json") == "generated/tuning/h100.json"
@@ -310,7 +328,7 @@ def test_sweep_writes_the_best_valid_config_with_the_default(tmp_path, capsys):
 
 
 def test_sweep_keeps_the_default_unless_the_winner_beats_it_by_the_margin(tmp_path):
-    from codegen.sweep_report import DEFAULT_MARGIN
+    from codegen.tune.report import DEFAULT_MARGIN
 
     measure = FakeMeasure({A.name: 30.0, B.name: 30.0 / (DEFAULT_MARGIN - 0.005), C.name: 31.0})
     table = run_fake_sweep(tmp_path, measure)
@@ -460,7 +478,7 @@ def test_gpu_measurer_dry_run_on_cpu(monkeypatch):
         return timing.summarize([10.0, 11.0, 12.0])
 
     monkeypatch.setattr(timing, "time_cuda", fake_time_cuda)
-    measurer = sweep.GpuMeasurer(device="cpu", memory_budget=1 << 22)
+    measurer = sweep.GpuMeasurer(device="cpu", memory_budget=1 << 22, runner=CPU_RUNNER)
     result = measurer(Shape(2, 128, 128), 8, A)
     assert result.median_us == pytest.approx(11.0)
     assert result.rel_error is not None and result.rel_error <= 1e-2
@@ -468,14 +486,15 @@ def test_gpu_measurer_dry_run_on_cpu(monkeypatch):
     x, packed, offsets = measurer.inputs.sets[0]
     assert x.shape == (16, 128) and offsets.tolist() == [0, 8, 16]
     # A wrong output is caught by the check and left untimed.
-    monkeypatch.setattr("mxfp4.grouped_mm", lambda x, w, o, config=None: torch.zeros(x.shape[0], w.n, dtype=torch.bfloat16))
+    zeros = Runner(run=lambda config, x, w, o: torch.zeros(x.shape[0], w.n, dtype=torch.bfloat16), quantize=None)
+    measurer.runner = zeros
     wrong = measurer(Shape(2, 128, 128), 8, A)
     assert wrong.median_us is None and wrong.rel_error == pytest.approx(1.0)
     measurer.release()
 
 
 def test_rotating_inputs_rebuild_only_what_changed():
-    from codegen.measure import RotatingInputs, relative_error
+    from codegen.tune.measure import RotatingInputs, relative_error
 
     inputs = RotatingInputs(torch.device("cpu"), memory_budget=1 << 22)
     inputs.prepare(Shape(2, 128, 128), 8)
@@ -576,7 +595,7 @@ def test_tune_supervisor_restarts_a_lost_worker(tmp_path, monkeypatch):
     monkeypatch.setattr(tune_cli.subprocess, "call", fake_call)
     assert tune_cli.main(["--shape", "2,128,128", "--m", "8", "--quick", "--no-resume", f"--out={tmp_path / 't.json'}"]) == 0
     assert len(calls) == 3
-    assert calls[0][1:3] == ["-m", "codegen.tune_cli"] and "--worker" in calls[0]
+    assert calls[0][1:3] == ["-m", "codegen.cli.tune"] and "--worker" in calls[0]
     assert "--no-resume" in calls[0] and all("--no-resume" not in c for c in calls[1:])  # restarts resume
     codes = iter([sweep.EXIT_RESTART] * 5)
     calls.clear()
@@ -626,7 +645,7 @@ def test_fp8_family_selection_tables_and_sweep_plan(tmp_path, monkeypatch):
 
 
 def test_fp8_records_build_their_own_table_entries():
-    from codegen.sweep_report import build_table
+    from codegen.tune.report import build_table
 
     base = {"gpu": "G", "E": 2, "N": 128, "K": 128, "m": 8, "status": "ok", "tflops": 1.0, "gbps": 1.0}
     fp8 = heuristic_config(8, "fp8").name
@@ -645,7 +664,7 @@ def test_gpu_measurer_dry_run_on_cpu_fp8(monkeypatch):
         return timing.summarize([5.0, 6.0, 7.0])
 
     monkeypatch.setattr(timing, "time_cuda", fake_time_cuda)
-    measurer = sweep.GpuMeasurer(device="cpu", memory_budget=1 << 22)
+    measurer = sweep.GpuMeasurer(device="cpu", memory_budget=1 << 22, runner=CPU_RUNNER)
     config = heuristic_config(8, "fp8")
     result = measurer(Shape(2, 128, 128), 8, config)
     assert result.median_us == pytest.approx(6.0) and result.rel_error <= 1e-2, result

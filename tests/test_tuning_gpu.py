@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 
-from mxfp4.dispatch import is_sm90
-
-from codegen import sweep, timing, tuning
-from codegen.config import TileConfig
-from codegen.selection import heuristic_config
-from codegen.tuning import Shape
+from codegen.tune import sweep, timing
+from codegen.tune import tables as tuning
+from codegen.tune.selection import heuristic_config
+from codegen.tune.tables import Shape
+from mxfp4.ops.dispatch import is_sm90
 
 pytestmark = [
     pytest.mark.gpu,

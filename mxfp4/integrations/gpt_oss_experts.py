@@ -20,8 +20,9 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
         "pip install 'transformers>=5'"
     ) from error
 
-from ..layout import PackedMXFP4
-from ..moe_layer import moe
+from mxfp4.experts.layer import moe
+from mxfp4.format.layout import PackedMXFP4
+
 from .expert_parallel import local_tensor
 
 IMPLEMENTATION = "hopper_mxfp4"

@@ -5,7 +5,7 @@ The model is built on the meta device (no memory), every tensor the checkpoint m
 against it from the shards' headers before anything is read (name, dtype, shape; errors name the file
 and the tensor), and then, a layer at a time: each non-expert tensor is read from its shard, cast to
 ``dtype`` on the host and copied to ``device``; each expert weight's ``*_blocks`` / ``*_scales`` are
-packed on ``device`` a few experts at a time (``mxfp4.checkpoint.read_moe_layer``: gate_up rows paired
+packed on ``device`` a few experts at a time (``mxfp4.format.checkpoint.read_moe_layer``: gate_up rows paired
 for the fused kernels); the biases stay as stored. So the device never holds more than the finished
 model plus one chunk's packing temporaries, and the host about one tensor.
 
@@ -25,9 +25,21 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, GptOssConfig, GptOssForCausalLM
 
-from ..checkpoint import GPT_OSS_EXPERT_WEIGHTS, check_moe_layer, expert_range, expert_tensor_name, read_moe_layer
-from ..shards import FLOATING, CheckpointError, ShardedCheckpoint
-from .expert_parallel import distribute_meta_model, like_placeholder, local_as_placeholder, local_expert_range
+from mxfp4.format.checkpoint import (
+    GPT_OSS_EXPERT_WEIGHTS,
+    check_moe_layer,
+    expert_range,
+    expert_tensor_name,
+    read_moe_layer,
+)
+from mxfp4.format.shards import FLOATING, CheckpointError, ShardedCheckpoint
+
+from .expert_parallel import (
+    distribute_meta_model,
+    like_placeholder,
+    local_as_placeholder,
+    local_expert_range,
+)
 from .gpt_oss_experts import DENSE_WEIGHTS, install_packed, use_hopper_mxfp4
 
 CALLER = "load_gpt_oss"

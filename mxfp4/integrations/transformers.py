@@ -32,15 +32,21 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
         "pip install 'transformers>=5'"
     ) from error
 
-from ..checkpoint import read_moe_layer
-from ..format import quantize
-from ..gate_up import pack_for_moe
-from ..layout import PackedMXFP4, pack
-from ..shards import ShardedCheckpoint
-from .gpt_oss_experts import (
-    IMPLEMENTATION, hopper_mxfp4_experts_forward, install_packed, is_converted, packed_weight, use_hopper_mxfp4,
-)
+from mxfp4.format.checkpoint import read_moe_layer
+from mxfp4.format.codec import quantize
+from mxfp4.format.gate_up import pack_for_moe
+from mxfp4.format.layout import PackedMXFP4, pack
+from mxfp4.format.shards import ShardedCheckpoint
+
 from .expert_parallel import local_expert_range, local_tensor
+from .gpt_oss_experts import (
+    IMPLEMENTATION,
+    hopper_mxfp4_experts_forward,
+    install_packed,
+    is_converted,
+    packed_weight,
+    use_hopper_mxfp4,
+)
 from .gpt_oss_loader import load_gpt_oss
 
 __all__ = ["IMPLEMENTATION", "convert_gpt_oss", "hopper_mxfp4_experts_forward", "load_gpt_oss"]

@@ -1,0 +1,1 @@
+"""Building a kernel: tile configs, parameter blocks, rendering, NVRTC, the cubin cache, the toolchain, SASS."""

@@ -1,0 +1,294 @@
+"""Tile configurations of the SM90 grouped GEMM: the one place that names and checks them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+
+from mxfp4.format.layout import ATOM_BYTES, ATOM_K, ATOM_N
+
+# Hopper: 228 KB of shared memory per SM, of which one CTA may use 227 KB dynamically; the
+# runtime reserves 1 KB per resident CTA.
+MAX_SHARED_MEMORY = 227 * 1024
+SHARED_MEMORY_PER_SM = 228 * 1024
+RESERVED_SHARED_MEMORY_PER_CTA = 1024
+MAX_THREADS_PER_SM = 2048
+# The kernel keeps a per-expert prefix sum of m-tiles in shared memory.
+MAX_EXPERTS = 1024
+BARRIER_BYTES = 8
+STREAM_K_FLAG_BYTES = 16  # one int per consumer warpgroup (SharedStorage::last_share)
+SMEM_ALIGN = 1024  # 128-byte-swizzled TMA destinations need 1024-byte alignment
+REGISTERS_PER_SM = 65536
+PRODUCER_REGISTERS = 40  # setmaxnreg of the producer warpgroup
+
+# The legal ranges of the config fields, declared once: validation, the CLI help and the tuning
+# search space all read these.
+WARPGROUP_CHOICES = (1, 2, 3, 4)  # consumer warpgroups per CTA
+TILE_M_RANGE = (8, 256)  # WGMMA's N, in steps of 8
+MAX_TILE_K = 512  # the decode loop is unrolled over a stage
+MAX_ATOMS_PER_WARPGROUP = 4  # 64-row blocks of W per consumer warpgroup
+MIN_STAGES = 2
+EPILOGUES = ("store", "swiglu", "scatter")  # templates/mxfp4_epilogue.cuh: Store, SwiGLU, ScaleScatter
+CTAS_PER_SM_CHOICES = (1, 2, 3, 4, 5, 6)  # resident CTAs per SM (light CTAs hide decode latency at small M)
+# Who issues the TMA loads: a whole producer warpgroup (setmaxnreg hands its registers to the
+# consumers) or a single producer warp beside the consumers (no setmaxnreg; a CTA of 128 x wg + 32
+# threads, so more light CTAs fit on an SM).
+PRODUCERS = ("warpgroup", "warp")
+PRODUCER_WARP_THREADS = 32
+# Kernel families by activation type: bf16 (W4A16: E2M1 decoded to bf16, BF16 WGMMA k16) or fp8 (W4A8: e4m3
+# activations with a row scale, the FP8-ready weight layout decoded to e4m3, FP8 WGMMA k32).
+ACTIVATIONS = ("bf16", "fp8")
+FP8_TILE_K = 128  # W4A8: x (1 byte per value) arrives by TMA in 128-byte (128-value) swizzled rows
+
+_NAME = re.compile(
+    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_(fp8))?(?:_(swiglu|scatter))?$"
+)
+
+
+@dataclass(frozen=True, order=True)
+class TileConfig:
+    """One kernel variant. The kernel computes ``out^T tile = W tile . x tile^T``.
+
+    tile_n      weight rows (N) per CTA; a multiple of 64 split over the consumer warpgroups.
+    tile_m      tokens (rows of x) per CTA: WGMMA's N, a multiple of 8 in 8..256.
+    tile_k      K per pipeline stage, a multiple of 64 (one packed atom is 64 deep).
+    stages      depth of the TMA -> shared memory pipeline.
+    warpgroups  consumer warpgroups (each owns tile_n / warpgroups rows); one more produces.
+    ctas_per_sm CTAs resident on each SM (the grid is SMs x ctas_per_sm); shared memory and
+                registers are sized so that they fit together. Names add ``_c<n>`` when n > 1.
+    epilogue    what the consumers do with the accumulators: "store" (the grouped GEMM), "swiglu" (gpt-oss
+                gate_up: bias + clamped SwiGLU on pack-time-paired gate/up rows) or "scatter" (MoE down:
+                bias, routing weight, rows back in token order). Names add ``_<epilogue>`` unless "store".
+    producer    "warpgroup" (a producer warpgroup that gives its registers to the consumers) or "warp"
+                (one producer warp beside them; names add ``_pw``).
+    stream_k    split the K loop of all tiles evenly over the persistent grid (stream-K): every CTA
+                gets the same number of k-steps, so the last wave is never part-empty; a tile split
+                between CTAs is summed in k order by the one that finishes it last (deterministic).
+                Names add ``_sk``.
+    activations the kernel family: "bf16" (W4A16) or "fp8" (W4A8: e4m3 x with one scale per row, weights in
+                the FP8-ready layout decoded to e4m3, FP8 WGMMA; tile_k a multiple of 128). Names add ``_fp8``
+                (before the epilogue's suffix).
+    """
+
+    tile_n: int = 128
+    tile_m: int = 64
+    tile_k: int = 128
+    stages: int = 4
+    warpgroups: int = 2
+    ctas_per_sm: int = 1
+    epilogue: str = "store"
+    producer: str = "warpgroup"
+    stream_k: bool = False
+    activations: str = "bf16"
+
+    @property
+    def name(self) -> str:
+        suffix = f"_c{self.ctas_per_sm}" if self.ctas_per_sm != 1 else ""
+        suffix += "_pw" if self.producer == "warp" else ""
+        suffix += "_sk" if self.stream_k else ""
+        suffix += "_fp8" if self.activations == "fp8" else ""
+        suffix += f"_{self.epilogue}" if self.epilogue != "store" else ""
+        return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}{suffix}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "TileConfig":
+        match = _NAME.match(name)
+        if match is None:
+            raise ValueError(
+                f"config name {name!r} is not of the form "
+                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_pw][_sk][_fp8][_swiglu|_scatter]"
+            )
+        *numbers, ctas, producer_warp, stream_k, fp8, epilogue = match.groups()
+        config = cls(
+            *(int(v) for v in numbers), ctas_per_sm=int(ctas or 1), epilogue=epilogue or "store",
+            producer="warp" if producer_warp else "warpgroup", stream_k=bool(stream_k), activations=fp8 or "bf16",
+        )
+        config.validate()
+        return config
+
+    def as_dict(self) -> dict[str, int | str]:
+        return asdict(self)
+
+    @property
+    def family(self) -> str:
+        """The kernel family in words (``mxfp4.explain`` prints it)."""
+        if self.ctas_per_sm > 1:
+            shape = f"decode: {self.ctas_per_sm} light CTAs per SM, {self.warpgroups} consumer warpgroup(s) each"
+        else:
+            shape = f"warp-specialized: one CTA per SM, {self.warpgroups} consumer warpgroup(s)"
+        shape += ", a producer warp" if self.producer == "warp" else ""
+        shape += ", stream-K" if self.stream_k else ""
+        if self.activations == "fp8":
+            shape = f"W4A8 (e4m3 activations with row scales, E2M1 decoded to e4m3, FP8 WGMMA), {shape}"
+        return shape if self.epilogue == "store" else f"{shape}, {self.epilogue} epilogue"
+
+    # Derived quantities the template and the launcher share.
+    @property
+    def atoms_per_warpgroup(self) -> int:
+        """64-row WGMMA blocks of W each consumer warpgroup owns."""
+        return self.tile_n // (ATOM_N * self.warpgroups)
+
+    @property
+    def k_atoms_per_stage(self) -> int:
+        return self.tile_k // ATOM_K
+
+    def k_steps(self, k_atoms: int) -> int:
+        """Pipeline stages (k-steps) of one tile when K spans ``k_atoms`` packed atoms."""
+        return -(-k_atoms // self.k_atoms_per_stage)
+
+    @property
+    def producer_threads(self) -> int:
+        return PRODUCER_WARP_THREADS if self.producer == "warp" else 128
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.warpgroups + self.producer_threads
+
+    @property
+    def x_element_bytes(self) -> int:
+        return 1 if self.activations == "fp8" else 2
+
+    @property
+    def fragment_registers(self) -> int:
+        """A-fragment registers per 64-row block: two buffers of 4 registers per WGMMA step of an atom
+        (4 k16 steps for bf16, 2 k32 steps for fp8)."""
+        return 2 * 4 * (ATOM_K // (16 if self.activations == "bf16" else 32))
+
+    @property
+    def x_stage_bytes(self) -> int:
+        return self.tile_m * self.tile_k * self.x_element_bytes
+
+    @property
+    def w_stage_bytes(self) -> int:
+        return (self.tile_n // ATOM_N) * self.k_atoms_per_stage * ATOM_BYTES
+
+    @property
+    def shared_memory_bytes(self) -> int:
+        """Dynamic shared memory: pipeline stages, barriers and the expert tile table."""
+        stage = self.x_stage_bytes + self.w_stage_bytes
+        barriers = 2 * self.stages * BARRIER_BYTES
+        table = 4 * (MAX_EXPERTS + 1)
+        return SMEM_ALIGN + self.stages * stage + barriers + STREAM_K_FLAG_BYTES + table
+
+    @property
+    def max_shared_memory_bytes(self) -> int:
+        """What one CTA may use when ``ctas_per_sm`` of them share an SM."""
+        share = SHARED_MEMORY_PER_SM // self.ctas_per_sm - RESERVED_SHARED_MEMORY_PER_CTA
+        return min(MAX_SHARED_MEMORY, share)
+
+    @property
+    def launch_registers(self) -> int:
+        """Registers per thread at launch: what __launch_bounds__(threads, ctas_per_sm) allows, in steps of 8."""
+        return min(256, REGISTERS_PER_SM // (self.threads * self.ctas_per_sm) // 8 * 8)
+
+    @property
+    def uses_setmaxnreg(self) -> bool:
+        """A producer warpgroup hands registers to the consumers; a producer warp cannot (setmaxnreg
+        works on whole warpgroups), so every thread keeps the launch allocation."""
+        return self.producer == "warpgroup"
+
+    @property
+    def consumer_registers(self) -> int:
+        """Registers of each consumer thread: with a producer warpgroup, setmaxnreg's request (the
+        launch pool less the producer's, in steps of 8); with a producer warp, the launch allocation.
+
+        setmaxnreg.inc waits until the CTA's pool has the registers, so asking for more than the
+        launch allocation freed by the producer would hang the kernel.
+        """
+        if not self.uses_setmaxnreg:
+            return self.launch_registers
+        pool = self.launch_registers * self.threads - 128 * PRODUCER_REGISTERS
+        return min(256, pool // (128 * self.warpgroups) // 8 * 8)
+
+    def register_pool_suffices(self, launch_registers: int) -> bool:
+        """Whether a kernel launched with ``launch_registers`` per thread (ptxas's count) leaves
+        the pool that the setmaxnreg requests need; if not, setmaxnreg.inc would wait forever."""
+        if not self.uses_setmaxnreg:
+            return True
+        needed = 128 * PRODUCER_REGISTERS + 128 * self.warpgroups * self.consumer_registers
+        return launch_registers * self.threads >= needed
+
+    @property
+    def accumulators_per_thread(self) -> int:
+        return self.atoms_per_warpgroup * self.tile_m // 2
+
+    def validate(self) -> "TileConfig":
+        """Raise ValueError with the reason when the kernel cannot be built for this config."""
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name in ("epilogue", "activations", "producer"):
+                choices = {"epilogue": EPILOGUES, "activations": ACTIVATIONS, "producer": PRODUCERS}[field.name]
+                if value not in choices:
+                    raise ValueError(f"{field.name}={value!r}: one of {choices}")
+            elif field.name == "stream_k":
+                if not isinstance(value, bool):
+                    raise ValueError(f"stream_k must be a bool, got {value!r}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{field.name} must be a positive int, got {value!r}")
+        low, high = TILE_M_RANGE
+        if self.tile_m % 8 or not low <= self.tile_m <= high:
+            raise ValueError(f"tile_m={self.tile_m}: WGMMA's N must be a multiple of 8 in {low}..{high}")
+        if self.tile_k % ATOM_K:
+            raise ValueError(f"tile_k={self.tile_k}: must be a multiple of {ATOM_K} (the packed atom's depth)")
+        if self.activations == "fp8" and self.tile_k % FP8_TILE_K:
+            raise ValueError(f"tile_k={self.tile_k}: the fp8 family needs a multiple of {FP8_TILE_K} (x arrives in "
+                             "128-byte swizzled rows of 128 e4m3 values)")
+        if self.tile_k > MAX_TILE_K:
+            raise ValueError(f"tile_k={self.tile_k}: at most {MAX_TILE_K} (the decode loop is unrolled over a stage)")
+        if self.warpgroups not in WARPGROUP_CHOICES:
+            raise ValueError(f"warpgroups={self.warpgroups}: one of {WARPGROUP_CHOICES} consumer warpgroups")
+        if self.tile_n % (ATOM_N * self.warpgroups):
+            raise ValueError(
+                f"tile_n={self.tile_n}: must be a multiple of 64 x warpgroups = {ATOM_N * self.warpgroups}"
+            )
+        if self.atoms_per_warpgroup > MAX_ATOMS_PER_WARPGROUP:
+            raise ValueError(f"tile_n={self.tile_n}: at most {MAX_ATOMS_PER_WARPGROUP} blocks of 64 rows per warpgroup")
+        if self.ctas_per_sm not in CTAS_PER_SM_CHOICES:
+            raise ValueError(f"ctas_per_sm={self.ctas_per_sm}: one of {CTAS_PER_SM_CHOICES}")
+        if self.threads * self.ctas_per_sm > MAX_THREADS_PER_SM:
+            raise ValueError(
+                f"{self.ctas_per_sm} CTAs of {self.threads} threads exceed the SM's {MAX_THREADS_PER_SM} threads"
+            )
+        if self.stages < MIN_STAGES:
+            raise ValueError(f"stages={self.stages}: the pipeline needs at least {MIN_STAGES} stages")
+        if self.accumulators_per_thread > 128:
+            raise ValueError(
+                f"tile_n / warpgroups x tile_m = {self.tile_n // self.warpgroups} x {self.tile_m} needs "
+                f"{self.accumulators_per_thread} fp32 accumulators per thread; at most 128 fit in registers"
+            )
+        # Accumulators + two buffers of A fragments + addressing.
+        if self.accumulators_per_thread + self.fragment_registers * self.atoms_per_warpgroup + 40 > self.consumer_registers:
+            raise ValueError(
+                f"{self.accumulators_per_thread} accumulators per thread do not fit in the "
+                f"{self.consumer_registers} registers each of {self.warpgroups} consumer warpgroups gets"
+            )
+        if self.shared_memory_bytes > self.max_shared_memory_bytes:
+            raise ValueError(
+                f"{self.name} needs {self.shared_memory_bytes} bytes of shared memory per CTA, over the "
+                f"{self.max_shared_memory_bytes} each of {self.ctas_per_sm} CTA(s) per SM can have on Hopper; "
+                "use fewer stages, a smaller tile or fewer CTAs per SM"
+            )
+        return self
+
+
+# W4A16 first, then W4A8. Decode (few tokens per expert: memory-bound; three light CTAs per SM, each one consumer warpgroup, so
+# that independent decode -> WGMMA chains hide each other's latency) to prefill (many tokens per
+# expert: tensor-core bound, tile_m 256). From the H100 probes and sweeps (benchmarks/NOTES.md); the
+# shipped tuning table refines the choice per shape.
+DEFAULT_CONFIGS: tuple[TileConfig, ...] = (
+    TileConfig(tile_n=128, tile_m=8, tile_k=128, stages=6, warpgroups=1, ctas_per_sm=3),
+    TileConfig(tile_n=128, tile_m=16, tile_k=128, stages=5, warpgroups=1, ctas_per_sm=3),
+    TileConfig(tile_n=128, tile_m=32, tile_k=256, stages=5, warpgroups=2),
+    TileConfig(tile_n=128, tile_m=64, tile_k=128, stages=7, warpgroups=2),
+    TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=5, warpgroups=2),
+    TileConfig(tile_n=128, tile_m=256, tile_k=64, stages=5, warpgroups=2),
+    # W4A8 (activations="fp8"): the same shapes at half the x bytes per stage (deeper pipelines), tile_k 128.
+    TileConfig(tile_n=128, tile_m=8, tile_k=128, stages=7, warpgroups=1, ctas_per_sm=3, activations="fp8"),
+    TileConfig(tile_n=128, tile_m=16, tile_k=128, stages=6, warpgroups=1, ctas_per_sm=3, activations="fp8"),
+    TileConfig(tile_n=128, tile_m=64, tile_k=128, stages=8, warpgroups=2, activations="fp8"),
+    TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=8, warpgroups=2, activations="fp8"),
+    TileConfig(tile_n=128, tile_m=256, tile_k=128, stages=5, warpgroups=2, activations="fp8"),
+)
+
+for _config in DEFAULT_CONFIGS:
+    _config.validate()

@@ -1,0 +1,270 @@
+"""Load compiled kernels with the CUDA driver API and launch them on torch's current stream.
+
+Nothing here synchronizes with the device or allocates: the caller passes the output, the tensor
+map is encoded on the host, and the launch is captured by CUDA graphs like any other. Loading runs
+once per (device, config) through cuda-bindings; the per-call encode and launch go through
+codegen.runtime.fast_driver, whose plain-integer calls cost a few microseconds.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from cuda.bindings import driver
+
+from codegen.build.config import TileConfig
+from codegen.build.cuda_result import as_text, unwrap
+from codegen.build.params import PARAMS_SIZE, PARAMS_STRUCT
+from codegen.build.render import ENTRY_POINT
+
+from .fast_driver import (
+    TMA_BFLOAT16,
+    TMA_UINT8,
+    DriverError,
+    encode_2d_map,
+    launch,
+    memset_d32,
+    params_buffer,
+)
+
+_X_ROW_BYTES = 128  # one 128-byte swizzled row of x: 64 bf16 or 128 e4m3 values
+
+
+def check(result: tuple, what: str):
+    """Unwrap a cuda.bindings ``(CUresult, *values)`` tuple, raising with the driver's error name."""
+
+    def error(status) -> DriverError:
+        _, name = driver.cuGetErrorName(status)
+        _, text = driver.cuGetErrorString(status)
+        return DriverError(f"{what} failed: {as_text(name)} ({as_text(text)})")
+
+    return unwrap(result, driver.CUresult.CUDA_SUCCESS, error)
+
+
+@dataclass(frozen=True)
+class LoadedKernel:
+    config: TileConfig
+    module: driver.CUmodule
+    function: driver.CUfunction
+    shared_memory: int
+    max_ctas: int  # SMs x ctas_per_sm: the persistent grid's size
+    function_handle: int  # the CUfunction as an integer, for the ctypes launch
+    threads: int
+    name: str
+
+
+_loaded: dict[tuple[int, str], LoadedKernel] = {}
+_lock = threading.Lock()
+
+
+def _make_context_current(device: torch.device) -> None:
+    """Make the device's primary context (the one torch uses) current on this thread."""
+    torch.cuda.init()
+    check(driver.cuInit(0), "cuInit")
+    current = check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    cu_device = check(driver.cuDeviceGet(device.index), "cuDeviceGet")
+    primary = check(driver.cuDevicePrimaryCtxRetain(cu_device), "cuDevicePrimaryCtxRetain")
+    if int(current) != int(primary):
+        check(driver.cuCtxSetCurrent(primary), "cuCtxSetCurrent")
+
+
+def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory: int,
+                  name: str) -> tuple[driver.CUmodule, driver.CUfunction]:
+    """Load ``cubin`` into ``device``'s primary context and return its ``entry`` function, with the
+    dynamic shared-memory limit raised to ``shared_memory`` bytes."""
+    with torch.cuda.device(device):
+        _make_context_current(device)
+        module = check(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({name})")
+        function = check(driver.cuModuleGetFunction(module, entry.encode()), f"cuModuleGetFunction({name})")
+        check(
+            driver.cuFuncSetAttribute(
+                function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_memory
+            ),
+            f"raising the shared-memory limit of {name} to {shared_memory} bytes",
+        )
+    return module, function
+
+
+def load(config: TileConfig, device: torch.device) -> LoadedKernel:
+    """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached."""
+    key = (device.index, config.name)
+    kernel = _loaded.get(key)
+    if kernel is not None:
+        return kernel
+    with _lock:
+        kernel = _loaded.get(key)
+        if kernel is None:
+            from codegen.build.compiler import compile_kernel
+
+            compiled = compile_kernel(config)
+            if not config.register_pool_suffices(compiled.resources.registers):
+                raise RuntimeError(
+                    f"{config.name}: compiled with {compiled.resources.registers} registers per thread, too few "
+                    f"for setmaxnreg to give {config.warpgroups} consumer warpgroups {config.consumer_registers} "
+                    "each; refusing to launch a kernel that would hang"
+                )
+            module, function = load_function(compiled.cubin, ENTRY_POINT, device, config.shared_memory_bytes, config.name)
+            multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+            kernel = LoadedKernel(config, module, function, config.shared_memory_bytes,
+                                  multiprocessors * config.ctas_per_sm, int(function), config.threads, config.name)
+            _loaded[key] = kernel
+    return kernel
+
+
+@dataclass(frozen=True)
+class EpilogueArgs:
+    """The tensors and numbers an epilogue other than "store" reads (validated by the caller).
+
+    bias: bf16 [E, C] or None (SwiGLU: C = N in the original interleaved gate/up order; ScaleScatter:
+    C = N); row_scale: fp32 [rows of x]; row_dest: int32 [rows of x] (ScaleScatter); alpha, limit (SwiGLU).
+    x_scale: fp32 [rows of x] or None (FP8 activations, any epilogue: every accumulator is first multiplied
+    by its row's x_scale and, with w_scale (fp32 [E, N padded to 64]: the FP8-ready weights' row scales), by
+    its weight row's).
+    """
+
+    bias: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None
+    row_dest: torch.Tensor | None = None
+    alpha: float = 1.702
+    limit: float = 7.0
+    x_scale: torch.Tensor | None = None
+    w_scale: torch.Tensor | None = None
+
+    def pointers(self) -> tuple[int, int, int, int]:
+        """(bias, row_scale, row_dest, bias_stride) as the parameter block takes them."""
+        address = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+        stride = self.bias.shape[-1] if self.bias is not None else 0
+        return address(self.bias), address(self.row_scale), address(self.row_dest), stride
+
+    def scale_pointers(self) -> tuple[int, int, int]:
+        """(x_scale, w_scale, w_scale_stride) as the parameter block takes them."""
+        address = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+        stride = self.w_scale.shape[-1] if self.w_scale is not None else 0
+        return address(self.x_scale), address(self.w_scale), stride
+
+
+_NO_EPILOGUE = EpilogueArgs()
+
+
+# Descriptors of recent x tensors: a pure function of (address, rows, K, tile_m, element size), so an entry
+# can never be stale; steady-state loops reuse the caching allocator's addresses and skip the encode.
+_X_MAPS: dict[tuple[int, int, int, int, int], bytes] = {}
+_X_MAPS_LIMIT = 256
+
+
+def encode_x_map(address: int, rows: int, k: int, tile_m: int, element_bytes: int = 2) -> bytes:
+    """TMA descriptor of x as [rows, K] bf16 (``element_bytes`` 2) or e4m3 (1, as uint8), boxes of tile_m rows
+    x 128 bytes, 128-byte swizzle."""
+    key = (address, rows, k, tile_m, element_bytes)
+    tensor_map = _X_MAPS.get(key)
+    if tensor_map is None:
+        data_type = TMA_BFLOAT16 if element_bytes == 2 else TMA_UINT8
+        tensor_map = encode_2d_map(address, rows, k, k * element_bytes, _X_ROW_BYTES // element_bytes, tile_m,
+                                        data_type)
+        with _lock:
+            while len(_X_MAPS) >= _X_MAPS_LIMIT:
+                _X_MAPS.pop(next(iter(_X_MAPS)))  # oldest first (dicts keep insertion order)
+            _X_MAPS[key] = tensor_map
+    return tensor_map
+
+
+def tile_bound(config: TileConfig, *, rows: int, num_experts: int, n: int, masked: bool, max_m: int) -> int:
+    """The most tiles the routing can produce (the device counts the real number)."""
+    n_tiles = -(-n // config.tile_n)
+    if masked:
+        m_tiles = num_experts * -(-max_m // config.tile_m)
+    else:  # each expert adds at most one partial tile to rows / tile_m
+        m_tiles = rows // config.tile_m + num_experts
+    return m_tiles * n_tiles
+
+
+def grid_size(config: TileConfig, kernel: LoadedKernel, tiles: int, k_atoms: int) -> int:
+    """CTAs to launch: ctas_per_sm per SM, fewer when the work cannot keep that many busy (a tile each,
+    or with stream-K a k-step each)."""
+    work = tiles * config.k_steps(k_atoms) if config.stream_k else tiles
+    return max(1, min(kernel.max_ctas, work))
+
+
+# The stream-K split runs in 32-bit arithmetic (templates/mxfp4_scheduler.cuh, StreamKSplit).
+STREAM_K_MAX_STEPS = 2**31 - 2**20
+
+
+def stream_k_sizes(config: TileConfig, grid: int, tiles: int, k_atoms: int) -> tuple[int, int, int]:
+    """(tile counters, their bytes rounded up to 256, bytes of the fp32 partials) of a stream-K launch
+    (mxfp4_stream_k.cuh has the layout); ValueError when the split would overflow its 32-bit arithmetic."""
+    steps = tiles * config.k_steps(k_atoms)
+    if steps + grid > STREAM_K_MAX_STEPS:
+        raise ValueError(
+            f"config {config.name}: stream-K splits at most {STREAM_K_MAX_STEPS} k-steps, and this problem can have "
+            f"{steps}; pick a config without _sk (stream-K is for decode-sized problems)"
+        )
+    counters = tiles * config.warpgroups
+    partial_bytes = 2 * grid * config.warpgroups * config.accumulators_per_thread * 128 * 4
+    return counters, -(-counters * 4 // 256) * 256, partial_bytes
+
+
+def stream_k_workspace(config: TileConfig, grid: int, tiles: int, k_atoms: int,
+                       device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """(buffer, workspace address, counters address) for a stream-K launch, the counters zeroed on the
+    current stream. A fresh buffer from torch's stream-ordered allocator per call, so concurrent
+    streams and CUDA graphs never share one (mxfp4_stream_k.cuh has the layout)."""
+    counters, counter_bytes, partial_bytes = stream_k_sizes(config, grid, tiles, k_atoms)
+    buffer = torch.empty(counter_bytes + partial_bytes, dtype=torch.uint8, device=device)
+    address = buffer.data_ptr()
+    memset_d32(address, 0, counters, torch._C._cuda_getCurrentRawStream(device.index))
+    return buffer, address + counter_bytes, address
+
+
+def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows: torch.Tensor,
+                    masked: bool, config: TileConfig, out: torch.Tensor,
+                    epilogue: EpilogueArgs = _NO_EPILOGUE) -> None:
+    """Launch the SM90 kernel: ``out[rows of e] = x[rows of e] @ W_e^T`` for every expert e.
+
+    x: bf16 contiguous ``[T, K]`` (contiguous mode) or ``[E, max_m, K]`` (masked mode); float8_e4m3fn for a
+    W4A8 config (``config.activations == "fp8"``, with ``epilogue.x_scale`` and ``epilogue.w_scale``);
+    w_data: ``PackedMXFP4.data``; rows: ``offsets`` [E+1] or ``masked_m`` [E], int32 or int64;
+    out: bf16 ``[T, N]`` or ``[E, max_m, N]`` (``[T, N / 2]`` for the SwiGLU epilogue, scattered
+    rows for ScaleScatter). ``epilogue`` carries what ``config.epilogue`` reads. Inputs are validated
+    by the caller (mxfp4.ops.grouped_gemm, mxfp4.experts.layer).
+    """
+    total_rows = x.numel() // k
+    if total_rows == 0 or n == 0:
+        return
+    x_address = x.data_ptr()
+    element_bytes = config.x_element_bytes
+    if x.element_size() != element_bytes:
+        raise ValueError(f"x: {config.name} reads {element_bytes}-byte values, x is {x.dtype}")
+    if (config.activations == "fp8") != (epilogue.w_scale is not None and epilogue.x_scale is not None):
+        raise ValueError(f"{config.name}: the W4A8 family needs x_scale and w_scale, and only it takes w_scale")
+    if x_address % 16 or (k * element_bytes) % 16:
+        raise ValueError("x: the TMA engine needs a 16-byte aligned base address and row pitch")
+    num_experts, n_atoms, k_atoms, _ = w_data.shape
+    max_m = x.shape[1] if masked else 0
+    device = x.device.index
+    kernel = load(config, x.device)  # a dict hit after the first call
+    x_map = encode_x_map(x_address, total_rows, k, config.tile_m, element_bytes)
+    bias, row_scale, row_dest, bias_stride = epilogue.pointers()
+    tiles = tile_bound(config, rows=total_rows, num_experts=num_experts, n=n, masked=masked, max_m=max_m)
+    grid = grid_size(config, kernel, tiles, k_atoms)
+    workspace = counters = 0
+    if config.stream_k:  # `buffer` lives until the launch is enqueued; the allocator orders its reuse
+        buffer, workspace, counters = stream_k_workspace(config, grid, tiles, k_atoms, x.device)
+    PARAMS_STRUCT.pack_into(
+        params_buffer(PARAMS_SIZE), 0, x_map, w_data.data_ptr(), out.data_ptr(), rows.data_ptr(),
+        num_experts, n, n_atoms, k_atoms, max_m, total_rows, int(masked), int(rows.dtype == torch.int64),
+        bias, row_scale, row_dest, n // 2 if config.epilogue == "swiglu" else n, bias_stride,
+        epilogue.alpha, epilogue.limit, *epilogue.scale_pointers(), workspace, counters,
+    )
+    launch_on(device, kernel.function_handle, grid, kernel.threads, kernel.shared_memory, kernel.name)
+
+
+def launch_on(device: int, function: int, grid: int, threads: int, shared_memory: int, name: str) -> None:
+    """Launch ``function`` (its parameters already in this thread's buffer) on torch's current stream
+    of ``device``, making that device current for the call if it is not (its module lives there)."""
+    if torch._C._cuda_getDevice() == device:
+        launch(function, grid, threads, shared_memory, torch._C._cuda_getCurrentRawStream(device), name)
+        return
+    with torch.cuda.device(device):
+        launch(function, grid, threads, shared_memory, torch._C._cuda_getCurrentRawStream(device), name)

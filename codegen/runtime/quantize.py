@@ -1,0 +1,80 @@
+"""The activation quantizer kernel of ``mxfp4.quantize_activations`` on SM90: bf16 rows -> e4m3 + a float32 scale.
+
+``quantize_fp8_sm90(x, out, scale)`` launches one NVRTC-compiled kernel (templates/mxfp4_quantize_fp8.cuh: a
+warp per row) on torch's current stream: no host sync, no allocation, so it captures into CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+import torch
+
+from codegen.build.params import ParamBlock, ParamField
+
+from .fast_driver import params_buffer
+
+QUANTIZE_TEMPLATE = "quantize_fp8.cu.j2"
+QUANTIZE_ENTRY = "mxfp4_quantize_fp8"
+QUANTIZE_THREADS = 128  # four warps, one row each
+ROWS_PER_BLOCK = QUANTIZE_THREADS // 32
+
+QUANTIZE_PARAMS = ParamBlock((
+    ParamField("x", "uint16_t const*", "Q", 8, "bf16 [rows, k]"),
+    ParamField("out", "uint8_t*", "Q", 8, "out: e4m3 [rows, k]"),
+    ParamField("scale", "float*", "Q", 8, "out: float32 scale per row"),
+    ParamField("rows", "int32_t", "i", 4, "rows of x"),
+    ParamField("k", "int32_t", "i", 4, "values per row"),
+    ParamField("vectorized", "int32_t", "i", 4, "1: k % 8 == 0 and x, out 16-byte aligned (16-byte loads)"),
+))
+_QUANTIZE_STRUCT = QUANTIZE_PARAMS.struct
+
+
+def render_quantize() -> str:
+    """CUDA C++ source of the quantizer kernel."""
+    from codegen.build.render import render_param_kernel
+
+    return render_param_kernel(QUANTIZE_TEMPLATE, QUANTIZE_PARAMS, QUANTIZE_THREADS, QUANTIZE_ENTRY)
+
+
+@lru_cache(maxsize=1)
+def compiled_quantize():
+    """The quantizer's cubin (NVRTC, disk-cached like every kernel)."""
+    from codegen.build.compiler import compile_source
+
+    return compile_source(render_quantize(), "quantize_fp8", entry=QUANTIZE_ENTRY)
+
+
+_functions: dict[int, int] = {}  # device index -> CUfunction handle
+_modules: dict[int, object] = {}  # keeps each loaded module alive
+_lock = threading.Lock()
+
+
+def _function(device: torch.device) -> int:
+    handle = _functions.get(device.index)
+    if handle is None:
+        with _lock:
+            if device.index not in _functions:
+                from .launch import load_function
+
+                module, function = load_function(compiled_quantize().cubin, QUANTIZE_ENTRY, device, 0, "quantize_fp8")
+                _modules[device.index], _functions[device.index] = module, int(function)
+            handle = _functions[device.index]
+    return handle
+
+
+def quantize_fp8_sm90(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
+    """Quantize the rows of x (bf16, contiguous, last dim K) into ``out`` (float8_e4m3fn, x's shape) and
+    ``scale`` (float32, x.shape[:-1]); inputs are validated by the caller (mxfp4.ops.activations)."""
+    k = x.shape[-1]
+    rows = x.numel() // k
+    if rows == 0:
+        return
+    vectorized = k % 8 == 0 and x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
+    _QUANTIZE_STRUCT.pack_into(params_buffer(QUANTIZE_PARAMS.size), 0, x.data_ptr(), out.data_ptr(), scale.data_ptr(),
+                               rows, k, int(vectorized))
+    from .launch import launch_on
+
+    blocks = -(-rows // ROWS_PER_BLOCK)
+    launch_on(x.device.index, _function(x.device), blocks, QUANTIZE_THREADS, 0, "quantize_fp8")

@@ -1,0 +1,1 @@
+"""The MXFP4 format: the tensor, quantize/dequantize, the packed layouts, checkpoints (torch only)."""

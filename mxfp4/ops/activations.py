@@ -1,0 +1,88 @@
+"""FP8 activations for the W4A8 path: ``mxfp4.quantize_activations`` (the torch op ``mxfp4::quantize_activations``).
+
+Each row of x (a token) gets one float32 scale and e4m3 values::
+
+    amax     = max |x[r, :]|                               (exact: bf16 values in float32)
+    scale[r] = amax / 448      (float32, rounded once; 1.0 for an all-zero row)
+    x_fp8    = e4m3(clamp(x / scale[r], -448, 448))        (x / scale rounded once in float32, then to
+                                                            e4m3, nearest even)
+
+so that ``x ~= x_fp8 * scale`` (448 is e4m3's largest finite value: each row's largest magnitude lands on
+it). The SM90 path runs one NVRTC-compiled kernel (templates/mxfp4_quantize_fp8.cuh: one warp per row,
+two passes over the row, the second from L1/L2); every other device runs the same arithmetic as a torch
+composition (:func:`quantize_activations_reference`, one fused kernel under ``torch.compile``). Both
+round at the same points, so they agree bit for bit. x must be finite (an Inf or NaN makes its row NaN;
+nothing checks, since a check would read the device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import SM90, select_path
+from .grouped_gemm import inference_only_backward, runs_directly
+
+FP8_MAX = 448.0  # e4m3's largest finite magnitude
+
+
+def _check_x(x: object) -> torch.Tensor:
+    op = "quantize_activations"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"{op}: x must be bfloat16, got {x.dtype}")
+    if x.dim() not in (2, 3) or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be [T, K] or [E, max_m, K] with K > 0, got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{op}: x must be contiguous; pass x.contiguous()")
+    return x
+
+
+def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantizer as torch ops (any device): (e4m3 ``x.shape``, float32 ``x.shape[:-1]``)."""
+    values = x.float()
+    amax = values.abs().amax(dim=-1)
+    # amax / 448 as a true division: torch divides a CUDA tensor by a Python number as a multiply by its
+    # reciprocal, which rounds differently from the kernel's division in some rows.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
+    quantized = (values / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return quantized, scale
+
+
+def _quantize_impl(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_x(x)
+    if x.numel() == 0 or select_path(x.device).path != SM90:
+        return quantize_activations_reference(x)
+    from codegen.runtime.quantize import (
+        quantize_fp8_sm90,  # lazy: CPU machines never import cuda-python
+    )
+
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    quantize_fp8_sm90(x, out, scale)
+    return out, scale
+
+
+_quantize_op = torch.library.custom_op("mxfp4::quantize_activations", mutates_args=())(_quantize_impl)
+
+
+@_quantize_op.register_fake
+def _quantize_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_x(x)
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+_quantize_op.register_autograd(inference_only_backward("quantize_activations"))
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x bf16 ``[T, K]`` (or ``[E, max_m, K]``) -> (x_fp8 float8_e4m3fn, same shape; x_scale float32 ``[T]``
+    (``[E, max_m]``)), one scale per row, ``x ~= x_fp8 * x_scale[..., None]`` (see the module docstring).
+
+    Feed the pair to ``mxfp4.grouped_mm(x_fp8, w, offsets, x_scale=x_scale)`` (or the masked variant).
+    One kernel on SM90; no host sync; ``torch.compile(fullgraph=True)`` and CUDA graphs see one op.
+    """
+    _check_x(x)
+    if runs_directly(x):
+        return _quantize_impl(x)
+    return torch.ops.mxfp4.quantize_activations(x)
