@@ -28,7 +28,7 @@ from .problems import (
     parse_int_list,
 )
 
-SUITES = ("grouped", "host", "host-cpu", "fallback", "moe", "fp8", "ncu-case", "e2e")
+SUITES = ("grouped", "host", "host-cpu", "fallback", "moe", "fp8", "ncu-case", "waits", "e2e")
 PROG = "hopper-mxfp4 bench"
 
 DESCRIPTION = (
@@ -48,7 +48,9 @@ EPILOG = """suites:
   moe        the gpt-oss-20b expert layer: mxfp4.moe, the unfused mxfp4 glue, the bf16 torch layer, transformers
   fp8        FP8 activations: our W4A8 vs our W4A16, torch._scaled_grouped_mm (FP8 weights), bf16 torch._grouped_mm
              and humming's FP8 input path, TFLOP/s and percent of the FP8 peak; then the accuracy table
-  ncu-case   one M=1 gate_up call of ours and humming in NVTX ranges "ours/" and "humming/" (run under ncu)
+  waits      which side of the pipeline waits: the wait-probe build of the op's config per projection and M
+  ncu-case   one call of ours and of humming per projection and M (default gate_up, M=1) in NVTX ranges
+             "ours/" and "humming/" (run under ncu)
   e2e        gpt-oss as a model: a synthetic MXFP4 checkpoint at the real dimensions, load_gpt_oss (time,
              peak GPU memory), decode tokens/s eager and compiled, beside transformers' bf16 experts
 
@@ -76,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"host, host-cpu: {','.join(map(str, HOST_MOE_TOKENS))})")
     parser.add_argument("--moe-only", action="store_true", help="host: only the mxfp4.moe rows")
     parser.add_argument("--routing", choices=("uniform", "zipf", "both"), default="both", help="routings (default both)")
+    parser.add_argument("--projections", default="gate_up", metavar="P,...",
+                        help="ncu-case, waits: the projections, gate_up and/or down (default gate_up)")
     parser.add_argument("--no-humming", action="store_true", help="leave humming out (grouped, host, fp8, ncu-case)")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay times")
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG")
@@ -120,7 +124,7 @@ def m_values_for(args: argparse.Namespace) -> list[int]:
         from .e2e_options import DEFAULT_BATCHES
 
         return parse_int_list(args.batch, DEFAULT_BATCHES, name="--batch")
-    defaults = {"fallback": FALLBACK_M_VALUES, "host": (1, 16), "ncu-case": (1,),
+    defaults = {"fallback": FALLBACK_M_VALUES, "host": (1, 16), "ncu-case": (1,), "waits": (1, 16),
                 "fp8": FP8_QUICK_M_VALUES if args.quick else FP8_M_VALUES}
     default = defaults.get(args.suite, QUICK_M_VALUES if args.quick else M_VALUES)
     return parse_int_list(args.m, default, name="--m")
@@ -142,6 +146,8 @@ def _suite(name: str) -> Callable[[argparse.Namespace, list[int]], int]:
         from .e2e import run
     elif name == "fp8":
         from .bench_fp8 import run
+    elif name == "waits":
+        from .waits import run
     else:
         from .ncu_case import run
     return run

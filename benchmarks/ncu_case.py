@@ -1,5 +1,7 @@
-"""The Nsight Compute case: one M = 1 gate_up call of ours and of humming, each inside an NVTX
-range ("ours/", "humming/"), for gpt-oss-20b and -120b (``--model``). Run it under ncu, e.g.
+"""The Nsight Compute case: one call of ours and of humming per (projection, M), each inside an NVTX range
+("ours/", "humming/"), for gpt-oss-20b and -120b (``--model``), gate_up by default (``--projections gate_up,down``
+adds down), M = 1 by default (``--m 1,16``). The profiled kernels come in the order the log prints. Run it under
+ncu, e.g.
 
     ncu --clock-control none --nvtx --nvtx-include "ours/" --section SpeedOfLight ... \\
         python3 -m codegen bench ncu-case --model gpt-oss-20b
@@ -30,27 +32,36 @@ def profile_once(name: str, prepared: peers.Prepared) -> None:
     torch.cuda.nvtx.range_pop()
 
 
-def run_model(model: str, args: argparse.Namespace, m: int) -> None:
+def run_model(model: str, projection: str, args: argparse.Namespace, m_values: list[int]) -> None:
     from codegen.tune.sweep import random_weights
 
-    shape = MODEL_SHAPES[model]["gate_up"]
+    shape = MODEL_SHAPES[model][projection]
     packed, dequantized = random_weights(shape, torch.device("cuda"), seed=args.seed)
-    ops = operands(make_row(model, "gate_up", shape, "uniform", m), packed, dequantized, seed=args.seed)
-    ops.budget = 0
     paths: dict[str, Any] = {"ours": peers.prepare_ours, "humming": peers.prepare_humming}
-    for name, prepare in paths.items():
-        if name == "humming" and args.no_humming:
-            continue
-        try:
-            profile_once(name, prepare(ops))
-            print(f"ncu-case: {model} gate_up M={m}: profiled {name}")
-        except Exception as error:
-            print(f"ncu-case: {model} gate_up M={m}: {name} failed: {type(error).__name__}: {error}", file=sys.stderr)
-    del packed, dequantized, ops
+    for m in m_values:
+        ops = operands(make_row(model, projection, shape, "uniform", m), packed, dequantized, seed=args.seed)
+        ops.budget = 0
+        for name, prepare in paths.items():
+            if name == "humming" and args.no_humming:
+                continue
+            try:
+                profile_once(name, prepare(ops))
+                print(f"ncu-case: {model} {projection} M={m}: profiled {name} (weights {shape.num_experts * shape.n * shape.k})")
+            except Exception as error:
+                print(f"ncu-case: {model} {projection} M={m}: {name} failed: {type(error).__name__}: {error}",
+                      file=sys.stderr)
+        del ops
+    del packed, dequantized
     torch.cuda.empty_cache()
 
 
 def run(args: argparse.Namespace, m_values: list[int]) -> int:
+    projections = [p for p in args.projections.split(",") if p]
+    unknown = sorted(set(projections) - {"gate_up", "down"})
+    if unknown:
+        print(f"bench ncu-case: error: --projections {args.projections!r}: give gate_up and/or down", file=sys.stderr)
+        return 2
     for model in args.model or sorted(MODEL_SHAPES):
-        run_model(model, args, m_values[0])
+        for projection in projections:
+            run_model(model, projection, args, m_values)
     return 0

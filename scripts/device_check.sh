@@ -8,6 +8,7 @@
 # Steps: tests sanitize example tune tuning-test | bench (quick, with humming) bench-full (gpt-oss-20b,
 # every M) bench-120b | host | moe-host (mxfp4.moe's eager host us, T = 1, 8, 64, vs <= 60) | fallback | moe
 # | fp8 (W4A8 vs W4A16, torch FP8, bf16, humming FP8; accuracy table; FP8_ARGS overrides its arguments) | ncu
+# (NCU_MODELS, NCU_ARGS) | waits (which side of the pipeline waits; WAITS_ARGS)
 # | e2e. One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu and each e2e model
 # in a call of their own.
 # e2e: E2E_MODELS (default gpt-oss-20b; or gpt-oss-120b), E2E_ARGS (more bench flags, e.g. "--modes eager"),
@@ -60,13 +61,17 @@ smoke=${PIPESTATUS[0]}
 note "smoke (one small problem per config): exit $smoke"
 if [ "$smoke" -ne 0 ]; then finish; exit 1; fi
 
-# ncu_run MODEL PATH: one profiled M=1 gate_up call, exported, then its raw page as CSV.
+# ncu_run MODEL PATH: ours' or humming's calls of `bench ncu-case` (NCU_ARGS: e.g. "--projections gate_up,down
+# --m 1,16"; default one M=1 gate_up call), exported, then the raw page as CSV (one row per profiled kernel).
 ncu_run() {
   local model=$1 path=$2 rep="$LOGS/ncu/$1-$2" extra=()
   [ "$path" = ours ] && extra=(--no-humming)
-  timeout 240 ncu --clock-control none --nvtx --nvtx-include "$path/" --section SpeedOfLight \
+  # shellcheck disable=SC2086
+  timeout "${NCU_TIMEOUT:-240}" ncu --clock-control none --nvtx --nvtx-include "$path/" --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section LaunchStats \
-    --section Occupancy -f --export "$rep" python3 -m codegen bench ncu-case --model "$model" "${extra[@]}" \
+    --section Occupancy --section InstructionStats \
+    --metrics smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,smsp__inst_executed_op_shared_ld.sum \
+    -f --export "$rep" python3 -m codegen bench ncu-case --model "$model" "${extra[@]}" ${NCU_ARGS:-} \
     > "$rep.log" 2>&1
   note "ncu $model $path: exit $?"
   ncu --import "$rep.ncu-rep" --csv --page raw > "$rep.csv" 2>> "$rep.log"
@@ -176,11 +181,20 @@ for step in "${steps[@]}"; do
       ;;
     ncu)
       mkdir -p "$LOGS/ncu"
-      for model in gpt-oss-20b gpt-oss-120b; do for path in ours humming; do ncu_run "$model" "$path"; done; done
-      python3 scripts/ncu_summary.py "ours 20b=$LOGS/ncu/gpt-oss-20b-ours.csv" "humming 20b=$LOGS/ncu/gpt-oss-20b-humming.csv" \
-        "ours 120b=$LOGS/ncu/gpt-oss-120b-ours.csv" "humming 120b=$LOGS/ncu/gpt-oss-120b-humming.csv" \
-        2>&1 | tee "$LOGS/ncu-summary.txt"
-      { echo "== ncu (M=1 gate_up)"; cat "$LOGS/ncu-summary.txt"; echo; } >> "$LOGS/summary.txt"
+      models=${NCU_MODELS:-gpt-oss-20b gpt-oss-120b}
+      args=()
+      for model in $models; do for path in ours humming; do
+        ncu_run "$model" "$path"; args+=("${path} ${model#gpt-oss-}=$LOGS/ncu/$model-$path.csv")
+      done; done
+      python3 scripts/ncu_summary.py "${args[@]}" 2>&1 | tee "$LOGS/ncu-summary.txt"
+      { echo "== ncu (${NCU_ARGS:-M=1 gate_up})"; cat "$LOGS/ncu-summary.txt"; echo; } >> "$LOGS/summary.txt"
+      ;;
+    waits)
+      # Issue 21: which side of the pipeline waits (the wait-probe build of the op's configs), 20b gate_up + down.
+      # shellcheck disable=SC2086
+      bench "${WAITS_TIMEOUT:-240}" waits ${WAITS_ARGS:---model gpt-oss-20b --projections gate_up,down --m 1,16} 2>&1 \
+        | tee "$LOGS/waits.txt"
+      note "waits (producer vs consumer waits): exit ${PIPESTATUS[0]}"; table "$LOGS/waits.txt" "waits"
       ;;
     example)
       # The README's main job: generate + compile the default kernels, then the op on an example.

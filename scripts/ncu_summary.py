@@ -25,6 +25,10 @@ COLUMNS = {
     "DRAM bytes/s": "dram__bytes.sum.per_second",
     "issue busy %": "smsp__issue_active.avg.pct_of_peak_sustained_active",
     "issued/sched/cycle": "smsp__issue_active.avg.per_cycle_active",
+    "warp insts": "smsp__inst_executed.sum",
+    "LDS warp insts": "smsp__inst_executed_op_shared_ld.sum",
+    "SM clock/s": "sm__cycles_elapsed.avg.per_second",
+    "duration": "gpu__time_duration.sum",
 }
 
 

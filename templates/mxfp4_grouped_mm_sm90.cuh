@@ -31,6 +31,7 @@
 #include "mxfp4_row_scales.cuh"
 #include "mxfp4_scheduler.cuh"
 #include "mxfp4_stream_k.cuh"
+#include "mxfp4_wait_probe.cuh"
 
 namespace mxfp4 {
 
@@ -131,6 +132,7 @@ template <class Cfg, class Params>
 __device__ __forceinline__ void produce(Params const& p, SharedStorage<Cfg> const& s, int n_tiles, int total_tiles) {
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
   RingPosition ring;
+  WaitProbe probe(true);
   int const k_tiles = (p.k_atoms + Cfg::AtomsK - 1) / Cfg::AtomsK;
   WorkCursor<Cfg::StreamK> work(total_tiles, k_tiles);
   WorkUnit unit;
@@ -143,7 +145,10 @@ __device__ __forceinline__ void produce(Params const& p, SharedStorage<Cfg> cons
     for (int kt = unit.k_begin; kt < unit.k_end; ++kt) {
       int const k_atom0 = kt * Cfg::AtomsK;
       int const k_atoms_here = min(Cfg::AtomsK, p.k_atoms - k_atom0);
+      long long const waited_from = probe.now();
       Barrier::wait(&s.empty[ring.slot], ring.phase ^ 1u);
+      probe.template add_since<kProbeProducerEmpty>(waited_from);
+      probe.template count<kProbeProducerStages>();
       // Out-of-range x boxes are zero-filled by TMA and still count their full size.
       Barrier::arrive_and_expect_tx(&s.full[ring.slot],
                                     Cfg::XStageBytes + n_atoms_here * k_atoms_here * kAtomBytes);
@@ -163,6 +168,7 @@ __device__ __forceinline__ void produce(Params const& p, SharedStorage<Cfg> cons
       ring.advance<Cfg::Stages>();
     }
   }
+  probe.template flush<kProbeProducerCycles>();
 }
 
 template <class Cfg>
@@ -242,7 +248,7 @@ struct ConsumerState {
 template <int Buf0, class Cfg>
 __device__ __forceinline__ void consume_stage(ConsumerState<Cfg>& st, uint8_t const* x_slot, uint8_t const* w_slot,
                                               int chunks, int tid, bool release_previous,
-                                              uint64_t* previous_empty) {
+                                              uint64_t* previous_empty, WaitProbe& probe) {
 #pragma unroll
   for (int c = 0; c < Cfg::AtomsK; ++c) {
     if (c < chunks) {
@@ -255,7 +261,9 @@ __device__ __forceinline__ void consume_stage(ConsumerState<Cfg>& st, uint8_t co
         st.template decode_chunk<1>(w_slot + c * kAtomBytes, tid);
         st.template issue_chunk<1>(x_chunk, step0);
       }
+      long long const waited_from = probe.now();
       cute::warpgroup_wait<1>();
+      probe.template add_since<kProbeConsumerMma>(waited_from);
       if (c == 0 && release_previous) {
         // The last chunk of the previous stage has completed: hand its slot back (one arrival per warp).
         __syncwarp();
@@ -303,6 +311,7 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
   ConsumerState<Cfg> st;
   RingPosition ring;
+  WaitProbe probe(tid == 0);
   int const k_tiles = (p.k_atoms + Cfg::AtomsK - 1) / Cfg::AtomsK;
   int const atom_offset = consumer * Cfg::AtomsPerWarpgroup * Cfg::AtomsK * kAtomBytes;
   WorkCursor<Cfg::StreamK> work(total_tiles, k_tiles);
@@ -317,15 +326,18 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
     int previous_slot = 0;
     for (int kt = unit.k_begin; kt < unit.k_end; ++kt) {
       int const chunks = min(Cfg::AtomsK, p.k_atoms - kt * Cfg::AtomsK);
+      long long const waited_from = probe.now();
       Barrier::wait(&s.full[ring.slot], ring.phase);
+      probe.template add_since<kProbeConsumerFull>(waited_from);
+      probe.template count<kProbeConsumerStages>();
       uint8_t const* x_slot = s.x + ring.slot * Cfg::XStageBytes;
       uint8_t const* w_slot = s.w + ring.slot * Cfg::WStageBytes + atom_offset;
       bool const release_previous = kt > unit.k_begin;
       // With an odd number of chunks per stage, odd stages start on register buffer 1.
       if ((Cfg::AtomsK & 1) && ((kt - unit.k_begin) & 1))
-        consume_stage<1>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot]);
+        consume_stage<1>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot], probe);
       else
-        consume_stage<0>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot]);
+        consume_stage<0>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot], probe);
       previous_slot = ring.slot;
       ring.advance<Cfg::Stages>();
     }
@@ -341,6 +353,7 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
     apply_tile_row_scales<Cfg>(st.acc, p, tile, rows, consumer, tid);  // FP8 activations: x (and W) row scales
     store_tile(st, p, tile, rows, consumer, tid);
   }
+  probe.template flush<kProbeConsumerCycles>();
 }
 
 template <class Cfg, class Params>

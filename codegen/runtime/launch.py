@@ -8,6 +8,7 @@ codegen.runtime.fast_driver, whose plain-integer calls cost a few microseconds.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from dataclasses import dataclass
 
@@ -87,9 +88,12 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
     return module, function
 
 
-def load(config: TileConfig, device: torch.device) -> LoadedKernel:
-    """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached."""
-    key = (device.index, config.name)
+def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False) -> LoadedKernel:
+    """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
+
+    ``wait_probe``: the diagnostic build that times its barrier waits (templates/mxfp4_wait_probe.cuh; `bench
+    waits` reads it with :func:`read_wait_probe`), never what the op launches."""
+    key = (device.index, config.name + (WAIT_PROBE_SUFFIX if wait_probe else ""))
     kernel = _loaded.get(key)
     if kernel is not None:
         return kernel
@@ -98,7 +102,7 @@ def load(config: TileConfig, device: torch.device) -> LoadedKernel:
         if kernel is None:
             from codegen.build.compiler import compile_kernel
 
-            compiled = compile_kernel(config)
+            compiled = compile_kernel(config, options=[WAIT_PROBE_OPTION] if wait_probe else [])
             if not config.register_pool_suffices(compiled.resources.registers):
                 raise RuntimeError(
                     f"{config.name}: compiled with {compiled.resources.registers} registers per thread, too few "
@@ -111,6 +115,34 @@ def load(config: TileConfig, device: torch.device) -> LoadedKernel:
                                   multiprocessors * config.ctas_per_sm, int(function), config.threads, config.name)
             _loaded[key] = kernel
     return kernel
+
+
+# The wait probe's build option and its sums, in templates/mxfp4_wait_probe.cuh's WaitProbeSlot order.
+WAIT_PROBE_OPTION = "-DMXFP4_WAIT_PROBE=1"
+WAIT_PROBE_SUFFIX = "+wait_probe"
+WAIT_PROBE_SLOTS = ("producer_cycles", "producer_empty_wait", "producer_stages", "consumer_cycles",
+                    "consumer_full_wait", "consumer_mma_wait", "consumer_stages")
+
+
+def _wait_probe_global(kernel: LoadedKernel) -> tuple[int, int]:
+    address, size = check(driver.cuModuleGetGlobal(kernel.module, b"mxfp4_wait_probe"), "cuModuleGetGlobal(mxfp4_wait_probe)")
+    return int(address), int(size)
+
+
+def reset_wait_probe(kernel: LoadedKernel) -> None:
+    """Zero a wait-probe kernel's sums (after the device finished what it had queued)."""
+    torch.cuda.synchronize()
+    address, size = _wait_probe_global(kernel)
+    check(driver.cuMemsetD8(address, 0, size), "cuMemsetD8(mxfp4_wait_probe)")
+
+
+def read_wait_probe(kernel: LoadedKernel) -> dict[str, int]:
+    """A wait-probe kernel's sums since :func:`reset_wait_probe`, by WAIT_PROBE_SLOTS name (syncs the device)."""
+    torch.cuda.synchronize()
+    address, size = _wait_probe_global(kernel)
+    values = (ctypes.c_uint64 * (size // 8))()
+    check(driver.cuMemcpyDtoH(ctypes.addressof(values), address, size), "cuMemcpyDtoH(mxfp4_wait_probe)")
+    return dict(zip(WAIT_PROBE_SLOTS, (int(v) for v in values)))
 
 
 @dataclass(frozen=True)
@@ -219,7 +251,7 @@ def stream_k_workspace(config: TileConfig, grid: int, tiles: int, k_atoms: int,
 
 def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows: torch.Tensor,
                     masked: bool, config: TileConfig, out: torch.Tensor,
-                    epilogue: EpilogueArgs = _NO_EPILOGUE) -> None:
+                    epilogue: EpilogueArgs = _NO_EPILOGUE, kernel: LoadedKernel | None = None) -> None:
     """Launch the SM90 kernel: ``out[rows of e] = x[rows of e] @ W_e^T`` for every expert e.
 
     x: bf16 contiguous ``[T, K]`` (contiguous mode) or ``[E, max_m, K]`` (masked mode); float8_e4m3fn for a
@@ -227,7 +259,8 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
     w_data: ``PackedMXFP4.data``; rows: ``offsets`` [E+1] or ``masked_m`` [E], int32 or int64;
     out: bf16 ``[T, N]`` or ``[E, max_m, N]`` (``[T, N / 2]`` for the SwiGLU epilogue, scattered
     rows for ScaleScatter). ``epilogue`` carries what ``config.epilogue`` reads. Inputs are validated
-    by the caller (mxfp4.ops.grouped_gemm, mxfp4.experts.layer).
+    by the caller (mxfp4.ops.grouped_gemm, mxfp4.experts.layer). ``kernel``: a loaded build of ``config`` to launch
+    instead of the shipped one (the wait probe's).
     """
     total_rows = x.numel() // k
     if total_rows == 0 or n == 0:
@@ -243,7 +276,8 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
     num_experts, n_atoms, k_atoms, _ = w_data.shape
     max_m = x.shape[1] if masked else 0
     device = x.device.index
-    kernel = load(config, x.device)  # a dict hit after the first call
+    if kernel is None:
+        kernel = load(config, x.device)  # a dict hit after the first call
     x_map = encode_x_map(x_address, total_rows, k, config.tile_m, element_bytes)
     bias, row_scale, row_dest, bias_stride = epilogue.pointers()
     tiles = tile_bound(config, rows=total_rows, num_experts=num_experts, n=n, masked=masked, max_m=max_m)
