@@ -195,31 +195,47 @@ struct ConsumerState {
         for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(frag[Buf][a][s][r]);
   }
 
-  // Decode one 64-deep chunk of this warpgroup's atoms from the w slot into register buffer Buf.
+  // Decode one 64-deep chunk of this warpgroup's atoms from the w slot into register buffer Buf. Every atom's
+  // bytes are loaded first and the scale check is one warp-wide vote for the whole chunk, so the fast path is one
+  // basic block over all atoms (no divergent branch per atom that would keep ptxas from interleaving their
+  // independent decode chains).
   template <int Buf>
   __device__ __forceinline__ void decode_chunk(uint8_t const* w_chunk, int tid) {
     int const scale_word = (tid >> 5) * kScaleWordsPerWarp + (tid & 31) / kLanesPerScaleWord;
+    uint4 codes[A];
+    uint32_t scales[A];
+    uint32_t any_scale = 0;
 #pragma unroll
     for (int a = 0; a < A; ++a) {
       uint8_t const* atom = w_chunk + a * Cfg::AtomsK * kAtomBytes;
-      uint4 const codes = *reinterpret_cast<uint4 const*>(atom + tid * 16);
-      uint32_t const scales = *reinterpret_cast<uint32_t const*>(atom + kAtomCodeBytes + scale_word * 4);
-      if constexpr (Cfg::Fp8) {  // the FP8-ready layout: block offsets, not scales
-        decode_atom_fp8(codes, scales, frag[Buf][a]);
-      } else if ((scales & 0x80808080u) == 0) {  // every scale below 128: one multiply per register
+      codes[a] = *reinterpret_cast<uint4 const*>(atom + tid * 16);
+      scales[a] = *reinterpret_cast<uint32_t const*>(atom + kAtomCodeBytes + scale_word * 4);
+      any_scale |= scales[a];
+    }
+    if constexpr (Cfg::Fp8) {  // the FP8-ready layout: block offsets, not scales
+#pragma unroll
+      for (int a = 0; a < A; ++a) decode_atom_fp8(codes[a], scales[a], frag[Buf][a]);
+    } else if (!__any_sync(0xffffffffu, (any_scale & 0x80808080u) != 0u)) {
+      // Every scale of the warp's chunk below 128 (what real checkpoints hold): one multiply per register.
+#pragma unroll
+      for (int a = 0; a < A; ++a) {
         uint32_t factor[4];
-        e8m0_factors_below_128(scales, factor);
-        decode_k16(codes.x, factor[0], factor[1], frag[Buf][a][0]);
-        decode_k16(codes.y, factor[0], factor[1], frag[Buf][a][1]);
-        decode_k16(codes.z, factor[2], factor[3], frag[Buf][a][2]);
-        decode_k16(codes.w, factor[2], factor[3], frag[Buf][a][3]);
-      } else {
-        ScalePair const block0[2] = {e8m0_scale_factors(scales & 0xFFu), e8m0_scale_factors((scales >> 8) & 0xFFu)};
-        ScalePair const block1[2] = {e8m0_scale_factors((scales >> 16) & 0xFFu), e8m0_scale_factors(scales >> 24)};
-        decode_k16(codes.x, block0, frag[Buf][a][0]);
-        decode_k16(codes.y, block0, frag[Buf][a][1]);
-        decode_k16(codes.z, block1, frag[Buf][a][2]);
-        decode_k16(codes.w, block1, frag[Buf][a][3]);
+        e8m0_factors_below_128(scales[a], factor);
+        decode_k16(codes[a].x, factor[0], factor[1], frag[Buf][a][0]);
+        decode_k16(codes[a].y, factor[0], factor[1], frag[Buf][a][1]);
+        decode_k16(codes[a].z, factor[2], factor[3], frag[Buf][a][2]);
+        decode_k16(codes[a].w, factor[2], factor[3], frag[Buf][a][3]);
+      }
+    } else {
+#pragma unroll
+      for (int a = 0; a < A; ++a) {
+        uint32_t const sc = scales[a];
+        ScalePair const block0[2] = {e8m0_scale_factors(sc & 0xFFu), e8m0_scale_factors((sc >> 8) & 0xFFu)};
+        ScalePair const block1[2] = {e8m0_scale_factors((sc >> 16) & 0xFFu), e8m0_scale_factors(sc >> 24)};
+        decode_k16(codes[a].x, block0, frag[Buf][a][0]);
+        decode_k16(codes[a].y, block0, frag[Buf][a][1]);
+        decode_k16(codes[a].z, block1, frag[Buf][a][2]);
+        decode_k16(codes[a].w, block1, frag[Buf][a][3]);
       }
     }
   }

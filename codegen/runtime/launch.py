@@ -56,7 +56,7 @@ class LoadedKernel:
     name: str
 
 
-_loaded: dict[tuple[int, str], LoadedKernel] = {}
+_loaded: dict[tuple[int, str, str | None], LoadedKernel] = {}
 _lock = threading.Lock()
 
 
@@ -88,12 +88,14 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
     return module, function
 
 
-def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False) -> LoadedKernel:
+def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False,
+         templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
-    ``wait_probe``: the diagnostic build that times its barrier waits (templates/mxfp4_wait_probe.cuh; `bench
-    waits` reads it with :func:`read_wait_probe`), never what the op launches."""
-    key = (device.index, config.name + (WAIT_PROBE_SUFFIX if wait_probe else ""))
+    Diagnostics only, never what the op launches: ``wait_probe``, the build that times its barrier waits
+    (templates/mxfp4_wait_probe.cuh; `bench waits` reads it with :func:`read_wait_probe`); ``templates_dir``, the
+    device headers from another directory (an earlier version of the kernel, timed beside this one)."""
+    key = (device.index, config.name + (WAIT_PROBE_SUFFIX if wait_probe else ""), templates_dir)
     kernel = _loaded.get(key)
     if kernel is not None:
         return kernel
@@ -102,7 +104,8 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False) 
         if kernel is None:
             from codegen.build.compiler import compile_kernel
 
-            compiled = compile_kernel(config, options=[WAIT_PROBE_OPTION] if wait_probe else [])
+            compiled = compile_kernel(config, options=[WAIT_PROBE_OPTION] if wait_probe else [],
+                                      templates_dir=templates_dir)
             if not config.register_pool_suffices(compiled.resources.registers):
                 raise RuntimeError(
                     f"{config.name}: compiled with {compiled.resources.registers} registers per thread, too few "
