@@ -9,7 +9,6 @@ bf16), then puts every A-register half back at its (row, k) and compares bit for
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pytest
@@ -109,14 +108,13 @@ def mul_bf16x2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_words(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """decode_chunk for arrays of (atom, thread): ``codes`` uint32 [..., 4], ``scales`` uint32 [...].
+def decode_words(codes: np.ndarray, scales: np.ndarray, fast: np.ndarray) -> np.ndarray:
+    """decode_chunk for arrays of (atom, thread): ``codes`` uint32 [..., 4], ``scales`` uint32 [...], and the path
+    each (atom, thread) takes (``fast`` bool [...], from :func:`fast_path_vote`).
 
-    Returns the A registers uint32 [..., 4 steps, 4 registers] and whether the fast path ran [...].
+    Returns the A registers uint32 [..., 4 steps, 4 registers].
     """
-    fast = (scales & U32(0x80808080)) == 0
     regs = np.zeros((*codes.shape, 4), dtype=U32)
-    # Each (atom, thread) runs one path, as the branch in decode_chunk does.
     quick_codes, quick_scales = codes[fast], scales[fast]
     slow_codes, slow_scales = codes[~fast], scales[~fast]
     factor = e8m0_factors_below_128(quick_scales)
@@ -130,7 +128,21 @@ def decode_words(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.
             lo, hi = pairs[2 * block + row_bit]
             slow = decode_e2m1_pair(slow_codes[..., step], register)
             regs[..., step, register][~fast] = mul_bf16x2(mul_bf16x2(slow, lo), hi)
-    return regs, fast
+    return regs
+
+
+def fast_path_vote(scales: np.ndarray, atoms_per_vote: int) -> np.ndarray:
+    """decode_chunk's path choice for ``scales`` uint32 [E, n_atoms, k_atoms, 128 threads]: the fast path runs where
+    every scale byte that one warp loads for a chunk (its 32 lanes, the ``atoms_per_vote`` atoms along N that one
+    consumer warpgroup decodes together: AtomsPerWarpgroup) is below 128 (``__any_sync`` over the lanes)."""
+    e, n_atoms, k_atoms, threads = scales.shape
+    small = (scales & U32(0x80808080)) == 0
+    groups = -(-n_atoms // atoms_per_vote)
+    padded = np.ones((e, groups * atoms_per_vote, k_atoms, threads), dtype=bool)
+    padded[:, :n_atoms] = small  # a tile's atoms past N are zero padding, which never votes for the general path
+    votes = padded.reshape(e, groups, atoms_per_vote, k_atoms, threads // 32, 32).all(axis=(2, 5))
+    fast = np.repeat(np.repeat(votes, atoms_per_vote, axis=1), 32, axis=3)
+    return fast[:, :n_atoms]
 
 
 def _slot_index() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -144,14 +156,17 @@ def _slot_index() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.nd
     return tid, step, register, half, rows * ATOM_K + cols
 
 
-def model_decode(packed: layout.PackedMXFP4) -> tuple[torch.Tensor, np.ndarray]:
-    """The kernel's decoded A operand of a packed weight: bf16 bits int64 [E, N, K], fast-path flags."""
+def model_decode(packed: layout.PackedMXFP4, atoms_per_vote: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+    """The kernel's decoded A operand of a packed weight: bf16 bits int64 [E, N, K], fast-path flags (the warp-wide
+    vote of a consumer warpgroup that decodes ``atoms_per_vote`` atoms per chunk)."""
     data = packed.data.numpy()
     experts, n_atoms, k_atoms = data.shape[:3]
     codes = np.ascontiguousarray(data[..., :ATOM_CODE_BYTES]).view("<u4").reshape(experts, n_atoms, k_atoms, 128, 4)
     scale_words = np.ascontiguousarray(data[..., ATOM_CODE_BYTES:]).view("<u4")
     thread_word = np.array([layout.scale_word_of_thread(tid) for tid in range(128)])
-    regs, fast = decode_words(codes.astype(U32), scale_words[..., thread_word].astype(U32))
+    scales = scale_words[..., thread_word].astype(U32)
+    fast = fast_path_vote(scales, atoms_per_vote)
+    regs = decode_words(codes.astype(U32), scales, fast)
     tid, step, register, half, position = _slot_index()
     halves = (regs[:, :, :, tid, step, register] >> (U32(16) * half.astype(U32))) & U32(0xFFFF)
     atoms = np.zeros((experts, n_atoms, k_atoms, ATOM_N * ATOM_K), dtype=np.int64)
@@ -209,14 +224,28 @@ def test_general_path_every_code_every_scale(seed: int) -> None:
     assert_bit_exact(got, reference_bits(w), f"general path, seed {seed}")
 
 
+@pytest.mark.parametrize("atoms_per_vote", [1, 2, 4])
 @pytest.mark.parametrize(("e", "n", "k", "scale_limit"), [(2, 200, 96, 256), (1, 130, 160, 128), (3, 64, 64, 120)])
-def test_random_weights_with_tails(e: int, n: int, k: int, scale_limit: int, seed: int) -> None:
+def test_random_weights_with_tails(e: int, n: int, k: int, scale_limit: int, atoms_per_vote: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     blocks = torch.randint(0, 256, (e, n, k // 32, 16), dtype=torch.uint8, generator=generator)
     scales = torch.randint(0, scale_limit, (e, n, k // 32), dtype=torch.uint8, generator=generator)
     w = MXFP4Tensor(blocks, scales)
-    got, _ = model_decode(mxfp4.pack(w))
-    assert_bit_exact(got, reference_bits(w), f"E={e} N={n} K={k}, seed {seed}")
+    got, _ = model_decode(mxfp4.pack(w), atoms_per_vote)
+    assert_bit_exact(got, reference_bits(w), f"E={e} N={n} K={k}, {atoms_per_vote} atoms per vote, seed {seed}")
+
+
+def test_one_large_scale_sends_its_warps_chunk_down_the_general_path(seed: int) -> None:
+    """Small scales decode bit for bit on the general path too: what a warp whose other lane or atom holds a scale
+    of 128 or more does."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (1, 128, 64 // 32, 16), dtype=torch.uint8, generator=generator)
+    scales = torch.randint(0, 128, (1, 128, 64 // 32), dtype=torch.uint8, generator=generator)
+    scales[0, 70, 1] = 200  # row 70: the second atom along N, warp 0 (rows 64..79)
+    w = MXFP4Tensor(blocks, scales)
+    got, fast = model_decode(mxfp4.pack(w), atoms_per_vote=2)
+    assert not fast[0, :, 0, :32].any() and fast[0, :, 0, 32:].all()  # warp 0 of both atoms votes for the general path
+    assert_bit_exact(got, reference_bits(w), f"one large scale, seed {seed}")
 
 
 def test_padding_decodes_to_positive_zero() -> None:
@@ -268,7 +297,8 @@ def test_header_does_the_modelled_ops() -> None:
     ):
         assert line in text, line
     source = (TEMPLATES_DIR / "mxfp4_grouped_mm_sm90.cuh").read_text()
-    assert re.search(r"if \(\(scales & 0x80808080u\) == 0\)", source)
+    assert "any_scale |= scales[a];" in source  # the vote spans the chunk's atoms ...
+    assert "!__any_sync(0xffffffffu, (any_scale & 0x80808080u) != 0u)" in source  # ... and the warp's lanes
 
 
 def test_code_words_hold_each_code_bit_once() -> None:
