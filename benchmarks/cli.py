@@ -80,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routing", choices=("uniform", "zipf", "both"), default="both", help="routings (default both)")
     parser.add_argument("--projections", default="gate_up", metavar="P,...",
                         help="ncu-case, waits: the projections, gate_up and/or down (default gate_up)")
-    parser.add_argument("--baseline-templates", metavar="DIR",
-                        help="waits: also time the kernels built from DIR's device headers (an earlier version)")
+    parser.add_argument("--baseline-templates", metavar="DIR", action="append", default=[],
+                        help="waits: also time the kernels built from DIR's device headers (an earlier version; "
+                        "repeatable)")
     parser.add_argument("--no-humming", action="store_true", help="leave humming out (grouped, host, fp8, ncu-case)")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay times")
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG")

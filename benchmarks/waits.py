@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
@@ -50,7 +51,7 @@ def shares(sums: dict[str, int]) -> dict[str, float]:
     }
 
 
-def probe_case(model: str, projection: str, m: int, seed: int, baseline: str | None = None) -> dict[str, Any]:
+def probe_case(model: str, projection: str, m: int, seed: int, baselines: Sequence[str] = ()) -> dict[str, Any]:
     device = torch.device("cuda", torch.cuda.current_device())
     shape = MODEL_SHAPES[model][projection]
     packed, _ = random_weights(shape, device, seed=seed)
@@ -61,8 +62,7 @@ def probe_case(model: str, projection: str, m: int, seed: int, baseline: str | N
     config = select_config(e, n, k, m, torch.cuda.get_device_name(device)).config
     shipped, probed = launch.load(config, device), launch.load(config, device, wait_probe=True)
     builds = [("shipped", shipped), ("probe", probed)]
-    if baseline:
-        builds.append(("baseline", launch.load(config, device, templates_dir=baseline)))
+    builds += [(f"baseline {directory}", launch.load(config, device, templates_dir=directory)) for directory in baselines]
     outs = {}
     for name, kernel in builds:
         out = torch.full((e * m, n), float("nan"), dtype=torch.bfloat16, device=device)
@@ -87,7 +87,8 @@ def probe_case(model: str, projection: str, m: int, seed: int, baseline: str | N
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     result = {
         "model": model, "projection": projection, "m": m, "config": config.name, "bit_equal": same,
-        "shipped_us": timings["shipped"], "probe_us": timings["probe"], "baseline_us": timings.get("baseline"),
+        "shipped_us": timings["shipped"], "probe_us": timings["probe"],
+        "baselines_us": {name.split(" ", 1)[1]: us for name, us in timings.items() if name.startswith("baseline ")},
         "weight_bytes": weight_bytes,
         "bytes_per_s": bandwidth, "ring_bytes_per_sm": ring_bytes_per_sm(config), "sums": sums,
         "little_bytes_per_sm": {ns: bandwidth / sms * ns * 1e-9 for ns in LATENCIES_NS}, **shares(sums),
@@ -99,7 +100,7 @@ def format_row(r: dict[str, Any], read_bytes_per_s: float) -> str:
     little = " / ".join(f"{v / 1024:.0f}" for v in r["little_bytes_per_sm"].values())
     return (f"{r['model']} {r['projection']:<7} M={r['m']:<3} {r['config']:<26} shipped {r['shipped_us']:7.1f} us "
             f"probe {r['probe_us']:7.1f} us"
-            + (f" baseline {r['baseline_us']:7.1f} us" if r["baseline_us"] else "")
+            + "".join(f" {Path(directory).name} {us:7.1f} us" for directory, us in r["baselines_us"].items())
             + f"  {r['bytes_per_s'] / 1e12:5.2f} TB/s = "
             f"{100 * r['bytes_per_s'] / read_bytes_per_s:.0f}% of torch.sum's | producer waits on empty "
             f"{100 * r['producer_empty_wait']:5.1f}% | consumer waits on full {100 * r['consumer_full_wait']:5.1f}%, "

@@ -90,6 +90,12 @@ __device__ __forceinline__ uint64_t x_descriptor(void const* chunk, int step) {
   return desc.desc_;
 }
 
+// The descriptor `steps` WGMMA steps further into the same rows: the start address (bits 0-13, in 16-byte units)
+// moves by 2 per 32-byte step. Shared addresses stay below 2^18, so the field cannot carry into the next one.
+__device__ __forceinline__ uint64_t advance_descriptor(uint64_t desc, int steps) {
+  return desc + 2u * static_cast<uint32_t>(steps);
+}
+
 template <class Mma, int N, size_t... I>
 __device__ __forceinline__ void wgmma_rs(uint32_t const (&a)[4], uint64_t desc, float (&d)[N],
                                          cute::index_sequence<I...>) {
@@ -245,10 +251,11 @@ struct ConsumerState {
   __device__ __forceinline__ void issue_chunk(uint8_t const* x_chunk, int step0) {
     fence_fragments<Buf>();
     fence_accumulators();
+    uint64_t const desc0 = x_descriptor(x_chunk, step0);  // once per chunk; the steps add to its address field
     cute::warpgroup_arrive();
 #pragma unroll
     for (int step = 0; step < Cfg::MmaSteps; ++step) {
-      uint64_t const desc = x_descriptor(x_chunk, step0 + step);
+      uint64_t const desc = advance_descriptor(desc0, step);
 #pragma unroll
       for (int a = 0; a < A; ++a)
         wgmma_rs<Mma>(frag[Buf][a][step], desc, acc[a], cute::make_index_sequence<Cfg::Accumulators>{});
