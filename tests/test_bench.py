@@ -651,3 +651,26 @@ def test_fallback_table_ratios_and_targets():
     table = fallback.format_fallback(rows)
     assert "1.50/4.50/3.00" in table and "3.00" in table and "err" in table
     assert "ours sm90: wrong result" in fallback.format_errors(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench waits: the probe's arithmetic (the GPU part runs through scripts/device_check.sh waits)
+
+
+def test_wait_probe_shares_and_ring_bytes():
+    from benchmarks.waits import LATENCIES_NS, format_row, ring_bytes_per_sm, shares
+    from codegen.build.config import TileConfig
+
+    sums = {"producer_cycles": 1000, "producer_empty_wait": 800, "producer_stages": 10, "consumer_cycles": 4000,
+            "consumer_full_wait": 400, "consumer_mma_wait": 600, "consumer_stages": 40}
+    got = shares(sums)
+    assert got["producer_empty_wait"] == pytest.approx(0.8) and got["consumer_full_wait"] == pytest.approx(0.1)
+    assert got["consumer_work"] == pytest.approx(0.75) and got["consumer_cycles_per_stage"] == pytest.approx(100.0)
+    config = TileConfig.from_name("n128_m8_k128_s6_wg1_c3")
+    # 3 CTAs x 6 stages x (8 x 128 bf16 of x + 2 x 2 atoms of 2176 bytes)
+    assert ring_bytes_per_sm(config) == 3 * 6 * (8 * 128 * 2 + 4 * 2176)
+    row = {"model": "gpt-oss-20b", "projection": "down", "m": 1, "config": config.name, "shipped_us": 60.0,
+           "probe_us": 62.0, "baselines_us": {".baseline/v0": 61.0}, "bytes_per_s": 2.4e12, "ring_bytes_per_sm": 1 << 17,
+           "little_bytes_per_sm": {ns: 1000.0 * ns for ns in LATENCIES_NS}, "bit_equal": True, **got}
+    text = format_row(row, 4.0e12)
+    assert "60% of torch.sum's" in text and "v0    61.0 us" in text and "waits on empty  80.0%" in text
