@@ -32,11 +32,11 @@ HEAVY_CHANNELS = 64  # one channel in 64 ...
 HEAVY_FACTOR = 30.0  # ... this many times larger
 
 
-def build_weights(shape: Any, settings: Settings) -> fp8_paths.Weights:
+def build_weights(shape: Any, settings: Settings, device: str = "cuda") -> fp8_paths.Weights:
     """The shape's random MXFP4 weight in every form the paths read (the same seed, the same values)."""
     from codegen.tune.sweep import random_weights
 
-    device = torch.device("cuda")
+    device = torch.device(device)
     plain, dequantized = random_weights(shape, device, seed=settings.seed)
     ready, _ = random_weights(shape, device, seed=settings.seed, activations="fp8")
     fp8, fp8_scale = fp8_paths.torch_fp8_weights(dequantized)
@@ -63,11 +63,15 @@ def operands(row: Row, weights: fp8_paths.Weights, seed: int) -> fp8_paths.Opera
 
 
 def run_row(row: Row, weights: fp8_paths.Weights, settings: Settings, save: Callable) -> None:
-    ops = operands(row, weights, settings.seed + row.m)
+    run_paths(row, operands(row, weights, settings.seed + row.m), settings, save)
+
+
+def run_paths(row: Row, ops: fp8_paths.Operands, settings: Settings, save: Callable) -> None:
+    """Every path of one row on its operands (x quantized once, outside any timed call): checked, then timed."""
     samples = sample_rows(row.loads, seed=settings.seed)
-    index, ref_bf16 = measure.reference_rows(ops.x, weights.dequantized, samples)
+    index, ref_bf16 = measure.reference_rows(ops.x, ops.weights.dequantized, samples)
     x_rounded = ops.x_fp8.float() * ops.x_scale.unsqueeze(1)  # the e4m3 x the W4A8 paths multiply
-    _, ref_fp8 = measure.reference_rows(x_rounded, weights.dequantized, samples)
+    _, ref_fp8 = measure.reference_rows(x_rounded, ops.weights.dequantized, samples)
     for path in PATHS:
         ref = ref_fp8 if REFERENCE[path] == "fp8" else ref_bf16
         tolerance = TOLERANCE.get(path, TOLERANCE[REFERENCE[path]])

@@ -104,7 +104,7 @@ def prepare_w4a8(ops: Operands) -> peers.Prepared:
     offsets = ops.offsets
     fn = lambda x, wi, s: mxfp4.grouped_mm(x, wi, offsets, x_scale=s)  # noqa: E731
     return peers.Prepared(fn, [(ops.x_fp8, wi, ops.x_scale) for wi in _ready_copies(ops)],
-                          _config_note(ops.x_fp8, ops.weights.ready, offsets))
+                          _config_note(ops.x_fp8, ops.weights.ready, offsets, ops.x_scale))
 
 
 def prepare_w4a8_quantize(ops: Operands) -> peers.Prepared:
@@ -116,7 +116,8 @@ def prepare_w4a8_quantize(ops: Operands) -> peers.Prepared:
         x_fp8, x_scale = mxfp4.quantize_activations(x)
         return mxfp4.grouped_mm(x_fp8, wi, offsets, x_scale=x_scale)
 
-    return peers.Prepared(fn, [(ops.x, wi) for wi in _ready_copies(ops)], "quantize_activations + W4A8")
+    note = "quantize_activations + W4A8; " + _config_note(ops.x_fp8, ops.weights.ready, offsets, ops.x_scale)
+    return peers.Prepared(fn, [(ops.x, wi) for wi in _ready_copies(ops)], note)
 
 
 def prepare_torch_fp8(ops: Operands) -> peers.Prepared:
@@ -168,10 +169,11 @@ def prepare_humming_fp8(ops: Operands) -> peers.Prepared:
                           f"humming {peers.humming_version()}, FP8 input schema (dynamic per token), grouped_contiguous")
 
 
-def _config_note(x: torch.Tensor, w: Any, offsets: torch.Tensor) -> str:
+def _config_note(x: torch.Tensor, w: Any, offsets: torch.Tensor, x_scale: torch.Tensor | None = None) -> str:
+    """explain's path and config lines for the call (e4m3 x with its x_scale, as the call takes it)."""
     import mxfp4
 
-    lines = mxfp4.explain(x, w, offsets).splitlines()
+    lines = mxfp4.explain(x, w, offsets, x_scale=x_scale).splitlines()
     return "; ".join(line.strip() for line in lines if line.strip().startswith(("path:", "config:")))
 
 

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from accuracy import relative_error
 
 import mxfp4
 from mxfp4.format.layout import PackedMXFP4
@@ -27,10 +28,6 @@ def make_packed(e: int, n: int, k: int, device: str = "cpu") -> PackedMXFP4:
 
 def offsets_of(counts: list[int], dtype: torch.dtype = torch.int32, device: str = "cpu") -> torch.Tensor:
     return torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(dtype).to(device)
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def check_contiguous(packed: PackedMXFP4, counts: list[int], dtype: torch.dtype = torch.int32) -> None:

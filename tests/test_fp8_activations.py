@@ -297,6 +297,54 @@ def test_explain_names_how_fp8_x_meets_the_weights(fp8_problem) -> None:
         mxfp4.explain(x_fp8, ready, offsets)
 
 
+# (x, x_scale) of a call, from the problem's e4m3 x [T, K] and its row scales [T] (or their [E, max_m] views)
+EXPLAIN_CALLS = {
+    "e4m3 x with x_scale": lambda x, s: (x, s),
+    "e4m3 x without x_scale": lambda x, s: (x, None),
+    "bf16 x": lambda x, s: (x.bfloat16(), None),
+    "bf16 x with x_scale": lambda x, s: (x.bfloat16(), s),
+    "x_scale float64": lambda x, s: (x, s.double()),
+    "x_scale of one row less": lambda x, s: (x, s.flatten()[:-1]),
+    "x_scale not a tensor": lambda x, s: (x, 1.0),
+}
+
+
+def _outcome(call) -> tuple:
+    """("ok", result) or the (type, message) of the TypeError / ValueError ``call`` raises."""
+    try:
+        return "ok", call()
+    except (TypeError, ValueError) as error:
+        return type(error), str(error)
+
+
+@pytest.mark.parametrize("call", list(EXPLAIN_CALLS))
+@pytest.mark.parametrize("layout", ["plain", "fp8-ready"])
+@pytest.mark.parametrize("masked", [False, True], ids=["grouped_mm", "grouped_mm_masked"])
+def test_explain_accepts_exactly_what_the_op_accepts(fp8_problem, call: str, layout: str, masked: bool) -> None:
+    """explain runs where the op runs (e4m3 x goes through the portable composition on the CPU) and raises the
+    op's own error where the op refuses (e4m3 x without x_scale among them): it never explains a call that
+    cannot run, nor refuses one that can."""
+    x_fp8, x_scale, plain, ready, offsets = fp8_problem
+    w = ready if layout == "fp8-ready" else plain
+    if masked:
+        x_fp8, x_scale, rows = x_fp8.view(3, 2, 96), x_scale.view(3, 2), torch.tensor([2, 0, 1], dtype=torch.int32)
+    x, scale = EXPLAIN_CALLS[call](x_fp8, x_scale)
+    op = mxfp4.grouped_mm_masked if masked else mxfp4.grouped_mm
+    op_kind, op_result = _outcome(lambda: op(x, w, rows if masked else offsets, x_scale=scale))
+    rows_argument = {"masked_m": rows} if masked else {"offsets": offsets}
+    explain_kind, text = _outcome(lambda: mxfp4.explain(x, w, x_scale=scale, **rows_argument))
+    assert (explain_kind, text if explain_kind != "ok" else None) == (op_kind, op_result if op_kind != "ok" else None)
+    runs = call in ("e4m3 x with x_scale", "bf16 x") and not (call == "bf16 x" and layout == "fp8-ready")
+    assert (op_kind == "ok") == runs, (call, layout, op_kind, op_result)
+    if not runs:
+        return
+    assert "path:      portable: device is cpu" in text and f"({x.dtype})" in text
+    if x.dtype == E4M3:
+        assert ("W4A8: e4m3 x" if layout == "fp8-ready" else "W4A16 on x widened to bf16") in text, text
+        assert "FP8 activations: decoded weights" in text
+    assert op_result.shape == (*x.shape[:-1], 64) and op_result.dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------------------------------------
 # the SM90 branch, recorded (no GPU)
 

@@ -9,6 +9,7 @@ layer with activations="fp8" against float64 with bf16 activations (<= 5e-2).
 
 from __future__ import annotations
 
+import accuracy
 import pytest
 import torch
 
@@ -52,7 +53,7 @@ def mismatch_report(out: torch.Tensor, ref: torch.Tensor, limit: int = 5) -> str
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert not torch.isnan(out).any(), f"unwritten (NaN-poisoned) or NaN outputs: {mismatch_report(out, ref)}"
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return accuracy.relative_error(out, ref)
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, budget: float, what: str) -> None:
@@ -167,7 +168,7 @@ def test_plain_weights_take_fp8_x_on_the_w4a16_kernel(seed: int) -> None:
     packed = mxfp4.pack(w)
     x_fp8, x_scale = mxfp4.quantize_activations(torch.randn(sum(counts), 160, device="cuda").bfloat16())
     out = mxfp4.grouped_mm(x_fp8, packed, offsets_of(counts), x_scale=x_scale)
-    assert "W4A16 on x widened" in mxfp4.explain(x_fp8, packed, offsets_of(counts))
+    assert "W4A16 on x widened" in mxfp4.explain(x_fp8, packed, offsets_of(counts), x_scale=x_scale)
     assert_close(out, fp8_reference(x_fp8, x_scale, packed, counts), ACCURACY, f"seed {seed}")
 
 
@@ -175,7 +176,7 @@ def test_op_picks_w4a8_and_explains_it(seed: int) -> None:
     counts = [7, 0, 30, 2]
     packed = mxfp4.pack(mxfp4.quantize(torch.randn(4, 256, 256, device="cuda") * 0.05), activations="fp8")
     x_fp8, x_scale = mxfp4.quantize_activations(torch.randn(sum(counts), 256, device="cuda").bfloat16())
-    text = mxfp4.explain(x_fp8, packed, offsets_of(counts))
+    text = mxfp4.explain(x_fp8, packed, offsets_of(counts), x_scale=x_scale)  # explain takes what the op takes
     assert "sm90" in text and "family:    W4A8" in text, text
     out = mxfp4.grouped_mm(x_fp8, packed, offsets_of(counts), x_scale=x_scale)
     assert_close(out, fp8_reference(x_fp8, x_scale, packed, counts), ACCURACY, f"seed {seed}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accuracy import relative_error
 from safetensors.torch import save_file
 
 import mxfp4
@@ -76,10 +77,6 @@ def round_trip(w: torch.Tensor) -> torch.Tensor:
 def logits(model: GptOssForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits.double()
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).norm() / ref.norm())
 
 
 def test_convert_quantizes_and_matches_round_trip(seed: int) -> None:

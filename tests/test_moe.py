@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from accuracy import relative_error
 
 import mxfp4
 from mxfp4.experts.layer import reference_moe_float64, route
@@ -44,10 +45,6 @@ def make_routing(tokens: int, experts: int, top_k: int, skew: bool = False, devi
 def run(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, layer: Layer, bias: bool = True, **kwargs) -> torch.Tensor:
     biases = dict(gate_up_bias=layer.gate_up_bias, down_bias=layer.down_bias) if bias else {}
     return mxfp4.moe(x, ids, weights, layer.gate_up, layer.down, **biases, **kwargs)
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref).norm() / ref.norm())
 
 
 @pytest.mark.parametrize(
