@@ -59,7 +59,7 @@ def memory_table(results: Sequence[dict[str, Any]]) -> str:
         lines.append((name_of(r), OURS_LABEL, written, f"{ours['load_s']:.1f}", _gb(ours.get("peak_gb")),
                       _gb(ours.get("after_gb")), "-" if ratio is None else f"{ratio:.3f}", _gb(layer_gb(r))))
         bf16 = r.get("bf16", {})
-        note = bf16.get("error") or "dequantized from the packed experts"
+        note = bf16.get("error") or ("dequantized from the packed experts" if "bf16" in r else "not reached")
         lines.append((name_of(r), BF16_LABEL, note[:60], "-", "-", _gb(bf16.get("after_gb")), "-", _gb(layer_gb(r, "bf16"))))
     return align(header, lines, {0, 1, 2})
 
@@ -79,7 +79,8 @@ def decode_table(results: Sequence[dict[str, Any]], batches: Sequence[int], mode
     for r in _measured(results):
         for side_label, side in ((OURS_LABEL, r["ours"]), (BF16_LABEL, r.get("bf16", {}))):
             if "decode" not in side:
-                lines.append((name_of(r), side_label, "-", *([side.get("error", "-")[:40]] + ["-"] * (len(batches) - 1))))
+                said = side.get("error", "-" if "bf16" in r else "not reached")[:40]
+                lines.append((name_of(r), side_label, "-", *([said] + ["-"] * (len(batches) - 1))))
                 continue
             for mode in modes:
                 points = side["decode"].get(mode, {})
