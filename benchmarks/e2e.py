@@ -185,10 +185,10 @@ def _point(model: Any, batch: int, mode: str, layers: int, settings: argparse.Na
 
 def decode_all(model: Any, side: dict[str, Any], plan: LayerPlan, settings: argparse.Namespace, rec: Recorder,
                name: str) -> None:
-    """Every decode point into ``side["decode"]`` (and, for a reduced run, the cut model's into
-    ``side["decode_short"]``), batch by batch; the JSON after each."""
+    """Every decode point into ``side["decode"]`` (and, for a reduced run or with ``--per-layer``, the cut
+    model's into ``side["decode_short"]``), batch by batch; the JSON after each."""
     counts = [(plan.layers, side.setdefault("decode", {}))]
-    if plan.reduced and plan.layers > SHORT_LAYERS:
+    if (plan.reduced or settings.per_layer) and plan.layers > SHORT_LAYERS:
         counts.append((SHORT_LAYERS, side.setdefault("decode_short", {"layers": SHORT_LAYERS})))
     for batch in settings.batch_list:
         for mode in settings.mode_list:

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="e2e: only the first N layers, at the real dimensions (default all; 'fit': the most whose checkpoint fits "
         "--dir and --spill-dir and whose weights fit the GPU). The tables say 'N of M layers'; per-layer figures and "
         "the full model extrapolated from them (said as such) follow")
+    add("--per-layer", action="store_true",
+        help="e2e: time each decode point with the model cut to 1 layer as well, for the ms per layer, also when all "
+        "layers run (a run of fewer layers always does)")
     add("--spill-dir", action="append", default=[], metavar="DIR",
         help="e2e: where checkpoint shards go once --dir is full (linked into --dir; repeatable)")
     add("--budget", type=float, metavar="S",

@@ -11,7 +11,7 @@
 # | e2e. One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu and each e2e model
 # in a call of their own.
 # e2e: E2E_MODELS (default gpt-oss-20b; or gpt-oss-120b: one model per call), E2E_ARGS (replaces the model's
-# default bench flags, see e2e_args), E2E_TIMEOUT (seconds per model, default 420: the bench's --budget is 20 s
+# default bench flags, see e2e_args), E2E_TIMEOUT (seconds per model, default 450: the bench's --budget is 30 s
 # less, so it ends itself with its table), E2E_KEEP=1 keeps the checkpoint. The checkpoint goes to the larger of
 # /dev/shm and /tmp, its shards spilling into the other (linked); the 120b runs the most layers that fit
 # (--layers fit) and, when that is not all 36, says so and extrapolates. Its log and JSON go straight to
@@ -170,11 +170,11 @@ for step in "${steps[@]}"; do
       { df -h /dev/shm /tmp; free -g; } 2>&1 | tee "$LOGS/e2e-room.txt"
       export TQDM_MININTERVAL=10  # progress bars every 10 s, not a log full of them
       for model in ${E2E_MODELS:-gpt-oss-20b}; do
-        limit=${E2E_TIMEOUT:-420}
+        limit=${E2E_TIMEOUT:-450}
         # SIGTERM at the limit (the bench then writes its table), SIGKILL 20 s later.
         # shellcheck disable=SC2046,SC2086
         timeout -k 20 "$limit" python3 -m codegen bench e2e --model "$model" --dir "$e2e_dir" --spill-dir "$e2e_spill" \
-          --budget $((limit - 20)) --out "$OUT/e2e-$model" ${E2E_ARGS:-$(e2e_args "$model")} 2>&1 | tee "$OUT/e2e-$model.txt"
+          --budget $((limit - 30)) --out "$OUT/e2e-$model" ${E2E_ARGS:-$(e2e_args "$model")} 2>&1 | tee "$OUT/e2e-$model.txt"
         note "e2e $model (checkpoint under $e2e_dir, spill $e2e_spill): exit ${PIPESTATUS[0]}"
         cp "$OUT/e2e-$model.txt" "$LOGS/"; table "$OUT/e2e-$model.txt" "e2e $model"
         grep -E "^e2e \[.*(written|loaded|decode|error|stopped)" "$OUT/e2e-$model.txt" >> "$LOGS/summary.txt"

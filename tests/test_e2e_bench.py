@@ -180,6 +180,16 @@ def test_reduced_run_is_labelled_and_extrapolated(tmp_path, capsys, four_layer_t
     assert "time, tiny (3 of 4 layers): checkpoint written" in out
 
 
+def test_per_layer_on_a_whole_model_times_the_cut_and_extrapolates_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(_tiny_argv(tmp_path, "--per-layer", "--no-bf16", "--modes", "eager", "--batch", "1")) == 0
+    out = capsys.readouterr().out
+    payload = json.loads((tmp_path / "out" / "bench_e2e.json").read_text())
+    ours = payload["models"][0]["ours"]
+    assert ours["decode_short"]["eager"]["1"]["ms_per_step"] > 0 and payload["extrapolated"] == []
+    assert "per layer (ms per decode step" in out and "EXTRAPOLATED" not in out and "(2 of 2" not in out
+
+
 def test_report_per_layer_and_extrapolation_arithmetic():
     point = lambda ms, batch=1: {"tokens_per_s": batch * 1e3 / ms, "ms_per_step": ms, "compiled": True}  # noqa: E731
     reduced = {"model": "gpt-oss-120b", "layers": 8, "full_layers": 36, "layers_why": "--layers fit: 9 layers do not fit",
