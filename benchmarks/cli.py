@@ -52,7 +52,8 @@ EPILOG = """suites:
   ncu-case   one call of ours and of humming per projection and M (default gate_up, M=1) in NVTX ranges
              "ours/" and "humming/" (run under ncu)
   e2e        gpt-oss as a model: a synthetic MXFP4 checkpoint at the real dimensions, load_gpt_oss (time,
-             peak GPU memory), decode tokens/s eager and compiled, beside transformers' bf16 experts
+             peak GPU memory), decode tokens/s eager and compiled, beside transformers' bf16 experts; --layers N|fit
+             runs the first N layers, with per-layer figures and the whole model extrapolated (said as such)
 
 examples:
   hopper-mxfp4 bench --quick
@@ -60,7 +61,7 @@ examples:
   hopper-mxfp4 bench moe --tokens 1,32,4096 --routing zipf
   hopper-mxfp4 bench fp8 --model gpt-oss-20b --routing uniform
   HOPPER_MXFP4_FORCE_PORTABLE=1 hopper-mxfp4 bench fallback
-  hopper-mxfp4 bench e2e --model gpt-oss-120b --dir /dev/shm/e2e --batch 1,64 --modes compiled
+  hopper-mxfp4 bench e2e --model gpt-oss-120b --dir /dev/shm/e2e --spill-dir /tmp/e2e --layers fit --batch 1,64
 """
 
 

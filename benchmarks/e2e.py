@@ -1,6 +1,6 @@
 """The end-to-end suite (issue 15): gpt-oss as a model, from its MXFP4 checkpoint to tokens.
 
-    hopper-mxfp4 bench e2e [--model gpt-oss-20b] [--dir DIR] [--batch 1,8,64] [--new-tokens 32]
+    hopper-mxfp4 bench e2e [--model gpt-oss-20b] [--dir DIR] [--batch 1,8,64] [--new-tokens 32] [--layers N|fit]
 
 Per model: a synthetic checkpoint in gpt-oss's on-disk format at the real dimensions
 (``benchmarks.gpt_oss_checkpoint``; written once, reused while its mark matches); ``load_gpt_oss`` timed,
@@ -13,32 +13,81 @@ loads), where they fit on the GPU (the 120b's do not).
 
 A decode step's time is ``(t(N new tokens) - t(1 new token)) / (N - 1)``: both runs share the prompt and
 the cache size (a stopping criterion ends the short one), so the prefill and the first token cancel.
+
+``--layers N`` (or ``fit``: the most that fit the checkpoint's room and the GPU) runs the first N layers at
+the real dimensions, labelled "N of M layers" everywhere. Such a run also times each decode point with the
+model cut to its first layer (``SHORT_LAYERS``), so a layer's time per step is the difference over the layers
+between, and reports the full model extrapolated from those per-layer figures, said as such, never as measured.
+Points run batch by batch (eager, then compiled), the JSON is rewritten after each, ``--budget`` skips a point
+that the last one of its kind says would end past it, and SIGTERM (``timeout``) ends the run with what it has.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import json
+import os
+import signal
 import statistics
 import sys
+import threading
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from .e2e_report import format_e2e, targets
-from .gpt_oss_checkpoint import (
-    checkpoint_bytes,
-    ensure_checkpoint,
-    model_config,
-    tensor_specs,
-)
-from .report import write_json
+from .e2e_plan import LayerPlan, label, plan_layers
+from .e2e_report import extrapolations, format_e2e, targets
+from .gpt_oss_checkpoint import checkpoint_bytes, ensure_checkpoint, model_config, places, room, tensor_specs
+
+SHORT_LAYERS = 1  # a reduced run also times its decode points with this many layers: the per-layer difference
 
 
-def log(text: str, started: float) -> None:
-    print(f"e2e [{time.time() - started:6.0f} s] {text}", file=sys.stderr, flush=True)
+class Stopped(BaseException):
+    """SIGTERM during the run (``timeout``): the run writes what it measured and ends. Not an Exception, so no
+    per-point handler takes it for a failed point."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Stopped(f"stopped by signal {signum}")
+
+
+@dataclass
+class Recorder:
+    """The run's results so far, its clock and budget; ``save`` rewrites the JSON (after every point)."""
+
+    path: Path
+    header: dict[str, Any]
+    budget: float | None = None
+    started: float = field(default_factory=time.time)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    costs: dict[tuple[str, int], float] = field(default_factory=dict)  # (mode, layers): seconds of the last point
+    stopped: str | None = None
+
+    def log(self, text: str) -> None:
+        print(f"e2e [{time.time() - self.started:6.0f} s] {text}", file=sys.stderr, flush=True)
+
+    def save(self) -> None:
+        payload = {**self.header, "seconds": round(time.time() - self.started, 1), "stopped": self.stopped,
+                   "models": self.results, "targets": targets(self.results), "extrapolated": extrapolations(self.results)}
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        temporary.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        os.replace(temporary, self.path)  # a kill mid-write leaves the previous complete file
+
+    def skip_reason(self, mode: str, layers: int) -> str | None:
+        """Why a point is not started (None: start it): the last point of its kind would end past the budget."""
+        if self.budget is None:
+            return None
+        left = self.budget - (time.time() - self.started)
+        cost = self.costs.get((mode, layers), max((v for (m, _), v in self.costs.items() if m == mode), default=0.0))
+        if cost >= left:
+            return f"skipped: budget ({left:.0f} s left, the last {mode} point took {cost:.0f} s)"
+        return None
 
 
 def _sync(device: torch.device) -> None:
@@ -98,21 +147,58 @@ def decode_rate(model: Any, batch: int, mode: str, settings: argparse.Namespace)
             "warmup_s": warmup, "compiled": compiled}
 
 
-def decode_all(model: Any, settings: argparse.Namespace, started: float, label: str) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for mode in settings.mode_list:
-        if mode == "compiled":
-            torch._dynamo.reset()  # a fresh compile for this model
-        for batch in settings.batch_list:
-            try:
-                point = decode_rate(model, batch, mode, settings)
-                said = f"{point['tokens_per_s']:.1f} tokens/s, {point['ms_per_step']:.2f} ms/step (warm-up {point['warmup_s']:.0f} s)"
-            except Exception as error:  # one failed point must not lose the rest
-                point = {"error": f"{type(error).__name__}: {error}"[:300]}
-                said = point["error"]
-            results.setdefault(mode, {})[str(batch)] = point
-            log(f"{label}: decode {mode} B={batch}: {said}", started)  # the numbers survive a timeout
-    return results
+@contextlib.contextmanager
+def truncated(model: Any, layers: int) -> Iterator[None]:
+    """Only the model's first ``layers`` decoder layers for the duration; the config (and so every cache that
+    generate builds from it) follows the count."""
+    stack, config = model.model.layers, model.config
+    if layers >= len(stack):
+        yield
+        return
+    saved = (config.num_hidden_layers, config.layer_types)
+    model.model.layers = torch.nn.ModuleList(list(stack)[:layers])
+    config.num_hidden_layers, config.layer_types = layers, list(saved[1])[:layers]
+    try:
+        yield
+    finally:
+        model.model.layers = stack
+        config.num_hidden_layers, config.layer_types = saved
+
+
+def _point(model: Any, batch: int, mode: str, layers: int, settings: argparse.Namespace, rec: Recorder) -> dict[str, Any]:
+    """One decode point (``layers``: the model cut to its first ``layers``), or why it failed or was skipped."""
+    skip = rec.skip_reason(mode, layers)
+    if skip:
+        return {"error": skip}
+    began = time.perf_counter()
+    try:
+        with truncated(model, layers):
+            if mode == "compiled":
+                torch._dynamo.reset()  # a fresh compile for this model, batch and layer count
+            point = decode_rate(model, batch, mode, settings)
+    except Exception as error:  # one failed point must not lose the rest
+        point = {"error": f"{type(error).__name__}: {error}"[:300]}
+    point["seconds"] = time.perf_counter() - began
+    rec.costs[(mode, layers)] = point["seconds"]
+    return point
+
+
+def decode_all(model: Any, side: dict[str, Any], plan: LayerPlan, settings: argparse.Namespace, rec: Recorder,
+               name: str) -> None:
+    """Every decode point into ``side["decode"]`` (and, for a reduced run or with ``--per-layer``, the cut
+    model's into ``side["decode_short"]``), batch by batch; the JSON after each."""
+    counts = [(plan.layers, side.setdefault("decode", {}))]
+    if (plan.reduced or settings.per_layer) and plan.layers > SHORT_LAYERS:
+        counts.append((SHORT_LAYERS, side.setdefault("decode_short", {"layers": SHORT_LAYERS})))
+    for batch in settings.batch_list:
+        for mode in settings.mode_list:
+            for layers, into in counts:
+                point = _point(model, batch, mode, layers, settings, rec)
+                into.setdefault(mode, {})[str(batch)] = point
+                rec.save()
+                said = point.get("error") or (f"{point['tokens_per_s']:.1f} tokens/s, {point['ms_per_step']:.2f} ms/step "
+                                              f"(warm-up {point['warmup_s']:.0f} s, {point['seconds']:.0f} s in all)")
+                rec.log(f"{name}: decode {mode} B={batch} ({layers} layer{'s' * (layers > 1)}): {said}")  # the numbers survive a kill
 
 
 def _prepare(model: Any) -> Any:
@@ -120,6 +206,19 @@ def _prepare(model: Any) -> Any:
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+def non_layer_bytes(model: Any) -> int:
+    """Bytes of the model's tensors outside its decoder layers (embeddings, final norm, lm_head, rotary), each
+    storage once (a tied lm_head is the embedding)."""
+    inside = {id(t) for t in (*model.model.layers.parameters(), *model.model.layers.buffers())}
+    seen, total = set(), 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in inside or tensor.is_meta or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def load_ours(path: Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
@@ -135,7 +234,7 @@ def load_ours(path: Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
     started = time.perf_counter()
     model = load_gpt_oss(path, device=device)
     _sync(device)
-    load = {"load_s": time.perf_counter() - started}
+    load = {"load_s": time.perf_counter() - started, "non_layer_gb": non_layer_bytes(model) / 1e9}
     if memory:
         load["peak_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
         load["after_gb"] = (torch.cuda.memory_allocated(device) - base) / 1e9
@@ -174,38 +273,56 @@ def bf16_fit(config: Any, device: torch.device) -> str | None:
     return None
 
 
-def run_model(name: str, settings: argparse.Namespace, device: torch.device, started: float) -> dict[str, Any]:
-    config = model_config(name)
+def _plan(name: str, settings: argparse.Namespace, device: torch.device) -> tuple[LayerPlan, Path, list[Path]]:
+    """The layer count and the checkpoint's directory and spill places (OSError / ValueError when it cannot run)."""
     directory = Path(settings.dir) / name
-    log(f"{name}: checkpoint in {directory} ({checkpoint_bytes(config) / 1e9:.1f} GB)", started)
-    result: dict[str, Any] = {"model": name, "checkpoint": ensure_checkpoint(directory, config, seed=settings.seed)}
-    log(f"{name}: checkpoint {'reused' if result['checkpoint']['reused'] else 'written'}; load_gpt_oss", started)
+    where = places(directory, [Path(d) for d in settings.spill_dir])
+    gpu = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    plan = plan_layers(name, settings.layers, [str(p) for p in where], [room(p) for p in where], gpu)
+    return plan, directory, [Path(d) for d in settings.spill_dir]
+
+
+def run_model(name: str, result: dict[str, Any], settings: argparse.Namespace, device: torch.device, rec: Recorder) -> None:
+    """One model into ``result`` (already in ``rec.results``, so every save carries what it has)."""
+    plan, directory, spill = _plan(name, settings, device)
+    shown = label(name, plan.layers, plan.full)
+    config = model_config(name, num_hidden_layers=plan.layers)
+    result.update(layers=plan.layers, full_layers=plan.full, layers_why=plan.why)
+    rec.log(f"{shown}: {plan.why}; checkpoint in {directory} ({checkpoint_bytes(config) / 1e9:.1f} GB)")
+    result["checkpoint"] = ensure_checkpoint(directory, config, seed=settings.seed, spill=spill)
+    ckpt = result["checkpoint"]
+    rate = "" if ckpt["reused"] else f" in {ckpt['seconds']:.0f} s ({ckpt['bytes'] / 1e9 / max(ckpt['seconds'], 1e-9):.2f} GB/s)"
+    rec.log(f"{shown}: checkpoint {'reused' if ckpt['reused'] else 'written'}{rate}; load_gpt_oss")
+    rec.save()
     model, result["ours"] = load_ours(directory, device)
-    memory = "".join(f", {key} {result['ours'][key]:.2f} GB" for key in ("peak_gb", "after_gb") if key in result["ours"])
-    log(f"{name}: loaded in {result['ours']['load_s']:.1f} s{memory}", started)
-    result["ours"]["decode"] = decode_all(model, settings, started, f"{name} ours")
+    ours = result["ours"]
+    memory = "".join(f", {key} {ours[key]:.2f} GB" for key in ("peak_gb", "after_gb") if key in ours)
+    if "after_gb" in ours:
+        memory += f" (non-layer {ours['non_layer_gb']:.2f} GB + {(ours['after_gb'] - ours['non_layer_gb']) / plan.layers:.3f} GB per layer)"
+    rec.log(f"{shown}: loaded in {ours['load_s']:.1f} s{memory}")
+    rec.save()
+    decode_all(model, result["ours"], plan, settings, rec, f"{shown} ours")
     del model
     _release(device)
-    result["bf16"] = run_bf16(name, config, directory, settings, device, started)
-    return result
+    result["bf16"] = {}
+    run_bf16(result["bf16"], plan, config, directory, settings, device, rec, shown)
 
 
-def run_bf16(name: str, config: Any, directory: Path, settings: argparse.Namespace, device: torch.device,
-             started: float) -> dict[str, Any]:
+def run_bf16(bf16: dict[str, Any], plan: LayerPlan, config: Any, directory: Path, settings: argparse.Namespace,
+             device: torch.device, rec: Recorder, shown: str) -> None:
     reason = "skipped (--no-bf16)" if settings.no_bf16 else bf16_fit(config, device)
     if reason:
-        return {"error": reason}
-    log(f"{name}: the bf16 model (experts dequantized from the packed ones)", started)
+        bf16["error"] = reason
+        return
+    rec.log(f"{shown}: the bf16 model (experts dequantized from the packed ones)")
     model, _ = load_ours(directory, device)
     to_bf16_experts(model)
     _release(device)
-    bf16: dict[str, Any] = {}
     if device.type == "cuda":
         bf16["after_gb"] = torch.cuda.memory_allocated(device) / 1e9
-    bf16["decode"] = decode_all(model, settings, started, f"{name} bf16")
+    decode_all(model, bf16, plan, settings, rec, f"{shown} bf16")
     del model
     _release(device)
-    return bf16
 
 
 def _release(device: torch.device) -> None:
@@ -222,6 +339,26 @@ def _machine(device: torch.device) -> dict[str, Any]:
     return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def _run_models(models: list[str], args: argparse.Namespace, device: torch.device, rec: Recorder) -> int:
+    """Each model in turn; a model that fails (no room for its checkpoint, a bad --layers, out of memory) is said,
+    keeps what it measured, and the rest go on."""
+    status = 0
+    for name in models:
+        result: dict[str, Any] = {"model": name}
+        rec.results.append(result)
+        try:
+            run_model(name, result, args, device, rec)
+        except Exception as error:
+            if not isinstance(error, (OSError, ValueError)):  # not a planning error: the trace says where
+                traceback.print_exc()
+            result["error"] = f"{type(error).__name__}: {error}"
+            rec.log(f"{name}: error: {result['error']}")
+            status = 1
+        _release(device)
+        rec.save()
+    return status
+
+
 def run(args: argparse.Namespace, batches: list[int]) -> int:
     """The suite: every model asked for, then the JSON (``bench_e2e.json`` in --out) and the table."""
     if args.new_tokens < 2 or args.prompt_tokens < 1 or args.reps < 1:
@@ -232,15 +369,22 @@ def run(args: argparse.Namespace, batches: list[int]) -> int:
     models = ["tiny"] if args.tiny else (args.model or ["gpt-oss-20b"])
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    results: list[dict[str, Any]] = []
-    for name in models:
-        results.append(run_model(name, args, device, started))
-        payload = {**_machine(device), "suite": "e2e", "seconds": round(time.time() - started, 1),
-                   "settings": {"batches": batches, "modes": args.mode_list, "new_tokens": args.new_tokens,
-                                "prompt_tokens": args.prompt_tokens, "reps": args.reps},
-                   "models": results, "targets": targets(results)}
-        write_json(out_dir / "bench_e2e.json", payload)  # after each model: a later timeout keeps it
-    print(f"device: {payload['device']} (torch {payload['torch']}, transformers {payload['transformers']})")
-    print(format_e2e(results, batches, args.mode_list))
-    return 0
+    settings = {"batches": batches, "modes": args.mode_list, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+                "reps": args.reps, "layers": args.layers, "budget_s": args.budget}
+    rec = Recorder(out_dir / "bench_e2e.json", {**_machine(device), "suite": "e2e", "settings": settings}, args.budget)
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread only
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
+    try:
+        status = _run_models(models, args, device, rec)
+    except Stopped as stop:
+        rec.stopped, status = f"{stop} after {time.time() - rec.started:.0f} s", 124
+        rec.log(f"{rec.stopped}: writing what was measured")
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    rec.save()
+    print(f"device: {rec.header['device']} (torch {rec.header['torch']}, transformers {rec.header['transformers']})")
+    print(format_e2e(rec.results, batches, args.mode_list))
+    if rec.stopped:
+        print(f"\nINCOMPLETE: {rec.stopped}")
+    return status

@@ -19,6 +19,19 @@ def check_modes(text: str) -> str:
     return ",".join(modes)
 
 
+def check_layers(text: str) -> int | str:
+    """The ``--layers`` argument: a positive layer count, or ``fit``."""
+    if text == "fit":
+        return text
+    try:
+        layers = int(text)
+    except ValueError:
+        layers = 0
+    if layers < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive layer count or 'fit', got {text!r}")
+    return layers
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The e2e flags (the bench parser shares them with every suite)."""
     add = parser.add_argument
@@ -32,3 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--modes", type=check_modes, default="eager,compiled", metavar="M,...",
         help="e2e: decode modes, eager (dynamic cache) and/or compiled (static cache) (default both)")
     add("--no-bf16", action="store_true", help="e2e: leave out transformers' bf16 experts")
+    add("--layers", type=check_layers, metavar="N|fit",
+        help="e2e: only the first N layers, at the real dimensions (default all; 'fit': the most whose checkpoint fits "
+        "--dir and --spill-dir and whose weights fit the GPU). The tables say 'N of M layers'; per-layer figures and "
+        "the full model extrapolated from them (said as such) follow")
+    add("--per-layer", action="store_true",
+        help="e2e: time each decode point with the model cut to 1 layer as well, for the ms per layer, also when all "
+        "layers run (a run of fewer layers always does)")
+    add("--spill-dir", action="append", default=[], metavar="DIR",
+        help="e2e: where checkpoint shards go once --dir is full (linked into --dir; repeatable)")
+    add("--budget", type=float, metavar="S",
+        help="e2e: seconds the suite may take: a decode point that an earlier one of its kind says would end past "
+        "it is skipped (the JSON is written after every point either way)")

@@ -11,8 +11,12 @@
 # (NCU_MODELS, NCU_ARGS) | waits (which side of the pipeline waits; WAITS_ARGS)
 # | e2e. One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu and each e2e model
 # in a call of their own.
-# e2e: E2E_MODELS (default gpt-oss-20b; or gpt-oss-120b), E2E_ARGS (more bench flags, e.g. "--modes eager"),
-# E2E_TIMEOUT (seconds, default 480); the checkpoint goes to /dev/shm or /tmp, whichever has room.
+# e2e: E2E_MODELS (default gpt-oss-20b; or gpt-oss-120b: one model per call), E2E_ARGS (replaces the model's
+# default bench flags, see e2e_args), E2E_TIMEOUT (seconds per model, default 450: the bench's --budget is 30 s
+# less, so it ends itself with its table), E2E_KEEP=1 keeps the checkpoint. The checkpoint goes to the larger of
+# /dev/shm and /tmp, its shards spilling into the other (linked); the 120b runs the most layers that fit
+# (--layers fit) and, when that is not all 36, says so and extrapolates. Its log and JSON go straight to
+# $OUT/e2e-MODEL.txt and $OUT/e2e-MODEL/bench_e2e.json (rewritten after every point): a killed call keeps them.
 # Results and logs land in $LOGS, packed into $OUT/logs.tgz; $OUT also gets summary.txt (each step's
 # table) and the benchmark PNGs (the device tool brings back at most 8 files). A summary prints last.
 set -uo pipefail
@@ -79,17 +83,25 @@ ncu_run() {
   ncu --import "$rep.ncu-rep" --csv --page raw > "$rep.csv" 2>> "$rep.log"
 }
 
-# e2e_dir MODEL: where MODEL's synthetic checkpoint is (an earlier run's) or fits; empty when nowhere.
-e2e_dir() {
-  local base need avail
-  for base in /dev/shm /tmp; do
-    [ -f "$base/hopper-mxfp4-e2e/$1/synthetic.json" ] && { echo "$base/hopper-mxfp4-e2e"; return; }
-  done
-  need=$(python3 -c "from benchmarks.gpt_oss_checkpoint import checkpoint_bytes, model_config; print(checkpoint_bytes(model_config('$1')))")
-  for base in /dev/shm /tmp; do
-    avail=$(df -B1 --output=avail "$base" 2>/dev/null | tail -n 1)
-    [ -n "$avail" ] && [ "$avail" -gt $((need / 100 * 103)) ] && { echo "$base/hopper-mxfp4-e2e"; return; }
-  done
+# e2e_args MODEL: the e2e step's bench flags for MODEL, sized to end inside E2E_TIMEOUT on an H100 or H200
+# (torch.compile's warm-up, about 65 s per batch size for the 20b, dominates; E2E_ARGS replaces these).
+e2e_args() {
+  case "$1" in
+    gpt-oss-120b) echo "--layers fit --batch 1,64 --new-tokens 16 --reps 1 --no-bf16" ;;
+    *) echo "--batch 1,64 --new-tokens 16 --reps 2" ;;
+  esac
+}
+
+# e2e_places: "DIR SPILL": the checkpoint's place (the larger free space of /dev/shm and /tmp) and the other.
+e2e_places() {
+  local shm tmp
+  shm=$(df -B1 --output=avail /dev/shm 2>/dev/null | tail -n 1)
+  tmp=$(df -B1 --output=avail /tmp 2>/dev/null | tail -n 1)
+  if [ "${shm:-0}" -ge "${tmp:-0}" ]; then
+    echo "/dev/shm/hopper-mxfp4-e2e /tmp/hopper-mxfp4-e2e"
+  else
+    echo "/tmp/hopper-mxfp4-e2e /dev/shm/hopper-mxfp4-e2e"
+  fi
 }
 
 for step in "${steps[@]}"; do
@@ -173,17 +185,19 @@ for step in "${steps[@]}"; do
       note "moe layer: exit ${PIPESTATUS[0]}"; table "$LOGS/moe.txt" "moe"
       ;;
     e2e)
+      read -r e2e_dir e2e_spill <<< "$(e2e_places)"
+      { df -h /dev/shm /tmp; free -g; } 2>&1 | tee "$LOGS/e2e-room.txt"
+      export TQDM_MININTERVAL=10  # progress bars every 10 s, not a log full of them
       for model in ${E2E_MODELS:-gpt-oss-20b}; do
-        dir=$(e2e_dir "$model")
-        if [ -z "$dir" ]; then
-          note "e2e $model: SKIPPED: no room for its checkpoint ($(df -h --output=target,avail /dev/shm /tmp | tail -n +2 | tr -s ' ' | tr '\n' ';'))"
-          continue
-        fi
-        # shellcheck disable=SC2086
-        bench "${E2E_TIMEOUT:-480}" e2e --model "$model" --dir "$dir" --out "$LOGS/e2e-$model" ${E2E_ARGS:-} 2>&1 \
-          | tee "$LOGS/e2e-$model.txt"
-        note "e2e $model (checkpoint under $dir): exit ${PIPESTATUS[0]}"; table "$LOGS/e2e-$model.txt" "e2e $model"
-        grep -E "^e2e \[.*(loaded|decode)" "$LOGS/e2e-$model.txt" >> "$LOGS/summary.txt"  # what a timeout leaves
+        limit=${E2E_TIMEOUT:-450}
+        # SIGTERM at the limit (the bench then writes its table), SIGKILL 20 s later.
+        # shellcheck disable=SC2046,SC2086
+        timeout -k 20 "$limit" python3 -m codegen bench e2e --model "$model" --dir "$e2e_dir" --spill-dir "$e2e_spill" \
+          --budget $((limit - 30)) --out "$OUT/e2e-$model" ${E2E_ARGS:-$(e2e_args "$model")} 2>&1 | tee "$OUT/e2e-$model.txt"
+        note "e2e $model (checkpoint under $e2e_dir, spill $e2e_spill): exit ${PIPESTATUS[0]}"
+        cp "$OUT/e2e-$model.txt" "$LOGS/"; table "$OUT/e2e-$model.txt" "e2e $model"
+        grep -E "^e2e \[.*(written|loaded|decode|error|stopped)" "$OUT/e2e-$model.txt" >> "$LOGS/summary.txt"
+        [ "${E2E_KEEP:-0}" = 1 ] || rm -rf "${e2e_dir:?}/$model" "${e2e_spill:?}/$model"  # room for the next model
       done
       ;;
     fp8)

@@ -603,7 +603,7 @@ def test_e2e_runs_end_to_end_on_the_cpu(tmp_path, capsys, monkeypatch):
                 assert point["ms_per_step"] > 0 and point["tokens_per_s"] == pytest.approx(int(batch) * 1e3 / point["ms_per_step"])
                 assert not point["compiled"]  # transformers compiles the decode step on CUDA only
     assert "static, not compiled" in captured.out and "bf16 (transformers grouped_mm)" in captured.out
-    assert "tiny eager: ours/bf16 tokens/s B=1" in captured.out and "decode eager B=3:" in captured.err
+    assert "tiny eager: ours/bf16 tokens/s B=1" in captured.out and "decode eager B=3 (2 layers):" in captured.err
     assert cli.main(argv) == 0  # the checkpoint is reused
     assert json.loads((tmp_path / "out" / "bench_e2e.json").read_text())["models"][0]["checkpoint"]["reused"]
 
