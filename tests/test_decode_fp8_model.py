@@ -231,4 +231,4 @@ def test_header_does_the_modelled_ops() -> None:
     ):
         assert line in text, line
     source = (TEMPLATES_DIR / "mxfp4_grouped_mm_sm90.cuh").read_text()
-    assert "decode_atom_fp8(codes, scales, frag[Buf][a]);" in source
+    assert "decode_atom_fp8(codes[a], scales[a], frag[Buf][a]);" in source
