@@ -168,11 +168,12 @@ def test_moe_layer_on_the_kernel(paired: bool, seed: int) -> None:
     first = run(x, ids, weights, layer)
     ref = reference_moe_float64(x, ids, weights, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias)
     assert relative_error(first, ref) <= ACCURACY, f"seed {seed}"
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # a host sync in the layer raises
     try:
-        assert torch.equal(run(x, ids, weights, layer), first), f"seed {seed}"
+        again = run(x, ids, weights, layer)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(again, first), f"seed {seed}"  # after the check: torch.equal reads a device bool (a sync)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static = run(x, ids, weights, layer)
