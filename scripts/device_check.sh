@@ -8,8 +8,10 @@
 # Steps: tests sanitize example tune tuning-test | bench (quick, with humming) bench-full (gpt-oss-20b,
 # every M) bench-120b | host | moe-host (mxfp4.moe's eager host us, T = 1, 8, 64, vs <= 60) | fallback | moe
 # | fp8 (W4A8 vs W4A16, torch FP8, bf16, humming FP8; accuracy table; FP8_ARGS overrides its arguments) | ncu
-# | e2e. One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu and each e2e model
-# in a call of their own.
+# | e2e | portable-host (mxfp4.moe's eager host us on the forced portable path, T = 1, 8, replay on and off)
+# | portable-e2e (gpt-oss-20b decode B = 1 eager on the forced portable path, beside bf16 experts).
+# One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu, each e2e model and
+# portable-e2e in a call of their own.
 # e2e: E2E_MODELS (default gpt-oss-20b; or gpt-oss-120b), E2E_ARGS (more bench flags, e.g. "--modes eager"),
 # E2E_TIMEOUT (seconds, default 480); the checkpoint goes to /dev/shm or /tmp, whichever has room.
 # Results and logs land in $LOGS, packed into $OUT/logs.tgz; $OUT also gets summary.txt (each step's
@@ -140,6 +142,29 @@ for step in "${steps[@]}"; do
       if [ "${MOE_HOST_CPU:-1}" != 0 ]; then  # MOE_HOST_CPU=0 leaves out the CPU stand-in (it needs no GPU)
         bench 120 host-cpu 2>&1 | tee "$LOGS/moe-host-cpu.txt"
         { echo "== moe-host-cpu"; cat "$LOGS/moe-host-cpu.txt"; echo; } >> "$LOGS/summary.txt"
+      fi
+      ;;
+    portable-host)
+      # issue 22: the portable layer's eager host us per mxfp4.moe call (gpt-oss-20b layer, paired gate_up, biases),
+      # graph replay on and off ("same bits" checked), behind torch.cuda._sleep; about a minute after the preamble.
+      # 30 calls: without replay a call enqueues ~25 kernels, and the launch queue holds about 1000.
+      HOPPER_MXFP4_FORCE_PORTABLE=1 bench "${PORTABLE_HOST_TIMEOUT:-240}" host --moe-only --no-humming --no-graph \
+        --tokens "${PORTABLE_HOST_TOKENS:-1,8}" --calls 30 --out "$LOGS/portable-host" 2>&1 | tee "$LOGS/portable-host.txt"
+      note "portable-host (HOPPER_MXFP4_FORCE_PORTABLE=1): exit ${PIPESTATUS[0]}; failed captures: $(grep -c 'capturing the portable layer as a CUDA graph failed' "$LOGS/portable-host.txt")"
+      table "$LOGS/portable-host.txt" "portable-host (HOPPER_MXFP4_FORCE_PORTABLE=1: the mxfp4.moe rows are the portable path)"
+      ;;
+    portable-e2e)
+      # issue 22: gpt-oss-20b through load_gpt_oss, decode B = 1 eager, with the portable path forced (the mxfp4
+      # rows), beside transformers' bf16 grouped_mm experts (torch: the variable does not touch them).
+      dir=$(e2e_dir gpt-oss-20b)
+      if [ -z "$dir" ]; then
+        note "portable-e2e: SKIPPED: no room for the checkpoint"
+      else
+        HOPPER_MXFP4_FORCE_PORTABLE=1 bench "${E2E_TIMEOUT:-480}" e2e --model gpt-oss-20b --dir "$dir" --modes eager \
+          --batch "${PORTABLE_E2E_BATCH:-1}" --new-tokens 16 --reps 1 --out "$LOGS/portable-e2e" 2>&1 | tee "$LOGS/portable-e2e.txt"
+        note "portable-e2e (HOPPER_MXFP4_FORCE_PORTABLE=1, checkpoint under $dir): exit ${PIPESTATUS[0]}; failed captures: $(grep -c 'capturing the portable layer as a CUDA graph failed' "$LOGS/portable-e2e.txt")"
+        table "$LOGS/portable-e2e.txt" "portable-e2e (HOPPER_MXFP4_FORCE_PORTABLE=1: the mxfp4 rows are the portable path)"
+        grep -E "^e2e \[.*(loaded|decode)" "$LOGS/portable-e2e.txt" >> "$LOGS/summary.txt"
       fi
       ;;
     fallback)
