@@ -1,12 +1,15 @@
-"""``hopper-mxfp4 bench host-cpu``: the host work of one ``mxfp4.moe`` call on the SM90 path, on the CPU.
+"""``hopper-mxfp4 bench host-cpu``: the host work of one ``mxfp4.moe`` call on the CPU, on the SM90 path and on the
+portable path.
 
 The layer runs at the gpt-oss-20b shapes (E = 32, H = I = 2880, top-4) on CPU tensors with the device
-stubbed (benchmarks.fake_sm90: every kernel launch, graph launch and node update recorded, not made), so
-what is timed is the Python and torch work of a call. Per T and mode (graph replay on / off): µs per
-call (best of five runs), and per call the torch ops (top level), the allocations among them, the kernel
+stubbed (benchmarks.fake_sm90: every kernel launch, graph launch and node update recorded, not made;
+benchmarks.fake_portable: every Triton launch, graph capture and replay recorded, not made), so what is
+timed is the Python and torch work of a call. Per path, T and mode (graph replay on / off): µs per call
+(best of five runs), and per call the torch ops (top level), the allocations among them, the kernel
 launches, graph launches and graph node updates. No GPU needed; the numbers are this CPU's; on the
 device host each kernel launch adds the driver's cost (~12 µs on the H200 host) and each allocation the
-caching allocator's.
+caching allocator's. The portable path's torch ops compute on this CPU (on a GPU they only enqueue), so its
+eager µs at larger T include that arithmetic.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ TOP_K = 4
 ALLOCATING_OPS = ("aten::empty", "aten::new_empty", "aten::empty_like", "aten::empty_strided", "aten::zeros")
 
 
-def layer(tokens: int, seed: int = 0) -> Callable[[], torch.Tensor]:
-    """One gpt-oss-20b layer call at ``tokens``, ready to repeat (weights never read: uninitialized)."""
+def layer(tokens: int, seed: int = 0, paired: bool = True) -> Callable[[], torch.Tensor]:
+    """One gpt-oss-20b layer call at ``tokens``, ready to repeat (weights never read: uninitialized);
+    ``paired``: gate_up from mxfp4.pack_gate_up (else mxfp4.pack, checkpoint row order)."""
     import mxfp4
 
-    gate_up = mxfp4.PackedGateUp(torch.empty(EXPERTS, 2 * INTERMEDIATE // 64, HIDDEN // 64, 2176, dtype=torch.uint8),
-                                 2 * INTERMEDIATE, HIDDEN)
+    kind = mxfp4.PackedGateUp if paired else mxfp4.PackedMXFP4
+    gate_up = kind(torch.empty(EXPERTS, 2 * INTERMEDIATE // 64, HIDDEN // 64, 2176, dtype=torch.uint8),
+                   2 * INTERMEDIATE, HIDDEN)
     down = mxfp4.PackedMXFP4(torch.empty(EXPERTS, HIDDEN // 64, INTERMEDIATE // 64, 2176, dtype=torch.uint8),
                              HIDDEN, INTERMEDIATE)
     generator = torch.Generator().manual_seed(seed)
@@ -75,6 +80,36 @@ def measure(tokens: int, replay: bool, calls: int) -> dict[str, Any]:
             "node_updates": done["node updates"]}
 
 
+def measure_portable(tokens: int, replay: bool, calls: int, paired: bool = True) -> dict[str, Any]:
+    """The same on the portable path (benchmarks.fake_portable): µs per call and what one call does."""
+    from mxfp4.experts import graphs as moe_graphs
+
+    from .fake_portable import PortableRecorder, fake_portable
+
+    call = layer(tokens, paired=paired)
+    recorder = PortableRecorder(count_only=True)
+    flush = torch.set_flush_denormal(True)  # the stand-in kernels leave their outputs uninitialized
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the torch ops compute on the CPU here: one thread, no pool wake-ups in the timing
+    with fake_portable(recorder):
+        moe_graphs.set_moe_graphs(replay)
+        try:
+            for _ in range(5):
+                call()
+            best = min(_timed(call, calls) for _ in range(5))
+            before = Counter(recorder.counts)
+            ops = _ops_per_call(call)
+            done = recorder.counts - before
+        finally:
+            moe_graphs.set_moe_graphs(None)
+            torch.set_flush_denormal(False) if flush else None
+            torch.set_num_threads(threads)
+    return {"tokens": tokens, "replay": replay, "paired": paired, "host_us": best, "torch_ops": sum(ops.values()),
+            "allocations": sum(ops[name] for name in ALLOCATING_OPS), "ops": dict(ops),
+            "kernel_launches": done["kernel launches"], "graph_launches": done["graph launches"],
+            "node_updates": 0}
+
+
 def _timed(call: Callable[[], Any], calls: int) -> float:
     begin = time.perf_counter()
     for _ in range(calls):
@@ -91,7 +126,12 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace, token_values: list[int]) -> int:
-    rows = [measure(tokens, replay, min(args.calls, 2000)) for tokens in token_values for replay in (True, False)]
+    calls = min(args.calls, 2000)
+    rows = [measure(tokens, replay, calls) for tokens in token_values for replay in (True, False)]
     print("host-cpu: mxfp4.moe's SM90 host path on this CPU, device stubbed (gpt-oss-20b, top-4, best of 5 runs)")
     print(format_rows(rows))
+    portable = [measure_portable(tokens, replay, calls) for tokens in token_values for replay in (True, False)]
+    print("\nhost-cpu: mxfp4.moe's portable host path (Triton kernel, paired gate_up) on this CPU, device stubbed "
+          "(torch ops computing on the CPU)")
+    print(format_rows(portable))
     return 0

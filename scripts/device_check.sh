@@ -9,8 +9,10 @@
 # every M) bench-120b | host | moe-host (mxfp4.moe's eager host us, T = 1, 8, 64, vs <= 60) | fallback | moe
 # | fp8 (W4A8 vs W4A16, torch FP8, bf16, humming FP8; accuracy table; FP8_ARGS overrides its arguments) | ncu
 # (NCU_MODELS, NCU_ARGS) | waits (which side of the pipeline waits; WAITS_ARGS)
-# | e2e. One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu and each e2e model
-# in a call of their own.
+# | e2e | portable-host (mxfp4.moe's eager host us on the forced portable path, T = 1, 8, replay on and off)
+# | portable-e2e (gpt-oss-20b decode B = 1 eager on the forced portable path, beside bf16 experts).
+# One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu, each e2e model and
+# portable-e2e in a call of their own.
 # e2e: E2E_MODELS (default gpt-oss-20b; or gpt-oss-120b: one model per call), E2E_ARGS (replaces the model's
 # default bench flags, see e2e_args), E2E_TIMEOUT (seconds per model, default 450: the bench's --budget is 30 s
 # less, so it ends itself with its table), E2E_KEEP=1 keeps the checkpoint. The checkpoint goes to the larger of
@@ -172,6 +174,30 @@ for step in "${steps[@]}"; do
         bench 120 host-cpu 2>&1 | tee "$LOGS/moe-host-cpu.txt"
         { echo "== moe-host-cpu"; cat "$LOGS/moe-host-cpu.txt"; echo; } >> "$LOGS/summary.txt"
       fi
+      ;;
+    portable-host)
+      # issue 22: the portable layer's eager host us per mxfp4.moe call (gpt-oss-20b layer, paired gate_up, biases),
+      # graph replay on and off ("same bits" checked), behind torch.cuda._sleep; about a minute after the preamble.
+      # 30 calls: without replay a call enqueues ~25 kernels, and the launch queue holds about 1000.
+      HOPPER_MXFP4_FORCE_PORTABLE=1 bench "${PORTABLE_HOST_TIMEOUT:-240}" host --moe-only --no-humming --no-graph \
+        --tokens "${PORTABLE_HOST_TOKENS:-1,8}" --calls 30 --out "$LOGS/portable-host" 2>&1 | tee "$LOGS/portable-host.txt"
+      note "portable-host (HOPPER_MXFP4_FORCE_PORTABLE=1): exit ${PIPESTATUS[0]}; failed captures: $(grep -c 'capturing the portable layer as a CUDA graph failed' "$LOGS/portable-host.txt")"
+      table "$LOGS/portable-host.txt" "portable-host (HOPPER_MXFP4_FORCE_PORTABLE=1: the mxfp4.moe rows are the portable path)"
+      ;;
+    portable-e2e)
+      # issue 22: gpt-oss-20b through load_gpt_oss, decode B = 1 eager, with the portable path forced (the mxfp4
+      # rows), beside transformers' bf16 grouped_mm experts (torch: the variable does not touch them). It reuses the
+      # e2e step's checkpoint when that step ran first with E2E_KEEP=1.
+      read -r e2e_dir e2e_spill <<< "$(e2e_places)"
+      limit=${PORTABLE_E2E_TIMEOUT:-300}
+      export TQDM_MININTERVAL=10
+      HOPPER_MXFP4_FORCE_PORTABLE=1 timeout -k 20 "$limit" python3 -m codegen bench e2e --model gpt-oss-20b \
+        --dir "$e2e_dir" --spill-dir "$e2e_spill" --budget $((limit - 30)) --modes eager \
+        --batch "${PORTABLE_E2E_BATCH:-1}" --new-tokens 16 --reps 1 --out "$OUT/portable-e2e" 2>&1 | tee "$LOGS/portable-e2e.txt"
+      note "portable-e2e (HOPPER_MXFP4_FORCE_PORTABLE=1, checkpoint under $e2e_dir): exit ${PIPESTATUS[0]}; failed captures: $(grep -c 'capturing the portable layer as a CUDA graph failed' "$LOGS/portable-e2e.txt")"
+      table "$LOGS/portable-e2e.txt" "portable-e2e (HOPPER_MXFP4_FORCE_PORTABLE=1: the mxfp4 rows are the portable path)"
+      grep -E "^e2e \[.*(loaded|decode)" "$LOGS/portable-e2e.txt" >> "$LOGS/summary.txt"
+      [ "${E2E_KEEP:-0}" = 1 ] || rm -rf "${e2e_dir:?}/gpt-oss-20b" "${e2e_spill:?}/gpt-oss-20b"
       ;;
     fallback)
       # FALLBACK_ARGS adds flags (e.g. "--portable-sweep", "--routing both", "--model-path DIR").

@@ -357,18 +357,30 @@ def test_values_per_suite():
         parse("moe", "--tokens", "0")
 
 
-def test_host_cpu_suite_runs_without_a_gpu(capsys, monkeypatch):
-    """The host work of one mxfp4.moe call, device stubbed: a replayed call allocates its output and
-    launches one graph; without replay, two allocations and the five kernels."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.main(["host-cpu", "--tokens", "1,64", "--calls", "20"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+def _host_cpu_rows(lines: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """(replayed, launched) rows of a host-cpu table: T and the counts (torch ops, allocations, kernel launches,
+    graph launches); columns: T, mode, host us, torch ops, allocations, kernel launches, graph launches, updates."""
     rows = [line.split() for line in lines if line.split()[:1] in (["1"], ["64"])]
-    # columns: T, mode, host us, torch ops, allocations, kernel launches, graph launches, node updates
     replayed = [r[:1] + r[4:8] for r in rows if r[1:3] == ["graph", "replay"]]
     launched = [r[:1] + r[3:7] for r in rows if r[1] == "launches"]
+    return replayed, launched
+
+
+def test_host_cpu_suite_runs_without_a_gpu(capsys, monkeypatch):
+    """The host work of one mxfp4.moe call, device stubbed. SM90: a replayed call allocates its output and
+    launches one graph; without replay, two allocations and the five kernels. Portable: a replayed call
+    copies its inputs in (one op) and its output out, one graph launch; without replay, the composition's
+    torch ops and the two Triton launches."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["host-cpu", "--tokens", "1,64", "--calls", "5"]) == 0
+    out = capsys.readouterr().out
+    sm90, portable = out.split("\nhost-cpu: mxfp4.moe's portable host path")
+    replayed, launched = _host_cpu_rows(sm90.splitlines())
     assert replayed == [[t, "1", "1", "0", "1"] for t in ("1", "64")]
     assert launched == [[t, "2", "2", "5", "0"] for t in ("1", "64")]
+    replayed, launched = _host_cpu_rows(portable.splitlines())
+    assert replayed == [[t, "2", "0", "0", "1"] for t in ("1", "64")]  # _foreach_copy_ and clone
+    assert [r[0] for r in launched] == ["1", "64"] and all(int(r[1]) <= 36 and r[3:] == ["2", "0"] for r in launched)
 
 
 def test_moe_host_verdicts():

@@ -170,7 +170,7 @@ def test_moe_layer_on_the_kernel(paired: bool, seed: int) -> None:
     first = run(x, ids, weights, layer)
     ref = reference_moe_float64(x, ids, weights, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias)
     assert relative_error(first, ref) <= ACCURACY, f"seed {seed}"
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # a host sync in the layer raises
     try:
         again = run(x, ids, weights, layer)
     finally:
@@ -185,6 +185,58 @@ def test_moe_layer_on_the_kernel(paired: bool, seed: int) -> None:
     torch.cuda.synchronize()
     assert torch.equal(static, run(x, ids, weights, layer)), f"seed {seed}"
     assert weight_cache.stats("cuda").nbytes == 0
+
+
+@pytest.mark.parametrize("paired", [True, False], ids=["paired", "checkpoint order"])
+def test_moe_layer_replays_as_one_cuda_graph(paired: bool, seed: int) -> None:
+    """Plain eager calls at small T replay the layer as one captured graph from their second call
+    (mxfp4.experts.portable_graphs): the eager call's bits, new inputs and in-place weight updates followed,
+    no host sync in a replayed call, no decoded copy."""
+    from mxfp4.experts import portable_graphs
+    from mxfp4.experts.layer import moe_composition
+
+    layer = make_layer(8, 160, 96, 160 ** -0.5, device="cuda", paired=paired)
+    x = torch.randn(5, 160, device="cuda").bfloat16()
+    ids, weights = make_routing(5, 8, 3, skew=True, device="cuda")
+    mxfp4.set_moe_graphs(True)  # conftest undoes it and drops the graphs
+    first = run(x, ids, weights, layer)  # eager
+    second = run(x, ids, weights, layer)  # captured, then replayed
+    assert portable_graphs.stats()["graphs"] == 1 and torch.equal(first, second), f"seed {seed}"
+
+    def eager(x, ids, weights):
+        return moe_composition(x, ids, weights, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias, 1.702, 7.0)
+
+    x2 = torch.randn_like(x)
+    ids2, weights2 = make_routing(5, 8, 3, skew=False, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # a replayed call: copies in, one graph launch, a copy out
+    try:
+        third = run(x2, ids2, weights2, layer)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = reference_moe_float64(x2, ids2, weights2, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias)
+    assert relative_error(third, ref) <= ACCURACY and torch.equal(third, eager(x2, ids2, weights2)), f"seed {seed}"
+    layer.down.data.copy_(make_layer(8, 160, 96, 160 ** -0.5, device="cuda", paired=paired).down.data)  # in place
+    layer.gate_up_bias.mul_(-1)
+    assert torch.equal(run(x2, ids2, weights2, layer), eager(x2, ids2, weights2)), f"seed {seed}: stale weights"
+    assert portable_graphs.stats()["graphs"] == 1 and weight_cache.stats("cuda").nbytes == 0
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_gpt_oss_20b_layer_replay_matches_eager(tokens: int, seed: int) -> None:
+    """One gpt-oss-20b-sized layer (E = 32, H = I = 2880, top-4) at decode T: replay and eager give the same bits."""
+    from mxfp4.experts import portable_graphs
+    from mxfp4.experts.layer import moe_composition
+
+    gate_up, down = _random_packed(32, 5760, 2880), _random_packed(32, 2880, 2880)
+    gate_up = mxfp4.PackedGateUp(gate_up.data, gate_up.n, gate_up.k)
+    biases = torch.randn(32, 5760, device="cuda").bfloat16(), torch.randn(32, 2880, device="cuda").bfloat16()
+    x = torch.randn(tokens, 2880, device="cuda").bfloat16()
+    ids, weights = make_routing(tokens, 32, 4, device="cuda")
+    mxfp4.set_moe_graphs(True)
+    outs = [mxfp4.moe(x, ids, weights, gate_up, down, gate_up_bias=biases[0], down_bias=biases[1]) for _ in range(3)]
+    eager = moe_composition(x, ids, weights, gate_up, down, biases[0], biases[1], 1.702, 7.0)
+    assert portable_graphs.stats()["graphs"] == 1 and all(torch.equal(o, eager) for o in outs), f"seed {seed}"
+    assert torch.isfinite(eager).all(), f"seed {seed}"
 
 
 def test_cache_is_an_opt_in_for_prefill(seed: int) -> None:

@@ -35,7 +35,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Callable, Hashable
 
 import torch
 
@@ -109,13 +109,25 @@ def _workspace_bytes() -> int:
 
 
 def clear() -> None:
-    """Drop every graph and workspace (graphs still running are freed when they finish)."""
+    """Drop every graph and workspace (graphs still running are freed when they finish), and the other layer
+    replays' graphs (those registered with :func:`on_clear`: the portable path's)."""
     with _lock:
         _drop_dead()
         while _graphs:
             _evict_oldest()
         _seen.clear()
         _failed.clear()
+    for hook in _clear_hooks:
+        hook()
+
+
+_clear_hooks: list[Callable[[], None]] = []
+
+
+def on_clear(hook: Callable[[], None]) -> None:
+    """Call ``hook`` whenever :func:`clear` runs (set_moe_graphs(False) too): another replay's cache follows this switch."""
+    if hook not in _clear_hooks:
+        _clear_hooks.append(hook)
 
 
 def graph_key(stream: int, plan_key: Hashable, call) -> tuple:

@@ -28,7 +28,9 @@ On CUDA nothing here reads a device value on the host and every shape depends on
 only (always T·k routed rows), so with a fixed T the whole layer captures into a CUDA graph: that is
 the static-shape decode variant. Every step is deterministic, so calls are bitwise identical. On SM90
 ``mxfp4.grouped_mm`` runs the generated kernel; on other CUDA GPUs the portable path's in-register kernel
-(offsets read on the device: no sync either); on the CPU the torch path.
+(offsets read on the device: no sync either); on the CPU the torch path. On the portable path a plain eager
+call at small T replays this composition as one CUDA graph from its second call
+(:mod:`mxfp4.experts.portable_graphs`): the same ops, so the same bits, for a fraction of the host time.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ import torch
 
 from codegen.build.config import MAX_EXPERTS
 from mxfp4.format.gate_up import (
+    PAIR_CHANNELS,
     PackedGateUp,
     PackedGateUpFP8,
     is_paired,
-    split_gate_up,
     unpack_gate_up,
 )
 from mxfp4.format.layout import PackedMXFP4
@@ -56,10 +58,12 @@ from mxfp4.ops.activations import quantize_activations
 from mxfp4.ops.dispatch import SM90, select_path
 from mxfp4.ops.grouped_gemm import (
     debug_checks_enabled,
-    grouped_mm,
+    grouped_mm_trusted,
     inference_only_backward,
     runs_directly,
 )
+
+from . import portable_graphs
 
 ACTIVATIONS = ("gpt_oss",)
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -91,10 +95,13 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
 
 
 def gpt_oss_activation(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """transformers' ``GptOssExperts._apply_gate`` on split gate / up: clamped SwiGLU."""
+    """transformers' ``GptOssExperts._apply_gate`` on split gate / up: clamped SwiGLU, ``(up + 1) * (gate *
+    sigmoid(gate * alpha))`` after the clamps (in place on its own temporaries: the same roundings, fewer
+    allocations); a new contiguous tensor of gate's shape."""
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    glu = (gate * alpha).sigmoid_().mul_(gate)
+    return glu.mul_(up.add_(1))
 
 
 def gathered_rows(x: torch.Tensor, token: torch.Tensor, activations: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -107,18 +114,34 @@ def gathered_rows(x: torch.Tensor, token: torch.Tensor, activations: str) -> tup
     return rows, x_scale.index_select(0, token)
 
 
+def _gate_and_up(h: torch.Tensor, bias: torch.Tensor | None, sorted_ids: torch.Tensor,
+                 paired: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up): float32 views of the gate_up product ``h`` [R, 2I] with the routed rows' bias added. h's
+    columns are interleaved (gate, up of channel c at 2c, 2c + 1) or paired (``mxfp4.format.gate_up``); either
+    way one view of h holds gate and up along dimension 2 ([R, I, 2], or [R, I/8, 2, 8] paired), and the
+    bias, stored interleaved as in the checkpoint, takes the same view: nothing is copied to split them."""
+    inter = h.shape[1] // 2
+    shape = (inter // PAIR_CHANNELS, 2, PAIR_CHANNELS) if paired else (inter, 2)
+    hv = h.float().view(-1, *shape)
+    if bias is not None:
+        if paired:  # interleaved [E, I/8, 8, 2] -> [E, I/8, 2, 8]: paired row 16b + 8i + j is 16b + 2j + i
+            view = bias.reshape(bias.shape[0], inter // PAIR_CHANNELS, PAIR_CHANNELS, 2).transpose(2, 3)
+        else:
+            view = bias.reshape(bias.shape[0], inter, 2)
+        hv += view.index_select(0, sorted_ids)  # float32 += the bias's own dtype (exact)
+    return hv.select(2, 0), hv.select(2, 1)
+
+
 def gate_up_step(
     x: torch.Tensor, routing: Routing, top_k: int, gate_up: PackedMXFP4 | PackedMXFP4FP8, bias: torch.Tensor | None,
     alpha: float, limit: float, activations: str = "bf16",
 ) -> torch.Tensor:
     """Gather, gate_up GEMM, bias and activation: bf16 ``[T·k, I]`` in routed order."""
-    rows, x_scale = gathered_rows(x, routing.order // top_k, activations)
-    h = grouped_mm(rows, gate_up, routing.offsets, x_scale=x_scale).float()
-    gate, up = split_gate_up(h, is_paired(gate_up))
-    if bias is not None:  # the bias keeps the interleaved order of the checkpoint
-        routed = bias.index_select(0, routing.sorted_ids).float()
-        gate, up = gate + routed[:, 0::2], up + routed[:, 1::2]
-    return gpt_oss_activation(gate, up, alpha, limit).to(torch.bfloat16)
+    token = routing.order // top_k if top_k > 1 else routing.order
+    rows, x_scale = gathered_rows(x, token, activations)
+    h = grouped_mm_trusted(rows, gate_up, routing.offsets, x_scale)
+    gate, up = _gate_and_up(h, bias, routing.sorted_ids, is_paired(gate_up))
+    return gpt_oss_activation(gate, up, alpha, limit).to(torch.bfloat16).reshape(h.shape[0], -1)
 
 
 def down_step(a: torch.Tensor, routing: Routing, down: PackedMXFP4 | PackedMXFP4FP8, bias: torch.Tensor | None,
@@ -126,11 +149,11 @@ def down_step(a: torch.Tensor, routing: Routing, down: PackedMXFP4 | PackedMXFP4
     """Down GEMM and bias: float32 ``[T·k, H]`` in routed order (activations "fp8": ``a`` quantized per row first)."""
     if activations == "fp8":
         a_fp8, a_scale = quantize_activations(a)
-        y = grouped_mm(a_fp8, down, routing.offsets, x_scale=a_scale).float()
+        y = grouped_mm_trusted(a_fp8, down, routing.offsets, a_scale).float()
     else:
-        y = grouped_mm(a, down, routing.offsets).float()
+        y = grouped_mm_trusted(a, down, routing.offsets).float()
     if bias is not None:
-        y = y + bias.index_select(0, routing.sorted_ids).float()
+        y += bias.index_select(0, routing.sorted_ids)  # float32 += the bias's own dtype (exact)
     return y
 
 
@@ -141,8 +164,9 @@ def combine(y: torch.Tensor, routing: Routing, topk_weights: torch.Tensor, valid
     multiply, so not even a NaN in their rows gets through)."""
     num_tokens, top_k = topk_weights.shape
     # order is a permutation, so this scatter writes each row once (deterministic).
-    unsorted = torch.empty_like(y).index_copy_(0, routing.order, y)
-    weighted = unsorted.view(num_tokens, top_k, -1) * topk_weights.float().unsqueeze(-1)
+    weighted = torch.empty_like(y).index_copy_(0, routing.order, y).view(num_tokens, top_k, -1)
+    weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+    weighted *= weights.unsqueeze(-1)
     if valid is not None:
         weighted = torch.where(valid.unsqueeze(-1), weighted, 0.0)
     return weighted.sum(dim=1).to(torch.bfloat16)
@@ -347,6 +371,22 @@ def _moe_checked(
                                   choice.device_name, activations, skip_invalid_ids)
         return _moe_sm90()(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
                            choice.device_name, may_replay=direct)
+    if direct and choice.path != SM90:  # a plain eager call: replayed as one CUDA graph where it may be
+        out = portable_graphs.replay_layer(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha,
+                                           limit, activations, skip_invalid_ids, moe_composition)
+        if out is not None:
+            return out
+    return moe_composition(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
+                           activations, skip_invalid_ids)
+
+
+def moe_composition(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8,
+    down: PackedMXFP4 | PackedMXFP4FP8, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    alpha: float, limit: float, activations: str = "bf16", skip_invalid_ids: bool = False,
+) -> torch.Tensor:
+    """The layer from the steps above: routing, two ``grouped_mm`` calls and torch ops (every path but the fused
+    SM90 one; inputs validated). No host read of a device value: it captures into a CUDA graph."""
     valid = None
     if skip_invalid_ids:
         topk_ids, valid = foreign_to_last_expert(topk_ids, gate_up.num_experts)
@@ -540,6 +580,7 @@ def explain_moe(
         mode = choose_mode(gate_up.data, gate_up.n, gate_up.k, rows)[0]
         lines.append(f"  layer:     portable: two grouped_mm calls on the portable path ({mode} for about {rows} rows "
                      "per expert; mxfp4.explain gives the memory), torch for the rest")
+        lines.append(f"  launches:  {portable_graphs.explain_replay(x, rows, activations)}")
     if skip_invalid_ids:
         lines.append(f"  ids:       outside [0, {gate_up.num_experts}) contribute zero (expert parallelism: other ranks' experts)")
     return "\n".join(lines)

@@ -247,6 +247,12 @@ def _check_grouped_mm_masked(x: torch.Tensor, w_data: torch.Tensor, masked_m: to
 def _grouped_mm_impl(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str,
                      x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
     _check_grouped_mm(x, w_data, offsets, n, k, config, x_scale, w_scale)
+    return _grouped_mm_run(x, w_data, offsets, n, k, config, x_scale, w_scale)
+
+
+def _grouped_mm_run(x: torch.Tensor, w_data: torch.Tensor, offsets: torch.Tensor, n: int, k: int, config: str,
+                    x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The product on the device's path, arguments already checked."""
     if x.shape[0] == 0 or n == 0:
         return torch.empty((x.shape[0], n), dtype=torch.bfloat16, device=x.device)
     choice = select_path(x.device)
@@ -369,6 +375,18 @@ def grouped_mm(
     from the tuning table).
     """
     return _call("grouped_mm", _grouped_mm_impl, torch.ops.mxfp4.grouped_mm, x, w, "offsets", offsets, config, x_scale)
+
+
+def grouped_mm_trusted(x: torch.Tensor, w: PackedMXFP4 | PackedMXFP4FP8, offsets: torch.Tensor,
+                       x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`grouped_mm` for a caller that built ``x``, ``offsets`` and ``x_scale`` itself from checked inputs
+    (the MoE layer's composition): the same path and result; a plain eager call skips the argument checks
+    (tens of microseconds of Python per call), any other goes through the op, which torch.compile and the
+    torch modes see."""
+    w_scale = w.row_scale if isinstance(w, PackedMXFP4FP8) else None
+    if runs_directly(x):
+        return _grouped_mm_run(x, w.data, offsets, w.n, w.k, "", x_scale, w_scale)
+    return torch.ops.mxfp4.grouped_mm(x, w.data, offsets, w.n, w.k, "", x_scale, w_scale)
 
 
 def grouped_mm_masked(

@@ -148,6 +148,22 @@ def _mode_where_the_kernel_runs(w_data: torch.Tensor, n: int, k: int, rows_per_e
     return CACHED, f"{rows_per_expert} rows per expert (at least {CACHE_MIN_ROWS}) and {_cache_reason(w_data.device)}"
 
 
+def takes_kernel(w_data: torch.Tensor, n: int, k: int, rows_per_expert: int) -> bool:
+    """``choose_mode(...)[0] == KERNEL``, without composing the reasons (a per-call decision)."""
+    device = w_data.device
+    if portable_kernel.unavailable_reason(device.type, device.index) is not None:
+        return False
+    return (rows_per_expert < CACHE_MIN_ROWS or _capturing(device)
+            or weight_cache.uncacheable_reason(w_data, n, k) is not None)
+
+
+def kernel_serves(device: torch.device, rows_per_expert: int) -> bool:
+    """Whether every call of about ``rows_per_expert`` rows per expert on ``device`` takes the in-register kernel,
+    whatever the memory budget and whether or not a CUDA graph is being captured (so a captured call computes
+    what an eager one does)."""
+    return rows_per_expert < CACHE_MIN_ROWS and portable_kernel.unavailable_reason(device.type, device.index) is None
+
+
 @dataclass(frozen=True)
 class FallbackMode:
     """What the portable path does for one call on one weight (for ``mxfp4.explain``)."""
@@ -226,7 +242,7 @@ def portable_grouped_mm(
     x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, offsets: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Contiguous variant: ``[T, N]`` into ``out`` if given, else a new tensor (no copy). Returns it."""
-    if choose_mode(w_data, n, k, -(-x.shape[0] // w_data.shape[0]))[0] == KERNEL:
+    if takes_kernel(w_data, n, k, -(-x.shape[0] // w_data.shape[0])):
         if out is None:
             out = torch.empty((x.shape[0], n), dtype=torch.bfloat16, device=x.device)
         return portable_kernel.launch(x, w_data, n, k, offsets, False, out)
@@ -252,7 +268,7 @@ def portable_grouped_mm_masked(
     """Masked variant ``[E, max_m, N]``: every row is computed (no host read of masked_m). Returns ``out``."""
     if out is None:
         out = torch.empty((x.shape[0], x.shape[1], n), dtype=torch.bfloat16, device=x.device)
-    if choose_mode(w_data, n, k, x.shape[1])[0] == KERNEL:
+    if takes_kernel(w_data, n, k, x.shape[1]):
         return portable_kernel.launch(x, w_data, n, k, masked_m, True, out)
     weights = _cached_weights(w_data, n, k)
     if weights is not None:
