@@ -39,6 +39,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from .deferred_drops import DeferredDrops
+
 ENV_MOE_GRAPHS = "HOPPER_MXFP4_MOE_GRAPHS"
 GRAPH_MAX_TOKENS = 64
 MAX_GRAPHS = 256
@@ -90,17 +92,17 @@ class _Graph:
 
 
 _graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
+_drops = DeferredDrops(_lock, _graphs, lambda entry: _close(entry))  # graphs whose weights or biases were freed
 _workspaces: dict[Hashable, _Workspace] = {}
 _seen: OrderedDict[Hashable, int] = OrderedDict()  # calls of keys without a graph yet
 _failed: set[Hashable] = set()  # keys whose graph could not be built (they run eagerly)
-_dead: list[Hashable] = []  # keys whose weights or biases were freed, dropped by the next holder of _lock
 _warned = False
 
 
 def stats() -> dict[str, int]:
     """How many graphs and workspaces are held, and the workspaces' bytes."""
     with _lock:
-        _drop_dead()
+        _drops.drop()
         return {"graphs": len(_graphs), "workspaces": len(_workspaces), "workspace_bytes": _workspace_bytes()}
 
 
@@ -112,7 +114,7 @@ def clear() -> None:
     """Drop every graph and workspace (graphs still running are freed when they finish), and the other layer
     replays' graphs (those registered with :func:`on_clear`: the portable path's)."""
     with _lock:
-        _drop_dead()
+        _drops.drop()
         while _graphs:
             _evict_oldest()
         _seen.clear()
@@ -142,8 +144,8 @@ def replay(plan, plan_key: Hashable, call, stream: int, x: torch.Tensor, owners:
     whose addresses the call's graph reads in place (weights' data, biases; None for an absent bias)."""
     key = graph_key(stream, plan_key, call)
     with _lock:
-        if _dead:
-            _drop_dead()
+        if _drops:
+            _drops.drop()
         entry = _graphs.get(key)
         if entry is None:
             entry = _build_on_second_sight(key, plan, plan_key, call, stream, x, owners)
@@ -200,7 +202,7 @@ def _build_on_second_sight(key: Hashable, plan, plan_key: Hashable, call, stream
         return None
     while len(_graphs) >= MAX_GRAPHS:
         _evict_oldest()
-    entry.finalizers = [weakref.finalize(t, _forget, key) for t in owners if t is not None]
+    entry.finalizers = [weakref.finalize(t, _drops.forget, key) for t in owners if t is not None]
     _graphs[key] = entry
     return entry
 
@@ -240,24 +242,6 @@ def _close(entry: _Graph) -> None:
     entry.graph.close()
     entry.workspace.users -= 1
     _drop_if_unused(entry.workspace_key)
-
-
-def _forget(key: Hashable) -> None:
-    """A tensor the graph of ``key`` reads in place was freed: drop the graph now, or (when _lock is held,
-    perhaps by this very thread, which the garbage collector interrupted) when the holder next looks."""
-    _dead.append(key)
-    if _lock.acquire(blocking=False):
-        try:
-            _drop_dead()
-        finally:
-            _lock.release()
-
-
-def _drop_dead() -> None:
-    while _dead:
-        entry = _graphs.pop(_dead.pop(), None)
-        if entry is not None:
-            _close(entry)
 
 
 def _drop_if_unused(workspace_key: Hashable) -> None:

@@ -44,6 +44,7 @@ from mxfp4.ops.grouped_gemm import debug_checks_enabled
 from mxfp4.portable.fallback import kernel_serves
 
 from . import graphs as moe_graphs
+from .deferred_drops import DeferredDrops
 
 MAX_GRAPHS = 256
 # The layer on given (x, topk_ids, topk_weights), the rest of the call bound: what is captured.
@@ -64,9 +65,9 @@ class _Graph:
 
 
 _graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
+_drops = DeferredDrops(_lock, _graphs, lambda entry: _close(entry))  # graphs whose weights or biases were freed
 _seen: OrderedDict[Hashable, int] = OrderedDict()  # calls of keys without a graph yet
 _failed: set[Hashable] = set()  # keys whose capture failed (they run eagerly)
-_dead: list[Hashable] = []  # keys whose weights or biases were freed, dropped by the next holder of _lock
 _pools: dict[Hashable, list] = {}  # (device, stream) -> [memory pool handle, graphs using it]
 _capture_streams: dict[int, object] = {}
 _warned = False
@@ -203,8 +204,8 @@ def replay(key: Hashable, owners: tuple, x: torch.Tensor, topk_ids: torch.Tensor
     """Copy the inputs in, replay the graph of ``key`` (built on its second call), copy the output out.
     ``owners``: the tensors the graph reads in place (None for an absent bias)."""
     with _lock:
-        if _dead:
-            _drop_dead()
+        if _drops:
+            _drops.drop()
         entry = _graphs.get(key)
         if entry is None:
             entry = _build_on_second_sight(key, owners, x, topk_ids, topk_weights, run)
@@ -242,7 +243,7 @@ def _build_on_second_sight(key: Hashable, owners: tuple, x: torch.Tensor, topk_i
         _evict_oldest()
     pool[1] += 1
     entry = _Graph(graph, list(statics), out, pool_key)
-    entry.finalizers = [weakref.finalize(t, _forget, key) for t in owners if t is not None]
+    entry.finalizers = [weakref.finalize(t, _drops.forget, key) for t in owners if t is not None]
     _graphs[key] = entry
     return entry
 
@@ -279,35 +280,17 @@ def _close(entry: _Graph) -> None:
     entry.graph = None  # torch frees the graph's memory once no graph of its pool is left
 
 
-def _forget(key: Hashable) -> None:
-    """A tensor the graph of ``key`` reads in place was freed: drop the graph now, or (when _lock is held,
-    perhaps by this very thread, which the garbage collector interrupted) when the holder next looks."""
-    _dead.append(key)
-    if _lock.acquire(blocking=False):
-        try:
-            _drop_dead()
-        finally:
-            _lock.release()
-
-
-def _drop_dead() -> None:
-    while _dead:
-        entry = _graphs.pop(_dead.pop(), None)
-        if entry is not None:
-            _close(entry)
-
-
 def stats() -> dict[str, int]:
     """How many portable-layer graphs and memory pools are held."""
     with _lock:
-        _drop_dead()
+        _drops.drop()
         return {"graphs": len(_graphs), "pools": len(_pools)}
 
 
 def clear() -> None:
     """Drop every graph (graphs still running are freed when they finish)."""
     with _lock:
-        _drop_dead()
+        _drops.drop()
         while _graphs:
             _evict_oldest()
         _seen.clear()
