@@ -13,6 +13,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -339,6 +340,32 @@ def test_unusable_cache_warns_once_and_doctor_shows_it(where, monkeypatch, tmp_p
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "PROBLEM: not usable" in out and "HOPPER_MXFP4_CACHE" in out
+
+
+def test_compile_many_warns_once_before_compiling_into_an_unusable_cache(monkeypatch, tmp_path):
+    """Once, before the first compile (not once per worker, after the fact); pool workers start quiet."""
+    import codegen.build.compiler as compiler
+
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setattr(cache, "_warned_roots", set())
+    warned_before_each_compile = []
+    with pytest.warns(RuntimeWarning, match="kernel cache .* is not usable") as caught:
+
+        def fake_compile(config, **kwargs):
+            warned_before_each_compile.append(len([w for w in caught if "kernel cache" in str(w.message)]))
+            return cache.store(config.name.ljust(64, "0"), ELF_MAGIC + b"x", {}, kwargs["cache_dir"])
+
+        monkeypatch.setattr(compiler, "compile_kernel", fake_compile)
+        monkeypatch.setattr(compiler, "lookup_kernel", lambda config, **kwargs: None)
+        compile_many(DEFAULT_CONFIGS[:2], jobs=1, progress=False, cache_dir=tmp_path / "file")
+    assert warned_before_each_compile == [1, 1]
+    assert len([w for w in caught if "kernel cache" in str(w.message)]) == 1
+    assert Path(caught[0].filename).name == Path(__file__).name  # attributed to the caller of compile_many
+    cache.mark_warned(tmp_path / "file" / "x")  # what a pool worker's initializer does: that root stays quiet there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.store("ef" * 32, ELF_MAGIC + b"y", {}, tmp_path / "file" / "x")
+        assert cache.warn_if_unusable(tmp_path / "fresh")
 
 
 def test_usable_cache_has_no_problem(tmp_path, recwarn):

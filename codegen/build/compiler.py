@@ -459,9 +459,11 @@ def _settle(results: list, index: int, name: str, bar: Any, compile: Any) -> Non
 
 
 def _compile_in_pool(configs: list["TileConfig"], pending: list[int], jobs: int, results: list, bar: Any,
-                     kwargs: dict[str, Any]) -> None:
+                     kwargs: dict[str, Any], cache_usable: bool) -> None:
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    # An unusable cache was reported here, once: the workers do not say it again, each in turn.
+    quiet = {} if cache_usable else dict(initializer=cache.mark_warned, initargs=(kwargs.get("cache_dir"),))
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, **quiet) as pool:
         futures = {pool.submit(_worker_compile, configs[i], kwargs): i for i in pending}
         bar.working(f"{len(pending)} in {jobs} processes")
         try:
@@ -493,13 +495,15 @@ def compile_many(
     pending = _from_cache(configs, results, bar, kwargs)
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     jobs = min(jobs, len(pending)) if pending else 1
+    # Said before the compiles, and once (not once per worker) when the cache cannot keep them.
+    cache_usable = cache.warn_if_unusable(kwargs.get("cache_dir"), stacklevel=2) if pending else True
     try:
         if jobs <= 1:
             for index in pending:
                 bar.working(configs[index].name)
                 _settle(results, index, configs[index].name, bar, lambda: compile_kernel(configs[index], **kwargs))
         elif pending:
-            _compile_in_pool(configs, pending, jobs, results, bar, kwargs)
+            _compile_in_pool(configs, pending, jobs, results, bar, kwargs, cache_usable)
     finally:
         bar.close()
     return list(results)  # type: ignore[arg-type]
