@@ -358,7 +358,7 @@ def test_compile_many_warns_once_before_compiling_into_an_unusable_cache(monkeyp
 
         monkeypatch.setattr(compiler, "compile_kernel", fake_compile)
         monkeypatch.setattr(compiler, "lookup_kernel", lambda config, **kwargs: None)
-        compile_many(DEFAULT_CONFIGS[:2], jobs=1, progress=False, cache_dir=tmp_path / "file")
+        compile_many(DEFAULT_CONFIGS[:2], jobs=1, progress=False, cache_dir=str(tmp_path / "file"))  # a str too
     assert warned_before_each_compile == [1, 1]
     assert len([w for w in caught if "kernel cache" in str(w.message)]) == 1
     assert Path(caught[0].filename).name == Path(__file__).name  # attributed to the caller of compile_many

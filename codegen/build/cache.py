@@ -45,15 +45,15 @@ def cache_dir() -> Path:
     return base / "hopper-mxfp4"
 
 
-def _entries_root(directory: Path | None) -> Path:
-    return (directory if directory is not None else cache_dir()) / f"v{CACHE_FORMAT}"
+def _entries_root(directory: Path | str | None) -> Path:
+    return (Path(directory) if directory is not None else cache_dir()) / f"v{CACHE_FORMAT}"
 
 
 _warned_roots: set[Path] = set()
 _warn_lock = threading.Lock()
 
 
-def unusable_reason(directory: Path | None = None) -> str | None:
+def unusable_reason(directory: Path | str | None = None) -> str | None:
     """Why cubins cannot be kept in the cache (``directory`` or ``cache_dir()``), or None when it works.
 
     Probes for real (creates the entries directory and a scratch file): permission bits do not tell,
