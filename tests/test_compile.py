@@ -298,6 +298,76 @@ def test_cache_hit_then_miss_after_header_edit(tmp_path):
 
 
 @needs_toolchain
+@needs_toolchain
+def test_precompiled_headers_change_neither_the_cubin_nor_the_key(tmp_path):
+    from codegen.build.compiler import _pch_options
+
+    if not _pch_options():
+        pytest.skip("this NVRTC keeps no precompiled header")
+    templates = _templates(tmp_path, "3.0f")
+    plain = compile_source(TRIVIAL, "trivial", templates_dir=templates, cache_dir=tmp_path / "plain")
+    kept = [compile_source(TRIVIAL.replace("threadIdx.x;", f"threadIdx.x + {i};") if i else TRIVIAL, f"trivial{i}",
+                           templates_dir=templates, cache_dir=tmp_path / "pch", precompiled_headers=True)
+            for i in range(2)]  # the second one reads the header the first one kept
+    assert kept[0].cubin == plain.cubin and kept[0].key == plain.key
+    assert "precompiled" not in kept[0].log + kept[1].log  # no temporary path in the log the cache keeps
+    assert kept[1].cubin != plain.cubin and kept[1].cubin.startswith(ELF_MAGIC)
+    assert not any("pch" in option for option in kept[0].options)  # nor in the options the cache entry records
+    assert Path(_pch_options()[1].split("=", 1)[1]).is_dir()  # this process's own directory
+
+
+def test_compile_many_keeps_precompiled_headers_where_a_process_compiles_enough(monkeypatch):
+    import codegen.build.compiler as compiler
+
+    seen = []
+    monkeypatch.setattr(compiler, "lookup_kernel", lambda config, **kwargs: None)
+    monkeypatch.setattr(compiler, "compile_kernel", lambda config, **kwargs: seen.append(kwargs) or RuntimeError("x"))
+    for count, expected in ((compiler.PCH_MIN_COMPILES - 1, False), (compiler.PCH_MIN_COMPILES, True)):
+        seen.clear()
+        compile_many(DEFAULT_CONFIGS[:count], jobs=1, progress=False)
+        assert [kwargs.get("precompiled_headers", False) for kwargs in seen] == [expected] * count
+    seen.clear()
+    compile_many(DEFAULT_CONFIGS[:4], jobs=1, progress=False, precompiled_headers=False)  # the caller decides
+    assert [kwargs["precompiled_headers"] for kwargs in seen] == [False] * 4
+
+
+def _include_prefix(source: str) -> list[str]:
+    """The #include lines before the first line of code (comments skipped): what a precompiled header keeps."""
+    prefix = []
+    for line in source.splitlines():
+        if line.startswith("#include"):
+            prefix.append(line)
+        elif line.strip() and not line.startswith("//"):
+            break
+    return prefix
+
+
+def _system_headers_of(header: str) -> set[str]:
+    """The ``#include <...>`` lines of a project header and of the project headers it includes."""
+    pending, seen, system = [header], set(), set()
+    while pending:
+        name = pending.pop()
+        seen.add(name)
+        for line in (REPO / "templates" / name).read_text().splitlines():
+            if line.startswith("#include <"):
+                system.add(line)
+            elif line.startswith('#include "') and line.split('"')[1] not in seen:
+                pending.append(line.split('"')[1])
+    return system
+
+
+@needs_render
+def test_the_kernel_source_starts_with_every_system_header_it_includes():
+    """So that one precompiled header serves every config and holds all the header parsing."""
+    from codegen.build.render import render
+
+    prefixes = {tuple(_include_prefix(render(config))) for config in CONFIGS_IN_USE}
+    assert len(prefixes) == 1, prefixes
+    (prefix,) = prefixes
+    missing = _system_headers_of("mxfp4_grouped_mm_sm90.cuh") - set(prefix)
+    assert not missing, sorted(missing)
+
+
 def test_cache_key_covers_nvrtc_and_arch():
     parts = dict(source="s", headers={"a.cuh": "0"}, options=default_options(), nvrtc_version=(13, 0), arch="sm_90a")
     key = cache.cache_key(**parts)
