@@ -322,8 +322,13 @@ def test_compile_many_keeps_precompiled_headers_where_a_process_compiles_enough(
     seen = []
     monkeypatch.setattr(compiler, "lookup_kernel", lambda config, **kwargs: None)
     monkeypatch.setattr(compiler, "compile_kernel", lambda config, **kwargs: seen.append(kwargs) or RuntimeError("x"))
-    for count, expected in ((compiler.PCH_MIN_COMPILES - 1, False), (compiler.PCH_MIN_COMPILES, True)):
+    free = compiler.shutil.disk_usage(compiler.tempfile.gettempdir())
+    room = 2 * compiler.PCH_FILE_BYTES
+    for count, free_bytes, expected in ((compiler.PCH_MIN_COMPILES - 1, room, False),
+                                        (compiler.PCH_MIN_COMPILES, room, True),
+                                        (compiler.PCH_MIN_COMPILES, room - 1, False)):  # no room for the header
         seen.clear()
+        monkeypatch.setattr(compiler.shutil, "disk_usage", lambda path: free._replace(free=free_bytes))
         compile_many(DEFAULT_CONFIGS[:count], jobs=1, progress=False)
         assert [kwargs.get("precompiled_headers", False) for kwargs in seen] == [expected] * count
     seen.clear()

@@ -274,6 +274,19 @@ def _nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[bytes, s
 # temporary directory removed at exit, and only where it compiles several kernels (compile_many decides).
 PCH_HEAP_BYTES = 1 << 30  # NVRTC's default (256 MiB) is too small for the CuTe prefix: it would warn and not keep it
 PCH_MIN_COMPILES = 3  # per process: from three compiles on, the precompiled header pays for itself
+PCH_FILE_BYTES = 512 << 20  # room left per process for its header (the CuTe prefix's is about 420 MB)
+
+
+def _precompiled_headers_pay(compiles: int, processes: int) -> bool:
+    """Whether each of ``processes`` compiles enough of the ``compiles`` to pay for a precompiled header, and the
+    temporary directory has room for theirs, twice over (a tmpfs there is memory)."""
+    if compiles < PCH_MIN_COMPILES * processes:
+        return False
+    try:
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+    except OSError:
+        return False
+    return free >= 2 * processes * PCH_FILE_BYTES
 
 
 @lru_cache(maxsize=1)
@@ -516,7 +529,8 @@ def compile_many(
 
     Cache hits are answered in this process; the rest are compiled in a pool of ``jobs`` spawned
     processes (default: the CPUs this process may use; 1 compiles here, one after another), with a
-    precompiled header per process where each compiles at least ``PCH_MIN_COMPILES`` configs.
+    precompiled header per process where each compiles at least ``PCH_MIN_COMPILES`` configs and the
+    temporary directory has room for them.
     ``progress`` shows a one-line counter on stderr. Keyword args go to compile_source.
     """
     from .progress import Progress
@@ -527,7 +541,7 @@ def compile_many(
     pending = _from_cache(configs, results, bar, kwargs)
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     jobs = min(jobs, len(pending)) if pending else 1
-    if len(pending) >= PCH_MIN_COMPILES * jobs:  # each process compiles enough to pay for a precompiled header
+    if _precompiled_headers_pay(len(pending), jobs):
         kwargs = {"precompiled_headers": True, **kwargs}
     # Said before the compiles, and once (not once per worker) when the cache cannot keep them.
     cache_usable = cache.warn_if_unusable(kwargs.get("cache_dir"), stacklevel=2) if pending else True
