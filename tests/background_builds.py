@@ -6,7 +6,7 @@ that request one of the fixtures below to the end of the run and starts each bui
 group at nice 19: it runs on the cores the other tests leave idle, gives them back whenever a test wants them, and
 gets its priority back once the tests wait for it. Each build only fills a cache (the project's cubin cache, Triton's
 cache); the fixture then reads through that cache, so whatever a build did not leave there (a failure, a build that
-did not run) is built again in the test's own process, with its error. A warm cache builds nothing.
+did not run) is built again in the test's own process, with its error. With warm caches a build only looks up.
 
 - ``compiled_kernels``: ``python -m codegen compile`` of ``configs_under_test()`` (the project's parallel
   ``compile_many``), then ``{config name: CompiledKernel or the exception its compile raised}``.
