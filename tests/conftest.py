@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mxfp4.ops.dispatch import is_sm90
+from background_builds import compiled_kernels, portable_kernels_built, schedule as schedule_builds  # noqa: F401
 
 
 def has_sm90() -> bool:
@@ -30,8 +31,12 @@ def requires_sm90() -> None:
         pytest.skip("needs an SM90 (Hopper) GPU")
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m have deselected: only the tests that run count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` skip (not fail) on machines without an SM90 GPU."""
+    """Tests marked ``gpu`` skip (not fail) on machines without an SM90 GPU. The tests that read a kernel build run
+    last, the build in the background meanwhile (tests/background_builds.py)."""
+    if not config.option.collectonly:
+        schedule_builds(items)
     if has_sm90():
         return
     skip = pytest.mark.skip(reason="gpu test: needs an SM90 (Hopper) GPU")

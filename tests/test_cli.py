@@ -241,6 +241,38 @@ def test_compile_table_shows_the_dynamic_shared_memory_of_the_launch(monkeypatch
     assert record["dynamic_smem_bytes"] == config.shared_memory_bytes and record["resources"]["smem_bytes"] == 0
 
 
+def test_compile_into_a_cache_that_is_a_file_says_nothing_is_cached(monkeypatch, tmp_path, capsys, recwarn):
+    """HOPPER_MXFP4_CACHE at a file: the command says, before compiling, that nothing will be kept, and each row
+    says "not kept"; the library's RuntimeWarning does not repeat it."""
+    import codegen.build.cache as cache
+    import codegen.build.compiler as compiler
+    import codegen.build.toolchain as toolchain
+    from codegen.build.compiler import CompiledKernel, Resources
+
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("HOPPER_MXFP4_CACHE", str(tmp_path / "file"))
+    monkeypatch.setattr(cache, "_warned_roots", set())
+    config = DEFAULT_CONFIGS[3]
+    compiled = []
+
+    def compile_many(configs, **kwargs):  # what compile_many returns when store() could not keep the cubin
+        compiled.append(capsys.readouterr().err)  # the warning came before any compile
+        return [CompiledKernel(name=c.name, cubin=b"\x7fELF", resources=Resources(registers=168), compile_seconds=1.0,
+                               log="", cache_hit=False, cache_path="") for c in configs]
+
+    monkeypatch.setattr(toolchain, "check_toolchain", lambda: toolchain.ToolchainStatus(ok=True, reason="ok"))
+    monkeypatch.setattr(compiler, "compile_many", compile_many)
+    assert main(["compile", "--config", config.name, "--no-sass", "-q"]) == 0
+    (before,) = compiled
+    assert f"the kernel cache {tmp_path / 'file'} is not usable" in before
+    assert "the kernels are compiled but NOT cached, so every process compiles them again" in before
+    assert "HOPPER_MXFP4_CACHE" in before
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith(config.name) and row.rstrip().endswith("not kept")
+    cache.store("ab" * 32, b"\x7fELF", {})  # what a compile would do next: it stays quiet, the command said it
+    assert not [w for w in recwarn if "kernel cache" in str(w.message)]
+
+
 def test_compile_fails_without_a_toolchain(monkeypatch, capsys):
     import codegen.build.toolchain as toolchain
 

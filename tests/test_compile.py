@@ -2,7 +2,8 @@
 
 Compiles are kept few: a small CuTe stand-in kernel (warp-specialized, TMA + bulk copy, setmaxnreg,
 one register-A WGMMA) proves the pipeline without the real template; trivial kernels (well under a
-second each) exercise the cache; the real default configs are compiled once, in two processes.
+second each) exercise the cache; the real configs are compiled once per session into the cubin cache
+(tests/background_builds.py), and their SASS is read for one config of each family.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -296,6 +298,81 @@ def test_cache_hit_then_miss_after_header_edit(tmp_path):
 
 
 @needs_toolchain
+@needs_toolchain
+def test_precompiled_headers_change_neither_the_cubin_nor_the_key(tmp_path):
+    from codegen.build.compiler import _pch_options
+
+    if not _pch_options():
+        pytest.skip("this NVRTC keeps no precompiled header")
+    templates = _templates(tmp_path, "3.0f")
+    plain = compile_source(TRIVIAL, "trivial", templates_dir=templates, cache_dir=tmp_path / "plain")
+    kept = [compile_source(TRIVIAL.replace("threadIdx.x;", f"threadIdx.x + {i};") if i else TRIVIAL, f"trivial{i}",
+                           templates_dir=templates, cache_dir=tmp_path / "pch", precompiled_headers=True)
+            for i in range(2)]  # the second one reads the header the first one kept
+    assert kept[0].cubin == plain.cubin and kept[0].key == plain.key
+    assert "precompiled" not in kept[0].log + kept[1].log  # no temporary path in the log the cache keeps
+    assert kept[1].cubin != plain.cubin and kept[1].cubin.startswith(ELF_MAGIC)
+    assert not any("pch" in option for option in kept[0].options)  # nor in the options the cache entry records
+    assert Path(_pch_options()[1].split("=", 1)[1]).is_dir()  # this process's own directory
+
+
+def test_compile_many_keeps_precompiled_headers_where_a_process_compiles_enough(monkeypatch):
+    import codegen.build.compiler as compiler
+
+    seen = []
+    monkeypatch.setattr(compiler, "lookup_kernel", lambda config, **kwargs: None)
+    monkeypatch.setattr(compiler, "compile_kernel", lambda config, **kwargs: seen.append(kwargs) or RuntimeError("x"))
+    free = compiler.shutil.disk_usage(compiler.tempfile.gettempdir())
+    room = 2 * compiler.PCH_FILE_BYTES
+    for count, free_bytes, expected in ((compiler.PCH_MIN_COMPILES - 1, room, False),
+                                        (compiler.PCH_MIN_COMPILES, room, True),
+                                        (compiler.PCH_MIN_COMPILES, room - 1, False)):  # no room for the header
+        seen.clear()
+        monkeypatch.setattr(compiler.shutil, "disk_usage", lambda path: free._replace(free=free_bytes))
+        compile_many(DEFAULT_CONFIGS[:count], jobs=1, progress=False)
+        assert [kwargs.get("precompiled_headers", False) for kwargs in seen] == [expected] * count
+    seen.clear()
+    compile_many(DEFAULT_CONFIGS[:4], jobs=1, progress=False, precompiled_headers=False)  # the caller decides
+    assert [kwargs["precompiled_headers"] for kwargs in seen] == [False] * 4
+
+
+def _include_prefix(source: str) -> list[str]:
+    """The #include lines before the first line of code (comments skipped): what a precompiled header keeps."""
+    prefix = []
+    for line in source.splitlines():
+        if line.startswith("#include"):
+            prefix.append(line)
+        elif line.strip() and not line.startswith("//"):
+            break
+    return prefix
+
+
+def _system_headers_of(header: str) -> set[str]:
+    """The ``#include <...>`` lines of a project header and of the project headers it includes."""
+    pending, seen, system = [header], set(), set()
+    while pending:
+        name = pending.pop()
+        seen.add(name)
+        for line in (REPO / "templates" / name).read_text().splitlines():
+            if line.startswith("#include <"):
+                system.add(line)
+            elif line.startswith('#include "') and line.split('"')[1] not in seen:
+                pending.append(line.split('"')[1])
+    return system
+
+
+@needs_render
+def test_the_kernel_source_starts_with_every_system_header_it_includes():
+    """So that one precompiled header serves every config and holds all the header parsing."""
+    from codegen.build.render import render
+
+    prefixes = {tuple(_include_prefix(render(config))) for config in CONFIGS_IN_USE}
+    assert len(prefixes) == 1, prefixes
+    (prefix,) = prefixes
+    missing = _system_headers_of("mxfp4_grouped_mm_sm90.cuh") - set(prefix)
+    assert not missing, sorted(missing)
+
+
 def test_cache_key_covers_nvrtc_and_arch():
     parts = dict(source="s", headers={"a.cuh": "0"}, options=default_options(), nvrtc_version=(13, 0), arch="sm_90a")
     key = cache.cache_key(**parts)
@@ -339,6 +416,32 @@ def test_unusable_cache_warns_once_and_doctor_shows_it(where, monkeypatch, tmp_p
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "PROBLEM: not usable" in out and "HOPPER_MXFP4_CACHE" in out
+
+
+def test_compile_many_warns_once_before_compiling_into_an_unusable_cache(monkeypatch, tmp_path):
+    """Once, before the first compile (not once per worker, after the fact); pool workers start quiet."""
+    import codegen.build.compiler as compiler
+
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setattr(cache, "_warned_roots", set())
+    warned_before_each_compile = []
+    with pytest.warns(RuntimeWarning, match="kernel cache .* is not usable") as caught:
+
+        def fake_compile(config, **kwargs):
+            warned_before_each_compile.append(len([w for w in caught if "kernel cache" in str(w.message)]))
+            return cache.store(config.name.ljust(64, "0"), ELF_MAGIC + b"x", {}, kwargs["cache_dir"])
+
+        monkeypatch.setattr(compiler, "compile_kernel", fake_compile)
+        monkeypatch.setattr(compiler, "lookup_kernel", lambda config, **kwargs: None)
+        compile_many(DEFAULT_CONFIGS[:2], jobs=1, progress=False, cache_dir=str(tmp_path / "file"))  # a str too
+    assert warned_before_each_compile == [1, 1]
+    assert len([w for w in caught if "kernel cache" in str(w.message)]) == 1
+    assert Path(caught[0].filename).name == Path(__file__).name  # attributed to the caller of compile_many
+    cache.mark_warned(tmp_path / "file" / "x")  # what a pool worker's initializer does: that root stays quiet there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.store("ef" * 32, ELF_MAGIC + b"y", {}, tmp_path / "file" / "x")
+        assert cache.warn_if_unusable(tmp_path / "fresh")
 
 
 def test_usable_cache_has_no_problem(tmp_path, recwarn):
@@ -427,7 +530,8 @@ def test_compile_many_reports_each_failure(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the real kernel: every default config (skipped until the template exists)
+# the real kernel: every config under test, compiled once per session into the cubin cache
+# (tests/background_builds.py: in the background while the other tests run; these tests run last)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -436,20 +540,31 @@ def test_compile_many_reports_each_failure(tmp_path):
 CONFIGS_IN_USE = configs_under_test()
 
 
-@pytest.fixture(scope="module")
-def default_kernels(tmp_path_factory):
+def _first_of_each_family(configs: list[TileConfig]) -> list[TileConfig]:
+    first: dict[str, TileConfig] = {}
+    for config in configs:
+        first.setdefault(config.family, config)
+    return list(first.values())
+
+
+# What the SASS shows of a family (WGMMA kind, TMA, setmaxnreg) is the same for all its configs: one config of each.
+FAMILY_SAMPLES = _first_of_each_family(CONFIGS_IN_USE)
+
+
+@pytest.fixture
+def default_kernels(compiled_kernels):
     if RENDER_ERROR is not None:
         pytest.skip(RENDER_ERROR)
     if not TOOLCHAIN.ok:
         pytest.skip(TOOLCHAIN.reason)
-    store = tmp_path_factory.mktemp("default-cache")
-    results = compile_many(CONFIGS_IN_USE, jobs=2, progress=False, cache_dir=store)
-    return dict(zip((config.name for config in CONFIGS_IN_USE), results))
+    return compiled_kernels
 
 
 @needs_render
 @pytest.mark.parametrize("config", CONFIGS_IN_USE, ids=lambda config: config.name)
 def test_default_config_compiles_without_spills(default_kernels, config):
+    """Per config: registers, spills and stack. No spill and no stack frame also means no local memory (LDL/STL):
+    local memory lives in the stack frame."""
     kernel = default_kernels[config.name]
     if isinstance(kernel, Exception):
         pytest.fail(f"{config.name} did not compile: {kernel}")
@@ -463,10 +578,19 @@ def test_default_config_compiles_without_spills(default_kernels, config):
     assert not [note for note in kernel.ptxas_notes if "serialized" in note], kernel.ptxas_notes
 
 
+def test_a_family_fixes_what_its_sass_sample_stands_for():
+    """The SASS test reads one config per family: within a family, what it checks must not vary."""
+    samples = {sample.family: sample for sample in FAMILY_SAMPLES}
+    assert len(samples) == len(FAMILY_SAMPLES) < len(CONFIGS_IN_USE)
+    for config in CONFIGS_IN_USE:
+        sample = samples[config.family]
+        assert (config.activations, config.uses_setmaxnreg) == (sample.activations, sample.uses_setmaxnreg), config.name
+
+
 @needs_render
 @needs_sass
-@pytest.mark.parametrize("config", CONFIGS_IN_USE, ids=lambda config: config.name)
-def test_default_config_sass(default_kernels, config):
+@pytest.mark.parametrize("config", FAMILY_SAMPLES, ids=lambda config: config.name)
+def test_family_sass(default_kernels, config):
     kernel = default_kernels[config.name]
     if isinstance(kernel, Exception):
         pytest.fail(f"{config.name} did not compile: {kernel}")
@@ -482,7 +606,7 @@ def test_default_config_sass(default_kernels, config):
 
 
 @needs_render
-def test_second_compile_many_is_all_cache_hits(default_kernels, tmp_path_factory):
+def test_second_compile_many_is_all_cache_hits(default_kernels):
     first = next(iter(default_kernels.values()))
     if isinstance(first, Exception):
         pytest.skip("the default configs did not compile")

@@ -144,6 +144,17 @@ def test_non_finite_input_raises_with_its_index(bad: float) -> None:
         mxfp4.quantize(w)
 
 
+def test_a_meta_tensor_quantizes_to_shapes_on_meta() -> None:
+    """No values, so no finiteness check (it used to fail inside Tensor.item()): shapes and dtypes, as on the CPU."""
+    cpu = mxfp4.quantize(torch.randn(3, 5, 64, dtype=torch.bfloat16))
+    meta = mxfp4.quantize(torch.empty(3, 5, 64, dtype=torch.bfloat16, device="meta"))
+    assert meta.device.type == "meta" and meta.shape == cpu.shape
+    assert (meta.blocks.shape, meta.blocks.dtype, meta.scales.shape, meta.scales.dtype) == (
+        cpu.blocks.shape, cpu.blocks.dtype, cpu.scales.shape, cpu.scales.dtype)
+    packed = mxfp4.pack(meta)
+    assert packed.device.type == "meta" and packed.data.shape == mxfp4.pack(cpu).data.shape
+
+
 def test_k_not_multiple_of_32_raises() -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
         mxfp4.quantize(torch.randn(4, 48))

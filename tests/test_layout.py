@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy
 import pytest
 import torch
 
@@ -179,6 +180,20 @@ def test_an_empty_k_is_a_clear_value_error() -> None:
         layout.PackedMXFP4(torch.zeros((2, 1, 0, ATOM_BYTES), dtype=torch.uint8), 64, 0)
     with pytest.raises(ValueError, match="n must be >= 0"):
         layout.PackedMXFP4(torch.zeros((2, 0, 1, ATOM_BYTES), dtype=torch.uint8), -1, 64)
+
+
+@pytest.mark.parametrize("n, k, message", [
+    ("64", 64, "n must be an int, got str '64'"), (64, "64", "k must be an int, got str '64'"),
+    (64.0, 64, "n must be an int, got float 64.0"), (64, True, "k must be an int, got bool True"),
+])
+def test_sizes_that_are_not_ints_are_a_type_error_naming_them(n: object, k: object, message: str) -> None:
+    data = torch.zeros((2, 1, 1, ATOM_BYTES), dtype=torch.uint8)
+    with pytest.raises(TypeError, match=f"^PackedMXFP4: {message}$"):
+        layout.PackedMXFP4(data, n, k)
+    fp8 = mxfp4.pack(mxfp4.quantize(torch.randn(2, 64, 64)), activations="fp8")
+    with pytest.raises(TypeError, match=f"^PackedMXFP4FP8: {message}$"):
+        mxfp4.PackedMXFP4FP8(fp8.data, fp8.row_scale, n, k)
+    assert layout.PackedMXFP4(data, numpy.int64(64), 64).shape == (2, 64, 64)  # numpy's integers are ints
 
 
 def test_reprs_are_a_few_lines_of_shape_format_device_and_bytes() -> None:

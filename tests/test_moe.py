@@ -208,3 +208,36 @@ def test_moe_ids_on_device_are_not_read() -> None:
     _check_ids_values(torch.full((1, 1), 5, dtype=torch.int64, device="meta"), 2)  # not read: no error
     with pytest.raises(ValueError, match="topk_ids holds expert 5"):
         _check_ids_values(torch.full((1, 1), 5), 2)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_routing_weight_spoils_its_own_row_only(paired: bool, bad: float, seed: int) -> None:
+    """Documented (mxfp4.moe's docstring, the README): not read on the host, so no error by default; the token's
+    row is not finite and every other row is what it is without that weight's token."""
+    layer = make_layer(4, 64, 64, paired=paired)
+    x = torch.randn(6, 64).bfloat16()
+    ids, w = make_routing(6, 4, 2)
+    expected = run(x, ids, w, layer)
+    w[3, 1] = bad
+    out = run(x, ids, w, layer)
+    assert not out[3].isfinite().all()
+    rest = [t for t in range(6) if t != 3]
+    assert torch.equal(out[rest], expected[rest]), f"seed {seed}"
+
+
+def test_a_non_finite_routing_weight_is_an_error_under_debug_checks(seed: int) -> None:
+    layer = make_layer(4, 64, 64)
+    x = torch.randn(6, 64).bfloat16()
+    ids, w = make_routing(6, 4, 2)
+    w[4, 0] = float("nan")
+    mxfp4.set_debug_checks(True)
+    try:
+        with pytest.raises(ValueError, match=r"moe: topk_weights\[4, 0\] is nan; routing weights must be finite"):
+            run(x, ids, w, layer)
+        foreign = ids.clone()
+        foreign[4, 0] = 4  # the sentinel of another rank's expert: its weight does not count
+        out = run(x, foreign, w, layer, skip_invalid_ids=True)
+        assert out.isfinite().all(), f"seed {seed}"
+    finally:
+        mxfp4.set_debug_checks(False)

@@ -213,3 +213,22 @@ def test_moe_user_capture_while_a_graph_is_cached(layer_20b: Layer, seed: int) -
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, run(new_x, new_ids, new_weights, layer_20b)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("tokens", [5, 64])
+def test_moe_non_finite_routing_weight_spoils_its_row_only(layer_20b: Layer, tokens: int, seed: int) -> None:
+    """What mxfp4.moe's docstring promises on the GPU (the fused scatter epilogue and the combine kernel included):
+    a NaN weight makes its token's row non-finite, every other row is bitwise what it is without it; under debug
+    checks it is a ValueError naming the weight."""
+    x, ids, weights = inputs(tokens, skew=False)
+    expected = run(x, ids, weights, layer_20b)
+    weights[2, 1] = float("nan")
+    out = run(x, ids, weights, layer_20b)
+    rest = [t for t in range(tokens) if t != 2]
+    assert not torch.isfinite(out[2]).all() and torch.equal(out[rest], expected[rest]), f"seed {seed}"
+    mxfp4.set_debug_checks(True)
+    try:
+        with pytest.raises(ValueError, match=r"topk_weights\[2, 1\] is nan"):
+            run(x, ids, weights, layer_20b)
+    finally:
+        mxfp4.set_debug_checks(False)

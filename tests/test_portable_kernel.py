@@ -222,23 +222,34 @@ def compile_kernel(capability: int, config: portable_kernel.KernelConfig, masked
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
+def kernels_of(capability: int) -> list[tuple[portable_kernel.KernelConfig, bool]]:
+    """(config, masked) of every kernel a GPU of ``sm_<capability>`` may launch."""
+    table = portable_kernel.HOPPER_CONFIGS if capability == 90 else portable_kernel.OTHER_CONFIGS
+    return [(config, masked) for config in dict.fromkeys(config for _, config in table) for masked in (False, True)]
+
+
+def compile_every_kernel() -> None:
+    """Fill Triton's cache with every kernel the test below compiles (tests/background_builds.py runs it early)."""
+    for capability in sorted(SHARED_LIMIT):
+        for config, masked in kernels_of(capability):
+            compile_kernel(capability, config, masked)
+
+
 @pytest.mark.parametrize("capability", sorted(SHARED_LIMIT))
-def test_kernel_compiles_without_spills(capability: int, tmp_path: Path) -> None:
+def test_kernel_compiles_without_spills(capability: int, tmp_path: Path, portable_kernels_built: None) -> None:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed here")
     from codegen.build.sass import find_cuobjdump
 
     cuobjdump = find_cuobjdump()
-    table = portable_kernel.HOPPER_CONFIGS if capability == 90 else portable_kernel.OTHER_CONFIGS
-    for config in {config for _, config in table}:
-        for masked in (False, True):
-            kernel = compile_kernel(capability, config, masked)
-            assert kernel.metadata.shared <= SHARED_LIMIT[capability], (config.name, kernel.metadata.shared)
-            if cuobjdump is None:
-                continue
-            cubin = tmp_path / f"{config.name}.cubin"
-            cubin.write_bytes(kernel.asm["cubin"])
-            usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
-            assert "STACK:0 " in usage and "LOCAL:0" in usage, f"sm_{capability} {config.name}: spills\n{usage}"
+    for config, masked in kernels_of(capability):
+        kernel = compile_kernel(capability, config, masked)
+        assert kernel.metadata.shared <= SHARED_LIMIT[capability], (config.name, kernel.metadata.shared)
+        if cuobjdump is None:
+            continue
+        cubin = tmp_path / f"{config.name}.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
+        assert "STACK:0 " in usage and "LOCAL:0" in usage, f"sm_{capability} {config.name}: spills\n{usage}"
     if cuobjdump is None:
         pytest.skip("compiled; cuobjdump not found for the spill check (pip install nvidia-cuda-cuobjdump)")

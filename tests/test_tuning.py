@@ -12,12 +12,13 @@ import torch
 import mxfp4
 from codegen.build.config import DEFAULT_CONFIGS, TileConfig
 from codegen.cli import tune as tune_cli
-from codegen.tune import sweep, timing
+from codegen.tune import space, sweep, timing
 from codegen.tune import tables as tuning
 from codegen.tune.selection import configs_in_use, heuristic_config, select_config
 from codegen.tune.measure import Runner
 from codegen.tune.sweep import Measurement
-from codegen.tune.tables import SearchSpace, Shape
+from codegen.tune.space import SearchSpace
+from codegen.tune.tables import Shape
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -48,7 +49,7 @@ def tables(tmp_path, monkeypatch):
 
 
 def test_default_space_is_valid_unique_and_sized():
-    configs = tuning.enumerate_configs()
+    configs = space.enumerate_configs()
     names = [c.name for c in configs]
     assert len(names) == len(set(names))
     for config in configs:
@@ -60,16 +61,16 @@ def test_default_space_is_valid_unique_and_sized():
 
 
 def test_fp8_space_is_the_w4a8_family():
-    configs = tuning.enumerate_configs(SearchSpace(activations="fp8"))
+    configs = space.enumerate_configs(SearchSpace(activations="fp8"))
     assert 20 <= len(configs) <= 350, len(configs)
     assert all(c.activations == "fp8" and c.tile_k % 128 == 0 and c.name.endswith("_fp8") for c in configs)
     assert {c for c in DEFAULT_CONFIGS if c.activations == "fp8"} <= set(configs)
-    quick = tuning.enumerate_configs(dataclasses.replace(SearchSpace.quick(), activations="fp8"))
+    quick = space.enumerate_configs(dataclasses.replace(SearchSpace.quick(), activations="fp8"))
     assert quick and all(c.activations == "fp8" for c in quick)
 
 
 def test_space_pruning_keeps_the_deepest_stages():
-    configs = tuning.enumerate_configs(SearchSpace(include_defaults=False))
+    configs = space.enumerate_configs(SearchSpace(include_defaults=False))
     by_tile: dict[tuple, list[int]] = {}
     for c in configs:  # the stages in flight on an SM (all its CTAs) move at least min_stage_bytes
         assert (c.x_stage_bytes + c.w_stage_bytes) * c.ctas_per_sm >= SearchSpace().min_stage_bytes
@@ -84,26 +85,26 @@ def test_space_pruning_keeps_the_deepest_stages():
 
 
 def test_space_can_be_narrowed_and_widened():
-    narrow = tuning.enumerate_configs(SearchSpace(tile_n=(128,), tile_m=(16, 32), warpgroups=(2,), include_defaults=False))
+    narrow = space.enumerate_configs(SearchSpace(tile_n=(128,), tile_m=(16, 32), warpgroups=(2,), include_defaults=False))
     assert narrow and all(c.tile_n == 128 and c.tile_m in (16, 32) and c.warpgroups == 2 for c in narrow)
-    full = tuning.enumerate_configs(SearchSpace.full())
-    assert len(full) > len(tuning.enumerate_configs())
-    quick = tuning.enumerate_configs(SearchSpace.quick())
+    full = space.enumerate_configs(SearchSpace.full())
+    assert len(full) > len(space.enumerate_configs())
+    quick = space.enumerate_configs(SearchSpace.quick())
     # tile_n 64/128/256 x wg 1/2/4 x 1, 3, 4 or 5 CTAs, the decode families on light CTAs
     bf16_defaults = {c for c in DEFAULT_CONFIGS if c.activations == "bf16"}
     assert 6 <= len(quick) <= 130 and bf16_defaults <= set(quick)
-    assert len(quick) < len(tuning.enumerate_configs())
+    assert len(quick) < len(space.enumerate_configs())
 
 
 def test_space_prunes_the_families_to_light_decode_ctas():
-    configs = tuning.enumerate_configs(SearchSpace(include_defaults=False))
+    configs = space.enumerate_configs(SearchSpace(include_defaults=False))
     assert any(c.producer == "warp" for c in configs) and any(c.stream_k for c in configs)
     for c in configs:
         if c.producer == "warp" or c.stream_k:
             assert c.ctas_per_sm > 1 and c.warpgroups == 1, c.name
         if c.stream_k:
             assert c.tile_m <= 16, c.name
-    full = tuning.enumerate_configs(SearchSpace.full())
+    full = space.enumerate_configs(SearchSpace.full())
     assert any(c.stream_k and c.ctas_per_sm == 1 for c in full)
 
 
@@ -117,26 +118,26 @@ def test_default_space_reads_the_config_limits():
         WARPGROUP_CHOICES,
     )
 
-    space = SearchSpace()
-    assert set(space.warpgroups) <= set(WARPGROUP_CHOICES) and space.warpgroups == (1, 2, 4)
-    assert all(TILE_M_RANGE[0] <= m <= TILE_M_RANGE[1] for m in space.tile_m)
-    assert space.tile_m == (8, 16, 32, 64, 128, 192, 256)
-    assert max(space.tile_k) <= MAX_TILE_K and space.tile_k == (64, 128, 256)
-    assert space.tile_n == tuple(64 * a for a in range(1, MAX_ATOMS_PER_WARPGROUP + 1))
-    assert min(space.stages) == MIN_STAGES and space.stages == tuple(range(2, 11))
+    default = SearchSpace()
+    assert set(default.warpgroups) <= set(WARPGROUP_CHOICES) and default.warpgroups == (1, 2, 4)
+    assert all(TILE_M_RANGE[0] <= m <= TILE_M_RANGE[1] for m in default.tile_m)
+    assert default.tile_m == (8, 16, 32, 64, 128, 192, 256)
+    assert max(default.tile_k) <= MAX_TILE_K and default.tile_k == (64, 128, 256)
+    assert default.tile_n == tuple(64 * a for a in range(1, MAX_ATOMS_PER_WARPGROUP + 1))
+    assert min(default.stages) == MIN_STAGES and default.stages == tuple(range(2, 11))
 
 
 def test_configs_for_m_window():
-    configs = tuning.enumerate_configs()
+    configs = space.enumerate_configs()
     for m in (1, 4, 16, 64, 256, 1024, 4096):
-        low, high = tuning.tile_m_window(m)
-        chosen = tuning.configs_for_m(configs, m)
+        low, high = space.tile_m_window(m)
+        chosen = space.configs_for_m(configs, m)
         assert chosen and all(low <= c.tile_m <= high for c in chosen)
-    assert {c.tile_m for c in tuning.configs_for_m(configs, 1)} <= {8, 16}
-    assert min(c.tile_m for c in tuning.configs_for_m(configs, 4096)) >= 64
+    assert {c.tile_m for c in space.configs_for_m(configs, 1)} <= {8, 16}
+    assert min(c.tile_m for c in space.configs_for_m(configs, 4096)) >= 64
     # Nothing in the window: the nearest tile_m instead of nothing.
     only_big = [c for c in configs if c.tile_m == 256]
-    assert tuning.configs_for_m(only_big, 1) == only_big
+    assert space.configs_for_m(only_big, 1) == only_big
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,8 +551,8 @@ def test_tune_resolves_models_and_worker_argv_roundtrips(tmp_path):
     args = tune_cli.build_parser().parse_args(["--model", "gpt-oss-20b", "--shape", "2,128,128", "--quick", "--m", "16,1"])
     shapes, m_values, configs, m_filter = tune_cli.resolve(args)
     assert shapes == [Shape(32, 5760, 2880), Shape(32, 2880, 2880), Shape(2, 128, 128)]
-    assert m_values == [1, 16] and m_filter is tuning.configs_for_m
-    assert configs == tuning.enumerate_configs(SearchSpace.quick())
+    assert m_values == [1, 16] and m_filter is space.configs_for_m
+    assert configs == space.enumerate_configs(SearchSpace.quick())
     argv = tune_cli._worker_argv(args, shapes, m_values, configs, resume=False, out=tmp_path / "t.json")
     worker = tune_cli.build_parser().parse_args(argv)
     assert worker.worker and worker.no_resume and worker.worker_m_window

@@ -45,15 +45,15 @@ def cache_dir() -> Path:
     return base / "hopper-mxfp4"
 
 
-def _entries_root(directory: Path | None) -> Path:
-    return (directory if directory is not None else cache_dir()) / f"v{CACHE_FORMAT}"
+def _entries_root(directory: Path | str | None) -> Path:
+    return (Path(directory) if directory is not None else cache_dir()) / f"v{CACHE_FORMAT}"
 
 
 _warned_roots: set[Path] = set()
 _warn_lock = threading.Lock()
 
 
-def unusable_reason(directory: Path | None = None) -> str | None:
+def unusable_reason(directory: Path | str | None = None) -> str | None:
     """Why cubins cannot be kept in the cache (``directory`` or ``cache_dir()``), or None when it works.
 
     Probes for real (creates the entries directory and a scratch file): permission bits do not tell,
@@ -70,18 +70,39 @@ def unusable_reason(directory: Path | None = None) -> str | None:
 
 
 def _warn_unusable(final: Path, error: OSError) -> None:
-    """One warning per cache root and process: every process would otherwise recompile in silence."""
     root = final.parents[2]  # final is <root>/v1/<key[:2]>/<key>
+    _warn_once(root, f"{error.strerror or error}: {error.filename or root}", stacklevel=4)
+
+
+def _warn_once(root: Path, reason: str, stacklevel: int) -> None:
+    """One warning per cache root and process: every process would otherwise recompile in silence."""
     with _warn_lock:
         if root in _warned_roots:
             return
         _warned_roots.add(root)
     warnings.warn(
-        f"hopper-mxfp4: the kernel cache {root} is not usable ({error.strerror or error}: "
-        f"{error.filename or root}); compiled kernels are not kept, so every process compiles them again. "
-        "Point HOPPER_MXFP4_CACHE at a writable directory ('python -m codegen doctor' checks it).",
-        RuntimeWarning, stacklevel=3,
+        f"hopper-mxfp4: the kernel cache {root} is not usable ({reason}); compiled kernels are not kept, so every "
+        "process compiles them again. Point HOPPER_MXFP4_CACHE at a writable directory ('python -m codegen doctor' "
+        "checks it).",
+        RuntimeWarning, stacklevel=stacklevel,
     )
+
+
+def warn_if_unusable(directory: Path | str | None = None, stacklevel: int = 1) -> bool:
+    """Probe the cache (``directory`` or ``cache_dir()``) and warn as ``store`` would, before any compile; True when
+    it keeps cubins. For callers that compile many kernels: the warning comes first and once. ``stacklevel`` as
+    ``warnings.warn``'s, counted from the caller."""
+    reason = unusable_reason(directory)
+    if reason is not None:
+        _warn_once(Path(directory) if directory is not None else cache_dir(), reason, stacklevel=stacklevel + 2)
+    return reason is None
+
+
+def mark_warned(directory: Path | str | None = None) -> None:
+    """Say nothing more about this cache root in this process (its unusability was already reported: by the
+    parent of a compile worker, or by a command line that says it in its own words)."""
+    with _warn_lock:
+        _warned_roots.add(Path(directory) if directory is not None else cache_dir())
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -134,12 +134,14 @@ class _CompileReport:
             return
         r = result.resources
         # The shared memory a launch asks for is the config's dynamic size (ptxas reports static only).
+        kept = bool(result.cache_path)  # empty when the cache could not take the cubin
         row = [config.name, str(r.registers), str(config.shared_memory_bytes), f"{r.spill_stores}/{r.spill_loads}",
-               str(r.stack_bytes), f"{result.compile_seconds:.1f}", "hit" if result.cache_hit else "miss"]
+               str(r.stack_bytes), f"{result.compile_seconds:.1f}",
+               "hit" if result.cache_hit else "miss" if kept else "not kept"]
         record = {
             "config": config.name, "ok": True, "resources": asdict(r), "dynamic_smem_bytes": config.shared_memory_bytes,
-            "compile_seconds": result.compile_seconds, "cache_hit": result.cache_hit, "cubin_bytes": len(result.cubin),
-            "ptxas_notes": list(result.ptxas_notes),
+            "compile_seconds": result.compile_seconds, "cache_hit": result.cache_hit, "cached": kept,
+            "cubin_bytes": len(result.cubin), "ptxas_notes": list(result.ptxas_notes),
         }
         if r.spills or r.stack_bytes:
             self.problems.append(f"{config.name}: {r.spill_stores} B spill stores, {r.spill_loads} B spill loads, {r.stack_bytes} B stack")
@@ -170,6 +172,19 @@ def _print_failure(config: TileConfig, error: BaseException, verbose: bool) -> N
     print(f"error: {config.name}: {type(error).__name__}: {text}", file=sys.stderr)
 
 
+def _say_if_nothing_is_kept() -> None:
+    """Before compiling: a cache that cannot be written keeps none of the cubins (the table says "not kept")."""
+    from ..build import cache
+
+    problem = cache.unusable_reason()
+    if problem is None:
+        return
+    print(f"warning: the kernel cache {cache.cache_dir()} is not usable ({problem}): the kernels are compiled but "
+          "NOT cached, so every process compiles them again. Point HOPPER_MXFP4_CACHE at a writable directory "
+          "('python -m codegen doctor' checks it).", file=sys.stderr)
+    cache.mark_warned()  # said here, in full: the library's RuntimeWarning would only repeat it
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from ..build.compiler import CompiledKernel, compile_many
     from ..build.sass import sass_unavailable_reason
@@ -182,6 +197,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return 1
     for warning in status.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    _say_if_nothing_is_kept()
     options = {"use_cache": not args.no_cache, **({"options": ["-lineinfo"]} if args.lineinfo else {})}
     results = compile_many(configs, jobs=args.jobs, progress=not args.quiet, **options)
     no_sass = None if args.no_sass else sass_unavailable_reason()

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the kernel family to sweep: bf16 (W4A16, default) or fp8 (W4A8: e4m3 activations, the "
                        "FP8-ready weight layout); its entries go under E,N,K:fp8 in the table")
     space.add_argument("--no-m-window", action="store_true",
-                       help="measure every candidate at every M (default: only tile_m near M, see codegen.tune.tables.tile_m_window)")
+                       help="measure every candidate at every M (default: only tile_m near M, see codegen.tune.space.tile_m_window)")
     run = parser.add_argument_group("running")
     run.add_argument("--jobs", "-j", type=positive_int, default=None, metavar="N", help="parallel compiles (default: CPUs)")
     run.add_argument("--out", metavar="PATH", help="the table to write (default: <user tuning dir>/<gpu>.json)")
@@ -104,13 +104,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace):
     """(shapes, m values, configs, m_filter) from the arguments; raises UsageError."""
-    from codegen.tune.tables import (
-        MODEL_SHAPES,
-        SearchSpace,
-        Shape,
-        configs_for_m,
-        enumerate_configs,
-    )
+    from codegen.tune.space import SearchSpace, configs_for_m, enumerate_configs
+    from codegen.tune.tables import MODEL_SHAPES, Shape
 
     shapes: list[Shape] = []
     for model in args.model:
@@ -207,7 +202,7 @@ def _work(args, shapes, m_values, configs, m_filter, out: Path) -> int:
     from codegen.tune.sweep import EXIT_RESTART, GpuContextLost, GpuMeasurer, run_sweep
 
     if getattr(args, "worker_m_window", False):
-        from codegen.tune.tables import configs_for_m
+        from codegen.tune.space import configs_for_m
 
         m_filter = configs_for_m
     try:

@@ -1,4 +1,4 @@
-"""Autotuning data: the search space, the M buckets, the tuning tables and ``lookup``.
+"""Autotuning data: the problem shapes, the M buckets, the tuning tables and ``lookup``.
 
 Tuning tables
 -------------
@@ -21,12 +21,11 @@ In each place the file of the exact GPU slug is tried, then the family's (``h100
 (user first), so a user who tuned only decode sizes still gets the shipped prefill entries.
 Lookups are cached in memory (:func:`clear_cache` forgets them); no file is touched per call.
 
-The sweep that writes the tables is :mod:`codegen.tune.sweep`.
+The sweep that writes the tables is :mod:`codegen.tune.sweep`; the configs it tries, :mod:`codegen.tune.space`.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -35,20 +34,9 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
-from codegen.build.config import (
-    CTAS_PER_SM_CHOICES,
-    DEFAULT_CONFIGS,
-    MAX_ATOMS_PER_WARPGROUP,
-    MAX_TILE_K,
-    MIN_STAGES,
-    PRODUCERS,
-    TILE_M_RANGE,
-    WARPGROUP_CHOICES,
-    TileConfig,
-)
-from mxfp4.format.layout import ATOM_K, ATOM_N
+from codegen.build.config import TileConfig
 
 TABLE_FORMAT = 1
 SM = "9.0"
@@ -130,151 +118,6 @@ def nearest_bucket(bucket: int, available: Iterable[int]) -> int | None:
         if best is None or distance < best[0] or (distance == best[0] and candidate > best[1]):
             best = (distance, candidate)
     return None if best is None else best[1]
-
-
-# ---------------------------------------------------------------------------------------------
-# The search space
-# ---------------------------------------------------------------------------------------------
-
-
-def _powers_of_two(low: int, high: int) -> tuple[int, ...]:
-    """``low, 2 low, 4 low, ...`` up to ``high``."""
-    return tuple(low << i for i in range(max(0, (high // low).bit_length())) if low << i <= high)
-
-
-# The default sweep: a subset of what ``TileConfig.validate`` allows, computed from its limits in
-# ``codegen.build.config`` so that a changed limit changes the sweep too.
-_SWEEP_TILE_N = tuple(ATOM_N * atoms for atoms in range(1, MAX_ATOMS_PER_WARPGROUP + 1))  # 64 .. 256
-# The warpgroup counts that split the widest swept tile_n into whole atoms evenly (1, 2, 4).
-_SWEEP_WARPGROUPS = tuple(w for w in WARPGROUP_CHOICES if (_SWEEP_TILE_N[-1] // ATOM_N) % w == 0)
-# Powers of two over the legal range, and three quarters of the largest (192).
-_SWEEP_TILE_M = tuple(sorted({*_powers_of_two(*TILE_M_RANGE), TILE_M_RANGE[1] * 3 // 4}))
-# From one atom deep, in powers of two, stopping one short of MAX_TILE_K (64, 128, 256).
-_SWEEP_TILE_K = _powers_of_two(ATOM_K, MAX_TILE_K // 2)
-_SWEEP_MAX_STAGES = 10  # a cap of the sweep, not of the kernel (shared memory bounds that)
-# One fat CTA per SM and three to five light ones: on the H100 two gained nothing over one and four
-# (with a producer warpgroup) fit only 64-row tiles, which lost to three (benchmarks/NOTES.md, v3);
-# a producer warp leaves room for four or five. SearchSpace.full() tries them all.
-_SWEEP_CTAS_PER_SM = tuple(c for c in CTAS_PER_SM_CHOICES if c in (1, 3, 4, 5))
-# Stream-K pays where the tiles fill the grid in few waves: decode-sized tiles on light CTAs.
-_STREAM_K_MAX_TILE_M = 16
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """The configs a sweep tries: every combination of the fields that ``validate()`` accepts, pruned.
-
-    Pruning (the defaults give about 160 configs; ``SearchSpace.full()`` turns it off):
-
-    ``deepest_stages``: per tile shape, keep only the deepest N stage counts that fit in shared
-    memory (2: the deepest and one fewer). A deeper pipeline hides more latency and costs nothing
-    but shared memory, which is only worth leaving free for occupancy the kernel does not use
-    (one CTA per SM). None keeps every stage count.
-    ``min_stage_bytes``: drop tile shapes whose pipeline stages in flight on an SM (weights + x, times
-    ``ctas_per_sm``) move fewer bytes than this; a tiny TMA transfer per barrier round-trip cannot
-    keep HBM busy.
-    ``include_defaults``: always add ``DEFAULT_CONFIGS`` of the family (the heuristic's choices: the sweep
-    measures them anyway to report the gain over the default).
-    ``prune_families``: a producer warp only for light CTAs (``ctas_per_sm`` > 1, one consumer
-    warpgroup), where its registers buy occupancy; stream-K only for light CTAs with tile_m up to 16
-    (decode), where tiles fill the grid in few waves.
-    ``activations``: the kernel family swept, "bf16" (W4A16) or "fp8" (W4A8: tile_k multiples of 128 only,
-    which validate() keeps); a sweep tunes one family, and the table keeps the families apart (table_key).
-    """
-
-    tile_n: tuple[int, ...] = _SWEEP_TILE_N
-    tile_m: tuple[int, ...] = _SWEEP_TILE_M
-    tile_k: tuple[int, ...] = _SWEEP_TILE_K
-    stages: tuple[int, ...] = tuple(range(MIN_STAGES, _SWEEP_MAX_STAGES + 1))
-    warpgroups: tuple[int, ...] = _SWEEP_WARPGROUPS
-    ctas_per_sm: tuple[int, ...] = _SWEEP_CTAS_PER_SM
-    producers: tuple[str, ...] = PRODUCERS
-    stream_k: tuple[bool, ...] = (False, True)
-    deepest_stages: int | None = 2
-    min_stage_bytes: int = 16 * 1024
-    include_defaults: bool = True
-    prune_families: bool = True
-    activations: str = "bf16"
-
-    @classmethod
-    def full(cls) -> "SearchSpace":
-        """Every valid combination, no pruning (about 1100 configs)."""
-        return cls(ctas_per_sm=CTAS_PER_SM_CHOICES, deepest_stages=None, min_stage_bytes=0, prune_families=False)
-
-    @classmethod
-    def quick(cls) -> "SearchSpace":
-        """A small space for a fast sweep: tile_n 128 / 256, 1, 2 or 4 consumer warpgroups, 1 or 3 CTAs per SM,
-        the deepest stages."""
-        return cls(tile_n=(64, 128, 256), tile_k=(128, 256), warpgroups=(1, 2, 4), ctas_per_sm=(1, 3, 4, 5),
-                   deepest_stages=1)
-
-
-def _valid(config: TileConfig) -> bool:
-    try:
-        config.validate()
-    except ValueError:
-        return False
-    return True
-
-
-def _family_worth_trying(tile_m: int, warpgroups: int, ctas: int, producer: str, stream_k: bool) -> bool:
-    """SearchSpace's family pruning (see its docstring)."""
-    light = ctas > 1 and warpgroups == 1
-    if producer == "warp" and not light:
-        return False
-    return not stream_k or (light and tile_m <= _STREAM_K_MAX_TILE_M)
-
-
-def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
-    """The valid configs of ``space`` (default: ``SearchSpace()``), unique, ordered by tile_m then size."""
-    space = space or SearchSpace()
-    found: dict[str, TileConfig] = {}
-    for tile_n, tile_m, tile_k, warpgroups, ctas, producer, stream_k in itertools.product(
-        space.tile_n, space.tile_m, space.tile_k, space.warpgroups, space.ctas_per_sm, space.producers, space.stream_k
-    ):
-        if space.prune_families and not _family_worth_trying(tile_m, warpgroups, ctas, producer, stream_k):
-            continue
-        fitting = [
-            config
-            for stages in sorted(set(space.stages))
-            if _valid(config := TileConfig(tile_n, tile_m, tile_k, stages, warpgroups, ctas, producer=producer,
-                                           stream_k=stream_k, activations=space.activations))
-        ]
-        if not fitting:
-            continue
-        if (fitting[0].x_stage_bytes + fitting[0].w_stage_bytes) * ctas < space.min_stage_bytes:
-            continue
-        if space.deepest_stages is not None:
-            fitting = fitting[-space.deepest_stages :]
-        for config in fitting:
-            found[config.name] = config
-    if space.include_defaults:
-        for config in DEFAULT_CONFIGS:
-            if config.activations == space.activations:
-                found.setdefault(config.name, config)
-    return sorted(found.values(), key=lambda c: (c.tile_m, c.tile_n, c.tile_k, c.warpgroups, c.ctas_per_sm,
-                                                 c.producer, c.stream_k, c.stages))
-
-
-def tile_m_window(tokens_per_expert: int) -> tuple[int, int]:
-    """The tile_m range worth trying at ``tokens_per_expert`` (used to prune a sweep per M).
-
-    Upper: ``max(16, 2 x bucket)``: a tile much taller than an expert's rows only multiplies idle
-    WGMMA columns. Lower: ``bucket / 4`` clamped to 8..64: a short tile re-reads the weights for
-    every tile_m rows, which at large M costs more than any latency it hides.
-    """
-    bucket = m_bucket(tokens_per_expert)
-    return min(64, max(8, bucket // 4)), max(16, 2 * bucket)
-
-
-def configs_for_m(configs: Sequence[TileConfig], tokens_per_expert: int) -> list[TileConfig]:
-    """The configs whose tile_m is in :func:`tile_m_window`; if none is, those of the nearest tile_m."""
-    low, high = tile_m_window(tokens_per_expert)
-    kept = [c for c in configs if low <= c.tile_m <= high]
-    if kept or not configs:
-        return kept
-    nearest = min({c.tile_m for c in configs}, key=lambda t: min(abs(t - low), abs(t - high)))
-    return [c for c in configs if c.tile_m == nearest]
 
 
 # ---------------------------------------------------------------------------------------------

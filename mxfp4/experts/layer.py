@@ -245,6 +245,22 @@ def _check_moe(
     _check_layer_activations(activations, gate_up, down)
 
 
+def _check_weight_values(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                         skip_invalid_ids: bool) -> None:
+    """After ``mxfp4.set_debug_checks(True)``: every routing weight that counts is finite. Otherwise (reading the
+    weights would sync the host) a NaN or Inf weight makes its own token's output row non-finite, and only that row."""
+    if not debug_checks_enabled() or topk_weights.numel() == 0:
+        return
+    bad = ~torch.isfinite(topk_weights)
+    if skip_invalid_ids:  # a foreign choice contributes exactly zero, whatever its weight
+        bad &= (topk_ids >= 0) & (topk_ids < num_experts)
+    if bool(bad.any()):
+        token, choice = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"moe: topk_weights[{token}, {choice}] is {float(topk_weights[token, choice])}; routing weights must be "
+            "finite (checked under mxfp4.set_debug_checks(True); without it, that token's output row is not finite)")
+
+
 def _check_routed_input(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4) -> int:
     """x, topk_ids and the two weights (what explain_moe knows of a call); returns I."""
     if x.dtype != torch.bfloat16:
@@ -351,6 +367,7 @@ def _moe_validated(
         _passed[signature] = None
     if not skip_invalid_ids:
         _check_ids_values(topk_ids, gate_up.num_experts)
+    _check_weight_values(topk_weights, topk_ids, gate_up.num_experts, skip_invalid_ids)
     return _moe_checked(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, activations,
                         direct, skip_invalid_ids)
 
@@ -475,6 +492,10 @@ def moe(
     No host sync on CUDA (ids are range-checked by value only on the CPU, or after
     ``mxfp4.set_debug_checks(True)``), deterministic, and capturable into a CUDA graph for a fixed T
     (the static-shape decode variant); works under ``torch.compile(fullgraph=True)``.
+
+    Routing weights are not read on the host: a NaN or Inf in ``topk_weights[t]`` makes output row t non-finite
+    (NaN or Inf) and leaves every other row as it would be, as the same float math in torch would. After
+    ``mxfp4.set_debug_checks(True)`` (one device sync per call) such a weight is a ValueError naming it.
 
     ``skip_invalid_ids=True`` (expert parallelism: this rank holds E of the model's experts, and transformers
     hands other ranks' choices over as the sentinel id E with weight 0): a choice whose id is outside

@@ -81,7 +81,9 @@ def _quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize(w: torch.Tensor) -> MXFP4Tensor:
     """Quantize a float tensor ``[..., K]`` to MXFP4 along its last dim (K a multiple of 32).
 
-    Runs on ``w``'s device (CPU or CUDA), a bounded number of rows at a time.
+    Runs on ``w``'s device (CPU or CUDA), a bounded number of rows at a time. A ``meta`` tensor (no values, as
+    when a model is built before its weights load) gives an MXFP4Tensor on ``meta`` of the right shapes, as
+    any torch op does there; only the finiteness check, which needs values, is left out.
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"quantize: w must be a torch.Tensor, got {type(w).__name__}")
@@ -102,17 +104,23 @@ def quantize(w: torch.Tensor) -> MXFP4Tensor:
     step = max(1, _CHUNK_VALUES // max(k, 1))
     for r0 in range(0, num_rows, step):
         chunk = flat[r0 : r0 + step].to(work_dtype)
-        finite = torch.isfinite(chunk)
-        if not bool(finite.all()):
-            first = int((~finite).reshape(-1).nonzero()[0, 0]) + r0 * k
-            bad = float(flat.reshape(-1)[first])
-            raise ValueError(
-                f"quantize: w must be finite; element {_unravel(first, shape)} is {bad}"
-            )
+        _check_finite(chunk, flat, r0, shape)
         codes[r0 : r0 + step], scales[r0 : r0 + step] = _quantize_rows(chunk.view(chunk.shape[0], -1, BLOCK_SIZE))
     codes = codes.reshape(shape)
     scales = scales.reshape(*shape[:-1], k // BLOCK_SIZE)
     return MXFP4Tensor.from_codes(codes, scales)
+
+
+def _check_finite(chunk: torch.Tensor, flat: torch.Tensor, r0: int, shape: torch.Size) -> None:
+    """ValueError naming the first NaN/Inf of ``chunk`` (rows ``r0..`` of ``flat``); a meta chunk has no values."""
+    if chunk.is_meta:
+        return
+    k = shape[-1]
+    finite = torch.isfinite(chunk)
+    if not bool(finite.all()):
+        first = int((~finite).reshape(-1).nonzero()[0, 0]) + r0 * k
+        bad = float(flat.reshape(-1)[first])
+        raise ValueError(f"quantize: w must be finite; element {_unravel(first, shape)} is {bad}")
 
 
 def _scale_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -136,6 +136,7 @@ nibble's top bit (sign replication) cleared.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -311,6 +312,16 @@ class PackedGeometry:
     n: int
     k: int
 
+    def _check_sizes(self) -> None:
+        """TypeError naming ``n`` or ``k`` when it is not a whole number, ValueError when it is out of range."""
+        owner = type(self).__name__
+        for name in ("n", "k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+                raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+        if self.n < 0 or self.k <= 0:  # an empty N is a weight; an empty K has no block to scale
+            raise ValueError(f"{owner}: n must be >= 0 and k positive; got n={self.n!r}, k={self.k!r}")
+
     @property
     def num_experts(self) -> int:
         return self.data.shape[0]
@@ -344,8 +355,7 @@ class PackedMXFP4(PackedGeometry):
     def __post_init__(self) -> None:
         if not isinstance(self.data, torch.Tensor) or self.data.dtype != torch.uint8:
             raise TypeError("PackedMXFP4.data must be a uint8 torch.Tensor")
-        if self.n < 0 or self.k <= 0:  # an empty N is a weight; an empty K has no block to scale
-            raise ValueError(f"PackedMXFP4: n must be >= 0 and k positive; got n={self.n!r}, k={self.k!r}")
+        self._check_sizes()
         expected = (_round_up(self.n, ATOM_N) // ATOM_N, _round_up(self.k, ATOM_K) // ATOM_K, ATOM_BYTES)
         if self.data.dim() != 4 or tuple(self.data.shape[1:]) != expected:
             raise ValueError(

@@ -61,8 +61,7 @@ class PackedMXFP4FP8(PackedGeometry):
             raise TypeError("PackedMXFP4FP8.data must be a uint8 torch.Tensor")
         if not isinstance(self.row_scale, torch.Tensor) or self.row_scale.dtype != torch.float32:
             raise TypeError("PackedMXFP4FP8.row_scale must be a float32 torch.Tensor")
-        if self.n < 0 or self.k <= 0:
-            raise ValueError(f"PackedMXFP4FP8: n must be >= 0 and k positive; got n={self.n!r}, k={self.k!r}")
+        self._check_sizes()
         atoms = (_round_up(self.n, ATOM_N) // ATOM_N, _round_up(self.k, ATOM_K) // ATOM_K, ATOM_BYTES)
         if self.data.dim() != 4 or tuple(self.data.shape[1:]) != atoms or not self.data.is_contiguous():
             raise ValueError(f"PackedMXFP4FP8.data must be contiguous [E, {atoms[0]}, {atoms[1]}, {atoms[2]}] for "
