@@ -57,23 +57,29 @@ def _ops_per_call(call: Callable[[], Any]) -> Counter:
     return Counter(e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
 
 
-def measure(tokens: int, replay: bool, calls: int) -> dict[str, Any]:
-    """µs per call and what one call does, after warm-up calls (a graph is built on the second)."""
+def _time_and_count(call: Callable[[], Any], recorder: Any, replay: bool, calls: int) -> tuple[float, Counter, Counter]:
+    """Five warm-up calls (a graph is built on the second), the best of five timings of ``calls`` calls (µs per call),
+    and what one more call does: its torch ops and the recorder's counts (launches, graph launches, node updates)."""
     from mxfp4.experts import graphs as moe_graphs
 
+    moe_graphs.set_moe_graphs(replay)
+    try:
+        for _ in range(5):
+            call()
+        best = min(_timed(call, calls) for _ in range(5))
+        before = Counter(recorder.counts)
+        ops = _ops_per_call(call)
+        return best, ops, recorder.counts - before
+    finally:
+        moe_graphs.set_moe_graphs(None)
+
+
+def measure(tokens: int, replay: bool, calls: int) -> dict[str, Any]:
+    """µs per call and what one call does, after warm-up calls (a graph is built on the second)."""
     call = layer(tokens)
     recorder = Recorder(count_only=True)
     with fake_sm90(recorder):
-        moe_graphs.set_moe_graphs(replay)
-        try:
-            for _ in range(5):
-                call()
-            best = min(_timed(call, calls) for _ in range(5))
-            before = Counter(recorder.counts)
-            ops = _ops_per_call(call)
-            done = recorder.counts - before
-        finally:
-            moe_graphs.set_moe_graphs(None)
+        best, ops, done = _time_and_count(call, recorder, replay, calls)
     return {"tokens": tokens, "replay": replay, "host_us": best, "torch_ops": sum(ops.values()),
             "allocations": sum(ops[name] for name in ALLOCATING_OPS), "ops": dict(ops),
             "kernel_launches": done["kernel launches"], "graph_launches": done["graph launches"],
@@ -82,8 +88,6 @@ def measure(tokens: int, replay: bool, calls: int) -> dict[str, Any]:
 
 def measure_portable(tokens: int, replay: bool, calls: int, paired: bool = True) -> dict[str, Any]:
     """The same on the portable path (benchmarks.fake_portable): µs per call and what one call does."""
-    from mxfp4.experts import graphs as moe_graphs
-
     from .fake_portable import PortableRecorder, fake_portable
 
     call = layer(tokens, paired=paired)
@@ -91,19 +95,12 @@ def measure_portable(tokens: int, replay: bool, calls: int, paired: bool = True)
     flush = torch.set_flush_denormal(True)  # the stand-in kernels leave their outputs uninitialized
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the torch ops compute on the CPU here: one thread, no pool wake-ups in the timing
-    with fake_portable(recorder):
-        moe_graphs.set_moe_graphs(replay)
-        try:
-            for _ in range(5):
-                call()
-            best = min(_timed(call, calls) for _ in range(5))
-            before = Counter(recorder.counts)
-            ops = _ops_per_call(call)
-            done = recorder.counts - before
-        finally:
-            moe_graphs.set_moe_graphs(None)
-            torch.set_flush_denormal(False) if flush else None
-            torch.set_num_threads(threads)
+    try:
+        with fake_portable(recorder):
+            best, ops, done = _time_and_count(call, recorder, replay, calls)
+    finally:
+        torch.set_flush_denormal(False) if flush else None
+        torch.set_num_threads(threads)
     return {"tokens": tokens, "replay": replay, "paired": paired, "host_us": best, "torch_ops": sum(ops.values()),
             "allocations": sum(ops[name] for name in ALLOCATING_OPS), "ops": dict(ops),
             "kernel_launches": done["kernel launches"], "graph_launches": done["graph launches"],
