@@ -49,7 +49,8 @@ def layer(tokens: int, seed: int = 0, paired: bool = True) -> Callable[[], torch
     return lambda: mxfp4.moe(x, ids, weights, gate_up, down, gate_up_bias=biases[0], down_bias=biases[1])
 
 
-def _ops_per_call(call: Callable[[], Any]) -> Counter:
+def torch_ops_per_call(call: Callable[[], Any]) -> Counter:
+    """The top-level aten ops one ``call()`` makes (torch's profiler, CPU events only)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -68,7 +69,7 @@ def _time_and_count(call: Callable[[], Any], recorder: Any, replay: bool, calls:
             call()
         best = min(_timed(call, calls) for _ in range(5))
         before = Counter(recorder.counts)
-        ops = _ops_per_call(call)
+        ops = torch_ops_per_call(call)
         return best, ops, recorder.counts - before
     finally:
         moe_graphs.set_moe_graphs(None)

@@ -14,6 +14,7 @@ from test_moe import ACCURACY, Layer, make_layer, make_routing, relative_error
 
 import mxfp4
 from benchmarks.fake_sm90 import FakeGraph, Recorder, fake_sm90
+from benchmarks.host_cpu import torch_ops_per_call
 from codegen.runtime.fast_driver import DriverError
 from mxfp4.experts import graphs as moe_graphs
 from mxfp4.experts.layer import reference_moe_float64
@@ -243,24 +244,16 @@ def test_a_graph_that_cannot_be_built_warns_once(layer: Layer, device: Recorder,
     assert moe_graphs.stats()["workspaces"] == 0
 
 
-def _aten_ops(fn) -> Counter:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return Counter(e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
-
-
 def test_a_call_allocates_and_does_nothing_else_in_torch(layer: Layer, seed: int) -> None:
     """Launches: the workspace and the output; a replay: the output. No other torch op either way."""
     x, ids, weights = inputs(6)
     with fake_sm90(Recorder(count_only=True)):
         moe_graphs.set_moe_graphs(False)
-        assert _aten_ops(lambda: call(layer, x, ids, weights)) == Counter({"aten::empty_like": 1, "aten::new_empty": 1})
+        assert torch_ops_per_call(lambda: call(layer, x, ids, weights)) == Counter({"aten::empty_like": 1, "aten::new_empty": 1})
         moe_graphs.set_moe_graphs(True)
         call(layer, x, ids, weights)
         call(layer, x, ids, weights)
-        assert _aten_ops(lambda: call(layer, x, ids, weights)) == Counter({"aten::empty_like": 1})
+        assert torch_ops_per_call(lambda: call(layer, x, ids, weights)) == Counter({"aten::empty_like": 1})
         moe_graphs.set_moe_graphs(None)
 
 

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mxfp4
 from benchmarks.fake_portable import PortableRecorder, fake_portable
+from benchmarks.host_cpu import torch_ops_per_call
 from mxfp4.experts import graphs as moe_graphs
 from mxfp4.experts import layer as moe_layer
 from mxfp4.experts import portable_graphs
@@ -334,14 +335,6 @@ def test_inference_mode_in_and_out(layer: Layer, device: PortableRecorder, seed:
     assert first[1].is_inference() and inside.is_inference() and not outside.is_inference()
 
 
-def _aten_ops(fn) -> Counter:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return Counter(e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
-
-
 def test_a_replayed_call_copies_in_and_out_and_nothing_else(layer: Layer, seed: int) -> None:
     x, ids, weights = inputs(6)
     with fake_portable(PortableRecorder(count_only=True)) as recorder:
@@ -349,7 +342,7 @@ def test_a_replayed_call_copies_in_and_out_and_nothing_else(layer: Layer, seed: 
         for _ in range(2):
             call(layer, x, ids, weights)
         launches = recorder.counts["graph launches"]
-        assert _aten_ops(lambda: call(layer, x, ids, weights)) == Counter({"aten::_foreach_copy_": 1, "aten::clone": 1})
+        assert torch_ops_per_call(lambda: call(layer, x, ids, weights)) == Counter({"aten::_foreach_copy_": 1, "aten::clone": 1})
         assert recorder.counts["graph launches"] == launches + 1 and recorder.counts["kernel launches"] == 2
         moe_graphs.set_moe_graphs(None)
 
