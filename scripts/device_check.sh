@@ -41,9 +41,12 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # humming's JIT needs it
 export HOPPER_MXFP4_CACHE=${HOPPER_MXFP4_CACHE:-/tmp/hopper-mxfp4-cache}
 summary=()
 note() { summary+=("$1"); }
+# DEVICE_BUDGET (seconds, e.g. 570 under the device tool's 600 s call limit): every step's timeout is cut to what
+# is left, and a step that would get under 40 s is skipped, so the summary and logs.tgz always come back.
+limit() { local left=$(( ${DEVICE_BUDGET:-1000000} - SECONDS - 20 )); echo $(( $1 < left ? $1 : left )); }
 # table LOG TITLE: the step's table (from the line starting "device:" on) goes into summary.txt.
 table() { { echo "== $2"; sed -n '/^device:/,$p' "$1"; echo; } >> "$LOGS/summary.txt"; }
-bench() { timeout "$1" python3 -m codegen bench "${@:2}"; }
+bench() { timeout "$(limit "$1")" python3 -m codegen bench "${@:2}"; }
 
 finish() {
   cp "$LOGS/summary.txt" "$OUT/summary.txt" 2>/dev/null
@@ -64,7 +67,7 @@ note "compile: exit ${PIPESTATUS[0]}"
 # Smoke first: small problems of every config the op can pick (both variants), the quantizer, the MoE layer and the
 # portable kernel (scripts/sanitize_case.py; the sanitize step adds each config's fused-layer kernels), so a hang
 # or a wrong kernel stops the run early.
-timeout 240 python3 scripts/sanitize_case.py --cases gemm,quantize,moe,portable 2>&1 | tee "$LOGS/smoke.txt"
+timeout "$(limit 240)" python3 scripts/sanitize_case.py --cases gemm,quantize,moe,portable 2>&1 | tee "$LOGS/smoke.txt"
 smoke=${PIPESTATUS[0]}
 note "smoke (small problems of every config, the layer, the portable kernel): exit $smoke: $(grep -E '^sanitize_case: .*(all ok|FAILED)' "$LOGS/smoke.txt" | tail -n 1)"
 if [ "$smoke" -ne 0 ]; then finish; exit 1; fi
@@ -75,7 +78,7 @@ ncu_run() {
   local model=$1 path=$2 rep="$LOGS/ncu/$1-$2" extra=()
   [ "$path" = ours ] && extra=(--no-humming)
   # shellcheck disable=SC2086
-  timeout "${NCU_TIMEOUT:-240}" ncu --clock-control none --nvtx --nvtx-include "$path/" --section SpeedOfLight \
+  timeout "$(limit "${NCU_TIMEOUT:-240}")" ncu --clock-control none --nvtx --nvtx-include "$path/" --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section LaunchStats \
     --section Occupancy --section InstructionStats \
     --metrics smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,smsp__inst_executed_op_shared_ld.sum \
@@ -107,11 +110,12 @@ e2e_places() {
 }
 
 for step in "${steps[@]}"; do
+  if [ "$(limit 40)" -lt 40 ]; then note "$step: skipped, DEVICE_BUDGET=${DEVICE_BUDGET}s is spent"; continue; fi
   case "$step" in
     tests)
       # TESTS_ARGS narrows the run (e.g. "tests/test_gpu_w4a8.py"); TESTS_TIMEOUT raises its limit.
       # shellcheck disable=SC2086
-      timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -rs --maxfail=20 -m gpu ${TESTS_ARGS:-tests/} 2>&1 | tee "$LOGS/pytest-gpu.txt"
+      timeout "$(limit "${TESTS_TIMEOUT:-420}")" python3 -m pytest -q -rs --maxfail=20 -m gpu ${TESTS_ARGS:-tests/} 2>&1 | tee "$LOGS/pytest-gpu.txt"
       note "gpu tests: exit ${PIPESTATUS[0]}: $(tail -n 1 "$LOGS/pytest-gpu.txt")"
       ;;
     sanitize)
@@ -122,12 +126,12 @@ for step in "${steps[@]}"; do
       #   and the script's last line: sanitize_case: N cases, all ok
       # SANITIZE_ARGS splits a long run: "--family bf16" and "--family fp8" (or "--cases ...") in two device calls.
       # shellcheck disable=SC2086
-      note "sanitize kernels: $(timeout "${SANITIZE_TIMEOUT:-270}" python3 scripts/sanitize_case.py --compile ${SANITIZE_ARGS:-} 2>&1 | tail -n 1)"
+      note "sanitize kernels: $(timeout "$(limit "${SANITIZE_TIMEOUT:-270}")" python3 scripts/sanitize_case.py --compile ${SANITIZE_ARGS:-} 2>&1 | tail -n 1)"
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
         # Host API errors are off: torch and cuda-bindings probe driver entry points with
         # cuGetProcAddress, which returns errors that are not ours; device errors are all reported.
         # shellcheck disable=SC2086
-        timeout "${SANITIZE_TIMEOUT:-270}" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
+        timeout "$(limit "${SANITIZE_TIMEOUT:-270}")" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
           python3 scripts/sanitize_case.py ${SANITIZE_ARGS:-} > "$LOGS/sanitize-$tool.txt" 2>&1
         rc=$?
         verdict="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOGS/sanitize-$tool.txt" | tail -n 1 | sed 's/^=* *//')"
@@ -189,7 +193,7 @@ for step in "${steps[@]}"; do
       # rows), beside transformers' bf16 grouped_mm experts (torch: the variable does not touch them). It reuses the
       # e2e step's checkpoint when that step ran first with E2E_KEEP=1.
       read -r e2e_dir e2e_spill <<< "$(e2e_places)"
-      limit=${PORTABLE_E2E_TIMEOUT:-300}
+      limit=$(limit "${PORTABLE_E2E_TIMEOUT:-300}")
       export TQDM_MININTERVAL=10
       HOPPER_MXFP4_FORCE_PORTABLE=1 timeout -k 20 "$limit" python3 -m codegen bench e2e --model gpt-oss-20b \
         --dir "$e2e_dir" --spill-dir "$e2e_spill" --budget $((limit - 30)) --modes eager \
@@ -215,7 +219,7 @@ for step in "${steps[@]}"; do
       { df -h /dev/shm /tmp; free -g; } 2>&1 | tee "$LOGS/e2e-room.txt"
       export TQDM_MININTERVAL=10  # progress bars every 10 s, not a log full of them
       for model in ${E2E_MODELS:-gpt-oss-20b}; do
-        limit=${E2E_TIMEOUT:-450}
+        limit=$(limit "${E2E_TIMEOUT:-450}")
         # SIGTERM at the limit (the bench then writes its table), SIGKILL 20 s later.
         # shellcheck disable=SC2046,SC2086
         timeout -k 20 "$limit" python3 -m codegen bench e2e --model "$model" --dir "$e2e_dir" --spill-dir "$e2e_spill" \
@@ -257,7 +261,7 @@ for step in "${steps[@]}"; do
       note "example (README main job): exit ${PIPESTATUS[0]}: $(tail -n 1 "$LOGS/example.txt")"
       ;;
     tuning-test)
-      timeout 120 python3 -m pytest -q -rs tests/test_tuning_gpu.py 2>&1 | tee "$LOGS/pytest-tuning-gpu.txt"
+      timeout "$(limit 120)" python3 -m pytest -q -rs tests/test_tuning_gpu.py 2>&1 | tee "$LOGS/pytest-tuning-gpu.txt"
       note "tuning GPU tests: exit ${PIPESTATUS[0]}: $(tail -n 1 "$LOGS/pytest-tuning-gpu.txt")"
       ;;
     tune)
@@ -268,7 +272,7 @@ for step in "${steps[@]}"; do
       [ -f "generated/tuning/$table" ] && cp "generated/tuning/$table" "$LOGS/tune/$table"
       # TUNE_ARGS overrides the sweep (e.g. "--model gpt-oss-120b --quick --m 1,16").
       # shellcheck disable=SC2086
-      timeout "${TUNE_TIMEOUT:-400}" python3 -m codegen tune ${TUNE_ARGS:---model gpt-oss-20b --quick --m 1,16,256,4096} \
+      timeout "$(limit "${TUNE_TIMEOUT:-400}")" python3 -m codegen tune ${TUNE_ARGS:---model gpt-oss-20b --quick --m 1,16,256,4096} \
         --out "$LOGS/tune/$table" 2>&1 | tee "$LOGS/tune.txt"
       note "tune ($table): exit ${PIPESTATUS[0]}"
       { echo "== tune"; sed -n '/^device:/,$p' "$LOGS/tune.txt"; echo; } >> "$LOGS/summary.txt"
