@@ -299,6 +299,25 @@ def measure_hbm_read_bandwidth(nbytes: int = 2 * 1024**3, *, rep: int = 30) -> M
     )
 
 
+def measure_read_time(nbytes: int, *, rep: int = 50) -> TimingResult:
+    """Device time of one ``torch.sum`` over ``nbytes`` of fp32, rotated past the L2 as a GEMM's inputs are.
+
+    The read floor of a kernel of this size: :func:`measure_hbm_read_bandwidth` streams 2 GiB, so its
+    launch, ramp and drain are amortized; a 50-400 MB kernel pays them in full. Timing ``torch.sum``
+    over the kernel's own byte count says how much of a kernel's distance to the bandwidth floor any
+    streaming kernel of that size pays.
+    """
+    if nbytes < 4:
+        raise ValueError(f"measure_read_time: nbytes must be at least 4, got {nbytes}")
+    sets = rotation_sets(nbytes, l2_bytes=l2_cache_bytes())
+    tensors = [torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_() for _ in range(sets)]
+    try:
+        return time_cuda(lambda values: values.sum(), rotate=[(t,) for t in tensors], warmup_ms=25.0, rep=rep)
+    finally:
+        del tensors
+        torch.cuda.empty_cache()
+
+
 def measure_bf16_peak(size: int = 8192, *, rep: int = 30) -> MachineRate:
     """Dense bf16 tensor-core rate: ``2 size^3`` FLOPs per ``torch.matmul`` of random bf16 matrices."""
     a = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
