@@ -48,7 +48,8 @@ EPILOG = """suites:
   moe        the gpt-oss-20b expert layer: mxfp4.moe, the unfused mxfp4 glue, the bf16 torch layer, transformers
   fp8        FP8 activations: our W4A8 vs our W4A16, torch._scaled_grouped_mm (FP8 weights), bf16 torch._grouped_mm
              and humming's FP8 input path, TFLOP/s and percent of the FP8 peak; then the accuracy table
-  waits      which side of the pipeline waits: the wait-probe build of the op's config per projection and M
+  waits      which side of the pipeline waits: the wait-probe build of the op's config per projection and M, and
+             the shipped build against its copy roof (the same loads, consumers that neither decode nor multiply)
   ncu-case   one call of ours and of humming per projection and M (default gate_up, M=1) in NVTX ranges
              "ours/" and "humming/" (run under ncu)
   e2e        gpt-oss as a model: a synthetic MXFP4 checkpoint at the real dimensions, load_gpt_oss (time,

@@ -248,7 +248,8 @@ for step in "${steps[@]}"; do
       { echo "== ncu (${NCU_ARGS:-M=1 gate_up})"; cat "$LOGS/ncu-summary.txt"; echo; } >> "$LOGS/summary.txt"
       ;;
     waits)
-      # Issue 21: which side of the pipeline waits (the wait-probe build of the op's configs), 20b gate_up + down.
+      # Issue 21: which side of the pipeline waits (the wait-probe build of the op's configs) and the shipped build
+      # against its copy roof (the copy-only build: the loads alone), 20b gate_up + down.
       # shellcheck disable=SC2086
       bench "${WAITS_TIMEOUT:-240}" waits ${WAITS_ARGS:---model gpt-oss-20b --projections gate_up,down --m 1,16} 2>&1 \
         | tee "$LOGS/waits.txt"

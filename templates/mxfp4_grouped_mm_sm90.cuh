@@ -8,6 +8,7 @@
 // hands to the consumers) or in a single producer warp after the consumers. Each consumer
 // warpgroup owns `AtomsPerWarpgroup` blocks of 64 weight rows, loads its fragment bytes with one
 // 16-byte shared load per 64 values of K, decodes them (mxfp4_decode.cuh) and issues wgmma.mma_async.
+// (A diagnostic build, -DMXFP4_COPY_ONLY, leaves the decode and the WGMMAs out: mxfp4_copy_only.cuh.)
 //
 // The W4A8 family (Cfg::Fp8) differs only where marked: x is e4m3 (128 values per swizzled row, so one
 // TMA box covers two atoms of K), the weights are in the FP8-ready layout (mxfp4_decode_fp8.cuh) and
@@ -25,6 +26,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
+#include "mxfp4_copy_only.cuh"
 #include "mxfp4_decode.cuh"
 #include "mxfp4_decode_fp8.cuh"
 #include "mxfp4_epilogue.cuh"
@@ -355,18 +357,24 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
       probe.template count<kProbeConsumerStages>();
       uint8_t const* x_slot = s.x + ring.slot * Cfg::XStageBytes;
       uint8_t const* w_slot = s.w + ring.slot * Cfg::WStageBytes + atom_offset;
-      bool const release_previous = kt > unit.k_begin;
-      // With an odd number of chunks per stage, odd stages start on register buffer 1.
-      if ((Cfg::AtomsK & 1) && ((kt - unit.k_begin) & 1))
-        consume_stage<1>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot], probe);
-      else
-        consume_stage<0>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot], probe);
-      previous_slot = ring.slot;
+      if constexpr (copy_only_build()) {  // diagnostic (mxfp4_copy_only.cuh): no decode, no WGMMA, the slot back at once
+        copy_only_stage(st.acc[0][0], w_slot, tid, &s.empty[ring.slot]);
+      } else {
+        bool const release_previous = kt > unit.k_begin;
+        // With an odd number of chunks per stage, odd stages start on register buffer 1.
+        if ((Cfg::AtomsK & 1) && ((kt - unit.k_begin) & 1))
+          consume_stage<1>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot], probe);
+        else
+          consume_stage<0>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot], probe);
+        previous_slot = ring.slot;
+      }
       ring.advance<Cfg::Stages>();
     }
-    cute::warpgroup_wait<0>();
-    __syncwarp();
-    if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(&s.empty[previous_slot]);
+    if constexpr (!copy_only_build()) {
+      cute::warpgroup_wait<0>();
+      __syncwarp();
+      if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(&s.empty[previous_slot]);
+    }
     if constexpr (Cfg::StreamK) {
       bool const whole = unit.k_begin == 0 && unit.k_end == k_tiles;
       if (!whole && !stream_k_fixup<Cfg::Warpgroups>(st.acc, p, unit, k_tiles, total_tiles, consumer, tid,

@@ -10,6 +10,8 @@ did not run) is built again in the test's own process, with its error. With warm
 
 - ``compiled_kernels``: ``python -m codegen compile`` of ``configs_under_test()`` (the project's parallel
   ``compile_many``), then ``{config name: CompiledKernel or the exception its compile raised}``.
+- ``copy_roof_kernels``: :func:`compile_copy_roof_builds`, the copy-only diagnostic builds (alone and with the wait
+  probe) of the same configs, ``{(config name, cache-key suffix): CompiledKernel or the exception}``.
 - ``portable_kernels_built``: test_portable_kernel.compile_every_kernel() in Triton's cache.
 """
 
@@ -68,6 +70,29 @@ def _sm90_command() -> list[str] | None:
     return command
 
 
+# The copy roof's builds `bench waits` loads (codegen.runtime.launch.diagnostic_build's flags).
+COPY_ROOF_BUILDS = ({"copy_only": True}, {"copy_only": True, "wait_probe": True})
+
+
+def compile_copy_roof_builds(cache_dir: Path | None = None) -> dict[tuple[str, str], object]:
+    """Every config under test in each of COPY_ROOF_BUILDS: ``{(config name, suffix): CompiledKernel or exception}``."""
+    from codegen.build.compiler import compile_many
+    from codegen.runtime.launch import diagnostic_build
+
+    every, results = configs(), {}
+    for flags in COPY_ROOF_BUILDS:
+        options, suffix = diagnostic_build(**flags)
+        kernels = compile_many(every, progress=False, cache_dir=cache_dir, options=options)
+        results.update({(config.name, suffix): kernel for config, kernel in zip(every, kernels)})
+    return results
+
+
+def _copy_roof_command() -> list[str] | None:
+    command = _sm90_command()
+    return None if command is None else [sys.executable, "-c",
+                                         "import background_builds; background_builds.compile_copy_roof_builds()"]
+
+
 def _triton_command() -> list[str] | None:
     import importlib.util
 
@@ -78,6 +103,7 @@ def _triton_command() -> list[str] | None:
 
 BUILDS: dict[str, Callable[[], list[str] | None]] = {
     "compiled_kernels": _sm90_command,
+    "copy_roof_kernels": _copy_roof_command,
     "portable_kernels_built": _triton_command,
 }
 
@@ -150,6 +176,13 @@ def compiled_kernels() -> dict[str, object]:
     every = configs()
     results = compile_many(every, progress=False, cache_dir=_cubin_cache())
     return dict(zip((config.name for config in every), results))
+
+
+@pytest.fixture(scope="session")
+def copy_roof_kernels() -> dict[tuple[str, str], object]:
+    """:func:`compile_copy_roof_builds` through the cubin cache the background build filled."""
+    wait_for("copy_roof_kernels")
+    return compile_copy_roof_builds(_cubin_cache())
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from mxfp4.ops.dispatch import is_sm90
-from background_builds import compiled_kernels, portable_kernels_built, schedule as schedule_builds  # noqa: F401
+from background_builds import (  # noqa: F401
+    compiled_kernels, copy_roof_kernels, portable_kernels_built, schedule as schedule_builds,
+)
 
 
 def has_sm90() -> bool:

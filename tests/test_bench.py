@@ -670,19 +670,40 @@ def test_fallback_table_ratios_and_targets():
 
 
 def test_wait_probe_shares_and_ring_bytes():
-    from benchmarks.waits import LATENCIES_NS, format_row, ring_bytes_per_sm, shares
+    from benchmarks.waits import ring_bytes_per_sm, shares
     from codegen.build.config import TileConfig
 
-    sums = {"producer_cycles": 1000, "producer_empty_wait": 800, "producer_stages": 10, "consumer_cycles": 4000,
-            "consumer_full_wait": 400, "consumer_mma_wait": 600, "consumer_stages": 40}
-    got = shares(sums)
+    got = shares(_PROBE_SUMS)
     assert got["producer_empty_wait"] == pytest.approx(0.8) and got["consumer_full_wait"] == pytest.approx(0.1)
     assert got["consumer_work"] == pytest.approx(0.75) and got["consumer_cycles_per_stage"] == pytest.approx(100.0)
     config = TileConfig.from_name("n128_m8_k128_s6_wg1_c3")
     # 3 CTAs x 6 stages x (8 x 128 bf16 of x + 2 x 2 atoms of 2176 bytes)
     assert ring_bytes_per_sm(config) == 3 * 6 * (8 * 128 * 2 + 4 * 2176)
-    row = {"model": "gpt-oss-20b", "projection": "down", "m": 1, "config": config.name, "shipped_us": 60.0,
-           "probe_us": 62.0, "baselines_us": {".baseline/v0": 61.0}, "bytes_per_s": 2.4e12, "ring_bytes_per_sm": 1 << 17,
-           "little_bytes_per_sm": {ns: 1000.0 * ns for ns in LATENCIES_NS}, "bit_equal": True, **got}
-    text = format_row(row, 4.0e12)
-    assert "60% of torch.sum's" in text and "v0    61.0 us" in text and "waits on empty  80.0%" in text
+
+
+_PROBE_SUMS = {"producer_cycles": 1000, "producer_empty_wait": 800, "producer_stages": 10, "consumer_cycles": 4000,
+               "consumer_full_wait": 400, "consumer_mma_wait": 600, "consumer_stages": 40}
+# The copy roof's probe: the producer rarely waits for a slot, the consumers wait for bytes nearly always.
+_ROOF_SUMS = {"producer_cycles": 1000, "producer_empty_wait": 50, "producer_stages": 10, "consumer_cycles": 2000,
+              "consumer_full_wait": 1900, "consumer_mma_wait": 0, "consumer_stages": 40}
+
+
+def test_waits_row_sets_the_shipped_build_against_its_copy_roof():
+    from benchmarks.waits import LATENCIES_NS, format_row, shares
+
+    balance = {"tiles": 1440, "ctas": 396, "max_tiles": 4, "tile_efficiency": 1440 / 1584, "atom_efficiency": 0.9}
+    row = {"model": "gpt-oss-20b", "projection": "down", "m": 1, "config": "n128_m8_k128_s6_wg1_c3",
+           "shipped_us": 60.0, "probe_us": 62.0, "copy_roof_us": 45.0, "baselines_us": {".baseline/v0": 61.0},
+           "bytes_per_s": 2.4e12, "copy_roof_bytes_per_s": 3.2e12, "ring_bytes_per_sm": 1 << 17,
+           "little_bytes_per_sm": {ns: 1000.0 * ns for ns in LATENCIES_NS}, "bit_equal": True, "sums": _PROBE_SUMS,
+           "copy_roof_sums": _ROOF_SUMS, "copy_roof_waits": shares(_ROOF_SUMS), "balance": balance,
+           **shares(_PROBE_SUMS)}
+    first, probe, roof, spread, *sums = format_row(row, 4.0e12).splitlines()
+    # The first line is the reading: shipped 60 us = 60 % of the read rate, its roof 45 us = 80 %, 75 % of the roof.
+    assert "shipped    60.0 us  2.40 TB/s = 60% of torch.sum's" in first
+    assert "copy roof    45.0 us  3.20 TB/s = 80%" in first and "shipped at 75% of its copy roof" in first
+    assert "bit-equal True" in first
+    assert "probe    62.0 us" in probe and "v0    61.0 us" in probe and "waits on empty  80.0%" in probe
+    assert "producer on empty   5.0%" in roof and "consumers on full  95.0%" in roof and "50 cycles/stage" in roof
+    assert spread == "  balance: 1440 tiles over 396 CTAs: at most 4 per CTA, avg/max 91% (weight bytes 90%)"
+    assert sums == [f"  sums {_PROBE_SUMS}", f"  copy roof sums {_ROOF_SUMS}"]

@@ -3,7 +3,8 @@
 Compiles are kept few: a small CuTe stand-in kernel (warp-specialized, TMA + bulk copy, setmaxnreg,
 one register-A WGMMA) proves the pipeline without the real template; trivial kernels (well under a
 second each) exercise the cache; the real configs are compiled once per session into the cubin cache
-(tests/background_builds.py), and their SASS is read for one config of each family.
+(tests/background_builds.py), and their SASS is read for one config of each family; so are their copy roof builds
+(`bench waits`'s diagnostic, -DMXFP4_COPY_ONLY, alone and with the wait probe).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from codegen.build.config import DEFAULT_CONFIGS, TileConfig
 from codegen.build.progress import Progress
 from codegen.build.sass import sass_unavailable_reason, summarize_sass
 from codegen.build.toolchain import _cccl_warnings, _probe, check_toolchain
+from codegen.runtime.launch import COPY_ONLY_OPTION, WAIT_PROBE_OPTION, diagnostic_build
 from codegen.tune.selection import configs_under_test
 
 REPO = Path(__file__).resolve().parent.parent
@@ -603,6 +605,62 @@ def test_family_sass(default_kernels, config):
     assert summary.tma > 0
     assert summary.setmaxnreg == config.uses_setmaxnreg  # a producer warp keeps the launch registers
     assert summary.ldl == 0 and summary.stl == 0, "local memory (LDL/STL) in the kernel"
+
+
+# ---------------------------------------------------------------------------------------------
+# The copy roof (templates/mxfp4_copy_only.cuh): a diagnostic build `bench waits` times, never shipped.
+
+COPY_ONLY = diagnostic_build(copy_only=True)[1]
+COPY_ONLY_PROBED = diagnostic_build(copy_only=True, wait_probe=True)[1]
+
+
+def test_diagnostic_builds_have_their_own_options_and_cache_keys():
+    assert diagnostic_build() == ([], "")  # the shipped build: no macro
+    suffixes = {diagnostic_build(**flags)[1] for flags in ({}, {"wait_probe": True}, {"copy_only": True},
+                                                           {"wait_probe": True, "copy_only": True})}
+    assert len(suffixes) == 4
+    options, _ = diagnostic_build(wait_probe=True, copy_only=True)
+    assert options == [WAIT_PROBE_OPTION, COPY_ONLY_OPTION]
+
+
+@pytest.fixture
+def copy_roof(copy_roof_kernels):
+    if RENDER_ERROR is not None:
+        pytest.skip(RENDER_ERROR)
+    if not TOOLCHAIN.ok:
+        pytest.skip(TOOLCHAIN.reason)
+    return copy_roof_kernels
+
+
+@needs_render
+@pytest.mark.parametrize("config", CONFIGS_IN_USE, ids=lambda config: config.name)
+def test_copy_roof_compiles_alone_and_with_the_wait_probe(copy_roof, config):
+    for suffix in (COPY_ONLY, COPY_ONLY_PROBED):
+        kernel = copy_roof[(config.name, suffix)]
+        if isinstance(kernel, Exception):
+            pytest.fail(f"{config.name}{suffix} did not compile: {kernel}")
+        r = kernel.resources
+        assert r.spills == 0 and r.stack_bytes == 0, kernel.log
+        assert config.register_pool_suffices(r.registers), "launch.load would refuse it (setmaxnreg would hang)"
+
+
+@needs_render
+@needs_sass
+@pytest.mark.parametrize("config", FAMILY_SAMPLES, ids=lambda config: config.name)
+def test_copy_roof_sass_keeps_the_loads_and_drops_the_wgmma(default_kernels, copy_roof, config):
+    """No WGMMA at all in the copy-only builds; the same TMA and bulk copies and setmaxnreg as the shipped build,
+    which keeps its WGMMAs (its cubin does not change with the diagnostic: `bench waits` times the real kernel)."""
+    shipped = default_kernels[config.name].sass()
+    assert shipped.hgmma + shipped.qgmma > 0
+    for suffix in (COPY_ONLY, COPY_ONLY_PROBED):
+        kernel = copy_roof[(config.name, suffix)]
+        if isinstance(kernel, Exception):
+            pytest.fail(f"{config.name}{suffix} did not compile: {kernel}")
+        summary = kernel.sass()
+        assert summary.hgmma == 0 and summary.qgmma == 0 and summary.warpgroup_arrive == 0, summary.opcodes
+        assert (summary.utmaldg, summary.ublkcp, summary.setmaxnreg) == (shipped.utmaldg, shipped.ublkcp,
+                                                                         shipped.setmaxnreg), suffix
+        assert summary.ldl == 0 and summary.stl == 0
 
 
 @needs_render

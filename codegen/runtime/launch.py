@@ -88,14 +88,17 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
     return module, function
 
 
-def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False,
+def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
          templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
-    Diagnostics only, never what the op launches: ``wait_probe``, the build that times its barrier waits
-    (templates/mxfp4_wait_probe.cuh; `bench waits` reads it with :func:`read_wait_probe`); ``templates_dir``, the
-    device headers from another directory (an earlier version of the kernel, timed beside this one)."""
-    key = (device.index, config.name + (WAIT_PROBE_SUFFIX if wait_probe else ""), templates_dir)
+    Diagnostics only, never what the op launches (any combination): ``wait_probe``, the build that times its barrier
+    waits (templates/mxfp4_wait_probe.cuh; `bench waits` reads it with :func:`read_wait_probe`); ``copy_only``, the
+    copy roof: the loads as shipped, consumers that neither decode nor multiply (templates/mxfp4_copy_only.cuh; its
+    output is not the product); ``templates_dir``, the device headers from another directory (an earlier version of
+    the kernel, timed beside this one)."""
+    options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only)
+    key = (device.index, config.name + suffix, templates_dir)
     kernel = _loaded.get(key)
     if kernel is not None:
         return kernel
@@ -104,8 +107,7 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False,
         if kernel is None:
             from codegen.build.compiler import compile_kernel
 
-            compiled = compile_kernel(config, options=[WAIT_PROBE_OPTION] if wait_probe else [],
-                                      templates_dir=templates_dir)
+            compiled = compile_kernel(config, options=options, templates_dir=templates_dir)
             if not config.register_pool_suffices(compiled.resources.registers):
                 raise RuntimeError(
                     f"{config.name}: compiled with {compiled.resources.registers} registers per thread, too few "
@@ -120,11 +122,21 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False,
     return kernel
 
 
-# The wait probe's build option and its sums, in templates/mxfp4_wait_probe.cuh's WaitProbeSlot order.
+# The diagnostic builds (never shipped): their NVRTC option and the suffix of their cache key, in one place.
+# The wait probe's sums are named in templates/mxfp4_wait_probe.cuh's WaitProbeSlot order.
 WAIT_PROBE_OPTION = "-DMXFP4_WAIT_PROBE=1"
 WAIT_PROBE_SUFFIX = "+wait_probe"
+COPY_ONLY_OPTION = "-DMXFP4_COPY_ONLY=1"
+COPY_ONLY_SUFFIX = "+copy_only"
 WAIT_PROBE_SLOTS = ("producer_cycles", "producer_empty_wait", "producer_stages", "consumer_cycles",
                     "consumer_full_wait", "consumer_mma_wait", "consumer_stages")
+
+
+def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False) -> tuple[list[str], str]:
+    """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
+    chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
+                                                          (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX)) if on]
+    return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 
 
 def _wait_probe_global(kernel: LoadedKernel) -> tuple[int, int]:
@@ -263,7 +275,7 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
     out: bf16 ``[T, N]`` or ``[E, max_m, N]`` (``[T, N / 2]`` for the SwiGLU epilogue, scattered
     rows for ScaleScatter). ``epilogue`` carries what ``config.epilogue`` reads. Inputs are validated
     by the caller (mxfp4.ops.grouped_gemm, mxfp4.experts.layer). ``kernel``: a loaded build of ``config`` to launch
-    instead of the shipped one (the wait probe's).
+    instead of the shipped one (a diagnostic build: the wait probe's, the copy roof's).
     """
     total_rows = x.numel() // k
     if total_rows == 0 or n == 0:
