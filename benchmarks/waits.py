@@ -24,6 +24,14 @@ The copy roof's waits: consumers should wait on the full barrier nearly all the 
 the empty barrier most of its cycles has the whole ring in flight, so the bytes land slowly for this pattern. The
 balance line mirrors the device scheduler (codegen.runtime.schedule): the tiles over the launched CTAs, the most one
 CTA gets, and mean/max per CTA of tiles and of weight bytes (a tail that idles part of the grid for that share).
+
+Where one launch's time goes (the "one launch" line; the probe build's timeline, templates/mxfp4_wait_probe.cuh):
+each consumer warpgroup stamps the global timer at its start and end, so a single launch (after a read of twice the
+L2) gives the spread of starts (launch ramp), the wait for the first stage (the first bytes' latency), the spread
+of ends (the last wave's tail) and the consumers' span. Beside it, ``torch.sum`` over the case's own bytes, rotated
+past the L2: the same-size read floor, which pays the same kind of ramp and drain (``torch.sum``'s rate in the
+header line comes from 2 GiB, where they vanish). On the H100 (2026-12-07) the M = 1 rows fit time = 1.035 x
+bytes / rate + 12.8 µs: this line says which parts make the 12.8 µs.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from codegen.runtime import launch
 from codegen.runtime.schedule import balance
 from codegen.tune.measure import random_weights
 from codegen.tune.selection import select_config
-from codegen.tune.timing import grouped_mm_bytes, measure_hbm_read_bandwidth, time_cuda
+from codegen.tune.timing import (grouped_mm_bytes, l2_cache_bytes, measure_hbm_read_bandwidth, measure_read_time,
+                                 time_cuda)
 from mxfp4.format.layout import ATOM_BYTES, ATOM_K, ATOM_N
 
 from .problems import MODEL_SHAPES
@@ -101,6 +110,39 @@ def _probe_sums(kernel: Any, call: Callable[[Any, torch.Tensor], None], out: tor
     return launch.read_wait_probe(kernel)
 
 
+TIMELINE_LAUNCHES = 5  # single launches read one by one; each metric is their median
+
+
+def timeline_metrics(line: dict[str, int]) -> dict[str, float]:
+    """One launch's timeline (launch.read_timeline) in µs: span from the first consumer's start to the last one's end,
+    the spread of starts (launch skew) and of ends (tail), the mean wait for the first landed stage (ramp) and the mean
+    consumer lifetime; the SM clock from cycles over ns."""
+    consumers, landed = max(1, line["consumers"]), max(1, line["landed"])
+    start_min, end_min = ~line["start_min_not"] & (2**64 - 1), ~line["end_min_not"] & (2**64 - 1)
+    clock_ghz = line["busy_cycles"] / max(1, line["busy_ns"])
+    return {
+        "span_us": (line["end_max"] - start_min) / 1e3,
+        "start_skew_us": (line["start_max"] - start_min) / 1e3,
+        "end_skew_us": (line["end_max"] - end_min) / 1e3,
+        "ramp_us": line["first_cycles"] / landed / max(clock_ghz, 1e-9) / 1e3,
+        "busy_us": line["busy_ns"] / consumers / 1e3,
+        "clock_ghz": clock_ghz,
+    }
+
+
+def _timeline(kernel: Any, call: Callable[[Any, torch.Tensor], None], out: torch.Tensor) -> dict[str, float]:
+    """The median over TIMELINE_LAUNCHES single launches of a wait-probe build's timeline metrics, each after a read
+    of twice the L2 (clean lines: nothing of the weights left in L2, nothing dirty to write back during the launch)."""
+    scratch = torch.ones(2 * l2_cache_bytes() // 4, dtype=torch.float32, device=out.device)
+    runs = []
+    for _ in range(TIMELINE_LAUNCHES):
+        scratch.sum()
+        launch.reset_wait_probe(kernel)
+        call(kernel, out)
+        runs.append(timeline_metrics(launch.read_timeline(kernel)))
+    return {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
+
+
 def _grid_balance(config: TileConfig, kernel: Any, m: int, shape: Any, k_atoms: int) -> dict[str, Any]:
     """The scheduler's assignment of this case's tiles to the grid the launch sizes (launch.grid_size)."""
     e, n, k = shape.num_experts, shape.n, shape.k
@@ -129,8 +171,10 @@ def probe_case(model: str, projection: str, m: int, seed: int, baselines: Sequen
     same = all(torch.equal(outs["shipped"], out) for out in checked) and not bool(outs["shipped"].isnan().any())
     timings = _time_builds(builds, call, outs)
     sums = _probe_sums(kernels["probe"], call, outs["probe"])
+    timeline = _timeline(kernels["probe"], call, outs["probe"])
     roof_sums = _probe_sums(launch.load(config, device, wait_probe=True, copy_only=True), call, outs[COPY_ROOF])
     must_move = grouped_mm_bytes(e, n, k, e * m)  # the bytes that must move (per second: TB/s)
+    same_size_read_us = measure_read_time(must_move).median_us  # what any streaming kernel of this size takes
     bandwidth = must_move / (timings["shipped"] * 1e-6)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return {
@@ -140,7 +184,7 @@ def probe_case(model: str, projection: str, m: int, seed: int, baselines: Sequen
         "weight_bytes": packed.data.numel(), "bytes_per_s": bandwidth,
         "copy_roof_bytes_per_s": must_move / (timings[COPY_ROOF] * 1e-6),
         "ring_bytes_per_sm": ring_bytes_per_sm(config), "sums": sums, "copy_roof_sums": roof_sums,
-        "copy_roof_waits": shares(roof_sums),
+        "copy_roof_waits": shares(roof_sums), "timeline": timeline, "same_size_read_us": same_size_read_us,
         "balance": _grid_balance(config, kernels["shipped"], m, shape, packed.data.shape[2]),
         "little_bytes_per_sm": {ns: bandwidth / sms * ns * 1e-9 for ns in LATENCIES_NS}, **shares(sums),
     }
@@ -170,7 +214,13 @@ def format_row(r: dict[str, Any], read_bytes_per_s: float) -> str:
                   f"{100 * roof['consumer_full_wait']:5.1f}% ({roof['consumer_cycles_per_stage']:.0f} cycles/stage)")
     spread = (f"  balance: {b['tiles']} tiles over {b['ctas']} CTAs: at most {b['max_tiles']} per CTA, avg/max "
               f"{100 * b['tile_efficiency']:.0f}% (weight bytes {100 * b['atom_efficiency']:.0f}%)")
-    return "\n".join([reading, probe, roof_waits, spread, f"  sums {r['sums']}",
+    t = r["timeline"]
+    line = (f"  one launch (probe build, median of {TIMELINE_LAUNCHES}): consumers span {t['span_us']:.1f} us, starts "
+            f"spread {t['start_skew_us']:.1f} us, first stage lands {t['ramp_us']:.1f} us after a start, lifetime "
+            f"{t['busy_us']:.1f} us, ends spread {t['end_skew_us']:.1f} us, SM clock {t['clock_ghz']:.2f} GHz | "
+            f"torch.sum over the same bytes {r['same_size_read_us']:.1f} us: shipped at "
+            f"{_percent(r['same_size_read_us'], r['shipped_us'])} of it")
+    return "\n".join([reading, probe, roof_waits, spread, line, f"  sums {r['sums']}",
                       f"  copy roof sums {r['copy_roof_sums']}"])
 
 

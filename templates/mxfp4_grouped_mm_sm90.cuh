@@ -337,6 +337,7 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
   ConsumerState<Cfg> st;
   RingPosition ring;
   WaitProbe probe(tid == 0);
+  Timeline line(tid == 0);
   int const k_tiles = (p.k_atoms + Cfg::AtomsK - 1) / Cfg::AtomsK;
   int const atom_offset = consumer * Cfg::AtomsPerWarpgroup * Cfg::AtomsK * kAtomBytes;
   WorkCursor<Cfg::StreamK> work(total_tiles, k_tiles);
@@ -355,6 +356,7 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
       Barrier::wait(&s.full[ring.slot], ring.phase);
       probe.template add_since<kProbeConsumerFull>(waited_from);
       probe.template count<kProbeConsumerStages>();
+      line.landed();
       uint8_t const* x_slot = s.x + ring.slot * Cfg::XStageBytes;
       uint8_t const* w_slot = s.w + ring.slot * Cfg::WStageBytes + atom_offset;
       if constexpr (copy_only_build()) {  // diagnostic (mxfp4_copy_only.cuh): no decode, no WGMMA, the slot back at once
@@ -385,6 +387,7 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
     store_tile(st, p, tile, rows, consumer, tid);
   }
   probe.template flush<kProbeConsumerCycles>();
+  line.flush();
 }
 
 template <class Cfg, class Params>

@@ -8,6 +8,7 @@
 
 #ifdef MXFP4_WAIT_PROBE
 extern "C" __device__ unsigned long long mxfp4_wait_probe[8];
+extern "C" __device__ unsigned long long mxfp4_timeline[10];
 #endif
 
 namespace mxfp4 {
@@ -51,6 +52,62 @@ struct WaitProbe {
   template <int Slot>
   __device__ __forceinline__ void count() {}
   template <int TotalSlot>
+  __device__ __forceinline__ void flush() {}
+#endif
+};
+
+// Where one launch's time goes (read after a single launch): each consumer warpgroup's thread 0 stamps the
+// global timer (ns, one clock for all SMs) when consume() starts and ends, and counts clock64 cycles from its start
+// to its first landed stage and to its end. Minima are kept as maxima of the complement, so every slot starts at 0.
+// In the order codegen/runtime/launch.py's TIMELINE_SLOTS names them.
+enum TimelineSlot {
+  kLineStartMinNot,    // ~min over consumers of their start (ns)
+  kLineStartMax,       // max of their start (ns)
+  kLineEndMinNot,      // ~min of their end (ns)
+  kLineEndMax,         // max of their end (ns)
+  kLineFirstCycles,    // sum of cycles from start to the first landed stage (consumers that got work)
+  kLineLanded,         // consumers that got work
+  kLineBusyCycles,     // sum of cycles from start to end
+  kLineBusyNs,         // sum of ns from start to end (with kLineBusyCycles: the SM clock)
+  kLineConsumers,      // consumers counted
+  kLineSlots
+};
+
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+struct Timeline {
+#ifdef MXFP4_WAIT_PROBE
+  unsigned long long const start_ns = global_timer_ns();
+  long long const start_cycles = clock64();
+  long long first_cycles = -1;
+  bool const leader;
+  __device__ explicit Timeline(bool leader_) : leader(leader_) {}
+  __device__ __forceinline__ void landed() {
+    if (first_cycles < 0) first_cycles = clock64() - start_cycles;
+  }
+  __device__ __forceinline__ void flush() {
+    if (!leader) return;
+    long long const busy_cycles = clock64() - start_cycles;
+    unsigned long long const end_ns = global_timer_ns();
+    atomicMax(&mxfp4_timeline[kLineStartMinNot], ~start_ns);
+    atomicMax(&mxfp4_timeline[kLineStartMax], start_ns);
+    atomicMax(&mxfp4_timeline[kLineEndMinNot], ~end_ns);
+    atomicMax(&mxfp4_timeline[kLineEndMax], end_ns);
+    if (first_cycles >= 0) {
+      atomicAdd(&mxfp4_timeline[kLineFirstCycles], static_cast<unsigned long long>(first_cycles));
+      atomicAdd(&mxfp4_timeline[kLineLanded], 1ull);
+    }
+    atomicAdd(&mxfp4_timeline[kLineBusyCycles], static_cast<unsigned long long>(busy_cycles));
+    atomicAdd(&mxfp4_timeline[kLineBusyNs], end_ns - start_ns);
+    atomicAdd(&mxfp4_timeline[kLineConsumers], 1ull);
+  }
+#else
+  __device__ explicit Timeline(bool) {}
+  __device__ __forceinline__ void landed() {}
   __device__ __forceinline__ void flush() {}
 #endif
 };

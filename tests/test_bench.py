@@ -688,8 +688,29 @@ _ROOF_SUMS = {"producer_cycles": 1000, "producer_empty_wait": 50, "producer_stag
               "consumer_full_wait": 1900, "consumer_mma_wait": 0, "consumer_stages": 40}
 
 
+# One launch's timeline as the probe build's globals hold it: 396 consumers starting over 2 us from t0, ending over
+# the last 10 us of a 100 us span, 3500 cycles to their first stage, 170000 cycles (96 us) each at 1.77 GHz.
+_T0 = 1_700_000_000_000_000_000
+_TIMELINE = {"start_min_not": ~_T0 & (2**64 - 1), "start_max": _T0 + 2000, "end_min_not": ~(_T0 + 90_000) & (2**64 - 1),
+             "end_max": _T0 + 100_000, "first_cycles": 396 * 3500, "landed": 396, "busy_cycles": 396 * 170_000,
+             "busy_ns": 396 * 96_000, "consumers": 396}
+
+
+def test_timeline_metrics_undo_the_complemented_minima():
+    from benchmarks.waits import timeline_metrics
+
+    t = timeline_metrics(_TIMELINE)
+    assert t["span_us"] == pytest.approx(100.0) and t["start_skew_us"] == pytest.approx(2.0)
+    assert t["end_skew_us"] == pytest.approx(10.0) and t["busy_us"] == pytest.approx(96.0)
+    assert t["clock_ghz"] == pytest.approx(170_000 / 96_000)
+    assert t["ramp_us"] == pytest.approx(3500 / (170_000 / 96_000) / 1e3)
+    # Consumers without work count in the lifetime but not in the ramp.
+    idle = timeline_metrics({**_TIMELINE, "consumers": 792, "busy_ns": 396 * 96_000 * 2, "busy_cycles": 396 * 340_000})
+    assert idle["ramp_us"] == pytest.approx(t["ramp_us"]) and idle["busy_us"] == pytest.approx(96.0)
+
+
 def test_waits_row_sets_the_shipped_build_against_its_copy_roof():
-    from benchmarks.waits import LATENCIES_NS, format_row, shares
+    from benchmarks.waits import LATENCIES_NS, format_row, shares, timeline_metrics
 
     balance = {"tiles": 1440, "ctas": 396, "max_tiles": 4, "tile_efficiency": 1440 / 1584, "atom_efficiency": 0.9}
     row = {"model": "gpt-oss-20b", "projection": "down", "m": 1, "config": "n128_m8_k128_s6_wg1_c3",
@@ -697,8 +718,8 @@ def test_waits_row_sets_the_shipped_build_against_its_copy_roof():
            "bytes_per_s": 2.4e12, "copy_roof_bytes_per_s": 3.2e12, "ring_bytes_per_sm": 1 << 17,
            "little_bytes_per_sm": {ns: 1000.0 * ns for ns in LATENCIES_NS}, "bit_equal": True, "sums": _PROBE_SUMS,
            "copy_roof_sums": _ROOF_SUMS, "copy_roof_waits": shares(_ROOF_SUMS), "balance": balance,
-           **shares(_PROBE_SUMS)}
-    first, probe, roof, spread, *sums = format_row(row, 4.0e12).splitlines()
+           "timeline": timeline_metrics(_TIMELINE), "same_size_read_us": 48.0, **shares(_PROBE_SUMS)}
+    first, probe, roof, spread, line, *sums = format_row(row, 4.0e12).splitlines()
     # The first line is the reading: shipped 60 us = 60 % of the read rate, its roof 45 us = 80 %, 75 % of the roof.
     assert "shipped    60.0 us  2.40 TB/s = 60% of torch.sum's" in first
     assert "copy roof    45.0 us  3.20 TB/s = 80%" in first and "shipped at 75% of its copy roof" in first
@@ -706,4 +727,6 @@ def test_waits_row_sets_the_shipped_build_against_its_copy_roof():
     assert "probe    62.0 us" in probe and "v0    61.0 us" in probe and "waits on empty  80.0%" in probe
     assert "producer on empty   5.0%" in roof and "consumers on full  95.0%" in roof and "50 cycles/stage" in roof
     assert spread == "  balance: 1440 tiles over 396 CTAs: at most 4 per CTA, avg/max 91% (weight bytes 90%)"
+    assert "consumers span 100.0 us, starts spread 2.0 us, first stage lands 2.0 us" in line
+    assert "ends spread 10.0 us" in line and "torch.sum over the same bytes 48.0 us: shipped at 80% of it" in line
     assert sums == [f"  sums {_PROBE_SUMS}", f"  copy roof sums {_ROOF_SUMS}"]

@@ -130,6 +130,10 @@ COPY_ONLY_OPTION = "-DMXFP4_COPY_ONLY=1"
 COPY_ONLY_SUFFIX = "+copy_only"
 WAIT_PROBE_SLOTS = ("producer_cycles", "producer_empty_wait", "producer_stages", "consumer_cycles",
                     "consumer_full_wait", "consumer_mma_wait", "consumer_stages")
+# The wait-probe build's timeline of one launch, in templates/mxfp4_wait_probe.cuh's TimelineSlot order ("_not":
+# the bitwise complement of a minimum, kept so that every slot starts at 0).
+TIMELINE_SLOTS = ("start_min_not", "start_max", "end_min_not", "end_max", "first_cycles", "landed", "busy_cycles",
+                  "busy_ns", "consumers")
 
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False) -> tuple[list[str], str]:
@@ -139,25 +143,39 @@ def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False) -> tu
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 
 
-def _wait_probe_global(kernel: LoadedKernel) -> tuple[int, int]:
-    address, size = check(driver.cuModuleGetGlobal(kernel.module, b"mxfp4_wait_probe"), "cuModuleGetGlobal(mxfp4_wait_probe)")
+PROBE_GLOBALS = (b"mxfp4_wait_probe", b"mxfp4_timeline")  # the wait-probe build's device globals
+
+
+def _probe_global(kernel: LoadedKernel, name: bytes) -> tuple[int, int]:
+    address, size = check(driver.cuModuleGetGlobal(kernel.module, name), f"cuModuleGetGlobal({name.decode()})")
     return int(address), int(size)
 
 
-def reset_wait_probe(kernel: LoadedKernel) -> None:
-    """Zero a wait-probe kernel's sums (after the device finished what it had queued)."""
+def _read_probe_global(kernel: LoadedKernel, name: bytes, slots: tuple[str, ...]) -> dict[str, int]:
     torch.cuda.synchronize()
-    address, size = _wait_probe_global(kernel)
-    check(driver.cuMemsetD8(address, 0, size), "cuMemsetD8(mxfp4_wait_probe)")
+    address, size = _probe_global(kernel, name)
+    values = (ctypes.c_uint64 * (size // 8))()
+    check(driver.cuMemcpyDtoH(ctypes.addressof(values), address, size), f"cuMemcpyDtoH({name.decode()})")
+    return dict(zip(slots, (int(v) for v in values)))
+
+
+def reset_wait_probe(kernel: LoadedKernel) -> None:
+    """Zero a wait-probe kernel's sums and timeline (after the device finished what it had queued)."""
+    torch.cuda.synchronize()
+    for name in PROBE_GLOBALS:
+        address, size = _probe_global(kernel, name)
+        check(driver.cuMemsetD8(address, 0, size), f"cuMemsetD8({name.decode()})")
 
 
 def read_wait_probe(kernel: LoadedKernel) -> dict[str, int]:
     """A wait-probe kernel's sums since :func:`reset_wait_probe`, by WAIT_PROBE_SLOTS name (syncs the device)."""
-    torch.cuda.synchronize()
-    address, size = _wait_probe_global(kernel)
-    values = (ctypes.c_uint64 * (size // 8))()
-    check(driver.cuMemcpyDtoH(ctypes.addressof(values), address, size), "cuMemcpyDtoH(mxfp4_wait_probe)")
-    return dict(zip(WAIT_PROBE_SLOTS, (int(v) for v in values)))
+    return _read_probe_global(kernel, PROBE_GLOBALS[0], WAIT_PROBE_SLOTS)
+
+
+def read_timeline(kernel: LoadedKernel) -> dict[str, int]:
+    """A wait-probe kernel's timeline since :func:`reset_wait_probe`, by TIMELINE_SLOTS name (syncs the device):
+    meaningful after exactly one launch (its minima and maxima span every launch since the reset)."""
+    return _read_probe_global(kernel, PROBE_GLOBALS[1], TIMELINE_SLOTS)
 
 
 @dataclass(frozen=True)
