@@ -1,15 +1,27 @@
 """The benchmark's problems: models, M values, routings, rows per expert, bytes and FLOPs (CPU only).
 
 Nothing here touches a GPU: the routing, the arithmetic and the row sampling are unit-tested on the CPU.
+The rows-per-expert generators (uniform, Zipf) live in :mod:`codegen.tune.loads`, which the tuner shares; they
+are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from codegen.tune.loads import (
+    ROUTINGS,
+    TOP_K,
+    ZIPF_EXPONENT,
+    loads_for,
+    offsets_from_loads,
+    row_loads,
+    uniform_loads,
+    zipf_loads,
+    zipf_loads_total,
+)
 from codegen.tune.tables import DEFAULT_M_VALUES, MODEL_SHAPES, Shape
 from codegen.tune.timing import grouped_mm_bytes, grouped_mm_flops
 
@@ -21,16 +33,13 @@ FP8_QUICK_M_VALUES = (1, 256, 4096)
 MOE_TOKENS = (1, 8, 32, 128, 512, 4096)
 QUICK_MOE_TOKENS = (1, 32, 512)
 HOST_MOE_TOKENS = (1, 8, 64)  # the decode batches issue 15's host target is measured at
-TOP_K = 4
-ZIPF_EXPONENT = 1.1
 TOLERANCE = 1e-2  # relative error vs the float64 reference above which a path is "wrong" (not timed)
-ROUTINGS = ("uniform", "zipf")
 
 __all__ = [
     "FALLBACK_M_VALUES", "FP8_M_VALUES", "FP8_QUICK_M_VALUES", "HOST_MOE_TOKENS", "MODEL_SHAPES", "MOE_TOKENS",
     "M_VALUES", "QUICK_MOE_TOKENS", "QUICK_M_VALUES",
     "ROUTINGS", "Row", "Shape", "TOLERANCE", "TOP_K", "ZIPF_EXPONENT", "loads_for", "memory_needed",
-    "offsets_from_loads", "parse_int_list", "row_arithmetic", "sample_rows", "topk_from_loads",
+    "offsets_from_loads", "parse_int_list", "row_arithmetic", "row_loads", "sample_rows", "topk_from_loads",
     "uniform_loads", "zipf_loads", "zipf_loads_total",
 ]
 
@@ -46,85 +55,6 @@ def parse_int_list(text: str | None, default: Sequence[int], *, name: str = "--m
     if not values or min(values) < 1:
         raise ValueError(f"{name} {text!r}: give comma-separated positive integers")
     return values
-
-
-def _capped_shares(weights: Sequence[float], total: int, cap: int) -> list[float]:
-    """``total`` split in proportion to ``weights``, no share above ``cap``, the excess spread over the rest."""
-    shares = [0.0] * len(weights)
-    free = set(range(len(weights)))
-    left = float(total)
-    while free:
-        weight_sum = sum(weights[i] for i in free)
-        over = [i for i in free if left * weights[i] / weight_sum > cap]
-        if not over:
-            for i in free:
-                shares[i] = left * weights[i] / weight_sum
-            return shares
-        for i in over:
-            shares[i] = float(cap)
-            left -= cap
-            free.discard(i)
-    return shares
-
-
-def _round_largest_remainder(shares: Sequence[float], total: int, cap: int) -> list[int]:
-    loads = [min(cap, math.floor(s)) for s in shares]
-    missing = total - sum(loads)
-    order = sorted(range(len(shares)), key=lambda i: (shares[i] - math.floor(shares[i]), -i), reverse=True)
-    for i in order:
-        if missing <= 0:
-            break
-        if loads[i] < cap:
-            loads[i] += 1
-            missing -= 1
-    return loads
-
-
-def _shuffled_by_rank(loads_by_rank: Sequence[int], seed: int) -> list[int]:
-    permutation = list(range(len(loads_by_rank)))
-    random.Random(seed).shuffle(permutation)
-    by_expert = [0] * len(loads_by_rank)
-    for rank, expert in enumerate(permutation):
-        by_expert[expert] = loads_by_rank[rank]
-    return by_expert
-
-
-def zipf_loads_total(num_experts: int, total: int, *, top_k: int = TOP_K, exponent: float = ZIPF_EXPONENT,
-                     seed: int = 0) -> list[int]:
-    """Rows per expert of a skewed top-k routing of ``total`` token-expert assignments.
-
-    ``ceil(total / top_k)`` tokens; loads proportional to ``1 / rank^exponent``, each at most the
-    token count (a token picks an expert once); integer by largest remainder; ranks assigned to
-    experts by a seeded shuffle.
-    """
-    if total <= 0:
-        return [0] * num_experts
-    top_k = max(1, min(top_k, num_experts))
-    cap = math.ceil(total / top_k)
-    weights = [1.0 / (rank + 1) ** exponent for rank in range(num_experts)]
-    loads = _round_largest_remainder(_capped_shares(weights, total, cap), total, cap)
-    return _shuffled_by_rank(loads, seed)
-
-
-def zipf_loads(num_experts: int, tokens_per_expert: int, *, top_k: int = TOP_K, exponent: float = ZIPF_EXPONENT,
-               seed: int = 0) -> list[int]:
-    """Zipf rows per expert with the same total as ``tokens_per_expert`` uniform rows (``E * M``)."""
-    return zipf_loads_total(num_experts, num_experts * tokens_per_expert, top_k=top_k, exponent=exponent, seed=seed)
-
-
-def uniform_loads(num_experts: int, total: int, *, seed: int = 0) -> list[int]:
-    """``total`` assignments spread as evenly as possible (the remainder on seeded-random experts)."""
-    quotient, remainder = divmod(max(0, total), num_experts)
-    return _shuffled_by_rank([quotient + (rank < remainder) for rank in range(num_experts)], seed)
-
-
-def loads_for(routing: str, num_experts: int, tokens_per_expert: int, *, seed: int = 0) -> list[int]:
-    """Rows per expert of one benchmark row: ``M`` each (uniform) or the Zipf split of ``E * M``."""
-    if routing == "uniform":
-        return [tokens_per_expert] * num_experts
-    if routing == "zipf":
-        return zipf_loads(num_experts, tokens_per_expert, seed=seed)
-    raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
 
 
 def topk_from_loads(loads: Sequence[int], tokens: int, top_k: int, *, seed: int = 0) -> list[list[int]]:
@@ -143,14 +73,6 @@ def topk_from_loads(loads: Sequence[int], tokens: int, top_k: int, *, seed: int 
     rows = [[slots[t + j * tokens] for j in range(top_k)] for t in range(tokens)]
     random.Random(seed).shuffle(rows)
     return rows
-
-
-def offsets_from_loads(loads: Sequence[int]) -> list[int]:
-    """``[0, l0, l0 + l1, ...]``: the E + 1 offsets of rows grouped by expert."""
-    bounds = [0]
-    for load in loads:
-        bounds.append(bounds[-1] + load)
-    return bounds
 
 
 def sample_rows(loads: Sequence[int], *, per_expert: int = 4, seed: int = 0) -> list[tuple[int, int]]:
@@ -214,6 +136,6 @@ class Row:
 
 
 def make_row(model: str, projection: str, shape: Shape, routing: str, m: int, *, seed: int = 0) -> Row:
-    loads = loads_for(routing, shape.num_experts, m, seed=seed + m)
+    loads = row_loads(routing, shape.num_experts, m, seed=seed)
     nbytes, flops = row_arithmetic(shape, loads)
     return Row(model, projection, shape, routing, m, loads, nbytes, flops)

@@ -267,18 +267,32 @@ for step in "${steps[@]}"; do
       ;;
     tune)
       # The sweep merges into the GPU's shipped table (generated/tuning/<family>.json, e.g. h200.json),
-      # so one file ends up with every model's entries; the table lands in $OUT.
-      mkdir -p "$LOGS/tune"
+      # so one file ends up with every model's entries; the table lands in $OUT (its progress log in logs.tgz).
+      # TUNE_ARGS overrides the sweep (e.g. "--model gpt-oss-120b --quick --m 1,16"); TUNE_TIMEOUT its seconds.
+      # TUNE_DIR (default: this call's log folder) holds the table and its progress log: with a fixed folder
+      # (TUNE_DIR=/tmp/tune) a later call on the same warm machine merges into that table and resumes what a
+      # call cut short by its timeout measured (add --no-resume to TUNE_ARGS to measure all again).
+      # Issue 21's routing-robust sweep: every candidate under uniform loads and under the benchmarks' Zipf loads
+      # of the same rows (--routing both); an entry takes the config whose worse ratio to the best time of either
+      # routing is smallest, and must beat the default's by > 2 % (codegen/tune/choice.py). The M = 16, 64, 256
+      # buckets, one model per call (--quick: 884 measurements a model, about 3-4 min for 20b, 5-8 for 120b):
+      #   TUNE_DIR=/tmp/tune TUNE_TIMEOUT=540 DEVICE_BUDGET=580 \
+      #     TUNE_ARGS="--model gpt-oss-20b --quick --m 16,64,256 --routing both" bash scripts/device_check.sh tune
+      #   (the same with --model gpt-oss-120b; rerun it unchanged if its timeout cut it short: it resumes)
+      # on the H100, then on the H200; $OUT/<family>.json replaces generated/tuning/<family>.json, and the summary
+      # gives per (shape, M) the Zipf / uniform slowdown of the chosen config (issue 21's target: <= 1.2x).
+      dir=${TUNE_DIR:-$LOGS/tune}
+      mkdir -p "$dir"
       table=$(python3 -c "import torch; from codegen.tune.tables import gpu_family; print(gpu_family(torch.cuda.get_device_name()))").json
-      [ -f "generated/tuning/$table" ] && cp "generated/tuning/$table" "$LOGS/tune/$table"
-      # TUNE_ARGS overrides the sweep (e.g. "--model gpt-oss-120b --quick --m 1,16").
+      [ ! -f "$dir/$table" ] && [ -f "generated/tuning/$table" ] && cp "generated/tuning/$table" "$dir/$table"
       # shellcheck disable=SC2086
       timeout "$(limit "${TUNE_TIMEOUT:-400}")" python3 -m codegen tune ${TUNE_ARGS:---model gpt-oss-20b --quick --m 1,16,256,4096} \
-        --out "$LOGS/tune/$table" 2>&1 | tee "$LOGS/tune.txt"
+        --out "$dir/$table" 2>&1 | tee "$LOGS/tune.txt"
       note "tune ($table): exit ${PIPESTATUS[0]}"
-      { echo "== tune"; sed -n '/^device:/,$p' "$LOGS/tune.txt"; echo; } >> "$LOGS/summary.txt"
-      cp "$LOGS/tune/$table" "$OUT/$table"
-      export HOPPER_MXFP4_TUNING_DIR="$LOGS/tune"  # the later steps of this run use the fresh table
+      { echo "== tune"; sed -n '/^shape /,$p' "$LOGS/tune.txt"; echo; } >> "$LOGS/summary.txt"  # its summary table
+      mkdir -p "$LOGS/tune" && cp "$dir/${table%.json}".* "$LOGS/tune/" 2>/dev/null
+      cp "$dir/$table" "$OUT/$table"
+      export HOPPER_MXFP4_TUNING_DIR="$dir"  # the later steps of this run use the fresh table
       ;;
     *) echo "unknown step $step"; finish; exit 2 ;;
   esac

@@ -1,4 +1,4 @@
-"""GPU: device-event timing and a tiny real sweep (2 configs, E=2 N=128 K=128, M=8) on an SM90 GPU."""
+"""GPU: device-event timing and tiny real sweeps (2 configs, M=8; uniform, and both routings) on an SM90 GPU."""
 
 from __future__ import annotations
 
@@ -61,4 +61,27 @@ def test_tiny_sweep_writes_a_table_that_lookup_returns(tmp_path, monkeypatch):
     assert found is not None
     config, reason = found
     assert config.name == entry["config"] and "M-bucket 8" in reason and str(out) in reason
+    tuning.clear_cache()
+
+
+def test_tiny_sweep_under_both_routings(tmp_path, monkeypatch):
+    """Every config checked and timed under uniform and Zipf loads of the same rows (E=32: the hottest expert
+    gets 64 of the 256 rows, the coldest 2), and the entry records both."""
+    from codegen.tune.loads import row_loads
+
+    monkeypatch.setenv(tuning.TUNING_DIR_ENV, str(tmp_path))
+    tuning.clear_cache()
+    measure = sweep.GpuMeasurer(rep=10, warmup_ms=2.0)
+    out = tmp_path / "both.json"
+    shape = Shape(32, 128, 128)
+    table = sweep.run_sweep([shape], [8], CONFIGS, out_path=out, jobs=2, measure=measure, routings=("uniform", "zipf"),
+                            device_name=measure.device_name, plot=False)
+    records = [json.loads(line) for line in sweep.progress_log_path(out).read_text().splitlines()]
+    assert {(r["config"], r["routing"]) for r in records} == {(c.name, r) for c in CONFIGS for r in ("uniform", "zipf")}
+    assert all(r["status"] == "ok" and r["rel_error"] <= 1e-2 for r in records), records
+    assert max(row_loads("zipf", 32, 8)) == 64 and min(row_loads("zipf", 32, 8)) == 2
+    entry = table["entries"][shape.key]["8"]
+    assert set(entry["routings"]) == {"uniform", "zipf"} and entry["worst_ratio"] >= 1.0
+    assert all(times["us"] > 0 and times["best_us"] <= times["us"] for times in entry["routings"].values())
+    assert tuning.lookup(measure.device_name, 32, 128, 128, 8)[1].count("its best") == 2
     tuning.clear_cache()

@@ -31,11 +31,23 @@ examples:
   python -m codegen tune --shape 8,1024,1024 --m 16 --configs n128_m16_k256_s7_wg2,n128_m32_k256_s5_wg2
   python -m codegen tune --model gpt-oss-20b --out generated/tuning/h100.json   # refresh the shipped table
   python -m codegen tune --model gpt-oss-20b --activations fp8 --quick          # the W4A8 family
+  python -m codegen tune --model gpt-oss-20b --quick --m 16,64,256 --routing both  # robust to skewed routing
 
 The table goes to the user tuning dir ($HOPPER_MXFP4_TUNING_DIR, else ~/.cache/hopper-mxfp4/tuning)
 as <gpu>.json, which mxfp4.grouped_mm consults before the shipped generated/tuning/ tables. Results
 are logged to <out>.progress.jsonl as they come: an interrupted sweep resumes where it stopped.
 """
+
+
+ROUTING_CHOICES = ("uniform", "zipf", "both")
+
+
+def routings_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The routings ``--routing`` names: ("uniform",), ("zipf",) or ("uniform", "zipf")."""
+    from codegen.tune.loads import ROUTINGS
+
+    routing = getattr(args, "routing", "uniform")
+    return tuple(ROUTINGS) if routing == "both" else (routing,)
 
 
 def _int_list(text: str) -> list[int]:
@@ -57,8 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--shape", action="append", default=[], metavar="E,N,K",
                       help="a grouped GEMM shape: experts, weight rows, K; repeatable")
     what.add_argument("--m", type=_int_list, default=list(DEFAULT_M_VALUES), metavar="M,...",
-                      help="tokens per expert to measure (uniform routing); each lands in the power-of-two "
-                      f"bucket at or above it (default: {','.join(map(str, DEFAULT_M_VALUES))})")
+                      help="tokens per expert to measure (on average: E x M rows in all); each lands in the "
+                      f"power-of-two bucket at or above it (default: {','.join(map(str, DEFAULT_M_VALUES))})")
+    what.add_argument("--routing", choices=ROUTING_CHOICES, default="uniform",
+                      help="how the E x M rows are spread over the experts: uniform (M each, default), zipf (the "
+                      "benchmarks' skewed top-4 split, loads 1/rank^1.1) or both: every candidate is measured "
+                      "under both and the entry takes the config whose worse ratio to the best time under "
+                      "either routing is smallest (codegen.tune.choice); both also widens the tile_m window")
     space = parser.add_argument_group("configs")
     chosen = space.add_mutually_exclusive_group()
     chosen.add_argument("--configs", metavar="NAME,...", help="exactly these configs (e.g. n128_m64_k128_s7_wg2,...)")
@@ -91,7 +108,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="autotune the tile config per shape and tokens per expert (needs an SM90 GPU)",
         description="Compile candidate tile configs in parallel, check each against an fp32 reference, time it "
         "on the GPU with device events (median of rotating inputs larger than the L2), and write a tuning table "
-        "of the fastest correct config per (E, N, K, M bucket), with the heuristic default's time for comparison. "
+        "of the fastest correct config per (E, N, K, M bucket), with the heuristic default's time for comparison "
+        "(--routing both: the config most robust to uniform and Zipf loads of the same rows). "
         "Prints a summary table and draws a PNG (with matplotlib).",
         epilog=EXAMPLES,
     )
@@ -104,7 +122,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace):
     """(shapes, m values, configs, m_filter) from the arguments; raises UsageError."""
-    from codegen.tune.space import SearchSpace, configs_for_m, enumerate_configs
+    from codegen.tune.space import SearchSpace, enumerate_configs, m_filter_for
     from codegen.tune.tables import MODEL_SHAPES, Shape
 
     shapes: list[Shape] = []
@@ -122,7 +140,7 @@ def resolve(args: argparse.Namespace):
     else:
         space = SearchSpace.quick() if args.quick else SearchSpace.full() if args.full else SearchSpace()
         configs = enumerate_configs(dataclasses.replace(space, activations=args.activations))
-        m_filter = None if args.no_m_window else configs_for_m
+        m_filter = None if args.no_m_window else m_filter_for(routings_of(args))
     if args.no_m_window:
         m_filter = None
     if len({c.activations for c in configs}) > 1:
@@ -150,7 +168,7 @@ def _worker_argv(args: argparse.Namespace, shapes, m_values, configs, resume: bo
     argv.append("--configs=" + ",".join(c.name for c in configs))
     if args.configs is None and not args.no_m_window:
         argv.append("--worker-m-window")
-    argv += [f"--out={out}", f"--rep={args.rep}", f"--watchdog={args.watchdog}", "--worker"]
+    argv += [f"--out={out}", f"--rep={args.rep}", f"--watchdog={args.watchdog}", f"--routing={args.routing}", "--worker"]
     if args.jobs is not None:
         argv.append(f"--jobs={args.jobs}")
     if not resume:
@@ -202,9 +220,9 @@ def _work(args, shapes, m_values, configs, m_filter, out: Path) -> int:
     from codegen.tune.sweep import EXIT_RESTART, GpuContextLost, GpuMeasurer, run_sweep
 
     if getattr(args, "worker_m_window", False):
-        from codegen.tune.space import configs_for_m
+        from codegen.tune.space import m_filter_for
 
-        m_filter = configs_for_m
+        m_filter = m_filter_for(routings_of(args))
     try:
         measure = GpuMeasurer(rep=args.rep)
     except RuntimeError as error:
@@ -213,7 +231,8 @@ def _work(args, shapes, m_values, configs, m_filter, out: Path) -> int:
     try:
         table = run_sweep(
             shapes, m_values, configs, out_path=out, jobs=args.jobs, resume=not args.no_resume,
-            progress=not args.quiet, measure=measure, m_filter=m_filter, device_name=measure.device_name,
+            progress=not args.quiet, measure=measure, m_filter=m_filter, routings=routings_of(args),
+            device_name=measure.device_name,
             watchdog_s=args.watchdog if args.watchdog and args.watchdog > 0 else None, plot=not args.no_plot,
         )
     except GpuContextLost as error:

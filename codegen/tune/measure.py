@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 from codegen.build.config import TileConfig
 
@@ -176,11 +177,14 @@ class RotatingInputs:
     """The inputs of one (shape, M), rebuilt only when either changes.
 
     Per shape (and kernel family): random bf16 weights ``N(0, 1)``, quantized and packed once (the W4A8
-    family: in the FP8-ready layout), plus their bf16 dequantization (exact) for the reference. Per M: x with
-    uniform routing (M rows per expert), int32 offsets, and enough copies of (x, weights, offsets) in ``sets``
-    (the W4A8 family: (x_fp8, weights, offsets, x_scale)) to rotate past the L2
+    family: in the FP8-ready layout), plus their bf16 dequantization (exact) for the reference. Per M: x of
+    ``E * M`` rows and enough copies of (x, weights, offsets) to rotate past the L2
     (``codegen.tune.timing.rotation_sets``), within ``memory_budget`` bytes (None: a quarter of the free
-    GPU memory, at most 4 GiB).
+    GPU memory, at most 4 GiB). Per routing (``codegen.tune.loads``: "uniform", M rows per expert, or "zipf", the
+    same total rows split 1/rank^1.1 as the benchmarks split them, ``row_loads`` with this seed): the int32
+    offsets of its loads. Every routing has the same total rows, so the routings share x and the weights and
+    differ only in the offsets. ``sets`` holds the current routing's (x, weights, offsets) per copy (the W4A8
+    family: (x_fp8, weights, offsets, x_scale)), ``offsets_host`` its offsets as a list.
     """
 
     def __init__(self, device: Any, *, seed: int = 0, memory_budget: int | None = None, runner: Runner | None = None):
@@ -190,7 +194,10 @@ class RotatingInputs:
         self.activations = "bf16"
         self.m: int | None = None
         self.weights: Any = None  # (packed, dequantized bf16)
+        self.routing = "uniform"
         self.sets: list[tuple] = []
+        self.offsets_host: list[int] = []
+        self._by_routing: dict[str, tuple[list[tuple], list[int]]] = {}
 
     @property
     def dequantized(self) -> Any:
@@ -200,17 +207,32 @@ class RotatingInputs:
         import torch
 
         self.shape = self.weights = self.m = None
-        self.sets = []
+        self.sets, self.offsets_host, self._by_routing = [], [], {}
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def prepare(self, shape: Shape, m: int, activations: str = "bf16") -> None:
+    def prepare(self, shape: Shape, m: int, activations: str = "bf16", routing: str = "uniform") -> None:
         if self.shape != shape or self.activations != activations:
             self.release()
             self.weights = random_weights(shape, self.device, seed=self.seed, activations=activations)
             self.shape, self.activations = shape, activations
         if self.m != m:
             self._build_sets(shape, m)
+        self._select(routing)
+
+    def _select(self, routing: str) -> None:
+        """Make ``routing``'s offsets current: the uniform sets with the offsets of its loads swapped in (the
+        offsets are per copy, like the rest of a set; x, the weights and the scales are shared)."""
+        from .loads import offsets_from_loads, row_loads
+
+        if routing not in self._by_routing:
+            bounds = offsets_from_loads(row_loads(routing, self.shape.num_experts, self.m, seed=self.seed))
+            uniform = self._by_routing["uniform"][0]
+            offsets = _int32_tensor(bounds, self.device)
+            sets = [(*s[:2], offsets if i == 0 else offsets.clone(), *s[3:]) for i, s in enumerate(uniform)]
+            self._by_routing[routing] = (sets, bounds)
+        self.sets, self.offsets_host = self._by_routing[routing]
+        self.routing = routing
 
     def _budget(self) -> int:
         import torch
@@ -227,7 +249,7 @@ class RotatingInputs:
         from .timing import l2_cache_bytes, rotation_sets
 
         packed, _ = self.weights
-        self.sets = []
+        self.sets, self.offsets_host, self._by_routing = [], [], {}
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         e, n, k = shape.num_experts, shape.n, shape.k
@@ -235,7 +257,8 @@ class RotatingInputs:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed * 1_000_003 + 7919 * m + 1)
         x = torch.randn((tokens, k), generator=generator, dtype=torch.bfloat16, device=self.device)
-        offsets = (torch.arange(e + 1, dtype=torch.int32, device=self.device) * m).contiguous()
+        bounds = [i * m for i in range(e + 1)]  # uniform: M rows per expert
+        offsets = _int32_tensor(bounds, self.device)
         if self.activations == "bf16":
             first: tuple = (x, packed, offsets)
         else:  # the W4A8 family: (x_fp8, weights, offsets, x_scale)
@@ -244,8 +267,16 @@ class RotatingInputs:
         per_set = packed.data.numel() + first[0].numel() * first[0].element_size() + tokens * n * 2
         l2 = l2_cache_bytes(self.device if self.device.type == "cuda" else None)
         count = rotation_sets(per_set, l2_bytes=l2, memory_budget=max(self._budget(), per_set))
-        self.sets = [first] + [tuple(_copy(item) for item in first) for _ in range(count - 1)]
+        sets = [first] + [tuple(_copy(item) for item in first) for _ in range(count - 1)]
+        self._by_routing = {"uniform": (sets, bounds)}
         self.m = m
+
+
+def _int32_tensor(values: list[int], device: Any):
+    """An int32 tensor of ``values`` on ``device`` (the kernels' offsets)."""
+    import torch
+
+    return torch.tensor(values, dtype=torch.int32, device=device)
 
 
 def _copy(item: Any) -> Any:
@@ -260,34 +291,44 @@ def _copy(item: Any) -> Any:
     return item.clone()
 
 
-def relative_error(out: Any, x: Any, dequantized: Any, m: int, offsets_host: list[int]) -> float:
-    """``||out - ref|| / ||ref||`` with ref in fp32 from the bf16 ``dequantized`` weights ``[E, N, K]``
-    (TF32 off), computed a chunk of experts at a time; inf for a non-finite result."""
+@contextmanager
+def _exact_fp32() -> Iterator[None]:
+    """fp32 matmuls without TF32 inside the block (the reference must not round to 10 mantissa bits)."""
     import torch
 
-    e, n, k = dequantized.shape
-    step = max(1, (1 << 28) // max(1, n * k * 4 + m * (k + n) * 4))  # ~256 MB of fp32 per chunk
-    diff2 = torch.zeros((), dtype=torch.float64, device=out.device)
-    ref2 = torch.zeros((), dtype=torch.float64, device=out.device)
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        for e0 in range(0, e, step):
-            e1 = min(e, e0 + step)
-            rows = slice(offsets_host[e0], offsets_host[e1])
-            xs = x[rows].float().view(e1 - e0, m, k)
-            ref = torch.bmm(xs, dequantized[e0:e1].float().transpose(1, 2))
-            got = out[rows].float().view(e1 - e0, m, n)
-            diff2 += (got - ref).double().square().sum()
-            ref2 += ref.double().square().sum()
+        yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
+def relative_error(out: Any, x: Any, dequantized: Any, offsets_host: Sequence[int]) -> float:
+    """``||out - ref|| / ||ref||`` with ref in fp32 from the bf16 ``dequantized`` weights ``[E, N, K]``
+    (TF32 off): expert e's rows are ``offsets_host[e]:offsets_host[e + 1]`` (any loads, empty experts too),
+    computed a few thousand rows at a time; inf for a non-finite result."""
+    import torch
+
+    e, n, k = dequantized.shape
+    rows_per_chunk = max(1, (1 << 28) // ((k + 2 * n) * 4))  # ~256 MB of fp32 per chunk
+    diff2 = torch.zeros((), dtype=torch.float64, device=out.device)
+    ref2 = torch.zeros((), dtype=torch.float64, device=out.device)
+    with _exact_fp32():
+        for expert in range(e):
+            start, stop = offsets_host[expert], offsets_host[expert + 1]
+            weight = dequantized[expert].float().T if stop > start else None
+            for first in range(start, stop, rows_per_chunk):
+                rows = slice(first, min(stop, first + rows_per_chunk))
+                ref = x[rows].float() @ weight
+                diff2 += (out[rows].float() - ref).double().square().sum()
+                ref2 += ref.double().square().sum()
     value = float((diff2.sqrt() / ref2.sqrt().clamp_min(1e-30)).item())
     return value if math.isfinite(value) else float("inf")
 
 
 class GpuMeasurer:
-    """``measure(shape, m, config)`` on the current CUDA device: check, then time the config's kernel.
+    """``measure(shape, m, config, routing)`` on the current CUDA device: check, then time the config's kernel.
 
     The inputs are :class:`RotatingInputs` (built once per shape, freed by :meth:`release`). The
     check is :func:`relative_error`; a result over ``tolerance`` is returned untimed. A correct one
@@ -321,17 +362,16 @@ class GpuMeasurer:
 
     def _check(self, config: TileConfig) -> float:
         x, packed, offsets, *x_scale = self.inputs.sets[0]
-        m = self.inputs.m
         out = self.runner.run(config, x, packed, offsets, *x_scale)
         synchronize(self.device)
-        offsets_host = [i * m for i in range(packed.num_experts + 1)]
         x_reference = x if not x_scale else x.float() * x_scale[0].unsqueeze(1)  # the fp8-rounded x
-        return relative_error(out, x_reference, self.inputs.dequantized, m, offsets_host)
+        return relative_error(out, x_reference, self.inputs.dequantized, self.inputs.offsets_host)
 
-    def __call__(self, shape: Shape, m: int, config: TileConfig) -> Measurement:
+    def __call__(self, shape: Shape, m: int, config: TileConfig, routing: str = "uniform") -> Measurement:
+        """Check and time ``config`` at ``m`` tokens per expert on average, with ``routing``'s loads."""
         from .timing import time_cuda
 
-        self.inputs.prepare(shape, m, config.activations)
+        self.inputs.prepare(shape, m, config.activations, routing)
         rel = self._check(config)
         if not rel <= self.tolerance:
             return Measurement(rel_error=rel, note="untimed: wrong result")

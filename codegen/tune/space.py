@@ -8,9 +8,10 @@ tables it writes, :mod:`codegen.tune.tables`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from codegen.build.config import (
     CTAS_PER_SM_CHOICES,
@@ -147,22 +148,33 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
                                                  c.producer, c.stream_k, c.stages))
 
 
-def tile_m_window(tokens_per_expert: int) -> tuple[int, int]:
+def tile_m_window(tokens_per_expert: int, routings: Sequence[str] = ("uniform",)) -> tuple[int, int]:
     """The tile_m range worth trying at ``tokens_per_expert`` (used to prune a sweep per M).
 
     Upper: ``max(16, 2 x bucket)``: a tile much taller than an expert's rows only multiplies idle
     WGMMA columns. Lower: ``bucket / 4`` clamped to 8..64: a short tile re-reads the weights for
-    every tile_m rows, which at large M costs more than any latency it hides.
+    every tile_m rows, which at large M costs more than any latency it hides. With "zipf" among
+    ``routings`` the upper edge is that of 2M: Zipf's hottest expert gets 8-30x M rows
+    (``codegen.tune.loads``), so one more power of two upward is tried for it.
     """
     bucket = m_bucket(tokens_per_expert)
-    return min(64, max(8, bucket // 4)), max(16, 2 * bucket)
+    reach = 4 if "zipf" in routings else 2
+    return min(64, max(8, bucket // 4)), max(16, reach * bucket)
 
 
-def configs_for_m(configs: Sequence[TileConfig], tokens_per_expert: int) -> list[TileConfig]:
+def configs_for_m(configs: Sequence[TileConfig], tokens_per_expert: int,
+                  routings: Sequence[str] = ("uniform",)) -> list[TileConfig]:
     """The configs whose tile_m is in :func:`tile_m_window`; if none is, those of the nearest tile_m."""
-    low, high = tile_m_window(tokens_per_expert)
+    low, high = tile_m_window(tokens_per_expert, routings)
     kept = [c for c in configs if low <= c.tile_m <= high]
     if kept or not configs:
         return kept
     nearest = min({c.tile_m for c in configs}, key=lambda t: min(abs(t - low), abs(t - high)))
     return [c for c in configs if c.tile_m == nearest]
+
+
+def m_filter_for(routings: Sequence[str]) -> Callable[[Sequence[TileConfig], int], list[TileConfig]]:
+    """The sweep's per-M filter for ``routings``: :func:`configs_for_m` with their window."""
+    if tuple(routings) == ("uniform",):
+        return configs_for_m
+    return functools.partial(configs_for_m, routings=tuple(routings))

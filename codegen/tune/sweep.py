@@ -10,9 +10,12 @@
    one is :class:`codegen.tune.measure.GpuMeasurer`), under a watchdog, each result classified and
    appended to ``<out>.progress.jsonl`` as soon as it exists, so an interrupted sweep resumes where
    it stopped;
-4. **record** (:func:`record_step`): the table (format in :mod:`codegen.tune.tables`) of the fastest
-   correct config per bucket with the heuristic default's time, the summary and the plot
-   (:mod:`codegen.tune.report`).
+4. **record** (:func:`record_step`): the table (format in :mod:`codegen.tune.tables`) of the config
+   :func:`codegen.tune.choice.choose` picks per bucket (one routing: the fastest correct one) with the
+   heuristic default's time, the summary and the plot (:mod:`codegen.tune.report`).
+
+An item is (shape, M, config, routing): with ``routings=("uniform", "zipf")`` every candidate is measured
+under both loads of the same total rows (:mod:`codegen.tune.loads`), and the entry records both times.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, TextIO
 
 from codegen.build.config import TileConfig
 from codegen.build.progress import Progress
 
+from .choice import record_routing
+from .loads import check_routings
 from .measure import (
     DEFAULT_TOLERANCE,
     GpuMeasurer,
@@ -43,9 +48,17 @@ from .tables import Shape, read_table, write_table
 # Exit status of a sweep worker that must be restarted (the CUDA context is lost, or a kernel hung).
 EXIT_RESTART = 75
 
-MeasureFn = Callable[[Shape, int, TileConfig], Measurement]
+MeasureFn = Callable[[Shape, int, TileConfig, str], Measurement]
 CompileFn = Callable[..., list]
-Item = tuple[Shape, int, TileConfig]
+
+
+class Item(NamedTuple):
+    """One measurement: a config at M tokens per expert (on average) with ``routing``'s loads."""
+
+    shape: Shape
+    m: int
+    config: TileConfig
+    routing: str = "uniform"
 
 _DONE = ("ok", "wrong", "error")  # statuses a resumed sweep does not measure again
 
@@ -54,10 +67,14 @@ class GpuContextLost(RuntimeError):
     """A kernel left the CUDA context unusable; the sweep must continue in a fresh process."""
 
 
-def problem_bytes(shape: Shape, m: int) -> int:
+def problem_bytes(shape: Shape, m: int, routing: str = "uniform") -> int:
+    """Bytes that must move at M tokens per expert with ``routing``'s loads (an expert with no rows reads no
+    weights; which experts are empty depends on the seed, how many do not)."""
+    from .loads import row_loads
     from .timing import grouped_mm_bytes
 
-    return grouped_mm_bytes(shape.num_experts, shape.n, shape.k, shape.num_experts * m)
+    active = sum(1 for load in row_loads(routing, shape.num_experts, m) if load)
+    return grouped_mm_bytes(active, shape.n, shape.k, shape.num_experts * m)
 
 
 def problem_flops(shape: Shape, m: int) -> int:
@@ -111,12 +128,14 @@ class _Log:
 
 
 def _base_record(gpu: str, item: Item) -> dict[str, Any]:
-    shape, m, config = item
-    return {"gpu": gpu, "E": shape.num_experts, "N": shape.n, "K": shape.k, "m": m, "config": config.name}
+    shape, m, config, routing = item
+    return {"gpu": gpu, "E": shape.num_experts, "N": shape.n, "K": shape.k, "m": m, "config": config.name,
+            "routing": routing}
 
 
 def _record_key(record: dict) -> tuple:
-    return (int(record["E"]), int(record["N"]), int(record["K"]), int(record["m"]), str(record["config"]))
+    return (int(record["E"]), int(record["N"]), int(record["K"]), int(record["m"]), str(record["config"]),
+            record_routing(record))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +151,7 @@ class SweepPlan:
     m_values: list[int]
     items: list[Item]
     configs: list[TileConfig]
+    routings: tuple[str, ...] = ("uniform",)
 
     @property
     def activations(self) -> str:
@@ -149,10 +169,12 @@ def plan_sweep(
     m_values: Sequence[int],
     configs: Sequence[TileConfig],
     m_filter: Callable[[Sequence[TileConfig], int], list[TileConfig]] | None = None,
+    routings: Sequence[str] = ("uniform",),
 ) -> SweepPlan:
     """Per M, the candidates (``m_filter`` narrows them) with the heuristic default of their family first, so
-    the best-so-far starts from the baseline; raises ValueError for no shape, no M, M < 1 or configs of two
-    kernel families (W4A16 and W4A8 tune in separate sweeps)."""
+    the best-so-far starts from the baseline, each under every routing in turn (a config's routings are
+    adjacent: they share the inputs but for the offsets); raises ValueError for no shape, no M, M < 1, an
+    unknown routing or configs of two kernel families (W4A16 and W4A8 tune in separate sweeps)."""
     from .selection import heuristic_config
 
     shapes = list(dict.fromkeys(shapes))
@@ -161,6 +183,7 @@ def plan_sweep(
         raise ValueError("run_sweep: give at least one shape and one M value")
     if any(m < 1 for m in m_values):
         raise ValueError(f"run_sweep: M values must be >= 1, got {m_values}")
+    routings = check_routings(routings, name="run_sweep: routings")
     configs = list(dict.fromkeys(configs))
     families = sorted({c.activations for c in configs}) or ["bf16"]
     if len(families) > 1:
@@ -170,9 +193,10 @@ def plan_sweep(
         default = heuristic_config(m, families[0])
         candidates = list(m_filter(configs, m)) if m_filter else list(configs)
         per_m[m] = [default] + [c for c in candidates if c != default]
-    items = [(shape, m, config) for shape in shapes for m in m_values for config in per_m[m]]
+    items = [Item(shape, m, config, routing) for shape in shapes for m in m_values for config in per_m[m]
+             for routing in routings]
     unique = list(dict.fromkeys(c for m in m_values for c in per_m[m]))
-    return SweepPlan(shapes, m_values, items, unique)
+    return SweepPlan(shapes, m_values, items, unique, routings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +217,7 @@ def compile_step(
     """Compile the configs ``remaining`` needs (cache hits are instant); record each failure in the
     log and return ``{config name: error}`` of the configs the measure step must skip."""
     errors: dict[str, str] = {}
-    needed = list(dict.fromkeys(config for _, _, config in remaining))
+    needed = list(dict.fromkeys(item.config for item in remaining))
     if not needed:
         return errors
     results = (compile_fn or _default_compile)(needed, jobs=jobs, progress=progress)
@@ -213,13 +237,13 @@ def compile_step(
 
 @dataclass
 class _BestSoFar:
-    """The fastest ``ok`` time per (shape, M): from the log at the start, then from each new result."""
+    """The fastest ``ok`` time per (shape, M, routing): from the log at the start, then from each new result."""
 
-    best: dict[tuple[Shape, int], tuple[float, str]] = field(default_factory=dict)
+    best: dict[tuple[Shape, int, str], tuple[float, str]] = field(default_factory=dict)
 
-    def offer(self, shape: Shape, m: int, median_us: float, config: str) -> tuple[float, str]:
-        """Take a new ``ok`` result; return the best (time, config) of its (shape, M)."""
-        key = (shape, m)
+    def offer(self, shape: Shape, m: int, median_us: float, config: str, routing: str = "uniform") -> tuple[float, str]:
+        """Take a new ``ok`` result; return the best (time, config) of its (shape, M, routing)."""
+        key = (shape, m, routing)
         if key not in self.best or median_us < self.best[key][0]:
             self.best[key] = (median_us, config)
         return self.best[key]
@@ -228,7 +252,7 @@ class _BestSoFar:
     def from_log(cls, log: _Log, gpu: str) -> "_BestSoFar":
         found = cls()
         for r in log.measured(gpu, ("ok",)):
-            found.offer(Shape(r["E"], r["N"], r["K"]), int(r["m"]), r["median_us"], r["config"])
+            found.offer(Shape(r["E"], r["N"], r["K"]), int(r["m"]), r["median_us"], r["config"], record_routing(r))
         return found
 
 
@@ -252,13 +276,14 @@ def _hung(log: _Log, base: dict, seconds: float, stream: TextIO) -> None:
     message = f"no result after {seconds:.0f} s (kernel hang?)"
     try:
         log.append({**base, "status": "error", "error": message, "t": time.time()})
-        print(f"\ntune: {base['config']} at E={base['E']} N={base['N']} K={base['K']} M={base['m']}: {message}; "
+        print(f"\ntune: {base['config']} at E={base['E']} N={base['N']} K={base['K']} M={base['m']} "
+              f"{base.get('routing', 'uniform')}: {message}; "
               "recorded; restarting the worker", file=stream, flush=True)
     finally:
         os._exit(EXIT_RESTART)
 
 
-def _classify(result: Measurement, shape: Shape, m: int, tolerance: float) -> dict[str, Any]:
+def _classify(result: Measurement, shape: Shape, m: int, tolerance: float, routing: str = "uniform") -> dict[str, Any]:
     rel = result.rel_error
     fields = {"rel_error": rel, "reps": result.reps}
     if result.note:
@@ -275,7 +300,7 @@ def _classify(result: Measurement, shape: Shape, m: int, tolerance: float) -> di
         "p10_us": result.p10_us,
         "p90_us": result.p90_us,
         "tflops": problem_flops(shape, m) / seconds / 1e12,
-        "gbps": problem_bytes(shape, m) / seconds / 1e9,
+        "gbps": problem_bytes(shape, m, routing) / seconds / 1e9,
     }
 
 
@@ -294,16 +319,16 @@ class _Measuring:
 
     def item(self, item: Item, compile_errors: dict[str, str]) -> None:
         """Measure one item (skipped if its config did not compile) and record what came of it."""
-        shape, m, config = item
+        shape, m, config, routing = item
         base = _base_record(self.gpu, item)
-        what = f"{shape.label} M={m} {config.name}"
+        what = f"{shape.label} M={m}{'' if routing == 'uniform' else ' ' + routing} {config.name}"
         if config.name in compile_errors:
             self.bar.advance(what, ok=False, note="compile error")
             return
         self.bar.working(what)
         try:
             with _watchdog(self.watchdog_s, self.log, base, self.stream):
-                result = self.measure(shape, m, config)
+                result = self.measure(shape, m, config, routing)
         except Exception as error:  # a launch failure, an out-of-memory, ...: record, skip, go on
             self._failed(base, what, error)
             return
@@ -321,11 +346,11 @@ class _Measuring:
             ) from error
 
     def _measured(self, base: dict, what: str, item: Item, result: Measurement) -> None:
-        shape, m, config = item
-        record = {**base, **_classify(result, shape, m, self.tolerance), "t": time.time()}
+        shape, m, config, routing = item
+        record = {**base, **_classify(result, shape, m, self.tolerance, routing), "t": time.time()}
         self.log.append(record)
         if record["status"] == "ok":
-            best_us, best_name = self.best.offer(shape, m, record["median_us"], config.name)
+            best_us, best_name = self.best.offer(shape, m, record["median_us"], config.name, routing)
             self.bar.advance(what, ok=True, note=f"{record['median_us']:.1f} us (best {best_name} {best_us:.1f} us)")
         else:
             self.bar.advance(what, ok=False, note=f"WRONG: rel. error {record.get('rel_error')} > {self.tolerance}; discarded")
@@ -342,10 +367,10 @@ def measure_step(remaining: Sequence[Item], measuring: _Measuring, compile_error
     current_shape = None
     try:
         for item in remaining:
-            if item[0] != current_shape:
+            if item.shape != current_shape:
                 if current_shape is not None:
                     measuring.release()
-                current_shape = item[0]
+                current_shape = item.shape
             measuring.item(item, compile_errors)
     finally:
         measuring.bar.close()
@@ -396,6 +421,7 @@ def run_sweep(
     measure: MeasureFn | None = None,
     compile_fn: CompileFn | None = None,
     m_filter: Callable[[Sequence[TileConfig], int], list[TileConfig]] | None = None,
+    routings: Sequence[str] = ("uniform",),
     device_name: str | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     watchdog_s: float | None = None,
@@ -406,7 +432,9 @@ def run_sweep(
 
     ``configs``: the candidates; the heuristic default of every M is added (its time is the
     baseline). ``m_filter(configs, m)`` narrows the candidates per M (e.g. :func:`configs_for_m`).
-    ``measure(shape, m, config) -> Measurement``: default a :class:`GpuMeasurer` on the current CUDA
+    ``routings``: measure every (shape, M, config) under each of these (:mod:`codegen.tune.loads`: "uniform",
+    "zipf": the same total rows); the table takes the config of :func:`codegen.tune.choice.choose` over them.
+    ``measure(shape, m, config, routing) -> Measurement``: default a :class:`GpuMeasurer` on the current CUDA
     device; an exception it raises is recorded as the config's error (and, if the measurer says the
     CUDA context is gone, the sweep stops with :class:`GpuContextLost` after recording it).
     ``compile_fn(configs, jobs=, progress=)``: default ``codegen.build.compiler.compile_many``; a config
@@ -418,7 +446,7 @@ def run_sweep(
     """
     stream = stream if stream is not None else sys.stderr
     out_path = Path(out_path)
-    plan = plan_sweep(shapes, m_values, configs, m_filter)
+    plan = plan_sweep(shapes, m_values, configs, m_filter, routings)
     if measure is None:
         measure = GpuMeasurer(tolerance=tolerance)
     gpu = device_name if device_name is not None else getattr(measure, "device_name", None) or "unknown GPU"
@@ -426,7 +454,7 @@ def run_sweep(
     remaining = plan.remaining(log, gpu)
     already = f" ({len(plan.items) - len(remaining)} already in {log.path})" if len(remaining) < len(plan.items) else ""
     print(f"tune: {gpu}: {len(plan.shapes)} shape(s) x {len(plan.m_values)} M value(s), {len(plan.configs)} config(s), "
-          f"{len(plan.items)} measurements{already}; log: {log.path}", file=stream)
+          f"routing {'+'.join(plan.routings)}, {len(plan.items)} measurements{already}; log: {log.path}", file=stream)
     compile_errors = compile_step(remaining, log, gpu, compile_fn=compile_fn, jobs=jobs, progress=progress, stream=stream)
     bar = Progress(len(remaining), label="tune", enabled=progress, stream=stream)
     measuring = _Measuring(measure, log, gpu, bar, tolerance, watchdog_s, stream, _BestSoFar.from_log(log, gpu))

@@ -10,7 +10,15 @@ One JSON file per GPU model, ``<gpu-slug>.json`` (``NVIDIA H100 80GB HBM3`` -> `
                                          "default_config": "...", "default_us": ..}}}}
 
 Entries are keyed by ``"E,N,K"`` (``"E,N,K:fp8"`` for the W4A8 family, :func:`table_key`) and then by the
-M bucket (:func:`m_bucket` of the tokens per expert). Tables are searched in two places, the user's first:
+M bucket (:func:`m_bucket` of the tokens per expert). An entry tuned under several routings (``tune --routing
+both``, :mod:`codegen.tune.choice`) adds what it was chosen on; ``median_us``, ``tflops``, ``gbps`` and
+``default_us`` stay the first routing's (uniform's, when measured)::
+
+    "256": {"config": .., "median_us": 401.2, .., "worst_ratio": 1.041,
+            "routings": {"uniform": {"us": 401.2, "best_us": 385.4, "best_config": "..", "default_us": 379.0},
+                         "zipf": {"us": 512.9, "best_us": 512.9, "best_config": "..", "default_us": 698.7}}}
+
+Only ``config`` is needed to look an entry up, so entries with or without ``routings`` load alike. Tables are searched in two places, the user's first:
 
 1. ``$HOPPER_MXFP4_TUNING_DIR``, else ``$XDG_CACHE_HOME/hopper-mxfp4/tuning``, else
    ``~/.cache/hopper-mxfp4/tuning`` (where ``python -m codegen tune`` writes by default);
@@ -283,10 +291,25 @@ def _entry_config(entry: Any) -> TileConfig | None:
         return None
 
 
+def _routing_note(entry: dict) -> str:
+    """``; routing-robust: uniform 379.0 us (1.00x its best), zipf 520.0 us (1.04x its best)`` for an entry tuned
+    under several routings (``routings``, codegen.tune.report.table_entry), else ""."""
+    routings = entry.get("routings")
+    if not isinstance(routings, dict):
+        return ""
+    parts = []
+    for routing, times in routings.items():
+        try:
+            parts.append(f"{routing} {times['us']:.1f} us ({times['us'] / times['best_us']:.2f}x its best)")
+        except (KeyError, TypeError, ZeroDivisionError):
+            return ""
+    return "; routing-robust: " + ", ".join(parts)
+
+
 def _describe(table: _LoadedTable, shape: Shape, bucket: int, found: int, entry: dict) -> str:
     where = f"tuning table {table.label}: {shape.label}"
     measured = entry.get("median_us")
-    timing = f" (measured {measured:.1f} us)" if isinstance(measured, (int, float)) else ""
+    timing = f" (measured {measured:.1f} us{_routing_note(entry)})" if isinstance(measured, (int, float)) else ""
     if found == bucket:
         return f"{where} M-bucket {bucket}{timing}"
     return f"{where} M-bucket {bucket} not tuned, nearest tuned bucket {found}{timing}"
