@@ -553,12 +553,17 @@ def _first_of_each_family(configs: list[TileConfig]) -> list[TileConfig]:
 FAMILY_SAMPLES = _first_of_each_family(CONFIGS_IN_USE)
 
 
-@pytest.fixture
-def default_kernels(compiled_kernels):
+def _skip_unless_buildable() -> None:
+    """Skip when the kernels cannot be rendered or compiled here (the reason is the skip's)."""
     if RENDER_ERROR is not None:
         pytest.skip(RENDER_ERROR)
     if not TOOLCHAIN.ok:
         pytest.skip(TOOLCHAIN.reason)
+
+
+@pytest.fixture
+def default_kernels(compiled_kernels):
+    _skip_unless_buildable()
     return compiled_kernels
 
 
@@ -625,10 +630,7 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
 
 @pytest.fixture
 def copy_roof(copy_roof_kernels):
-    if RENDER_ERROR is not None:
-        pytest.skip(RENDER_ERROR)
-    if not TOOLCHAIN.ok:
-        pytest.skip(TOOLCHAIN.reason)
+    _skip_unless_buildable()
     return copy_roof_kernels
 
 
