@@ -689,3 +689,5 @@ def test_quantize_kernel_compiles_without_local_memory(tmp_path, monkeypatch):
         summary = kernel.sass()
         assert summary.local_memory == 0
         assert any(name.startswith("F2FP") for name in summary.opcodes), summary.opcodes  # cvt.rn.satfinite.e4m3x2
+        # A held row's loads are unrolled (kHeldVectors = 12 per lane, all in flight together), not one per loop trip.
+        assert summary.opcodes.get("LDG", 0) >= 12, summary.opcodes

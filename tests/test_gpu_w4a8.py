@@ -147,11 +147,12 @@ def test_w4a8_masked(config: TileConfig) -> None:
 
 
 def test_quantize_kernel_is_the_torch_composition_bit_for_bit() -> None:
-    """The SM90 quantizer against mxfp4.ops.activations.quantize_activations_reference: vector (K % 8 == 0) and
-    scalar (K = 100) paths, rows of every magnitude, a zero row, one huge channel."""
+    """The SM90 quantizer against mxfp4.ops.activations.quantize_activations_reference: vector (K % 8 == 0: rows
+    held in registers up to K = 3072, two passes beyond) and scalar (K = 100) paths, rows of every magnitude, a zero
+    row, one huge channel."""
     from mxfp4.ops.activations import quantize_activations_reference
 
-    for k in (2880, 100, 8):
+    for k in (2880, 3072, 3080, 8192, 100, 8):
         x = (torch.randn(257, k, device="cuda") * torch.logspace(-20, 20, 257, device="cuda").unsqueeze(1)).bfloat16()
         x[3] = 0
         x[5, k // 2] = 3e38
