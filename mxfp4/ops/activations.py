@@ -9,7 +9,7 @@ Each row of x (a token) gets one float32 scale and e4m3 values::
 
 so that ``x ~= x_fp8 * scale`` (448 is e4m3's largest finite value: each row's largest magnitude lands on
 it). The SM90 path runs one NVRTC-compiled kernel (templates/mxfp4_quantize_fp8.cuh: one warp per row,
-two passes over the row, the second from L1/L2); every other device runs the same arithmetic as a torch
+read once into registers up to K = 3072, in two passes beyond); every other device runs the same arithmetic as a torch
 composition (:func:`quantize_activations_reference`, one fused kernel under ``torch.compile``). Both
 round at the same points, so they agree bit for bit. x must be finite (an Inf or NaN makes its row NaN;
 nothing checks, since a check would read the device).
