@@ -9,13 +9,14 @@ device side; codegen.runtime.moe_plan launches them).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from codegen.build.params import PARAMS_ALIGN, ParamBlock, ParamField
+
+from .device_functions import DeviceFunctions
 
 GLUE_TEMPLATE = "moe_glue.cu.j2"
 GATHER_ENTRY = "mxfp4_moe_gather"
@@ -87,22 +88,9 @@ def compiled_glue():
     return compile_source(render_glue(), "moe_glue", entry=GATHER_ENTRY)
 
 
-_functions: dict[tuple[int, str], int] = {}  # (device index, entry) -> CUfunction handle
-_modules: list[object] = []  # keeps the loaded modules alive
-_lock = threading.Lock()
+_FUNCTIONS = DeviceFunctions("moe_glue", lambda: compiled_glue().cubin)
 
 
 def glue_function(device: torch.device, entry: str) -> int:
     """The CUfunction handle of ``entry`` on ``device`` (compiled and loaded on first use)."""
-    key = (device.index, entry)
-    handle = _functions.get(key)
-    if handle is None:
-        with _lock:
-            if key not in _functions:
-                from .launch import load_function
-
-                module, function = load_function(compiled_glue().cubin, entry, device, 0, "moe_glue")
-                _modules.append(module)
-                _functions[key] = int(function)
-            handle = _functions[key]
-    return handle
+    return _FUNCTIONS.get(device, entry)

@@ -6,13 +6,13 @@ warp per row) on torch's current stream: no host sync, no allocation, so it capt
 
 from __future__ import annotations
 
-import threading
 from functools import lru_cache
 
 import torch
 
 from codegen.build.params import ParamBlock, ParamField
 
+from .device_functions import DeviceFunctions
 from .fast_driver import params_buffer
 
 QUANTIZE_TEMPLATE = "quantize_fp8.cu.j2"
@@ -46,22 +46,7 @@ def compiled_quantize():
     return compile_source(render_quantize(), "quantize_fp8", entry=QUANTIZE_ENTRY)
 
 
-_functions: dict[int, int] = {}  # device index -> CUfunction handle
-_modules: dict[int, object] = {}  # keeps each loaded module alive
-_lock = threading.Lock()
-
-
-def _function(device: torch.device) -> int:
-    handle = _functions.get(device.index)
-    if handle is None:
-        with _lock:
-            if device.index not in _functions:
-                from .launch import load_function
-
-                module, function = load_function(compiled_quantize().cubin, QUANTIZE_ENTRY, device, 0, "quantize_fp8")
-                _modules[device.index], _functions[device.index] = module, int(function)
-            handle = _functions[device.index]
-    return handle
+_FUNCTIONS = DeviceFunctions("quantize_fp8", lambda: compiled_quantize().cubin)
 
 
 def quantize_fp8_sm90(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
@@ -77,4 +62,4 @@ def quantize_fp8_sm90(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -
     from .launch import launch_on
 
     blocks = -(-rows // ROWS_PER_BLOCK)
-    launch_on(x.device.index, _function(x.device), blocks, QUANTIZE_THREADS, 0, "quantize_fp8")
+    launch_on(x.device.index, _FUNCTIONS.get(x.device, QUANTIZE_ENTRY), blocks, QUANTIZE_THREADS, 0, "quantize_fp8")

@@ -10,7 +10,6 @@ sort, a search and three index ops (templates/mxfp4_routing.cuh says how), with 
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,6 +18,7 @@ import torch
 from codegen.build.config import MAX_EXPERTS
 from codegen.build.params import ParamBlock, ParamField
 
+from .device_functions import DeviceFunctions
 from .fast_driver import params_buffer
 
 ROUTING_TEMPLATE = "moe_routing.cu.j2"
@@ -72,23 +72,8 @@ def _shared_memory(num_experts: int) -> int:
     return 4 * (num_experts + 1) + 8 * ROUTING_THREADS
 
 
-_functions: dict[int, int] = {}  # device index -> CUfunction handle
-_modules: dict[int, object] = {}  # keeps each loaded module alive
-_lock = threading.Lock()
-
-
-def _function(device: torch.device) -> int:
-    handle = _functions.get(device.index)
-    if handle is None:
-        with _lock:
-            if device.index not in _functions:
-                from .launch import load_function
-
-                shared = _shared_memory(MAX_EXPERTS)
-                module, function = load_function(compiled_routing().cubin, ROUTING_ENTRY, device, shared, "moe_routing")
-                _modules[device.index], _functions[device.index] = module, int(function)
-            handle = _functions[device.index]
-    return handle
+# Loaded with the shared memory of the most experts a layer may have: one handle serves every layer.
+_FUNCTIONS = DeviceFunctions("moe_routing", lambda: compiled_routing().cubin, _shared_memory(MAX_EXPERTS))
 
 
 def route_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> RoutedRows:
@@ -108,11 +93,11 @@ def route_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: 
     )
     from .launch import launch_on
 
-    launch_on(topk_ids.device.index, _function(topk_ids.device), 1, ROUTING_THREADS, _shared_memory(num_experts), "moe_routing")
+    launch_on(topk_ids.device.index, _FUNCTIONS.get(topk_ids.device, ROUTING_ENTRY), 1, ROUTING_THREADS, _shared_memory(num_experts), "moe_routing")
     return rows
 
 
 def routing_kernel(device: torch.device, num_experts: int) -> tuple[int, int, int]:
     """(CUfunction handle, threads, dynamic shared memory) of a routing launch for ``num_experts``
     (codegen.runtime.moe_plan packs ROUTING_PARAMS itself and launches it, alone or in a graph)."""
-    return _function(device), ROUTING_THREADS, _shared_memory(num_experts)
+    return _FUNCTIONS.get(device, ROUTING_ENTRY), ROUTING_THREADS, _shared_memory(num_experts)
