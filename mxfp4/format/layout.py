@@ -137,6 +137,7 @@ nibble's top bit (sign replication) cleared.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -250,15 +251,20 @@ def scale_word_of_thread(tid: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _code_source_cpu() -> torch.Tensor:
-    """For packed code q = 32 tid + 8 word + slot: the source index row * 64 + k."""
+def _code_sources(position: Callable[[int, int, int], tuple[int, int]]) -> torch.Tensor:
+    """For packed code q = 32 tid + 8 word + slot: the source index row * 64 + k, where ``position`` (a layout's
+    ``code_position``) says which element each (tid, word, slot) holds."""
     index = [0] * (ATOM_N * ATOM_K)
     for tid in range(128):
         for word in range(4):
             for slot in range(CODES_PER_WORD):
-                row, k = code_position(tid, word, slot)
+                row, k = position(tid, word, slot)
                 index[32 * tid + 8 * word + slot] = row * ATOM_K + k
     return torch.tensor(index, dtype=torch.long)
+
+
+def _code_source_cpu() -> torch.Tensor:
+    return _code_sources(code_position)
 
 
 def _spread_code_bits(codes: torch.Tensor, code_bits: tuple[tuple[int, ...], ...] = CODE_BITS) -> torch.Tensor:

@@ -14,7 +14,6 @@ re-rounded weight, whose values the W4A8 kernels multiply.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 
@@ -24,12 +23,12 @@ from .layout import (
     ATOM_CODE_BYTES,
     ATOM_K,
     ATOM_N,
-    CODES_PER_WORD,
     FP8_CODE_BITS,
     FP8_MAX_OFFSET,
     FP8_OFFSET_STEP,
     FP8_WEIGHT_SHIFT,
     PackedGeometry,
+    _code_sources,
     _experts_per_chunk,
     _gather_code_bits,
     _round_up,
@@ -86,16 +85,9 @@ class PackedMXFP4FP8(PackedGeometry):
         )
 
 
-@lru_cache(maxsize=None)
 def _code_source_cpu() -> torch.Tensor:
     """For packed code q = 32 tid + 8 word + slot: the source index row * 64 + k (FP8-ready order)."""
-    index = [0] * (ATOM_N * ATOM_K)
-    for tid in range(128):
-        for word in range(4):
-            for slot in range(CODES_PER_WORD):
-                row, k = fp8_code_position(tid, word, slot)
-                index[32 * tid + 8 * word + slot] = row * ATOM_K + k
-    return torch.tensor(index, dtype=torch.long)
+    return _code_sources(fp8_code_position)
 
 
 def _check_weight(weight: object) -> MXFP4Tensor:
