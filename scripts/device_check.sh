@@ -43,7 +43,8 @@ summary=()
 note() { summary+=("$1"); }
 # DEVICE_BUDGET (seconds, e.g. 570 under the device tool's 600 s call limit): every step's timeout is cut to what
 # is left, and a step that would get under 40 s is skipped, so the summary and logs.tgz always come back.
-limit() { local left=$(( ${DEVICE_BUDGET:-1000000} - SECONDS - 20 )); echo $(( $1 < left ? $1 : left )); }
+# (At least 1: `timeout 0` would mean no limit at all.)
+limit() { local left=$(( ${DEVICE_BUDGET:-1000000} - SECONDS - 20 )); left=$(( left < 1 ? 1 : left )); echo $(( $1 < left ? $1 : left )); }
 # table LOG TITLE: the step's table (from the line starting "device:" on) goes into summary.txt.
 table() { { echo "== $2"; sed -n '/^device:/,$p' "$1"; echo; } >> "$LOGS/summary.txt"; }
 bench() { timeout "$(limit "$1")" python3 -m codegen bench "${@:2}"; }
