@@ -8,6 +8,11 @@ ncu, e.g.
 
 Each path is called once outside the range first (compile, load, humming's JIT), so the profiled
 call is a warm one.
+
+``--prefill`` profiles the prefill paths instead (issue 24): per (projection, M), W4A16, W4A8 on e4m3 x, torch's
+FP8 grouped GEMM (``torch._scaled_grouped_mm``, 8-bit weights), torch bf16 ``_grouped_mm`` and humming's FP8 path,
+in that order, each call inside one NVTX range named "prefill" (``--nvtx-include "prefill/"``); the log names the
+order, which is the report's.
 """
 
 from __future__ import annotations
@@ -55,6 +60,36 @@ def run_model(model: str, projection: str, args: argparse.Namespace, m_values: l
     torch.cuda.empty_cache()
 
 
+PREFILL_PATHS = ("W4A16", "W4A8", "torch fp8", "torch bf16", "humming fp8")  # the profiled order
+
+
+def run_model_prefill(model: str, projection: str, args: argparse.Namespace, m_values: list[int]) -> None:
+    from . import fp8_paths
+    from .bench_fp8 import build_weights, operands
+    from .bench_grouped_mm import Settings
+
+    shape = MODEL_SHAPES[model][projection]
+    settings = Settings(quick=True, graph=False, seed=args.seed)
+    if args.no_humming:
+        settings.skip["humming fp8"] = "skipped (--no-humming)"
+    weights = build_weights(shape, settings)
+    for m in m_values:
+        ops = operands(make_row(model, projection, shape, "uniform", m), weights, args.seed + m)
+        for path in PREFILL_PATHS:
+            if path in settings.skip:
+                print(f"ncu-case: {model} {projection} M={m}: {path} not profiled: {settings.skip[path]}")
+                continue
+            try:
+                profile_once("prefill", fp8_paths.PREPARE[path](ops))
+                print(f"ncu-case: {model} {projection} M={m}: profiled {path}")
+            except Exception as error:
+                print(f"ncu-case: {model} {projection} M={m}: {path} failed: {type(error).__name__}: {error}",
+                      file=sys.stderr)
+        del ops
+    del weights
+    torch.cuda.empty_cache()
+
+
 def run(args: argparse.Namespace, m_values: list[int]) -> int:
     projections = [p for p in args.projections.split(",") if p]
     unknown = sorted(set(projections) - {"gate_up", "down"})
@@ -63,5 +98,5 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
         return 2
     for model in args.model or sorted(MODEL_SHAPES):
         for projection in projections:
-            run_model(model, projection, args, m_values)
+            (run_model_prefill if args.prefill else run_model)(model, projection, args, m_values)
     return 0

@@ -8,7 +8,7 @@
 # Steps: tests sanitize example tune tuning-test | bench (quick, with humming) bench-full (gpt-oss-20b,
 # every M) bench-120b | host | moe-host (mxfp4.moe's eager host us, T = 1, 8, 64, vs <= 60) | fallback | moe
 # | fp8 (W4A8 vs W4A16, torch FP8, bf16, humming FP8; accuracy table; FP8_ARGS overrides its arguments) | ncu
-# (NCU_MODELS, NCU_ARGS) | waits (which side of the pipeline waits; WAITS_ARGS)
+# (NCU_MODELS, NCU_ARGS) | ncu-prefill (issue 24: the prefill paths under Nsight, tensor pipes; NCU_PREFILL_ARGS) | waits (which side of the pipeline waits; WAITS_ARGS)
 # | e2e | portable-host (mxfp4.moe's eager host us on the forced portable path, T = 1, 8, replay on and off)
 # | portable-e2e (gpt-oss-20b decode B = 1 eager on the forced portable path, beside bf16 experts).
 # One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu, each e2e model and
@@ -247,6 +247,25 @@ for step in "${steps[@]}"; do
       done; done
       python3 scripts/ncu_summary.py "${args[@]}" 2>&1 | tee "$LOGS/ncu-summary.txt"
       { echo "== ncu (${NCU_ARGS:-M=1 gate_up})"; cat "$LOGS/ncu-summary.txt"; echo; } >> "$LOGS/summary.txt"
+      ;;
+    ncu-prefill)
+      # Issue 24: Nsight Compute on the prefill paths, per projection and M in this order: W4A16, W4A8, torch FP8,
+      # torch bf16, humming FP8 (bench ncu-case --prefill; the order file names each profiled call), with the tensor
+      # pipes' utilization (ComputeWorkloadAnalysis) beside issue busy and the stalls.
+      mkdir -p "$LOGS/ncu"
+      rep="$LOGS/ncu/prefill"
+      # shellcheck disable=SC2086
+      timeout "$(limit "${NCU_TIMEOUT:-400}")" ncu --clock-control none --nvtx --nvtx-include "prefill/" \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+        --section LaunchStats --section InstructionStats --metrics smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second \
+        -f --export "$rep" python3 -m codegen bench ncu-case --prefill \
+        ${NCU_PREFILL_ARGS:---model gpt-oss-20b --projections gate_up,down --m 1024,4096} > "$rep.log" 2>&1
+      note "ncu-prefill: exit $?: $(grep -c ': profiled ' "$rep.log") calls profiled"
+      ncu --import "$rep.ncu-rep" --csv --page raw > "$rep.csv" 2>> "$rep.log"
+      grep "^ncu-case:" "$rep.log" > "$LOGS/ncu-prefill-order.txt"
+      python3 scripts/ncu_summary.py "prefill=$rep.csv" > "$LOGS/ncu-prefill-summary.txt" 2>&1
+      cat "$LOGS/ncu-prefill-order.txt" "$LOGS/ncu-prefill-summary.txt"
+      { echo "== ncu prefill"; cat "$LOGS/ncu-prefill-order.txt" "$LOGS/ncu-prefill-summary.txt"; echo; } >> "$LOGS/summary.txt"
       ;;
     waits)
       # Issue 21: which side of the pipeline waits (the wait-probe build of the op's configs) and the shipped build

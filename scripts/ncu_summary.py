@@ -3,8 +3,9 @@
     python3 scripts/ncu_summary.py LABEL=FILE.csv [LABEL=FILE.csv ...]
 
 Per kernel: grid x block, dynamic shared memory, registers, DRAM throughput (% of peak and bytes/s),
-issue slots busy, warps issued per scheduler per cycle, and the top three stall reasons (warps
-stalled per issue, from the WarpStateStats section).
+issue slots busy, warps issued per scheduler per cycle, the top three stall reasons (warps
+stalled per issue, from the WarpStateStats section), and, where the report has them (ComputeWorkloadAnalysis),
+the tensor pipes' utilization (every metric naming a tensor pipe, % of peak: whatever this ncu version calls them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
+TENSOR_PIPE = re.compile(r"^sm\w*pipe_tensor\w*\.(avg|max|sum)\.pct_of_peak_sustained_\w+$")
 COLUMNS = {
     "grid": "launch__grid_size",
     "block": "launch__block_size",
@@ -54,6 +56,11 @@ def top_stalls(row: dict[str, tuple[str, str]], count: int = 3) -> list[tuple[st
     return sorted(stalls, key=lambda item: -item[1])[:count]
 
 
+def tensor_pipes(row: dict[str, tuple[str, str]]) -> list[tuple[str, str]]:
+    """(metric, value) of every tensor-pipe utilization (% of peak) in the row, by name."""
+    return sorted((name, value) for name, (value, _) in row.items() if TENSOR_PIPE.match(name))
+
+
 def summarize(label: str, rows: Sequence[dict[str, tuple[str, str]]]) -> list[str]:
     if not rows:
         return [f"{label}: no kernels in the report (wrong NVTX range or kernel filter?)"]
@@ -65,7 +72,9 @@ def summarize(label: str, rows: Sequence[dict[str, tuple[str, str]]]) -> list[st
             value, unit = row.get(metric, ("n/a", ""))
             cells.append(f"{title} {value}{(' ' + unit) if unit and unit not in ('%',) else ''}")
         stalls = ", ".join(f"{reason} {value:.2f}" for reason, value in top_stalls(row)) or "n/a"
-        out.append(f"{label}: {name[:60]}\n    " + "; ".join(cells) + f"\n    top stalls (warps per issue): {stalls}")
+        pipes = "; ".join(f"{metric} {value} %" for metric, value in tensor_pipes(row))
+        out.append(f"{label}: {name[:60]}\n    " + "; ".join(cells) + f"\n    top stalls (warps per issue): {stalls}"
+                   + (f"\n    tensor pipes: {pipes}" if pipes else ""))
     return out
 
 

@@ -549,6 +549,23 @@ def test_ncu_summary_parses_a_raw_page():
     (summary,) = ncu_summary.summarize("ours 20b", [row])
     assert "DRAM % 65.10" in summary and "grid 132" in summary and "long_scoreboard 3.50" in summary
     assert "no kernels" in ncu_summary.summarize("x", [])[0]
+    assert "tensor pipes" not in summary  # a report without ComputeWorkloadAnalysis has none
+
+
+def test_ncu_summary_lists_the_tensor_pipes_it_finds():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ncu_summary
+
+    row = {"Kernel Name": ("mxfp4_grouped_mm", ""),
+           "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active": ("81.5", "%"),
+           "sm__inst_executed_pipe_tensor_op_hmma.avg.pct_of_peak_sustained_active": ("0.0", "%"),
+           "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active": ("40.0", "%"),
+           "sm__pipe_tensor_op_gmma_cycles_active.avg": ("123", "cycle")}
+    assert ncu_summary.tensor_pipes(row) == [
+        ("sm__inst_executed_pipe_tensor_op_hmma.avg.pct_of_peak_sustained_active", "0.0"),
+        ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active", "81.5")]
+    (summary,) = ncu_summary.summarize("w4a16", [row])
+    assert "tensor pipes: sm__inst_executed_pipe_tensor_op_hmma" in summary and "gmma_cycles_active" in summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,3 +747,13 @@ def test_waits_row_sets_the_shipped_build_against_its_copy_roof():
     assert "consumers span 100.0 us, starts spread 2.0 us, first stage lands 2.0 us" in line
     assert "ends spread 10.0 us" in line and "torch.sum over the same bytes 48.0 us: shipped at 80% of it" in line
     assert sums == [f"  sums {_PROBE_SUMS}", f"  copy roof sums {_ROOF_SUMS}"]
+
+
+def test_ncu_case_prefill_profiles_paths_bench_fp8_has():
+    from benchmarks import fp8_paths
+    from benchmarks.cli import build_parser
+    from benchmarks.ncu_case import PREFILL_PATHS
+
+    assert set(PREFILL_PATHS) <= set(fp8_paths.PREPARE) and "W4A8+quantize" not in PREFILL_PATHS
+    args = build_parser().parse_args(["ncu-case", "--prefill", "--m", "1024,4096"])
+    assert args.prefill and args.suite == "ncu-case"
