@@ -318,6 +318,11 @@ def measure_read_time(nbytes: int, *, rep: int = 50) -> TimingResult:
         torch.cuda.empty_cache()
 
 
+def _square_matmul_rate(size: int, timing: TimingResult, method: str) -> MachineRate:
+    """The FLOP rate of one ``size``^3 matmul per call: ``2 size^3`` FLOPs over the median time."""
+    return MachineRate(2.0 * size**3 / (timing.median_us * 1e-6), "FLOP/s", f"{method} (2 n^3 / median time)", timing)
+
+
 def measure_bf16_peak(size: int = 8192, *, rep: int = 30) -> MachineRate:
     """Dense bf16 tensor-core rate: ``2 size^3`` FLOPs per ``torch.matmul`` of random bf16 matrices."""
     a = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
@@ -326,12 +331,7 @@ def measure_bf16_peak(size: int = 8192, *, rep: int = 30) -> MachineRate:
     timing = time_cuda(lambda: torch.matmul(a, b, out=out), warmup_ms=100.0, rep=rep)
     del a, b, out
     torch.cuda.empty_cache()
-    return MachineRate(
-        2.0 * size**3 / (timing.median_us * 1e-6),
-        "FLOP/s",
-        f"torch.matmul bf16 {size}x{size}x{size}, random data (2 n^3 / median time)",
-        timing,
-    )
+    return _square_matmul_rate(size, timing, f"torch.matmul bf16 {size}x{size}x{size}, random data")
 
 
 def measure_fp8_peak(size: int = 8192, *, rep: int = 30) -> MachineRate:
@@ -344,12 +344,7 @@ def measure_fp8_peak(size: int = 8192, *, rep: int = 30) -> MachineRate:
                                                 use_fast_accum=True), warmup_ms=100.0, rep=rep)
     del a, b
     torch.cuda.empty_cache()
-    return MachineRate(
-        2.0 * size**3 / (timing.median_us * 1e-6),
-        "FLOP/s",
-        f"torch._scaled_mm e4m3 {size}x{size}x{size}, random data, fast accumulation (2 n^3 / median time)",
-        timing,
-    )
+    return _square_matmul_rate(size, timing, f"torch._scaled_mm e4m3 {size}x{size}x{size}, random data, fast accumulation")
 
 
 # ---------------------------------------------------------------------------------------------
