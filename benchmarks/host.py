@@ -91,19 +91,33 @@ def moe_rows(token_values: list[int], args: argparse.Namespace) -> list[dict[str
 def moe_results(tokens: int, weights: Any, args: argparse.Namespace) -> dict[str, Any]:
     import mxfp4
 
-    prepared, results, outputs = prepare_moe(tokens, weights), {}, {}
+    prepared, results, outputs, how = prepare_moe(tokens, weights), {}, {}, ""
     for name, replay in MOE_PATHS.items():
         mxfp4.set_moe_graphs(replay)
         try:
             outputs[name] = [prepared.fn(*prepared.arg_sets[0]) for _ in range(3)][-1]  # the third call replays
             # At most 100 calls: five launches each without replay, and a full launch queue blocks the host.
             results[name] = measure_path(prepared, args, min(args.calls, 100))
+            how = how or portable_replay_note()  # before replay off drops the graphs
         finally:
             mxfp4.set_moe_graphs(None)
     first, second = outputs.values()
     results["mxfp4.moe"]["note"] = f"T={tokens}, " + ("same bits as without replay" if torch.equal(first, second)
-                                                       else "DIFFERENT bits from the launches")
+                                                       else "DIFFERENT bits from the launches") + how
     return results
+
+
+def portable_replay_note() -> str:
+    """How the portable layer's replayed calls copied (after its rows ran; empty on the SM90 path): by moving the
+    graph's copy nodes, or with torch and why."""
+    from mxfp4.experts import portable_graphs
+
+    held = portable_graphs.stats()
+    if not held["graphs"]:
+        return ""
+    if held["direct"] == held["graphs"]:
+        return ", portable: copy nodes moved"
+    return f", portable: torch copies ({portable_graphs.copies_refused()})"
 
 
 def moe_verdicts(rows: list[dict[str, Any]]) -> list[str]:

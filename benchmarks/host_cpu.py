@@ -105,7 +105,7 @@ def measure_portable(tokens: int, replay: bool, calls: int, paired: bool = True)
     return {"tokens": tokens, "replay": replay, "paired": paired, "host_us": best, "torch_ops": sum(ops.values()),
             "allocations": sum(ops[name] for name in ALLOCATING_OPS), "ops": dict(ops),
             "kernel_launches": done["kernel launches"], "graph_launches": done["graph launches"],
-            "node_updates": 0}
+            "node_updates": done["node updates"]}
 
 
 def _timed(call: Callable[[], Any], calls: int) -> float:

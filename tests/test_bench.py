@@ -368,9 +368,9 @@ def _host_cpu_rows(lines: list[str]) -> tuple[list[list[str]], list[list[str]]]:
 
 def test_host_cpu_suite_runs_without_a_gpu(capsys, monkeypatch):
     """The host work of one mxfp4.moe call, device stubbed. SM90: a replayed call allocates its output and
-    launches one graph; without replay, two allocations and the five kernels. Portable: a replayed call
-    copies its inputs in (one op) and its output out, one graph launch; without replay, the composition's
-    torch ops and the two Triton launches."""
+    launches one graph; without replay, two allocations and the five kernels. Portable: the same for a replayed
+    call (the graph's copy nodes moved to its tensors); without replay, the composition's torch ops and the two
+    Triton launches."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["host-cpu", "--tokens", "1,64", "--calls", "5"]) == 0
     out = capsys.readouterr().out
@@ -379,7 +379,7 @@ def test_host_cpu_suite_runs_without_a_gpu(capsys, monkeypatch):
     assert replayed == [[t, "1", "1", "0", "1"] for t in ("1", "64")]
     assert launched == [[t, "2", "2", "5", "0"] for t in ("1", "64")]
     replayed, launched = _host_cpu_rows(portable.splitlines())
-    assert replayed == [[t, "2", "0", "0", "1"] for t in ("1", "64")]  # _foreach_copy_ and clone
+    assert replayed == [[t, "1", "1", "0", "1"] for t in ("1", "64")]  # empty_like: the output
     assert [r[0] for r in launched] == ["1", "64"] and all(int(r[1]) <= 36 and r[3:] == ["2", "0"] for r in launched)
 
 

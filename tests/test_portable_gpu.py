@@ -202,6 +202,8 @@ def test_moe_layer_replays_as_one_cuda_graph(paired: bool, seed: int) -> None:
     first = run(x, ids, weights, layer)  # eager
     second = run(x, ids, weights, layer)  # captured, then replayed
     assert portable_graphs.stats()["graphs"] == 1 and torch.equal(first, second), f"seed {seed}"
+    # The graph's copy nodes move to each call's tensors (codegen.runtime.graph_copies), not torch copies.
+    assert portable_graphs.stats()["direct"] == 1, portable_graphs.copies_refused()
 
     def eager(x, ids, weights):
         return moe_composition(x, ids, weights, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias, 1.702, 7.0)
@@ -222,6 +224,40 @@ def test_moe_layer_replays_as_one_cuda_graph(paired: bool, seed: int) -> None:
 
 
 @pytest.mark.parametrize("tokens", [1, 8])
+def test_replay_moves_its_copy_nodes_to_each_calls_tensors(tokens: int, seed: int) -> None:
+    """The replayed graph's copy nodes follow every call's x, topk_ids, topk_weights and output: fresh tensors each
+    call (the earlier outputs kept, so no output address comes back), contiguous and strided ids, int32 and int64,
+    then inputs rewritten in place at the same addresses; every output is the eager composition's, bit for bit."""
+    from mxfp4.experts import portable_graphs
+    from mxfp4.experts.layer import moe_composition
+
+    layer = make_layer(8, 160, 96, 160 ** -0.5, device="cuda", paired=True)
+    mxfp4.set_moe_graphs(True)
+
+    def eager(x, ids, weights):
+        return moe_composition(x, ids, weights, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias, 1.702, 7.0)
+
+    outs, expected = [], []
+    for step in range(8):
+        x = torch.randn(tokens, 160, device="cuda").bfloat16()
+        ids, weights = make_routing(tokens, 8, 3, skew=step % 2 == 0, device="cuda")  # ids: a strided slice
+        ids = ids.contiguous() if step % 3 else ids
+        outs.append(run(x, ids, weights, layer))
+        expected.append(eager(x, ids, weights))
+    assert portable_graphs.stats() == {"graphs": 1, "pools": 1, "direct": 1}, portable_graphs.copies_refused()
+    for step, (out, ref) in enumerate(zip(outs, expected)):
+        assert torch.equal(out, ref), f"seed {seed}, step {step}"
+    x.copy_(torch.randn_like(x))  # the same addresses, new values: the nodes read them when the graph runs
+    ids.copy_(make_routing(tokens, 8, 3, device="cuda")[0])
+    weights.mul_(0.5)
+    assert torch.equal(run(x, ids, weights, layer), eager(x, ids, weights)), f"seed {seed}: in place"
+    for id_dtype in (torch.int32, torch.int64):  # another key each: its own graph
+        for _ in range(3):
+            assert torch.equal(run(x, ids.to(id_dtype), weights, layer), eager(x, ids.to(id_dtype), weights)), f"seed {seed}"
+    assert portable_graphs.stats()["direct"] == portable_graphs.stats()["graphs"] == 2
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
 def test_gpt_oss_20b_layer_replay_matches_eager(tokens: int, seed: int) -> None:
     """One gpt-oss-20b-sized layer (E = 32, H = I = 2880, top-4) at decode T: replay and eager give the same bits."""
     from mxfp4.experts import portable_graphs
@@ -237,6 +273,7 @@ def test_gpt_oss_20b_layer_replay_matches_eager(tokens: int, seed: int) -> None:
     eager = moe_composition(x, ids, weights, gate_up, down, biases[0], biases[1], 1.702, 7.0)
     assert portable_graphs.stats()["graphs"] == 1 and all(torch.equal(o, eager) for o in outs), f"seed {seed}"
     assert torch.isfinite(eager).all(), f"seed {seed}"
+    assert portable_graphs.stats()["direct"] == 1, portable_graphs.copies_refused()
 
 
 def test_cache_is_an_opt_in_for_prefill(seed: int) -> None:

@@ -163,8 +163,13 @@ def checked(layer: Layer, x, ids, weights, seed: int, **kwargs) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["copy nodes", "torch copies"])
 @pytest.mark.parametrize("paired", [True, False], ids=["paired", "checkpoint order"])
-def test_replay_from_the_second_call_follows_every_input(device: PortableRecorder, paired: bool, seed: int) -> None:
+def test_replay_from_the_second_call_follows_every_input(device: PortableRecorder, paired: bool, direct: bool,
+                                                         seed: int) -> None:
+    """Fresh inputs each call, at new addresses: the copy nodes follow them (the stand-in raises on a stale node),
+    or (where the nodes cannot move) torch copies them into the graph's buffers."""
+    device.copy_nodes = direct
     layer = make_layer(8, 160, 96, 160 ** -0.5, paired=paired)
     x, ids, weights = inputs(7)
     first = checked(layer, x, ids, weights, seed)
@@ -178,6 +183,7 @@ def test_replay_from_the_second_call_follows_every_input(device: PortableRecorde
                                           layer.down_bias, 1.702, 7.0)
         assert torch.equal(checked(layer, x, ids, weights, seed), eager)
     assert len(device.graphs) == 1 and device.counts["graph launches"] == 4 and device.counts["kernel launches"] == 2 + 6
+    assert portable_graphs.stats()["direct"] == int(direct) and device.counts["node updates"] >= (9 if direct else 0)
 
 
 def test_replay_options_and_dtypes(layer: Layer, device: PortableRecorder, seed: int) -> None:
@@ -268,14 +274,14 @@ def test_graph_count_is_bounded(layer: Layer, device: PortableRecorder, monkeypa
     for bias in biases:
         for _ in range(2):
             checked(layer, x, ids, weights, seed, down_bias=bias)
-    assert portable_graphs.stats() == {"graphs": 2, "pools": 1} and len(device.graphs) == 3
+    assert portable_graphs.stats() == {"graphs": 2, "pools": 1, "direct": 2} and len(device.graphs) == 3
     launched = device.counts["kernel launches"]
     checked(layer, x, ids, weights, seed, down_bias=biases[0])  # evicted: eager again...
     assert len(device.graphs) == 3 and device.counts["kernel launches"] == launched + 2
     checked(layer, x, ids, weights, seed, down_bias=biases[0])  # ...then rebuilt on its second sight
     assert len(device.graphs) == 4 and portable_graphs.stats()["graphs"] == 2
     moe_graphs.clear()  # the SM90 replay's switch and clear drop these too
-    assert portable_graphs.stats() == {"graphs": 0, "pools": 0}
+    assert portable_graphs.stats() == {"graphs": 0, "pools": 0, "direct": 0}
 
 
 def test_a_graph_goes_with_the_tensors_it_reads_in_place(layer: Layer, device: PortableRecorder, seed: int) -> None:
@@ -286,11 +292,11 @@ def test_a_graph_goes_with_the_tensors_it_reads_in_place(layer: Layer, device: P
         checked(layer, x, ids, weights, seed)
     assert portable_graphs.stats()["graphs"] == 2
     del bias  # the first graph read it in place: it goes (the pool stays for the second)
-    assert portable_graphs.stats() == {"graphs": 1, "pools": 1}
+    assert portable_graphs.stats() == {"graphs": 1, "pools": 1, "direct": 1}
     with portable_graphs._lock:  # freed while the cache is busy (perhaps by this thread): dropped by the next look
         layer.down_bias = layer.down_bias.clone()
         assert len(portable_graphs._graphs) == 1
-    assert portable_graphs.stats() == {"graphs": 0, "pools": 0}
+    assert portable_graphs.stats() == {"graphs": 0, "pools": 0, "direct": 0}
 
 
 def test_a_graph_holds_no_weight_alive(device: PortableRecorder, seed: int) -> None:
@@ -319,7 +325,7 @@ def test_a_failed_capture_warns_once_and_runs_eagerly(layer: Layer, device: Port
     with pytest.warns(RuntimeWarning, match="capturing the portable layer as a CUDA graph failed.*not permitted"):
         for _ in range(4):
             checked(layer, x, ids, weights, seed)
-    assert portable_graphs.stats() == {"graphs": 0, "pools": 0} and device.counts["kernel launches"] == 8
+    assert portable_graphs.stats() == {"graphs": 0, "pools": 0, "direct": 0} and device.counts["kernel launches"] == 8
 
 
 def test_inference_mode_in_and_out(layer: Layer, device: PortableRecorder, seed: int) -> None:
@@ -335,16 +341,85 @@ def test_inference_mode_in_and_out(layer: Layer, device: PortableRecorder, seed:
     assert first[1].is_inference() and inside.is_inference() and not outside.is_inference()
 
 
-def test_a_replayed_call_copies_in_and_out_and_nothing_else(layer: Layer, seed: int) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["copy nodes", "torch copies"])
+def test_a_replayed_call_allocates_its_output_and_launches(layer: Layer, direct: bool, seed: int) -> None:
+    """The host work of a replayed call (contiguous inputs, as torch.topk gives): its output's allocation and one
+    graph launch, a copy node moved only for an address that changed (none for the same x, ids and weights);
+    where the nodes cannot move: torch copies in and a clone out."""
     x, ids, weights = inputs(6)
-    with fake_portable(PortableRecorder(count_only=True)) as recorder:
+    ids = ids.contiguous()
+    with fake_portable(PortableRecorder(count_only=True, copy_nodes=direct)) as recorder:
         moe_graphs.set_moe_graphs(True)
-        for _ in range(2):
+        for _ in range(3):
             call(layer, x, ids, weights)
-        launches = recorder.counts["graph launches"]
-        assert torch_ops_per_call(lambda: call(layer, x, ids, weights)) == Counter({"aten::_foreach_copy_": 1, "aten::clone": 1})
+        launches, updates = recorder.counts["graph launches"], recorder.counts["node updates"]
+        ops = torch_ops_per_call(lambda: call(layer, x, ids, weights))
+        expected = {"aten::empty_like": 1} if direct else {"aten::_foreach_copy_": 1, "aten::clone": 1}
+        assert ops == Counter(expected)
         assert recorder.counts["graph launches"] == launches + 1 and recorder.counts["kernel launches"] == 2
+        if direct:  # slots x, ids, weights: moved once, at the first launch; the output where the allocator moved it
+            (entry,) = portable_graphs._graphs.values()
+            assert [entry.copies.moves[slot] for slot in range(3)] == [1, 1, 1], entry.copies.moves
+            assert recorder.counts["node updates"] - updates <= 1
+            strided = ids.t().contiguous().t()  # the same values, strided: one contiguous copy more
+            assert torch_ops_per_call(lambda: call(layer, x, strided, weights)) == Counter({**expected, "aten::contiguous": 1})
+        else:
+            assert recorder.counts["node updates"] == 0
         moe_graphs.set_moe_graphs(None)
+
+
+def test_new_values_at_the_same_addresses_are_read(layer: Layer, device: PortableRecorder, seed: int) -> None:
+    """A copy node reads its address when the graph runs: inputs rewritten in place (no node moves) give the new
+    values' result."""
+    x, ids, weights = inputs(5)
+    ids = ids.contiguous()
+    for _ in range(2):
+        checked(layer, x, ids, weights, seed)
+    updates = device.counts["node updates"]
+    fresh = inputs(5, skew=False)
+    x.copy_(fresh[0])
+    ids.copy_(fresh[1])
+    weights.copy_(fresh[2])
+    out = checked(layer, x, ids, weights, seed)
+    eager = moe_layer.moe_composition(x, ids, weights, layer.gate_up, layer.down, layer.gate_up_bias,
+                                      layer.down_bias, 1.702, 7.0)
+    (entry,) = portable_graphs._graphs.values()
+    assert torch.equal(out, eager) and [entry.copies.moves[slot] for slot in range(3)] == [1, 1, 1]
+    assert device.counts["node updates"] - updates <= 1 and device.counts["graph launches"] == 2
+
+
+def test_another_weight_or_shape_gets_its_own_graph(layer: Layer, device: PortableRecorder, seed: int) -> None:
+    """Two layers of one shape alternate (as a model's layers do), and T changes: each call replays the graph of
+    its own weights and shape, never another's."""
+    other = make_layer(8, 160, 96, 160 ** -0.5, paired=True)
+    for tokens in (3, 5):
+        x, ids, weights = inputs(tokens)
+        for _ in range(3):
+            for which in (layer, other):
+                out = checked(which, x, ids, weights, seed)
+                eager = moe_layer.moe_composition(x, ids, weights, which.gate_up, which.down, which.gate_up_bias,
+                                                  which.down_bias, 1.702, 7.0)
+                assert torch.equal(out, eager), f"seed {seed}: T = {tokens}"
+    assert portable_graphs.stats()["graphs"] == 4 and len(device.graphs) == 4
+
+
+def test_a_refused_node_move_warns_once_and_runs_eagerly(layer: Layer, device: PortableRecorder,
+                                                         monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """A driver that will not move a copy node (say, to memory of another kind): the graph goes, the call and
+    the key's later calls run eagerly, with the right result."""
+    from benchmarks.fake_portable import FakeCopyNodes
+
+    def refuse(self, slot: int, address: int) -> None:
+        raise RuntimeError("cuGraphExecMemcpyNodeSetParams(slot 0) failed: CUDA_ERROR_INVALID_VALUE")
+
+    monkeypatch.setattr(FakeCopyNodes, "retarget", refuse)
+    monkeypatch.setattr(portable_graphs, "_warned", False)
+    x, ids, weights = inputs(4)
+    with pytest.warns(RuntimeWarning, match="launching the portable layer's CUDA graph failed.*INVALID_VALUE"):
+        for _ in range(4):
+            checked(layer, x, ids, weights, seed)
+    assert portable_graphs.stats() == {"graphs": 0, "pools": 0, "direct": 0}
+    assert len(device.graphs) == 1 and device.counts["graph launches"] == 0 and device.counts["kernel launches"] == 8
 
 
 def test_explain_moe_names_the_replay(layer: Layer, device: PortableRecorder) -> None:
