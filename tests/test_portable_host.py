@@ -368,6 +368,40 @@ def test_a_replayed_call_allocates_its_output_and_launches(layer: Layer, direct:
         moe_graphs.set_moe_graphs(None)
 
 
+class RecordedNoHostRead(NoHostRead):
+    """NoHostRead that also lists the ops it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["copy nodes", "torch copies"])
+def test_a_replayed_call_reads_no_device_value(layer: Layer, direct: bool, seed: int) -> None:
+    """Every torch op of a replayed call, seen by a dispatch mode where a value read or a host/device copy raises:
+    the output's allocation (copy nodes), or the copies in and the clone out (torch copies); nothing else."""
+    x, ids, weights = inputs(5)
+    ids = ids.contiguous()
+    args = (x, ids, weights, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias, "gpt_oss", 1.702, 7.0)
+    with fake_portable(PortableRecorder(count_only=True, copy_nodes=direct)) as recorder:
+        moe_graphs.set_moe_graphs(True)
+        try:
+            for _ in range(2):
+                moe_layer._moe_validated(*args, direct=True)
+            launches = recorder.counts["graph launches"]
+            with RecordedNoHostRead() as mode:
+                out = moe_layer._moe_validated(*args, direct=True)
+        finally:
+            moe_graphs.set_moe_graphs(None)
+    assert recorder.counts["graph launches"] == launches + 1 and out.shape == x.shape
+    expected = [aten.empty_like] if direct else [aten._foreach_copy_, aten.clone]
+    assert mode.ops == expected, mode.ops
+
+
 def test_new_values_at_the_same_addresses_are_read(layer: Layer, device: PortableRecorder, seed: int) -> None:
     """A copy node reads its address when the graph runs: inputs rewritten in place (no node moves) give the new
     values' result."""
