@@ -2,7 +2,7 @@
 
     python3 scripts/ncu_summary.py LABEL=FILE.csv [LABEL=FILE.csv ...]
 
-Per kernel: grid x block, dynamic shared memory, registers, DRAM throughput (% of peak and bytes/s),
+Per kernel: grid x block, dynamic shared memory, registers, DRAM and L2 throughput (% of peak and bytes/s), L1/shared %,
 issue slots busy, warps issued per scheduler per cycle, the top three stall reasons (warps
 stalled per issue, from the WarpStateStats section), and, where the report has them (ComputeWorkloadAnalysis),
 the tensor pipes' utilization (every metric naming a tensor pipe, % of peak: whatever this ncu version calls them).
@@ -25,6 +25,9 @@ COLUMNS = {
     "regs": "launch__registers_per_thread",
     "DRAM %": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
     "DRAM bytes/s": "dram__bytes.sum.per_second",
+    "L2 %": "lts__throughput.avg.pct_of_peak_sustained_elapsed",
+    "L2 bytes/s": "lts__t_bytes.sum.per_second",
+    "L1/smem %": "l1tex__throughput.avg.pct_of_peak_sustained_active",
     "issue busy %": "smsp__issue_active.avg.pct_of_peak_sustained_active",
     "issued/sched/cycle": "smsp__issue_active.avg.per_cycle_active",
     "warp insts": "smsp__inst_executed.sum",
