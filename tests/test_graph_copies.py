@@ -8,7 +8,7 @@ import ctypes
 
 import pytest
 
-from codegen.runtime import graph_copies
+from codegen.runtime import fast_driver, graph_copies
 from codegen.runtime.fast_driver import DriverError
 from codegen.runtime.graph_copies import GRAPH_NODE_TYPE_MEMCPY, CopyNodes, Memcpy3D
 
@@ -87,7 +87,7 @@ def driver(monkeypatch: pytest.MonkeyPatch):
     def install(nodes: list, refuse: int = 0) -> FakeDriver:
         fake = FakeDriver(nodes, refuse)
         monkeypatch.setattr(graph_copies, "_api", lambda: fake)
-        monkeypatch.setattr(graph_copies, "raise_driver_error",
+        monkeypatch.setattr(fast_driver, "_raise",  # no libcuda here to name the code
                             lambda code, what: (_ for _ in ()).throw(DriverError(f"{what} failed: code {code}")))
         return fake
     return install

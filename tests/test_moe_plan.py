@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from codegen.build.toolchain import check_toolchain
-from codegen.runtime import graph_driver
+from codegen.runtime import fast_driver, graph_driver
 from codegen.runtime.fast_driver import DriverError
 from codegen.runtime.moe_glue import (
     GATHER_ENTRY,
@@ -115,7 +115,7 @@ def test_kernel_graph_is_a_chain_and_updates_and_launches(monkeypatch: pytest.Mo
 def test_a_failed_build_frees_the_graph_and_names_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeDriver(fail="cuGraphInstantiateWithFlags")
     monkeypatch.setattr(graph_driver, "_graph_api", lambda: fake)
-    monkeypatch.setattr(graph_driver, "raise_driver_error", lambda code, what: (_ for _ in ()).throw(DriverError(what)))
+    monkeypatch.setattr(fast_driver, "_raise", lambda code, what: (_ for _ in ()).throw(DriverError(what)))
     with pytest.raises(DriverError, match="cuGraphInstantiate"):
         graph_driver.KernelGraph(_nodes())
     assert [c[0] for c in fake.calls][-1] == "cuGraphDestroy"

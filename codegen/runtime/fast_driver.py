@@ -63,6 +63,21 @@ def raise_driver_error(code: int, what: str) -> None:
     _raise(code, what)
 
 
+def check_driver(code: int, what: str) -> None:
+    """Raise DriverError (naming ``what``) unless ``code`` is CUDA_SUCCESS."""
+    if code:
+        _raise(code, what)
+
+
+def typed_driver(signatures: dict[str, list]) -> ctypes.CDLL:
+    """The driver library with each function of ``signatures`` (name: argument types) declared, returning CUresult."""
+    lib = _libcuda()
+    for name, argtypes in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, ctypes.c_int
+    return lib
+
+
 class _Scratch(threading.local):
     """Per-thread argument buffers, reused call to call (the driver copies what it reads)."""
 

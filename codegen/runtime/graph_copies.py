@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 from functools import lru_cache
 
-from .fast_driver import DriverError, libcuda, raise_driver_error
+from .fast_driver import DriverError, check_driver, raise_driver_error, typed_driver
 
 GRAPH_NODE_TYPE_MEMCPY = 1  # CU_GRAPH_NODE_TYPE_MEMCPY
 _DEVICE_MEMORY = (2, 4)  # CU_MEMORYTYPE_DEVICE, CU_MEMORYTYPE_UNIFIED: the address is in src/dstDevice
@@ -38,7 +38,6 @@ class Memcpy3D(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def _api() -> ctypes.CDLL:
-    lib = libcuda()
     handle, pointer = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
     signatures = {
         "cuCtxGetCurrent": [pointer],
@@ -48,31 +47,23 @@ def _api() -> ctypes.CDLL:
         "cuGraphExecMemcpyNodeSetParams": [handle, handle, ctypes.POINTER(Memcpy3D), handle],
         "cuGraphLaunch": [handle, handle],
     }
-    for name, argtypes in signatures.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, ctypes.c_int
-    return lib
-
-
-def _check(code: int, what: str) -> None:
-    if code:
-        raise_driver_error(code, what)
+    return typed_driver(signatures)
 
 
 def memcpy_nodes(graph: int) -> list[tuple[ctypes.c_void_p, Memcpy3D]]:
     """(node, parameters) of every memcpy node of the CUgraph ``graph``."""
     lib = _api()
     count = ctypes.c_size_t()
-    _check(lib.cuGraphGetNodes(graph, None, ctypes.byref(count)), "cuGraphGetNodes")
+    check_driver(lib.cuGraphGetNodes(graph, None, ctypes.byref(count)), "cuGraphGetNodes")
     nodes = (ctypes.c_void_p * count.value)()
-    _check(lib.cuGraphGetNodes(graph, nodes, ctypes.byref(count)), "cuGraphGetNodes")
+    check_driver(lib.cuGraphGetNodes(graph, nodes, ctypes.byref(count)), "cuGraphGetNodes")
     found = []
     for node in nodes[:count.value]:
         kind = ctypes.c_int()
-        _check(lib.cuGraphNodeGetType(node, ctypes.byref(kind)), "cuGraphNodeGetType")
+        check_driver(lib.cuGraphNodeGetType(node, ctypes.byref(kind)), "cuGraphNodeGetType")
         if kind.value == GRAPH_NODE_TYPE_MEMCPY:
             params = Memcpy3D()
-            _check(lib.cuGraphMemcpyNodeGetParams(node, ctypes.byref(params)), "cuGraphMemcpyNodeGetParams")
+            check_driver(lib.cuGraphMemcpyNodeGetParams(node, ctypes.byref(params)), "cuGraphMemcpyNodeGetParams")
             found.append((ctypes.c_void_p(node), params))
     return found
 
@@ -97,7 +88,7 @@ class CopyNodes:
     def __init__(self, graph: int, executable: int, copies: list[tuple[int, int, int]], sources: int) -> None:
         lib = _api()
         context = ctypes.c_void_p()
-        _check(lib.cuCtxGetCurrent(ctypes.byref(context)), "cuCtxGetCurrent")
+        check_driver(lib.cuCtxGetCurrent(ctypes.byref(context)), "cuCtxGetCurrent")
         if not context.value:
             raise DriverError("cuCtxGetCurrent: no current CUDA context")
         found = memcpy_nodes(graph)

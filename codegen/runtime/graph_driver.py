@@ -13,7 +13,7 @@ import ctypes
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .fast_driver import libcuda, raise_driver_error
+from .fast_driver import check_driver, raise_driver_error, typed_driver
 
 
 class KernelNodeParams(ctypes.Structure):
@@ -33,7 +33,6 @@ class KernelNodeParams(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def _graph_api() -> ctypes.CDLL:
-    lib = libcuda()
     handle, pointer = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
     signatures = {
         "cuGraphCreate": [pointer, ctypes.c_uint],
@@ -44,15 +43,7 @@ def _graph_api() -> ctypes.CDLL:
         "cuGraphExecDestroy": [handle],
         "cuGraphDestroy": [handle],
     }
-    for name, argtypes in signatures.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, ctypes.c_int
-    return lib
-
-
-def _check(code: int, what: str) -> None:
-    if code:
-        raise_driver_error(code, what)
+    return typed_driver(signatures)
 
 
 @dataclass
@@ -87,16 +78,16 @@ class KernelGraph:
         self._set_params, self._launch = lib.cuGraphExecKernelNodeSetParams_v2, lib.cuGraphLaunch  # per call
         self.nodes = nodes
         self._graph, self._exec = ctypes.c_void_p(), ctypes.c_void_p()
-        _check(lib.cuGraphCreate(ctypes.byref(self._graph), 0), "cuGraphCreate")
+        check_driver(lib.cuGraphCreate(ctypes.byref(self._graph), 0), "cuGraphCreate")
         try:
             previous = None
             for node in nodes:
                 dependencies = ctypes.byref(previous.handle) if previous is not None else None
-                _check(lib.cuGraphAddKernelNode_v2(ctypes.byref(node.handle), self._graph, dependencies,
+                check_driver(lib.cuGraphAddKernelNode_v2(ctypes.byref(node.handle), self._graph, dependencies,
                                                    int(previous is not None), ctypes.byref(node.launch)),
                        f"cuGraphAddKernelNode({node.name})")
                 previous = node
-            _check(lib.cuGraphInstantiateWithFlags(ctypes.byref(self._exec), self._graph, 0), "cuGraphInstantiate")
+            check_driver(lib.cuGraphInstantiateWithFlags(ctypes.byref(self._exec), self._graph, 0), "cuGraphInstantiate")
         except BaseException:
             self.close()
             raise
