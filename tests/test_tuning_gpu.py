@@ -72,7 +72,7 @@ def test_tiny_sweep_under_both_routings(tmp_path, monkeypatch):
     monkeypatch.setenv(tuning.TUNING_DIR_ENV, str(tmp_path))
     tuning.clear_cache()
     measure = sweep.GpuMeasurer(rep=10, warmup_ms=2.0)
-    out = tmp_path / "both.json"
+    out = tuning.default_table_path(measure.device_name)  # where lookup reads the device's table
     shape = Shape(32, 128, 128)
     table = sweep.run_sweep([shape], [8], CONFIGS, out_path=out, jobs=2, measure=measure, routings=("uniform", "zipf"),
                             device_name=measure.device_name, plot=False)
