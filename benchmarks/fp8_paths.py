@@ -19,6 +19,7 @@ against: the bf16 x, or the e4m3 x with its row scales.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,30 @@ def prepare_w4a8(ops: Operands) -> peers.Prepared:
     fn = lambda x, wi, s: mxfp4.grouped_mm(x, wi, offsets, x_scale=s)  # noqa: E731
     return peers.Prepared(fn, [(ops.x_fp8, wi, ops.x_scale) for wi in _ready_copies(ops)],
                           _config_note(ops.x_fp8, ops.weights.ready, offsets, ops.x_scale))
+
+
+def prepare_forced(config: str) -> Callable[[Operands], peers.Prepared]:
+    """W4A16 (a bf16 config) or W4A8 (an ``_fp8`` one) with ``config`` forced, not the table's pick: one tile
+    config profiled beside another (``bench ncu-case --prefill --configs``)."""
+    import mxfp4
+    from codegen.build.config import TileConfig
+
+    fp8 = TileConfig.from_name(config).activations == "fp8"  # ValueError naming a malformed config
+
+    def prepare(ops: Operands) -> peers.Prepared:
+        offsets = ops.offsets
+        if fp8:
+            def w4a8(x: torch.Tensor, wi: Any, s: torch.Tensor) -> torch.Tensor:
+                return mxfp4.grouped_mm(x, wi, offsets, config=config, x_scale=s)
+
+            return peers.Prepared(w4a8, [(ops.x_fp8, ops.weights.ready, ops.x_scale)], f"config: {config}")
+
+        def w4a16(x: torch.Tensor, wi: Any) -> torch.Tensor:
+            return mxfp4.grouped_mm(x, wi, offsets, config=config)
+
+        return peers.Prepared(w4a16, [(ops.x, ops.weights.plain)], f"config: {config}")
+
+    return prepare
 
 
 def prepare_w4a8_quantize(ops: Operands) -> peers.Prepared:

@@ -12,13 +12,15 @@ call is a warm one.
 ``--prefill`` profiles the prefill paths instead (issue 24): per (projection, M), W4A16, W4A8 on e4m3 x, torch's
 FP8 grouped GEMM (``torch._scaled_grouped_mm``, 8-bit weights), torch bf16 ``_grouped_mm`` and humming's FP8 path,
 in that order, each call inside one NVTX range named "prefill" (``--nvtx-include "prefill/"``); the log names the
-order, which is the report's.
+order, which is the report's. ``--prefill --configs A,B`` profiles ours with each tile config forced instead (W4A16
+for a bf16 config, W4A8 for an ``_fp8`` one), e.g. a variant beside the config the table picks.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,8 +65,18 @@ def run_model(model: str, projection: str, args: argparse.Namespace, m_values: l
 PREFILL_PATHS = ("W4A16", "W4A8", "torch fp8", "torch bf16", "humming fp8")  # the profiled order
 
 
-def run_model_prefill(model: str, projection: str, args: argparse.Namespace, m_values: list[int]) -> None:
+def prefill_paths(configs: str) -> dict[str, Callable[[Any], Any]]:
+    """The profiled paths in order: the five of PREFILL_PATHS, or (``--configs``) ours with each config forced.
+    A malformed config name raises ValueError before any weights are built."""
     from . import fp8_paths
+
+    names = [name for name in configs.split(",") if name]
+    if names:
+        return {f"config {name}": fp8_paths.prepare_forced(name) for name in names}
+    return {path: fp8_paths.PREPARE[path] for path in PREFILL_PATHS}
+
+
+def run_model_prefill(model: str, projection: str, args: argparse.Namespace, m_values: list[int]) -> None:
     from .bench_fp8 import build_weights, operands
     from .bench_grouped_mm import Settings
 
@@ -73,14 +85,15 @@ def run_model_prefill(model: str, projection: str, args: argparse.Namespace, m_v
     if args.no_humming:
         settings.skip["humming fp8"] = "skipped (--no-humming)"
     weights = build_weights(shape, settings)
+    paths = prefill_paths(args.configs)
     for m in m_values:
         ops = operands(make_row(model, projection, shape, "uniform", m), weights, args.seed + m)
-        for path in PREFILL_PATHS:
+        for path, prepare in paths.items():
             if path in settings.skip:
                 print(f"ncu-case: {model} {projection} M={m}: {path} not profiled: {settings.skip[path]}")
                 continue
             try:
-                profile_once("prefill", fp8_paths.PREPARE[path](ops))
+                profile_once("prefill", prepare(ops))
                 print(f"ncu-case: {model} {projection} M={m}: profiled {path}")
             except Exception as error:
                 print(f"ncu-case: {model} {projection} M={m}: {path} failed: {type(error).__name__}: {error}",
@@ -95,6 +108,14 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
     unknown = sorted(set(projections) - {"gate_up", "down"})
     if unknown:
         print(f"bench ncu-case: error: --projections {args.projections!r}: give gate_up and/or down", file=sys.stderr)
+        return 2
+    if args.configs and not args.prefill:
+        print("bench ncu-case: error: --configs forces prefill tile configs: give it with --prefill", file=sys.stderr)
+        return 2
+    try:
+        prefill_paths(args.configs)
+    except ValueError as error:
+        print(f"bench ncu-case: error: --configs: {error}", file=sys.stderr)
         return 2
     for model in args.model or sorted(MODEL_SHAPES):
         for projection in projections:

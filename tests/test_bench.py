@@ -757,3 +757,25 @@ def test_ncu_case_prefill_profiles_paths_bench_fp8_has():
     assert set(PREFILL_PATHS) <= set(fp8_paths.PREPARE) and "W4A8+quantize" not in PREFILL_PATHS
     args = build_parser().parse_args(["ncu-case", "--prefill", "--m", "1024,4096"])
     assert args.prefill and args.suite == "ncu-case"
+
+
+def test_ncu_case_prefill_configs_forces_each_config_in_order():
+    from benchmarks.ncu_case import PREFILL_PATHS, prefill_paths
+
+    assert list(prefill_paths("")) == list(PREFILL_PATHS)
+    forced = prefill_paths("n128_m256_k64_s5_wg2,n128_m256_k128_s5_wg2_fp8")
+    assert list(forced) == ["config n128_m256_k64_s5_wg2", "config n128_m256_k128_s5_wg2_fp8"]
+    assert all(callable(prepare) for prepare in forced.values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "n128_m256_k64_s5_wg2"], "give it with --prefill"),
+    (["--prefill", "--configs", "n128_m256_k64_s5_wg2,nope"], "config name 'nope' is not of the form"),
+])
+def test_ncu_case_configs_refused_before_any_weights(argv, message, capsys):
+    from benchmarks.cli import build_parser
+    from benchmarks.ncu_case import run
+
+    args = build_parser().parse_args(["ncu-case", *argv])
+    assert run(args, [1024]) == 2
+    assert message in capsys.readouterr().err
