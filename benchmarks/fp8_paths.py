@@ -19,6 +19,7 @@ against: the bf16 x, or the e4m3 x with its row scales.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -82,13 +83,20 @@ def _rotated(ops: Operands, copy_bytes: int) -> int:
     return peers.copies_needed(ops.read_bytes, copy_bytes, ops.l2_bytes, ops.budget)
 
 
-def prepare_w4a16(ops: Operands) -> peers.Prepared:
+def _forced_note(config: str) -> str:
+    return f"config: {config} (forced)"
+
+
+def prepare_w4a16(ops: Operands, config: str | None = None) -> peers.Prepared:
+    """Our W4A16 on the bf16 x; ``config`` forces a tile config (None: the table's pick)."""
     import mxfp4
 
     w = ops.weights.plain
     copies = [w] + [mxfp4.PackedMXFP4(w.data.clone(), w.n, w.k) for _ in range(_rotated(ops, w.data.numel()) - 1)]
     offsets = ops.offsets
-    return peers.Prepared(lambda x, wi: mxfp4.grouped_mm(x, wi, offsets), [(ops.x, wi) for wi in copies], _config_note(ops.x, w, offsets))
+    note = _forced_note(config) if config else _config_note(ops.x, w, offsets)
+    fn = lambda x, wi: mxfp4.grouped_mm(x, wi, offsets, config=config)  # noqa: E731
+    return peers.Prepared(fn, [(ops.x, wi) for wi in copies], note)
 
 
 def _ready_copies(ops: Operands) -> list:
@@ -99,37 +107,23 @@ def _ready_copies(ops: Operands) -> list:
     return [w] + [mxfp4.PackedMXFP4FP8(w.data.clone(), w.row_scale.clone(), w.n, w.k) for _ in range(count - 1)]
 
 
-def prepare_w4a8(ops: Operands) -> peers.Prepared:
+def prepare_w4a8(ops: Operands, config: str | None = None) -> peers.Prepared:
+    """Our W4A8 on the e4m3 x; ``config`` forces a tile config (None: the table's pick)."""
     import mxfp4
 
     offsets = ops.offsets
-    fn = lambda x, wi, s: mxfp4.grouped_mm(x, wi, offsets, x_scale=s)  # noqa: E731
-    return peers.Prepared(fn, [(ops.x_fp8, wi, ops.x_scale) for wi in _ready_copies(ops)],
-                          _config_note(ops.x_fp8, ops.weights.ready, offsets, ops.x_scale))
+    fn = lambda x, wi, s: mxfp4.grouped_mm(x, wi, offsets, config=config, x_scale=s)  # noqa: E731
+    note = _forced_note(config) if config else _config_note(ops.x_fp8, ops.weights.ready, offsets, ops.x_scale)
+    return peers.Prepared(fn, [(ops.x_fp8, wi, ops.x_scale) for wi in _ready_copies(ops)], note)
 
 
 def prepare_forced(config: str) -> Callable[[Operands], peers.Prepared]:
     """W4A16 (a bf16 config) or W4A8 (an ``_fp8`` one) with ``config`` forced, not the table's pick: one tile
     config profiled beside another (``bench ncu-case --prefill --configs``)."""
-    import mxfp4
     from codegen.build.config import TileConfig
 
     fp8 = TileConfig.from_name(config).activations == "fp8"  # ValueError naming a malformed config
-
-    def prepare(ops: Operands) -> peers.Prepared:
-        offsets = ops.offsets
-        if fp8:
-            def w4a8(x: torch.Tensor, wi: Any, s: torch.Tensor) -> torch.Tensor:
-                return mxfp4.grouped_mm(x, wi, offsets, config=config, x_scale=s)
-
-            return peers.Prepared(w4a8, [(ops.x_fp8, ops.weights.ready, ops.x_scale)], f"config: {config}")
-
-        def w4a16(x: torch.Tensor, wi: Any) -> torch.Tensor:
-            return mxfp4.grouped_mm(x, wi, offsets, config=config)
-
-        return peers.Prepared(w4a16, [(ops.x, ops.weights.plain)], f"config: {config}")
-
-    return prepare
+    return functools.partial(prepare_w4a8 if fp8 else prepare_w4a16, config=config)
 
 
 def prepare_w4a8_quantize(ops: Operands) -> peers.Prepared:

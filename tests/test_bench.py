@@ -760,12 +760,16 @@ def test_ncu_case_prefill_profiles_paths_bench_fp8_has():
 
 
 def test_ncu_case_prefill_configs_forces_each_config_in_order():
+    from benchmarks import fp8_paths
     from benchmarks.ncu_case import PREFILL_PATHS, prefill_paths
 
     assert list(prefill_paths("")) == list(PREFILL_PATHS)
     forced = prefill_paths("n128_m256_k64_s5_wg2,n128_m256_k128_s5_wg2_fp8")
     assert list(forced) == ["config n128_m256_k64_s5_wg2", "config n128_m256_k128_s5_wg2_fp8"]
-    assert all(callable(prepare) for prepare in forced.values())
+    # the family's own path, the config forced: W4A16 for a bf16 name, W4A8 for an _fp8 one
+    assert [(prepare.func, prepare.keywords) for prepare in forced.values()] == [
+        (fp8_paths.prepare_w4a16, {"config": "n128_m256_k64_s5_wg2"}),
+        (fp8_paths.prepare_w4a8, {"config": "n128_m256_k128_s5_wg2_fp8"})]
 
 
 @pytest.mark.parametrize("argv, message", [
