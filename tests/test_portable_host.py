@@ -163,6 +163,15 @@ def checked(layer: Layer, x, ids, weights, seed: int, **kwargs) -> torch.Tensor:
     return out
 
 
+def four_checked_calls_warn_once(layer: Layer, seed: int, match: str) -> None:
+    """Four calls of one key (each checked against float64), under a refused graph step: one RuntimeWarning."""
+    x, ids, weights = inputs(4)
+    with pytest.warns(RuntimeWarning, match=match) as warned:
+        for _ in range(4):
+            checked(layer, x, ids, weights, seed)
+    assert len([w for w in warned if w.category is RuntimeWarning]) == 1, [str(w.message) for w in warned]
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["copy nodes", "torch copies"])
 @pytest.mark.parametrize("paired", [True, False], ids=["paired", "checkpoint order"])
 def test_replay_from_the_second_call_follows_every_input(device: PortableRecorder, paired: bool, direct: bool,
@@ -321,10 +330,7 @@ def test_a_failed_capture_warns_once_and_runs_eagerly(layer: Layer, device: Port
 
     monkeypatch.setattr(portable_graphs, "capture", refuse)
     monkeypatch.setattr(portable_graphs, "_warned", False)
-    x, ids, weights = inputs(4)
-    with pytest.warns(RuntimeWarning, match="capturing the portable layer as a CUDA graph failed.*not permitted"):
-        for _ in range(4):
-            checked(layer, x, ids, weights, seed)
+    four_checked_calls_warn_once(layer, seed, "capturing the portable layer as a CUDA graph failed.*not permitted")
     assert portable_graphs.stats() == {"graphs": 0, "pools": 0, "direct": 0} and device.counts["kernel launches"] == 8
 
 
@@ -448,10 +454,7 @@ def test_a_refused_node_move_warns_once_and_runs_eagerly(layer: Layer, device: P
 
     monkeypatch.setattr(FakeCopyNodes, "retarget", refuse)
     monkeypatch.setattr(portable_graphs, "_warned", False)
-    x, ids, weights = inputs(4)
-    with pytest.warns(RuntimeWarning, match="launching the portable layer's CUDA graph failed.*INVALID_VALUE"):
-        for _ in range(4):
-            checked(layer, x, ids, weights, seed)
+    four_checked_calls_warn_once(layer, seed, "launching the portable layer's CUDA graph failed.*INVALID_VALUE")
     assert portable_graphs.stats() == {"graphs": 0, "pools": 0, "direct": 0}
     assert len(device.graphs) == 1 and device.counts["graph launches"] == 0 and device.counts["kernel launches"] == 8
 
