@@ -111,10 +111,8 @@ class CopyNodes:
         else:
             params.dstDevice = address
         code = self._set(self._executable, node, ctypes.byref(params), self._context)
-        if code:
+        if code:  # not check_driver: the message is formatted only on failure (every replayed call moves nodes)
             raise_driver_error(code, f"cuGraphExecMemcpyNodeSetParams(slot {slot})")
 
     def launch(self, stream: int) -> None:
-        code = self._launch(self._executable, stream)
-        if code:
-            raise_driver_error(code, "cuGraphLaunch")
+        check_driver(self._launch(self._executable, stream), "cuGraphLaunch")

@@ -95,13 +95,11 @@ class KernelGraph:
     def set_node_params(self, node: KernelNode) -> None:
         """Give the instantiated graph ``node``'s current buffer (launches after this one use it)."""
         code = self._set_params(self._exec, node.handle, ctypes.byref(node.launch))
-        if code:
+        if code:  # not check_driver: the message is formatted only on failure (a hot path of replay)
             raise_driver_error(code, f"cuGraphExecKernelNodeSetParams({node.name})")
 
     def launch(self, stream: int) -> None:
-        code = self._launch(self._exec, stream)
-        if code:
-            raise_driver_error(code, "cuGraphLaunch")
+        check_driver(self._launch(self._exec, stream), "cuGraphLaunch")
 
     def close(self) -> None:
         lib = _graph_api()
