@@ -47,12 +47,15 @@ struct alignas(64) TensorMap {
 };
 
 template <int TileN_, int TileM_, int TileK_, int Stages_, int Warpgroups_, int ProducerRegs_, int ConsumerRegs_,
-          Epilogue Epilogue_, bool ProducerWarp_, bool StreamK_, bool Fp8_ = false>
+          Epilogue Epilogue_, bool ProducerWarp_, bool StreamK_, bool Fp8_ = false, int FragmentBuffers_ = 2>
 struct KernelConfig {
   static constexpr bool ProducerWarp = ProducerWarp_;  // a producer warp (no setmaxnreg), not a warpgroup
   static constexpr bool StreamK = StreamK_;
   static constexpr Epilogue EpilogueKind = Epilogue_;
   static constexpr bool Fp8 = Fp8_;  // W4A8: e4m3 x, FP8-ready weights, FP8 WGMMA k32
+  // Register buffers of decoded A fragments per consumer warpgroup (TileConfig.fragment_buffers; rendered only when
+  // not 2): FragmentBuffers - 1 WGMMA chunks stay in flight while the next one decodes (consume_stage).
+  static constexpr int FragmentBuffers = FragmentBuffers_;
   static constexpr int TileN = TileN_;
   static constexpr int TileM = TileM_;
   static constexpr int TileK = TileK_;
@@ -77,6 +80,8 @@ struct KernelConfig {
   static_assert(TileM % 8 == 0 && TileM >= 8 && TileM <= 256, "tile_m is WGMMA's N");
   static_assert(XChunkBytes % 1024 == 0, "128B-swizzled x chunks must stay 1024-byte aligned");
   static_assert(TileK % XChunkK == 0, "a stage holds whole 128-byte rows of x");
+  static_assert(FragmentBuffers >= 2, "the decode of chunk c + 1 needs a buffer that chunk c's WGMMAs do not read");
+  static_assert(AtomsK >= FragmentBuffers - 1, "a full stage releases the previous stage's slot (consume_stage)");
 };
 
 // The 128B-swizzle K-major shared-memory descriptor of an x chunk (rows of 128 bytes, 8-row
@@ -184,7 +189,7 @@ struct ConsumerState {
   using Mma = typename Cfg::Mma;
   static constexpr int A = Cfg::AtomsPerWarpgroup;
   float acc[A][Cfg::Accumulators];
-  uint32_t frag[2][A][Cfg::MmaSteps][4];  // [register buffer][atom][WGMMA step][A register]
+  uint32_t frag[Cfg::FragmentBuffers][A][Cfg::MmaSteps][4];  // [register buffer][atom][WGMMA step][A register]
 
   __device__ __forceinline__ void fence_accumulators() {
 #pragma unroll
@@ -207,6 +212,10 @@ struct ConsumerState {
   // bytes are loaded first and the scale check is one warp-wide vote for the whole chunk, so the fast path is one
   // basic block over all atoms (no divergent branch per atom that would keep ptxas from interleaving their
   // independent decode chains).
+  // With more than two fragment buffers there is no vote: where two paths define the buffer that the next WGMMAs
+  // read while two chunks are in flight, ptxas serializes every WGMMA of the kernel (C7511, "insufficient register
+  // resources for the wgmma pipeline"), so the bf16 decode always takes the general path (two multiplies per
+  // register instead of one).
   template <int Buf>
   __device__ __forceinline__ void decode_chunk(uint8_t const* w_chunk, int tid) {
     int const scale_word = (tid >> 5) * kScaleWordsPerWarp + (tid & 31) / kLanesPerScaleWord;
@@ -223,7 +232,7 @@ struct ConsumerState {
     if constexpr (Cfg::Fp8) {  // the FP8-ready layout: block offsets, not scales
 #pragma unroll
       for (int a = 0; a < A; ++a) decode_atom_fp8(codes[a], scales[a], frag[Buf][a]);
-    } else if (!__any_sync(0xffffffffu, (any_scale & 0x80808080u) != 0u)) {
+    } else if (Cfg::FragmentBuffers == 2 && !__any_sync(0xffffffffu, (any_scale & 0x80808080u) != 0u)) {
       // Every scale of the warp's chunk below 128 (what real checkpoints hold): one multiply per register.
 #pragma unroll
       for (int a = 0; a < A; ++a) {
@@ -267,34 +276,101 @@ struct ConsumerState {
   }
 };
 
-// Consume one pipeline stage. Chunk c uses register buffer (Buf0 + c) & 1, so buffers alternate
-// across the whole k loop; a chunk's buffer is rewritten only after wgmma.wait_group<1> showed
-// the wgmma that read it (two chunks back) complete.
+// Decode chunk `c` of a stage into register buffer `buf` and issue its WGMMAs. `buf` is a run-time value that the
+// unrolled loop of consume_stage folds to a constant; the buffer must be a template argument (registers are not
+// indexable), so this picks the instantiation.
+template <int Buf, class Cfg>
+__device__ __forceinline__ void decode_and_issue(ConsumerState<Cfg>& st, int buf, uint8_t const* w_chunk,
+                                                 uint8_t const* x_chunk, int step0, int tid) {
+  if constexpr (Buf > 0) {
+    if (buf != Buf) {
+      decode_and_issue<Buf - 1>(st, buf, w_chunk, x_chunk, step0, tid);
+      return;
+    }
+  }
+  st.template decode_chunk<Buf>(w_chunk, tid);
+  st.template issue_chunk<Buf>(x_chunk, step0);
+}
+
+// Consume one pipeline stage of `chunks` chunks (64 deep each). With F = Cfg::FragmentBuffers, chunk c uses register
+// buffer (Buf0 + c) mod F, Buf0 being the stage's first chunk index in the work unit mod F, so the buffers rotate
+// across the whole k loop.
+// Invariant: a buffer is rewritten only after the wgmma that read it, F chunks back, is complete. After issuing
+// chunk c, wgmma.wait_group<F - 1> leaves at most chunks c, c - 1, ..., c - F + 2 in flight, so chunk c - F + 1,
+// whose buffer chunk c + 1 decodes into, is done.
+// Slot release (release_previous): the previous stage's last chunk is chunk -1 of this stage, known complete after
+// the wait that follows chunk F - 2 (TileConfig.validate: AtomsK >= F - 1, so a full stage reaches it); the previous
+// slot is handed back there, one arrival per warp. With F = 2 that is chunk 0, which every stage has; with F > 2
+// only full stages get release_previous, and consume() releases for the others (see there).
 template <int Buf0, class Cfg>
 __device__ __forceinline__ void consume_stage(ConsumerState<Cfg>& st, uint8_t const* x_slot, uint8_t const* w_slot,
                                               int chunks, int tid, bool release_previous,
                                               uint64_t* previous_empty, WaitProbe& probe) {
+  constexpr int F = Cfg::FragmentBuffers;
 #pragma unroll
   for (int c = 0; c < Cfg::AtomsK; ++c) {
     if (c < chunks) {
       uint8_t const* x_chunk = x_slot + (c / Cfg::AtomsPerXChunk) * Cfg::XChunkBytes;
       int const step0 = (c % Cfg::AtomsPerXChunk) * Cfg::MmaSteps;
-      if (((Buf0 + c) & 1) == 0) {
-        st.template decode_chunk<0>(w_slot + c * kAtomBytes, tid);
-        st.template issue_chunk<0>(x_chunk, step0);
-      } else {
-        st.template decode_chunk<1>(w_slot + c * kAtomBytes, tid);
-        st.template issue_chunk<1>(x_chunk, step0);
-      }
+      decode_and_issue<F - 1>(st, (Buf0 + c) % F, w_slot + c * kAtomBytes, x_chunk, step0, tid);
       long long const waited_from = probe.now();
-      cute::warpgroup_wait<1>();
+      cute::warpgroup_wait<F - 1>();
       probe.template add_since<kProbeConsumerMma>(waited_from);
-      if (c == 0 && release_previous) {
+      if (c == F - 2 && release_previous) {
         // The last chunk of the previous stage has completed: hand its slot back (one arrival per warp).
         __syncwarp();
         if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(previous_empty);
       }
     }
+  }
+}
+
+// consume_stage for the stage whose first chunk goes to register buffer `first` (a run-time value in 0..Buf; a
+// constant folds this to one instantiation).
+template <int Buf, class Cfg>
+__device__ __forceinline__ void consume_stage_from(int first, ConsumerState<Cfg>& st, uint8_t const* x_slot,
+                                                   uint8_t const* w_slot, int chunks, int tid, bool release_previous,
+                                                   uint64_t* previous_empty, WaitProbe& probe) {
+  if constexpr (Buf > 0) {
+    if (first == Buf) {
+      consume_stage<Buf>(st, x_slot, w_slot, chunks, tid, release_previous, previous_empty, probe);
+      return;
+    }
+    consume_stage_from<Buf - 1>(first, st, x_slot, w_slot, chunks, tid, release_previous, previous_empty, probe);
+  } else {
+    consume_stage<0>(st, x_slot, w_slot, chunks, tid, release_previous, previous_empty, probe);
+  }
+}
+
+// The register buffer of the first chunk of the work unit's stage `stage` (0, 1, ...): its chunk index
+// stage x AtomsK mod F. Every stage before the K tail is full, so this counts every chunk before it.
+template <class Cfg>
+__device__ __forceinline__ int first_buffer(int stage) {
+  constexpr unsigned step = Cfg::AtomsK % Cfg::FragmentBuffers;
+  if constexpr (step == 0) {
+    return 0;
+  } else {
+    return static_cast<int>(static_cast<unsigned>(stage) * step % Cfg::FragmentBuffers);
+  }
+}
+
+// F > 2: the stages of one period of the buffer rotation: from a stage that starts on buffer 0 to the next one
+// (P = F / gcd(AtomsK, F) full stages; 1 where AtomsK is a multiple of F).
+template <class Cfg>
+constexpr int rotation_period() {
+  int stages = 1;
+  while (stages * Cfg::AtomsK % Cfg::FragmentBuffers != 0) ++stages;
+  return stages;
+}
+
+// One period of full stages, I .. P - 1, straight; stage I of the period starts on buffer I x AtomsK mod F, a
+// compile-time constant. `kt` is the next stage, `begin` the work unit's first.
+template <class Cfg, int I = 0, class Stage>
+__device__ __forceinline__ void consume_period(Stage& stage, int& kt, int begin) {
+  if constexpr (I < rotation_period<Cfg>()) {
+    stage(I * Cfg::AtomsK % Cfg::FragmentBuffers, kt, Cfg::AtomsK, kt > begin);
+    ++kt;
+    consume_period<Cfg, I + 1>(stage, kt, begin);
   }
 }
 
@@ -350,8 +426,8 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
 #pragma unroll
       for (int i = 0; i < Cfg::Accumulators; ++i) st.acc[a][i] = 0.0f;
     int previous_slot = 0;
-    for (int kt = unit.k_begin; kt < unit.k_end; ++kt) {
-      int const chunks = min(Cfg::AtomsK, p.k_atoms - kt * Cfg::AtomsK);
+    // Stage kt of the unit: `chunks` chunks, the first in register buffer `first`.
+    auto stage = [&](int first, int kt, int chunks, bool release_previous) {
       long long const waited_from = probe.now();
       Barrier::wait(&s.full[ring.slot], ring.phase);
       probe.template add_since<kProbeConsumerFull>(waited_from);
@@ -362,17 +438,47 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
       if constexpr (copy_only_build()) {  // diagnostic (mxfp4_copy_only.cuh): no decode, no WGMMA, the slot back at once
         copy_only_stage(st.acc[0][0], w_slot, tid, &s.empty[ring.slot]);
       } else {
-        bool const release_previous = kt > unit.k_begin;
-        // With an odd number of chunks per stage, odd stages start on register buffer 1.
-        if ((Cfg::AtomsK & 1) && ((kt - unit.k_begin) & 1))
-          consume_stage<1>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot], probe);
-        else
-          consume_stage<0>(st, x_slot, w_slot, chunks, tid, release_previous, &s.empty[previous_slot], probe);
+        constexpr int LastFirstBuffer = Cfg::AtomsK % Cfg::FragmentBuffers == 0 ? 0 : Cfg::FragmentBuffers - 1;
+        consume_stage_from<LastFirstBuffer>(first, st, x_slot, w_slot, chunks, tid, release_previous,
+                                            &s.empty[previous_slot], probe);
         previous_slot = ring.slot;
       }
       ring.advance<Cfg::Stages>();
+    };
+    if constexpr (Cfg::FragmentBuffers == 2 || copy_only_build()) {
+      // Two buffers: the first buffer picked at run time, every stage releasing its predecessor's slot at chunk 0.
+      for (int kt = unit.k_begin; kt < unit.k_end; ++kt)
+        stage(first_buffer<Cfg>(kt - unit.k_begin), kt, min(Cfg::AtomsK, p.k_atoms - kt * Cfg::AtomsK),
+              kt > unit.k_begin);
+    } else {
+      // F > 2. ptxas serializes every WGMMA of the kernel (ptxas 13.0: C7513, "non wgmma instructions defining
+      // input registers of a wgmma between start and end of the pipeline"; NVRTC 13.5: C7511/C7512, "insufficient
+      // register resources") where paths with other rotations of the buffers in flight meet: after a run-time pick
+      // of the first buffer, a stage that may stop short (a run-time chunk count), or an exit from the middle of a
+      // period. So whole periods of full stages run straight, their buffers and chunk counts constants; the stages
+      // after them (fewer than a period, the short K tail among them) run one at a time from buffer 0 with no
+      // WGMMA in flight before or after (wait_group<0> on both sides): a few stages of a tile lose the overlap.
+      constexpr int Period = rotation_period<Cfg>();
+      int const full_end = unit.k_end * Cfg::AtomsK > p.k_atoms ? unit.k_end - 1 : unit.k_end;  // a short K tail
+      int const periods_end = unit.k_begin + (full_end - unit.k_begin) / Period * Period;
+      // Slots, each released once: the unit's first stage has no predecessor; a stage of a period hands its
+      // predecessor's slot back after its chunk F - 2 (it is full); a stage after the periods, after the
+      // wait_group<0> before it; the unit's last stage, after the final wait_group<0> below.
+      int kt = unit.k_begin;
+      while (kt < periods_end) consume_period<Cfg>(stage, kt, unit.k_begin);
+      cute::warpgroup_wait<0>();
+      for (; kt < unit.k_end; ++kt) {
+        if (kt > unit.k_begin) {
+          __syncwarp();
+          if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(&s.empty[previous_slot]);
+        }
+        stage(0, kt, min(Cfg::AtomsK, p.k_atoms - kt * Cfg::AtomsK), false);
+        cute::warpgroup_wait<0>();
+      }
     }
     if constexpr (!copy_only_build()) {
+      // Every slot of the unit is released exactly once: a stage's slot by the next stage (consume_stage, or above
+      // with F > 2), the last stage's here, when all of the unit's WGMMAs are complete.
       cute::warpgroup_wait<0>();
       __syncwarp();
       if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(&s.empty[previous_slot]);

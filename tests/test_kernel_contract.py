@@ -120,3 +120,52 @@ def test_family_names_the_kernel_shape() -> None:
     assert TileConfig.from_name("n128_m8_k128_s6_wg1_c3").family.startswith("decode: 3 light CTAs per SM")
     assert TileConfig.from_name("n128_m64_k128_s7_wg2").family.startswith("warp-specialized: one CTA per SM")
     assert TileConfig.from_name("n128_m8_k128_s6_wg1_c3_swiglu").family.endswith("swiglu epilogue")
+
+
+def test_fragment_buffers_name_round_trip_and_validation() -> None:
+    deep = TileConfig(tile_n=128, tile_m=256, tile_k=128, stages=5, warpgroups=2, activations="fp8", fragment_buffers=3)
+    assert deep.name == "n128_m256_k128_s5_wg2_f3_fp8" and TileConfig.from_name(deep.name) == deep.validate()
+    swiglu = TileConfig.from_name("n128_m64_k128_s7_wg2_pw_sk_f3_swiglu")  # after _sk, before _fp8 and the epilogue
+    assert (swiglu.producer, swiglu.stream_k, swiglu.fragment_buffers, swiglu.epilogue) == ("warp", True, 3, "swiglu")
+    assert TileConfig.from_name("n128_m256_k64_s5_wg2").fragment_buffers == 2  # old names keep their meaning
+    assert "_f" not in TileConfig().name and TileConfig(fragment_buffers=2) == TileConfig()
+    assert "3 fragment buffers" in deep.family and "fragment" not in TileConfig().family
+    with pytest.raises(ValueError, match="not of the form"):
+        TileConfig.from_name("n128_m256_k128_s5_wg2_fp8_f3")  # suffixes in their fixed order
+    with pytest.raises(ValueError, match=r"fragment_buffers=4: one of \(2, 3\)"):
+        TileConfig(fragment_buffers=4).validate()
+    with pytest.raises(ValueError, match="fragment_buffers must be a positive int"):
+        TileConfig(fragment_buffers=0).validate()
+    with pytest.raises(ValueError, match=r"fragment_buffers=3: needs tile_k >= 128 \(got tile_k=64\)"):
+        TileConfig.from_name("n128_m256_k64_s5_wg2_f3")  # the previous slot is released after a stage's chunk 1
+    with pytest.raises(ValueError, match="fragment_buffers=3: tile_n=256 x tile_k=256 is 16 weight atoms per stage"):
+        TileConfig(tile_n=256, tile_m=64, tile_k=256, stages=3, warpgroups=2, fragment_buffers=3).validate()
+
+
+def test_fragment_buffers_cost_registers() -> None:
+    """bf16: 16 A-fragment registers per buffer and 64-row block (four k16 steps of four), fp8: 8 (two k32 steps)."""
+    for activations, per_buffer in (("bf16", 16), ("fp8", 8)):
+        for buffers in (2, 3):
+            config = TileConfig(tile_k=128, activations=activations, fragment_buffers=buffers)
+            assert config.fragment_registers == buffers * per_buffer
+    # One consumer warpgroup of four CTAs per SM keeps 104 registers: two buffers fit beside 32 accumulators,
+    # three do not (32 + 48 + 40 > 104).
+    two = TileConfig(tile_n=256, tile_m=64, tile_k=128, stages=6, warpgroups=4).validate()
+    assert two.consumer_registers == 104
+    with pytest.raises(ValueError, match=r"32 accumulators and 48 A-fragment registers \(3 buffers\)"):
+        TileConfig(tile_n=256, tile_m=64, tile_k=128, stages=6, warpgroups=4, fragment_buffers=3).validate()
+
+
+def test_fragment_buffers_render_only_when_not_two() -> None:
+    """Two buffers render what the kernel rendered before the field existed (the generated sources and cubins of
+    every existing config stay the same); three add KernelConfig's last argument and say so in the header."""
+    for config in DEFAULT_CONFIGS:
+        source = render(config)
+        assert "fragment" not in source.lower(), config.name
+        assert re.search(r"mxfp4::KernelConfig<[^>]*, (true|false)> \{", source), config.name  # no 12th argument
+    deep = TileConfig.from_name("n128_m256_k128_s3_wg2_f3")
+    source = render(deep)
+    assert "activations=bf16 fragment_buffers=3\n" in source
+    assert "mxfp4::Epilogue::Store, false, false, false, 3> {" in source
+    twin = render(TileConfig.from_name("n128_m256_k128_s3_wg2"))
+    assert twin == source.replace(" fragment_buffers=3", "").replace(", 3> {", "> {").replace("_f3", "")

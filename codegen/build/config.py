@@ -39,9 +39,18 @@ PRODUCER_WARP_THREADS = 32
 # activations with a row scale, the FP8-ready weight layout decoded to e4m3, FP8 WGMMA k32).
 ACTIVATIONS = ("bf16", "fp8")
 FP8_TILE_K = 128  # W4A8: x (1 byte per value) arrives by TMA in 128-byte (128-value) swizzled rows
+# Register buffers of decoded A fragments per consumer warpgroup: F buffers keep F - 1 WGMMA chunks in flight
+# while the next chunk decodes (templates/mxfp4_grouped_mm_sm90.cuh, consume_stage). 2 is the original kernel.
+FRAGMENT_BUFFER_CHOICES = (2, 3)
+DEFAULT_FRAGMENT_BUFFERS = 2
+# With more than two buffers, ptxas (CUDA 13.0 and NVRTC 13.5) serializes every WGMMA of the kernel ("insufficient
+# register resources for the wgmma pipeline") once a stage holds more weight atoms than this (tile_n / 64 x
+# tile_k / 64): n256_k256 and n128_k512 do, n256_k128 and n128_k256 do not (measured on every such config the sweep
+# tries; tests/test_compile.py checks the ones under test).
+MAX_STAGE_ATOMS_DEEP_FRAGMENTS = 8
 
 _NAME = re.compile(
-    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_(fp8))?(?:_(swiglu|scatter))?$"
+    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_f(\d+))?(?:_(fp8))?(?:_(swiglu|scatter))?$"
 )
 
 
@@ -68,6 +77,11 @@ class TileConfig:
     activations the kernel family: "bf16" (W4A16) or "fp8" (W4A8: e4m3 x with one scale per row, weights in
                 the FP8-ready layout decoded to e4m3, FP8 WGMMA; tile_k a multiple of 128). Names add ``_fp8``
                 (before the epilogue's suffix).
+    fragment_buffers
+                register buffers of decoded weight fragments per consumer warpgroup: each warpgroup keeps
+                fragment_buffers - 1 WGMMA chunks (64 deep) in flight while it decodes the next. 2 is the original
+                kernel; 3 needs tile_k >= 128 (the previous stage's slot is released after the stage's second chunk).
+                Names add ``_f<n>`` unless 2 (after ``_sk``, before ``_fp8``).
     """
 
     tile_n: int = 128
@@ -80,12 +94,14 @@ class TileConfig:
     producer: str = "warpgroup"
     stream_k: bool = False
     activations: str = "bf16"
+    fragment_buffers: int = DEFAULT_FRAGMENT_BUFFERS
 
     @property
     def name(self) -> str:
         suffix = f"_c{self.ctas_per_sm}" if self.ctas_per_sm != 1 else ""
         suffix += "_pw" if self.producer == "warp" else ""
         suffix += "_sk" if self.stream_k else ""
+        suffix += f"_f{self.fragment_buffers}" if self.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS else ""
         suffix += "_fp8" if self.activations == "fp8" else ""
         suffix += f"_{self.epilogue}" if self.epilogue != "store" else ""
         return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}{suffix}"
@@ -96,12 +112,14 @@ class TileConfig:
         if match is None:
             raise ValueError(
                 f"config name {name!r} is not of the form "
-                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_pw][_sk][_fp8][_swiglu|_scatter]"
+                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_pw][_sk][_f<fragment_buffers>][_fp8]"
+                "[_swiglu|_scatter]"
             )
-        *numbers, ctas, producer_warp, stream_k, fp8, epilogue = match.groups()
+        *numbers, ctas, producer_warp, stream_k, buffers, fp8, epilogue = match.groups()
         config = cls(
             *(int(v) for v in numbers), ctas_per_sm=int(ctas or 1), epilogue=epilogue or "store",
             producer="warp" if producer_warp else "warpgroup", stream_k=bool(stream_k), activations=fp8 or "bf16",
+            fragment_buffers=int(buffers or DEFAULT_FRAGMENT_BUFFERS),
         )
         config.validate()
         return config
@@ -118,6 +136,8 @@ class TileConfig:
             shape = f"warp-specialized: one CTA per SM, {self.warpgroups} consumer warpgroup(s)"
         shape += ", a producer warp" if self.producer == "warp" else ""
         shape += ", stream-K" if self.stream_k else ""
+        if self.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS:
+            shape += f", {self.fragment_buffers} fragment buffers ({self.fragment_buffers - 1} WGMMA chunks in flight)"
         if self.activations == "fp8":
             shape = f"W4A8 (e4m3 activations with row scales, E2M1 decoded to e4m3, FP8 WGMMA), {shape}"
         return shape if self.epilogue == "store" else f"{shape}, {self.epilogue} epilogue"
@@ -150,9 +170,9 @@ class TileConfig:
 
     @property
     def fragment_registers(self) -> int:
-        """A-fragment registers per 64-row block: two buffers of 4 registers per WGMMA step of an atom
-        (4 k16 steps for bf16, 2 k32 steps for fp8)."""
-        return 2 * 4 * (ATOM_K // (16 if self.activations == "bf16" else 32))
+        """A-fragment registers per 64-row block: ``fragment_buffers`` buffers of 4 registers per WGMMA step of
+        an atom (4 k16 steps for bf16: 16 per buffer; 2 k32 steps for fp8: 8 per buffer)."""
+        return self.fragment_buffers * 4 * (ATOM_K // (16 if self.activations == "bf16" else 32))
 
     @property
     def x_stage_bytes(self) -> int:
@@ -249,6 +269,7 @@ class TileConfig:
             raise ValueError(
                 f"{self.ctas_per_sm} CTAs of {self.threads} threads exceed the SM's {MAX_THREADS_PER_SM} threads"
             )
+        self._validate_fragment_buffers()
         if self.stages < MIN_STAGES:
             raise ValueError(f"stages={self.stages}: the pipeline needs at least {MIN_STAGES} stages")
         if self.accumulators_per_thread > 128:
@@ -256,10 +277,11 @@ class TileConfig:
                 f"tile_n / warpgroups x tile_m = {self.tile_n // self.warpgroups} x {self.tile_m} needs "
                 f"{self.accumulators_per_thread} fp32 accumulators per thread; at most 128 fit in registers"
             )
-        # Accumulators + two buffers of A fragments + addressing.
+        # Accumulators + the buffers of A fragments + addressing.
         if self.accumulators_per_thread + self.fragment_registers * self.atoms_per_warpgroup + 40 > self.consumer_registers:
             raise ValueError(
-                f"{self.accumulators_per_thread} accumulators per thread do not fit in the "
+                f"{self.accumulators_per_thread} accumulators and {self.fragment_registers * self.atoms_per_warpgroup} "
+                f"A-fragment registers ({self.fragment_buffers} buffers) per thread do not fit in the "
                 f"{self.consumer_registers} registers each of {self.warpgroups} consumer warpgroups gets"
             )
         if self.shared_memory_bytes > self.max_shared_memory_bytes:
@@ -269,6 +291,25 @@ class TileConfig:
                 "use fewer stages, a smaller tile or fewer CTAs per SM"
             )
         return self
+
+    def _validate_fragment_buffers(self) -> None:
+        if self.fragment_buffers not in FRAGMENT_BUFFER_CHOICES:
+            raise ValueError(f"fragment_buffers={self.fragment_buffers}: one of {FRAGMENT_BUFFER_CHOICES}")
+        # A stage releases the previous stage's slot after its chunk fragment_buffers - 2, when wgmma.wait_group
+        # has shown the previous stage's last chunk complete; a full stage must reach that chunk.
+        if self.k_atoms_per_stage < self.fragment_buffers - 1:
+            raise ValueError(
+                f"fragment_buffers={self.fragment_buffers}: needs tile_k >= {ATOM_K * (self.fragment_buffers - 1)} "
+                f"(got tile_k={self.tile_k}); a stage must hold {self.fragment_buffers - 1} chunks of {ATOM_K} so "
+                "that the previous stage's shared-memory slot is released within it"
+            )
+        stage_atoms = (self.tile_n // ATOM_N) * self.k_atoms_per_stage
+        if self.fragment_buffers > DEFAULT_FRAGMENT_BUFFERS and stage_atoms > MAX_STAGE_ATOMS_DEEP_FRAGMENTS:
+            raise ValueError(
+                f"fragment_buffers={self.fragment_buffers}: tile_n={self.tile_n} x tile_k={self.tile_k} is "
+                f"{stage_atoms} weight atoms per stage, over the {MAX_STAGE_ATOMS_DEEP_FRAGMENTS} where ptxas keeps "
+                "the WGMMAs pipelined (beyond, it serializes them); use a smaller tile_n or tile_k"
+            )
 
 
 # W4A16 first, then W4A8. Decode (few tokens per expert: memory-bound; three light CTAs per SM, each one consumer warpgroup, so

@@ -8,7 +8,7 @@ import jinja2
 
 from mxfp4.format import layout
 
-from .config import PRODUCER_REGISTERS, TileConfig
+from .config import DEFAULT_FRAGMENT_BUFFERS, PRODUCER_REGISTERS, TileConfig
 from .params import PARAMS_ALIGN, PARAMS_SIZE, ParamBlock, template_fields
 from .paths import TEMPLATES_DIR
 
@@ -84,4 +84,14 @@ def render(config: TileConfig) -> str:
         epilogue=_EPILOGUE_ENUM[config.epilogue],
         fp8=config.activations == "fp8",
         entry_point=ENTRY_POINT,
+        **_fragment_buffers(config),
     )
+
+
+def _fragment_buffers(config: TileConfig) -> dict[str, str]:
+    """KernelConfig's FragmentBuffers argument and the header's note, empty at the default (the template's default
+    argument), so that the sources of the default-depth configs stay what they were before the field existed."""
+    if config.fragment_buffers == DEFAULT_FRAGMENT_BUFFERS:
+        return {"fragment_buffers_argument": "", "fragment_buffers_note": ""}
+    return {"fragment_buffers_argument": f", {config.fragment_buffers}",
+            "fragment_buffers_note": f" fragment_buffers={config.fragment_buffers}"}
