@@ -193,6 +193,7 @@ SASS_TEXT = """\
         /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, R56, gdesc[UR4], RZ, !UPT, gsb0 ;
         /*0060*/                   HGMMA.64x64x16.F32.BF16 R24, R60, gdesc[UR4], R24, gsb0 ;
         /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0078*/                   WARPGROUP.DEPBAR.LE gsb0, 0x2 ;
         /*0080*/                   STL.64 [R1], R2 ;
         /*0090*/                   LDL R3, [R1+0x4] ;
         /*00a0*/                   UTMAPF.L2.2D [UR8] ;
@@ -208,8 +209,25 @@ def test_summarize_sass():
     assert (summary.ldl, summary.stl, summary.local_memory) == (1, 1, 2)
     assert summary.setmaxnreg
     assert summary.warpgroup_arrive == 1
-    assert summary.instructions == 12
-    assert summary.opcodes["WARPGROUP"] == 2
+    assert summary.instructions == 13
+    assert summary.opcodes["WARPGROUP"] == 3
+    assert summary.wgmma_waits == {0: 1, 2: 1}  # wgmma.wait_group N -> count
+
+
+def test_sass_sidecar_of_an_older_summary_is_recomputed(tmp_path, monkeypatch):
+    """A sass.json written before a SassSummary field existed must not come back with that field's default."""
+    from dataclasses import asdict
+
+    from codegen.build import sass
+
+    cubin = b"\x7fELF not really"
+    monkeypatch.setattr(sass, "summarize_cubin", lambda data: summarize_sass(SASS_TEXT))
+    fresh = sass.summarize_cubin_cached(cubin, tmp_path)
+    assert fresh.wgmma_waits == {0: 1, 2: 1}
+    assert sass.summarize_cubin_cached(cubin, tmp_path) == fresh  # read back: int keys again
+    old = {k: v for k, v in asdict(fresh).items() if k != "wgmma_waits"}
+    (tmp_path / sass.SIDECAR).write_text(json.dumps(dict(old, cubin_sha256=cache.sha256_bytes(cubin))))
+    assert sass.summarize_cubin_cached(cubin, tmp_path).wgmma_waits == {0: 1, 2: 1}
 
 
 def test_progress_plain_lines():
@@ -610,6 +628,9 @@ def test_family_sass(default_kernels, config):
     assert summary.tma > 0
     assert summary.setmaxnreg == config.uses_setmaxnreg  # a producer warp keeps the launch registers
     assert summary.ldl == 0 and summary.stl == 0, "local memory (LDL/STL) in the kernel"
+    # The k loop keeps fragment_buffers - 1 WGMMA groups in flight (wgmma.wait_group N, WARPGROUP.DEPBAR.LE gsb0, N);
+    # only waits for 0 would mean that ptxas serialized the WGMMAs.
+    assert max(summary.wgmma_waits) == config.fragment_buffers - 1, summary.wgmma_waits
 
 
 # ---------------------------------------------------------------------------------------------

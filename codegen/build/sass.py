@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .toolchain import _package_dirs
@@ -100,6 +100,8 @@ def dump_sass(cubin: bytes) -> str:
 # An instruction line: "/*0170*/   @!P0 HGMMA.64x64x16.F32.BF16 R24, ... ;"
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)")
 _FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)", re.MULTILINE)
+# wgmma.wait_group N: "WARPGROUP.DEPBAR.LE gsb0, 0x1 ;" (N WGMMA groups may stay in flight).
+_WGMMA_WAIT = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*0x([0-9a-fA-F]+)")
 TMA_OPCODES = ("UTMALDG", "UTMASTG", "UTMAPF", "UTMACCTL", "UTMAREDG", "UBLKCP", "UBLKPF", "UBLKRED")
 
 
@@ -119,6 +121,9 @@ class SassSummary:
     warpgroup_arrive: int
     opcodes: dict[str, int] = field(default_factory=dict)  # base opcode -> count
     qgmma: int = 0  # FP8 wgmma.mma_async (e4m3/e5m2): the W4A8 family
+    # wgmma.wait_group N -> how many: a pipelined kernel waits with N = fragment buffers - 1 in its k loop; ptxas
+    # serializing the WGMMAs shows as waits with N = 0 only.
+    wgmma_waits: dict[int, int] = field(default_factory=dict)
 
     @property
     def tma(self) -> int:
@@ -152,6 +157,7 @@ def summarize_sass(text: str) -> SassSummary:
         warpgroup_arrive=warpgroup_arrive,
         opcodes=dict(sorted(opcodes.items())),
         qgmma=opcodes["QGMMA"],
+        wgmma_waits=dict(sorted(Counter(int(n, 16) for n in _WGMMA_WAIT.findall(text)).items())),
     )
 
 
@@ -172,8 +178,10 @@ def summarize_cubin_cached(cubin: bytes, entry_dir: Path | None) -> SassSummary:
     if sidecar is not None:
         try:
             data = json.loads(sidecar.read_text())
-            if data.pop("cubin_sha256") == digest:
+            # A sidecar written before a field existed is recomputed rather than read with that field's default.
+            if data.pop("cubin_sha256") == digest and set(data) == {f.name for f in fields(SassSummary)}:
                 data["functions"] = tuple(data["functions"])
+                data["wgmma_waits"] = {int(n): count for n, count in data["wgmma_waits"].items()}
                 return SassSummary(**data)
         except (OSError, ValueError, KeyError, TypeError):
             pass

@@ -27,6 +27,9 @@ _FIELD_FLAGS = (
     ("tile_k", "--tile-k", f"K per pipeline stage, a multiple of {ATOM_K} up to {limits.MAX_TILE_K}"),
     ("stages", "--stages", f"pipeline depth, at least {limits.MIN_STAGES} (shared memory bounds it)"),
     ("warpgroups", "--warpgroups", f"consumer warpgroups, one of {', '.join(map(str, limits.WARPGROUP_CHOICES))}"),
+    ("fragment_buffers", "--fragment-buffers",
+     f"register buffers of decoded weights per consumer warpgroup, one of "
+     f"{', '.join(map(str, limits.FRAGMENT_BUFFER_CHOICES))} (more than 2 needs tile_k >= 128)"),
 )
 
 
@@ -107,7 +110,9 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 _COMPILE_COLUMNS = ["config", "regs", "dyn smem B", "spill st/ld", "stack", "compile s", "cache"]
-_SASS_COLUMNS = ["HGMMA", "QGMMA", "TMA", "LDL/STL", "setmaxnreg"]
+# "in flight": the deepest wgmma.wait_group N in the SASS, the WGMMA groups a consumer keeps in flight while it
+# decodes (fragment_buffers - 1); 0 where ptxas serialized the WGMMAs.
+_SASS_COLUMNS = ["HGMMA", "QGMMA", "TMA", "LDL/STL", "setmaxnreg", "in flight"]
 
 
 @dataclass
@@ -161,7 +166,9 @@ class _CompileReport:
         record["sass"] = {k: v for k, v in asdict(sass).items() if k != "opcodes"}
         if sass.local_memory:
             self.problems.append(f"{config.name}: {sass.ldl} LDL / {sass.stl} STL (local memory)")
-        return [str(sass.hgmma), str(sass.qgmma), str(sass.tma), f"{sass.ldl}/{sass.stl}", "yes" if sass.setmaxnreg else "no"]
+        in_flight = str(max(sass.wgmma_waits)) if sass.wgmma_waits else "-"
+        return [str(sass.hgmma), str(sass.qgmma), str(sass.tma), f"{sass.ldl}/{sass.stl}", "yes" if sass.setmaxnreg else "no",
+                in_flight]
 
 
 def _print_failure(config: TileConfig, error: BaseException, verbose: bool) -> None:
