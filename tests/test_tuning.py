@@ -62,7 +62,7 @@ def test_default_space_is_valid_unique_and_sized():
 
 def test_fp8_space_is_the_w4a8_family():
     configs = space.enumerate_configs(SearchSpace(activations="fp8"))
-    assert 20 <= len(configs) <= 350, len(configs)
+    assert 20 <= len(configs) <= 400, len(configs)
     assert all(c.activations == "fp8" and c.tile_k % 128 == 0 and c.name.endswith("_fp8") for c in configs)
     assert {c for c in DEFAULT_CONFIGS if c.activations == "fp8"} <= set(configs)
     quick = space.enumerate_configs(dataclasses.replace(SearchSpace.quick(), activations="fp8"))
@@ -74,14 +74,15 @@ def test_space_pruning_keeps_the_deepest_stages():
     by_tile: dict[tuple, list[int]] = {}
     for c in configs:  # the stages in flight on an SM (all its CTAs) move at least min_stage_bytes
         assert (c.x_stage_bytes + c.w_stage_bytes) * c.ctas_per_sm >= SearchSpace().min_stage_bytes
-        family = (c.tile_n, c.tile_m, c.tile_k, c.warpgroups, c.ctas_per_sm, c.producer, c.stream_k)
+        family = (c.tile_n, c.tile_m, c.tile_k, c.warpgroups, c.ctas_per_sm, c.producer, c.stream_k, c.fragment_buffers)
         by_tile.setdefault(family, []).append(c.stages)
-    for (n, m, k, wg, ctas, producer, stream_k), stages in by_tile.items():
+    for (n, m, k, wg, ctas, producer, stream_k, buffers), stages in by_tile.items():
         assert len(stages) <= 2
         deepest = max(stages)
         if deepest < 10:  # the next deeper one does not fit
             with pytest.raises(ValueError):
-                TileConfig(n, m, k, deepest + 1, wg, ctas, producer=producer, stream_k=stream_k).validate()
+                TileConfig(n, m, k, deepest + 1, wg, ctas, producer=producer, stream_k=stream_k,
+                           fragment_buffers=buffers).validate()
 
 
 def test_space_can_be_narrowed_and_widened():
@@ -106,6 +107,22 @@ def test_space_prunes_the_families_to_light_decode_ctas():
             assert c.tile_m <= 16, c.name
     full = space.enumerate_configs(SearchSpace.full())
     assert any(c.stream_k and c.ctas_per_sm == 1 for c in full)
+
+
+def test_space_tries_three_fragment_buffers_on_fat_ctas_from_m64():
+    """A third register buffer of decoded weights where the WGMMAs are long (tile_m >= 64, one CTA per SM, 2+
+    consumer warpgroups), for both families; each is the twin of a two-buffer config the space holds too."""
+    for activations in ("bf16", "fp8"):
+        configs = space.enumerate_configs(SearchSpace(activations=activations))
+        deep = [c for c in configs if c.fragment_buffers == 3]
+        assert deep and {64, 128, 256} <= {c.tile_m for c in deep}, activations
+        names = {c.name for c in configs}
+        for c in deep:
+            assert c.tile_m >= 64 and c.ctas_per_sm == 1 and c.warpgroups >= 2 and not c.stream_k, c.name
+            assert c.tile_k >= 128 and c.name.replace("_f3", "") in names, c.name
+    assert not [c for c in space.enumerate_configs(SearchSpace(fragment_buffers=(2,))) if c.fragment_buffers == 3]
+    full = space.enumerate_configs(SearchSpace.full())
+    assert any(c.fragment_buffers == 3 and c.tile_m < 64 for c in full)  # no pruning there
 
 
 def test_default_space_reads_the_config_limits():

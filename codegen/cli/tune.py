@@ -79,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     space = parser.add_argument_group("configs")
     chosen = space.add_mutually_exclusive_group()
     chosen.add_argument("--configs", metavar="NAME,...", help="exactly these configs (e.g. n128_m64_k128_s7_wg2,...)")
-    chosen.add_argument("--quick", action="store_true", help="a small search space (about 50 configs)")
-    chosen.add_argument("--full", action="store_true", help="every valid config, no pruning (about 1100)")
+    chosen.add_argument("--quick", action="store_true", help="a small search space (about 130 configs)")
+    chosen.add_argument("--full", action="store_true", help="every valid config, no pruning (about 6400)")
     space.add_argument("--activations", choices=("bf16", "fp8"), default="bf16",
                        help="the kernel family to sweep: bf16 (W4A16, default) or fp8 (W4A8: e4m3 activations, the "
                        "FP8-ready weight layout); its entries go under E,N,K:fp8 in the table")

@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 from codegen.build.config import (
     CTAS_PER_SM_CHOICES,
     DEFAULT_CONFIGS,
+    DEFAULT_FRAGMENT_BUFFERS,
+    FRAGMENT_BUFFER_CHOICES,
     MAX_ATOMS_PER_WARPGROUP,
     MAX_TILE_K,
     MIN_STAGES,
@@ -50,13 +52,17 @@ _SWEEP_MAX_STAGES = 10  # a cap of the sweep, not of the kernel (shared memory b
 _SWEEP_CTAS_PER_SM = tuple(c for c in CTAS_PER_SM_CHOICES if c in (1, 3, 4, 5))
 # Stream-K pays where the tiles fill the grid in few waves: decode-sized tiles on light CTAs.
 _STREAM_K_MAX_TILE_M = 16
+# Deeper fragment buffering (a third register buffer: two WGMMA chunks in flight while the next decodes) is for
+# tiles whose WGMMAs are long enough that the tensor pipe idles behind a chunk's decode: M = 64 and prefill tiles, on
+# the fat-CTA shapes that the tables pick there (one CTA per SM, two or more consumer warpgroups).
+_DEEP_FRAGMENTS_MIN_TILE_M = 64
 
 
 @dataclass(frozen=True)
 class SearchSpace:
     """The configs a sweep tries: every combination of the fields that ``validate()`` accepts, pruned.
 
-    Pruning (the defaults give about 160 configs; ``SearchSpace.full()`` turns it off):
+    Pruning (the defaults give about 300 bf16 and 360 fp8 configs; ``SearchSpace.full()`` turns it off):
 
     ``deepest_stages``: per tile shape, keep only the deepest N stage counts that fit in shared
     memory (2: the deepest and one fewer). A deeper pipeline hides more latency and costs nothing
@@ -69,7 +75,10 @@ class SearchSpace:
     measures them anyway to report the gain over the default).
     ``prune_families``: a producer warp only for light CTAs (``ctas_per_sm`` > 1, one consumer
     warpgroup), where its registers buy occupancy; stream-K only for light CTAs with tile_m up to 16
-    (decode), where tiles fill the grid in few waves.
+    (decode), where tiles fill the grid in few waves; more than the default 2 fragment buffers only for tile_m
+    of 64 and up on one CTA per SM with 2+ consumer warpgroups, no stream-K (where the WGMMAs are long enough for
+    the decode to starve them).
+    ``fragment_buffers``: the register buffers of decoded weights swept (``TileConfig.fragment_buffers``).
     ``activations``: the kernel family swept, "bf16" (W4A16) or "fp8" (W4A8: tile_k multiples of 128 only,
     which validate() keeps); a sweep tunes one family, and the table keeps the families apart (table_key).
     """
@@ -87,10 +96,11 @@ class SearchSpace:
     include_defaults: bool = True
     prune_families: bool = True
     activations: str = "bf16"
+    fragment_buffers: tuple[int, ...] = FRAGMENT_BUFFER_CHOICES
 
     @classmethod
     def full(cls) -> "SearchSpace":
-        """Every valid combination, no pruning (about 1100 configs)."""
+        """Every valid combination, no pruning (about 6400 configs)."""
         return cls(ctas_per_sm=CTAS_PER_SM_CHOICES, deepest_stages=None, min_stage_bytes=0, prune_families=False)
 
     @classmethod
@@ -109,10 +119,15 @@ def _valid(config: TileConfig) -> bool:
     return True
 
 
-def _family_worth_trying(tile_m: int, warpgroups: int, ctas: int, producer: str, stream_k: bool) -> bool:
+def _family_worth_trying(tile_m: int, warpgroups: int, ctas: int, producer: str, stream_k: bool,
+                         fragment_buffers: int = DEFAULT_FRAGMENT_BUFFERS) -> bool:
     """SearchSpace's family pruning (see its docstring)."""
     light = ctas > 1 and warpgroups == 1
     if producer == "warp" and not light:
+        return False
+    if fragment_buffers != DEFAULT_FRAGMENT_BUFFERS and (
+        tile_m < _DEEP_FRAGMENTS_MIN_TILE_M or ctas > 1 or warpgroups < 2 or stream_k
+    ):
         return False
     return not stream_k or (light and tile_m <= _STREAM_K_MAX_TILE_M)
 
@@ -121,16 +136,18 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
     """The valid configs of ``space`` (default: ``SearchSpace()``), unique, ordered by tile_m then size."""
     space = space or SearchSpace()
     found: dict[str, TileConfig] = {}
-    for tile_n, tile_m, tile_k, warpgroups, ctas, producer, stream_k in itertools.product(
-        space.tile_n, space.tile_m, space.tile_k, space.warpgroups, space.ctas_per_sm, space.producers, space.stream_k
+    for tile_n, tile_m, tile_k, warpgroups, ctas, producer, stream_k, buffers in itertools.product(
+        space.tile_n, space.tile_m, space.tile_k, space.warpgroups, space.ctas_per_sm, space.producers, space.stream_k,
+        space.fragment_buffers,
     ):
-        if space.prune_families and not _family_worth_trying(tile_m, warpgroups, ctas, producer, stream_k):
+        if space.prune_families and not _family_worth_trying(tile_m, warpgroups, ctas, producer, stream_k, buffers):
             continue
         fitting = [
             config
             for stages in sorted(set(space.stages))
             if _valid(config := TileConfig(tile_n, tile_m, tile_k, stages, warpgroups, ctas, producer=producer,
-                                           stream_k=stream_k, activations=space.activations))
+                                           stream_k=stream_k, activations=space.activations,
+                                           fragment_buffers=buffers))
         ]
         if not fitting:
             continue
@@ -145,7 +162,7 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
             if config.activations == space.activations:
                 found.setdefault(config.name, config)
     return sorted(found.values(), key=lambda c: (c.tile_m, c.tile_n, c.tile_k, c.warpgroups, c.ctas_per_sm,
-                                                 c.producer, c.stream_k, c.stages))
+                                                 c.producer, c.stream_k, c.fragment_buffers, c.stages))
 
 
 def tile_m_window(tokens_per_expert: int, routings: Sequence[str] = ("uniform",)) -> tuple[int, int]:
