@@ -24,10 +24,15 @@ def configs_in_use() -> list[TileConfig]:
 
 
 # One config of each decode family the tuner can choose, picked by a table or not: a producer warp,
-# stream-K on either producer, and a multi-warpgroup stream-K (one counter per warpgroup).
+# stream-K on either producer, and a multi-warpgroup stream-K (one counter per warpgroup). Then three fragment
+# buffers (two WGMMA chunks in flight while the next decodes; no table picks them yet): the prefill twins of the
+# shipped n128_m256_k128_s5_wg2_fp8 and n128_m256_k128_s3_wg2, the M = 64 twins of n128_m64_k256_s4_wg2 (four chunks
+# a stage) and n128_m64_k128_s8_wg2_fp8, and one with stream-K (units that start and end inside a tile's k loop).
 FAMILY_SAMPLES: tuple[str, ...] = (
     "n64_m8_k128_s6_wg1_c5_pw", "n128_m8_k128_s6_wg1_c3_pw_sk", "n128_m16_k128_s5_wg1_c3_sk",
     "n64_m8_k128_s6_wg1_c5_pw_sk", "n128_m64_k128_s7_wg2_pw_sk",
+    "n128_m256_k128_s5_wg2_f3_fp8", "n128_m256_k128_s3_wg2_f3", "n128_m64_k256_s4_wg2_f3",
+    "n128_m64_k128_s8_wg2_f3_fp8", "n128_m64_k128_s7_wg2_pw_sk_f3",
 )
 
 
