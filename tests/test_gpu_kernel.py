@@ -114,10 +114,12 @@ def test_kernel_matches_float64(config: TileConfig, case: str) -> None:
 @requires_sm90
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_decode_is_bit_exact(config: TileConfig) -> None:
-    """x = identity makes out[t, n] = W[n, t]: the decoded weights read back through WGMMA."""
+    """x = identity makes out[t, n] = W[n, t]: the decoded weights read back through WGMMA. K = 13 atoms: several
+    stages and a short last one, so a three-buffer config runs whole rotation periods and the drained stages after
+    them (templates/mxfp4_grouped_mm_sm90.cuh, consume)."""
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(7)
-    num_experts, n, k = 2, 136, 128
+    num_experts, n, k = 2, 136, 832
     # Scales 2..252 keep every decoded value a normal fp32 and a finite bf16 (so that a
     # 0 x Inf of the identity's zeros cannot turn a whole row into NaN).
     weight = random_weight(num_experts, n, k, generator, scale_range=(2, 252))
