@@ -357,7 +357,7 @@ __device__ __forceinline__ int first_buffer(int stage) {
 // F > 2: the stages of one period of the buffer rotation: from a stage that starts on buffer 0 to the next one
 // (P = F / gcd(AtomsK, F) full stages; 1 where AtomsK is a multiple of F).
 template <class Cfg>
-constexpr int rotation_period() {
+__host__ __device__ constexpr int rotation_period() {
   int stages = 1;
   while (stages * Cfg::AtomsK % Cfg::FragmentBuffers != 0) ++stages;
   return stages;
