@@ -163,6 +163,25 @@ def test_quantize_kernel_is_the_torch_composition_bit_for_bit() -> None:
         assert not differ.any(), f"K={k}: {int(differ.sum())} e4m3 bytes differ, first at {differ.nonzero()[:5].tolist()}"
 
 
+def test_quantize_kernel_gathers_rows_bit_for_bit() -> None:
+    """The quantizer's gather (the FP8 MoE layer's rows: token of each routed row, repeated, out of order): row r of
+    the output is row source_rows[r] of x quantized, the same bits as quantizing x and then gathering; the output
+    is poisoned first, so a row the kernel skipped would show."""
+    from codegen.runtime.quantize import quantize_fp8_sm90
+    from mxfp4.ops.activations import quantize_activations_reference
+
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    for k, tokens, routed in ((2880, 37, 148), (3080, 5, 20), (100, 3, 1), (2880, 1, 4)):
+        x = (torch.randn(tokens, k, device="cuda", generator=generator) * 10).bfloat16()
+        source = torch.randint(0, tokens, (routed,), device="cuda", generator=generator, dtype=torch.int32)
+        out = torch.full((routed, k), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)  # NaN poison
+        scale = torch.full((routed,), float("nan"), device="cuda")
+        quantize_fp8_sm90(x, out, scale, source_rows=source)
+        want_fp8, want_scale = quantize_activations_reference(x)
+        assert torch.equal(scale, want_scale[source.long()]), f"K={k}: scales differ"
+        assert torch.equal(out.view(torch.uint8), want_fp8.view(torch.uint8)[source.long()]), f"K={k}: bytes differ"
+
+
 def test_plain_weights_take_fp8_x_on_the_w4a16_kernel(seed: int) -> None:
     counts = [5, 0, 33, 2]
     w = mxfp4.quantize(torch.randn(4, 200, 160, device="cuda") * 0.05)
