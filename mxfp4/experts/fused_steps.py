@@ -23,7 +23,7 @@ from codegen.build.config import TileConfig
 from mxfp4.format.gate_up import PackedGateUp, PackedGateUpFP8
 from mxfp4.format.layout import PackedMXFP4
 from mxfp4.format.layout_fp8 import PackedMXFP4FP8
-from mxfp4.ops.activations import quantize_activations
+from mxfp4.ops.activations import quantize_activations, quantize_gathered_rows
 
 from .fused import fused_config
 
@@ -33,20 +33,11 @@ def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _rows(x: torch.Tensor, token: torch.Tensor | None, fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x's rows of ``token`` (all of x for None): bf16, or quantized per row to e4m3 with their scales. The FP8
-    gather is the quantizer's own (one launch: row r of the output quantizes row token[r] of x), not a quantize
-    followed by two index_selects; quantizing a row does not depend on the other rows, so both give the same bits."""
+    """x's rows of ``token`` (all of x for None): bf16, or quantized per row to e4m3 with their scales (the
+    quantizer gathering them: one launch)."""
     if not fp8:
         return (x if token is None else x.index_select(0, token)), None
-    if token is None:
-        return quantize_activations(x)
-    from codegen.runtime.quantize import quantize_fp8_sm90  # lazy: CPU machines never import cuda-python
-
-    x = x.contiguous()
-    out = torch.empty((token.numel(), x.shape[-1]), dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(token.numel(), dtype=torch.float32, device=x.device)
-    quantize_fp8_sm90(x, out, scale, source_rows=token.to(torch.int32).contiguous())
-    return out, scale
+    return quantize_activations(x) if token is None else quantize_gathered_rows(x, token)
 
 
 def _project(x: torch.Tensor, x_scale: torch.Tensor | None, w: PackedMXFP4 | PackedMXFP4FP8, offsets: torch.Tensor,
