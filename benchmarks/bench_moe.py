@@ -22,7 +22,7 @@ import mxfp4
 
 from . import measure
 from .bench_grouped_mm import Machine
-from .moe_layers import LAYERS, ExpertWeights, reference_tokens, routing_plan
+from .moe_layers import FP8_LAYER, FP8_LAYER_TOLERANCE, LAYERS, ExpertWeights, reference_tokens, routing_plan
 from .problems import TOLERANCE, TOP_K, topk_from_loads, uniform_loads, zipf_loads_total
 from .report import align, write_json
 
@@ -30,12 +30,14 @@ HIDDEN = INTERMEDIATE = 2880
 EXPERTS = 32
 GEMMS = "ours GEMMs only (2x grouped_mm)"
 FUSED = "ours fused (mxfp4.moe)"
-# (name, the path the fused layer is compared with, the most fused time / that time may be, T range)
+# (name, the path measured, the path it is compared with, the most its time / that time may be, T range)
 TARGETS = (
-    ("fused <= 1.15x our two GEMMs", GEMMS, 1.15, (1, 128)),
-    ("fused >= 1.5x faster than unfused", "ours unfused (2x grouped_mm + glue)", 1 / 1.5, (1, 128)),
-    ("fused >= 3x faster than transformers bf16", "transformers grouped_mm (bf16)", 1 / 3, (1, 128)),
-    ("fused >= 0.95x bf16 torch layer throughput", "bf16 torch layer (2x _grouped_mm + glue)", 1 / 0.95, (4096, 4096)),
+    ("fused <= 1.15x our two GEMMs", FUSED, GEMMS, 1.15, (1, 128)),
+    ("fused >= 1.5x faster than unfused", FUSED, "ours unfused (2x grouped_mm + glue)", 1 / 1.5, (1, 128)),
+    ("fused >= 3x faster than transformers bf16", FUSED, "transformers grouped_mm (bf16)", 1 / 3, (1, 128)),
+    ("fused >= 0.95x bf16 torch layer throughput", FUSED, "bf16 torch layer (2x _grouped_mm + glue)", 1 / 0.95,
+     (4096, 4096)),
+    ("FP8 activations no slower than bf16 (issue 24)", FP8_LAYER, FUSED, 1.0, (1, 1 << 30)),
 )
 
 
@@ -90,8 +92,9 @@ def run_layer(name: str, fn: Callable[..., torch.Tensor], args: tuple, check: tu
         if check is not None:
             tokens, ref = check
             result["rel_error"] = rel = measure.rel_error(fn(*args)[tokens], ref)
-            if not rel <= TOLERANCE:
-                return {**result, "error": f"wrong result: rel. error {rel:.2e} vs float64; not timed"}
+            tolerance = FP8_LAYER_TOLERANCE if name == FP8_LAYER else TOLERANCE
+            if not rel <= tolerance:
+                return {**result, "error": f"wrong result: rel. error {rel:.2e} vs float64 (> {tolerance:.0e}); not timed"}
         result.update(measure.time_all(fn, [args], graph=not settings.no_graph, device=False, quick=settings.quick))
         # At most 50 calls: a layer is ~15 launches, and a full launch queue would block the host.
         result.update(measure.host_time(fn, [args], calls=min(settings.calls, 50)))
@@ -122,8 +125,7 @@ def run_point(w: ExpertWeights, builders: dict[str, Any], kind: str, tokens: int
 def targets(results: dict[str, Any], tokens: int) -> dict[str, Any]:
     """Issue 10's ratios on graph-replay time (eager when no graph), met or not, where they apply."""
     out = {}
-    mine = FUSED
-    for name, other, limit, (low, high) in TARGETS:
+    for name, mine, other, limit, (low, high) in TARGETS:
         if not low <= tokens <= high:
             continue
         key = "graph_us" if results.get(mine, {}).get("graph_us") and results.get(other, {}).get("graph_us") else "eager_us"

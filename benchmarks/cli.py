@@ -45,7 +45,8 @@ EPILOG = """suites:
              stubbed: us per call, torch ops, allocations, launches (no GPU needed)
   fallback   the portable path forced on this GPU (HOPPER_MXFP4_FORCE_PORTABLE=1): the in-register kernel (no copy),
              the cached bf16 copy, bf16 torch._grouped_mm and our SM90 kernel
-  moe        the gpt-oss-20b expert layer: mxfp4.moe, the unfused mxfp4 glue, the bf16 torch layer, transformers
+  moe        the gpt-oss-20b expert layer: mxfp4.moe (bf16 and FP8 activations), the unfused mxfp4 glue, the bf16
+             torch layer, transformers
   fp8        FP8 activations: our W4A8 vs our W4A16, torch._scaled_grouped_mm (FP8 weights), bf16 torch._grouped_mm
              and humming's FP8 input path, TFLOP/s and percent of the FP8 peak; then the accuracy table
   waits      which side of the pipeline waits: the wait-probe build of the op's config per projection and M, and

@@ -3,7 +3,7 @@
 //
 //   scale[r] = amax(|x[r, :]|) / 448  (1 for an all-zero row);  out[r, k] = e4m3(x[r, k] / scale[r])
 //
-// One warp per row. A row of up to 3072 values whose K is a multiple of 8 (and 16-byte aligned) is read once into
+// One warp per row of out; with source_rows, row r of out is row source_rows[r] of x (a gather). A row of up to 3072 values whose K is a multiple of 8 (and 16-byte aligned) is read once into
 // registers (16 bytes per lane per load, all in flight together), then its amax (a warp max), the division and the
 // conversion (8 bytes per store); longer rows take two passes (the amax, then the rest from L1/L2), and any other K
 // goes one value at a time.
@@ -112,7 +112,8 @@ __device__ __forceinline__ void quantize_fp8_rows(Params const& p) {
   int const lane = threadIdx.x & 31;
   int const row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (row >= p.rows) return;
-  uint16_t const* x = p.x + static_cast<size_t>(row) * p.k;
+  int const source = p.source_rows != nullptr ? p.source_rows[row] : row;  // the MoE layer's gather, fused
+  uint16_t const* x = p.x + static_cast<size_t>(source) * p.k;
   uint8_t* const out = p.out + static_cast<size_t>(row) * p.k;
   float scale;
   if (p.vectorized && held_vectors(p.k) <= 32 * kHeldVectors) {

@@ -310,6 +310,15 @@ def test_fused_layer_matches(tiny_layer):
     assert measure.rel_error(moe_layers.ours_fused(w)(x, ids, weights), ref) < problems.TOLERANCE
 
 
+def test_fused_fp8_layer_is_within_its_budget(tiny_layer):
+    """The FP8 row of `bench moe`: mxfp4.moe(activations="fp8") on FP8-ready copies, checked against the layer's
+    stated budget, and really quantized (its error is well above the bf16 layer's)."""
+    w, x, ids, weights, ref = tiny_layer
+    fp8 = measure.rel_error(moe_layers.ours_fused_fp8(w)(x, ids, weights), ref)
+    bf16 = measure.rel_error(moe_layers.ours_fused(w)(x, ids, weights), ref)
+    assert 2 * bf16 < fp8 < moe_layers.FP8_LAYER_TOLERANCE, (fp8, bf16)
+
+
 def test_moe_targets():
     from benchmarks import bench_moe
 
@@ -324,6 +333,10 @@ def test_moe_targets():
     assert "fused >= 0.95x bf16 torch layer throughput" not in verdicts  # T = 4096 only
     assert not bench_moe.targets({fused: {"eager_us": 130.0}, gemms: {"eager_us": 100.0}}, 1)[
         "fused <= 1.15x our two GEMMs"]["met"]
+    fp8 = "FP8 activations no slower than bf16 (issue 24)"
+    for tokens in (1, 4096):  # every T
+        verdict = bench_moe.targets({bench_moe.FP8_LAYER: {"graph_us": 104.0}, fused: {"graph_us": 100.0}}, tokens)[fp8]
+        assert verdict["ratio"] == pytest.approx(1.04) and not verdict["met"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -703,7 +703,9 @@ def test_quantize_kernel_compiles_without_local_memory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOPPER_MXFP4_CACHE", str(tmp_path))
     from codegen.runtime.quantize import QUANTIZE_ENTRY, render_quantize
 
-    kernel = compile_source(render_quantize(), "quantize_fp8", entry=QUANTIZE_ENTRY, cache_dir=tmp_path)
+    source = render_quantize()
+    assert "int32_t const* source_rows;" in source  # the MoE layer's gather, fused (null: row r of x)
+    kernel = compile_source(source, "quantize_fp8", entry=QUANTIZE_ENTRY, cache_dir=tmp_path)
     assert kernel.cubin.startswith(ELF_MAGIC)
     assert kernel.resources.spills == 0 and kernel.resources.stack_bytes == 0, kernel.log
     if SASS_MISSING is None:

@@ -96,6 +96,20 @@ def test_quantize_is_the_documented_rounding(seed: int) -> None:
     assert torch.equal(x_fp8.double(), nearest), f"seed {seed}"
 
 
+def test_gathered_rows_are_the_quantized_rows_gathered() -> None:
+    """quantize_gathered_rows (the MoE layer's routed rows; off SM90 the composition): repeated and unordered
+    tokens, one row, none."""
+    from mxfp4.ops.activations import quantize_gathered_rows
+
+    x = (torch.randn(6, 64, generator=torch.Generator().manual_seed(5)) * 3).bfloat16()
+    x_fp8, x_scale = mxfp4.quantize_activations(x)
+    for token in ([5, 0, 5, 2, 2, 2, 1], [3], []):
+        index = torch.tensor(token, dtype=torch.long)
+        rows, scale = quantize_gathered_rows(x, index)
+        assert rows.shape == (len(token), 64) and rows.dtype == torch.float8_e4m3fn and scale.shape == (len(token),)
+        assert torch.equal(rows.view(torch.uint8), x_fp8.view(torch.uint8)[index]) and torch.equal(scale, x_scale[index])
+
+
 def test_quantize_three_dims_and_empty() -> None:
     x = torch.randn(3, 5, 64).bfloat16()
     x_fp8, x_scale = mxfp4.quantize_activations(x)

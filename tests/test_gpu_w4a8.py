@@ -164,6 +164,28 @@ def test_quantize_kernel_is_the_torch_composition_bit_for_bit() -> None:
         assert not differ.any(), f"K={k}: {int(differ.sum())} e4m3 bytes differ, first at {differ.nonzero()[:5].tolist()}"
 
 
+def test_quantize_kernel_gathers_rows_bit_for_bit() -> None:
+    """The quantizer's gather (the FP8 MoE layer's rows: token of each routed row, repeated, out of order): row r of
+    the output is row token[r] of x quantized, the same bits as quantizing x and then gathering; the kernel's
+    output is poisoned first, so a row it skipped would show."""
+    from codegen.runtime.quantize import quantize_fp8_sm90
+    from mxfp4.ops.activations import quantize_activations_reference, quantize_gathered_rows
+
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    for k, tokens, routed in ((2880, 37, 148), (3080, 5, 20), (100, 3, 1), (2880, 1, 4)):
+        x = (torch.randn(tokens, k, device="cuda", generator=generator) * 10).bfloat16()
+        token = torch.randint(0, tokens, (routed,), device="cuda", generator=generator)
+        want_fp8, want_scale = quantize_activations_reference(x)
+        want = want_fp8.view(torch.uint8)[token], want_scale[token]
+        out = torch.full((routed, k), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)  # NaN poison
+        scale = torch.full((routed,), float("nan"), device="cuda")
+        quantize_fp8_sm90(x, out, scale, source_rows=token.int())
+        got_fp8, got_scale = quantize_gathered_rows(x, token)  # the layer's entry point: the same kernel
+        for label, (rows, scales) in {"kernel": (out, scale), "quantize_gathered_rows": (got_fp8, got_scale)}.items():
+            assert torch.equal(scales, want[1]), f"K={k} {label}: scales differ"
+            assert torch.equal(rows.view(torch.uint8), want[0]), f"K={k} {label}: bytes differ"
+
+
 def test_plain_weights_take_fp8_x_on_the_w4a16_kernel(seed: int) -> None:
     counts = [5, 0, 33, 2]
     w = mxfp4.quantize(torch.randn(4, 200, 160, device="cuda") * 0.05)

@@ -5,8 +5,8 @@ five-kernel path (mxfp4.experts.fused) serves the plain bf16 layer.
 The routing kernel (codegen.runtime.routing) groups the T·k choices by expert; a choice whose id is outside [0, E)
 goes to a tail after ``offsets[E]`` with weight 0, where no GEMM reaches it, and its token slot starts at
 zero (one memset, only with ``skip_invalid_ids``), so the sum over k adds exactly 0 for it. With FP8
-activations x is quantized per token to e4m3 before the gather (which then moves one byte per value) and the
-activated rows per row between the two kernels (``mxfp4.quantize_activations``: one kernel each; the per-row
+activations the quantizer gathers x's rows as it quantizes them to e4m3 (one launch), and the activated rows are
+quantized per row between the two kernels (``mxfp4.quantize_activations``: one kernel; the per-row
 amax of an activated row spans every n-tile of the gate_up kernel, so it is not in its epilogue). The gate_up
 kernel's epilogue applies the row scales, the bias and the clamped SwiGLU, the down kernel's the row scales,
 the bias, the routing weight and the scatter to token slots; the top-k combine is a fixed-order sum over k.
@@ -23,7 +23,7 @@ from codegen.build.config import TileConfig
 from mxfp4.format.gate_up import PackedGateUp, PackedGateUpFP8
 from mxfp4.format.layout import PackedMXFP4
 from mxfp4.format.layout_fp8 import PackedMXFP4FP8
-from mxfp4.ops.activations import quantize_activations
+from mxfp4.ops.activations import quantize_activations, quantize_gathered_rows
 
 from .fused import fused_config
 
@@ -33,14 +33,11 @@ def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _rows(x: torch.Tensor, token: torch.Tensor | None, fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x's rows of ``token`` (all of x for None): bf16, or quantized per row to e4m3 first (then the gather
-    moves one byte per value) with their scales."""
+    """x's rows of ``token`` (all of x for None): bf16, or quantized per row to e4m3 with their scales (the
+    quantizer gathering them: one launch)."""
     if not fp8:
         return (x if token is None else x.index_select(0, token)), None
-    x_fp8, x_scale = quantize_activations(x)
-    if token is None:
-        return x_fp8, x_scale
-    return x_fp8.view(torch.uint8).index_select(0, token).view(torch.float8_e4m3fn), x_scale.index_select(0, token)
+    return quantize_activations(x) if token is None else quantize_gathered_rows(x, token)
 
 
 def _project(x: torch.Tensor, x_scale: torch.Tensor | None, w: PackedMXFP4 | PackedMXFP4FP8, offsets: torch.Tensor,

@@ -54,7 +54,7 @@ from mxfp4.format.layout import PackedMXFP4
 from mxfp4.format.layout_fp8 import PackedMXFP4FP8
 from mxfp4.format.packing import check_activations
 from mxfp4.format.tensor import MXFP4Tensor
-from mxfp4.ops.activations import quantize_activations
+from mxfp4.ops.activations import quantize_activations, quantize_gathered_rows
 from mxfp4.ops.dispatch import SM90, select_path
 from mxfp4.ops.grouped_gemm import (
     debug_checks_enabled,
@@ -105,13 +105,11 @@ def gpt_oss_activation(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit
 
 
 def gathered_rows(x: torch.Tensor, token: torch.Tensor, activations: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x's rows of each routed row's token: bf16, or (activations "fp8") e4m3 quantized once per token, with
-    their row scales (the gather moves one byte per value)."""
+    """x's rows of each routed row's token: bf16, or (activations "fp8") e4m3 with their row scales
+    (mxfp4.ops.activations.quantize_gathered_rows: on SM90 the quantizer gathers them)."""
     if activations != "fp8":
         return x.index_select(0, token), None
-    x_fp8, x_scale = quantize_activations(x)
-    rows = x_fp8.view(torch.uint8).index_select(0, token).view(torch.float8_e4m3fn)
-    return rows, x_scale.index_select(0, token)
+    return quantize_gathered_rows(x, token)
 
 
 def _gate_and_up(h: torch.Tensor, bias: torch.Tensor | None, sorted_ids: torch.Tensor,

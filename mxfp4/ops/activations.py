@@ -86,3 +86,20 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if runs_directly(x):
         return _quantize_impl(x)
     return torch.ops.mxfp4.quantize_activations(x)
+
+
+def quantize_gathered_rows(x: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_activations(x)`` gathered to the rows ``token`` (the MoE layer's routed rows: each token's row once
+    per choice): (e4m3 ``[len(token), K]``, float32 ``[len(token)]``). On SM90, in an eager call, one launch (the
+    quantizer reads row token[r] of x for output row r); elsewhere quantize, then gather. A row's scale depends on
+    that row alone, so both give the same bits. x: validated bf16 ``[T, K]``; token: integer, values in [0, T)."""
+    if token.numel() and select_path(x.device).path == SM90 and runs_directly(x):
+        from codegen.runtime.quantize import quantize_fp8_sm90  # lazy: CPU machines never import cuda-python
+
+        x = x.contiguous()
+        out = torch.empty((token.numel(), x.shape[-1]), dtype=torch.float8_e4m3fn, device=x.device)
+        scale = torch.empty(token.numel(), dtype=torch.float32, device=x.device)
+        quantize_fp8_sm90(x, out, scale, source_rows=token.to(torch.int32).contiguous())
+        return out, scale
+    x_fp8, x_scale = quantize_activations(x)
+    return x_fp8.view(torch.uint8).index_select(0, token).view(torch.float8_e4m3fn), x_scale.index_select(0, token)
