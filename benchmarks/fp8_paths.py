@@ -92,11 +92,17 @@ def prepare_w4a16(ops: Operands, config: str | None = None) -> peers.Prepared:
     import mxfp4
 
     w = ops.weights.plain
-    copies = [w] + [mxfp4.PackedMXFP4(w.data.clone(), w.n, w.k) for _ in range(_rotated(ops, w.data.numel()) - 1)]
     offsets = ops.offsets
     note = _forced_note(config) if config else _config_note(ops.x, w, offsets)
     fn = lambda x, wi: mxfp4.grouped_mm(x, wi, offsets, config=config)  # noqa: E731
-    return peers.Prepared(fn, [(ops.x, wi) for wi in copies], note)
+    return peers.Prepared(fn, [(ops.x, wi) for wi in _plain_copies(ops)], note)
+
+
+def _plain_copies(ops: Operands) -> list:
+    import mxfp4
+
+    w = ops.weights.plain
+    return [w] + [mxfp4.PackedMXFP4(w.data.clone(), w.n, w.k) for _ in range(_rotated(ops, w.data.numel()) - 1)]
 
 
 def _ready_copies(ops: Operands) -> list:
@@ -124,6 +130,31 @@ def prepare_forced(config: str) -> Callable[[Operands], peers.Prepared]:
 
     fp8 = TileConfig.from_name(config).activations == "fp8"  # ValueError naming a malformed config
     return functools.partial(prepare_w4a8 if fp8 else prepare_w4a16, config=config)
+
+
+def prepare_mma_roof(config: str) -> Callable[[Operands], peers.Prepared]:
+    """``config`` forced, in its MMA-roof build (``launch.load(..., no_decode=True)``: the code words go into the
+    WGMMAs undecoded; its output is not the product): what the pipeline and the tensor cores cost without the
+    decode, profiled beside the shipped build (``bench ncu-case --prefill --configs ... --mma-roof``)."""
+    from codegen.build.config import TileConfig
+
+    return functools.partial(_prepare_mma_roof, TileConfig.from_name(config))  # ValueError naming a malformed config
+
+
+def _prepare_mma_roof(config: Any, ops: Operands) -> peers.Prepared:
+    from codegen.runtime import launch
+
+    fp8 = config.activations == "fp8"
+    x, copies = (ops.x_fp8, _ready_copies(ops)) if fp8 else (ops.x, _plain_copies(ops))
+    kernel = launch.load(config, x.device, no_decode=True)
+    out = torch.empty((x.shape[0], copies[0].n), dtype=torch.bfloat16, device=x.device)
+    epilogue = launch.EpilogueArgs(x_scale=ops.x_scale, w_scale=copies[0].row_scale) if fp8 else launch.EpilogueArgs()
+
+    def fn(xi: torch.Tensor, wi: Any) -> torch.Tensor:
+        launch.grouped_mm_sm90(xi, wi.data, wi.n, wi.k, ops.offsets, False, config, out, epilogue, kernel=kernel)
+        return out
+
+    return peers.Prepared(fn, [(x, wi) for wi in copies], f"config: {config.name} (forced), MMA roof: no decode")
 
 
 def prepare_w4a8_quantize(ops: Operands) -> peers.Prepared:

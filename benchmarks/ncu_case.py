@@ -13,7 +13,9 @@ call is a warm one.
 FP8 grouped GEMM (``torch._scaled_grouped_mm``, 8-bit weights), torch bf16 ``_grouped_mm`` and humming's FP8 path,
 in that order, each call inside one NVTX range named "prefill" (``--nvtx-include "prefill/"``); the log names the
 order, which is the report's. ``--prefill --configs A,B`` profiles ours with each tile config forced instead (W4A16
-for a bf16 config, W4A8 for an ``_fp8`` one), e.g. a variant beside the config the table picks.
+for a bf16 config, W4A8 for an ``_fp8`` one), e.g. a variant beside the config the table picks; ``--mma-roof``
+adds after each its MMA-roof build (templates/mxfp4_no_decode.cuh: the same kernel without the decode), so the
+report shows what the decode costs the tensor pipes at that config.
 """
 
 from __future__ import annotations
@@ -65,15 +67,19 @@ def run_model(model: str, projection: str, args: argparse.Namespace, m_values: l
 PREFILL_PATHS = ("W4A16", "W4A8", "torch fp8", "torch bf16", "humming fp8")  # the profiled order
 
 
-def prefill_paths(configs: str) -> dict[str, Callable[[Any], Any]]:
-    """The profiled paths in order: the five of PREFILL_PATHS, or (``--configs``) ours with each config forced.
-    A malformed config name raises ValueError before any weights are built."""
+def prefill_paths(configs: str, mma_roof: bool = False) -> dict[str, Callable[[Any], Any]]:
+    """The profiled paths in order: the five of PREFILL_PATHS, or (``--configs``) ours with each config forced,
+    each followed by its MMA-roof build with ``mma_roof``. A malformed config name raises ValueError before any
+    weights are built."""
     from . import fp8_paths
 
     names = [name for name in configs.split(",") if name]
-    if names:
-        return {f"config {name}": fp8_paths.prepare_forced(name) for name in names}
-    return {path: fp8_paths.PREPARE[path] for path in PREFILL_PATHS}
+    paths: dict[str, Callable[[Any], Any]] = {}
+    for name in names:
+        paths[f"config {name}"] = fp8_paths.prepare_forced(name)
+        if mma_roof:
+            paths[f"config {name} MMA roof (no decode)"] = fp8_paths.prepare_mma_roof(name)
+    return paths or {path: fp8_paths.PREPARE[path] for path in PREFILL_PATHS}
 
 
 def run_model_prefill(model: str, projection: str, args: argparse.Namespace, m_values: list[int]) -> None:
@@ -85,7 +91,7 @@ def run_model_prefill(model: str, projection: str, args: argparse.Namespace, m_v
     if args.no_humming:
         settings.skip["humming fp8"] = "skipped (--no-humming)"
     weights = build_weights(shape, settings)
-    paths = prefill_paths(args.configs)
+    paths = prefill_paths(args.configs, args.mma_roof)
     for m in m_values:
         ops = operands(make_row(model, projection, shape, "uniform", m), weights, args.seed + m)
         for path, prepare in paths.items():
@@ -112,8 +118,12 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
     if args.configs and not args.prefill:
         print("bench ncu-case: error: --configs forces prefill tile configs: give it with --prefill", file=sys.stderr)
         return 2
+    if args.mma_roof and not args.configs:
+        print("bench ncu-case: error: --mma-roof profiles the forced configs' MMA-roof builds: give --prefill --configs",
+              file=sys.stderr)
+        return 2
     try:
-        prefill_paths(args.configs)
+        prefill_paths(args.configs, args.mma_roof)
     except ValueError as error:
         print(f"bench ncu-case: error: --configs: {error}", file=sys.stderr)
         return 2

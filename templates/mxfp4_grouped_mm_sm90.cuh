@@ -8,7 +8,8 @@
 // hands to the consumers) or in a single producer warp after the consumers. Each consumer
 // warpgroup owns `AtomsPerWarpgroup` blocks of 64 weight rows, loads its fragment bytes with one
 // 16-byte shared load per 64 values of K, decodes them (mxfp4_decode.cuh) and issues wgmma.mma_async.
-// (A diagnostic build, -DMXFP4_COPY_ONLY, leaves the decode and the WGMMAs out: mxfp4_copy_only.cuh.)
+// (A diagnostic build, -DMXFP4_COPY_ONLY, leaves the decode and the WGMMAs out: mxfp4_copy_only.cuh; another,
+// -DMXFP4_NO_DECODE, only the decode: mxfp4_no_decode.cuh.)
 //
 // The W4A8 family (Cfg::Fp8) differs only where marked: x is e4m3 (128 values per swizzled row, so one
 // TMA box covers two atoms of K), the weights are in the FP8-ready layout (mxfp4_decode_fp8.cuh) and
@@ -27,6 +28,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "mxfp4_copy_only.cuh"
+#include "mxfp4_no_decode.cuh"
 #include "mxfp4_decode.cuh"
 #include "mxfp4_decode_fp8.cuh"
 #include "mxfp4_epilogue.cuh"
@@ -229,7 +231,9 @@ struct ConsumerState {
       scales[a] = *reinterpret_cast<uint32_t const*>(atom + kAtomCodeBytes + scale_word * 4);
       any_scale |= scales[a];
     }
-    if constexpr (Cfg::Fp8) {  // the FP8-ready layout: block offsets, not scales
+    if constexpr (no_decode_build()) {  // diagnostic (mxfp4_no_decode.cuh): the code words as the fragments
+      raw_fragments(codes, frag[Buf]);
+    } else if constexpr (Cfg::Fp8) {  // the FP8-ready layout: block offsets, not scales
 #pragma unroll
       for (int a = 0; a < A; ++a) decode_atom_fp8(codes[a], scales[a], frag[Buf][a]);
     } else if (Cfg::FragmentBuffers == 2 && !__any_sync(0xffffffffu, (any_scale & 0x80808080u) != 0u)) {

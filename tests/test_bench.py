@@ -785,8 +785,21 @@ def test_ncu_case_prefill_configs_forces_each_config_in_order():
         (fp8_paths.prepare_w4a8, {"config": "n128_m256_k128_s5_wg2_fp8"})]
 
 
+def test_ncu_case_mma_roof_follows_each_forced_config():
+    from benchmarks import fp8_paths
+    from benchmarks.ncu_case import prefill_paths
+
+    paths = prefill_paths("n128_m256_k64_s5_wg2,n128_m256_k128_s5_wg2_fp8", mma_roof=True)
+    assert list(paths) == ["config n128_m256_k64_s5_wg2", "config n128_m256_k64_s5_wg2 MMA roof (no decode)",
+                           "config n128_m256_k128_s5_wg2_fp8", "config n128_m256_k128_s5_wg2_fp8 MMA roof (no decode)"]
+    roofs = [prepare for name, prepare in paths.items() if name.endswith("(no decode)")]
+    assert [(roof.func, roof.args[0].name) for roof in roofs] == [
+        (fp8_paths._prepare_mma_roof, "n128_m256_k64_s5_wg2"), (fp8_paths._prepare_mma_roof, "n128_m256_k128_s5_wg2_fp8")]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--configs", "n128_m256_k64_s5_wg2"], "give it with --prefill"),
+    (["--prefill", "--mma-roof"], "give --prefill --configs"),
     (["--prefill", "--configs", "n128_m256_k64_s5_wg2,nope"], "config name 'nope' is not of the form"),
 ])
 def test_ncu_case_configs_refused_before_any_weights(argv, message, capsys):

@@ -26,6 +26,7 @@ from codegen.build.compiler import (
     CompiledKernel,
     CompileError,
     Resources,
+    compile_kernel,
     compile_many,
     compile_source,
     default_options,
@@ -35,7 +36,12 @@ from codegen.build.config import DEFAULT_CONFIGS, TileConfig
 from codegen.build.progress import Progress
 from codegen.build.sass import sass_unavailable_reason, summarize_sass
 from codegen.build.toolchain import _cccl_warnings, _probe, check_toolchain
-from codegen.runtime.launch import COPY_ONLY_OPTION, WAIT_PROBE_OPTION, diagnostic_build
+from codegen.runtime.launch import (
+    COPY_ONLY_OPTION,
+    NO_DECODE_OPTION,
+    WAIT_PROBE_OPTION,
+    diagnostic_build,
+)
 from codegen.tune.selection import configs_under_test
 
 REPO = Path(__file__).resolve().parent.parent
@@ -643,8 +649,10 @@ COPY_ONLY_PROBED = diagnostic_build(copy_only=True, wait_probe=True)[1]
 def test_diagnostic_builds_have_their_own_options_and_cache_keys():
     assert diagnostic_build() == ([], "")  # the shipped build: no macro
     suffixes = {diagnostic_build(**flags)[1] for flags in ({}, {"wait_probe": True}, {"copy_only": True},
-                                                           {"wait_probe": True, "copy_only": True})}
-    assert len(suffixes) == 4
+                                                           {"wait_probe": True, "copy_only": True},
+                                                           {"no_decode": True})}
+    assert len(suffixes) == 5
+    assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
     options, _ = diagnostic_build(wait_probe=True, copy_only=True)
     assert options == [WAIT_PROBE_OPTION, COPY_ONLY_OPTION]
 
@@ -684,6 +692,27 @@ def test_copy_roof_sass_keeps_the_loads_and_drops_the_wgmma(default_kernels, cop
         assert (summary.utmaldg, summary.ublkcp, summary.setmaxnreg) == (shipped.utmaldg, shipped.ublkcp,
                                                                          shipped.setmaxnreg), suffix
         assert summary.ldl == 0 and summary.stl == 0
+
+
+# The MMA roof (templates/mxfp4_no_decode.cuh): a diagnostic build `bench ncu-case --mma-roof` profiles, never shipped.
+MMA_ROOF_SAMPLES = [TileConfig.from_name(name) for name in ("n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8")]
+
+
+@needs_render
+@needs_sass
+@pytest.mark.parametrize("config", MMA_ROOF_SAMPLES, ids=lambda config: config.name)
+def test_mma_roof_sass_keeps_the_pipelined_wgmma_and_drops_the_decode(config):
+    """The same WGMMAs, waits, loads and setmaxnreg as the shipped build, no serialized WGMMA (ptxas C75xx), fewer
+    instructions (the decode's), no spill."""
+    _skip_unless_buildable()
+    shipped = compile_kernel(config)
+    roof = compile_kernel(config, options=diagnostic_build(no_decode=True)[0])
+    a, b = shipped.sass(), roof.sass()
+    assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.ublkcp, b.setmaxnreg) == (
+        a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
+    assert b.instructions < a.instructions
+    assert "C75" not in roof.log, roof.log
+    assert roof.resources.spills == 0 and config.register_pool_suffices(roof.resources.registers)
 
 
 @needs_render

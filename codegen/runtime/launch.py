@@ -89,15 +89,16 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
 
 
 def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
-         templates_dir: str | None = None) -> LoadedKernel:
+         no_decode: bool = False, templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
     Diagnostics only, never what the op launches (any combination): ``wait_probe``, the build that times its barrier
     waits (templates/mxfp4_wait_probe.cuh; `bench waits` reads it with :func:`read_wait_probe`); ``copy_only``, the
     copy roof: the loads as shipped, consumers that neither decode nor multiply (templates/mxfp4_copy_only.cuh; its
-    output is not the product); ``templates_dir``, the device headers from another directory (an earlier version of
+    output is not the product); ``no_decode``, the MMA roof: the kernel as shipped but for the decode, the code words
+    fed to the WGMMAs as they are (templates/mxfp4_no_decode.cuh; its output is not the product); ``templates_dir``, the device headers from another directory (an earlier version of
     the kernel, timed beside this one)."""
-    options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only)
+    options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode)
     key = (device.index, config.name + suffix, templates_dir)
     kernel = _loaded.get(key)
     if kernel is not None:
@@ -128,6 +129,8 @@ WAIT_PROBE_OPTION = "-DMXFP4_WAIT_PROBE=1"
 WAIT_PROBE_SUFFIX = "+wait_probe"
 COPY_ONLY_OPTION = "-DMXFP4_COPY_ONLY=1"
 COPY_ONLY_SUFFIX = "+copy_only"
+NO_DECODE_OPTION = "-DMXFP4_NO_DECODE=1"
+NO_DECODE_SUFFIX = "+no_decode"
 WAIT_PROBE_SLOTS = ("producer_cycles", "producer_empty_wait", "producer_stages", "consumer_cycles",
                     "consumer_full_wait", "consumer_mma_wait", "consumer_stages")
 # The wait-probe build's timeline of one launch, in templates/mxfp4_wait_probe.cuh's TimelineSlot order ("_not":
@@ -136,10 +139,12 @@ TIMELINE_SLOTS = ("start_min_not", "start_max", "end_min_not", "end_max", "first
                   "busy_ns", "consumers")
 
 
-def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False) -> tuple[list[str], str]:
+def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False,
+                     no_decode: bool = False) -> tuple[list[str], str]:
     """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
     chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
-                                                          (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX)) if on]
+                                                          (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX),
+                                                          (no_decode, NO_DECODE_OPTION, NO_DECODE_SUFFIX)) if on]
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 
 
@@ -293,7 +298,7 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
     out: bf16 ``[T, N]`` or ``[E, max_m, N]`` (``[T, N / 2]`` for the SwiGLU epilogue, scattered
     rows for ScaleScatter). ``epilogue`` carries what ``config.epilogue`` reads. Inputs are validated
     by the caller (mxfp4.ops.grouped_gemm, mxfp4.experts.layer). ``kernel``: a loaded build of ``config`` to launch
-    instead of the shipped one (a diagnostic build: the wait probe's, the copy roof's).
+    instead of the shipped one (a diagnostic build: the wait probe's, the copy roof's, the MMA roof's).
     """
     total_rows = x.numel() // k
     if total_rows == 0 or n == 0:
