@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
 
 import pytest
 import torch
@@ -291,11 +292,16 @@ B = heuristic_config(16)
 C = heuristic_config(32)
 
 
-def fake_compile(bad: tuple[str, ...] = ()):
-    def compile_fn(configs, jobs=None, progress=True):
-        return [RuntimeError(f"NVRTC could not compile {c.name}") if c.name in bad else object() for c in configs]
+def fake_compile(bad: tuple[str, ...] = (), serialized: tuple[str, ...] = ()):
+    def compiled(config):
+        if config.name in bad:
+            return RuntimeError(f"NVRTC could not compile {config.name}")
+        note = ("ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+                "due to insufficient register resources")
+        notes = (note,) if config.name in serialized else ()
+        return types.SimpleNamespace(ptxas_notes=notes)
 
-    return compile_fn
+    return lambda configs, jobs=None, progress=True: [compiled(c) for c in configs]
 
 
 class FakeMeasure:
@@ -390,6 +396,16 @@ def test_sweep_records_and_skips_failing_configs(tmp_path):
     again = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
     run_fake_sweep(tmp_path, again)
     assert sorted(call[2] for call in again.calls) == [B.name, B.name]
+
+
+def test_sweep_skips_a_config_whose_wgmmas_ptxas_serialized(tmp_path, capsys):
+    measure = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
+    table = run_fake_sweep(tmp_path, measure, compile_fn=fake_compile(serialized=(B.name,)))
+    assert not any(call[2] == B.name for call in measure.calls)  # the fastest, but never measured
+    skipped = [r for r in read_log(tmp_path) if r["status"] == "compile_error"]
+    assert [r["config"] for r in skipped] == [B.name] and "serialized the WGMMAs" in skipped[0]["error"]
+    assert table["entries"]["2,128,128"]["1"]["config"] == C.name  # the fastest of the others
+    assert "had their WGMMAs serialized" in capsys.readouterr().err
 
 
 def test_sweep_discards_a_fast_wrong_config(tmp_path, capsys):

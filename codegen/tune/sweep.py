@@ -215,18 +215,23 @@ def compile_step(
     progress: bool, stream: TextIO,
 ) -> dict[str, str]:
     """Compile the configs ``remaining`` needs (cache hits are instant); record each failure in the
-    log and return ``{config name: error}`` of the configs the measure step must skip."""
+    log and return ``{config name: error}`` of the configs the measure step must skip. A kernel whose WGMMAs ptxas
+    serialized counts as a failure: the compile that ships with another toolkit may not serialize it, and a table
+    entry must not depend on which one the sweep had (the CPU tests reject such a config in a table)."""
     errors: dict[str, str] = {}
     needed = list(dict.fromkeys(item.config for item in remaining))
     if not needed:
         return errors
     results = (compile_fn or _default_compile)(needed, jobs=jobs, progress=progress)
     for config, result in zip(needed, results):
-        if isinstance(result, BaseException):
-            errors[config.name] = _error_text(result)
+        serialized = [note for note in getattr(result, "ptxas_notes", ()) if "serialized" in note]
+        if isinstance(result, BaseException) or serialized:
+            errors[config.name] = _error_text(result) if isinstance(result, BaseException) else \
+                "ptxas serialized the WGMMAs: " + serialized[0]
             log.append({"gpu": gpu, "config": config.name, "status": "compile_error", "error": errors[config.name], "t": time.time()})
     if errors:
-        print(f"tune: {len(errors)} config(s) failed to compile and are skipped: {', '.join(sorted(errors))}", file=stream)
+        print(f"tune: {len(errors)} config(s) failed to compile or had their WGMMAs serialized, and are skipped: "
+              f"{', '.join(sorted(errors))}", file=stream)
     return errors
 
 
