@@ -280,6 +280,13 @@ struct ConsumerState {
   }
 };
 
+// A consumer warp hands a ring slot back to the producer once its lanes are done with it: one arrival per warp on
+// the slot's empty barrier (initialized to 4 x Warpgroups arrivals).
+__device__ __forceinline__ void release_slot(uint64_t* empty, int tid) {
+  __syncwarp();
+  if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(empty);
+}
+
 // Decode chunk `c` of a stage into register buffer `buf` and issue its WGMMAs. `buf` is a run-time value that the
 // unrolled loop of consume_stage folds to a constant; the buffer must be a template argument (registers are not
 // indexable), so this picks the instantiation.
@@ -321,9 +328,7 @@ __device__ __forceinline__ void consume_stage(ConsumerState<Cfg>& st, uint8_t co
       cute::warpgroup_wait<F - 1>();
       probe.template add_since<kProbeConsumerMma>(waited_from);
       if (c == F - 2 && release_previous) {
-        // The last chunk of the previous stage has completed: hand its slot back (one arrival per warp).
-        __syncwarp();
-        if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(previous_empty);
+        release_slot(previous_empty, tid);  // the last chunk of the previous stage has completed
       }
     }
   }
@@ -472,10 +477,7 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
       while (kt < periods_end) consume_period<Cfg>(stage, kt, unit.k_begin);
       cute::warpgroup_wait<0>();
       for (; kt < unit.k_end; ++kt) {
-        if (kt > unit.k_begin) {
-          __syncwarp();
-          if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(&s.empty[previous_slot]);
-        }
+        if (kt > unit.k_begin) release_slot(&s.empty[previous_slot], tid);
         stage(0, kt, min(Cfg::AtomsK, p.k_atoms - kt * Cfg::AtomsK), false);
         cute::warpgroup_wait<0>();
       }
@@ -484,8 +486,7 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
       // Every slot of the unit is released exactly once: a stage's slot by the next stage (consume_stage, or above
       // with F > 2), the last stage's here, when all of the unit's WGMMAs are complete.
       cute::warpgroup_wait<0>();
-      __syncwarp();
-      if ((tid & 31) == 0) cutlass::arch::ClusterBarrier::arrive(&s.empty[previous_slot]);
+      release_slot(&s.empty[previous_slot], tid);
     }
     if constexpr (Cfg::StreamK) {
       bool const whole = unit.k_begin == 0 && unit.k_end == k_tiles;

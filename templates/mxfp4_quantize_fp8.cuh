@@ -3,10 +3,10 @@
 //
 //   scale[r] = amax(|x[r, :]|) / 448  (1 for an all-zero row);  out[r, k] = e4m3(x[r, k] / scale[r])
 //
-// One warp per row of out; with source_rows, row r of out is row source_rows[r] of x (a gather). A row of up to 3072 values whose K is a multiple of 8 (and 16-byte aligned) is read once into
-// registers (16 bytes per lane per load, all in flight together), then its amax (a warp max), the division and the
-// conversion (8 bytes per store); longer rows take two passes (the amax, then the rest from L1/L2), and any other K
-// goes one value at a time.
+// One warp per row of out; with source_rows, row r of out is row source_rows[r] of x (a gather). A row of up to
+// 3072 values whose K is a multiple of 8 (and 16-byte aligned) is read once into registers (16 bytes per lane per
+// load, all in flight together), then its amax (a warp max), the division and the conversion (8 bytes per store);
+// longer rows take two passes (the amax, then the rest from L1/L2), and any other K goes one value at a time.
 #pragma once
 
 #include <cuda/std/cstdint>
