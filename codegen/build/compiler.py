@@ -193,6 +193,12 @@ def _ptxas_notes(log: str) -> tuple[str, ...]:
     return tuple(notes)
 
 
+def serialized_wgmma(notes: tuple[str, ...]) -> tuple[str, ...]:
+    """The ptxas notes (``CompiledKernel.ptxas_notes``) saying it serialized the kernel's WGMMAs (C751x: each one
+    waited for before the next issues), a kernel no table should pick."""
+    return tuple(note for note in notes if "serialized" in note)
+
+
 # ---------------------------------------------------------------------------------------------
 # NVRTC
 # ---------------------------------------------------------------------------------------------

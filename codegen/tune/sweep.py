@@ -210,24 +210,33 @@ def _default_compile(configs: list[TileConfig], jobs: int | None, progress: bool
     return compile_many(configs, jobs=jobs, progress=progress)
 
 
+def _unusable(result: object) -> str | None:
+    """Why a compile result cannot be a candidate, or None: the compile failed, or ptxas serialized the kernel's
+    WGMMAs (a kernel no table should pick; whether ptxas does depends on the toolkit, and the CPU tests reject such
+    a config in a shipped table)."""
+    if isinstance(result, BaseException):
+        return _error_text(result)
+    from codegen.build.compiler import serialized_wgmma
+
+    serialized = serialized_wgmma(getattr(result, "ptxas_notes", ()))
+    return f"ptxas serialized the WGMMAs: {serialized[0]}" if serialized else None
+
+
 def compile_step(
     remaining: Sequence[Item], log: _Log, gpu: str, *, compile_fn: CompileFn | None, jobs: int | None,
     progress: bool, stream: TextIO,
 ) -> dict[str, str]:
     """Compile the configs ``remaining`` needs (cache hits are instant); record each failure in the
-    log and return ``{config name: error}`` of the configs the measure step must skip. A kernel whose WGMMAs ptxas
-    serialized counts as a failure: the compile that ships with another toolkit may not serialize it, and a table
-    entry must not depend on which one the sweep had (the CPU tests reject such a config in a table)."""
+    log and return ``{config name: error}`` of the configs the measure step must skip (:func:`_unusable`)."""
     errors: dict[str, str] = {}
     needed = list(dict.fromkeys(item.config for item in remaining))
     if not needed:
         return errors
     results = (compile_fn or _default_compile)(needed, jobs=jobs, progress=progress)
     for config, result in zip(needed, results):
-        serialized = [note for note in getattr(result, "ptxas_notes", ()) if "serialized" in note]
-        if isinstance(result, BaseException) or serialized:
-            errors[config.name] = _error_text(result) if isinstance(result, BaseException) else \
-                "ptxas serialized the WGMMAs: " + serialized[0]
+        reason = _unusable(result)
+        if reason is not None:
+            errors[config.name] = reason
             log.append({"gpu": gpu, "config": config.name, "status": "compile_error", "error": errors[config.name], "t": time.time()})
     if errors:
         print(f"tune: {len(errors)} config(s) failed to compile or had their WGMMAs serialized, and are skipped: "
