@@ -132,21 +132,31 @@ def prepare_forced(config: str) -> Callable[[Operands], peers.Prepared]:
     return functools.partial(prepare_w4a8 if fp8 else prepare_w4a16, config=config)
 
 
-def prepare_mma_roof(config: str) -> Callable[[Operands], peers.Prepared]:
-    """``config`` forced, in its MMA-roof build (``launch.load(..., no_decode=True)``: the code words go into the
-    WGMMAs undecoded; its output is not the product): what the pipeline and the tensor cores cost without the
-    decode, profiled beside the shipped build (``bench ncu-case --prefill --configs ... --mma-roof``)."""
+# The roof builds `bench ncu-case --mma-roof` profiles after each forced config: (what it leaves out, launch.load's
+# diagnostic flags). Their outputs are not the product.
+ROOF_BUILDS = (
+    ("no decode", {"no_decode": True}),      # templates/mxfp4_no_decode.cuh: the code words go into the WGMMAs
+    ("no epilogue", {"no_epilogue": True}),  # templates/mxfp4_no_epilogue.cuh: no row scales, no stores
+    ("no decode, no epilogue", {"no_decode": True, "no_epilogue": True}),  # the pipeline and the tensor cores
+)
+
+
+def prepare_roof(config: str, leaves_out: str) -> Callable[[Operands], peers.Prepared]:
+    """``config`` forced, in the roof build of ROOF_BUILDS named ``leaves_out``: what the pipeline and the tensor
+    cores cost without that part, profiled beside the shipped build (``bench ncu-case --prefill --configs ...
+    --mma-roof``)."""
     from codegen.build.config import TileConfig
 
-    return functools.partial(_prepare_mma_roof, TileConfig.from_name(config))  # ValueError naming a malformed config
+    flags = dict(ROOF_BUILDS)[leaves_out]  # KeyError: not a roof build
+    return functools.partial(_prepare_roof, TileConfig.from_name(config), leaves_out, flags)  # ValueError: malformed
 
 
-def _prepare_mma_roof(config: Any, ops: Operands) -> peers.Prepared:
+def _prepare_roof(config: Any, leaves_out: str, flags: dict[str, bool], ops: Operands) -> peers.Prepared:
     from codegen.runtime import launch
 
     fp8 = config.activations == "fp8"
     x, copies = (ops.x_fp8, _ready_copies(ops)) if fp8 else (ops.x, _plain_copies(ops))
-    kernel = launch.load(config, x.device, no_decode=True)
+    kernel = launch.load(config, x.device, **flags)
     out = torch.empty((x.shape[0], copies[0].n), dtype=torch.bfloat16, device=x.device)
     epilogue = launch.EpilogueArgs(x_scale=ops.x_scale, w_scale=copies[0].row_scale) if fp8 else launch.EpilogueArgs()
 
@@ -154,7 +164,7 @@ def _prepare_mma_roof(config: Any, ops: Operands) -> peers.Prepared:
         launch.grouped_mm_sm90(xi, wi.data, wi.n, wi.k, ops.offsets, False, config, out, epilogue, kernel=kernel)
         return out
 
-    return peers.Prepared(fn, [(x, wi) for wi in copies], f"config: {config.name} (forced), MMA roof: no decode")
+    return peers.Prepared(fn, [(x, wi) for wi in copies], f"config: {config.name} (forced), roof: {leaves_out}")
 
 
 def prepare_w4a8_quantize(ops: Operands) -> peers.Prepared:

@@ -14,8 +14,8 @@ FP8 grouped GEMM (``torch._scaled_grouped_mm``, 8-bit weights), torch bf16 ``_gr
 in that order, each call inside one NVTX range named "prefill" (``--nvtx-include "prefill/"``); the log names the
 order, which is the report's. ``--prefill --configs A,B`` profiles ours with each tile config forced instead (W4A16
 for a bf16 config, W4A8 for an ``_fp8`` one), e.g. a variant beside the config the table picks; ``--mma-roof``
-adds after each its MMA-roof build (templates/mxfp4_no_decode.cuh: the same kernel without the decode), so the
-report shows what the decode costs the tensor pipes at that config.
+adds after each its roof builds (fp8_paths.ROOF_BUILDS: the same kernel without the decode, without the epilogue,
+without both), so the report shows what the decode and the epilogue each cost the tensor pipes at that config.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ PREFILL_PATHS = ("W4A16", "W4A8", "torch fp8", "torch bf16", "humming fp8")  # t
 
 def prefill_paths(configs: str, mma_roof: bool = False) -> dict[str, Callable[[Any], Any]]:
     """The profiled paths in order: the five of PREFILL_PATHS, or (``--configs``) ours with each config forced,
-    each followed by its MMA-roof build with ``mma_roof``. A malformed config name raises ValueError before any
+    each followed by its roof builds (fp8_paths.ROOF_BUILDS) with ``mma_roof``. A malformed config name raises ValueError before any
     weights are built."""
     from . import fp8_paths
 
@@ -78,7 +78,8 @@ def prefill_paths(configs: str, mma_roof: bool = False) -> dict[str, Callable[[A
     for name in names:
         paths[f"config {name}"] = fp8_paths.prepare_forced(name)
         if mma_roof:
-            paths[f"config {name} MMA roof (no decode)"] = fp8_paths.prepare_mma_roof(name)
+            for leaves_out, _ in fp8_paths.ROOF_BUILDS:
+                paths[f"config {name} roof ({leaves_out})"] = fp8_paths.prepare_roof(name, leaves_out)
     return paths or {path: fp8_paths.PREPARE[path] for path in PREFILL_PATHS}
 
 

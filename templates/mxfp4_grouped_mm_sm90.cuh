@@ -9,7 +9,8 @@
 // warpgroup owns `AtomsPerWarpgroup` blocks of 64 weight rows, loads its fragment bytes with one
 // 16-byte shared load per 64 values of K, decodes them (mxfp4_decode.cuh) and issues wgmma.mma_async.
 // (A diagnostic build, -DMXFP4_COPY_ONLY, leaves the decode and the WGMMAs out: mxfp4_copy_only.cuh; another,
-// -DMXFP4_NO_DECODE, only the decode: mxfp4_no_decode.cuh.)
+// -DMXFP4_NO_DECODE, only the decode: mxfp4_no_decode.cuh; -DMXFP4_NO_EPILOGUE, the row scales and the stores:
+// mxfp4_no_epilogue.cuh.)
 //
 // The W4A8 family (Cfg::Fp8) differs only where marked: x is e4m3 (128 values per swizzled row, so one
 // TMA box covers two atoms of K), the weights are in the FP8-ready layout (mxfp4_decode_fp8.cuh) and
@@ -29,6 +30,7 @@
 
 #include "mxfp4_copy_only.cuh"
 #include "mxfp4_no_decode.cuh"
+#include "mxfp4_no_epilogue.cuh"
 #include "mxfp4_decode.cuh"
 #include "mxfp4_decode_fp8.cuh"
 #include "mxfp4_epilogue.cuh"
@@ -493,6 +495,10 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
       if (!whole && !stream_k_fixup<Cfg::Warpgroups>(st.acc, p, unit, k_tiles, total_tiles, consumer, tid,
                                                      &s.last_share[consumer]))
         continue;  // another CTA finishes this tile
+    }
+    if constexpr (no_epilogue_build()) {  // diagnostic (mxfp4_no_epilogue.cuh): the tile's epilogue left out
+      keep_accumulators_live(st.acc, p.out);
+      continue;
     }
     apply_tile_row_scales<Cfg>(st.acc, p, tile, rows, consumer, tid);  // FP8 activations: x (and W) row scales
     store_tile(st, p, tile, rows, consumer, tid);

@@ -785,16 +785,20 @@ def test_ncu_case_prefill_configs_forces_each_config_in_order():
         (fp8_paths.prepare_w4a8, {"config": "n128_m256_k128_s5_wg2_fp8"})]
 
 
-def test_ncu_case_mma_roof_follows_each_forced_config():
+def test_ncu_case_roofs_follow_each_forced_config():
     from benchmarks import fp8_paths
     from benchmarks.ncu_case import prefill_paths
 
     paths = prefill_paths("n128_m256_k64_s5_wg2,n128_m256_k128_s5_wg2_fp8", mma_roof=True)
-    assert list(paths) == ["config n128_m256_k64_s5_wg2", "config n128_m256_k64_s5_wg2 MMA roof (no decode)",
-                           "config n128_m256_k128_s5_wg2_fp8", "config n128_m256_k128_s5_wg2_fp8 MMA roof (no decode)"]
-    roofs = [prepare for name, prepare in paths.items() if name.endswith("(no decode)")]
-    assert [(roof.func, roof.args[0].name) for roof in roofs] == [
-        (fp8_paths._prepare_mma_roof, "n128_m256_k64_s5_wg2"), (fp8_paths._prepare_mma_roof, "n128_m256_k128_s5_wg2_fp8")]
+    roofs = ("no decode", "no epilogue", "no decode, no epilogue")
+    assert list(paths) == [f"config {name}{suffix}" for name in ("n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8")
+                           for suffix in ("", *(f" roof ({roof})" for roof in roofs))]
+    built = [(prepare.func, prepare.args[0].name, prepare.args[1], prepare.args[2])
+             for name, prepare in paths.items() if " roof (" in name]
+    assert built == [(fp8_paths._prepare_roof, name, roof, flags) for name in ("n128_m256_k64_s5_wg2",
+                                                                               "n128_m256_k128_s5_wg2_fp8")
+                     for roof, flags in (("no decode", {"no_decode": True}), ("no epilogue", {"no_epilogue": True}),
+                                         ("no decode, no epilogue", {"no_decode": True, "no_epilogue": True}))]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -40,6 +40,7 @@ from codegen.build.toolchain import _cccl_warnings, _probe, check_toolchain
 from codegen.runtime.launch import (
     COPY_ONLY_OPTION,
     NO_DECODE_OPTION,
+    NO_EPILOGUE_OPTION,
     WAIT_PROBE_OPTION,
     diagnostic_build,
 )
@@ -651,9 +652,11 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
     assert diagnostic_build() == ([], "")  # the shipped build: no macro
     suffixes = {diagnostic_build(**flags)[1] for flags in ({}, {"wait_probe": True}, {"copy_only": True},
                                                            {"wait_probe": True, "copy_only": True},
-                                                           {"no_decode": True})}
-    assert len(suffixes) == 5
+                                                           {"no_decode": True}, {"no_epilogue": True},
+                                                           {"no_decode": True, "no_epilogue": True})}
+    assert len(suffixes) == 7
     assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
+    assert diagnostic_build(no_decode=True, no_epilogue=True)[0] == [NO_DECODE_OPTION, NO_EPILOGUE_OPTION]
     options, _ = diagnostic_build(wait_probe=True, copy_only=True)
     assert options == [WAIT_PROBE_OPTION, COPY_ONLY_OPTION]
 
@@ -695,23 +698,29 @@ def test_copy_roof_sass_keeps_the_loads_and_drops_the_wgmma(default_kernels, cop
         assert summary.ldl == 0 and summary.stl == 0
 
 
-# The MMA roof (templates/mxfp4_no_decode.cuh): a diagnostic build `bench ncu-case --mma-roof` profiles, never shipped.
+# The roofs (templates/mxfp4_no_decode.cuh, mxfp4_no_epilogue.cuh): diagnostic builds `bench ncu-case --mma-roof`
+# profiles, never shipped.
 MMA_ROOF_SAMPLES = [TileConfig.from_name(name) for name in ("n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8")]
+ROOF_FLAGS = ({"no_decode": True}, {"no_epilogue": True}, {"no_decode": True, "no_epilogue": True})
 
 
 @needs_render
 @needs_sass
 @pytest.mark.parametrize("config", MMA_ROOF_SAMPLES, ids=lambda config: config.name)
-def test_mma_roof_sass_keeps_the_pipelined_wgmma_and_drops_the_decode(config):
+@pytest.mark.parametrize("flags", ROOF_FLAGS, ids=lambda flags: "+".join(flags))
+def test_roof_sass_keeps_the_pipelined_wgmma_and_drops_its_part(config, flags):
     """The same WGMMAs, waits, loads and setmaxnreg as the shipped build, no serialized WGMMA (ptxas C75xx), fewer
-    instructions (the decode's), no spill."""
+    instructions (the decode's, the epilogue's), no spill; without the epilogue, no global store but the one that
+    keeps the accumulators live."""
     _skip_unless_buildable()
     shipped = compile_kernel(config)
-    roof = compile_kernel(config, options=diagnostic_build(no_decode=True)[0])
+    roof = compile_kernel(config, options=diagnostic_build(**flags)[0])
     a, b = shipped.sass(), roof.sass()
     assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.ublkcp, b.setmaxnreg) == (
         a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
     assert b.instructions < a.instructions
+    if flags.get("no_epilogue"):
+        assert b.opcodes.get("STG", 0) == 1 < a.opcodes.get("STG", 0), (a.opcodes.get("STG"), b.opcodes.get("STG"))
     assert serialized_wgmma(roof.ptxas_notes) == (), roof.log
     assert roof.resources.spills == 0 and config.register_pool_suffices(roof.resources.registers)
 
