@@ -56,14 +56,14 @@ def test_default_space_is_valid_unique_and_sized():
     for config in configs:
         config.validate()
         assert TileConfig.from_name(config.name) == config
-    assert 50 <= len(configs) <= 350, len(configs)
+    assert 50 <= len(configs) <= 450, len(configs)
     bf16_defaults = {c for c in DEFAULT_CONFIGS if c.activations == "bf16"}
     assert bf16_defaults <= set(configs) and all(c.activations == "bf16" for c in configs)  # include_defaults
 
 
 def test_fp8_space_is_the_w4a8_family():
     configs = space.enumerate_configs(SearchSpace(activations="fp8"))
-    assert 20 <= len(configs) <= 400, len(configs)
+    assert 20 <= len(configs) <= 480, len(configs)
     assert all(c.activations == "fp8" and c.tile_k % 128 == 0 and c.name.endswith("_fp8") for c in configs)
     assert {c for c in DEFAULT_CONFIGS if c.activations == "fp8"} <= set(configs)
     quick = space.enumerate_configs(dataclasses.replace(SearchSpace.quick(), activations="fp8"))
@@ -75,15 +75,16 @@ def test_space_pruning_keeps_the_deepest_stages():
     by_tile: dict[tuple, list[int]] = {}
     for c in configs:  # the stages in flight on an SM (all its CTAs) move at least min_stage_bytes
         assert (c.x_stage_bytes + c.w_stage_bytes) * c.ctas_per_sm >= SearchSpace().min_stage_bytes
-        family = (c.tile_n, c.tile_m, c.tile_k, c.warpgroups, c.ctas_per_sm, c.producer, c.stream_k, c.fragment_buffers)
+        family = (c.tile_n, c.tile_m, c.tile_k, c.warpgroups, c.ctas_per_sm, c.producer, c.stream_k, c.fragment_buffers,
+                  c.staged_stores)
         by_tile.setdefault(family, []).append(c.stages)
-    for (n, m, k, wg, ctas, producer, stream_k, buffers), stages in by_tile.items():
+    for (n, m, k, wg, ctas, producer, stream_k, buffers, staged), stages in by_tile.items():
         assert len(stages) <= 2
         deepest = max(stages)
         if deepest < 10:  # the next deeper one does not fit
             with pytest.raises(ValueError):
                 TileConfig(n, m, k, deepest + 1, wg, ctas, producer=producer, stream_k=stream_k,
-                           fragment_buffers=buffers).validate()
+                           fragment_buffers=buffers, staged_stores=staged).validate()
 
 
 def test_space_can_be_narrowed_and_widened():
