@@ -56,14 +56,14 @@ def test_default_space_is_valid_unique_and_sized():
     for config in configs:
         config.validate()
         assert TileConfig.from_name(config.name) == config
-    assert 50 <= len(configs) <= 450, len(configs)
+    assert 50 <= len(configs) <= 350, len(configs)
     bf16_defaults = {c for c in DEFAULT_CONFIGS if c.activations == "bf16"}
     assert bf16_defaults <= set(configs) and all(c.activations == "bf16" for c in configs)  # include_defaults
 
 
 def test_fp8_space_is_the_w4a8_family():
     configs = space.enumerate_configs(SearchSpace(activations="fp8"))
-    assert 20 <= len(configs) <= 480, len(configs)
+    assert 20 <= len(configs) <= 400, len(configs)
     assert all(c.activations == "fp8" and c.tile_k % 128 == 0 and c.name.endswith("_fp8") for c in configs)
     assert {c for c in DEFAULT_CONFIGS if c.activations == "fp8"} <= set(configs)
     quick = space.enumerate_configs(dataclasses.replace(SearchSpace.quick(), activations="fp8"))
@@ -97,6 +97,15 @@ def test_space_can_be_narrowed_and_widened():
     bf16_defaults = {c for c in DEFAULT_CONFIGS if c.activations == "bf16"}
     assert 6 <= len(quick) <= 130 and bf16_defaults <= set(quick)
     assert len(quick) < len(space.enumerate_configs())
+
+
+def test_staged_stores_are_tried_only_when_asked_and_only_on_fat_tall_tiles():
+    assert not any(c.staged_stores for c in space.enumerate_configs())  # not timed on a GPU yet: opt-in
+    both = space.enumerate_configs(SearchSpace(staged_stores=(False, True), include_defaults=False))
+    staged = [c for c in both if c.staged_stores]
+    assert staged and all(c.tile_m >= 64 and c.ctas_per_sm == 1 for c in staged)
+    assert {dataclasses.replace(c, staged_stores=False) for c in staged} <= set(both)  # each beside its twin
+    assert any(c.staged_stores for c in space.enumerate_configs(SearchSpace.full()))
 
 
 def test_space_prunes_the_families_to_light_decode_ctas():
