@@ -221,23 +221,10 @@ def moe_cases(family: str | None) -> list[Case]:
 
 def fused_error(config: TileConfig) -> float:
     """The layer with ``config`` forced on both GEMMs (its SwiGLU and scatter epilogues), launched one by one."""
-    from unittest import mock
-
     from mxfp4.experts import fused
-    from mxfp4.experts import graphs as moe_graphs
 
-    def forced(num_experts: int, n: int, k: int, hint: int, epilogue: str, device_name: str | None,
-               activations: str = "bf16") -> TileConfig:
-        return dataclasses.replace(config, epilogue=epilogue)
-
-    moe_graphs.set_moe_graphs(False)
-    fused.clear_plans()  # plans hold the configs they were made with
-    try:
-        with mock.patch.object(fused, "_fused_config", forced):
-            return layer_error(config.activations)
-    finally:
-        fused.clear_plans()
-        moe_graphs.set_moe_graphs(None)
+    with fused.forced_tile_config(config):
+        return layer_error(config.activations)
 
 
 def fused_cases(configs: list[TileConfig]) -> list[Case]:

@@ -9,7 +9,6 @@ NaN first. Skipped without an SM90 GPU.
 from __future__ import annotations
 
 import dataclasses
-from unittest import mock
 
 import pytest
 import torch
@@ -82,7 +81,6 @@ def moe_layer(config: TileConfig, tokens: int, seed: int) -> torch.Tensor:
     """mxfp4.moe with ``config`` forced on both GEMMs (its SwiGLU and scatter epilogues), launched one by one:
     hidden 200 and intermediate 104 (N tails for both GEMMs), top-2 of 5 experts, expert 4 never picked."""
     from mxfp4.experts import fused
-    from mxfp4.experts import graphs as moe_graphs
 
     generator = torch.Generator().manual_seed(seed)
     experts, hidden, inter = 5, 200, 104
@@ -96,21 +94,11 @@ def moe_layer(config: TileConfig, tokens: int, seed: int) -> torch.Tensor:
     gate_up = mxfp4.pack_gate_up(gate_up_w, activations=config.activations)
     down = mxfp4.pack(down_w, activations=config.activations)
 
-    def forced(num_experts: int, n: int, k: int, hint: int, epilogue: str, device_name: str | None,
-               activations: str = "bf16") -> TileConfig:
-        return dataclasses.replace(config, epilogue=epilogue)
-
-    moe_graphs.set_moe_graphs(False)
-    fused.clear_plans()  # plans hold the configs they were made with
-    try:
-        with mock.patch.object(fused, "_fused_config", forced):
-            out = mxfp4.moe(x, ids, weights, gate_up, down, gate_up_bias=gate_up_bias, down_bias=down_bias,
-                            activations=config.activations)
-        torch.cuda.synchronize()
-        return out
-    finally:
-        fused.clear_plans()
-        moe_graphs.set_moe_graphs(None)
+    with fused.forced_tile_config(config):
+        out = mxfp4.moe(x, ids, weights, gate_up, down, gate_up_bias=gate_up_bias, down_bias=down_bias,
+                        activations=config.activations)
+    torch.cuda.synchronize()
+    return out
 
 
 @pytest.mark.parametrize("config", STAGED, ids=STAGED_IDS)

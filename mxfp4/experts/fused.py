@@ -17,7 +17,9 @@ so the same bits), which takes the host cost of five launches down to one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
@@ -41,7 +43,36 @@ def fused_config(w: PackedMXFP4 | PackedMXFP4FP8, rows: int, epilogue: str, devi
     FP8-ready layout): the epilogue runs once per tile after the K loop, so the best plain-GEMM config is the
     fused kernel's too."""
     activations = "fp8" if isinstance(w, PackedMXFP4FP8) else "bf16"
-    return _fused_config(w.num_experts, w.n, w.k, -(-rows // w.num_experts), epilogue, device_name, activations)
+    return _config(w.num_experts, w.n, w.k, -(-rows // w.num_experts), epilogue, device_name, activations)
+
+
+def _config(num_experts: int, n: int, k: int, hint: int, epilogue: str, device_name: str | None,
+            activations: str = "bf16") -> TileConfig:
+    """The chosen config (:func:`_fused_config`), or the one :func:`forced_tile_config` forces."""
+    if _forced is not None:
+        return dataclasses.replace(_forced, epilogue=epilogue)
+    return _fused_config(num_experts, n, k, hint, epilogue, device_name, activations)
+
+
+_forced: TileConfig | None = None  # forced_tile_config's config
+
+
+@contextlib.contextmanager
+def forced_tile_config(config: TileConfig) -> Iterator[None]:
+    """Inside, every layer call runs ``config`` on both GEMMs (its epilogue swapped for each GEMM's), launch by
+    launch: how the sanitizer and the tests put one tile config through the fused epilogues. The plans and the
+    graph replay are reset on the way in and out, so no plan or graph made with another config is served. Not
+    for concurrent use."""
+    global _forced
+    moe_graphs.set_moe_graphs(False)
+    clear_plans()  # plans hold the configs they were made with
+    _forced = config
+    try:
+        yield
+    finally:
+        _forced = None
+        clear_plans()
+        moe_graphs.set_moe_graphs(None)
 
 
 @lru_cache(maxsize=1024)  # per call: keep it a dict lookup
@@ -81,8 +112,8 @@ def clear_plans() -> None:
 def _make_layer_plan(device_index: int, device_name: str | None, tokens: int, top_k: int, num_experts: int,
                      hidden: int, inter: int):
     routed, device = tokens * top_k, torch.device("cuda", device_index)
-    gate_up = _fused_config(num_experts, 2 * inter, hidden, -(-routed // num_experts), "swiglu", device_name)
-    down = _fused_config(num_experts, hidden, inter, -(-routed // num_experts), "scatter", device_name)
+    gate_up = _config(num_experts, 2 * inter, hidden, -(-routed // num_experts), "swiglu", device_name)
+    down = _config(num_experts, hidden, inter, -(-routed // num_experts), "scatter", device_name)
     return make_plan(LayerShape(tokens, top_k, num_experts, hidden, inter), device,
                      (gate_up, _data_shape(num_experts, 2 * inter, hidden)), (down, _data_shape(num_experts, hidden, inter)))
 
