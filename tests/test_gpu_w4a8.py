@@ -325,3 +325,40 @@ def test_moe_fp8_cuda_graph(seed: int) -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager), f"seed {seed}: graph replay differs from the eager call"
+
+
+@pytest.mark.parametrize("activations, skip", [("fp8", False), ("bf16", True)], ids=["fp8", "foreign ids"])
+def test_moe_steps_eager_replay_is_the_launches_bitwise(activations: str, skip: bool, seed: int) -> None:
+    """A plain eager call of the SM90 layer's launch-by-launch steps (FP8 activations; foreign ids) at T <= 64 is
+    replayed as one captured CUDA graph from the second call of its key (mxfp4.experts.portable_graphs, path
+    SM90_STEPS). Every call, replayed or not, equals the steps launched one by one bit for bit, with fresh x, ids
+    and routing weights at new addresses each call (the graph's copy nodes follow them)."""
+    from test_moe import make_routing
+
+    from mxfp4.experts import layer as moe_layer
+    from mxfp4.experts import portable_graphs
+
+    experts, hidden, inter, top_k = 8, 160, 96, 3  # tails: H, I not multiples of 64
+    generator = torch.Generator().manual_seed(seed)
+    gate_up = mxfp4.pack_gate_up(mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, generator=generator) * 0.1)
+                                 .to("cuda"), activations=activations)
+    down = mxfp4.pack(mxfp4.quantize(torch.randn(experts, hidden, inter, generator=generator) * 0.1).to("cuda"),
+                      activations=activations)
+    mxfp4.set_moe_graphs(True)
+    portable_graphs.clear()
+    try:
+        for tokens in (1, 13):
+            for call in range(4):
+                x = torch.randn(tokens, hidden, generator=generator).to("cuda", torch.bfloat16)
+                ids, weights = make_routing(tokens, experts, top_k, skew=True, device="cuda")
+                if skip:
+                    ids = ids.masked_fill(ids == 2, experts)  # expert 2 lives on another rank
+                out = mxfp4.moe(x, ids, weights, gate_up, down, activations=activations, skip_invalid_ids=skip)
+                launched = moe_layer._moe_checked(x, ids, weights, gate_up, down, None, None, 1.702, 7.0,
+                                                  activations, direct=False, skip_invalid_ids=skip)
+                torch.cuda.synchronize()
+                assert torch.equal(out, launched), f"T={tokens} call {call}: the replay differs from the launches"
+        assert portable_graphs.stats()["graphs"] == 2, portable_graphs.stats()  # one per T, from the second call
+    finally:
+        portable_graphs.clear()
+        mxfp4.set_moe_graphs(None)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Callable
 
 import torch
@@ -382,8 +382,15 @@ def _moe_checked(
         if activations == "fp8" or skip_invalid_ids:  # launch by launch: FP8 activations, foreign ids
             from .fused_steps import moe_sm90_steps
 
-            return moe_sm90_steps(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
-                                  choice.device_name, activations, skip_invalid_ids)
+            steps = partial(_sm90_steps, moe_sm90_steps, choice.device_name)
+            if direct:  # a plain eager call: replayed as one CUDA graph where it may be
+                out = portable_graphs.replay_layer(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias,
+                                                   alpha, limit, activations, skip_invalid_ids, steps,
+                                                   portable_graphs.SM90_STEPS)
+                if out is not None:
+                    return out
+            return steps(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, activations,
+                         skip_invalid_ids)
         return _moe_sm90()(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
                            choice.device_name, may_replay=direct)
     if direct and choice.path != SM90:  # a plain eager call: replayed as one CUDA graph where it may be
@@ -393,6 +400,16 @@ def _moe_checked(
             return out
     return moe_composition(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit,
                            activations, skip_invalid_ids)
+
+
+def _sm90_steps(run: Callable[..., torch.Tensor], device_name: str | None, x: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor, gate_up: object, down: object, gate_up_bias: torch.Tensor | None,
+                down_bias: torch.Tensor | None, alpha: float, limit: float, activations: str,
+                skip_invalid_ids: bool) -> torch.Tensor:
+    """The SM90 layer's steps (``run``: fused_steps.moe_sm90_steps) in moe_composition's argument order, the
+    device's name bound: what the portable replay captures for them."""
+    return run(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, device_name,
+               activations, skip_invalid_ids)
 
 
 def moe_composition(
@@ -576,7 +593,21 @@ def explain_moe(
         "  activations: " + ("fp8: x quantized per token and the activated rows per row (e4m3, one float32 scale "
                              "per row), mxfp4.quantize_activations" if activations == "fp8" else "bf16"),
     ]
-    if choice.path == SM90 and paired:
+    if choice.path == SM90 and paired and (activations == "fp8" or skip_invalid_ids):
+        from .fused import fused_config
+
+        gather = "the quantizer gathering x's rows to e4m3" if activations == "fp8" else "gather"
+        between = ", the activated rows quantized" if activations == "fp8" else ""
+        lines.append(f"  layer:     fused epilogues, launch by launch: device routing, {gather}, gate_up with the "
+                     f"SwiGLU epilogue{between}, down with the scatter epilogue (bias, routing weight, token slots), "
+                     "top-k sum in slot order")
+        lines.append("  launches:  "
+                     + portable_graphs.explain_replay(x, -(-routed // gate_up.num_experts), activations,
+                                                      portable_graphs.SM90_STEPS))
+        for name, w, kind in (("gate_up", gate_up, "swiglu"), ("down", down, "scatter")):
+            config = fused_config(w, routed, kind, choice.device_name)
+            lines.append(f"  {name + ':':10s} {config.name} ({config.family})")
+    elif choice.path == SM90 and paired:
         from .fused import fused_config
         from .graphs import GRAPH_MAX_TOKENS, moe_graphs_enabled
 

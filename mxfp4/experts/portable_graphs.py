@@ -1,8 +1,13 @@
-"""Replay of the portable MoE layer as one CUDA graph, for plain eager calls at small T.
+"""Replay of a captured MoE layer as one CUDA graph, for plain eager calls at small T: the portable layer, and on
+SM90 the layer's launch-by-launch steps.
 
 Why: off SM90 (or with the portable path forced) the layer is a composition of about forty torch ops and two
 Triton launches (mxfp4.experts.layer.moe_composition). At decode each costs host time, and the sum (about
-0.8 ms per gpt-oss-20b layer on an H100 host) is what an eager decode step waits for, not the GPU.
+0.8 ms per gpt-oss-20b layer on an H100 host) is what an eager decode step waits for, not the GPU. On SM90 the
+planned bf16 layer has its own graphs of kernel nodes (mxfp4.experts.graphs); FP8 activations and expert
+parallelism's foreign ids run launch by launch (mxfp4.experts.fused_steps: routing, the quantizers, two GEMMs,
+torch's allocations and the top-k sum; about 170-200 µs of host time per FP8 layer call measured on an H100 host),
+and are captured here the same way (``path`` SM90_STEPS, part of the key).
 
 How: ``torch.cuda.CUDAGraph`` captures, once per key, copies of x, topk_ids and topk_weights into the graph's
 own buffers, the composition on those, and a copy of its output (a warm-up run on the capture stream first,
@@ -27,8 +32,9 @@ its address when the graph runs, on the call's stream: the call's tensors (a non
 tensor: a contiguous copy made on that stream) are live there, as for an eager call's kernels. The graph
 uses no random numbers, so it is launched without torch's generator bookkeeping. Replay is off
 under stream capture, under torch.compile or a torch mode (the op path), with autograd to record, with
-debug checks (they read values back), for FP8 activations, on another device than the current one, and
-where an eager call would not take the in-register kernel (mxfp4.portable.fallback.kernel_serves).
+debug checks (they read values back), for the portable layer's FP8 activations, on another device than the
+current one, and where a portable eager call would not take the in-register kernel
+(mxfp4.portable.fallback.kernel_serves).
 
 Bounded: only T <= ``GRAPH_MAX_TOKENS`` (the SM90 replay's), at most ``MAX_GRAPHS`` graphs (least recently
 used dropped first), a graph built on the second call of its key (a one-off shape costs no graph).
@@ -54,6 +60,11 @@ from . import graphs as moe_graphs
 from .deferred_drops import DeferredDrops
 
 MAX_GRAPHS = 256
+# The compositions captured: the portable layer (mxfp4.experts.layer.moe_composition) and, on SM90, the layer's
+# launch-by-launch steps (mxfp4.experts.fused_steps: FP8 activations, foreign ids). Part of every key.
+PORTABLE = "portable"
+SM90_STEPS = "sm90 steps"
+PATHS = (PORTABLE, SM90_STEPS)
 # The layer on given (x, topk_ids, topk_weights), the rest of the call bound: what is captured.
 Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -194,14 +205,16 @@ def _records_autograd(topk_weights: torch.Tensor, gate_up_bias: torch.Tensor | N
 def call_key(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4,
     gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, alpha: float, limit: float,
-    activations: str, skip_invalid_ids: bool,
+    activations: str, skip_invalid_ids: bool, path: str = PORTABLE,
 ) -> tuple | None:
-    """The key of the graph that may serve this validated plain eager call, or None when it runs eagerly. Whether
-    the in-register kernel serves the call depends on the key's (device, T, k, E) only: :func:`replay` asks on a
-    key's first sights (:func:`_kernel_serves`), not per call."""
+    """The key of the graph that may serve this validated plain eager call of ``path``'s composition, or None when
+    it runs eagerly. Whether the in-register kernel serves a portable call depends on the key's (device, T, k, E)
+    only: :func:`replay` asks on a key's first sights (:func:`_kernel_serves`), not per call."""
     tokens, top_k = topk_ids.shape
-    if (tokens > moe_graphs.GRAPH_MAX_TOKENS or activations != "bf16" or not moe_graphs.moe_graphs_enabled()
-            or debug_checks_enabled()):
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}: one of {PATHS}")
+    if (tokens > moe_graphs.GRAPH_MAX_TOKENS or (path == PORTABLE and activations != "bf16")
+            or not moe_graphs.moe_graphs_enabled() or debug_checks_enabled()):
         return None
     index = device_index(x)
     if index is None or capturing() or _records_autograd(topk_weights, gate_up_bias, down_bias):
@@ -209,22 +222,29 @@ def call_key(
     # type(gate_up): PackedGateUp (rows paired) or PackedMXFP4 (checkpoint order): the composition splits by it.
     return (index, current_stream(index), tokens, top_k, gate_up.data.shape[0], down.n, down.k, topk_ids.dtype,
             topk_weights.dtype, type(gate_up), gate_up.data.data_ptr(), down.data.data_ptr(), _bias_key(gate_up_bias),
-            _bias_key(down_bias), alpha, limit, skip_invalid_ids)
+            _bias_key(down_bias), alpha, limit, skip_invalid_ids, activations, path)
 
 
 def _kernel_serves(key: tuple, x: torch.Tensor) -> bool:
     """Whether every eager call of ``key`` takes the in-register kernel (else an eager call may take the decoded
-    copy, and a graph of the kernel would not compute what it does)."""
+    copy, and a graph of the kernel would not compute what it does). The SM90 layer's steps always run the SM90
+    kernels."""
+    if key[-1] == SM90_STEPS:
+        return True
     tokens, top_k, experts = key[2:5]
     return kernel_serves(x.device, -(-tokens * top_k // experts))
 
 
-def explain_replay(x: torch.Tensor, rows_per_expert: int, activations: str) -> str:
-    """What a plain eager call of the portable layer on ``x`` launches (for ``mxfp4.explain_moe``)."""
-    one_by_one = "each call runs the composition's torch ops and two Triton launches"
+def explain_replay(x: torch.Tensor, rows_per_expert: int, activations: str, path: str = PORTABLE) -> str:
+    """What a plain eager call of ``path``'s layer on ``x`` launches (for ``mxfp4.explain_moe``)."""
+    if path == SM90_STEPS:
+        one_by_one = "each call launches its kernels one by one"
+    else:
+        one_by_one = "each call runs the composition's torch ops and two Triton launches"
     if not moe_graphs.moe_graphs_enabled():
         return f"graph replay off (set_moe_graphs(False) or {moe_graphs.ENV_MOE_GRAPHS}=0): {one_by_one}"
-    if x.device.type != "cuda" or activations != "bf16" or not kernel_serves(x.device, rows_per_expert):
+    if path == PORTABLE and (x.device.type != "cuda" or activations != "bf16"
+                             or not kernel_serves(x.device, rows_per_expert)):
         return f"{one_by_one} (graph replay: on CUDA, bf16 activations, calls the in-register kernel serves)"
     if x.shape[0] > moe_graphs.GRAPH_MAX_TOKENS:
         return f"T > {moe_graphs.GRAPH_MAX_TOKENS}: {one_by_one}"
@@ -235,12 +255,13 @@ def explain_replay(x: torch.Tensor, rows_per_expert: int, activations: str) -> s
 def replay_layer(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: PackedMXFP4, down: PackedMXFP4,
     gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, alpha: float, limit: float,
-    activations: str, skip_invalid_ids: bool, composition: Callable[..., torch.Tensor],
+    activations: str, skip_invalid_ids: bool, composition: Callable[..., torch.Tensor], path: str = PORTABLE,
 ) -> torch.Tensor | None:
-    """The layer's output by a graph replay, or None when the caller must run ``composition`` eagerly (replay
-    off or not allowed for this call, first sight of its key, or a capture that failed)."""
+    """The layer's output by a graph replay, or None when the caller must run ``composition`` (``path``'s: the
+    portable layer, or the SM90 layer's launch-by-launch steps) eagerly: replay off or not allowed for this call,
+    first sight of its key, or a capture that failed."""
     key = call_key(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, activations,
-                   skip_invalid_ids)
+                   skip_invalid_ids, path)
     if key is None:
         return None
 
