@@ -4,7 +4,8 @@ Method (TOOLCHAIN.md): ``--calls`` calls enqueued while ``torch.cuda._sleep`` ke
 wall time / calls. Paths: ``mxfp4.grouped_mm``, ``mxfp4.grouped_mm_masked``, ``torch._grouped_mm``,
 humming, and the gpt-oss-20b layer ``mxfp4.moe`` at T = 1, 8, 64 (``--tokens``; at most 100 calls in
 flight, fewer than the launch queue holds), with its graph replay on (the default) and off, against
-issue 15's target: <= 60 µs per eager call. ``--moe-only`` measures just the layer.
+issue 15's target: <= 60 µs per eager call; then the same layer with ``activations="fp8"`` (its launch-by-launch
+steps, replayed as a captured graph), replay on and off. ``--moe-only`` measures just the layer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +35,14 @@ def prepare_masked(ops: peers.Operands, m: int) -> peers.Prepared:
     return peers.Prepared(lambda x, w: mxfp4.grouped_mm_masked(x, w, masked_m), [(x3, ops.packed)])
 
 
-def prepare_moe(tokens: int, weights: Any) -> peers.Prepared:
-    """The gpt-oss-20b layer at T = ``tokens`` (uniform routing, int32 ids, fp32 routing weights)."""
+def prepare_moe(tokens: int, weights: Any, layer: Callable[[Any], Callable[..., torch.Tensor]]) -> peers.Prepared:
+    """The gpt-oss-20b layer (``layer``: moe_layers.ours_fused or ours_fused_fp8) at T = ``tokens`` (uniform
+    routing, int32 ids, fp32 routing weights)."""
     from .bench_moe import routing
-    from .moe_layers import ours_fused
 
     ids, topk_weights = routing("uniform", tokens, 0)
     x = torch.randn((tokens, weights.gate_up_bf16.shape[2]), device="cuda", dtype=torch.bfloat16) * 0.02
-    return peers.Prepared(ours_fused(weights), [(x, ids, topk_weights)], f"T={tokens}")
+    return peers.Prepared(layer(weights), [(x, ids, topk_weights)], f"T={tokens}")
 
 
 def measure_path(prepared: peers.Prepared, args: argparse.Namespace, calls: int | None = None) -> dict[str, Any]:
@@ -71,6 +73,7 @@ def host_row(model: str, projection: str, shape: Any, m: int, packed: Any, dequa
 
 MOE_HOST_TARGET_US = 60.0  # issue 15: eager host time of one mxfp4.moe call on the SM90 path
 MOE_PATHS = {"mxfp4.moe": True, "mxfp4.moe (graph replay off)": False}  # name -> mxfp4.set_moe_graphs(...)
+FP8_MOE_PATHS = {"mxfp4.moe fp8": True, "mxfp4.moe fp8 (graph replay off)": False}  # activations="fp8"
 
 
 def moe_rows(token_values: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -89,27 +92,46 @@ def moe_rows(token_values: list[int], args: argparse.Namespace) -> list[dict[str
 
 
 def moe_results(tokens: int, weights: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The bf16 layer's rows (mxfp4.moe, against MOE_HOST_TARGET_US) and the FP8 layer's (its launch-by-launch
+    steps, replayed as a captured graph), each with replay on and off."""
+    from .moe_layers import ours_fused, ours_fused_fp8
+
+    results = _replay_rows(prepare_moe(tokens, weights, ours_fused), MOE_PATHS, tokens, args)
+    try:
+        results.update(_replay_rows(prepare_moe(tokens, weights, ours_fused_fp8), FP8_MOE_PATHS, tokens, args))
+    except Exception as error:
+        results["mxfp4.moe fp8"] = {"error": measure.error_text(error)}
+        if not measure.healthy():
+            raise
+    return results
+
+
+def _replay_rows(prepared: peers.Prepared, paths: dict[str, bool], tokens: int,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """``prepared`` with replay on, then off (``paths``: name -> mxfp4.set_moe_graphs(...)), the first row's note
+    saying whether the two gave the same bits."""
     import mxfp4
 
-    prepared, results, outputs, how = prepare_moe(tokens, weights), {}, {}, ""
-    for name, replay in MOE_PATHS.items():
+    results, outputs, how = {}, {}, ""
+    for name, replay in paths.items():
         mxfp4.set_moe_graphs(replay)
         try:
             outputs[name] = [prepared.fn(*prepared.arg_sets[0]) for _ in range(3)][-1]  # the third call replays
-            # At most 100 calls: five launches each without replay, and a full launch queue blocks the host.
+            # At most 100 calls: several launches each without replay, and a full launch queue blocks the host.
             results[name] = measure_path(prepared, args, min(args.calls, 100))
             how = how or portable_replay_note()  # before replay off drops the graphs
         finally:
             mxfp4.set_moe_graphs(None)
     first, second = outputs.values()
-    results["mxfp4.moe"]["note"] = f"T={tokens}, " + ("same bits as without replay" if torch.equal(first, second)
-                                                       else "DIFFERENT bits from the launches") + how
+    replayed = next(iter(paths))
+    results[replayed]["note"] = f"T={tokens}, " + ("same bits as without replay" if torch.equal(first, second)
+                                                   else "DIFFERENT bits from the launches") + how
     return results
 
 
 def portable_replay_note() -> str:
-    """How the portable layer's replayed calls copied (after its rows ran; empty on the SM90 path): by moving the
-    graph's copy nodes, or with torch and why."""
+    """How the captured layer's replayed calls copied (after its rows ran; empty for the planned bf16 layer on the
+    SM90 path): by moving the graph's copy nodes, or with torch and why."""
     from mxfp4.experts import portable_graphs
 
     held = portable_graphs.stats()
