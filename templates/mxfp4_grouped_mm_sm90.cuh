@@ -36,7 +36,6 @@
 #include "mxfp4_epilogue.cuh"
 #include "mxfp4_row_scales.cuh"
 #include "mxfp4_scheduler.cuh"
-#include "mxfp4_staged_store.cuh"
 #include "mxfp4_stream_k.cuh"
 #include "mxfp4_wait_probe.cuh"
 
@@ -52,8 +51,7 @@ struct alignas(64) TensorMap {
 };
 
 template <int TileN_, int TileM_, int TileK_, int Stages_, int Warpgroups_, int ProducerRegs_, int ConsumerRegs_,
-          Epilogue Epilogue_, bool ProducerWarp_, bool StreamK_, bool Fp8_ = false, int FragmentBuffers_ = 2,
-          int StagedChunk_ = 0>
+          Epilogue Epilogue_, bool ProducerWarp_, bool StreamK_, bool Fp8_ = false, int FragmentBuffers_ = 2>
 struct KernelConfig {
   static constexpr bool ProducerWarp = ProducerWarp_;  // a producer warp (no setmaxnreg), not a warpgroup
   static constexpr bool StreamK = StreamK_;
@@ -62,10 +60,6 @@ struct KernelConfig {
   // Register buffers of decoded A fragments per consumer warpgroup (TileConfig.fragment_buffers; rendered only when
   // not 2): FragmentBuffers - 1 WGMMA chunks stay in flight while the next one decodes (consume_stage).
   static constexpr int FragmentBuffers = FragmentBuffers_;
-  // Staged stores (TileConfig.staged_stores, mxfp4_staged_store.cuh): the tokens a consumer warp stages at a time
-  // (TileConfig.staged_chunk; rendered only when staged); 0: the direct stores of store_tile.
-  static constexpr int StagedChunk = StagedChunk_;
-  static constexpr bool StagedStores = StagedChunk > 0;
   static constexpr int TileN = TileN_;
   static constexpr int TileM = TileM_;
   static constexpr int TileK = TileK_;
@@ -490,35 +484,27 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
         cute::warpgroup_wait<0>();
       }
     }
-    // Every slot of the unit is released exactly once: a stage's slot by the next stage (consume_stage, or above
-    // with F > 2), the last stage's once all of the unit's WGMMAs are complete: here, or with staged stores after
-    // the tile's stores have gone through its x bytes (mxfp4_staged_store.cuh).
-    constexpr bool Staged = Cfg::StagedStores && !copy_only_build() && !no_epilogue_build();
     if constexpr (!copy_only_build()) {
+      // Every slot of the unit is released exactly once: a stage's slot by the next stage (consume_stage, or above
+      // with F > 2), the last stage's here, when all of the unit's WGMMAs are complete.
       cute::warpgroup_wait<0>();
-      if constexpr (!Staged) release_slot(&s.empty[previous_slot], tid);
+      // The accumulators are read from here on: fenced, so that no read of them (nor a reuse of their registers) can
+      // be scheduled before the wait, while the WGMMAs may still write them.
+      st.fence_accumulators();
+      release_slot(&s.empty[previous_slot], tid);
     }
-    // Staged stores overwrite the slot's x bytes, which every consumer warpgroup's WGMMAs read: all of them done.
-    if constexpr (Staged) consumers_sync<Cfg::Warpgroups>();
     if constexpr (Cfg::StreamK) {
       bool const whole = unit.k_begin == 0 && unit.k_end == k_tiles;
       if (!whole && !stream_k_fixup<Cfg::Warpgroups>(st.acc, p, unit, k_tiles, total_tiles, consumer, tid,
-                                                     &s.last_share[consumer])) {
-        if constexpr (Staged) release_slot(&s.empty[previous_slot], tid);
+                                                     &s.last_share[consumer]))
         continue;  // another CTA finishes this tile
-      }
     }
     if constexpr (no_epilogue_build()) {  // diagnostic (mxfp4_no_epilogue.cuh): the tile's epilogue left out
       keep_accumulators_live(st.acc, p.out);
       continue;
     }
-    if constexpr (Staged) {  // the row scales as it goes
-      store_tile_staged<Cfg>(st.acc, p, tile, rows, consumer, tid, s.x + previous_slot * Cfg::XStageBytes);
-      release_slot(&s.empty[previous_slot], tid);
-    } else {
-      apply_tile_row_scales<Cfg>(st.acc, p, tile, rows, consumer, tid);  // FP8 activations: x (and W) row scales
-      store_tile(st, p, tile, rows, consumer, tid);
-    }
+    apply_tile_row_scales<Cfg>(st.acc, p, tile, rows, consumer, tid);  // FP8 activations: x (and W) row scales
+    store_tile(st, p, tile, rows, consumer, tid);
   }
   probe.template flush<kProbeConsumerCycles>();
   line.flush();

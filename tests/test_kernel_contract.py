@@ -169,34 +169,3 @@ def test_fragment_buffers_render_only_when_not_two() -> None:
     assert "mxfp4::Epilogue::Store, false, false, false, 3> {" in source
     twin = render(TileConfig.from_name("n128_m256_k128_s3_wg2"))
     assert twin == source.replace(" fragment_buffers=3", "").replace(", 3> {", "> {").replace("_f3", "")
-
-
-def test_staged_stores_name_round_trip_chunk_and_validation() -> None:
-    """`_ss` after `_f<n>` and before `_fp8`; the chunk (tokens a consumer warp stages at a time) is the most that
-    its share of a slot's x bytes holds, in whole stmatrix blocks (16 tokens of 32-byte rows, or 32 of 16-byte rows
-    for swiglu) dividing tile_m."""
-    staged = TileConfig.from_name("n128_m256_k128_s5_wg2_f3_ss_fp8_swiglu")
-    assert (staged.fragment_buffers, staged.staged_stores, staged.activations, staged.epilogue) == (3, True, "fp8",
-                                                                                                 "swiglu")
-    assert staged.name == "n128_m256_k128_s5_wg2_f3_ss_fp8_swiglu" and "staged stores" in staged.family
-    assert not TileConfig.from_name("n128_m256_k64_s5_wg2").staged_stores  # old names keep their meaning
-    assert TileConfig().staged_chunk == 0 and "_ss" not in TileConfig().name
-    # x stage 256 x 64 x 2 bytes over 8 consumer warps of 32-byte rows: 128 tokens; swiglu's 16-byte rows: all 256
-    assert TileConfig.from_name("n128_m256_k64_s5_wg2_ss").staged_chunk == 128
-    assert TileConfig.from_name("n128_m256_k64_s5_wg2_ss_swiglu").staged_chunk == 256
-    assert TileConfig.from_name("n256_m64_k128_s6_wg4_ss").staged_chunk == 32  # 16 warps: 64 x 128 x 2 / 512
-    with pytest.raises(ValueError, match="not of the form"):
-        TileConfig.from_name("n128_m256_k128_s5_wg2_ss_f3_fp8")  # suffixes in their fixed order
-    with pytest.raises(ValueError, match="staged_stores must be a bool"):
-        TileConfig(staged_stores=1).validate()
-    with pytest.raises(ValueError, match=r"staged_stores: tile_m=8 .* needs tile_m >= 16 x warpgroups"):
-        TileConfig(tile_n=128, tile_m=8, tile_k=128, stages=4, warpgroups=2, staged_stores=True).validate()
-
-
-def test_staged_stores_render_the_chunk_after_the_fragment_buffers() -> None:
-    source = render(TileConfig.from_name("n128_m256_k64_s5_wg2_ss"))
-    assert "mxfp4::Epilogue::Store, false, false, false, 2, 128> {" in source
-    assert "staged_stores (chunk 128 tokens)\n" in source
-    twin = render(TileConfig.from_name("n128_m256_k64_s5_wg2"))
-    assert twin == source.replace(" staged_stores (chunk 128 tokens)", "").replace(", 2, 128> {", "> {").replace(
-        "_ss", "")

@@ -75,16 +75,15 @@ def test_space_pruning_keeps_the_deepest_stages():
     by_tile: dict[tuple, list[int]] = {}
     for c in configs:  # the stages in flight on an SM (all its CTAs) move at least min_stage_bytes
         assert (c.x_stage_bytes + c.w_stage_bytes) * c.ctas_per_sm >= SearchSpace().min_stage_bytes
-        family = (c.tile_n, c.tile_m, c.tile_k, c.warpgroups, c.ctas_per_sm, c.producer, c.stream_k, c.fragment_buffers,
-                  c.staged_stores)
+        family = (c.tile_n, c.tile_m, c.tile_k, c.warpgroups, c.ctas_per_sm, c.producer, c.stream_k, c.fragment_buffers)
         by_tile.setdefault(family, []).append(c.stages)
-    for (n, m, k, wg, ctas, producer, stream_k, buffers, staged), stages in by_tile.items():
+    for (n, m, k, wg, ctas, producer, stream_k, buffers), stages in by_tile.items():
         assert len(stages) <= 2
         deepest = max(stages)
         if deepest < 10:  # the next deeper one does not fit
             with pytest.raises(ValueError):
                 TileConfig(n, m, k, deepest + 1, wg, ctas, producer=producer, stream_k=stream_k,
-                           fragment_buffers=buffers, staged_stores=staged).validate()
+                           fragment_buffers=buffers).validate()
 
 
 def test_space_can_be_narrowed_and_widened():
@@ -97,15 +96,6 @@ def test_space_can_be_narrowed_and_widened():
     bf16_defaults = {c for c in DEFAULT_CONFIGS if c.activations == "bf16"}
     assert 6 <= len(quick) <= 130 and bf16_defaults <= set(quick)
     assert len(quick) < len(space.enumerate_configs())
-
-
-def test_staged_stores_are_tried_only_when_asked_and_only_on_fat_tall_tiles():
-    assert not any(c.staged_stores for c in space.enumerate_configs())  # not timed on a GPU yet: opt-in
-    both = space.enumerate_configs(SearchSpace(staged_stores=(False, True), include_defaults=False))
-    staged = [c for c in both if c.staged_stores]
-    assert staged and all(c.tile_m >= 64 and c.ctas_per_sm == 1 for c in staged)
-    assert {dataclasses.replace(c, staged_stores=False) for c in staged} <= set(both)  # each beside its twin
-    assert any(c.staged_stores for c in space.enumerate_configs(SearchSpace.full()))
 
 
 def test_space_prunes_the_families_to_light_decode_ctas():

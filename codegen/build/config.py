@@ -48,14 +48,9 @@ DEFAULT_FRAGMENT_BUFFERS = 2
 # tile_k / 64): n256_k256 and n128_k512 do, n256_k128 and n128_k256 do not (measured on every such config the sweep
 # tries; tests/test_compile.py checks the ones under test).
 MAX_STAGE_ATOMS_DEEP_FRAGMENTS = 8
-# Staged stores (templates/mxfp4_staged_store.cuh): a consumer warp's outputs go through its part of a ring slot's x
-# bytes in token rows of 16 bytes per group of 8 output columns (Store and scatter: 2 groups, weight rows g and
-# g + 8; swiglu: 1 group of 8 channels); one stmatrix.x4 covers 4 matrices of 8 tokens x one group.
-STAGED_ROW_GROUPS = {"store": 2, "scatter": 2, "swiglu": 1}
-STAGED_GROUP_BYTES = 16
 
 _NAME = re.compile(
-    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_f(\d+))?(_ss)?(?:_(fp8))?(?:_(swiglu|scatter))?$"
+    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_f(\d+))?(?:_(fp8))?(?:_(swiglu|scatter))?$"
 )
 
 
@@ -87,11 +82,6 @@ class TileConfig:
                 fragment_buffers - 1 WGMMA chunks (64 deep) in flight while it decodes the next. 2 is the original
                 kernel; 3 needs tile_k >= 128 (the previous stage's slot is released after the stage's second chunk).
                 Names add ``_f<n>`` unless 2 (after ``_sk``, before ``_fp8``).
-    staged_stores
-                the epilogue's stores go through the unit's last ring slot (stmatrix, then one 16-byte store per
-                lane and 8 output columns) instead of one 2-byte store per value; the slot goes back to the producer
-                after the tile is stored. Needs tile_m >= 16 x warpgroups (32 x for swiglu). Names add ``_ss``
-                (after ``_f<n>``, before ``_fp8``).
     """
 
     tile_n: int = 128
@@ -105,7 +95,6 @@ class TileConfig:
     stream_k: bool = False
     activations: str = "bf16"
     fragment_buffers: int = DEFAULT_FRAGMENT_BUFFERS
-    staged_stores: bool = False
 
     @property
     def name(self) -> str:
@@ -113,7 +102,6 @@ class TileConfig:
         suffix += "_pw" if self.producer == "warp" else ""
         suffix += "_sk" if self.stream_k else ""
         suffix += f"_f{self.fragment_buffers}" if self.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS else ""
-        suffix += "_ss" if self.staged_stores else ""
         suffix += "_fp8" if self.activations == "fp8" else ""
         suffix += f"_{self.epilogue}" if self.epilogue != "store" else ""
         return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}{suffix}"
@@ -124,15 +112,14 @@ class TileConfig:
         if match is None:
             raise ValueError(
                 f"config name {name!r} is not of the form "
-                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_pw][_sk][_f<fragment_buffers>][_ss]"
-                "[_fp8]"
+                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_pw][_sk][_f<fragment_buffers>][_fp8]"
                 "[_swiglu|_scatter]"
             )
-        *numbers, ctas, producer_warp, stream_k, buffers, staged, fp8, epilogue = match.groups()
+        *numbers, ctas, producer_warp, stream_k, buffers, fp8, epilogue = match.groups()
         config = cls(
             *(int(v) for v in numbers), ctas_per_sm=int(ctas or 1), epilogue=epilogue or "store",
             producer="warp" if producer_warp else "warpgroup", stream_k=bool(stream_k), activations=fp8 or "bf16",
-            fragment_buffers=int(buffers or DEFAULT_FRAGMENT_BUFFERS), staged_stores=bool(staged),
+            fragment_buffers=int(buffers or DEFAULT_FRAGMENT_BUFFERS),
         )
         config.validate()
         return config
@@ -151,7 +138,6 @@ class TileConfig:
         shape += ", stream-K" if self.stream_k else ""
         if self.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS:
             shape += f", {self.fragment_buffers} fragment buffers ({self.fragment_buffers - 1} WGMMA chunks in flight)"
-        shape += ", staged stores" if self.staged_stores else ""
         if self.activations == "fp8":
             shape = f"W4A8 (e4m3 activations with row scales, E2M1 decoded to e4m3, FP8 WGMMA), {shape}"
         return shape if self.epilogue == "store" else f"{shape}, {self.epilogue} epilogue"
@@ -191,21 +177,6 @@ class TileConfig:
     @property
     def x_stage_bytes(self) -> int:
         return self.tile_m * self.tile_k * self.x_element_bytes
-
-    @property
-    def staged_chunk(self) -> int:
-        """Staged stores: the tokens each consumer warp stages at a time (rendered into the kernel): the most that
-        its share of a slot's x bytes holds, whole stmatrix blocks, a divisor of tile_m; 0 without staged stores,
-        or where not even one block fits."""
-        if not self.staged_stores:
-            return 0
-        row_bytes = STAGED_GROUP_BYTES * STAGED_ROW_GROUPS[self.epilogue]
-        block = 4 * 8 // STAGED_ROW_GROUPS[self.epilogue]  # tokens of one stmatrix.x4
-        chunk = min(self.tile_m, self.x_stage_bytes // (4 * self.warpgroups * row_bytes))
-        chunk -= chunk % block
-        while chunk > 0 and self.tile_m % chunk:
-            chunk -= block
-        return chunk
 
     @property
     def w_stage_bytes(self) -> int:
@@ -269,9 +240,9 @@ class TileConfig:
                 choices = {"epilogue": EPILOGUES, "activations": ACTIVATIONS, "producer": PRODUCERS}[field.name]
                 if value not in choices:
                     raise ValueError(f"{field.name}={value!r}: one of {choices}")
-            elif field.name in ("stream_k", "staged_stores"):
+            elif field.name == "stream_k":
                 if not isinstance(value, bool):
-                    raise ValueError(f"{field.name} must be a bool, got {value!r}")
+                    raise ValueError(f"stream_k must be a bool, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field.name} must be a positive int, got {value!r}")
         low, high = TILE_M_RANGE
@@ -299,12 +270,6 @@ class TileConfig:
                 f"{self.ctas_per_sm} CTAs of {self.threads} threads exceed the SM's {MAX_THREADS_PER_SM} threads"
             )
         self._validate_fragment_buffers()
-        if self.staged_stores and self.staged_chunk == 0:
-            groups = STAGED_ROW_GROUPS[self.epilogue]
-            raise ValueError(
-                f"staged_stores: tile_m={self.tile_m} with {self.warpgroups} consumer warpgroup(s) leaves each consumer "
-                f"warp less than {32 // groups} tokens of a slot's x bytes; needs tile_m >= {32 // groups} x warpgroups"
-            )
         if self.stages < MIN_STAGES:
             raise ValueError(f"stages={self.stages}: the pipeline needs at least {MIN_STAGES} stages")
         if self.accumulators_per_thread > 128:

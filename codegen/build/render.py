@@ -84,20 +84,14 @@ def render(config: TileConfig) -> str:
         epilogue=_EPILOGUE_ENUM[config.epilogue],
         fp8=config.activations == "fp8",
         entry_point=ENTRY_POINT,
-        **_trailing_arguments(config),
+        **_fragment_buffers(config),
     )
 
 
-def _trailing_arguments(config: TileConfig) -> dict[str, str]:
-    """KernelConfig's FragmentBuffers and StagedChunk arguments and the header's note, each empty at its default (the
-    template's default argument), so that the sources of the configs without them stay what they were before the
-    fields existed."""
-    arguments, note = "", ""
-    if config.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS or config.staged_stores:
-        arguments += f", {config.fragment_buffers}"
-    if config.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS:
-        note += f" fragment_buffers={config.fragment_buffers}"
-    if config.staged_stores:
-        arguments += f", {config.staged_chunk}"
-        note += f" staged_stores (chunk {config.staged_chunk} tokens)"
-    return {"trailing_arguments": arguments, "trailing_note": note}
+def _fragment_buffers(config: TileConfig) -> dict[str, str]:
+    """KernelConfig's FragmentBuffers argument and the header's note, empty at the default (the template's default
+    argument), so that the sources of the default-depth configs stay what they were before the field existed."""
+    if config.fragment_buffers == DEFAULT_FRAGMENT_BUFFERS:
+        return {"fragment_buffers_argument": "", "fragment_buffers_note": ""}
+    return {"fragment_buffers_argument": f", {config.fragment_buffers}",
+            "fragment_buffers_note": f" fragment_buffers={config.fragment_buffers}"}

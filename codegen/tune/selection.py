@@ -28,15 +28,11 @@ def configs_in_use() -> list[TileConfig]:
 # buffers (two WGMMA chunks in flight while the next decodes; no table picks them yet): the prefill twins of the
 # shipped n128_m256_k128_s5_wg2_fp8 and n128_m256_k128_s3_wg2, the M = 64 twins of n128_m64_k256_s4_wg2 (four chunks
 # a stage) and n128_m64_k128_s8_wg2_fp8, and one with stream-K (units that start and end inside a tile's k loop).
-# Then staged stores: the prefill twins of the shipped bf16 and FP8 configs, four warpgroups (a tile in several
-# chunks), stream-K (a cut share hands its held slot back too) and one consumer warpgroup with a producer warp.
 FAMILY_SAMPLES: tuple[str, ...] = (
     "n64_m8_k128_s6_wg1_c5_pw", "n128_m8_k128_s6_wg1_c3_pw_sk", "n128_m16_k128_s5_wg1_c3_sk",
     "n64_m8_k128_s6_wg1_c5_pw_sk", "n128_m64_k128_s7_wg2_pw_sk",
     "n128_m256_k128_s5_wg2_f3_fp8", "n128_m256_k128_s3_wg2_f3", "n128_m64_k256_s4_wg2_f3",
     "n128_m64_k128_s8_wg2_f3_fp8", "n128_m64_k128_s7_wg2_pw_sk_f3",
-    "n128_m256_k64_s5_wg2_ss", "n128_m256_k128_s5_wg2_ss_fp8", "n256_m64_k128_s6_wg4_ss",
-    "n128_m64_k128_s7_wg2_pw_sk_f3_ss", "n128_m32_k128_s4_wg1_c3_pw_ss",
 )
 
 

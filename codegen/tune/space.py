@@ -56,10 +56,6 @@ _STREAM_K_MAX_TILE_M = 16
 # tiles whose WGMMAs are long enough that the tensor pipe idles behind a chunk's decode: M = 64 and prefill tiles, on
 # the fat-CTA shapes that the tables pick there (one CTA per SM, two or more consumer warpgroups).
 _DEEP_FRAGMENTS_MIN_TILE_M = 64
-# Staged stores (16-byte stores through a held ring slot) shorten the epilogue, during which a CTA's tensor pipe
-# idles: worth a try where the epilogue is a tile's visible share, tile_m of 64 and up on one CTA per SM (at decode
-# a tile stores a few rows, and light CTAs hide each other's epilogues).
-_STAGED_STORES_MIN_TILE_M = 64
 
 
 @dataclass(frozen=True)
@@ -81,10 +77,7 @@ class SearchSpace:
     warpgroup), where its registers buy occupancy; stream-K only for light CTAs with tile_m up to 16
     (decode), where tiles fill the grid in few waves; more than the default 2 fragment buffers only for tile_m
     of 64 and up on one CTA per SM with 2+ consumer warpgroups, no stream-K (where the WGMMAs are long enough for
-    the decode to starve them); staged stores only for tile_m of 64 and up on one CTA per SM.
-    ``staged_stores``: without staged stores only, by default (``TileConfig.staged_stores``: built and tested on the
-    CPU, bitwise-checked against the direct stores by the GPU tests, not yet timed on a GPU, so no sweep picks it
-    unasked); ``(False, True)`` tries both, from tile_m 64 on one CTA per SM, and ``--configs`` names any.
+    the decode to starve them).
     ``fragment_buffers``: the register buffers of decoded weights swept (``TileConfig.fragment_buffers``).
     ``activations``: the kernel family swept, "bf16" (W4A16) or "fp8" (W4A8: tile_k multiples of 128 only,
     which validate() keeps); a sweep tunes one family, and the table keeps the families apart (table_key).
@@ -104,13 +97,11 @@ class SearchSpace:
     prune_families: bool = True
     activations: str = "bf16"
     fragment_buffers: tuple[int, ...] = FRAGMENT_BUFFER_CHOICES
-    staged_stores: tuple[bool, ...] = (False,)
 
     @classmethod
     def full(cls) -> "SearchSpace":
-        """Every valid combination, no pruning, staged stores included (about 10500 configs)."""
-        return cls(ctas_per_sm=CTAS_PER_SM_CHOICES, deepest_stages=None, min_stage_bytes=0, prune_families=False,
-                   staged_stores=(False, True))
+        """Every valid combination, no pruning (about 6400 configs)."""
+        return cls(ctas_per_sm=CTAS_PER_SM_CHOICES, deepest_stages=None, min_stage_bytes=0, prune_families=False)
 
     @classmethod
     def quick(cls) -> "SearchSpace":
@@ -129,11 +120,9 @@ def _valid(config: TileConfig) -> bool:
 
 
 def _family_worth_trying(tile_m: int, warpgroups: int, ctas: int, producer: str, stream_k: bool,
-                         fragment_buffers: int = DEFAULT_FRAGMENT_BUFFERS, staged_stores: bool = False) -> bool:
+                         fragment_buffers: int = DEFAULT_FRAGMENT_BUFFERS) -> bool:
     """SearchSpace's family pruning (see its docstring)."""
     light = ctas > 1 and warpgroups == 1
-    if staged_stores and (tile_m < _STAGED_STORES_MIN_TILE_M or ctas > 1):
-        return False
     if producer == "warp" and not light:
         return False
     if fragment_buffers != DEFAULT_FRAGMENT_BUFFERS and (
@@ -147,19 +136,18 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
     """The valid configs of ``space`` (default: ``SearchSpace()``), unique, ordered by tile_m then size."""
     space = space or SearchSpace()
     found: dict[str, TileConfig] = {}
-    for tile_n, tile_m, tile_k, warpgroups, ctas, producer, stream_k, buffers, staged in itertools.product(
+    for tile_n, tile_m, tile_k, warpgroups, ctas, producer, stream_k, buffers in itertools.product(
         space.tile_n, space.tile_m, space.tile_k, space.warpgroups, space.ctas_per_sm, space.producers, space.stream_k,
-        space.fragment_buffers, space.staged_stores,
+        space.fragment_buffers,
     ):
-        if space.prune_families and not _family_worth_trying(tile_m, warpgroups, ctas, producer, stream_k, buffers,
-                                                             staged):
+        if space.prune_families and not _family_worth_trying(tile_m, warpgroups, ctas, producer, stream_k, buffers):
             continue
         fitting = [
             config
             for stages in sorted(set(space.stages))
             if _valid(config := TileConfig(tile_n, tile_m, tile_k, stages, warpgroups, ctas, producer=producer,
                                            stream_k=stream_k, activations=space.activations,
-                                           fragment_buffers=buffers, staged_stores=staged))
+                                           fragment_buffers=buffers))
         ]
         if not fitting:
             continue
@@ -174,7 +162,7 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
             if config.activations == space.activations:
                 found.setdefault(config.name, config)
     return sorted(found.values(), key=lambda c: (c.tile_m, c.tile_n, c.tile_k, c.warpgroups, c.ctas_per_sm,
-                                                 c.producer, c.stream_k, c.fragment_buffers, c.staged_stores, c.stages))
+                                                 c.producer, c.stream_k, c.fragment_buffers, c.stages))
 
 
 def tile_m_window(tokens_per_expert: int, routings: Sequence[str] = ("uniform",)) -> tuple[int, int]:
