@@ -569,6 +569,35 @@ def reference_moe_float64(
     return out
 
 
+def _explain_fused_layer(x: torch.Tensor, routed: int, gate_up: PackedMXFP4 | PackedMXFP4FP8,
+                         down: PackedMXFP4 | PackedMXFP4FP8, device_name: str | None, activations: str,
+                         skip_invalid_ids: bool) -> list[str]:
+    """explain_moe's lines for the fused SM90 layer: the planned five kernels, or the launch-by-launch steps (FP8
+    activations, foreign ids), how an eager call launches them, and the two GEMMs' configs."""
+    from .fused import fused_config
+    from .graphs import GRAPH_MAX_TOKENS, moe_graphs_enabled
+
+    if activations == "fp8" or skip_invalid_ids:
+        gather = "the quantizer gathering x's rows to e4m3" if activations == "fp8" else "gather"
+        between = ", the activated rows quantized" if activations == "fp8" else ""
+        layer = (f"fused epilogues, launch by launch: device routing, {gather}, gate_up with the SwiGLU "
+                 f"epilogue{between}, down with the scatter epilogue (bias, routing weight, token slots), top-k sum "
+                 "in slot order")
+        replay = portable_graphs.explain_replay(x, -(-routed // gate_up.num_experts), activations,
+                                                portable_graphs.SM90_STEPS)
+    else:
+        layer = ("fused: device routing, gather, gate_up with the SwiGLU epilogue, down with the scatter epilogue "
+                 "(bias, routing weight, token slots), top-k sum in slot order: five kernels")
+        replay = (f"plain eager calls at T <= {GRAPH_MAX_TOKENS} replay the five as one CUDA graph from their second "
+                  "call (bf16 contiguous biases)" if moe_graphs_enabled() else "off (set_moe_graphs(False) or "
+                  "HOPPER_MXFP4_MOE_GRAPHS=0): five launches per call")
+    lines = [f"  layer:     {layer}", f"  launches:  {replay}"]
+    for name, w, kind in (("gate_up", gate_up, "swiglu"), ("down", down, "scatter")):
+        config = fused_config(w, routed, kind, device_name)
+        lines.append(f"  {name + ':':10s} {config.name} ({config.family})")
+    return lines
+
+
 def explain_moe(
     x: torch.Tensor, topk_ids: torch.Tensor, gate_up: PackedMXFP4 | PackedMXFP4FP8, down: PackedMXFP4 | PackedMXFP4FP8,
     *, activations: str = "bf16", skip_invalid_ids: bool = False,
@@ -593,33 +622,8 @@ def explain_moe(
         "  activations: " + ("fp8: x quantized per token and the activated rows per row (e4m3, one float32 scale "
                              "per row), mxfp4.quantize_activations" if activations == "fp8" else "bf16"),
     ]
-    if choice.path == SM90 and paired and (activations == "fp8" or skip_invalid_ids):
-        from .fused import fused_config
-
-        gather = "the quantizer gathering x's rows to e4m3" if activations == "fp8" else "gather"
-        between = ", the activated rows quantized" if activations == "fp8" else ""
-        lines.append(f"  layer:     fused epilogues, launch by launch: device routing, {gather}, gate_up with the "
-                     f"SwiGLU epilogue{between}, down with the scatter epilogue (bias, routing weight, token slots), "
-                     "top-k sum in slot order")
-        lines.append("  launches:  "
-                     + portable_graphs.explain_replay(x, -(-routed // gate_up.num_experts), activations,
-                                                      portable_graphs.SM90_STEPS))
-        for name, w, kind in (("gate_up", gate_up, "swiglu"), ("down", down, "scatter")):
-            config = fused_config(w, routed, kind, choice.device_name)
-            lines.append(f"  {name + ':':10s} {config.name} ({config.family})")
-    elif choice.path == SM90 and paired:
-        from .fused import fused_config
-        from .graphs import GRAPH_MAX_TOKENS, moe_graphs_enabled
-
-        lines.append("  layer:     fused: device routing, gather, gate_up with the SwiGLU epilogue, down with the "
-                     "scatter epilogue (bias, routing weight, token slots), top-k sum in slot order: five kernels")
-        replay = (f"plain eager calls at T <= {GRAPH_MAX_TOKENS} replay the five as one CUDA graph from their second "
-                  "call (bf16 contiguous biases)" if moe_graphs_enabled() else "off (set_moe_graphs(False) or "
-                  "HOPPER_MXFP4_MOE_GRAPHS=0): five launches per call")
-        lines.append(f"  launches:  {replay}")
-        for name, w, kind in (("gate_up", gate_up, "swiglu"), ("down", down, "scatter")):
-            config = fused_config(w, routed, kind, choice.device_name)
-            lines.append(f"  {name + ':':10s} {config.name} ({config.family})")
+    if choice.path == SM90 and paired:
+        lines += _explain_fused_layer(x, routed, gate_up, down, choice.device_name, activations, skip_invalid_ids)
     elif choice.path == SM90:
         lines.append("  layer:     unfused: gate_up is not paired (pack it with mxfp4.pack_gate_up for the fused "
                      "kernels); two grouped_mm calls with the bias, activation and combine in torch")
