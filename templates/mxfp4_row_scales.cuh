@@ -14,22 +14,9 @@
 
 namespace mxfp4 {
 
-// The two factors of an accumulator under FP8 activations (x_scale not null), whose product scales it (x first, then
-// W: one rounding per accumulator): token row `row`'s x_scale (0 where the row is past the expert's, `valid` false,
-// so nothing past the array is read) and weight row n's w_scale (W4A8; 1 for the W4A16 kernel; 0 at or past n).
-template <class Params>
-__device__ __forceinline__ float x_row_factor(Params const& p, int row, bool valid) {
-  return valid ? p.x_scale[row] : 0.0f;
-}
-
-template <bool Fp8, class Params>
-__device__ __forceinline__ float w_row_factor(Params const& p, int expert, int n) {
-  return !Fp8 ? 1.0f : (n < p.n ? p.w_scale[static_cast<size_t>(expert) * p.w_scale_stride + n] : 0.0f);
-}
-
 // acc[a][4 i + r]: weight row n_base + kAtomN a + 8 (r >> 1), tile row 8 i + 2 t + (r & 1) (the WGMMA
 // accumulator layout, as store_tile reads it). Rows at or past m_limit and weight rows at or past n are
-// never stored; their factors are 0.
+// never stored; their factors are 0 so that nothing past the scale arrays is read.
 template <bool Fp8, int A, int Acc, class Params>
 __device__ __forceinline__ void apply_row_scales(float (&acc)[A][Acc], Params const& p, int expert, int row0,
                                                  int m_limit, int n_base, int t) {
@@ -38,13 +25,16 @@ __device__ __forceinline__ void apply_row_scales(float (&acc)[A][Acc], Params co
 #pragma unroll
   for (int a = 0; a < A; ++a)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) w[a][h] = w_row_factor<Fp8>(p, expert, n_base + kAtomN * a + 8 * h);
+    for (int h = 0; h < 2; ++h) {
+      int const n = n_base + kAtomN * a + 8 * h;
+      w[a][h] = !Fp8 ? 1.0f : (n < p.n ? p.w_scale[static_cast<size_t>(expert) * p.w_scale_stride + n] : 0.0f);
+    }
 #pragma unroll
   for (int i = 0; i < Acc / 4; ++i)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       int const m = 8 * i + 2 * t + r;
-      float const x = x_row_factor(p, row0 + m, m < m_limit);
+      float const x = m < m_limit ? p.x_scale[row0 + m] : 0.0f;
 #pragma unroll
       for (int a = 0; a < A; ++a) {
         acc[a][4 * i + r] *= x * w[a][0];

@@ -352,14 +352,21 @@ def _build_on_second_sight(key: Hashable, owners: tuple, x: torch.Tensor, topk_i
     return entry
 
 
+def _layer_name(key: Hashable) -> str:
+    """The captured composition, in words, for a warning: "the portable layer" or the SM90 layer's steps."""
+    return "the portable layer" if key[-1] == PORTABLE else "the SM90 layer's launch-by-launch steps"
+
+
 def _capture_failed(key: Hashable, pool_key: Hashable, error: Exception) -> None:
     _drop_pool_if_unused(pool_key)
-    _mark_failed(key, error, "capturing the portable layer as a CUDA graph failed")
+    _mark_failed(key, error, f"capturing {_layer_name(key)} as a CUDA graph failed")
 
 
-def _mark_failed(key: Hashable, error: Exception, what: str = "launching the portable layer's CUDA graph failed") -> None:
-    """``key`` runs eagerly from now on; the first such key warns."""
+def _mark_failed(key: Hashable, error: Exception, what: str | None = None) -> None:
+    """``key`` runs eagerly from now on; the first such key warns (``what`` failed: by default, launching the
+    key's graph)."""
     global _warned
+    what = what or f"launching {_layer_name(key)}'s CUDA graph failed"
     if len(_failed) >= MAX_GRAPHS:
         _failed.clear()
     _failed.add(key)
