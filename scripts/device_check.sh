@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, run on an SM90 GPU (the H200, earlier the H100) through the device tool:
 #   device run: bash scripts/device_check.sh [STEP ...]     (default: tests sanitize bench)
-# with carry=[".whl"], where .whl holds the wheels the device machine lacks:
+# with carry=[".whl"], where .whl holds the wheels the device machine lacks (scripts/fetch_device_wheels.sh gets them):
 #   nvidia-cutlass==4.2.0.0, nvidia-cuda-cccl==13.0.85 (every step: the kernel build), and for the
 #   humming column humming-kernels==0.1.19 + packaging (bench, bench-full, bench-120b, host, ncu).
 #   The portable kernel (tests, sanitize, fallback) uses the Triton that ships with the machine's torch.
@@ -36,6 +36,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
+# Without the CUTLASS headers no kernel builds and every step would fail after minutes: stop here instead.
+python3 -c "import sys; from codegen.build.toolchain import find_cutlass_include as f; sys.exit(f() is None)" || {
+  echo "device_check: no nvidia-cutlass on this machine and none carried: run scripts/fetch_device_wheels.sh where"
+  echo "the package registries are reachable, then call the device tool with carry=[\".whl\"]"; exit 1; }
 export PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # humming's JIT needs it
 export HOPPER_MXFP4_CACHE=${HOPPER_MXFP4_CACHE:-/tmp/hopper-mxfp4-cache}
