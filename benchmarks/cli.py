@@ -93,9 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ncu-case --prefill: instead of the five paths, ours with each of these tile configs "
                              "forced (W4A16 for a bf16 config, W4A8 for an _fp8 one), in this order")
     parser.add_argument("--mma-roof", action="store_true",
-                        help="ncu-case --prefill --configs: after each config, its roof builds (no decode, no epilogue, "
-                             "neither: what the pipeline and the tensor cores cost without them; output not the "
-                             "product)")
+                        help="ncu-case --prefill --configs: after each config, its roof builds (no decode, no "
+                             "epilogue, neither: what the pipeline and the tensor cores cost without them; output "
+                             "not the product)")
     parser.add_argument("--no-humming", action="store_true", help="leave humming out (grouped, host, fp8, ncu-case)")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay times")
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG")

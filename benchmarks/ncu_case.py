@@ -69,8 +69,8 @@ PREFILL_PATHS = ("W4A16", "W4A8", "torch fp8", "torch bf16", "humming fp8")  # t
 
 def prefill_paths(configs: str, mma_roof: bool = False) -> dict[str, Callable[[Any], Any]]:
     """The profiled paths in order: the five of PREFILL_PATHS, or (``--configs``) ours with each config forced,
-    each followed by its roof builds (fp8_paths.ROOF_BUILDS) with ``mma_roof``. A malformed config name raises ValueError before any
-    weights are built."""
+    each followed by its roof builds (fp8_paths.ROOF_BUILDS) with ``mma_roof``. A malformed config name raises
+    ValueError before any weights are built."""
     from . import fp8_paths
 
     names = [name for name in configs.split(",") if name]
