@@ -38,6 +38,30 @@ __device__ __forceinline__ float gpt_oss_swiglu(float gate, float up, float alph
   return (up + 1.0f) * glu;
 }
 
+// Two fp32 values as one bf16 pair, `low` in bits 0-15 (one F2FP; each half rounds as float_to_bf16 does).
+__device__ __forceinline__ uint32_t pack_bf16x2(float low, float high) {
+  uint32_t bits;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(bits) : "f"(high), "f"(low));
+  return bits;
+}
+
+// The paired stores' exchange. A WGMMA accumulator thread holds, for one output column c, the values of two
+// adjacent x rows (2t and 2t + 1), packed as `rows` (row 2t low); the thread of column c ^ 1 is lane ^ 4 (the next
+// or previous g). After one shuffle the even-column lane holds row 2t at columns (c, c + 1) and the odd-column
+// lane row 2t + 1 at (c - 1, c): one 4-byte store each instead of two 2-byte ones. Every lane of the warp calls it.
+__device__ __forceinline__ uint32_t pair_columns(uint32_t rows, bool odd_column) {
+  uint32_t const partner = __shfl_xor_sync(0xffffffffu, rows, 4);
+  // even: (own low, partner's low); odd: (partner's high, own high)
+  return __byte_perm(rows, partner, odd_column ? 0x3276u : 0x5410u);
+}
+
+// Whether the paired stores apply: every pair of output columns (c, c + 1) with c even is 4-byte aligned and either
+// both in range or both out (an even column count; gpt-oss's are all even). The plain stores cover the rest.
+template <class Params>
+__device__ __forceinline__ bool paired_stores_fit(Params const& p) {
+  return (p.out_cols & 1) == 0 && (reinterpret_cast<size_t>(p.out) & 3u) == 0;
+}
+
 // One accumulator of weight row n and x row `row` (Store, ScaleScatter).
 template <Epilogue Kind, class Params>
 __device__ __forceinline__ void store_one(Params const& p, int expert, int row, int n, float acc) {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -35,7 +36,7 @@ from codegen.build.compiler import (
 )
 from codegen.build.config import DEFAULT_CONFIGS, TileConfig
 from codegen.build.progress import Progress
-from codegen.build.sass import sass_unavailable_reason, summarize_sass
+from codegen.build.sass import dump_sass, sass_unavailable_reason, summarize_sass
 from codegen.build.toolchain import _cccl_warnings, _probe, check_toolchain
 from codegen.runtime.launch import (
     COPY_ONLY_OPTION,
@@ -723,6 +724,26 @@ def test_roof_sass_keeps_the_pipelined_wgmma_and_drops_its_part(config, flags):
         assert b.opcodes.get("STG", 0) == 1 < a.opcodes.get("STG", 0), (a.opcodes.get("STG"), b.opcodes.get("STG"))
     assert serialized_wgmma(roof.ptxas_notes) == (), roof.log
     assert roof.resources.spills == 0 and config.register_pool_suffices(roof.resources.registers)
+
+
+# The epilogue's paired stores (store_tile_paired): one 4-byte store per two output columns of a row, unrolled over
+# the tile, beside the plain 2-byte path that covers odd column counts.
+PAIRED_STORE_SAMPLES = [TileConfig.from_name(name) for name in (
+    "n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m256_k64_s5_wg2_swiglu", "n128_m64_k128_s8_wg2_fp8_scatter")]
+
+
+@needs_render
+@needs_sass
+@pytest.mark.parametrize("config", PAIRED_STORE_SAMPLES, ids=lambda config: config.name)
+def test_epilogue_stores_column_pairs(config):
+    _skip_unless_buildable()
+    text = dump_sass(compile_kernel(config).cubin)
+    words = len(re.findall(r"\bSTG\.E\s", text))  # 4-byte global stores
+    halves = len(re.findall(r"\bSTG\.E\.U16\s", text))
+    atoms = config.tile_n // 64 // config.warpgroups
+    stores_per_row_block = 1 if config.epilogue == "swiglu" else 2  # a SwiGLU thread holds one output column
+    assert words == atoms * config.tile_m // 8 * stores_per_row_block, (words, halves)
+    assert halves == 2 * words  # the plain path: one 2-byte store per value
 
 
 @needs_render
