@@ -51,7 +51,8 @@ struct alignas(64) TensorMap {
 };
 
 template <int TileN_, int TileM_, int TileK_, int Stages_, int Warpgroups_, int ProducerRegs_, int ConsumerRegs_,
-          Epilogue Epilogue_, bool ProducerWarp_, bool StreamK_, bool Fp8_ = false, int FragmentBuffers_ = 2>
+          Epilogue Epilogue_, bool ProducerWarp_, bool StreamK_, bool Fp8_ = false, int FragmentBuffers_ = 2,
+          bool PingPong_ = false>
 struct KernelConfig {
   static constexpr bool ProducerWarp = ProducerWarp_;  // a producer warp (no setmaxnreg), not a warpgroup
   static constexpr bool StreamK = StreamK_;
@@ -60,6 +61,11 @@ struct KernelConfig {
   // Register buffers of decoded A fragments per consumer warpgroup (TileConfig.fragment_buffers; rendered only when
   // not 2): FragmentBuffers - 1 WGMMA chunks stay in flight while the next one decodes (consume_stage).
   static constexpr int FragmentBuffers = FragmentBuffers_;
+  // Ping-pong (TileConfig.pingpong; rendered only when true): each of the two consumer warpgroups owns whole tiles,
+  // taking turns (the CTA's work units 0, 2, 4, ... and 1, 3, 5, ...), so that one's epilogue runs while the other
+  // issues WGMMAs. Otherwise the consumer warpgroups split every tile's weight rows between them.
+  static constexpr bool PingPong = PingPong_;
+  static constexpr int SlotReaders = PingPong ? 1 : Warpgroups_;  // consumer warpgroups that read each ring slot
   static constexpr int TileN = TileN_;
   static constexpr int TileM = TileM_;
   static constexpr int TileK = TileK_;
@@ -70,7 +76,7 @@ struct KernelConfig {
   static constexpr int Threads = 128 * Warpgroups + (ProducerWarp ? 32 : 128);
   static constexpr int AtomsN = TileN / kAtomN;                // weight atoms along N per tile
   static constexpr int AtomsK = TileK / kAtomK;                // weight atoms along K per stage
-  static constexpr int AtomsPerWarpgroup = AtomsN / Warpgroups;
+  static constexpr int AtomsPerWarpgroup = PingPong ? AtomsN : AtomsN / Warpgroups;
   static constexpr int XElementBytes = Fp8 ? 1 : 2;
   static constexpr int XChunkK = kSwizzleRowBytes / XElementBytes;  // K of one swizzled row: 64 or 128
   static constexpr int AtomsPerXChunk = XChunkK / kAtomK;
@@ -80,7 +86,8 @@ struct KernelConfig {
   static constexpr int XChunkBytes = TileM * kSwizzleRowBytes;  // one 128-byte-wide column block of x
   static constexpr int WStageBytes = AtomsN * AtomsK * kAtomBytes;
   static constexpr int Accumulators = TileM / 2;               // per thread, per 64-row block
-  static_assert(TileN % (kAtomN * Warpgroups) == 0, "tile_n must split into 64-row blocks per warpgroup");
+  static_assert(TileN % (kAtomN * (PingPong ? 1 : Warpgroups)) == 0, "tile_n must split into 64-row blocks per warpgroup");
+  static_assert(!PingPong || (Warpgroups == 2 && !StreamK), "ping-pong: two consumer warpgroups, whole tiles");
   static_assert(TileM % 8 == 0 && TileM >= 8 && TileM <= 256, "tile_m is WGMMA's N");
   static_assert(XChunkBytes % 1024 == 0, "128B-swizzled x chunks must stay 1024-byte aligned");
   static_assert(TileK % XChunkK == 0, "a stage holds whole 128-byte rows of x");
@@ -142,6 +149,13 @@ struct RingPosition {
   template <int Stages>
   __device__ __forceinline__ void advance() {
     if (++slot == Stages) { slot = 0; phase ^= 1u; }
+  }
+  // Past `steps` stages that another consumer warpgroup reads (ping-pong).
+  template <int Stages>
+  __device__ __forceinline__ void advance_by(int steps) {
+    int const position = slot + steps;
+    slot = position % Stages;
+    phase ^= static_cast<uint32_t>(position / Stages) & 1u;
   }
 };
 
@@ -391,7 +405,7 @@ __device__ __forceinline__ void consume_period(Stage& stage, int& kt, int begin)
 // 8 i + 2 t + odd at the column pair that starts at (its column) - odd.
 template <class Cfg, class Params>
 __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
-                                                  ExpertRows const& rows, int consumer, int tid) {
+                                                  ExpertRows const& rows, int first_atom, int tid) {
   int const warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
   int const odd = g & 1;
   int const m_base = tile.m_tile * Cfg::TileM;
@@ -399,7 +413,7 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
   int const row0 = rows.start + m_base;
 #pragma unroll
   for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
-    int const n0 = tile.n_tile * Cfg::TileN + (consumer * Cfg::AtomsPerWarpgroup + a) * kAtomN + 16 * warp + g;
+    int const n0 = tile.n_tile * Cfg::TileN + (first_atom + a) * kAtomN + 16 * warp + g;
     if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
       int const channel = (n0 >> 4) * 8 + (n0 & 7);  // even for even g: the pair is (channel - odd, + 1)
       bool const in_range = n0 < p.n;
@@ -460,9 +474,9 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
 
 template <class Cfg, class Params>
 __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
-                                           ExpertRows const& rows, int consumer, int tid) {
+                                           ExpertRows const& rows, int first_atom, int tid) {
   if (paired_stores_fit(p)) {  // uniform
-    store_tile_paired(st, p, tile, rows, consumer, tid);
+    store_tile_paired(st, p, tile, rows, first_atom, tid);
     return;
   }
   int const warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
@@ -470,7 +484,7 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
   int const m_limit = rows.count - m_base;  // valid tokens in this tile
 #pragma unroll
   for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
-    int const n0 = tile.n_tile * Cfg::TileN + (consumer * Cfg::AtomsPerWarpgroup + a) * kAtomN + 16 * warp + g;
+    int const n0 = tile.n_tile * Cfg::TileN + (first_atom + a) * kAtomN + 16 * warp + g;
 #pragma unroll
     for (int i = 0; i < Cfg::TileM / 8; ++i) {
       // acc[a][4 i + r]: weight row n0 + 8 (r >> 1), x row 8 i + 2 t + (r & 1) of the tile.
@@ -494,6 +508,28 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
   }
 }
 
+// Ping-pong turns on hardware barriers 5 and 6 (0 is __syncthreads, 1..4 stream-K's), 256 threads each: the
+// warpgroup that has waited for its unit's last stage arrives on the other's barrier; the other syncs on its own before
+// waiting for its next unit's first stage. So a warpgroup never waits on a full barrier more than one phase ahead
+// (a parity wait cannot tell phase p from p + 2), and the two take the tensor cores in turns.
+template <int Id>
+__device__ __forceinline__ void sync_256_threads() {
+  asm volatile("bar.sync %0, 256;" ::"n"(Id) : "memory");
+}
+
+template <int Id>
+__device__ __forceinline__ void arrive_256_threads() {
+  asm volatile("bar.arrive %0, 256;" ::"n"(Id) : "memory");
+}
+
+__device__ __forceinline__ void wait_for_turn(int consumer) {
+  if (consumer == 0) sync_256_threads<5>(); else sync_256_threads<6>();
+}
+
+__device__ __forceinline__ void pass_turn(int consumer) {
+  if (consumer == 0) arrive_256_threads<6>(); else arrive_256_threads<5>();
+}
+
 template <class Cfg, class Params>
 __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> const& s, int n_tiles, int total_tiles,
                                         int consumer, int tid) {
@@ -503,10 +539,20 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
   WaitProbe probe(tid == 0);
   Timeline line(tid == 0);
   int const k_tiles = (p.k_atoms + Cfg::AtomsK - 1) / Cfg::AtomsK;
-  int const atom_offset = consumer * Cfg::AtomsPerWarpgroup * Cfg::AtomsK * kAtomBytes;
+  int const first_atom = Cfg::PingPong ? 0 : consumer * Cfg::AtomsPerWarpgroup;  // of the tile's atoms along N
+  int const atom_offset = first_atom * Cfg::AtomsK * kAtomBytes;
   WorkCursor<Cfg::StreamK> work(total_tiles, k_tiles);
   WorkUnit unit;
+  int unit_index = 0;  // ping-pong: the CTA's units alternate between the two consumer warpgroups
   while (work.fetch(k_tiles, unit)) {
+    if constexpr (Cfg::PingPong) {
+      int const index = unit_index++;
+      if ((index & 1) != consumer) {  // the other warpgroup's unit: its stages pass by
+        ring.advance_by<Cfg::Stages>(unit.k_end - unit.k_begin);
+        continue;
+      }
+      if (index > 0) wait_for_turn(consumer);
+    }
     Tile const tile = tile_coords(s.tile_prefix, p.num_experts, n_tiles, unit.tile);
     ExpertRows const rows = expert_rows(p, tile.expert);
 #pragma unroll
@@ -561,6 +607,9 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
         cute::warpgroup_wait<0>();
       }
     }
+    if constexpr (Cfg::PingPong) {
+      if (work.has_next()) pass_turn(consumer);  // every stage of the unit has landed: the other may wait for its own
+    }
     if constexpr (!copy_only_build()) {
       // Every slot of the unit is released exactly once: a stage's slot by the next stage (consume_stage, or above
       // with F > 2), the last stage's here, when all of the unit's WGMMAs are complete.
@@ -580,8 +629,8 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
       keep_accumulators_live(st.acc, p.out);
       continue;
     }
-    apply_tile_row_scales<Cfg>(st.acc, p, tile, rows, consumer, tid);  // FP8 activations: x (and W) row scales
-    store_tile(st, p, tile, rows, consumer, tid);
+    apply_tile_row_scales<Cfg>(st.acc, p, tile, rows, first_atom, tid);  // FP8 activations: x (and W) row scales
+    store_tile(st, p, tile, rows, first_atom, tid);
   }
   probe.template flush<kProbeConsumerCycles>();
   line.flush();
@@ -597,7 +646,7 @@ __device__ __forceinline__ void grouped_mm_kernel(Params const& p) {
 #pragma unroll
     for (int i = 0; i < Cfg::Stages; ++i) {
       cutlass::arch::ClusterTransactionBarrier::init(&s.full[i], 1);
-      cutlass::arch::ClusterBarrier::init(&s.empty[i], 4 * Cfg::Warpgroups);  // one arrival per consumer warp
+      cutlass::arch::ClusterBarrier::init(&s.empty[i], 4 * Cfg::SlotReaders);  // one arrival per reading warp
     }
     cutlass::arch::fence_barrier_init();
   }

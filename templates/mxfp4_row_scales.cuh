@@ -43,11 +43,12 @@ __device__ __forceinline__ void apply_row_scales(float (&acc)[A][Acc], Params co
     }
 }
 
-// The tile of `consumer` warpgroup thread `tid` (the same accumulator-to-output mapping as store_tile).
+// The tile's atoms first_atom, first_atom + 1, ... of consumer thread `tid` (the same accumulator-to-output mapping as
+// store_tile).
 template <class Cfg, int A, int Acc, class Params>
 __device__ __forceinline__ void apply_tile_row_scales(float (&acc)[A][Acc], Params const& p, Tile const& tile,
-                                                      ExpertRows const& rows, int consumer, int tid) {
-  int const n_base = tile.n_tile * Cfg::TileN + consumer * Cfg::AtomsPerWarpgroup * kAtomN + 16 * (tid >> 5) + ((tid & 31) >> 2);
+                                                      ExpertRows const& rows, int first_atom, int tid) {
+  int const n_base = tile.n_tile * Cfg::TileN + first_atom * kAtomN + 16 * (tid >> 5) + ((tid & 31) >> 2);
   int const m_base = tile.m_tile * Cfg::TileM;
   apply_row_scales<Cfg::Fp8>(acc, p, tile.expert, rows.start + m_base, rows.count - m_base, n_base, tid & 3);
 }

@@ -101,6 +101,8 @@ struct WorkCursor {
     }
   }
 
+  __device__ __forceinline__ bool has_next() const { return next < end; }
+
   __device__ __forceinline__ bool fetch(int k_tiles, WorkUnit& unit) {
     if (next >= end) return false;
     if constexpr (StreamK) {

@@ -50,7 +50,7 @@ DEFAULT_FRAGMENT_BUFFERS = 2
 MAX_STAGE_ATOMS_DEEP_FRAGMENTS = 8
 
 _NAME = re.compile(
-    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_f(\d+))?(?:_(fp8))?(?:_(swiglu|scatter))?$"
+    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_f(\d+))?(_pp)?(?:_(fp8))?(?:_(swiglu|scatter))?$"
 )
 
 
@@ -82,6 +82,10 @@ class TileConfig:
                 fragment_buffers - 1 WGMMA chunks (64 deep) in flight while it decodes the next. 2 is the original
                 kernel; 3 needs tile_k >= 128 (the previous stage's slot is released after the stage's second chunk).
                 Names add ``_f<n>`` unless 2 (after ``_sk``, before ``_fp8``).
+    pingpong    the two consumer warpgroups own whole tiles and take turns (the CTA's tiles 0, 2, ... and 1, 3, ...):
+                one stores its tile while the other's WGMMAs run, instead of both storing while the tensor cores
+                idle. Each warpgroup holds the whole tile_n x tile_m accumulator block. Needs warpgroups=2, no
+                stream-K. Names add ``_pp`` (after ``_f<n>``, before ``_fp8``).
     """
 
     tile_n: int = 128
@@ -95,6 +99,7 @@ class TileConfig:
     stream_k: bool = False
     activations: str = "bf16"
     fragment_buffers: int = DEFAULT_FRAGMENT_BUFFERS
+    pingpong: bool = False
 
     @property
     def name(self) -> str:
@@ -102,6 +107,7 @@ class TileConfig:
         suffix += "_pw" if self.producer == "warp" else ""
         suffix += "_sk" if self.stream_k else ""
         suffix += f"_f{self.fragment_buffers}" if self.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS else ""
+        suffix += "_pp" if self.pingpong else ""
         suffix += "_fp8" if self.activations == "fp8" else ""
         suffix += f"_{self.epilogue}" if self.epilogue != "store" else ""
         return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}{suffix}"
@@ -112,14 +118,15 @@ class TileConfig:
         if match is None:
             raise ValueError(
                 f"config name {name!r} is not of the form "
-                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_pw][_sk][_f<fragment_buffers>][_fp8]"
+                "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_pw][_sk][_f<fragment_buffers>][_pp]"
+                "[_fp8]"
                 "[_swiglu|_scatter]"
             )
-        *numbers, ctas, producer_warp, stream_k, buffers, fp8, epilogue = match.groups()
+        *numbers, ctas, producer_warp, stream_k, buffers, pingpong, fp8, epilogue = match.groups()
         config = cls(
             *(int(v) for v in numbers), ctas_per_sm=int(ctas or 1), epilogue=epilogue or "store",
             producer="warp" if producer_warp else "warpgroup", stream_k=bool(stream_k), activations=fp8 or "bf16",
-            fragment_buffers=int(buffers or DEFAULT_FRAGMENT_BUFFERS),
+            fragment_buffers=int(buffers or DEFAULT_FRAGMENT_BUFFERS), pingpong=bool(pingpong),
         )
         config.validate()
         return config
@@ -136,6 +143,7 @@ class TileConfig:
             shape = f"warp-specialized: one CTA per SM, {self.warpgroups} consumer warpgroup(s)"
         shape += ", a producer warp" if self.producer == "warp" else ""
         shape += ", stream-K" if self.stream_k else ""
+        shape += ", ping-pong (the consumer warpgroups take whole tiles in turns)" if self.pingpong else ""
         if self.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS:
             shape += f", {self.fragment_buffers} fragment buffers ({self.fragment_buffers - 1} WGMMA chunks in flight)"
         if self.activations == "fp8":
@@ -145,8 +153,8 @@ class TileConfig:
     # Derived quantities the template and the launcher share.
     @property
     def atoms_per_warpgroup(self) -> int:
-        """64-row WGMMA blocks of W each consumer warpgroup owns."""
-        return self.tile_n // (ATOM_N * self.warpgroups)
+        """64-row WGMMA blocks of W each consumer warpgroup owns (ping-pong: all of its tile's)."""
+        return self.tile_n // (ATOM_N * (1 if self.pingpong else self.warpgroups))
 
     @property
     def k_atoms_per_stage(self) -> int:
@@ -240,9 +248,9 @@ class TileConfig:
                 choices = {"epilogue": EPILOGUES, "activations": ACTIVATIONS, "producer": PRODUCERS}[field.name]
                 if value not in choices:
                     raise ValueError(f"{field.name}={value!r}: one of {choices}")
-            elif field.name == "stream_k":
+            elif field.name in ("stream_k", "pingpong"):
                 if not isinstance(value, bool):
-                    raise ValueError(f"stream_k must be a bool, got {value!r}")
+                    raise ValueError(f"{field.name} must be a bool, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field.name} must be a positive int, got {value!r}")
         low, high = TILE_M_RANGE
@@ -257,10 +265,15 @@ class TileConfig:
             raise ValueError(f"tile_k={self.tile_k}: at most {MAX_TILE_K} (the decode loop is unrolled over a stage)")
         if self.warpgroups not in WARPGROUP_CHOICES:
             raise ValueError(f"warpgroups={self.warpgroups}: one of {WARPGROUP_CHOICES} consumer warpgroups")
-        if self.tile_n % (ATOM_N * self.warpgroups):
+        if self.pingpong and (self.warpgroups != 2 or self.stream_k):
+            raise ValueError(f"pingpong: needs warpgroups=2 and no stream-K (got warpgroups={self.warpgroups}, "
+                             f"stream_k={self.stream_k}): two warpgroups take whole tiles in turns")
+        if self.tile_n % (ATOM_N * self.warpgroups) and not self.pingpong:
             raise ValueError(
                 f"tile_n={self.tile_n}: must be a multiple of 64 x warpgroups = {ATOM_N * self.warpgroups}"
             )
+        if self.tile_n % ATOM_N:
+            raise ValueError(f"tile_n={self.tile_n}: must be a multiple of {ATOM_N}")
         if self.atoms_per_warpgroup > MAX_ATOMS_PER_WARPGROUP:
             raise ValueError(f"tile_n={self.tile_n}: at most {MAX_ATOMS_PER_WARPGROUP} blocks of 64 rows per warpgroup")
         if self.ctas_per_sm not in CTAS_PER_SM_CHOICES:
@@ -274,7 +287,7 @@ class TileConfig:
             raise ValueError(f"stages={self.stages}: the pipeline needs at least {MIN_STAGES} stages")
         if self.accumulators_per_thread > 128:
             raise ValueError(
-                f"tile_n / warpgroups x tile_m = {self.tile_n // self.warpgroups} x {self.tile_m} needs "
+                f"{ATOM_N * self.atoms_per_warpgroup} x {self.tile_m} rows per warpgroup needs "
                 f"{self.accumulators_per_thread} fp32 accumulators per thread; at most 128 fit in registers"
             )
         # Accumulators + the buffers of A fragments + addressing.

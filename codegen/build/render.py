@@ -89,9 +89,15 @@ def render(config: TileConfig) -> str:
 
 
 def _fragment_buffers(config: TileConfig) -> dict[str, str]:
-    """KernelConfig's FragmentBuffers argument and the header's note, empty at the default (the template's default
-    argument), so that the sources of the default-depth configs stay what they were before the field existed."""
-    if config.fragment_buffers == DEFAULT_FRAGMENT_BUFFERS:
-        return {"fragment_buffers_argument": "", "fragment_buffers_note": ""}
-    return {"fragment_buffers_argument": f", {config.fragment_buffers}",
-            "fragment_buffers_note": f" fragment_buffers={config.fragment_buffers}"}
+    """KernelConfig's trailing arguments (FragmentBuffers, PingPong) and the header's note, empty at their defaults
+    (the template's default arguments), so that the sources of the configs without them stay what they were before
+    the fields existed."""
+    arguments, note = "", ""
+    if config.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS or config.pingpong:
+        arguments += f", {config.fragment_buffers}"
+    if config.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS:
+        note += f" fragment_buffers={config.fragment_buffers}"
+    if config.pingpong:
+        arguments += ", true"
+        note += " pingpong=True"
+    return {"fragment_buffers_argument": arguments, "fragment_buffers_note": note}

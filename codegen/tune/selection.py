@@ -28,11 +28,14 @@ def configs_in_use() -> list[TileConfig]:
 # buffers (two WGMMA chunks in flight while the next decodes; no table picks them yet): the prefill twins of the
 # shipped n128_m256_k128_s5_wg2_fp8 and n128_m256_k128_s3_wg2, the M = 64 twins of n128_m64_k256_s4_wg2 (four chunks
 # a stage) and n128_m64_k128_s8_wg2_fp8, and one with stream-K (units that start and end inside a tile's k loop).
+# Then ping-pong of both families (the consumer warpgroups take whole 128 x 128 tiles in turns; no table picks them
+# yet): their GPU cases give each CTA many tiles, so both warpgroups and the turns run.
 FAMILY_SAMPLES: tuple[str, ...] = (
     "n64_m8_k128_s6_wg1_c5_pw", "n128_m8_k128_s6_wg1_c3_pw_sk", "n128_m16_k128_s5_wg1_c3_sk",
     "n64_m8_k128_s6_wg1_c5_pw_sk", "n128_m64_k128_s7_wg2_pw_sk",
     "n128_m256_k128_s5_wg2_f3_fp8", "n128_m256_k128_s3_wg2_f3", "n128_m64_k256_s4_wg2_f3",
     "n128_m64_k128_s8_wg2_f3_fp8", "n128_m64_k128_s7_wg2_pw_sk_f3",
+    "n128_m128_k64_s8_wg2_pp", "n128_m128_k128_s8_wg2_pp_fp8",
 )
 
 
