@@ -75,15 +75,16 @@ def test_space_pruning_keeps_the_deepest_stages():
     by_tile: dict[tuple, list[int]] = {}
     for c in configs:  # the stages in flight on an SM (all its CTAs) move at least min_stage_bytes
         assert (c.x_stage_bytes + c.w_stage_bytes) * c.ctas_per_sm >= SearchSpace().min_stage_bytes
-        family = (c.tile_n, c.tile_m, c.tile_k, c.warpgroups, c.ctas_per_sm, c.producer, c.stream_k, c.fragment_buffers)
+        family = (c.tile_n, c.tile_m, c.tile_k, c.warpgroups, c.ctas_per_sm, c.producer, c.stream_k, c.fragment_buffers,
+                  c.pingpong)
         by_tile.setdefault(family, []).append(c.stages)
-    for (n, m, k, wg, ctas, producer, stream_k, buffers), stages in by_tile.items():
+    for (n, m, k, wg, ctas, producer, stream_k, buffers, pingpong), stages in by_tile.items():
         assert len(stages) <= 2
         deepest = max(stages)
         if deepest < 10:  # the next deeper one does not fit
             with pytest.raises(ValueError):
                 TileConfig(n, m, k, deepest + 1, wg, ctas, producer=producer, stream_k=stream_k,
-                           fragment_buffers=buffers).validate()
+                           fragment_buffers=buffers, pingpong=pingpong).validate()
 
 
 def test_space_can_be_narrowed_and_widened():
@@ -92,9 +93,9 @@ def test_space_can_be_narrowed_and_widened():
     full = space.enumerate_configs(SearchSpace.full())
     assert len(full) > len(space.enumerate_configs())
     quick = space.enumerate_configs(SearchSpace.quick())
-    # tile_n 64/128/256 x wg 1/2/4 x 1, 3, 4 or 5 CTAs, the decode families on light CTAs
+    # tile_n 64/128/256 x wg 1/2/4 x 1, 3, 4 or 5 CTAs, the decode families on light CTAs, ping-pong at tile_m >= 64
     bf16_defaults = {c for c in DEFAULT_CONFIGS if c.activations == "bf16"}
-    assert 6 <= len(quick) <= 130 and bf16_defaults <= set(quick)
+    assert 6 <= len(quick) <= 150 and bf16_defaults <= set(quick)
     assert len(quick) < len(space.enumerate_configs())
 
 
@@ -106,6 +107,9 @@ def test_space_prunes_the_families_to_light_decode_ctas():
             assert c.ctas_per_sm > 1 and c.warpgroups == 1, c.name
         if c.stream_k:
             assert c.tile_m <= 16, c.name
+        if c.pingpong:  # prefill tiles on one CTA per SM
+            assert c.tile_m >= 64 and c.ctas_per_sm == 1 and c.warpgroups == 2 and c.producer == "warpgroup", c.name
+    assert any(c.pingpong for c in configs)
     full = space.enumerate_configs(SearchSpace.full())
     assert any(c.stream_k and c.ctas_per_sm == 1 for c in full)
 

@@ -77,7 +77,9 @@ class SearchSpace:
     warpgroup), where its registers buy occupancy; stream-K only for light CTAs with tile_m up to 16
     (decode), where tiles fill the grid in few waves; more than the default 2 fragment buffers only for tile_m
     of 64 and up on one CTA per SM with 2+ consumer warpgroups, no stream-K (where the WGMMAs are long enough for
-    the decode to starve them).
+    the decode to starve them); ping-pong only where two consumer warpgroups of one CTA per SM hold tiles of 64
+    tokens and up (prefill, where the epilogue idles the tensor cores), no stream-K, a producer warpgroup, two
+    fragment buffers.
     ``fragment_buffers``: the register buffers of decoded weights swept (``TileConfig.fragment_buffers``).
     ``activations``: the kernel family swept, "bf16" (W4A16) or "fp8" (W4A8: tile_k multiples of 128 only,
     which validate() keeps); a sweep tunes one family, and the table keeps the families apart (table_key).
@@ -97,6 +99,7 @@ class SearchSpace:
     prune_families: bool = True
     activations: str = "bf16"
     fragment_buffers: tuple[int, ...] = FRAGMENT_BUFFER_CHOICES
+    pingpong: tuple[bool, ...] = (False, True)
 
     @classmethod
     def full(cls) -> "SearchSpace":
@@ -120,8 +123,11 @@ def _valid(config: TileConfig) -> bool:
 
 
 def _family_worth_trying(tile_m: int, warpgroups: int, ctas: int, producer: str, stream_k: bool,
-                         fragment_buffers: int = DEFAULT_FRAGMENT_BUFFERS) -> bool:
+                         fragment_buffers: int = DEFAULT_FRAGMENT_BUFFERS, pingpong: bool = False) -> bool:
     """SearchSpace's family pruning (see its docstring)."""
+    if pingpong and (tile_m < _DEEP_FRAGMENTS_MIN_TILE_M or ctas > 1 or producer == "warp"
+                     or fragment_buffers != DEFAULT_FRAGMENT_BUFFERS):
+        return False
     light = ctas > 1 and warpgroups == 1
     if producer == "warp" and not light:
         return False
@@ -136,18 +142,19 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
     """The valid configs of ``space`` (default: ``SearchSpace()``), unique, ordered by tile_m then size."""
     space = space or SearchSpace()
     found: dict[str, TileConfig] = {}
-    for tile_n, tile_m, tile_k, warpgroups, ctas, producer, stream_k, buffers in itertools.product(
+    for tile_n, tile_m, tile_k, warpgroups, ctas, producer, stream_k, buffers, pingpong in itertools.product(
         space.tile_n, space.tile_m, space.tile_k, space.warpgroups, space.ctas_per_sm, space.producers, space.stream_k,
-        space.fragment_buffers,
+        space.fragment_buffers, space.pingpong,
     ):
-        if space.prune_families and not _family_worth_trying(tile_m, warpgroups, ctas, producer, stream_k, buffers):
+        if space.prune_families and not _family_worth_trying(tile_m, warpgroups, ctas, producer, stream_k, buffers,
+                                                             pingpong):
             continue
         fitting = [
             config
             for stages in sorted(set(space.stages))
             if _valid(config := TileConfig(tile_n, tile_m, tile_k, stages, warpgroups, ctas, producer=producer,
                                            stream_k=stream_k, activations=space.activations,
-                                           fragment_buffers=buffers))
+                                           fragment_buffers=buffers, pingpong=pingpong))
         ]
         if not fitting:
             continue
@@ -162,7 +169,7 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
             if config.activations == space.activations:
                 found.setdefault(config.name, config)
     return sorted(found.values(), key=lambda c: (c.tile_m, c.tile_n, c.tile_k, c.warpgroups, c.ctas_per_sm,
-                                                 c.producer, c.stream_k, c.fragment_buffers, c.stages))
+                                                 c.producer, c.stream_k, c.fragment_buffers, c.pingpong, c.stages))
 
 
 def tile_m_window(tokens_per_expert: int, routings: Sequence[str] = ("uniform",)) -> tuple[int, int]:
