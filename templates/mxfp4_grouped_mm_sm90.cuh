@@ -411,6 +411,21 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
   int const m_base = tile.m_tile * Cfg::TileM;
   int const m_limit = rows.count - m_base;  // valid tokens in this tile
   int const row0 = rows.start + m_base;
+  // ScaleScatter: the routing weight and destination of tile row 32 j + lane, loaded once per tile and shuffled to
+  // the lanes that need them (loads per row and value would all be hoisted ahead of the stores, and with two atoms
+  // per warpgroup their registers would not fit beside the accumulators).
+  constexpr int RowWords = (Cfg::TileM + 31) / 32;
+  float row_scale[RowWords];
+  int row_dest[RowWords];
+  if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) {
+#pragma unroll
+    for (int j = 0; j < RowWords; ++j) {
+      int const m = 32 * j + (tid & 31);
+      bool const ok = m < m_limit && m < Cfg::TileM;
+      row_scale[j] = ok ? p.row_scale[row0 + m] : 0.0f;
+      row_dest[j] = ok ? p.row_dest[row0 + m] : 0;
+    }
+  }
 #pragma unroll
   for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
     int const n0 = tile.n_tile * Cfg::TileN + (first_atom + a) * kAtomN + 16 * warp + g;
@@ -448,7 +463,7 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
         if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) {
           float scale[2];
 #pragma unroll
-          for (int r = 0; r < 2; ++r) scale[r] = m + r < m_limit ? p.row_scale[row0 + m + r] : 0.0f;
+          for (int r = 0; r < 2; ++r) scale[r] = __shfl_sync(0xffffffffu, row_scale[8 * i / 32], (m + r) & 31);
 #pragma unroll
           for (int h = 0; h < 2; ++h)
             pair[h] = pair_columns(pack_bf16x2((st.acc[a][4 * i + 2 * h] + bias[h]) * scale[0],
@@ -461,7 +476,7 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
         bool const row_ok = m + odd < m_limit;
         uint16_t* row_out = out;
         if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) {  // the row's place in token order
-          int const dest = row_ok ? p.row_dest[row0 + m + odd] : 0;
+          int const dest = __shfl_sync(0xffffffffu, row_dest[8 * i / 32], (m + odd) & 31);
           row_out = p.out + static_cast<size_t>(dest) * p.out_cols + column;
         }
 #pragma unroll
