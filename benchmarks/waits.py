@@ -66,16 +66,22 @@ def ring_bytes_per_sm(config: TileConfig) -> int:
     return config.ctas_per_sm * config.stages * (x_stage + w_stage)
 
 
+CONSUMER_PARTS = ("consumer_full_wait", "consumer_mma_wait", "consumer_drain_wait", "consumer_epilogue")
+
+
 def shares(sums: dict[str, int]) -> dict[str, float]:
-    """The probe's sums as shares of each side's cycles (0..1), and cycles per stage."""
+    """The probe's sums as shares of each side's cycles (0..1), cycles per stage and the epilogue's cycles per unit.
+    A consumer's cycles split into its waits for bytes (full), for its previous WGMMA batch (mma), for a unit's last
+    WGMMAs (drain), its epilogues, and the rest: decode, WGMMA issue, bookkeeping (work)."""
     producer, consumer = max(1, sums["producer_cycles"]), max(1, sums["consumer_cycles"])
+    parts = {name: sums[name] / consumer for name in CONSUMER_PARTS}
     return {
         "producer_empty_wait": sums["producer_empty_wait"] / producer,
-        "consumer_full_wait": sums["consumer_full_wait"] / consumer,
-        "consumer_mma_wait": sums["consumer_mma_wait"] / consumer,
-        "consumer_work": 1.0 - (sums["consumer_full_wait"] + sums["consumer_mma_wait"]) / consumer,
+        **parts,
+        "consumer_work": 1.0 - sum(parts.values()),
         "consumer_cycles_per_stage": sums["consumer_cycles"] / max(1, sums["consumer_stages"]),
         "producer_cycles_per_stage": sums["producer_cycles"] / max(1, sums["producer_stages"]),
+        "epilogue_cycles_per_unit": sums["consumer_epilogue"] / max(1, sums["consumer_units"]),
     }
 
 
@@ -207,8 +213,10 @@ def format_row(r: dict[str, Any], read_bytes_per_s: float) -> str:
     probe = (f"  probe {r['probe_us']:7.1f} us"
              + "".join(f" {Path(directory).name} {us:7.1f} us" for directory, us in r["baselines_us"].items())
              + f" | producer waits on empty {100 * r['producer_empty_wait']:5.1f}% | consumer waits on full "
-             f"{100 * r['consumer_full_wait']:5.1f}%, on WGMMA {100 * r['consumer_mma_wait']:5.1f}%, works "
-             f"{100 * r['consumer_work']:5.1f}% ({r['consumer_cycles_per_stage']:.0f} cycles/stage) | ring "
+             f"{100 * r['consumer_full_wait']:5.1f}%, on WGMMA {100 * r['consumer_mma_wait']:5.1f}%, drains "
+             f"{100 * r['consumer_drain_wait']:5.1f}%, epilogue {100 * r['consumer_epilogue']:5.1f}% "
+             f"({r['epilogue_cycles_per_unit']:.0f} cycles/unit), works {100 * r['consumer_work']:5.1f}% "
+             f"({r['consumer_cycles_per_stage']:.0f} cycles/stage) | ring "
              f"{r['ring_bytes_per_sm'] / 1024:.0f} KiB/SM vs Little {little} KiB at {'/'.join(map(str, LATENCIES_NS))} ns")
     roof_waits = (f"  copy roof waits: producer on empty {100 * roof['producer_empty_wait']:5.1f}% | consumers on full "
                   f"{100 * roof['consumer_full_wait']:5.1f}% ({roof['consumer_cycles_per_stage']:.0f} cycles/stage)")

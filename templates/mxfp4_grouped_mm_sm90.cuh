@@ -625,10 +625,13 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
     if constexpr (Cfg::PingPong) {
       if (work.has_next()) pass_turn(consumer);  // every stage of the unit has landed: the other may wait for its own
     }
+    probe.template count<kProbeConsumerUnits>();
     if constexpr (!copy_only_build()) {
       // Every slot of the unit is released exactly once: a stage's slot by the next stage (consume_stage, or above
       // with F > 2), the last stage's here, when all of the unit's WGMMAs are complete.
+      long long const drain_from = probe.now();
       cute::warpgroup_wait<0>();
+      probe.template add_since<kProbeConsumerDrain>(drain_from);
       // The accumulators are read from here on: fenced, so that no read of them (nor a reuse of their registers) can
       // be scheduled before the wait, while the WGMMAs may still write them.
       st.fence_accumulators();
@@ -644,8 +647,10 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
       keep_accumulators_live(st.acc, p.out);
       continue;
     }
+    long long const epilogue_from = probe.now();
     apply_tile_row_scales<Cfg>(st.acc, p, tile, rows, first_atom, tid);  // FP8 activations: x (and W) row scales
     store_tile(st, p, tile, rows, first_atom, tid);
+    probe.template add_since<kProbeConsumerEpilogue>(epilogue_from);
   }
   probe.template flush<kProbeConsumerCycles>();
   line.flush();

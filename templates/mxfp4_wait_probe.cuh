@@ -7,7 +7,7 @@
 #include <cuda/std/cstdint>
 
 #ifdef MXFP4_WAIT_PROBE
-extern "C" __device__ unsigned long long mxfp4_wait_probe[8];
+extern "C" __device__ unsigned long long mxfp4_wait_probe[16];  // WaitProbeSlot's sums (kProbeSlots <= 16)
 extern "C" __device__ unsigned long long mxfp4_timeline[10];
 #endif
 
@@ -22,6 +22,9 @@ enum WaitProbeSlot {
   kProbeConsumerFull,      // ... of which waiting for a stage's bytes (the full barrier)
   kProbeConsumerMma,       // ... of which waiting for its previous WGMMA batch (wgmma.wait_group)
   kProbeConsumerStages,    // stages it consumed
+  kProbeConsumerDrain,     // ... of which waiting for a unit's last WGMMAs (the wait_group 0 before its epilogue)
+  kProbeConsumerEpilogue,  // ... of which in the epilogues (row scales, stores: until the last store is issued)
+  kProbeConsumerUnits,     // work units it finished (tiles, or stream-K shares)
   kProbeSlots
 };
 
@@ -38,6 +41,7 @@ struct WaitProbe {
   __device__ __forceinline__ void count() { sums[Slot] += 1; }
   template <int TotalSlot>
   __device__ __forceinline__ void flush() {
+    static_assert(kProbeSlots <= 16, "mxfp4_wait_probe holds 16 sums");
     if (!leader) return;
     sums[TotalSlot] = clock64() - start;
 #pragma unroll

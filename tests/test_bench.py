@@ -705,17 +705,21 @@ def test_wait_probe_shares_and_ring_bytes():
 
     got = shares(_PROBE_SUMS)
     assert got["producer_empty_wait"] == pytest.approx(0.8) and got["consumer_full_wait"] == pytest.approx(0.1)
-    assert got["consumer_work"] == pytest.approx(0.75) and got["consumer_cycles_per_stage"] == pytest.approx(100.0)
+    assert got["consumer_drain_wait"] == pytest.approx(0.05) and got["consumer_epilogue"] == pytest.approx(0.1)
+    assert got["consumer_work"] == pytest.approx(0.6) and got["consumer_cycles_per_stage"] == pytest.approx(100.0)
+    assert got["epilogue_cycles_per_unit"] == pytest.approx(100.0)
     config = TileConfig.from_name("n128_m8_k128_s6_wg1_c3")
     # 3 CTAs x 6 stages x (8 x 128 bf16 of x + 2 x 2 atoms of 2176 bytes)
     assert ring_bytes_per_sm(config) == 3 * 6 * (8 * 128 * 2 + 4 * 2176)
 
 
 _PROBE_SUMS = {"producer_cycles": 1000, "producer_empty_wait": 800, "producer_stages": 10, "consumer_cycles": 4000,
-               "consumer_full_wait": 400, "consumer_mma_wait": 600, "consumer_stages": 40}
+               "consumer_full_wait": 400, "consumer_mma_wait": 600, "consumer_stages": 40, "consumer_drain_wait": 200,
+               "consumer_epilogue": 400, "consumer_units": 4}
 # The copy roof's probe: the producer rarely waits for a slot, the consumers wait for bytes nearly always.
 _ROOF_SUMS = {"producer_cycles": 1000, "producer_empty_wait": 50, "producer_stages": 10, "consumer_cycles": 2000,
-              "consumer_full_wait": 1900, "consumer_mma_wait": 0, "consumer_stages": 40}
+              "consumer_full_wait": 1900, "consumer_mma_wait": 0, "consumer_stages": 40, "consumer_drain_wait": 0,
+              "consumer_epilogue": 0, "consumer_units": 4}
 
 
 # One launch's timeline as the probe build's globals hold it: 396 consumers starting over 2 us from t0, ending over

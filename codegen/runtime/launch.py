@@ -137,7 +137,8 @@ NO_DECODE_SUFFIX = "+no_decode"
 NO_EPILOGUE_OPTION = "-DMXFP4_NO_EPILOGUE=1"
 NO_EPILOGUE_SUFFIX = "+no_epilogue"
 WAIT_PROBE_SLOTS = ("producer_cycles", "producer_empty_wait", "producer_stages", "consumer_cycles",
-                    "consumer_full_wait", "consumer_mma_wait", "consumer_stages")
+                    "consumer_full_wait", "consumer_mma_wait", "consumer_stages", "consumer_drain_wait",
+                    "consumer_epilogue", "consumer_units")
 # The wait-probe build's timeline of one launch, in templates/mxfp4_wait_probe.cuh's TimelineSlot order ("_not":
 # the bitwise complement of a minimum, kept so that every slot starts at 0).
 TIMELINE_SLOTS = ("start_min_not", "start_max", "end_min_not", "end_max", "first_cycles", "landed", "busy_cycles",
