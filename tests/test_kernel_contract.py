@@ -169,3 +169,26 @@ def test_fragment_buffers_render_only_when_not_two() -> None:
     assert "mxfp4::Epilogue::Store, false, false, false, 3> {" in source
     twin = render(TileConfig.from_name("n128_m256_k128_s3_wg2"))
     assert twin == source.replace(" fragment_buffers=3", "").replace(", 3> {", "> {").replace("_f3", "")
+
+
+def test_pingpong_name_round_trip_validation_and_rendering() -> None:
+    """`_pp` after `_f<n>`, before `_fp8`; each warpgroup holds the whole tile; rendered as KernelConfig's last
+    argument (after FragmentBuffers, which it then spells out) and only when on."""
+    pp = TileConfig(tile_n=128, tile_m=128, tile_k=128, stages=8, warpgroups=2, activations="fp8", pingpong=True)
+    assert pp.name == "n128_m128_k128_s8_wg2_pp_fp8" and TileConfig.from_name(pp.name) == pp.validate()
+    swiglu = TileConfig.from_name("n128_m64_k128_s8_wg2_f3_pp_swiglu")
+    assert (swiglu.fragment_buffers, swiglu.pingpong, swiglu.epilogue) == (3, True, "swiglu")
+    assert pp.atoms_per_warpgroup == 2 and pp.accumulators_per_thread == 128  # the 128 x 128 tile per warpgroup
+    assert "ping-pong" in pp.family and "ping-pong" not in TileConfig().family
+    source = render(pp)
+    assert "pingpong=True" in source and "mxfp4::Epilogue::Store, false, false, true, 2, true> {" in source
+    with pytest.raises(ValueError, match="not of the form"):
+        TileConfig.from_name("n128_m128_k128_s8_wg2_fp8_pp")  # suffixes in their fixed order
+    with pytest.raises(ValueError, match="pingpong: needs warpgroups=2 and no stream-K"):
+        TileConfig(tile_n=128, tile_m=64, warpgroups=1, pingpong=True).validate()
+    with pytest.raises(ValueError, match="pingpong: needs warpgroups=2 and no stream-K"):
+        TileConfig(tile_n=128, tile_m=64, warpgroups=2, stream_k=True, pingpong=True).validate()
+    with pytest.raises(ValueError, match="pingpong must be a bool"):
+        TileConfig(pingpong=1).validate()
+    with pytest.raises(ValueError, match="128 x 256 rows per warpgroup needs 256 fp32 accumulators"):
+        TileConfig(tile_n=128, tile_m=256, tile_k=64, stages=4, warpgroups=2, pingpong=True).validate()

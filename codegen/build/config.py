@@ -265,15 +265,7 @@ class TileConfig:
             raise ValueError(f"tile_k={self.tile_k}: at most {MAX_TILE_K} (the decode loop is unrolled over a stage)")
         if self.warpgroups not in WARPGROUP_CHOICES:
             raise ValueError(f"warpgroups={self.warpgroups}: one of {WARPGROUP_CHOICES} consumer warpgroups")
-        if self.pingpong and (self.warpgroups != 2 or self.stream_k):
-            raise ValueError(f"pingpong: needs warpgroups=2 and no stream-K (got warpgroups={self.warpgroups}, "
-                             f"stream_k={self.stream_k}): two warpgroups take whole tiles in turns")
-        if self.tile_n % (ATOM_N * self.warpgroups) and not self.pingpong:
-            raise ValueError(
-                f"tile_n={self.tile_n}: must be a multiple of 64 x warpgroups = {ATOM_N * self.warpgroups}"
-            )
-        if self.tile_n % ATOM_N:
-            raise ValueError(f"tile_n={self.tile_n}: must be a multiple of {ATOM_N}")
+        self._validate_warpgroup_split()
         if self.atoms_per_warpgroup > MAX_ATOMS_PER_WARPGROUP:
             raise ValueError(f"tile_n={self.tile_n}: at most {MAX_ATOMS_PER_WARPGROUP} blocks of 64 rows per warpgroup")
         if self.ctas_per_sm not in CTAS_PER_SM_CHOICES:
@@ -304,6 +296,18 @@ class TileConfig:
                 "use fewer stages, a smaller tile or fewer CTAs per SM"
             )
         return self
+
+    def _validate_warpgroup_split(self) -> None:
+        """tile_n splits into 64-row blocks per consumer warpgroup, or (ping-pong) each warpgroup takes whole tiles."""
+        if self.pingpong and (self.warpgroups != 2 or self.stream_k):
+            raise ValueError(f"pingpong: needs warpgroups=2 and no stream-K (got warpgroups={self.warpgroups}, "
+                             f"stream_k={self.stream_k}): two warpgroups take whole tiles in turns")
+        if self.tile_n % (ATOM_N * self.warpgroups) and not self.pingpong:
+            raise ValueError(
+                f"tile_n={self.tile_n}: must be a multiple of 64 x warpgroups = {ATOM_N * self.warpgroups}"
+            )
+        if self.tile_n % ATOM_N:
+            raise ValueError(f"tile_n={self.tile_n}: must be a multiple of {ATOM_N}")
 
     def _validate_fragment_buffers(self) -> None:
         if self.fragment_buffers not in FRAGMENT_BUFFER_CHOICES:
