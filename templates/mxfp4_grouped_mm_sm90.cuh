@@ -400,89 +400,120 @@ __device__ __forceinline__ void consume_period(Stage& stage, int& kt, int begin)
 }
 
 // store_tile's common case (paired_stores_fit): the values of two adjacent output columns go out as one 4-byte store
-// after one shuffle (pair_columns), about 3 instructions per value instead of 15.
-// acc[a][4 i + r]: weight row n0 + 8 (r >> 1), x row 8 i + 2 t + (r & 1); after the exchange this lane stores x row
-// 8 i + 2 t + odd at the column pair that starts at (its column) - odd.
+// after one shuffle (pair_columns), about 3 instructions per value instead of 15. In each helper below,
+// acc[4 i + r] holds weight row n0 + 8 (r >> 1) and tile row 8 i + 2 t + (r & 1); after the exchange a lane stores
+// tile row 8 i + 2 t + odd at the column pair that starts at (its column) - odd.
+
+// Where a tile's rows sit (the tile's first row, its valid rows) and which lane this is in the pair exchange.
+struct PairedRows {
+  int row0;     // the tile's first row of x (and of out, but for ScaleScatter)
+  int m_limit;  // valid rows in the tile
+  int t;        // tid & 3: this thread holds tile rows 8 i + 2 t and + 1
+  int odd;      // the thread's weight row is odd: after the exchange it stores row 8 i + 2 t + 1
+};
+
+// ScaleScatter: the routing weight and destination of tile row 32 j + lane, loaded once per tile and shuffled to the
+// lanes that need them (loads per row and value would all be hoisted ahead of the stores, and with two atoms per
+// warpgroup their registers would not fit beside the accumulators).
+template <int TileM>
+struct ScatterRows {
+  static constexpr int Words = (TileM + 31) / 32;
+  float scale[Words];
+  int dest[Words];
+
+  template <class Params>
+  __device__ __forceinline__ void load(Params const& p, PairedRows const& rows, int lane) {
+#pragma unroll
+    for (int j = 0; j < Words; ++j) {
+      int const m = 32 * j + lane;
+      bool const ok = m < rows.m_limit && m < TileM;
+      scale[j] = ok ? p.row_scale[rows.row0 + m] : 0.0f;
+      dest[j] = ok ? p.row_dest[rows.row0 + m] : 0;
+    }
+  }
+  // Tile row m's, for m in 32 word .. 32 word + 31 (word a compile-time constant in the unrolled loops).
+  __device__ __forceinline__ float scale_of(int word, int m) const { return __shfl_sync(0xffffffffu, scale[word], m & 31); }
+  __device__ __forceinline__ int dest_of(int word, int m) const { return __shfl_sync(0xffffffffu, dest[word], m & 31); }
+};
+
+// SwiGLU: the thread holds a channel's gate (weight row n0) and up (n0 + 8) of two tile rows; one output column each.
+template <class Cfg, class Params>
+__device__ __forceinline__ void store_swiglu_paired(float const (&acc)[Cfg::Accumulators], Params const& p, int expert,
+                                                    PairedRows const& rows, int n0) {
+  int const channel = (n0 >> 4) * 8 + (n0 & 7);  // even for even g: the pair is (channel - odd, + 1)
+  bool const in_range = n0 < p.n;
+  float const gate_bias = in_range ? bias_at(p, expert, 2 * channel) : 0.0f;  // transformers' interleaved order
+  float const up_bias = in_range ? bias_at(p, expert, 2 * channel + 1) : 0.0f;
+  uint16_t* out = p.out + static_cast<size_t>(rows.row0 + 2 * rows.t + rows.odd) * p.out_cols + (channel - rows.odd);
+#pragma unroll
+  for (int i = 0; i < Cfg::TileM / 8; ++i) {
+    float y[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      y[r] = gpt_oss_swiglu(acc[4 * i + r] + gate_bias, acc[4 * i + r + 2] + up_bias, p.alpha, p.limit);
+    uint32_t const pair = pair_columns(pack_bf16x2(y[0], y[1]), rows.odd);
+    if (8 * i + 2 * rows.t + rows.odd < rows.m_limit && in_range)
+      *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(8 * i) * p.out_cols) = pair;
+  }
+}
+
+// Store and ScaleScatter: the thread holds weight rows n0 and n0 + 8 of two tile rows; two output columns each.
+template <class Cfg, class Params>
+__device__ __forceinline__ void store_columns_paired(float const (&acc)[Cfg::Accumulators], Params const& p, int expert,
+                                                     PairedRows const& rows, int n0,
+                                                     ScatterRows<Cfg::TileM> const& scatter) {
+  constexpr bool Scatter = Cfg::EpilogueKind == Epilogue::ScaleScatter;
+  int const column = n0 - rows.odd;
+  bool const column_ok[2] = {column < p.n, column + 8 < p.n};  // p.n is even: a pair is in or out whole
+  float bias[2] = {0.0f, 0.0f};
+  if constexpr (Scatter) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) bias[h] = n0 + 8 * h < p.n ? bias_at(p, expert, n0 + 8 * h) : 0.0f;
+  }
+  // Store: this lane's tile row 2 t + odd, 8 rows further per i.
+  uint16_t* out = p.out + static_cast<size_t>(rows.row0 + 2 * rows.t + rows.odd) * p.out_cols + column;
+  size_t const eight_rows = static_cast<size_t>(p.out_cols) * 8;
+#pragma unroll
+  for (int i = 0; i < Cfg::TileM / 8; ++i, out += eight_rows) {
+    int const m = 8 * i + 2 * rows.t;  // this thread's rows m and m + 1; after the exchange, m + odd
+    uint32_t pair[2];
+    if constexpr (Scatter) {
+      float const scale[2] = {scatter.scale_of(8 * i / 32, m), scatter.scale_of(8 * i / 32, m + 1)};
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        pair[h] = pair_columns(pack_bf16x2((acc[4 * i + 2 * h] + bias[h]) * scale[0],
+                                           (acc[4 * i + 2 * h + 1] + bias[h]) * scale[1]), rows.odd);
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        pair[h] = pair_columns(pack_bf16x2(acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]), rows.odd);
+    }
+    bool const row_ok = m + rows.odd < rows.m_limit;
+    uint16_t* row_out = out;
+    if constexpr (Scatter) {  // the row's place in token order
+      row_out = p.out + static_cast<size_t>(scatter.dest_of(8 * i / 32, m + rows.odd)) * p.out_cols + column;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      if (row_ok && column_ok[h]) *reinterpret_cast<uint32_t*>(row_out + 8 * h) = pair[h];
+  }
+}
+
 template <class Cfg, class Params>
 __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
                                                   ExpertRows const& rows, int first_atom, int tid) {
-  int const warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
-  int const odd = g & 1;
+  int const warp = tid >> 5, g = (tid & 31) >> 2;
   int const m_base = tile.m_tile * Cfg::TileM;
-  int const m_limit = rows.count - m_base;  // valid tokens in this tile
-  int const row0 = rows.start + m_base;
-  // ScaleScatter: the routing weight and destination of tile row 32 j + lane, loaded once per tile and shuffled to
-  // the lanes that need them (loads per row and value would all be hoisted ahead of the stores, and with two atoms
-  // per warpgroup their registers would not fit beside the accumulators).
-  constexpr int RowWords = (Cfg::TileM + 31) / 32;
-  float row_scale[RowWords];
-  int row_dest[RowWords];
-  if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) {
-#pragma unroll
-    for (int j = 0; j < RowWords; ++j) {
-      int const m = 32 * j + (tid & 31);
-      bool const ok = m < m_limit && m < Cfg::TileM;
-      row_scale[j] = ok ? p.row_scale[row0 + m] : 0.0f;
-      row_dest[j] = ok ? p.row_dest[row0 + m] : 0;
-    }
-  }
+  PairedRows const paired{rows.start + m_base, rows.count - m_base, tid & 3, g & 1};
+  ScatterRows<Cfg::TileM> scatter;
+  if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) scatter.load(p, paired, tid & 31);
 #pragma unroll
   for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
     int const n0 = tile.n_tile * Cfg::TileN + (first_atom + a) * kAtomN + 16 * warp + g;
     if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
-      int const channel = (n0 >> 4) * 8 + (n0 & 7);  // even for even g: the pair is (channel - odd, + 1)
-      bool const in_range = n0 < p.n;
-      float const gate_bias = in_range ? bias_at(p, tile.expert, 2 * channel) : 0.0f;  // transformers' interleaved order
-      float const up_bias = in_range ? bias_at(p, tile.expert, 2 * channel + 1) : 0.0f;
-      uint16_t* out = p.out + static_cast<size_t>(row0 + 2 * t + odd) * p.out_cols + (channel - odd);
-#pragma unroll
-      for (int i = 0; i < Cfg::TileM / 8; ++i) {
-        float y[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          y[r] = gpt_oss_swiglu(st.acc[a][4 * i + r] + gate_bias, st.acc[a][4 * i + r + 2] + up_bias, p.alpha, p.limit);
-        uint32_t const pair = pair_columns(pack_bf16x2(y[0], y[1]), odd);
-        if (8 * i + 2 * t + odd < m_limit && in_range)
-          *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(8 * i) * p.out_cols) = pair;
-      }
+      store_swiglu_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0);
     } else {
-      int const column = n0 - odd;
-      bool const column_ok[2] = {column < p.n, column + 8 < p.n};  // p.n is even: a pair is in or out whole
-      float bias[2] = {0.0f, 0.0f};
-      if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) bias[h] = n0 + 8 * h < p.n ? bias_at(p, tile.expert, n0 + 8 * h) : 0.0f;
-      }
-      // Store: this lane's x row 2 t + odd, 8 rows further per i.
-      uint16_t* out = p.out + static_cast<size_t>(row0 + 2 * t + odd) * p.out_cols + column;
-      size_t const eight_rows = static_cast<size_t>(p.out_cols) * 8;
-#pragma unroll
-      for (int i = 0; i < Cfg::TileM / 8; ++i, out += eight_rows) {
-        int const m = 8 * i + 2 * t;  // this thread's rows m and m + 1; after the exchange, m + odd
-        uint32_t pair[2];
-        if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) {
-          float scale[2];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) scale[r] = __shfl_sync(0xffffffffu, row_scale[8 * i / 32], (m + r) & 31);
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            pair[h] = pair_columns(pack_bf16x2((st.acc[a][4 * i + 2 * h] + bias[h]) * scale[0],
-                                               (st.acc[a][4 * i + 2 * h + 1] + bias[h]) * scale[1]), odd);
-        } else {
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            pair[h] = pair_columns(pack_bf16x2(st.acc[a][4 * i + 2 * h], st.acc[a][4 * i + 2 * h + 1]), odd);
-        }
-        bool const row_ok = m + odd < m_limit;
-        uint16_t* row_out = out;
-        if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) {  // the row's place in token order
-          int const dest = __shfl_sync(0xffffffffu, row_dest[8 * i / 32], (m + odd) & 31);
-          row_out = p.out + static_cast<size_t>(dest) * p.out_cols + column;
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          if (row_ok && column_ok[h]) *reinterpret_cast<uint32_t*>(row_out + 8 * h) = pair[h];
-      }
+      store_columns_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter);
     }
   }
 }
