@@ -62,6 +62,25 @@ __device__ __forceinline__ bool paired_stores_fit(Params const& p) {
   return (p.out_cols & 1) == 0 && (reinterpret_cast<size_t>(p.out) & 3u) == 0;
 }
 
+// Per-row values of one tile (TileM rows): lane l holds rows 32 j + l, and any lane reads row m of word m / 32 back with
+// one shuffle. So a tile's row data (routing weights, destinations, x row scales) is loaded once per tile and row, not
+// once per accumulator, and can be loaded early. Rows at or past m_limit get `fallback` (nothing past them is read).
+template <int TileM, class T>
+struct TileRowValues {
+  static constexpr int Words = (TileM + 31) / 32;
+  T value[Words];
+
+  __device__ __forceinline__ void load(T const* tile_rows, int m_limit, int lane, T fallback) {
+#pragma unroll
+    for (int j = 0; j < Words; ++j) {
+      int const m = 32 * j + lane;
+      value[j] = m < m_limit && m < TileM ? tile_rows[m] : fallback;
+    }
+  }
+  // Row m of the tile; `word` = m / 32, a compile-time constant in the unrolled loops that call this.
+  __device__ __forceinline__ T at(int word, int m) const { return __shfl_sync(0xffffffffu, value[word], m & 31); }
+};
+
 // One accumulator of weight row n and x row `row` (Store, ScaleScatter).
 template <Epilogue Kind, class Params>
 __device__ __forceinline__ void store_one(Params const& p, int expert, int row, int n, float acc) {

@@ -412,28 +412,19 @@ struct PairedRows {
   int odd;      // the thread's weight row is odd: after the exchange it stores row 8 i + 2 t + 1
 };
 
-// ScaleScatter: the routing weight and destination of tile row 32 j + lane, loaded once per tile and shuffled to the
-// lanes that need them (loads per row and value would all be hoisted ahead of the stores, and with two atoms per
-// warpgroup their registers would not fit beside the accumulators).
+// ScaleScatter: each tile row's routing weight and destination (TileRowValues: loads per row and value would all be
+// hoisted ahead of the stores, and with two atoms per warpgroup their registers would not fit beside the
+// accumulators).
 template <int TileM>
 struct ScatterRows {
-  static constexpr int Words = (TileM + 31) / 32;
-  float scale[Words];
-  int dest[Words];
+  TileRowValues<TileM, float> scale;
+  TileRowValues<TileM, int> dest;
 
   template <class Params>
   __device__ __forceinline__ void load(Params const& p, PairedRows const& rows, int lane) {
-#pragma unroll
-    for (int j = 0; j < Words; ++j) {
-      int const m = 32 * j + lane;
-      bool const ok = m < rows.m_limit && m < TileM;
-      scale[j] = ok ? p.row_scale[rows.row0 + m] : 0.0f;
-      dest[j] = ok ? p.row_dest[rows.row0 + m] : 0;
-    }
+    scale.load(p.row_scale + rows.row0, rows.m_limit, lane, 0.0f);
+    dest.load(p.row_dest + rows.row0, rows.m_limit, lane, 0);
   }
-  // Tile row m's, for m in 32 word .. 32 word + 31 (word a compile-time constant in the unrolled loops).
-  __device__ __forceinline__ float scale_of(int word, int m) const { return __shfl_sync(0xffffffffu, scale[word], m & 31); }
-  __device__ __forceinline__ int dest_of(int word, int m) const { return __shfl_sync(0xffffffffu, dest[word], m & 31); }
 };
 
 // SwiGLU: the thread holds a channel's gate (weight row n0) and up (n0 + 8) of two tile rows; one output column each.
@@ -478,7 +469,7 @@ __device__ __forceinline__ void store_columns_paired(float const (&acc)[Cfg::Acc
     int const m = 8 * i + 2 * rows.t;  // this thread's rows m and m + 1; after the exchange, m + odd
     uint32_t pair[2];
     if constexpr (Scatter) {
-      float const scale[2] = {scatter.scale_of(8 * i / 32, m), scatter.scale_of(8 * i / 32, m + 1)};
+      float const scale[2] = {scatter.scale.at(8 * i / 32, m), scatter.scale.at(8 * i / 32, m + 1)};
 #pragma unroll
       for (int h = 0; h < 2; ++h)
         pair[h] = pair_columns(pack_bf16x2((acc[4 * i + 2 * h] + bias[h]) * scale[0],
@@ -491,7 +482,7 @@ __device__ __forceinline__ void store_columns_paired(float const (&acc)[Cfg::Acc
     bool const row_ok = m + rows.odd < rows.m_limit;
     uint16_t* row_out = out;
     if constexpr (Scatter) {  // the row's place in token order
-      row_out = p.out + static_cast<size_t>(scatter.dest_of(8 * i / 32, m + rows.odd)) * p.out_cols + column;
+      row_out = p.out + static_cast<size_t>(scatter.dest.at(8 * i / 32, m + rows.odd)) * p.out_cols + column;
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h)
@@ -601,6 +592,10 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
     }
     Tile const tile = tile_coords(s.tile_prefix, p.num_experts, n_tiles, unit.tile);
     ExpertRows const rows = expert_rows(p, tile.expert);
+    // FP8 activations' row scales: the W4A8 kernel loads them now, so their latency hides under the k loop (the bf16
+    // kernels, whose fragments need the registers, load them after it).
+    TileRowScales<Cfg> scales;
+    if constexpr (Cfg::Fp8) scales.load(p, tile, rows, first_atom, tid);
 #pragma unroll
     for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a)
 #pragma unroll
@@ -679,7 +674,8 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
       continue;
     }
     long long const epilogue_from = probe.now();
-    apply_tile_row_scales<Cfg>(st.acc, p, tile, rows, first_atom, tid);  // FP8 activations: x (and W) row scales
+    if constexpr (!Cfg::Fp8) scales.load(p, tile, rows, first_atom, tid);
+    scales.apply(st.acc, p, tid);  // FP8 activations: x (and W) row scales
     store_tile(st, p, tile, rows, first_atom, tid);
     probe.template add_since<kProbeConsumerEpilogue>(epilogue_from);
   }
