@@ -493,14 +493,14 @@ __device__ __forceinline__ void store_columns_paired(float const (&acc)[Cfg::Acc
 template <class Cfg, class Params>
 __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
                                                   ExpertRows const& rows, int first_atom, int tid) {
-  int const warp = tid >> 5, g = (tid & 31) >> 2;
+  int const g = (tid & 31) >> 2;
   int const m_base = tile.m_tile * Cfg::TileM;
   PairedRows const paired{rows.start + m_base, rows.count - m_base, tid & 3, g & 1};
   ScatterRows<Cfg::TileM> scatter;
   if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) scatter.load(p, paired, tid & 31);
 #pragma unroll
   for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
-    int const n0 = tile.n_tile * Cfg::TileN + (first_atom + a) * kAtomN + 16 * warp + g;
+    int const n0 = thread_weight_row<Cfg::TileN>(tile, first_atom + a, tid);
     if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
       store_swiglu_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0);
     } else {
@@ -516,12 +516,12 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
     store_tile_paired(st, p, tile, rows, first_atom, tid);
     return;
   }
-  int const warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+  int const g = (tid & 31) >> 2, t = tid & 3;
   int const m_base = tile.m_tile * Cfg::TileM;
   int const m_limit = rows.count - m_base;  // valid tokens in this tile
 #pragma unroll
   for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
-    int const n0 = tile.n_tile * Cfg::TileN + (first_atom + a) * kAtomN + 16 * warp + g;
+    int const n0 = thread_weight_row<Cfg::TileN>(tile, first_atom + a, tid);
 #pragma unroll
     for (int i = 0; i < Cfg::TileM / 8; ++i) {
       // acc[a][4 i + r]: weight row n0 + 8 (r >> 1), x row 8 i + 2 t + (r & 1) of the tile.

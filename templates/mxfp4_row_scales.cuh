@@ -33,7 +33,7 @@ struct TileRowScales {
     if (p.x_scale == nullptr) return;  // uniform: bf16 activations
     int const m_base = tile.m_tile * Cfg::TileM;
     x.load(p.x_scale + rows.start + m_base, rows.count - m_base, tid & 31, 0.0f);
-    int const n_base = tile.n_tile * Cfg::TileN + first_atom * kAtomN + 16 * (tid >> 5) + ((tid & 31) >> 2);
+    int const n_base = thread_weight_row<Cfg::TileN>(tile, first_atom, tid);
 #pragma unroll
     for (int a = 0; a < A; ++a)
 #pragma unroll

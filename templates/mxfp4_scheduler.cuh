@@ -55,6 +55,13 @@ struct Tile {
   int n_tile;
 };
 
+// The first weight row (N) that consumer thread `tid` holds of 64-row block `atom` of `tile`: WGMMA's accumulator
+// layout gives warp w's lane (g = lane / 4) rows 16 w + g and 16 w + g + 8 of the block.
+template <int TileN>
+__device__ __forceinline__ int thread_weight_row(Tile const& tile, int atom, int tid) {
+  return tile.n_tile * TileN + atom * kAtomN + 16 * (tid >> 5) + ((tid & 31) >> 2);
+}
+
 // One unit of a CTA's work: k-steps [k_begin, k_end) of tile `tile` (all of them: 0, k_tiles).
 struct WorkUnit {
   int tile;
