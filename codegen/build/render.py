@@ -84,11 +84,11 @@ def render(config: TileConfig) -> str:
         epilogue=_EPILOGUE_ENUM[config.epilogue],
         fp8=config.activations == "fp8",
         entry_point=ENTRY_POINT,
-        **_fragment_buffers(config),
+        **_optional_fields(config),
     )
 
 
-def _fragment_buffers(config: TileConfig) -> dict[str, str]:
+def _optional_fields(config: TileConfig) -> dict[str, str]:
     """KernelConfig's trailing arguments (FragmentBuffers, PingPong) and the header's note, empty at their defaults
     (the template's default arguments), so that the sources of the configs without them stay what they were before
     the fields existed."""
@@ -100,4 +100,4 @@ def _fragment_buffers(config: TileConfig) -> dict[str, str]:
     if config.pingpong:
         arguments += ", true"
         note += " pingpong=True"
-    return {"fragment_buffers_argument": arguments, "fragment_buffers_note": note}
+    return {"optional_arguments": arguments, "optional_fields_note": note}
