@@ -412,6 +412,20 @@ def test_sweep_skips_a_config_whose_wgmmas_ptxas_serialized(tmp_path, capsys):
     assert "had their WGMMAs serialized" in capsys.readouterr().err
 
 
+def test_sweep_progress_calls_a_serialized_config_skipped_and_a_broken_one_failed(tmp_path, capsys):
+    # A WGMMA-serialized kernel compiled fine: its progress lines must not read like a compile failure.
+    measure = FakeMeasure({A.name: 30.0, B.name: 20.0, C.name: 25.0})
+    sweep.run_sweep(
+        [SHAPE], [8], [A, B, C], out_path=tmp_path / "gpu.json", measure=measure, device_name=H100, progress=True,
+        plot=False, compile_fn=fake_compile(bad=(C.name,), serialized=(B.name,)),
+    )
+    lines = capsys.readouterr().err.splitlines()
+    (b_line,) = [line for line in lines if f"M=8 {B.name} " in line]
+    (c_line,) = [line for line in lines if f"M=8 {C.name} " in line]
+    assert "skipped (ptxas serialized its WGMMAs)" in b_line and "FAILED" not in b_line
+    assert "FAILED compile error" in c_line
+
+
 def test_sweep_discards_a_fast_wrong_config(tmp_path, capsys):
     measure = FakeMeasure({A.name: 30.0, B.name: 1.0, C.name: 25.0}, wrong=(B.name,))
     table = run_fake_sweep(tmp_path, measure)

@@ -50,6 +50,12 @@ class Progress:
             status = "ok" if ok else "FAILED"
             self._draw(f"{item} {status}{' ' + note if note else ''}")
 
+    def skip(self, item: str, why: str) -> None:
+        """One more item passed over on purpose (not a failure): ``why`` says what made it unusable."""
+        self.done += 1
+        if self.enabled:
+            self._draw(f"{item} skipped ({why})")
+
     def close(self) -> None:
         if self.enabled and self._tty and self._width:
             self.stream.write("\n")
