@@ -41,6 +41,7 @@ constexpr int kDecodeRotate31 = 4;  // A-register 3, piece 1: rotate the code wo
 constexpr int kDecodeHalfMask31 = 33152;  // A-register 3, piece 1: then keep these bits of each 16-bit half (0: no piece)
 }  // namespace mxfp4
 
+#include "mxfp4_dependent_launch.cuh"
 #include "mxfp4_grouped_mm_sm90.cuh"
 
 struct alignas(64) GroupedMmParams {
@@ -80,5 +81,6 @@ struct Config : mxfp4::KernelConfig<128, 8, 128, 7, 1, 40, 120, mxfp4::Epilogue:
 
 extern "C" __global__ void __launch_bounds__(Config::Threads, 3)
 mxfp4_grouped_mm(const __grid_constant__ GroupedMmParams params) {
+  mxfp4::begin_dependent_grid();  // before any global access: a PDL launch may start early
   mxfp4::grouped_mm_kernel<Config>(params);
 }
