@@ -55,8 +55,9 @@ class FakeGraph:
 
     recorder: Recorder  # set by fake_sm90
 
-    def __init__(self, nodes: list) -> None:
+    def __init__(self, nodes: list, dependent: bool = False) -> None:
         self.nodes = nodes
+        self.dependent = dependent  # programmatic edges (the CPU stand-in runs the chain in order either way)
         self.params = [bytes(node.buffer) for node in nodes]
         self.closed = False
         self.recorder.graphs.append(self)
@@ -108,7 +109,8 @@ def fake_sm90(recorder: Recorder | None = None) -> Iterator[Recorder]:
     rec = recorder or Recorder()
     choice = PathChoice(SM90, "fake SM90 on the CPU (benchmarks.fake_sm90)", "cpu", (9, 0), rec.device_name)
 
-    def launch(function: int, grid: int, threads: int, shared: int, stream: int, name: str) -> None:
+    def launch(function: int, grid: int, threads: int, shared: int, stream: int, name: str,
+               dependent: bool = False) -> None:
         from codegen.runtime.fast_driver import params_buffer
 
         rec.counts["kernel launches"] += 1

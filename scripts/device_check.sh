@@ -9,6 +9,7 @@
 # every M) bench-120b | host | moe-host (mxfp4.moe's eager host us, T = 1, 8, 64, vs <= 60) | fallback | moe
 # | fp8 (W4A8 vs W4A16, torch FP8, bf16, humming FP8; accuracy table; FP8_ARGS overrides its arguments) | ncu
 # (NCU_MODELS, NCU_ARGS) | ncu-prefill (issue 24: the prefill paths under Nsight, tensor pipes; NCU_PREFILL_ARGS) | waits (which side of the pipeline waits; WAITS_ARGS)
+# | pdl (programmatic dependent launch off vs on: bench fp8 at M = 1, 16 and bench moe at T = 1, 8, 64)
 # | e2e | portable-host (mxfp4.moe's eager host us on the forced portable path, T = 1, 8, replay on and off)
 # | portable-e2e (gpt-oss-20b decode B = 1 eager on the forced portable path, beside bf16 experts).
 # One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu, each e2e model and
@@ -214,6 +215,27 @@ for step in "${steps[@]}"; do
       HOPPER_MXFP4_FORCE_PORTABLE=1 bench "${FALLBACK_TIMEOUT:-540}" fallback --routing uniform ${FALLBACK_ARGS:-} --out "$LOGS/fallback" 2>&1 \
         | tee "$LOGS/fallback.txt"
       note "fallback (portable forced: kernel, cached copy, bf16, sm90): exit ${PIPESTATUS[0]}"; table "$LOGS/fallback.txt" "fallback"
+      ;;
+    pdl)
+      # Programmatic dependent launch (codegen/runtime/dependent_launch.py, HOPPER_MXFP4_PDL) off and on, in
+      # alternation, two rounds (drift shows as a difference between the two runs of one setting): the W4A8 pair
+      # (quantizer, then GEMM) and W4A16 at decode M (bench fp8), the layer at small T (bench moe: graph replay,
+      # eager, host us). PDL_FP8_ARGS / PDL_MOE_ARGS override the arguments, PDL_ROUNDS the rounds.
+      for round in $(seq 1 "${PDL_ROUNDS:-2}"); do
+        for setting in 0 1; do
+          tag="pdl$setting-round$round"
+          # shellcheck disable=SC2086
+          HOPPER_MXFP4_PDL=$setting bench 150 fp8 ${PDL_FP8_ARGS:---model gpt-oss-20b --routing uniform --m 1,16 --no-humming --no-plot} \
+            --out "$LOGS/$tag-fp8" 2>&1 | tee "$LOGS/$tag-fp8.txt"
+          note "pdl fp8, HOPPER_MXFP4_PDL=$setting, round $round: exit ${PIPESTATUS[0]}"
+          table "$LOGS/$tag-fp8.txt" "pdl fp8, HOPPER_MXFP4_PDL=$setting, round $round"
+          # shellcheck disable=SC2086
+          HOPPER_MXFP4_PDL=$setting bench 150 moe ${PDL_MOE_ARGS:---tokens 1,8,64 --routing uniform --no-plot} \
+            --out "$LOGS/$tag-moe" 2>&1 | tee "$LOGS/$tag-moe.txt"
+          note "pdl moe, HOPPER_MXFP4_PDL=$setting, round $round: exit ${PIPESTATUS[0]}"
+          table "$LOGS/$tag-moe.txt" "pdl moe, HOPPER_MXFP4_PDL=$setting, round $round"
+        done
+      done
       ;;
     moe)
       bench 420 moe --out "$LOGS/moe" 2>&1 | tee "$LOGS/moe.txt"

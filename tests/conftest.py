@@ -58,6 +58,7 @@ def seed() -> int:
 @pytest.fixture(autouse=True)
 def _fresh_path_cache():
     """Each test decides its path anew (tests may monkeypatch capability or toolchain or force the fallback)."""
+    from codegen.runtime.dependent_launch import set_dependent_launch
     from mxfp4.experts import graphs as moe_graphs
     from mxfp4.ops import dispatch
     from mxfp4.portable import weight_cache
@@ -72,6 +73,7 @@ def _fresh_path_cache():
     weight_cache.clear()
     moe_graphs.set_moe_graphs(None)  # and the MoE layer's graphs
     moe_graphs.clear()
+    set_dependent_launch(None)  # and programmatic dependent launch (the environment's setting again)
 
 
 ROOT = Path(__file__).resolve().parents[1]

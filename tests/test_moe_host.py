@@ -232,7 +232,7 @@ def test_workspace_budget(layer: Layer, device: Recorder, monkeypatch: pytest.Mo
 
 def test_a_graph_that_cannot_be_built_warns_once(layer: Layer, device: Recorder, monkeypatch: pytest.MonkeyPatch,
                                                 seed: int) -> None:
-    def refuse(self, nodes):
+    def refuse(self, nodes, dependent=False):
         raise DriverError("cuGraphInstantiate failed: CUDA_ERROR_NOT_SUPPORTED")
 
     monkeypatch.setattr(FakeGraph, "__init__", refuse)

@@ -65,6 +65,21 @@ def test_keys_keep_the_paths_and_the_families_apart(replay_on: None) -> None:
         assert key(portable_graphs.SM90_STEPS, "fp8") is None  # replay off
 
 
+def test_keys_follow_the_dependent_launch_switch(replay_on: None) -> None:
+    from codegen.runtime.dependent_launch import set_dependent_launch
+
+    try:
+        with fake_portable(PortableRecorder()):
+            set_dependent_launch(False)
+            plain = key(portable_graphs.SM90_STEPS, "fp8")
+            set_dependent_launch(True)
+            dependent = key(portable_graphs.SM90_STEPS, "fp8")
+        assert plain is not None and dependent is not None and plain != dependent
+        assert dependent[-2:] == ("fp8", portable_graphs.SM90_STEPS)  # the path stays last (replay reads it there)
+    finally:
+        set_dependent_launch(None)
+
+
 @pytest.mark.parametrize("activations, skip", [("fp8", False), ("bf16", True)], ids=["fp8", "foreign ids"])
 def test_an_eager_sm90_steps_call_asks_the_replay_first(activations: str, skip: bool) -> None:
     x, ids, weights, gate_up, down = small_layer(activations)

@@ -22,6 +22,24 @@ TMA_SWIZZLE_128B = 3
 TMA_L2_PROMOTION_256B = 3
 TMA_OOB_FILL_NONE = 0
 _TENSOR_MAP_ALIGN = 64  # CUtensorMap is alignas(64)
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID (cuda.h)
+
+
+class LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute (cuda.h): the id, 4 bytes of padding, a 64-byte value union (8-byte aligned); only the
+    union's first int is used here (programmaticStreamSerializationAllowed)."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int), ("value_pad", ctypes.c_int),
+                ("value_rest", ctypes.c_uint64 * 7)]
+
+
+class LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuda.h)."""
+
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 
 
 class DriverError(RuntimeError):
@@ -35,6 +53,9 @@ def _libcuda() -> ctypes.CDLL:
         ctypes.c_void_p, *(ctypes.c_uint,) * 7, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
     ]
     lib.cuLaunchKernel.restype = ctypes.c_int
+    if hasattr(lib, "cuLaunchKernelEx"):  # CUDA >= 11.8 drivers; only dependent launches need it
+        lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuLaunchKernelEx.restype = ctypes.c_int
     lib.cuTensorMapEncodeTiled.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -91,6 +112,10 @@ class _Scratch(threading.local):
         self.map_address = base + (-base) % _TENSOR_MAP_ALIGN
         self.params = ctypes.create_string_buffer(1024)
         self.argument = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
+        # cuLaunchKernelEx's configuration, with the one attribute a programmatic dependent launch sets.
+        self.dependent = LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        self.config = LaunchConfig(gridDimY=1, gridDimZ=1, blockDimY=1, blockDimZ=1,
+                                   attrs=ctypes.pointer(self.dependent), numAttrs=1)
 
 
 _scratch = _Scratch()
@@ -120,13 +145,23 @@ def params_buffer(size: int) -> ctypes.Array:
     return _scratch.params
 
 
-def launch(function: int, grid: int, threads: int, shared_memory: int, stream: int, name: str) -> None:
-    """cuLaunchKernel of kernel ``name`` with this thread's parameter buffer as its single (struct) argument."""
-    code = _libcuda().cuLaunchKernel(
-        function, grid, 1, 1, threads, 1, 1, shared_memory, stream, _scratch.argument, None
-    )
+def launch(function: int, grid: int, threads: int, shared_memory: int, stream: int, name: str,
+           dependent: bool = False) -> None:
+    """Launch kernel ``name`` with this thread's parameter buffer as its single (struct) argument: cuLaunchKernel,
+    or with ``dependent`` cuLaunchKernelEx with programmatic stream serialization (codegen.runtime.dependent_launch:
+    the kernel may start before the previous kernel on ``stream`` ends; ours wait for it before touching memory)."""
+    if dependent:
+        config = _scratch.config
+        config.gridDimX, config.blockDimX, config.sharedMemBytes, config.hStream = grid, threads, shared_memory, stream
+        code = _libcuda().cuLaunchKernelEx(ctypes.byref(config), function, _scratch.argument, None)
+        what = "cuLaunchKernelEx"
+    else:
+        code = _libcuda().cuLaunchKernel(
+            function, grid, 1, 1, threads, 1, 1, shared_memory, stream, _scratch.argument, None
+        )
+        what = "cuLaunchKernel"
     if code:
-        _raise(code, f"cuLaunchKernel({name}, grid={grid}, threads={threads}, shared memory={shared_memory})")
+        _raise(code, f"{what}({name}, grid={grid}, threads={threads}, shared memory={shared_memory})")
 
 
 def memset_d32(address: int, value: int, count: int, stream: int) -> None:

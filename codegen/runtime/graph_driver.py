@@ -15,6 +15,17 @@ from functools import lru_cache
 
 from .fast_driver import check_driver, raise_driver_error, typed_driver
 
+# cuda.h: CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC, CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC.
+_DEPENDENCY_PROGRAMMATIC = 1
+_PORT_PROGRAMMATIC = 1
+
+
+class EdgeData(ctypes.Structure):
+    """CUgraphEdgeData (cuda.h): from_port, to_port, type, 5 reserved bytes (zero)."""
+
+    _fields_ = [("from_port", ctypes.c_ubyte), ("to_port", ctypes.c_ubyte), ("type", ctypes.c_ubyte),
+                ("reserved", ctypes.c_ubyte * 5)]
+
 
 class KernelNodeParams(ctypes.Structure):
     """CUDA_KERNEL_NODE_PARAMS (v2) of cuda.h."""
@@ -37,6 +48,7 @@ def _graph_api() -> ctypes.CDLL:
     signatures = {
         "cuGraphCreate": [pointer, ctypes.c_uint],
         "cuGraphAddKernelNode_v2": [pointer, handle, pointer, ctypes.c_size_t, ctypes.POINTER(KernelNodeParams)],
+        "cuGraphAddDependencies_v2": [handle, pointer, pointer, ctypes.POINTER(EdgeData), ctypes.c_size_t],
         "cuGraphInstantiateWithFlags": [pointer, handle, ctypes.c_ulonglong],
         "cuGraphExecKernelNodeSetParams_v2": [handle, handle, ctypes.POINTER(KernelNodeParams)],
         "cuGraphLaunch": [handle, handle],
@@ -71,21 +83,30 @@ class KernelNode:
 
 class KernelGraph:
     """An instantiated chain of kernel nodes (in list order). ``close`` frees it; a graph still running
-    on the device is freed when it completes (cuGraphExecDestroy's contract)."""
+    on the device is freed when it completes (cuGraphExecDestroy's contract). With ``dependent`` the chain's
+    edges are programmatic (codegen.runtime.dependent_launch): a node may start before the one before it ends,
+    and waits for it (griddepcontrol.wait) before touching memory."""
 
-    def __init__(self, nodes: list[KernelNode]) -> None:
+    def __init__(self, nodes: list[KernelNode], dependent: bool = False) -> None:
         lib = _graph_api()
         self._set_params, self._launch = lib.cuGraphExecKernelNodeSetParams_v2, lib.cuGraphLaunch  # per call
         self.nodes = nodes
+        self.dependent = dependent
         self._graph, self._exec = ctypes.c_void_p(), ctypes.c_void_p()
         check_driver(lib.cuGraphCreate(ctypes.byref(self._graph), 0), "cuGraphCreate")
         try:
             previous = None
             for node in nodes:
-                dependencies = ctypes.byref(previous.handle) if previous is not None else None
+                plain_edge = previous is not None and not dependent
+                dependencies = ctypes.byref(previous.handle) if plain_edge else None
                 check_driver(lib.cuGraphAddKernelNode_v2(ctypes.byref(node.handle), self._graph, dependencies,
-                                                   int(previous is not None), ctypes.byref(node.launch)),
+                                                   int(plain_edge), ctypes.byref(node.launch)),
                        f"cuGraphAddKernelNode({node.name})")
+                if previous is not None and dependent:
+                    edge = EdgeData(from_port=_PORT_PROGRAMMATIC, type=_DEPENDENCY_PROGRAMMATIC)
+                    check_driver(lib.cuGraphAddDependencies_v2(self._graph, ctypes.byref(previous.handle),
+                                                               ctypes.byref(node.handle), ctypes.byref(edge), 1),
+                                 f"cuGraphAddDependencies({previous.name} -> {node.name}, programmatic)")
                 previous = node
             check_driver(lib.cuGraphInstantiateWithFlags(ctypes.byref(self._exec), self._graph, 0), "cuGraphInstantiate")
         except BaseException:

@@ -20,6 +20,7 @@ from codegen.build.cuda_result import as_text, unwrap
 from codegen.build.params import PARAMS_SIZE, PARAMS_STRUCT
 from codegen.build.render import ENTRY_POINT
 
+from .dependent_launch import dependent_launch_enabled
 from .fast_driver import (
     TMA_BFLOAT16,
     TMA_UINT8,
@@ -342,8 +343,9 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
 def launch_on(device: int, function: int, grid: int, threads: int, shared_memory: int, name: str) -> None:
     """Launch ``function`` (its parameters already in this thread's buffer) on torch's current stream
     of ``device``, making that device current for the call if it is not (its module lives there)."""
+    dependent = dependent_launch_enabled()
     if torch._C._cuda_getDevice() == device:
-        launch(function, grid, threads, shared_memory, torch._C._cuda_getCurrentRawStream(device), name)
+        launch(function, grid, threads, shared_memory, torch._C._cuda_getCurrentRawStream(device), name, dependent)
         return
     with torch.cuda.device(device):
-        launch(function, grid, threads, shared_memory, torch._C._cuda_getCurrentRawStream(device), name)
+        launch(function, grid, threads, shared_memory, torch._C._cuda_getCurrentRawStream(device), name, dependent)

@@ -20,6 +20,7 @@ from codegen.build.config import TileConfig
 from codegen.build.params import PARAM_FIELDS, PARAMS_SIZE, PARAMS_STRUCT
 
 from . import moe_glue
+from .dependent_launch import dependent_launch_enabled
 from .fast_driver import launch, params_buffer
 from .graph_driver import KernelNode
 from .launch import (
@@ -198,9 +199,10 @@ class MoePlan:
     def run(self, stream: int, base: int, call: LayerCall) -> None:
         """Launch the five kernels on ``stream`` (their device current) with the workspace at ``base``."""
         buffer = params_buffer(PARAMS_SIZE)
+        dependent = dependent_launch_enabled()
         for (name, function, grid, threads, shared, _), pack in zip(self.launches, self.packers()):
             pack(buffer, base, call)
-            launch(function, grid, threads, shared, stream, name)
+            launch(function, grid, threads, shared, stream, name, dependent)
 
 
 # _pack_gemm packs the grouped GEMM's block positionally, in this order (checked at import: a change to

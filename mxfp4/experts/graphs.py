@@ -39,6 +39,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from codegen.runtime.dependent_launch import dependent_launch_enabled
+
 from .deferred_drops import DeferredDrops
 
 ENV_MOE_GRAPHS = "HOPPER_MXFP4_MOE_GRAPHS"
@@ -133,9 +135,10 @@ def on_clear(hook: Callable[[], None]) -> None:
 
 
 def graph_key(stream: int, plan_key: Hashable, call) -> tuple:
-    """What a graph bakes in besides the plan: the stream and the call's fixed addresses and numbers."""
+    """What a graph bakes in besides the plan: the stream, the call's fixed addresses and numbers, and whether its
+    edges are programmatic (codegen.runtime.dependent_launch)."""
     return (stream, plan_key, call.ids_int64, call.weights_bf16, call.gate_up, call.gate_up_bias, call.down,
-            call.down_bias, call.alpha, call.limit)
+            call.down_bias, call.alpha, call.limit, dependent_launch_enabled())
 
 
 def replay(plan, plan_key: Hashable, call, stream: int, x: torch.Tensor, owners: tuple) -> bool:
@@ -214,7 +217,7 @@ def _new_graph(plan, workspace: _Workspace, workspace_key: Hashable, call) -> _G
     base = workspace.tensor.data_ptr()
     for node, pack in zip(nodes, plan.packers()):
         pack(node.buffer, base, call)
-    graph = KernelGraph(nodes)
+    graph = KernelGraph(nodes, dependent_launch_enabled())
     workspace.users += 1
     return _Graph(graph, plan, workspace, workspace_key, base, (call.topk_ids, call.topk_weights), call.x, call.out, nodes)
 

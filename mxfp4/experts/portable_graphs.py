@@ -52,6 +52,7 @@ from typing import Callable, Hashable
 
 import torch
 
+from codegen.runtime.dependent_launch import dependent_launch_enabled
 from mxfp4.format.layout import PackedMXFP4
 from mxfp4.ops.grouped_gemm import debug_checks_enabled
 from mxfp4.portable.fallback import kernel_serves
@@ -209,7 +210,9 @@ def call_key(
 ) -> tuple | None:
     """The key of the graph that may serve this validated plain eager call of ``path``'s composition, or None when
     it runs eagerly. Whether the in-register kernel serves a portable call depends on the key's (device, T, k, E)
-    only: :func:`replay` asks on a key's first sights (:func:`_kernel_serves`), not per call."""
+    only: :func:`replay` asks on a key's first sights (:func:`_kernel_serves`), not per call. The key carries the
+    dependent-launch switch too (codegen.runtime.dependent_launch): a captured graph bakes in how its launches were
+    made."""
     tokens, top_k = topk_ids.shape
     if path not in PATHS:
         raise ValueError(f"path={path!r}: one of {PATHS}")
@@ -222,7 +225,7 @@ def call_key(
     # type(gate_up): PackedGateUp (rows paired) or PackedMXFP4 (checkpoint order): the composition splits by it.
     return (index, current_stream(index), tokens, top_k, gate_up.data.shape[0], down.n, down.k, topk_ids.dtype,
             topk_weights.dtype, type(gate_up), gate_up.data.data_ptr(), down.data.data_ptr(), _bias_key(gate_up_bias),
-            _bias_key(down_bias), alpha, limit, skip_invalid_ids, activations, path)
+            _bias_key(down_bias), alpha, limit, dependent_launch_enabled(), skip_invalid_ids, activations, path)
 
 
 def _kernel_serves(key: tuple, x: torch.Tensor) -> bool:
