@@ -8,7 +8,8 @@
 # Steps: tests sanitize example tune tuning-test | bench (quick, with humming) bench-full (gpt-oss-20b,
 # every M) bench-120b | host | moe-host (mxfp4.moe's eager host us, T = 1, 8, 64, vs <= 60) | fallback | moe
 # | fp8 (W4A8 vs W4A16, torch FP8, bf16, humming FP8; accuracy table; FP8_ARGS overrides its arguments) | ncu
-# (NCU_MODELS, NCU_ARGS) | ncu-prefill (issue 24: the prefill paths under Nsight, tensor pipes; NCU_PREFILL_ARGS) | waits (which side of the pipeline waits; WAITS_ARGS)
+# (NCU_MODELS, NCU_ARGS) | ncu-prefill (issue 24: the prefill paths under Nsight, tensor pipes; NCU_PREFILL_ARGS)
+# | ncu-stalls (one prefill kernel's warp stalls per SASS instruction; NCU_STALLS_ARGS) | waits (which side of the pipeline waits; WAITS_ARGS)
 # | pdl (programmatic dependent launch off vs on: bench fp8 at M = 1, 16 and bench moe at T = 1, 8, 64)
 # | e2e | portable-host (mxfp4.moe's eager host us on the forced portable path, T = 1, 8, replay on and off)
 # | portable-e2e (gpt-oss-20b decode B = 1 eager on the forced portable path, beside bf16 experts).
@@ -292,6 +293,23 @@ for step in "${steps[@]}"; do
       python3 scripts/ncu_summary.py "prefill=$rep.csv" > "$LOGS/ncu-prefill-summary.txt" 2>&1
       cat "$LOGS/ncu-prefill-order.txt" "$LOGS/ncu-prefill-summary.txt"
       { echo "== ncu prefill"; cat "$LOGS/ncu-prefill-order.txt" "$LOGS/ncu-prefill-summary.txt"; echo; } >> "$LOGS/summary.txt"
+      ;;
+    ncu-stalls)
+      # Issue 24: where one prefill kernel's warps stall, instruction by instruction (SourceCounters' warp-state
+      # sampling on the SASS; scripts/ncu_stall_lines.py lists the top instructions and the samples by opcode).
+      # NCU_STALLS_ARGS picks the case (default: W4A8 gate_up M = 4096, the shipped prefill config).
+      mkdir -p "$LOGS/ncu"
+      rep="$LOGS/ncu/stalls"
+      # shellcheck disable=SC2086
+      timeout "$(limit "${NCU_TIMEOUT:-300}")" ncu --clock-control none --nvtx --nvtx-include "prefill/" \
+        --section SourceCounters --section WarpStateStats -f --export "$rep" python3 -m codegen bench ncu-case --prefill \
+        ${NCU_STALLS_ARGS:---model gpt-oss-20b --projections gate_up --m 4096 --no-humming --configs n128_m256_k128_s5_wg2_fp8} \
+        > "$rep.log" 2>&1
+      note "ncu-stalls: exit $?: $(grep -c ': profiled ' "$rep.log") calls profiled"
+      ncu --import "$rep.ncu-rep" --page source --csv --print-source sass > "$rep-sass.csv" 2>> "$rep.log"
+      python3 scripts/ncu_stall_lines.py "$rep-sass.csv" > "$LOGS/ncu-stalls.txt" 2>&1
+      head -n 60 "$LOGS/ncu-stalls.txt"
+      { echo "== ncu stalls"; grep "^ncu-case:" "$rep.log"; cat "$LOGS/ncu-stalls.txt"; echo; } >> "$LOGS/summary.txt"
       ;;
     waits)
       # Issue 21: which side of the pipeline waits (the wait-probe build of the op's configs) and the shipped build

@@ -565,6 +565,33 @@ def test_ncu_summary_parses_a_raw_page():
     assert "tensor pipes" not in summary  # a report without ComputeWorkloadAnalysis has none
 
 
+def test_ncu_stall_lines_ranks_instructions_and_opcodes(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ncu_stall_lines
+
+    page = tmp_path / "stalls-sass.csv"
+    page.write_text("\n".join([
+        '"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)",'
+        '"stall_long_sb","stall_wait"',
+        '"0x100","LDG.E R2, desc[UR4][R6.64]","10","9","8","2"',
+        '"0x110","@!P0 SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x8], R3","60","50","0","60"',
+        '"0x120","HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8], RZ","30","0","0","0"',
+        '"0x130","NOP","0","0","0","0"',
+    ]) + "\n")
+    assert ncu_stall_lines.main([str(page), "--top", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "4 instructions, 100 stall samples; top 2 by samples:"
+    assert "SYNCS.PHASECHK" in out[2] and "60.0%" in out[2] and "wait 100%" in out[2]
+    assert "HGMMA" in out[3] and len(out) == 5  # the top 2, then the opcodes
+    assert out[4].startswith("samples by opcode: SYNCS.PHASECHK.TRANS64.TRYWAIT 60.0%, HGMMA.64x256x16.F32.BF16 30.0%")
+    missing = tmp_path / "other.csv"
+    missing.write_text('"Address","Source","Instructions Executed"\n"0x0","NOP","1"\n')
+    assert ncu_stall_lines.main([str(missing)]) == 0
+    assert "no stall-sampling or source column found" in capsys.readouterr().out
+    assert ncu_stall_lines.main([str(tmp_path / "absent.csv")]) == 1
+    assert "absent.csv" in capsys.readouterr().err
+
+
 def test_ncu_summary_lists_the_tensor_pipes_it_finds():
     sys.path.insert(0, str(ROOT / "scripts"))
     import ncu_summary
