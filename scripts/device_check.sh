@@ -284,7 +284,7 @@ for step in "${steps[@]}"; do
       # shellcheck disable=SC2086
       timeout "$(limit "${NCU_TIMEOUT:-400}")" ncu --clock-control none --nvtx --nvtx-include "prefill/" \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
-        --section LaunchStats --section InstructionStats --metrics smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,lts__t_bytes.sum.per_second \
+        --section LaunchStats --section InstructionStats --metrics smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,lts__t_bytes.sum.per_second,smsp__inst_executed_op_global_st.sum,l1tex__t_requests_pipe_lsu_mem_global_op_st.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum \
         -f --export "$rep" python3 -m codegen bench ncu-case --prefill \
         ${NCU_PREFILL_ARGS:---model gpt-oss-20b --projections gate_up,down --m 1024,4096} > "$rep.log" 2>&1
       note "ncu-prefill: exit $?: $(grep -c ': profiled ' "$rep.log") calls profiled"

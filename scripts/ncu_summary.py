@@ -3,7 +3,8 @@
     python3 scripts/ncu_summary.py LABEL=FILE.csv [LABEL=FILE.csv ...]
 
 Per kernel: grid x block, dynamic shared memory, registers, DRAM and L2 throughput (% of peak and bytes/s), L1/shared %,
-issue slots busy, warps issued per scheduler per cycle, the top three stall reasons (warps
+issue slots busy, warps issued per scheduler per cycle, the global stores (warp instructions, L1 requests, sectors
+and sectors per request, where the report has them), the top three stall reasons (warps
 stalled per issue, from the WarpStateStats section), and, where the report has them (ComputeWorkloadAnalysis),
 the tensor pipes' utilization (every metric naming a tensor pipe, % of peak: whatever this ncu version calls them).
 """
@@ -34,7 +35,13 @@ COLUMNS = {
     "LDS warp insts": "smsp__inst_executed_op_shared_ld.sum",
     "SM clock/s": "sm__cycles_elapsed.avg.per_second",
     "duration": "gpu__time_duration.sum",
+    # The epilogue's global stores: warp instructions, L1 requests and the 32-byte sectors they touch (sectors per
+    # request: 4 for a warp writing 128 contiguous bytes, more when its 4-byte stores spread over rows).
+    "global st insts": "smsp__inst_executed_op_global_st.sum",
+    "st requests": "l1tex__t_requests_pipe_lsu_mem_global_op_st.sum",
+    "st sectors": "l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum",
 }
+STORE_REQUESTS, STORE_SECTORS = COLUMNS["st requests"], COLUMNS["st sectors"]
 
 
 def read_raw(text: str) -> list[dict[str, tuple[str, str]]]:
@@ -59,6 +66,16 @@ def top_stalls(row: dict[str, tuple[str, str]], count: int = 3) -> list[tuple[st
     return sorted(stalls, key=lambda item: -item[1])[:count]
 
 
+def sectors_per_request(row: dict[str, tuple[str, str]]) -> float | None:
+    """Global-store sectors per L1 request, where the report has both counts (and any requests)."""
+    try:
+        requests = float(row[STORE_REQUESTS][0].replace(",", ""))
+        sectors = float(row[STORE_SECTORS][0].replace(",", ""))
+    except (KeyError, ValueError):
+        return None
+    return sectors / requests if requests > 0 else None
+
+
 def tensor_pipes(row: dict[str, tuple[str, str]]) -> list[tuple[str, str]]:
     """(metric, value) of every tensor-pipe utilization (% of peak) in the row, by name."""
     return sorted((name, value) for name, (value, _) in row.items() if TENSOR_PIPE.match(name))
@@ -74,6 +91,9 @@ def summarize(label: str, rows: Sequence[dict[str, tuple[str, str]]]) -> list[st
         for title, metric in COLUMNS.items():
             value, unit = row.get(metric, ("n/a", ""))
             cells.append(f"{title} {value}{(' ' + unit) if unit and unit not in ('%',) else ''}")
+        per_request = sectors_per_request(row)
+        if per_request is not None:
+            cells.append(f"st sectors/request {per_request:.2f}")
         stalls = ", ".join(f"{reason} {value:.2f}" for reason, value in top_stalls(row)) or "n/a"
         pipes = "; ".join(f"{metric} {value} %" for metric, value in tensor_pipes(row))
         out.append(f"{label}: {name[:60]}\n    " + "; ".join(cells) + f"\n    top stalls (warps per issue): {stalls}"

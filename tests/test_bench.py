@@ -565,6 +565,24 @@ def test_ncu_summary_parses_a_raw_page():
     assert "tensor pipes" not in summary  # a report without ComputeWorkloadAnalysis has none
 
 
+def test_ncu_summary_gives_the_stores_sectors_per_request():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ncu_summary
+
+    text = "\n".join([
+        '"ID","Kernel Name","smsp__inst_executed_op_global_st.sum","l1tex__t_requests_pipe_lsu_mem_global_op_st.sum",'
+        '"l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum"',
+        '"","","inst","","sector"',
+        '"0","mxfp4_grouped_mm","1,024","1,024","8,192"',
+    ])
+    (row,) = ncu_summary.read_raw(text)
+    assert ncu_summary.sectors_per_request(row) == 8.0
+    (summary,) = ncu_summary.summarize("w4a8", [row])
+    assert "st requests 1,024" in summary and "st sectors 8,192 sector" in summary and "st sectors/request 8.00" in summary
+    (no_stores,) = ncu_summary.read_raw(text.replace('"1,024","1,024"', '"0","0"'))
+    assert ncu_summary.sectors_per_request(no_stores) is None
+
+
 def test_ncu_stall_lines_ranks_instructions_and_opcodes(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     import ncu_stall_lines
