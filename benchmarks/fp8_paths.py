@@ -138,6 +138,7 @@ ROOF_BUILDS = (
     ("no decode", {"no_decode": True}),      # templates/mxfp4_no_decode.cuh: the code words go into the WGMMAs
     ("no epilogue", {"no_epilogue": True}),  # templates/mxfp4_no_epilogue.cuh: no row scales, no stores
     ("no decode, no epilogue", {"no_decode": True, "no_epilogue": True}),  # the pipeline and the tensor cores
+    ("coalesced stores", {"coalesced_stores": True}),  # templates/mxfp4_coalesced_stores.cuh: whole-line stores
 )
 
 

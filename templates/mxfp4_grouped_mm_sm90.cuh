@@ -34,6 +34,7 @@
 #include "mxfp4_decode.cuh"
 #include "mxfp4_decode_fp8.cuh"
 #include "mxfp4_epilogue.cuh"
+#include "mxfp4_coalesced_stores.cuh"
 #include "mxfp4_row_scales.cuh"
 #include "mxfp4_scheduler.cuh"
 #include "mxfp4_stream_k.cuh"
@@ -512,6 +513,16 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
 template <class Cfg, class Params>
 __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
                                            ExpertRows const& rows, int first_atom, int tid) {
+  constexpr int WarpgroupCols = kAtomN * Cfg::AtomsPerWarpgroup;
+  if constexpr (coalesced_stores_build() && Cfg::EpilogueKind == Epilogue::Store &&
+                coalesced_pieces_fit<Cfg::TileM, WarpgroupCols>()) {  // diagnostic, never shipped
+    if ((p.out_cols & 7) == 0 && (reinterpret_cast<size_t>(p.out) & 15u) == 0) {
+      int const m_base = tile.m_tile * Cfg::TileM;
+      store_tile_coalesced<Cfg::AtomsPerWarpgroup, Cfg::Accumulators, Cfg::TileM, WarpgroupCols>(
+          st.acc, p, rows.start + m_base, rows.count - m_base, tile.n_tile * Cfg::TileN + kAtomN * first_atom, tid);
+      return;
+    }
+  }
   if (paired_stores_fit(p)) {  // uniform
     store_tile_paired(st, p, tile, rows, first_atom, tid);
     return;

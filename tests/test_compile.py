@@ -654,8 +654,9 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
     suffixes = {diagnostic_build(**flags)[1] for flags in ({}, {"wait_probe": True}, {"copy_only": True},
                                                            {"wait_probe": True, "copy_only": True},
                                                            {"no_decode": True}, {"no_epilogue": True},
-                                                           {"no_decode": True, "no_epilogue": True})}
-    assert len(suffixes) == 7
+                                                           {"no_decode": True, "no_epilogue": True},
+                                                           {"coalesced_stores": True})}
+    assert len(suffixes) == 8
     assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
     assert diagnostic_build(no_decode=True, no_epilogue=True)[0] == [NO_DECODE_OPTION, NO_EPILOGUE_OPTION]
     options, _ = diagnostic_build(wait_probe=True, copy_only=True)
@@ -722,6 +723,26 @@ def test_roof_sass_keeps_the_pipelined_wgmma_and_drops_its_part(config, flags):
     assert b.instructions < a.instructions
     if flags.get("no_epilogue"):
         assert b.opcodes.get("STG", 0) == 1 < a.opcodes.get("STG", 0), (a.opcodes.get("STG"), b.opcodes.get("STG"))
+    assert serialized_wgmma(roof.ptxas_notes) == (), roof.log
+    assert roof.resources.spills == 0 and config.register_pool_suffices(roof.resources.registers)
+
+
+@needs_render
+@needs_sass
+@pytest.mark.parametrize("config", MMA_ROOF_SAMPLES, ids=lambda config: config.name)
+def test_coalesced_stores_build_writes_whole_lines_beside_the_same_pipeline(config):
+    """The store-pattern roof (templates/mxfp4_coalesced_stores.cuh): the same WGMMAs, waits, loads and setmaxnreg as
+    the shipped build, no spill, no serialized WGMMA, and one 16-byte store per 8 accumulators of a thread (TileM x 64
+    outputs of a warpgroup over its 128 threads), which the shipped build never issues."""
+    _skip_unless_buildable()
+    shipped = compile_kernel(config)
+    roof = compile_kernel(config, options=diagnostic_build(coalesced_stores=True)[0])
+    a, b = shipped.sass(), roof.sass()
+    assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.ublkcp, b.setmaxnreg) == (
+        a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
+    wide = lambda kernel: len(re.findall(r"\bSTG\.E\.128\b", dump_sass(kernel.cubin)))  # noqa: E731
+    columns = config.tile_n // config.warpgroups  # a warpgroup's output columns
+    assert wide(shipped) == 0 and wide(roof) == config.tile_m * (columns // 8) // 128
     assert serialized_wgmma(roof.ptxas_notes) == (), roof.log
     assert roof.resources.spills == 0 and config.register_pool_suffices(roof.resources.registers)
 

@@ -90,7 +90,8 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
 
 
 def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
-         no_decode: bool = False, no_epilogue: bool = False, templates_dir: str | None = None) -> LoadedKernel:
+         no_decode: bool = False, no_epilogue: bool = False, coalesced_stores: bool = False,
+         templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
     Diagnostics only, never what the op launches (any combination): ``wait_probe``, the build that times its barrier
@@ -99,10 +100,12 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     output is not the product); ``no_decode``, the MMA roof: the kernel as shipped but for the decode, the code words
     fed to the WGMMAs as they are (templates/mxfp4_no_decode.cuh; its output is not the product); ``no_epilogue``, the
     epilogue's price: the kernel as shipped but for a tile's row scales and stores (templates/mxfp4_no_epilogue.cuh;
-    its output is not the product); ``templates_dir``, the device headers from another directory (an earlier version
-    of the kernel, timed beside this one)."""
+    its output is not the product); ``coalesced_stores``, the price of the epilogue's store pattern: the same bytes
+    written as whole 128-byte lines (templates/mxfp4_coalesced_stores.cuh; its output is not the product);
+    ``templates_dir``, the device headers from another directory (an earlier version of the kernel, timed beside
+    this one)."""
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
-                                       no_epilogue=no_epilogue)
+                                       no_epilogue=no_epilogue, coalesced_stores=coalesced_stores)
     key = (device.index, config.name + suffix, templates_dir)
     kernel = _loaded.get(key)
     if kernel is not None:
@@ -137,6 +140,8 @@ NO_DECODE_OPTION = "-DMXFP4_NO_DECODE=1"
 NO_DECODE_SUFFIX = "+no_decode"
 NO_EPILOGUE_OPTION = "-DMXFP4_NO_EPILOGUE=1"
 NO_EPILOGUE_SUFFIX = "+no_epilogue"
+COALESCED_STORES_OPTION = "-DMXFP4_COALESCED_STORES=1"
+COALESCED_STORES_SUFFIX = "+coalesced_stores"
 WAIT_PROBE_SLOTS = ("producer_cycles", "producer_empty_wait", "producer_stages", "consumer_cycles",
                     "consumer_full_wait", "consumer_mma_wait", "consumer_stages", "consumer_drain_wait",
                     "consumer_epilogue", "consumer_units")
@@ -147,12 +152,14 @@ TIMELINE_SLOTS = ("start_min_not", "start_max", "end_min_not", "end_max", "first
 
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_decode: bool = False,
-                     no_epilogue: bool = False) -> tuple[list[str], str]:
+                     no_epilogue: bool = False, coalesced_stores: bool = False) -> tuple[list[str], str]:
     """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
     chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
                                                           (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX),
                                                           (no_decode, NO_DECODE_OPTION, NO_DECODE_SUFFIX),
-                                                          (no_epilogue, NO_EPILOGUE_OPTION, NO_EPILOGUE_SUFFIX)) if on]
+                                                          (no_epilogue, NO_EPILOGUE_OPTION, NO_EPILOGUE_SUFFIX),
+                                                          (coalesced_stores, COALESCED_STORES_OPTION,
+                                                           COALESCED_STORES_SUFFIX)) if on]
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 
 
