@@ -35,6 +35,7 @@
 #include "mxfp4_decode_fp8.cuh"
 #include "mxfp4_epilogue.cuh"
 #include "mxfp4_coalesced_stores.cuh"
+#include "mxfp4_sector_stores.cuh"
 #include "mxfp4_row_scales.cuh"
 #include "mxfp4_scheduler.cuh"
 #include "mxfp4_stream_k.cuh"
@@ -510,9 +511,32 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
   }
 }
 
+// The candidate sector stores (mxfp4_sector_stores.cuh; -DMXFP4_SECTOR_STORES, not shipped): Store and ScaleScatter.
+template <class Cfg, class Params>
+__device__ __forceinline__ void store_tile_sectors(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
+                                                   ExpertRows const& rows, int first_atom, int tid) {
+  int const g = (tid & 31) >> 2;
+  int const m_base = tile.m_tile * Cfg::TileM;
+  PairedRows const paired{rows.start + m_base, rows.count - m_base, tid & 3, g & 1};
+  ScatterRows<Cfg::TileM> scatter;
+  constexpr bool Scatter = Cfg::EpilogueKind == Epilogue::ScaleScatter;
+  if constexpr (Scatter) scatter.load(p, paired, tid & 31);
+#pragma unroll
+  for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
+    int const n0 = thread_weight_row<Cfg::TileN>(tile, first_atom + a, tid);
+    store_columns_sectors<Scatter, Cfg::TileM>(st.acc[a], p, tile.expert, paired, n0, scatter, g);
+  }
+}
+
 template <class Cfg, class Params>
 __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
                                            ExpertRows const& rows, int first_atom, int tid) {
+  if constexpr (sector_stores_build() && Cfg::EpilogueKind != Epilogue::SwiGLU && Cfg::TileM % 16 == 0) {
+    if (sector_stores_fit(p)) {  // uniform
+      store_tile_sectors(st, p, tile, rows, first_atom, tid);
+      return;
+    }
+  }
   constexpr int WarpgroupCols = kAtomN * Cfg::AtomsPerWarpgroup;
   if constexpr (coalesced_stores_build() && Cfg::EpilogueKind == Epilogue::Store &&
                 coalesced_pieces_fit<Cfg::TileM, WarpgroupCols>()) {  // diagnostic, never shipped

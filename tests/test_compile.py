@@ -655,8 +655,8 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
                                                            {"wait_probe": True, "copy_only": True},
                                                            {"no_decode": True}, {"no_epilogue": True},
                                                            {"no_decode": True, "no_epilogue": True},
-                                                           {"coalesced_stores": True})}
-    assert len(suffixes) == 8
+                                                           {"coalesced_stores": True}, {"sector_stores": True})}
+    assert len(suffixes) == 9
     assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
     assert diagnostic_build(no_decode=True, no_epilogue=True)[0] == [NO_DECODE_OPTION, NO_EPILOGUE_OPTION]
     options, _ = diagnostic_build(wait_probe=True, copy_only=True)
@@ -745,6 +745,30 @@ def test_coalesced_stores_build_writes_whole_lines_beside_the_same_pipeline(conf
     assert wide(shipped) == 0 and wide(roof) == config.tile_m * (columns // 8) // 128
     assert serialized_wgmma(roof.ptxas_notes) == (), roof.log
     assert roof.resources.spills == 0 and config.register_pool_suffices(roof.resources.registers)
+
+
+SECTOR_STORE_SAMPLES = [TileConfig.from_name(name) for name in (
+    "n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m64_k128_s8_wg2_fp8_scatter", "n128_m16_k128_s5_wg1_c3")]
+
+
+@needs_render
+@needs_sass
+@pytest.mark.parametrize("config", SECTOR_STORE_SAMPLES, ids=lambda config: config.name)
+def test_sector_stores_candidate_keeps_the_pipeline_and_stores_16_bytes(config):
+    """The candidate epilogue (templates/mxfp4_sector_stores.cuh): the shipped WGMMAs, waits, loads and setmaxnreg, no
+    spill, no serialized WGMMA, and one 16-byte store per 16 tile rows of each 64-row block a thread holds (the
+    shipped build issues none); its output is checked on the GPU (tests/test_sector_stores_gpu.py)."""
+    _skip_unless_buildable()
+    shipped = compile_kernel(config)
+    candidate = compile_kernel(config, options=diagnostic_build(sector_stores=True)[0])
+    a, b = shipped.sass(), candidate.sass()
+    assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.ublkcp, b.setmaxnreg) == (
+        a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
+    wide = lambda kernel: len(re.findall(r"\bSTG\.E\.128\b", dump_sass(kernel.cubin)))  # noqa: E731
+    blocks = config.tile_n // 64 // config.warpgroups  # 64-row blocks per consumer warpgroup
+    assert wide(shipped) == 0 and wide(candidate) == blocks * config.tile_m // 16
+    assert serialized_wgmma(candidate.ptxas_notes) == (), candidate.log
+    assert candidate.resources.spills == 0 and config.register_pool_suffices(candidate.resources.registers)
 
 
 # The epilogue's paired stores (store_tile_paired): one 4-byte store per two output columns of a row, unrolled over

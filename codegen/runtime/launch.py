@@ -91,7 +91,7 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
 
 def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
          no_decode: bool = False, no_epilogue: bool = False, coalesced_stores: bool = False,
-         templates_dir: str | None = None) -> LoadedKernel:
+         sector_stores: bool = False, templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
     Diagnostics only, never what the op launches (any combination): ``wait_probe``, the build that times its barrier
@@ -102,10 +102,12 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     epilogue's price: the kernel as shipped but for a tile's row scales and stores (templates/mxfp4_no_epilogue.cuh;
     its output is not the product); ``coalesced_stores``, the price of the epilogue's store pattern: the same bytes
     written as whole 128-byte lines (templates/mxfp4_coalesced_stores.cuh; its output is not the product);
-    ``templates_dir``, the device headers from another directory (an earlier version of the kernel, timed beside
-    this one)."""
+    ``sector_stores``, a candidate epilogue: the same output as shipped, written as 16-byte stores that fill whole
+    sectors (templates/mxfp4_sector_stores.cuh); ``templates_dir``, the device headers from another directory (an
+    earlier version of the kernel, timed beside this one)."""
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
-                                       no_epilogue=no_epilogue, coalesced_stores=coalesced_stores)
+                                       no_epilogue=no_epilogue, coalesced_stores=coalesced_stores,
+                                       sector_stores=sector_stores)
     key = (device.index, config.name + suffix, templates_dir)
     kernel = _loaded.get(key)
     if kernel is not None:
@@ -142,6 +144,8 @@ NO_EPILOGUE_OPTION = "-DMXFP4_NO_EPILOGUE=1"
 NO_EPILOGUE_SUFFIX = "+no_epilogue"
 COALESCED_STORES_OPTION = "-DMXFP4_COALESCED_STORES=1"
 COALESCED_STORES_SUFFIX = "+coalesced_stores"
+SECTOR_STORES_OPTION = "-DMXFP4_SECTOR_STORES=1"
+SECTOR_STORES_SUFFIX = "+sector_stores"
 WAIT_PROBE_SLOTS = ("producer_cycles", "producer_empty_wait", "producer_stages", "consumer_cycles",
                     "consumer_full_wait", "consumer_mma_wait", "consumer_stages", "consumer_drain_wait",
                     "consumer_epilogue", "consumer_units")
@@ -152,14 +156,17 @@ TIMELINE_SLOTS = ("start_min_not", "start_max", "end_min_not", "end_max", "first
 
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_decode: bool = False,
-                     no_epilogue: bool = False, coalesced_stores: bool = False) -> tuple[list[str], str]:
+                     no_epilogue: bool = False, coalesced_stores: bool = False,
+                     sector_stores: bool = False) -> tuple[list[str], str]:
     """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
     chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
                                                           (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX),
                                                           (no_decode, NO_DECODE_OPTION, NO_DECODE_SUFFIX),
                                                           (no_epilogue, NO_EPILOGUE_OPTION, NO_EPILOGUE_SUFFIX),
                                                           (coalesced_stores, COALESCED_STORES_OPTION,
-                                                           COALESCED_STORES_SUFFIX)) if on]
+                                                           COALESCED_STORES_SUFFIX),
+                                                          (sector_stores, SECTOR_STORES_OPTION, SECTOR_STORES_SUFFIX))
+              if on]
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 
 

@@ -1,0 +1,65 @@
+"""The candidate sector stores (templates/mxfp4_sector_stores.cuh, -DMXFP4_SECTOR_STORES) on an SM90 GPU: bit for bit
+the shipped build's output, for the Store and ScaleScatter epilogues, both activation families, with tails (N not a
+multiple of the tile, partial row tiles, an empty expert, one row), outputs poisoned with NaN first. Its speed is
+`bench ncu-case --prefill --configs ... --mma-roof` ("sector stores (candidate)")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_gpu_kernel import random_offsets, random_weight
+
+import mxfp4
+from codegen import TileConfig
+from codegen.runtime import launch
+from codegen.runtime.launch import EpilogueArgs, grouped_mm_sm90
+
+pytestmark = pytest.mark.gpu
+
+CONFIGS = ["n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m64_k128_s7_wg2", "n128_m16_k128_s5_wg1_c3",
+           "n128_m256_k64_s5_wg2_scatter", "n128_m64_k128_s8_wg2_fp8_scatter"]
+CASES = {  # (E, N, K, rows per expert)
+    "tails": (4, 200, 160, [300, 0, 17, 1]),
+    "gpt-oss-down": (8, 2880, 2880, [256, 129, 0, 640, 1, 77, 300, 512]),
+}
+
+
+def _operands(config: TileConfig, case: str, seed: int):
+    num_experts, n, k, counts = CASES[case]
+    generator = torch.Generator().manual_seed(seed)
+    weight = random_weight(num_experts, n, k, generator).to("cuda")
+    offsets = random_offsets(counts, torch.device("cuda"))
+    x = torch.randn(sum(counts), k, generator=generator).to("cuda", torch.bfloat16)
+    epilogue = EpilogueArgs()
+    if config.activations == "fp8":
+        packed = mxfp4.pack(weight, activations="fp8")
+        x, x_scale = mxfp4.quantize_activations(x)
+        epilogue = EpilogueArgs(x_scale=x_scale, w_scale=packed.row_scale)
+    else:
+        packed = mxfp4.pack(weight)
+    rows_out = x.shape[0]
+    if config.epilogue == "scatter":  # rows to token slots in a shuffled order, with routing weights and a bias
+        dest = torch.randperm(x.shape[0], generator=generator).to("cuda", torch.int32)
+        scale = torch.rand(x.shape[0], generator=generator).to("cuda")
+        bias = torch.randn(num_experts, n, generator=generator).to("cuda", torch.bfloat16)
+        epilogue = EpilogueArgs(bias=bias, row_scale=scale, row_dest=dest, x_scale=epilogue.x_scale,
+                                w_scale=epilogue.w_scale)
+    return x, packed, offsets, epilogue, (rows_out, n)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", CONFIGS)
+def test_sector_stores_are_the_shipped_bits(name: str, case: str, seed: int) -> None:
+    config = TileConfig.from_name(name)
+    x, packed, offsets, epilogue, out_shape = _operands(config, case, seed)
+    outs = []
+    for kernel in (launch.load(config, x.device), launch.load(config, x.device, sector_stores=True)):
+        out = torch.full(out_shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+        grouped_mm_sm90(x, packed.data, packed.n, packed.k, offsets, False, config, out, epilogue, kernel=kernel)
+        torch.cuda.synchronize()
+        outs.append(out)
+    shipped, candidate = outs
+    assert not torch.isnan(shipped).any(), f"seed {seed}: the shipped build left rows unwritten"
+    assert torch.equal(candidate, shipped), (
+        f"seed {seed}: {int((candidate != shipped).sum())} of {shipped.numel()} values differ "
+        f"(NaN left: {int(torch.isnan(candidate).sum())})")
