@@ -160,14 +160,17 @@ def _chain(fake: FakeGraphDriver, dependent: bool) -> FakeGraphDriver:
 def test_graph_chain_edges_are_plain_or_programmatic(monkeypatch):
     fake = FakeGraphDriver()
     monkeypatch.setattr(graph_driver, "_graph_api", lambda: fake)
+    asked = []  # cuGraphAddDependencies_v2 is looked up only for programmatic edges (CUDA >= 12.3 drivers)
+    monkeypatch.setattr(graph_driver, "_add_dependencies", lambda: asked.append(1) or fake.cuGraphAddDependencies_v2)
     _chain(fake, dependent=False)
+    assert asked == []
     assert fake.nodes == [(100, 0), (101, 1), (102, 1)] and fake.edges == []
     fake.__init__()
     _chain(fake, dependent=True)
     assert fake.nodes == [(100, 0), (101, 0), (102, 0)]  # no plain edge: each comes as a programmatic one
     programmatic = (graph_driver._PORT_PROGRAMMATIC, graph_driver._DEPENDENCY_PROGRAMMATIC)
     assert programmatic == (1, 1)  # cuda.h: CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC, CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
-    assert fake.edges == [(100, 101, *programmatic), (101, 102, *programmatic)]
+    assert fake.edges == [(100, 101, *programmatic), (101, 102, *programmatic)] and asked == [1]
 
 
 def test_the_layer_graphs_are_keyed_by_the_switch():

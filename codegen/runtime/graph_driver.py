@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable
 
 from .fast_driver import check_driver, raise_driver_error, typed_driver
 
@@ -48,7 +49,6 @@ def _graph_api() -> ctypes.CDLL:
     signatures = {
         "cuGraphCreate": [pointer, ctypes.c_uint],
         "cuGraphAddKernelNode_v2": [pointer, handle, pointer, ctypes.c_size_t, ctypes.POINTER(KernelNodeParams)],
-        "cuGraphAddDependencies_v2": [handle, pointer, pointer, ctypes.POINTER(EdgeData), ctypes.c_size_t],
         "cuGraphInstantiateWithFlags": [pointer, handle, ctypes.c_ulonglong],
         "cuGraphExecKernelNodeSetParams_v2": [handle, handle, ctypes.POINTER(KernelNodeParams)],
         "cuGraphLaunch": [handle, handle],
@@ -56,6 +56,15 @@ def _graph_api() -> ctypes.CDLL:
         "cuGraphDestroy": [handle],
     }
     return typed_driver(signatures)
+
+
+@lru_cache(maxsize=1)
+def _add_dependencies() -> Callable[..., int]:
+    """cuGraphAddDependencies_v2 (CUDA >= 12.3 drivers): declared only when a graph asks for programmatic edges, so
+    that an older driver still builds the plain chains."""
+    handle, pointer = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
+    signature = [handle, pointer, pointer, ctypes.POINTER(EdgeData), ctypes.c_size_t]
+    return typed_driver({"cuGraphAddDependencies_v2": signature}).cuGraphAddDependencies_v2
 
 
 @dataclass
@@ -95,6 +104,7 @@ class KernelGraph:
         self._graph, self._exec = ctypes.c_void_p(), ctypes.c_void_p()
         check_driver(lib.cuGraphCreate(ctypes.byref(self._graph), 0), "cuGraphCreate")
         try:
+            add_dependencies = _add_dependencies() if dependent and len(nodes) > 1 else None
             previous = None
             for node in nodes:
                 plain_edge = previous is not None and not dependent
@@ -104,8 +114,8 @@ class KernelGraph:
                        f"cuGraphAddKernelNode({node.name})")
                 if previous is not None and dependent:
                     edge = EdgeData(from_port=_PORT_PROGRAMMATIC, type=_DEPENDENCY_PROGRAMMATIC)
-                    check_driver(lib.cuGraphAddDependencies_v2(self._graph, ctypes.byref(previous.handle),
-                                                               ctypes.byref(node.handle), ctypes.byref(edge), 1),
+                    check_driver(add_dependencies(self._graph, ctypes.byref(previous.handle),
+                                                  ctypes.byref(node.handle), ctypes.byref(edge), 1),
                                  f"cuGraphAddDependencies({previous.name} -> {node.name}, programmatic)")
                 previous = node
             check_driver(lib.cuGraphInstantiateWithFlags(ctypes.byref(self._exec), self._graph, 0), "cuGraphInstantiate")
