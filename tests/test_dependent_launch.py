@@ -116,6 +116,23 @@ def test_a_failed_dependent_launch_names_the_call(monkeypatch):
         fast_driver.launch(1, 2, 128, 0, 0, "k", dependent=True)
 
 
+class OldLaunchDriver:
+    """A driver older than CUDA 11.8: cuLaunchKernel only."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.cuLaunchKernel = FakeLaunchDriver.cuLaunchKernel.__get__(self)
+
+
+def test_a_driver_without_cuLaunchKernelEx_is_a_clear_error(monkeypatch):
+    old = OldLaunchDriver()
+    monkeypatch.setattr(fast_driver, "_libcuda", lambda: old)
+    with pytest.raises(fast_driver.DriverError, match="needs cuLaunchKernelEx.*unset HOPPER_MXFP4_PDL"):
+        fast_driver.launch(1, 2, 128, 0, 0, "k", dependent=True)
+    fast_driver.launch(1, 2, 128, 0, 0, "k")  # plain launches still work
+    assert old.calls == [("cuLaunchKernel", 1, 2, 128, 0, 0)]
+
+
 class FakeGraphDriver:
     """Records the graph calls: nodes with their plain dependencies, and edges added afterwards."""
 

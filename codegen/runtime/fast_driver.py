@@ -151,6 +151,9 @@ def launch(function: int, grid: int, threads: int, shared_memory: int, stream: i
     or with ``dependent`` cuLaunchKernelEx with programmatic stream serialization (codegen.runtime.dependent_launch:
     the kernel may start before the previous kernel on ``stream`` ends; ours wait for it before touching memory)."""
     if dependent:
+        if not hasattr(_libcuda(), "cuLaunchKernelEx"):
+            raise DriverError(f"{name}: programmatic dependent launch (HOPPER_MXFP4_PDL) needs cuLaunchKernelEx, "
+                              "which this CUDA driver (older than 11.8) lacks; unset HOPPER_MXFP4_PDL")
         config = _scratch.config
         config.gridDimX, config.blockDimX, config.sharedMemBytes, config.hStream = grid, threads, shared_memory, stream
         code = _libcuda().cuLaunchKernelEx(ctypes.byref(config), function, _scratch.argument, None)
