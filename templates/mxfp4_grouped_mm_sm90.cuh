@@ -492,29 +492,11 @@ __device__ __forceinline__ void store_columns_paired(float const (&acc)[Cfg::Acc
   }
 }
 
-template <class Cfg, class Params>
+// The tile's stores when paired_stores_fit: the paired stores, or with Sectors (the candidate 16-byte stores of
+// mxfp4_sector_stores.cuh, -DMXFP4_SECTOR_STORES, not shipped) those for Store and ScaleScatter.
+template <bool Sectors, class Cfg, class Params>
 __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
                                                   ExpertRows const& rows, int first_atom, int tid) {
-  int const g = (tid & 31) >> 2;
-  int const m_base = tile.m_tile * Cfg::TileM;
-  PairedRows const paired{rows.start + m_base, rows.count - m_base, tid & 3, g & 1};
-  ScatterRows<Cfg::TileM> scatter;
-  if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) scatter.load(p, paired, tid & 31);
-#pragma unroll
-  for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
-    int const n0 = thread_weight_row<Cfg::TileN>(tile, first_atom + a, tid);
-    if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
-      store_swiglu_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0);
-    } else {
-      store_columns_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter);
-    }
-  }
-}
-
-// The candidate sector stores (mxfp4_sector_stores.cuh; -DMXFP4_SECTOR_STORES, not shipped): Store and ScaleScatter.
-template <class Cfg, class Params>
-__device__ __forceinline__ void store_tile_sectors(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
-                                                   ExpertRows const& rows, int first_atom, int tid) {
   int const g = (tid & 31) >> 2;
   int const m_base = tile.m_tile * Cfg::TileM;
   PairedRows const paired{rows.start + m_base, rows.count - m_base, tid & 3, g & 1};
@@ -524,7 +506,13 @@ __device__ __forceinline__ void store_tile_sectors(ConsumerState<Cfg> const& st,
 #pragma unroll
   for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
     int const n0 = thread_weight_row<Cfg::TileN>(tile, first_atom + a, tid);
-    store_columns_sectors<Scatter, Cfg::TileM>(st.acc[a], p, tile.expert, paired, n0, scatter, g);
+    if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
+      store_swiglu_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0);
+    } else if constexpr (Sectors) {
+      store_columns_sectors<Scatter, Cfg::TileM>(st.acc[a], p, tile.expert, paired, n0, scatter, g);
+    } else {
+      store_columns_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter);
+    }
   }
 }
 
@@ -533,7 +521,7 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
                                            ExpertRows const& rows, int first_atom, int tid) {
   if constexpr (sector_stores_build() && Cfg::EpilogueKind != Epilogue::SwiGLU && Cfg::TileM % 16 == 0) {
     if (sector_stores_fit(p)) {  // uniform
-      store_tile_sectors(st, p, tile, rows, first_atom, tid);
+      store_tile_paired<true>(st, p, tile, rows, first_atom, tid);
       return;
     }
   }
@@ -548,7 +536,7 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
     }
   }
   if (paired_stores_fit(p)) {  // uniform
-    store_tile_paired(st, p, tile, rows, first_atom, tid);
+    store_tile_paired<false>(st, p, tile, rows, first_atom, tid);
     return;
   }
   int const g = (tid & 31) >> 2, t = tid & 3;

@@ -727,48 +727,37 @@ def test_roof_sass_keeps_the_pipelined_wgmma_and_drops_its_part(config, flags):
     assert roof.resources.spills == 0 and config.register_pool_suffices(roof.resources.registers)
 
 
-@needs_render
-@needs_sass
-@pytest.mark.parametrize("config", MMA_ROOF_SAMPLES, ids=lambda config: config.name)
-def test_coalesced_stores_build_writes_whole_lines_beside_the_same_pipeline(config):
-    """The store-pattern roof (templates/mxfp4_coalesced_stores.cuh): the same WGMMAs, waits, loads and setmaxnreg as
-    the shipped build, no spill, no serialized WGMMA, and one 16-byte store per 8 accumulators of a thread (TileM x 64
-    outputs of a warpgroup over its 128 threads), which the shipped build never issues."""
-    _skip_unless_buildable()
-    shipped = compile_kernel(config)
-    roof = compile_kernel(config, options=diagnostic_build(coalesced_stores=True)[0])
-    a, b = shipped.sass(), roof.sass()
-    assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.ublkcp, b.setmaxnreg) == (
-        a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
-    wide = lambda kernel: len(re.findall(r"\bSTG\.E\.128\b", dump_sass(kernel.cubin)))  # noqa: E731
-    columns = config.tile_n // config.warpgroups  # a warpgroup's output columns
-    assert wide(shipped) == 0 and wide(roof) == config.tile_m * (columns // 8) // 128
-    assert serialized_wgmma(roof.ptxas_notes) == (), roof.log
-    assert roof.resources.spills == 0 and config.register_pool_suffices(roof.resources.registers)
-
-
-SECTOR_STORE_SAMPLES = [TileConfig.from_name(name) for name in (
-    "n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m64_k128_s8_wg2_fp8_scatter", "n128_m16_k128_s5_wg1_c3")]
+# The 16-byte-store builds, never shipped: the coalesced-stores roof (templates/mxfp4_coalesced_stores.cuh: the Store
+# epilogue's bytes as whole 128-byte lines, one store per 8 of a thread's accumulators) and the sector-stores candidate
+# (mxfp4_sector_stores.cuh: the shipped output, one store per 16 tile rows of each 64-row block a thread holds; its
+# values are checked on the GPU by tests/test_sector_stores_gpu.py). Build: (flags, samples, 16-byte stores expected).
+WIDE_STORE_BUILDS = {
+    "coalesced stores": ({"coalesced_stores": True}, MMA_ROOF_SAMPLES,
+                         lambda config: config.tile_m * (config.tile_n // config.warpgroups // 8) // 128),
+    "sector stores": ({"sector_stores": True}, [TileConfig.from_name(name) for name in (
+        "n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m64_k128_s8_wg2_fp8_scatter",
+        "n128_m16_k128_s5_wg1_c3")], lambda config: config.tile_n // 64 // config.warpgroups * config.tile_m // 16),
+}
 
 
 @needs_render
 @needs_sass
-@pytest.mark.parametrize("config", SECTOR_STORE_SAMPLES, ids=lambda config: config.name)
-def test_sector_stores_candidate_keeps_the_pipeline_and_stores_16_bytes(config):
-    """The candidate epilogue (templates/mxfp4_sector_stores.cuh): the shipped WGMMAs, waits, loads and setmaxnreg, no
-    spill, no serialized WGMMA, and one 16-byte store per 16 tile rows of each 64-row block a thread holds (the
-    shipped build issues none); its output is checked on the GPU (tests/test_sector_stores_gpu.py)."""
+@pytest.mark.parametrize(("build", "config"), [(build, config) for build, (_, samples, _) in WIDE_STORE_BUILDS.items()
+                                               for config in samples], ids=lambda value: getattr(value, "name", value))
+def test_wide_store_builds_keep_the_pipeline_and_store_16_bytes(build, config):
+    """The shipped WGMMAs, waits, loads and setmaxnreg, no spill, no serialized WGMMA, and the build's 16-byte stores
+    (the shipped build issues none)."""
     _skip_unless_buildable()
+    flags, _, expected = WIDE_STORE_BUILDS[build]
     shipped = compile_kernel(config)
-    candidate = compile_kernel(config, options=diagnostic_build(sector_stores=True)[0])
-    a, b = shipped.sass(), candidate.sass()
+    variant = compile_kernel(config, options=diagnostic_build(**flags)[0])
+    a, b = shipped.sass(), variant.sass()
     assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.ublkcp, b.setmaxnreg) == (
         a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
     wide = lambda kernel: len(re.findall(r"\bSTG\.E\.128\b", dump_sass(kernel.cubin)))  # noqa: E731
-    blocks = config.tile_n // 64 // config.warpgroups  # 64-row blocks per consumer warpgroup
-    assert wide(shipped) == 0 and wide(candidate) == blocks * config.tile_m // 16
-    assert serialized_wgmma(candidate.ptxas_notes) == (), candidate.log
-    assert candidate.resources.spills == 0 and config.register_pool_suffices(candidate.resources.registers)
+    assert wide(shipped) == 0 and wide(variant) == expected(config)
+    assert serialized_wgmma(variant.ptxas_notes) == (), variant.log
+    assert variant.resources.spills == 0 and config.register_pool_suffices(variant.resources.registers)
 
 
 # The epilogue's paired stores (store_tile_paired): one 4-byte store per two output columns of a row, unrolled over
