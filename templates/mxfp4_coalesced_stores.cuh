@@ -8,8 +8,8 @@
 // a row), 4096 half-written sectors per 256 x 128 tile; the paired stores halved its instructions but not its sectors,
 // and its time fell little. Against the shipped build this build's time is what that pattern costs; against the
 // no-epilogue build (mxfp4_no_epilogue.cuh), what writing the bytes at all costs while the tensor cores wait.
-// Store epilogues only (what `bench ncu-case --prefill` runs); other kinds keep their stores, as does an output whose
-// rows are not 16-byte aligned.
+// Store epilogues only (what `bench ncu-case --prefill` runs); other kinds keep their stores, as does an output that
+// 16-byte stores do not fit (sixteen_byte_stores_fit).
 #pragma once
 
 #include <cuda/std/cstdint>

@@ -520,7 +520,7 @@ template <class Cfg, class Params>
 __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
                                            ExpertRows const& rows, int first_atom, int tid) {
   if constexpr (sector_stores_build() && Cfg::EpilogueKind != Epilogue::SwiGLU && Cfg::TileM % 16 == 0) {
-    if (sector_stores_fit(p)) {  // uniform
+    if (sixteen_byte_stores_fit(p)) {  // uniform
       store_tile_paired<true>(st, p, tile, rows, first_atom, tid);
       return;
     }
@@ -528,7 +528,7 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
   constexpr int WarpgroupCols = kAtomN * Cfg::AtomsPerWarpgroup;
   if constexpr (coalesced_stores_build() && Cfg::EpilogueKind == Epilogue::Store &&
                 coalesced_pieces_fit<Cfg::TileM, WarpgroupCols>()) {  // diagnostic, never shipped
-    if ((p.out_cols & 7) == 0 && (reinterpret_cast<size_t>(p.out) & 15u) == 0) {
+    if (sixteen_byte_stores_fit(p)) {
       int const m_base = tile.m_tile * Cfg::TileM;
       store_tile_coalesced<Cfg::AtomsPerWarpgroup, Cfg::Accumulators, Cfg::TileM, WarpgroupCols>(
           st.acc, p, rows.start + m_base, rows.count - m_base, tile.n_tile * Cfg::TileN + kAtomN * first_atom, tid);

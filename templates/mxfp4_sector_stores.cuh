@@ -48,10 +48,11 @@ __device__ __forceinline__ void transpose_8x8_halves(uint32_t (&w)[4], int g) {
   }
 }
 
-// Whether the sector stores apply to this launch (uniform): 16-byte aligned rows, a column count that splits into
-// whole 8-column pieces (gpt-oss's all do). The paired stores cover the rest.
+// Whether 16-byte stores fit this launch (uniform): 16-byte aligned rows and column counts that split into whole
+// 8-column pieces (gpt-oss's all do): the sector stores' test, and the coalesced-stores roof's. The paired stores
+// cover the rest.
 template <class Params>
-__device__ __forceinline__ bool sector_stores_fit(Params const& p) {
+__device__ __forceinline__ bool sixteen_byte_stores_fit(Params const& p) {
   return (p.n & 7) == 0 && (p.out_cols & 7) == 0 && (reinterpret_cast<size_t>(p.out) & 15u) == 0;
 }
 
