@@ -139,8 +139,9 @@ ROOF_BUILDS = (
     ("no epilogue", {"no_epilogue": True}),  # templates/mxfp4_no_epilogue.cuh: no row scales, no stores
     ("no decode, no epilogue", {"no_decode": True, "no_epilogue": True}),  # the pipeline and the tensor cores
     ("coalesced stores", {"coalesced_stores": True}),  # templates/mxfp4_coalesced_stores.cuh: whole-line stores
-    # Not a roof: a candidate epilogue with the shipped output (tests/test_sector_stores_gpu.py), timed beside them.
+    # Not a roof: a candidate epilogue with the shipped output (tests/test_candidate_stores_gpu.py), timed beside them.
     ("sector stores (candidate)", {"sector_stores": True}),  # templates/mxfp4_sector_stores.cuh
+    ("line stores (candidate)", {"line_stores": True}),  # templates/mxfp4_line_stores.cuh
 )
 
 

@@ -36,6 +36,7 @@
 #include "mxfp4_epilogue.cuh"
 #include "mxfp4_coalesced_stores.cuh"
 #include "mxfp4_sector_stores.cuh"
+#include "mxfp4_line_stores.cuh"
 #include "mxfp4_row_scales.cuh"
 #include "mxfp4_scheduler.cuh"
 #include "mxfp4_stream_k.cuh"
@@ -130,11 +131,14 @@ struct SharedStorage {
   uint64_t* empty;    // [Stages]: consumers done with the slot
   int* tile_prefix;   // [num_experts + 1]
   int* last_share;    // [4]: per consumer warpgroup, whether its stream-K share completed the tile
+  uint8_t* line_stage;  // the candidate line stores' staging areas (mxfp4_line_stores.cuh; that build only)
 
   __device__ explicit SharedStorage(uint8_t* raw) {
     // Offset `raw` itself (no integer round trip) so that the compiler keeps every pointer in the
     // shared state space and emits LDS rather than generic loads.
     uint8_t* base = raw + ((1024u - (cute::cast_smem_ptr_to_uint(raw) & 1023u)) & 1023u);
+    line_stage = base;
+    if constexpr (line_stores_build()) base += line_stage_reserved<Cfg::Warpgroups>();
     x = base;
     w = x + Cfg::Stages * Cfg::XStageBytes;
     full = reinterpret_cast<uint64_t*>(w + Cfg::Stages * Cfg::WStageBytes);
@@ -450,6 +454,36 @@ __device__ __forceinline__ void store_swiglu_paired(float const (&acc)[Cfg::Accu
   }
 }
 
+// ScaleScatter's bias of weight rows n0 and n0 + 8 (0 past N, and for Store, which has none).
+template <class Cfg, class Params>
+__device__ __forceinline__ void column_bias(Params const& p, int expert, int n0, float (&bias)[2]) {
+  bias[0] = bias[1] = 0.0f;
+  if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) bias[h] = n0 + 8 * h < p.n ? bias_at(p, expert, n0 + 8 * h) : 0.0f;
+  }
+}
+
+// Row group i's two paired words, after the exchange: h = 0, 1 holds tile row 8 i + 2 t + odd at the column pair that
+// starts at n0 - odd + 8 h (ScaleScatter: bias and routing weight applied).
+template <class Cfg>
+__device__ __forceinline__ void column_pair_words(float const (&acc)[Cfg::Accumulators], int i, PairedRows const& rows,
+                                                  float const (&bias)[2], ScatterRows<Cfg::TileM> const& scatter,
+                                                  uint32_t (&pair)[2]) {
+  if constexpr (Cfg::EpilogueKind == Epilogue::ScaleScatter) {
+    int const m = 8 * i + 2 * rows.t;  // this thread's rows m and m + 1; after the exchange, m + odd
+    float const scale[2] = {scatter.scale.at(8 * i / 32, m), scatter.scale.at(8 * i / 32, m + 1)};
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      pair[h] = pair_columns(pack_bf16x2((acc[4 * i + 2 * h] + bias[h]) * scale[0],
+                                         (acc[4 * i + 2 * h + 1] + bias[h]) * scale[1]), rows.odd);
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      pair[h] = pair_columns(pack_bf16x2(acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]), rows.odd);
+  }
+}
+
 // Store and ScaleScatter: the thread holds weight rows n0 and n0 + 8 of two tile rows; two output columns each.
 template <class Cfg, class Params>
 __device__ __forceinline__ void store_columns_paired(float const (&acc)[Cfg::Accumulators], Params const& p, int expert,
@@ -458,11 +492,8 @@ __device__ __forceinline__ void store_columns_paired(float const (&acc)[Cfg::Acc
   constexpr bool Scatter = Cfg::EpilogueKind == Epilogue::ScaleScatter;
   int const column = n0 - rows.odd;
   bool const column_ok[2] = {column < p.n, column + 8 < p.n};  // p.n is even: a pair is in or out whole
-  float bias[2] = {0.0f, 0.0f};
-  if constexpr (Scatter) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) bias[h] = n0 + 8 * h < p.n ? bias_at(p, expert, n0 + 8 * h) : 0.0f;
-  }
+  float bias[2];
+  column_bias<Cfg>(p, expert, n0, bias);
   // Store: this lane's tile row 2 t + odd, 8 rows further per i.
   uint16_t* out = p.out + static_cast<size_t>(rows.row0 + 2 * rows.t + rows.odd) * p.out_cols + column;
   size_t const eight_rows = static_cast<size_t>(p.out_cols) * 8;
@@ -470,17 +501,7 @@ __device__ __forceinline__ void store_columns_paired(float const (&acc)[Cfg::Acc
   for (int i = 0; i < Cfg::TileM / 8; ++i, out += eight_rows) {
     int const m = 8 * i + 2 * rows.t;  // this thread's rows m and m + 1; after the exchange, m + odd
     uint32_t pair[2];
-    if constexpr (Scatter) {
-      float const scale[2] = {scatter.scale.at(8 * i / 32, m), scatter.scale.at(8 * i / 32, m + 1)};
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        pair[h] = pair_columns(pack_bf16x2((acc[4 * i + 2 * h] + bias[h]) * scale[0],
-                                           (acc[4 * i + 2 * h + 1] + bias[h]) * scale[1]), rows.odd);
-    } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        pair[h] = pair_columns(pack_bf16x2(acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]), rows.odd);
-    }
+    column_pair_words<Cfg>(acc, i, rows, bias, scatter, pair);
     bool const row_ok = m + rows.odd < rows.m_limit;
     uint16_t* row_out = out;
     if constexpr (Scatter) {  // the row's place in token order
@@ -492,11 +513,50 @@ __device__ __forceinline__ void store_columns_paired(float const (&acc)[Cfg::Acc
   }
 }
 
-// The tile's stores when paired_stores_fit: the paired stores, or with Sectors (the candidate 16-byte stores of
-// mxfp4_sector_stores.cuh, -DMXFP4_SECTOR_STORES, not shipped) those for Store and ScaleScatter.
-template <bool Sectors, class Cfg, class Params>
+// Store and ScaleScatter through the warpgroup's staging area (the candidate line stores, mxfp4_line_stores.cuh):
+// rows 32 c .. 32 c + 31 of the block staged as the paired words, then stored one 128-byte line per 8 lanes.
+template <class Cfg, class Params>
+__device__ __forceinline__ void store_columns_lines(float const (&acc)[Cfg::Accumulators], Params const& p, int expert,
+                                                    PairedRows const& rows, int n0,
+                                                    ScatterRows<Cfg::TileM> const& scatter, uint8_t* stage,
+                                                    int consumer, int tid) {
+  constexpr bool Scatter = Cfg::EpilogueKind == Epilogue::ScaleScatter;
+  int const g = (tid & 31) >> 2, warp = tid >> 5;
+  int const col0 = n0 - g - 16 * warp;  // the 64-column block's first column
+  float bias[2];
+  column_bias<Cfg>(p, expert, n0, bias);
+  // This thread's staged words: block row 2 t + odd (8 rows further per i), block columns 16 warp + g - odd + 8 h.
+  // Bank (4-byte word) of a write: 36 row + 8 warp + 4 h + g / 2 mod 32, i.e. 4 (2 t + odd) + g / 2 + const: the
+  // 32 lanes hit 32 banks.
+  uint8_t* const word = stage + (2 * rows.t + rows.odd) * kLineStagePitch + 2 * (16 * warp + g - rows.odd);
+#pragma unroll
+  for (int c = 0; c < Cfg::TileM / kLineStageRows; ++c) {
+#pragma unroll
+    for (int j = 0; j < kLineStageRows / 8; ++j) {
+      uint32_t pair[2];
+      column_pair_words<Cfg>(acc, 4 * c + j, rows, bias, scatter, pair);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) *reinterpret_cast<uint32_t*>(word + 8 * j * kLineStagePitch + 16 * h) = pair[h];
+    }
+    sync_warpgroup(consumer);  // the block's rows staged
+    static_assert(kLineStageRows == 32, "a staged block is one word of the tile's row values");
+    store_staged_rows(p, stage, kLineStageRows * c, rows.m_limit, col0, tid, [&](int row) {
+      int const m = kLineStageRows * c + row;
+      if constexpr (Scatter) return scatter.dest.at(c, m);  // word c: a constant once the loop is unrolled
+      else return rows.row0 + m;
+    });
+    sync_warpgroup(consumer);  // read back before the next rows overwrite them
+  }
+}
+
+enum class StoreMode { Paired, Sectors, Lines };
+
+// The tile's stores when paired_stores_fit: the paired stores, or for Store and ScaleScatter one of the candidate
+// 16-byte stores (not shipped): Sectors (mxfp4_sector_stores.cuh), Lines (mxfp4_line_stores.cuh).
+template <StoreMode Mode, class Cfg, class Params>
 __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
-                                                  ExpertRows const& rows, int first_atom, int tid) {
+                                                  ExpertRows const& rows, int first_atom, int tid,
+                                                  uint8_t* stage = nullptr, int consumer = 0) {
   int const g = (tid & 31) >> 2;
   int const m_base = tile.m_tile * Cfg::TileM;
   PairedRows const paired{rows.start + m_base, rows.count - m_base, tid & 3, g & 1};
@@ -508,8 +568,10 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
     int const n0 = thread_weight_row<Cfg::TileN>(tile, first_atom + a, tid);
     if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
       store_swiglu_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0);
-    } else if constexpr (Sectors) {
+    } else if constexpr (Mode == StoreMode::Sectors) {
       store_columns_sectors<Scatter, Cfg::TileM>(st.acc[a], p, tile.expert, paired, n0, scatter, g);
+    } else if constexpr (Mode == StoreMode::Lines) {
+      store_columns_lines<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter, stage, consumer, tid);
     } else {
       store_columns_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter);
     }
@@ -518,10 +580,17 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
 
 template <class Cfg, class Params>
 __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
-                                           ExpertRows const& rows, int first_atom, int tid) {
+                                           ExpertRows const& rows, int first_atom, int tid, uint8_t* stage,
+                                           int consumer) {
   if constexpr (sector_stores_build() && Cfg::EpilogueKind != Epilogue::SwiGLU && Cfg::TileM % 16 == 0) {
     if (sixteen_byte_stores_fit(p)) {  // uniform
-      store_tile_paired<true>(st, p, tile, rows, first_atom, tid);
+      store_tile_paired<StoreMode::Sectors>(st, p, tile, rows, first_atom, tid);
+      return;
+    }
+  }
+  if constexpr (line_stores_build() && Cfg::EpilogueKind != Epilogue::SwiGLU && Cfg::TileM % kLineStageRows == 0) {
+    if (sixteen_byte_stores_fit(p)) {  // uniform
+      store_tile_paired<StoreMode::Lines>(st, p, tile, rows, first_atom, tid, stage, consumer);
       return;
     }
   }
@@ -536,7 +605,7 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
     }
   }
   if (paired_stores_fit(p)) {  // uniform
-    store_tile_paired<false>(st, p, tile, rows, first_atom, tid);
+    store_tile_paired<StoreMode::Paired>(st, p, tile, rows, first_atom, tid);
     return;
   }
   int const g = (tid & 31) >> 2, t = tid & 3;
@@ -699,7 +768,7 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
     long long const epilogue_from = probe.now();
     if constexpr (!Cfg::Fp8) scales.load(p, tile, rows, first_atom, tid);
     scales.apply(st.acc, p, tid);  // FP8 activations: x (and W) row scales
-    store_tile(st, p, tile, rows, first_atom, tid);
+    store_tile(st, p, tile, rows, first_atom, tid, s.line_stage + consumer * kLineStageBytes, consumer);
     probe.template add_since<kProbeConsumerEpilogue>(epilogue_from);
   }
   probe.template flush<kProbeConsumerCycles>();

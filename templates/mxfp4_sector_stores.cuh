@@ -1,6 +1,6 @@
 // Candidate epilogue stores, not shipped: compiled in with -DMXFP4_SECTOR_STORES (`bench ncu-case --prefill --configs
-// ... --mma-roof` times it beside the roofs; tests/test_sector_stores_gpu.py checks it bit for bit against the shipped
-// build). The Store and ScaleScatter epilogues write the same values to the same places as store_columns_paired, but
+// ... --mma-roof` times it beside the roofs; tests/test_candidate_stores_gpu.py checks it bit for bit against the
+// shipped build). The Store and ScaleScatter epilogues write the same values to the same places as store_columns_paired, but
 // as 16-byte stores: the 8 lanes of a warp that hold a row's 16 output columns (lanes 4 g + t, g = 0..7) transpose
 // their values for two row groups among themselves, so that each lane ends with 8 consecutive columns of one row and
 // a warp's store fills a whole 32-byte sector on each of 16 rows (the paired stores half-fill 8 sectors on 8 rows).
@@ -56,10 +56,10 @@ __device__ __forceinline__ bool sixteen_byte_stores_fit(Params const& p) {
   return (p.n & 7) == 0 && (p.out_cols & 7) == 0 && (reinterpret_cast<size_t>(p.out) & 15u) == 0;
 }
 
-// The thread's 16-column slab (weight rows slab .. slab + 15 of the tile, n0 = slab + g) of tile rows 16 p .. 16 p + 15,
-// p = 0 .. TileM / 16 - 1. Before the transpose, element q = 4 ii + 2 r + h of the thread is its accumulator for tile row
-// 8 (2 p + ii) + 2 t + r and column n0 + 8 h (bias and routing weight applied as the paired stores do); after it, lane
-// g holds chunk q = g: columns slab + 8 h .. + 7 of that row, one 16-byte store.
+// The thread's 16-column slab (weight rows slab .. slab + 15 of the tile, n0 = slab + g) of tile rows 16 p .. 16 p +
+// 15, p = 0 .. TileM / 16 - 1. Before the transpose, element q = 4 ii + 2 r + h of the thread is its accumulator for
+// tile row 8 (2 p + ii) + 2 t + r and column n0 + 8 h (bias and routing weight applied as the paired stores do); after
+// it, lane g holds chunk q = g: columns slab + 8 h .. + 7 of that row, one 16-byte store.
 template <bool Scatter, int TileM, int Accumulators, class Params, class Rows, class ScatterData>
 __device__ __forceinline__ void store_columns_sectors(float const (&acc)[Accumulators], Params const& p, int expert,
                                                       Rows const& rows, int n0, ScatterData const& scatter, int g) {

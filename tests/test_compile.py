@@ -44,6 +44,7 @@ from codegen.runtime.launch import (
     NO_EPILOGUE_OPTION,
     WAIT_PROBE_OPTION,
     diagnostic_build,
+    line_stage_option,
 )
 from codegen.tune.selection import configs_under_test
 
@@ -655,8 +656,9 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
                                                            {"wait_probe": True, "copy_only": True},
                                                            {"no_decode": True}, {"no_epilogue": True},
                                                            {"no_decode": True, "no_epilogue": True},
-                                                           {"coalesced_stores": True}, {"sector_stores": True})}
-    assert len(suffixes) == 9
+                                                           {"coalesced_stores": True}, {"sector_stores": True},
+                                                           {"line_stores": True})}
+    assert len(suffixes) == 10
     assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
     assert diagnostic_build(no_decode=True, no_epilogue=True)[0] == [NO_DECODE_OPTION, NO_EPILOGUE_OPTION]
     options, _ = diagnostic_build(wait_probe=True, copy_only=True)
@@ -728,15 +730,20 @@ def test_roof_sass_keeps_the_pipelined_wgmma_and_drops_its_part(config, flags):
 
 
 # The 16-byte-store builds, never shipped: the coalesced-stores roof (templates/mxfp4_coalesced_stores.cuh: the Store
-# epilogue's bytes as whole 128-byte lines, one store per 8 of a thread's accumulators) and the sector-stores candidate
-# (mxfp4_sector_stores.cuh: the shipped output, one store per 16 tile rows of each 64-row block a thread holds; its
-# values are checked on the GPU by tests/test_sector_stores_gpu.py). Build: (flags, samples, 16-byte stores expected).
+# epilogue's bytes as whole 128-byte lines, one store per 8 of a thread's accumulators) and the two candidates with
+# the shipped output (their values are checked on the GPU by tests/test_candidate_stores_gpu.py): sector stores
+# (mxfp4_sector_stores.cuh) and line stores through shared memory (mxfp4_line_stores.cuh), each one store per 16 tile
+# rows of each 64-row block a thread holds. Build: (flags, samples, 16-byte stores expected).
+CANDIDATE_SAMPLES = [TileConfig.from_name(name) for name in (
+    "n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m64_k128_s8_wg2_fp8_scatter", "n128_m16_k128_s5_wg1_c3")]
 WIDE_STORE_BUILDS = {
     "coalesced stores": ({"coalesced_stores": True}, MMA_ROOF_SAMPLES,
                          lambda config: config.tile_m * (config.tile_n // config.warpgroups // 8) // 128),
-    "sector stores": ({"sector_stores": True}, [TileConfig.from_name(name) for name in (
-        "n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m64_k128_s8_wg2_fp8_scatter",
-        "n128_m16_k128_s5_wg1_c3")], lambda config: config.tile_n // 64 // config.warpgroups * config.tile_m // 16),
+    "sector stores": ({"sector_stores": True}, CANDIDATE_SAMPLES,
+                      lambda config: config.tile_n // 64 // config.warpgroups * config.tile_m // 16),
+    "line stores": ({"line_stores": True}, CANDIDATE_SAMPLES,  # the 16-row tiles keep the paired stores
+                    lambda config: config.tile_n // 64 // config.warpgroups * config.tile_m // 16
+                    if config.tile_m >= 32 else 0),
 }
 
 
@@ -750,7 +757,8 @@ def test_wide_store_builds_keep_the_pipeline_and_store_16_bytes(build, config):
     _skip_unless_buildable()
     flags, _, expected = WIDE_STORE_BUILDS[build]
     shipped = compile_kernel(config)
-    variant = compile_kernel(config, options=diagnostic_build(**flags)[0])
+    extra = [line_stage_option(config)[0]] if flags.get("line_stores") else []  # as launch.load compiles it
+    variant = compile_kernel(config, options=diagnostic_build(**flags)[0] + extra)
     a, b = shipped.sass(), variant.sass()
     assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.ublkcp, b.setmaxnreg) == (
         a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
@@ -758,6 +766,16 @@ def test_wide_store_builds_keep_the_pipeline_and_store_16_bytes(build, config):
     assert wide(shipped) == 0 and wide(variant) == expected(config)
     assert serialized_wgmma(variant.ptxas_notes) == (), variant.log
     assert variant.resources.spills == 0 and config.register_pool_suffices(variant.resources.registers)
+
+
+@needs_render
+def test_line_stores_build_refuses_a_staging_area_the_launch_did_not_reserve():
+    _skip_unless_buildable()
+    config = TileConfig.from_name("n128_m64_k128_s7_wg2")
+    assert line_stage_option(config) == ("-DMXFP4_LINE_STAGE_RESERVED=9216", 9216)  # 2 warpgroups x 32 rows x 144 B
+    with pytest.raises(CompileError, match="reserves another size"):
+        compile_kernel(config, options=[*diagnostic_build(line_stores=True)[0], "-DMXFP4_LINE_STAGE_RESERVED=8192"],
+                       use_cache=False)
 
 
 # The epilogue's paired stores (store_tile_paired): one 4-byte store per two output columns of a row, unrolled over

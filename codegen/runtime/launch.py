@@ -91,7 +91,7 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
 
 def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
          no_decode: bool = False, no_epilogue: bool = False, coalesced_stores: bool = False,
-         sector_stores: bool = False, templates_dir: str | None = None) -> LoadedKernel:
+         sector_stores: bool = False, line_stores: bool = False, templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
     Diagnostics only, never what the op launches (any combination): ``wait_probe``, the build that times its barrier
@@ -103,11 +103,20 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     its output is not the product); ``coalesced_stores``, the price of the epilogue's store pattern: the same bytes
     written as whole 128-byte lines (templates/mxfp4_coalesced_stores.cuh; its output is not the product);
     ``sector_stores``, a candidate epilogue: the same output as shipped, written as 16-byte stores that fill whole
-    sectors (templates/mxfp4_sector_stores.cuh); ``templates_dir``, the device headers from another directory (an
-    earlier version of the kernel, timed beside this one)."""
+    sectors (templates/mxfp4_sector_stores.cuh); ``line_stores``, the other candidate: the same output through a
+    staging area in shared memory, as whole 128-byte lines (templates/mxfp4_line_stores.cuh; the launch reserves
+    the area, line_stage_option); ``templates_dir``, the device headers from another directory (an earlier version
+    of the kernel, timed beside this one)."""
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
                                        no_epilogue=no_epilogue, coalesced_stores=coalesced_stores,
-                                       sector_stores=sector_stores)
+                                       sector_stores=sector_stores, line_stores=line_stores)
+    shared_memory = config.shared_memory_bytes
+    if line_stores:
+        option, reserved = line_stage_option(config)
+        options, shared_memory = [*options, option], shared_memory + reserved
+        if shared_memory > config.max_shared_memory_bytes:
+            raise ValueError(f"{config.name}: the line-stores build needs {shared_memory} bytes of shared memory, "
+                             f"more than the {config.max_shared_memory_bytes} a CTA may use")
     key = (device.index, config.name + suffix, templates_dir)
     kernel = _loaded.get(key)
     if kernel is not None:
@@ -124,9 +133,9 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
                     f"for setmaxnreg to give {config.warpgroups} consumer warpgroups {config.consumer_registers} "
                     "each; refusing to launch a kernel that would hang"
                 )
-            module, function = load_function(compiled.cubin, ENTRY_POINT, device, config.shared_memory_bytes, config.name)
+            module, function = load_function(compiled.cubin, ENTRY_POINT, device, shared_memory, config.name)
             multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-            kernel = LoadedKernel(config, module, function, config.shared_memory_bytes,
+            kernel = LoadedKernel(config, module, function, shared_memory,
                                   multiprocessors * config.ctas_per_sm, int(function), config.threads, config.name)
             _loaded[key] = kernel
     return kernel
@@ -146,6 +155,16 @@ COALESCED_STORES_OPTION = "-DMXFP4_COALESCED_STORES=1"
 COALESCED_STORES_SUFFIX = "+coalesced_stores"
 SECTOR_STORES_OPTION = "-DMXFP4_SECTOR_STORES=1"
 SECTOR_STORES_SUFFIX = "+sector_stores"
+LINE_STORES_OPTION = "-DMXFP4_LINE_STORES=1"
+LINE_STORES_SUFFIX = "+line_stores"
+LINE_STAGE_BYTES = 32 * 144  # per consumer warpgroup: templates/mxfp4_line_stores.cuh's kLineStageBytes
+
+
+def line_stage_option(config: TileConfig) -> tuple[str, int]:
+    """The line-stores build's staging area before the ring (1024-byte aligned): the NVRTC option that tells the
+    kernel what the launch reserves (it static_asserts that this is what it lays out) and the bytes."""
+    reserved = -(-config.warpgroups * LINE_STAGE_BYTES // 1024) * 1024
+    return f"-DMXFP4_LINE_STAGE_RESERVED={reserved}", reserved
 WAIT_PROBE_SLOTS = ("producer_cycles", "producer_empty_wait", "producer_stages", "consumer_cycles",
                     "consumer_full_wait", "consumer_mma_wait", "consumer_stages", "consumer_drain_wait",
                     "consumer_epilogue", "consumer_units")
@@ -156,8 +175,8 @@ TIMELINE_SLOTS = ("start_min_not", "start_max", "end_min_not", "end_max", "first
 
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_decode: bool = False,
-                     no_epilogue: bool = False, coalesced_stores: bool = False,
-                     sector_stores: bool = False) -> tuple[list[str], str]:
+                     no_epilogue: bool = False, coalesced_stores: bool = False, sector_stores: bool = False,
+                     line_stores: bool = False) -> tuple[list[str], str]:
     """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
     chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
                                                           (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX),
@@ -165,7 +184,8 @@ def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_de
                                                           (no_epilogue, NO_EPILOGUE_OPTION, NO_EPILOGUE_SUFFIX),
                                                           (coalesced_stores, COALESCED_STORES_OPTION,
                                                            COALESCED_STORES_SUFFIX),
-                                                          (sector_stores, SECTOR_STORES_OPTION, SECTOR_STORES_SUFFIX))
+                                                          (sector_stores, SECTOR_STORES_OPTION, SECTOR_STORES_SUFFIX),
+                                                          (line_stores, LINE_STORES_OPTION, LINE_STORES_SUFFIX))
               if on]
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 

@@ -1,7 +1,7 @@
-"""The candidate sector stores (templates/mxfp4_sector_stores.cuh, -DMXFP4_SECTOR_STORES) on an SM90 GPU: bit for bit
-the shipped build's output, for the Store and ScaleScatter epilogues, both activation families, with tails (N not a
-multiple of the tile, partial row tiles, an empty expert, one row), outputs poisoned with NaN first. Its speed is
-`bench ncu-case --prefill --configs ... --mma-roof` ("sector stores (candidate)")."""
+"""The candidate epilogue stores on an SM90 GPU, sector stores (templates/mxfp4_sector_stores.cuh) and line stores
+through shared memory (mxfp4_line_stores.cuh): bit for bit the shipped build's output, for the Store and ScaleScatter
+epilogues, both activation families, with tails (N not a multiple of the tile, partial row tiles, an empty expert, one
+row), outputs poisoned with NaN first. Their speed is `bench ncu-case --prefill --configs ... --mma-roof`."""
 
 from __future__ import annotations
 
@@ -47,13 +47,14 @@ def _operands(config: TileConfig, case: str, seed: int):
     return x, packed, offsets, epilogue, (rows_out, n)
 
 
+@pytest.mark.parametrize("build", ["sector_stores", "line_stores"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", CONFIGS)
-def test_sector_stores_are_the_shipped_bits(name: str, case: str, seed: int) -> None:
+def test_candidate_stores_are_the_shipped_bits(name: str, case: str, build: str, seed: int) -> None:
     config = TileConfig.from_name(name)
     x, packed, offsets, epilogue, out_shape = _operands(config, case, seed)
     outs = []
-    for kernel in (launch.load(config, x.device), launch.load(config, x.device, sector_stores=True)):
+    for kernel in (launch.load(config, x.device), launch.load(config, x.device, **{build: True})):
         out = torch.full(out_shape, float("nan"), dtype=torch.bfloat16, device="cuda")
         grouped_mm_sm90(x, packed.data, packed.n, packed.k, offsets, False, config, out, epilogue, kernel=kernel)
         torch.cuda.synchronize()
