@@ -538,14 +538,14 @@ __device__ __forceinline__ void store_columns_lines(float const (&acc)[Cfg::Accu
 #pragma unroll
       for (int h = 0; h < 2; ++h) *reinterpret_cast<uint32_t*>(word + 8 * j * kLineStagePitch + 16 * h) = pair[h];
     }
-    sync_warpgroup(consumer);  // the block's rows staged
+    warpgroup_sync<Cfg::Warpgroups>(consumer);  // the block's rows staged (the warpgroup's own barrier, as stream-K's)
     static_assert(kLineStageRows == 32, "a staged block is one word of the tile's row values");
     store_staged_rows(p, stage, kLineStageRows * c, rows.m_limit, col0, tid, [&](int row) {
       int const m = kLineStageRows * c + row;
       if constexpr (Scatter) return scatter.dest.at(c, m);  // word c: a constant once the loop is unrolled
       else return rows.row0 + m;
     });
-    sync_warpgroup(consumer);  // read back before the next rows overwrite them
+    warpgroup_sync<Cfg::Warpgroups>(consumer);  // read back before the next rows overwrite them
   }
 }
 

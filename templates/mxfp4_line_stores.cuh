@@ -35,11 +35,6 @@ __device__ __forceinline__ constexpr int line_stage_reserved() {
   return reserved;
 }
 
-// The consumer warpgroup's own named barrier (ids 7-10; 0 is __syncthreads, 1-4 stream-K's, 5-6 ping-pong's).
-__device__ __forceinline__ void sync_warpgroup(int consumer) {
-  asm volatile("bar.sync %0, 128;" ::"r"(7 + consumer) : "memory");
-}
-
 // Rows m0 .. m0 + 31 of the warpgroup's 64-column block from the staging area to out, one 128-byte line per 8 lanes
 // and staged row (two rows per lane): row `row` of the block goes to out row `out_row(row)` (Store: the tile's rows in
 // order; ScaleScatter: the row's destination), columns col0 .. col0 + 63, within the valid rows and columns.
