@@ -55,9 +55,8 @@ class FakeGraph:
 
     recorder: Recorder  # set by fake_sm90
 
-    def __init__(self, nodes: list, dependent: bool = False) -> None:
+    def __init__(self, nodes: list, dependent: bool = False) -> None:  # dependent: the CPU runs the chain in order
         self.nodes = nodes
-        self.dependent = dependent  # programmatic edges (the CPU stand-in runs the chain in order either way)
         self.params = [bytes(node.buffer) for node in nodes]
         self.closed = False
         self.recorder.graphs.append(self)

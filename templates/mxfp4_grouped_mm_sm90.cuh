@@ -513,6 +513,49 @@ __device__ __forceinline__ void store_columns_paired(float const (&acc)[Cfg::Acc
   }
 }
 
+// The candidate sector stores (mxfp4_sector_stores.cuh; -DMXFP4_SECTOR_STORES, not shipped), Store and ScaleScatter:
+// the thread's 16-column slab (weight rows slab .. slab + 15 of the tile, n0 = slab + g) of tile rows 16 p .. 16 p +
+// 15, p = 0 .. TileM / 16 - 1. Before the transpose, element q = 4 ii + 2 r + h of the thread is its accumulator for
+// tile row 8 (2 p + ii) + 2 t + r and column n0 + 8 h (bias and routing weight applied as the paired stores do); after
+// it, lane g holds chunk q = g: columns slab + 8 h .. + 7 of that row, one 16-byte store.
+template <class Cfg, class Params>
+__device__ __forceinline__ void store_columns_sectors(float const (&acc)[Cfg::Accumulators], Params const& p, int expert,
+                                                      PairedRows const& rows, int n0,
+                                                      ScatterRows<Cfg::TileM> const& scatter, int g) {
+  constexpr bool Scatter = Cfg::EpilogueKind == Epilogue::ScaleScatter;
+  int const slab = n0 - g;
+  float bias[2];
+  column_bias<Cfg>(p, expert, n0, bias);
+  int const ii = g >> 2, r = (g >> 1) & 1, h = g & 1;  // the chunk this lane stores
+  int const column = slab + 8 * h;
+  bool const column_ok = column + 8 <= p.n;
+#pragma unroll
+  for (int pair = 0; pair < Cfg::TileM / 16; ++pair) {
+    uint32_t w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {  // word k: (ii, r) = (k >> 1, k & 1), h = 0 low and 1 high
+      int const i = 2 * pair + (k >> 1), rr = k & 1;
+      float low = acc[4 * i + rr], high = acc[4 * i + 2 + rr];
+      if constexpr (Scatter) {
+        int const m = 8 * i + 2 * rows.t + rr;
+        float const scale = scatter.scale.at(8 * i / 32, m);
+        low = (low + bias[0]) * scale;
+        high = (high + bias[1]) * scale;
+      }
+      w[k] = pack_bf16x2(low, high);
+    }
+    transpose_8x8_halves(w, g);
+    int const m = 8 * (2 * pair + ii) + 2 * rows.t + r;  // this lane's row of the tile
+    uint16_t* row_out;
+    if constexpr (Scatter) {
+      row_out = p.out + static_cast<size_t>(scatter.dest.at(16 * pair / 32, m)) * p.out_cols + column;
+    } else {
+      row_out = p.out + static_cast<size_t>(rows.row0 + m) * p.out_cols + column;
+    }
+    if (m < rows.m_limit && column_ok) *reinterpret_cast<uint4*>(row_out) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 // Store and ScaleScatter through the warpgroup's staging area (the candidate line stores, mxfp4_line_stores.cuh):
 // rows 32 c .. 32 c + 31 of the block staged as the paired words, then stored one 128-byte line per 8 lanes.
 template <class Cfg, class Params>
@@ -569,7 +612,7 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
     if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
       store_swiglu_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0);
     } else if constexpr (Mode == StoreMode::Sectors) {
-      store_columns_sectors<Scatter, Cfg::TileM>(st.acc[a], p, tile.expert, paired, n0, scatter, g);
+      store_columns_sectors<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter, g);
     } else if constexpr (Mode == StoreMode::Lines) {
       store_columns_lines<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter, stage, consumer, tid);
     } else {

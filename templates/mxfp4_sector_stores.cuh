@@ -56,47 +56,4 @@ __device__ __forceinline__ bool sixteen_byte_stores_fit(Params const& p) {
   return (p.n & 7) == 0 && (p.out_cols & 7) == 0 && (reinterpret_cast<size_t>(p.out) & 15u) == 0;
 }
 
-// The thread's 16-column slab (weight rows slab .. slab + 15 of the tile, n0 = slab + g) of tile rows 16 p .. 16 p +
-// 15, p = 0 .. TileM / 16 - 1. Before the transpose, element q = 4 ii + 2 r + h of the thread is its accumulator for
-// tile row 8 (2 p + ii) + 2 t + r and column n0 + 8 h (bias and routing weight applied as the paired stores do); after
-// it, lane g holds chunk q = g: columns slab + 8 h .. + 7 of that row, one 16-byte store.
-template <bool Scatter, int TileM, int Accumulators, class Params, class Rows, class ScatterData>
-__device__ __forceinline__ void store_columns_sectors(float const (&acc)[Accumulators], Params const& p, int expert,
-                                                      Rows const& rows, int n0, ScatterData const& scatter, int g) {
-  int const slab = n0 - g;
-  float bias[2] = {0.0f, 0.0f};
-  if constexpr (Scatter) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) bias[h] = n0 + 8 * h < p.n ? bias_at(p, expert, n0 + 8 * h) : 0.0f;
-  }
-  int const ii = g >> 2, r = (g >> 1) & 1, h = g & 1;  // the chunk this lane stores
-  int const column = slab + 8 * h;
-  bool const column_ok = column + 8 <= p.n;
-#pragma unroll
-  for (int pair = 0; pair < TileM / 16; ++pair) {
-    uint32_t w[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {  // word k: (ii, r) = (k >> 1, k & 1), h = 0 low and 1 high
-      int const i = 2 * pair + (k >> 1), rr = k & 1;
-      float low = acc[4 * i + rr], high = acc[4 * i + 2 + rr];
-      if constexpr (Scatter) {
-        int const m = 8 * i + 2 * rows.t + rr;
-        float const scale = scatter.scale.at(8 * i / 32, m);
-        low = (low + bias[0]) * scale;
-        high = (high + bias[1]) * scale;
-      }
-      w[k] = pack_bf16x2(low, high);
-    }
-    transpose_8x8_halves(w, g);
-    int const m = 8 * (2 * pair + ii) + 2 * rows.t + r;  // this lane's row of the tile
-    uint16_t* row_out;
-    if constexpr (Scatter) {
-      row_out = p.out + static_cast<size_t>(scatter.dest.at(16 * pair / 32, m)) * p.out_cols + column;
-    } else {
-      row_out = p.out + static_cast<size_t>(rows.row0 + m) * p.out_cols + column;
-    }
-    if (m < rows.m_limit && column_ok) *reinterpret_cast<uint4*>(row_out) = make_uint4(w[0], w[1], w[2], w[3]);
-  }
-}
-
 }  // namespace mxfp4

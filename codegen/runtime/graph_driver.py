@@ -100,7 +100,6 @@ class KernelGraph:
         lib = _graph_api()
         self._set_params, self._launch = lib.cuGraphExecKernelNodeSetParams_v2, lib.cuGraphLaunch  # per call
         self.nodes = nodes
-        self.dependent = dependent
         self._graph, self._exec = ctypes.c_void_p(), ctypes.c_void_p()
         check_driver(lib.cuGraphCreate(ctypes.byref(self._graph), 0), "cuGraphCreate")
         try:
