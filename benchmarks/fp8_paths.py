@@ -142,6 +142,7 @@ ROOF_BUILDS = (
     # Not a roof: a candidate epilogue with the shipped output (tests/test_candidate_stores_gpu.py), timed beside them.
     ("sector stores (candidate)", {"sector_stores": True}),  # templates/mxfp4_sector_stores.cuh
     ("line stores (candidate)", {"line_stores": True}),  # templates/mxfp4_line_stores.cuh
+    ("bulk stores (candidate)", {"bulk_stores": True}),  # the same file: the staged rows as TMA bulk copies
 )
 
 

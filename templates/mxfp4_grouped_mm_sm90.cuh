@@ -131,14 +131,14 @@ struct SharedStorage {
   uint64_t* empty;    // [Stages]: consumers done with the slot
   int* tile_prefix;   // [num_experts + 1]
   int* last_share;    // [4]: per consumer warpgroup, whether its stream-K share completed the tile
-  uint8_t* line_stage;  // the candidate line stores' staging areas (mxfp4_line_stores.cuh; that build only)
+  uint8_t* line_stage;  // the candidate line or bulk stores' staging areas (mxfp4_line_stores.cuh; those builds only)
 
   __device__ explicit SharedStorage(uint8_t* raw) {
     // Offset `raw` itself (no integer round trip) so that the compiler keeps every pointer in the
     // shared state space and emits LDS rather than generic loads.
     uint8_t* base = raw + ((1024u - (cute::cast_smem_ptr_to_uint(raw) & 1023u)) & 1023u);
     line_stage = base;
-    if constexpr (line_stores_build()) base += line_stage_reserved<Cfg::Warpgroups>();
+    if constexpr (row_stage_build()) base += line_stage_reserved<Cfg::Warpgroups>();
     x = base;
     w = x + Cfg::Stages * Cfg::XStageBytes;
     full = reinterpret_cast<uint64_t*>(w + Cfg::Stages * Cfg::WStageBytes);
@@ -556,9 +556,10 @@ __device__ __forceinline__ void store_columns_sectors(float const (&acc)[Cfg::Ac
   }
 }
 
-// Store and ScaleScatter through the warpgroup's staging area (the candidate line stores, mxfp4_line_stores.cuh):
-// rows 32 c .. 32 c + 31 of the block staged as the paired words, then stored one 128-byte line per 8 lanes.
-template <class Cfg, class Params>
+// Store and ScaleScatter through the warpgroup's staging area (the candidate line and bulk stores,
+// mxfp4_line_stores.cuh): rows 32 c .. 32 c + 31 of the block staged as the paired words, then stored one 128-byte
+// line per 8 lanes (Bulk false), or one bulk copy per row issued by the first warp (Bulk true).
+template <bool Bulk, class Cfg, class Params>
 __device__ __forceinline__ void store_columns_lines(float const (&acc)[Cfg::Accumulators], Params const& p, int expert,
                                                     PairedRows const& rows, int n0,
                                                     ScatterRows<Cfg::TileM> const& scatter, uint8_t* stage,
@@ -574,6 +575,10 @@ __device__ __forceinline__ void store_columns_lines(float const (&acc)[Cfg::Accu
   uint8_t* const word = stage + (2 * rows.t + rows.odd) * kLineStagePitch + 2 * (16 * warp + g - rows.odd);
 #pragma unroll
   for (int c = 0; c < Cfg::TileM / kLineStageRows; ++c) {
+    if constexpr (Bulk) {  // the last rows' bulk copies (this tile's, or the last tile's) have read the area
+      if (tid < 32) bulk_rows_read();
+      warpgroup_sync<Cfg::Warpgroups>(consumer);
+    }
 #pragma unroll
     for (int j = 0; j < kLineStageRows / 8; ++j) {
       uint32_t pair[2];
@@ -581,21 +586,27 @@ __device__ __forceinline__ void store_columns_lines(float const (&acc)[Cfg::Accu
 #pragma unroll
       for (int h = 0; h < 2; ++h) *reinterpret_cast<uint32_t*>(word + 8 * j * kLineStagePitch + 16 * h) = pair[h];
     }
+    if constexpr (Bulk) cute::tma_store_fence();  // the staged words visible to the bulk copies (the async proxy)
     warpgroup_sync<Cfg::Warpgroups>(consumer);  // the block's rows staged (the warpgroup's own barrier, as stream-K's)
     static_assert(kLineStageRows == 32, "a staged block is one word of the tile's row values");
-    store_staged_rows(p, stage, kLineStageRows * c, rows.m_limit, col0, tid, [&](int row) {
+    auto const out_row = [&](int row) {
       int const m = kLineStageRows * c + row;
       if constexpr (Scatter) return scatter.dest.at(c, m);  // word c: a constant once the loop is unrolled
       else return rows.row0 + m;
-    });
-    warpgroup_sync<Cfg::Warpgroups>(consumer);  // read back before the next rows overwrite them
+    };
+    if constexpr (Bulk) {
+      if (tid < 32) bulk_store_staged_rows(p, stage, kLineStageRows * c, rows.m_limit, col0, tid, out_row);
+    } else {
+      store_staged_rows(p, stage, kLineStageRows * c, rows.m_limit, col0, tid, out_row);
+      warpgroup_sync<Cfg::Warpgroups>(consumer);  // read back before the next rows overwrite them
+    }
   }
 }
 
-enum class StoreMode { Paired, Sectors, Lines };
+enum class StoreMode { Paired, Sectors, Lines, Bulk };
 
 // The tile's stores when paired_stores_fit: the paired stores, or for Store and ScaleScatter one of the candidate
-// 16-byte stores (not shipped): Sectors (mxfp4_sector_stores.cuh), Lines (mxfp4_line_stores.cuh).
+// 16-byte stores (not shipped): Sectors (mxfp4_sector_stores.cuh), Lines and Bulk (mxfp4_line_stores.cuh).
 template <StoreMode Mode, class Cfg, class Params>
 __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
                                                   ExpertRows const& rows, int first_atom, int tid,
@@ -613,8 +624,9 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
       store_swiglu_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0);
     } else if constexpr (Mode == StoreMode::Sectors) {
       store_columns_sectors<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter, g);
-    } else if constexpr (Mode == StoreMode::Lines) {
-      store_columns_lines<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter, stage, consumer, tid);
+    } else if constexpr (Mode == StoreMode::Lines || Mode == StoreMode::Bulk) {
+      store_columns_lines<Mode == StoreMode::Bulk, Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter, stage, consumer,
+                                                        tid);
     } else {
       store_columns_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter);
     }
@@ -631,9 +643,10 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
       return;
     }
   }
-  if constexpr (line_stores_build() && Cfg::EpilogueKind != Epilogue::SwiGLU && Cfg::TileM % kLineStageRows == 0) {
+  if constexpr (row_stage_build() && Cfg::EpilogueKind != Epilogue::SwiGLU && Cfg::TileM % kLineStageRows == 0) {
     if (sixteen_byte_stores_fit(p)) {  // uniform
-      store_tile_paired<StoreMode::Lines>(st, p, tile, rows, first_atom, tid, stage, consumer);
+      constexpr StoreMode Mode = bulk_stores_build() ? StoreMode::Bulk : StoreMode::Lines;
+      store_tile_paired<Mode>(st, p, tile, rows, first_atom, tid, stage, consumer);
       return;
     }
   }
@@ -813,6 +826,9 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
     scales.apply(st.acc, p, tid);  // FP8 activations: x (and W) row scales
     store_tile(st, p, tile, rows, first_atom, tid, s.line_stage + consumer * kLineStageBytes, consumer);
     probe.template add_since<kProbeConsumerEpilogue>(epilogue_from);
+  }
+  if constexpr (bulk_stores_build()) {
+    if (tid < 32) bulk_rows_written();  // the candidate bulk stores' copies done before the CTA's shared memory goes
   }
   probe.template flush<kProbeConsumerCycles>();
   line.flush();

@@ -840,7 +840,7 @@ def test_ncu_case_roofs_follow_each_forced_config():
 
     paths = prefill_paths("n128_m256_k64_s5_wg2,n128_m256_k128_s5_wg2_fp8", mma_roof=True)
     roofs = ("no decode", "no epilogue", "no decode, no epilogue", "coalesced stores", "sector stores (candidate)",
-             "line stores (candidate)")
+             "line stores (candidate)", "bulk stores (candidate)")
     assert list(paths) == [f"config {name}{suffix}" for name in ("n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8")
                            for suffix in ("", *(f" roof ({roof})" for roof in roofs))]
     built = [(prepare.func, prepare.args[0].name, prepare.args[1], prepare.args[2])
@@ -851,7 +851,8 @@ def test_ncu_case_roofs_follow_each_forced_config():
                                          ("no decode, no epilogue", {"no_decode": True, "no_epilogue": True}),
                                          ("coalesced stores", {"coalesced_stores": True}),
                                          ("sector stores (candidate)", {"sector_stores": True}),
-                                         ("line stores (candidate)", {"line_stores": True}))]
+                                         ("line stores (candidate)", {"line_stores": True}),
+                                         ("bulk stores (candidate)", {"bulk_stores": True}))]
 
 
 @pytest.mark.parametrize("argv, message", [

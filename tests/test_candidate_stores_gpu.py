@@ -1,5 +1,5 @@
 """The candidate epilogue stores on an SM90 GPU, sector stores (templates/mxfp4_sector_stores.cuh) and line stores
-through shared memory (mxfp4_line_stores.cuh): bit for bit the shipped build's output, for the Store and ScaleScatter
+through shared memory (mxfp4_line_stores.cuh), and the same staging written by TMA bulk copies: bit for bit the shipped build's output, for the Store and ScaleScatter
 epilogues, both activation families, with tails (N not a multiple of the tile, partial row tiles, an empty expert, one
 row), outputs poisoned with NaN first. Their speed is `bench ncu-case --prefill --configs ... --mma-roof`."""
 
@@ -47,7 +47,7 @@ def _operands(config: TileConfig, case: str, seed: int):
     return x, packed, offsets, epilogue, (rows_out, n)
 
 
-@pytest.mark.parametrize("build", ["sector_stores", "line_stores"])
+@pytest.mark.parametrize("build", ["sector_stores", "line_stores", "bulk_stores"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", CONFIGS)
 def test_candidate_stores_are_the_shipped_bits(name: str, case: str, build: str, seed: int) -> None:

@@ -657,8 +657,8 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
                                                            {"no_decode": True}, {"no_epilogue": True},
                                                            {"no_decode": True, "no_epilogue": True},
                                                            {"coalesced_stores": True}, {"sector_stores": True},
-                                                           {"line_stores": True})}
-    assert len(suffixes) == 10
+                                                           {"line_stores": True}, {"bulk_stores": True})}
+    assert len(suffixes) == 11
     assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
     assert diagnostic_build(no_decode=True, no_epilogue=True)[0] == [NO_DECODE_OPTION, NO_EPILOGUE_OPTION]
     options, _ = diagnostic_build(wait_probe=True, copy_only=True)
@@ -764,6 +764,27 @@ def test_wide_store_builds_keep_the_pipeline_and_store_16_bytes(build, config):
         a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
     wide = lambda kernel: len(re.findall(r"\bSTG\.E\.128\b", dump_sass(kernel.cubin)))  # noqa: E731
     assert wide(shipped) == 0 and wide(variant) == expected(config)
+    assert serialized_wgmma(variant.ptxas_notes) == (), variant.log
+    assert variant.resources.spills == 0 and config.register_pool_suffices(variant.resources.registers)
+
+
+@needs_render
+@needs_sass
+@pytest.mark.parametrize("config", CANDIDATE_SAMPLES, ids=lambda config: config.name)
+def test_bulk_stores_build_keeps_the_pipeline_and_writes_each_staged_block_by_bulk_copies(config):
+    """The bulk-stores candidate (mxfp4_line_stores.cuh): the shipped WGMMAs, waits, TMA loads and setmaxnreg, no
+    spill, and one shared -> global bulk copy (UBLKCP.G.S) per 32 staged rows of each 64-column block in place of the
+    stores (the 16-row tiles keep the paired stores)."""
+    _skip_unless_buildable()
+    shipped = compile_kernel(config)
+    variant = compile_kernel(config, options=diagnostic_build(bulk_stores=True)[0] + [line_stage_option(config)[0]])
+    a, b = shipped.sass(), variant.sass()
+    assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.setmaxnreg) == (
+        a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.setmaxnreg)
+    to_global = lambda kernel: len(re.findall(r"\bUBLKCP\.G\.S\b", dump_sass(kernel.cubin)))  # noqa: E731
+    blocks = config.tile_n // 64 // config.warpgroups * (config.tile_m // 32)  # per consumer warpgroup and tile
+    assert to_global(shipped) == 0 and to_global(variant) == blocks
+    assert b.ublkcp == a.ublkcp + blocks
     assert serialized_wgmma(variant.ptxas_notes) == (), variant.log
     assert variant.resources.spills == 0 and config.register_pool_suffices(variant.resources.registers)
 

@@ -91,7 +91,8 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
 
 def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
          no_decode: bool = False, no_epilogue: bool = False, coalesced_stores: bool = False,
-         sector_stores: bool = False, line_stores: bool = False, templates_dir: str | None = None) -> LoadedKernel:
+         sector_stores: bool = False, line_stores: bool = False, bulk_stores: bool = False,
+         templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
     Diagnostics only, never what the op launches (any combination): ``wait_probe``, the build that times its barrier
@@ -105,17 +106,19 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     ``sector_stores``, a candidate epilogue: the same output as shipped, written as 16-byte stores that fill whole
     sectors (templates/mxfp4_sector_stores.cuh); ``line_stores``, the other candidate: the same output through a
     staging area in shared memory, as whole 128-byte lines (templates/mxfp4_line_stores.cuh; the launch reserves
-    the area, line_stage_option); ``templates_dir``, the device headers from another directory (an earlier version
+    the area, line_stage_option); ``bulk_stores``, a third: the same staging, the rows written by the TMA unit as
+    asynchronous bulk copies (the same file, the same area); ``templates_dir``, the device headers from another directory (an earlier version
     of the kernel, timed beside this one)."""
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
                                        no_epilogue=no_epilogue, coalesced_stores=coalesced_stores,
-                                       sector_stores=sector_stores, line_stores=line_stores)
+                                       sector_stores=sector_stores, line_stores=line_stores,
+                                       bulk_stores=bulk_stores)
     shared_memory = config.shared_memory_bytes
-    if line_stores:
+    if line_stores or bulk_stores:
         option, reserved = line_stage_option(config)
         options, shared_memory = [*options, option], shared_memory + reserved
         if shared_memory > config.max_shared_memory_bytes:
-            raise ValueError(f"{config.name}: the line-stores build needs {shared_memory} bytes of shared memory, "
+            raise ValueError(f"{config.name}: the staged-rows build needs {shared_memory} bytes of shared memory, "
                              f"more than the {config.max_shared_memory_bytes} a CTA may use")
     key = (device.index, config.name + suffix, templates_dir)
     kernel = _loaded.get(key)
@@ -157,11 +160,13 @@ SECTOR_STORES_OPTION = "-DMXFP4_SECTOR_STORES=1"
 SECTOR_STORES_SUFFIX = "+sector_stores"
 LINE_STORES_OPTION = "-DMXFP4_LINE_STORES=1"
 LINE_STORES_SUFFIX = "+line_stores"
+BULK_STORES_OPTION = "-DMXFP4_BULK_STORES=1"
+BULK_STORES_SUFFIX = "+bulk_stores"
 LINE_STAGE_BYTES = 32 * 144  # per consumer warpgroup: templates/mxfp4_line_stores.cuh's kLineStageBytes
 
 
 def line_stage_option(config: TileConfig) -> tuple[str, int]:
-    """The line-stores build's staging area before the ring (1024-byte aligned): the NVRTC option that tells the
+    """The line- and bulk-stores builds' staging area before the ring (1024-byte aligned): the NVRTC option that tells the
     kernel what the launch reserves (it static_asserts that this is what it lays out) and the bytes."""
     reserved = -(-config.warpgroups * LINE_STAGE_BYTES // 1024) * 1024
     return f"-DMXFP4_LINE_STAGE_RESERVED={reserved}", reserved
@@ -176,7 +181,7 @@ TIMELINE_SLOTS = ("start_min_not", "start_max", "end_min_not", "end_max", "first
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_decode: bool = False,
                      no_epilogue: bool = False, coalesced_stores: bool = False, sector_stores: bool = False,
-                     line_stores: bool = False) -> tuple[list[str], str]:
+                     line_stores: bool = False, bulk_stores: bool = False) -> tuple[list[str], str]:
     """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
     chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
                                                           (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX),
@@ -185,7 +190,8 @@ def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_de
                                                           (coalesced_stores, COALESCED_STORES_OPTION,
                                                            COALESCED_STORES_SUFFIX),
                                                           (sector_stores, SECTOR_STORES_OPTION, SECTOR_STORES_SUFFIX),
-                                                          (line_stores, LINE_STORES_OPTION, LINE_STORES_SUFFIX))
+                                                          (line_stores, LINE_STORES_OPTION, LINE_STORES_SUFFIX),
+                                                          (bulk_stores, BULK_STORES_OPTION, BULK_STORES_SUFFIX))
               if on]
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 
