@@ -139,10 +139,8 @@ ROOF_BUILDS = (
     ("no epilogue", {"no_epilogue": True}),  # templates/mxfp4_no_epilogue.cuh: no row scales, no stores
     ("no decode, no epilogue", {"no_decode": True, "no_epilogue": True}),  # the pipeline and the tensor cores
     ("coalesced stores", {"coalesced_stores": True}),  # templates/mxfp4_coalesced_stores.cuh: whole-line stores
-    # Not a roof: a candidate epilogue with the shipped output (tests/test_candidate_stores_gpu.py), timed beside them.
-    ("sector stores (candidate)", {"sector_stores": True}),  # templates/mxfp4_sector_stores.cuh
-    ("line stores (candidate)", {"line_stores": True}),  # templates/mxfp4_line_stores.cuh
-    ("bulk stores (candidate)", {"bulk_stores": True}),  # the same file: the staged rows as TMA bulk copies
+    # Not a roof: the epilogue before the sector and line stores (the same output), timed beside them.
+    ("paired stores (before)", {"paired_stores": True}),  # templates/mxfp4_epilogue.cuh: paired_stores_build
 )
 
 

@@ -15,7 +15,8 @@ in that order, each call inside one NVTX range named "prefill" (``--nvtx-include
 order, which is the report's. ``--prefill --configs A,B`` profiles ours with each tile config forced instead (W4A16
 for a bf16 config, W4A8 for an ``_fp8`` one), e.g. a variant beside the config the table picks; ``--mma-roof``
 adds after each its roof builds (fp8_paths.ROOF_BUILDS: the same kernel without the decode, without the epilogue,
-without both), so the report shows what the decode and the epilogue each cost the tensor pipes at that config.
+without both, with whole-line stores in the wrong places, and with the paired stores of before), so the report shows
+what the decode and the epilogue each cost the tensor pipes at that config.
 """
 
 from __future__ import annotations

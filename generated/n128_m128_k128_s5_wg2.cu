@@ -76,6 +76,8 @@ struct alignas(64) GroupedMmParams {
 static_assert(sizeof(GroupedMmParams) == 320, "codegen/build/params.py disagrees on the size");
 
 struct Config : mxfp4::KernelConfig<128, 128, 128, 5, 2, 40, 232, mxfp4::Epilogue::Store, false, false, false> {
+  static constexpr mxfp4::StoreMode Stores = mxfp4::StoreMode::Lines;  // TileConfig.store_path
+  static constexpr int LineStageBytes = 9216;  // TileConfig.line_stage_bytes
   using Mma = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
 };
 

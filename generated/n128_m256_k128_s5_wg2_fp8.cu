@@ -76,6 +76,8 @@ struct alignas(64) GroupedMmParams {
 static_assert(sizeof(GroupedMmParams) == 320, "codegen/build/params.py disagrees on the size");
 
 struct Config : mxfp4::KernelConfig<128, 256, 128, 5, 2, 40, 232, mxfp4::Epilogue::Store, false, false, true> {
+  static constexpr mxfp4::StoreMode Stores = mxfp4::StoreMode::Lines;  // TileConfig.store_path
+  static constexpr int LineStageBytes = 9216;  // TileConfig.line_stage_bytes
   using Mma = cute::SM90::GMMA::MMA_64x256x32_F32E4M3E4M3_RS_TN<>;
 };
 

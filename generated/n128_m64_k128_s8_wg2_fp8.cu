@@ -76,6 +76,7 @@ struct alignas(64) GroupedMmParams {
 static_assert(sizeof(GroupedMmParams) == 320, "codegen/build/params.py disagrees on the size");
 
 struct Config : mxfp4::KernelConfig<128, 64, 128, 8, 2, 40, 232, mxfp4::Epilogue::Store, false, false, true> {
+  static constexpr mxfp4::StoreMode Stores = mxfp4::StoreMode::Sectors;  // TileConfig.store_path
   using Mma = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_RS_TN<>;
 };
 

@@ -14,6 +14,22 @@ namespace mxfp4 {
 
 enum class Epilogue : int { Store = 0, SwiGLU = 1, ScaleScatter = 2 };
 
+// How the Store and ScaleScatter epilogues write a tile (TileConfig.store_path, rendered into the config): Paired, one
+// 4-byte store per two columns of a row (store_columns_paired; SwiGLU always, and the decode tiles); Sectors, 16-byte
+// stores after a shuffle transpose (mxfp4_sector_stores.cuh); Lines, through a shared-memory staging area as whole
+// 128-byte lines (mxfp4_line_stores.cuh).
+enum class StoreMode : int { Paired = 0, Sectors = 1, Lines = 2 };
+
+// Diagnostic, never shipped: -DMXFP4_PAIRED_STORES writes every tile with the paired stores whatever the config's
+// store path (`--mma-roof` times it as "paired stores (before)"; tests/test_store_paths_gpu.py compares the bits).
+__device__ __forceinline__ constexpr bool paired_stores_build() {
+#ifdef MXFP4_PAIRED_STORES
+  return true;
+#else
+  return false;
+#endif
+}
+
 __device__ __forceinline__ uint16_t float_to_bf16(float value) {
   uint16_t bits;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));

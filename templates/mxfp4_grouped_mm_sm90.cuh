@@ -68,6 +68,10 @@ struct KernelConfig {
   // taking turns (the CTA's work units 0, 2, 4, ... and 1, 3, 5, ...), so that one's epilogue runs while the other
   // issues WGMMAs. Otherwise the consumer warpgroups split every tile's weight rows between them.
   static constexpr bool PingPong = PingPong_;
+  // How the Store and ScaleScatter epilogues write a tile, and the line stores' staging areas before the ring, bytes
+  // (TileConfig.store_path and line_stage_bytes; the rendered config hides these defaults when they differ).
+  static constexpr StoreMode Stores = StoreMode::Paired;
+  static constexpr int LineStageBytes = 0;
   static constexpr int SlotReaders = PingPong ? 1 : Warpgroups_;  // consumer warpgroups that read each ring slot
   static constexpr int TileN = TileN_;
   static constexpr int TileM = TileM_;
@@ -131,14 +135,15 @@ struct SharedStorage {
   uint64_t* empty;    // [Stages]: consumers done with the slot
   int* tile_prefix;   // [num_experts + 1]
   int* last_share;    // [4]: per consumer warpgroup, whether its stream-K share completed the tile
-  uint8_t* line_stage;  // the candidate line or bulk stores' staging areas (mxfp4_line_stores.cuh; those builds only)
+  uint8_t* line_stage;  // the line stores' staging areas (mxfp4_line_stores.cuh; Cfg::LineStageBytes, else none)
 
   __device__ explicit SharedStorage(uint8_t* raw) {
     // Offset `raw` itself (no integer round trip) so that the compiler keeps every pointer in the
     // shared state space and emits LDS rather than generic loads.
     uint8_t* base = raw + ((1024u - (cute::cast_smem_ptr_to_uint(raw) & 1023u)) & 1023u);
+    static_assert(Cfg::LineStageBytes % 1024 == 0, "the ring's TMA boxes stay 1024-byte aligned");
     line_stage = base;
-    if constexpr (row_stage_build()) base += line_stage_reserved<Cfg::Warpgroups>();
+    base += Cfg::LineStageBytes;
     x = base;
     w = x + Cfg::Stages * Cfg::XStageBytes;
     full = reinterpret_cast<uint64_t*>(w + Cfg::Stages * Cfg::WStageBytes);
@@ -513,7 +518,7 @@ __device__ __forceinline__ void store_columns_paired(float const (&acc)[Cfg::Acc
   }
 }
 
-// The candidate sector stores (mxfp4_sector_stores.cuh; -DMXFP4_SECTOR_STORES, not shipped), Store and ScaleScatter:
+// The sector stores (mxfp4_sector_stores.cuh; StoreMode::Sectors), Store and ScaleScatter:
 // the thread's 16-column slab (weight rows slab .. slab + 15 of the tile, n0 = slab + g) of tile rows 16 p .. 16 p +
 // 15, p = 0 .. TileM / 16 - 1. Before the transpose, element q = 4 ii + 2 r + h of the thread is its accumulator for
 // tile row 8 (2 p + ii) + 2 t + r and column n0 + 8 h (bias and routing weight applied as the paired stores do); after
@@ -556,15 +561,15 @@ __device__ __forceinline__ void store_columns_sectors(float const (&acc)[Cfg::Ac
   }
 }
 
-// Store and ScaleScatter through the warpgroup's staging area (the candidate line and bulk stores,
-// mxfp4_line_stores.cuh): rows 32 c .. 32 c + 31 of the block staged as the paired words, then stored one 128-byte
-// line per 8 lanes (Bulk false), or one bulk copy per row issued by the first warp (Bulk true).
-template <bool Bulk, class Cfg, class Params>
+// Store and ScaleScatter through the warpgroup's staging area (the line stores, mxfp4_line_stores.cuh): rows
+// 32 c .. 32 c + 31 of the block staged as the paired words, then stored one 128-byte line per 8 lanes.
+template <class Cfg, class Params>
 __device__ __forceinline__ void store_columns_lines(float const (&acc)[Cfg::Accumulators], Params const& p, int expert,
                                                     PairedRows const& rows, int n0,
                                                     ScatterRows<Cfg::TileM> const& scatter, uint8_t* stage,
                                                     int consumer, int tid) {
   constexpr bool Scatter = Cfg::EpilogueKind == Epilogue::ScaleScatter;
+  static_assert(Cfg::LineStageBytes >= Cfg::Warpgroups * kLineStageBytes, "TileConfig.line_stage_bytes reserves less");
   int const g = (tid & 31) >> 2, warp = tid >> 5;
   int const col0 = n0 - g - 16 * warp;  // the 64-column block's first column
   float bias[2];
@@ -575,10 +580,6 @@ __device__ __forceinline__ void store_columns_lines(float const (&acc)[Cfg::Accu
   uint8_t* const word = stage + (2 * rows.t + rows.odd) * kLineStagePitch + 2 * (16 * warp + g - rows.odd);
 #pragma unroll
   for (int c = 0; c < Cfg::TileM / kLineStageRows; ++c) {
-    if constexpr (Bulk) {  // the last rows' bulk copies (this tile's, or the last tile's) have read the area
-      if (tid < 32) bulk_rows_read();
-      warpgroup_sync<Cfg::Warpgroups>(consumer);
-    }
 #pragma unroll
     for (int j = 0; j < kLineStageRows / 8; ++j) {
       uint32_t pair[2];
@@ -586,27 +587,19 @@ __device__ __forceinline__ void store_columns_lines(float const (&acc)[Cfg::Accu
 #pragma unroll
       for (int h = 0; h < 2; ++h) *reinterpret_cast<uint32_t*>(word + 8 * j * kLineStagePitch + 16 * h) = pair[h];
     }
-    if constexpr (Bulk) cute::tma_store_fence();  // the staged words visible to the bulk copies (the async proxy)
     warpgroup_sync<Cfg::Warpgroups>(consumer);  // the block's rows staged (the warpgroup's own barrier, as stream-K's)
     static_assert(kLineStageRows == 32, "a staged block is one word of the tile's row values");
-    auto const out_row = [&](int row) {
+    store_staged_rows(p, stage, kLineStageRows * c, rows.m_limit, col0, tid, [&](int row) {
       int const m = kLineStageRows * c + row;
       if constexpr (Scatter) return scatter.dest.at(c, m);  // word c: a constant once the loop is unrolled
       else return rows.row0 + m;
-    };
-    if constexpr (Bulk) {
-      if (tid < 32) bulk_store_staged_rows(p, stage, kLineStageRows * c, rows.m_limit, col0, tid, out_row);
-    } else {
-      store_staged_rows(p, stage, kLineStageRows * c, rows.m_limit, col0, tid, out_row);
-      warpgroup_sync<Cfg::Warpgroups>(consumer);  // read back before the next rows overwrite them
-    }
+    });
+    warpgroup_sync<Cfg::Warpgroups>(consumer);  // read back before the next rows overwrite them
   }
 }
 
-enum class StoreMode { Paired, Sectors, Lines, Bulk };
-
-// The tile's stores when paired_stores_fit: the paired stores, or for Store and ScaleScatter one of the candidate
-// 16-byte stores (not shipped): Sectors (mxfp4_sector_stores.cuh), Lines and Bulk (mxfp4_line_stores.cuh).
+// The tile's stores when paired_stores_fit (Paired) or sixteen_byte_stores_fit (Sectors, Lines: Store and
+// ScaleScatter only).
 template <StoreMode Mode, class Cfg, class Params>
 __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
                                                   ExpertRows const& rows, int first_atom, int tid,
@@ -624,9 +617,8 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
       store_swiglu_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0);
     } else if constexpr (Mode == StoreMode::Sectors) {
       store_columns_sectors<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter, g);
-    } else if constexpr (Mode == StoreMode::Lines || Mode == StoreMode::Bulk) {
-      store_columns_lines<Mode == StoreMode::Bulk, Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter, stage, consumer,
-                                                        tid);
+    } else if constexpr (Mode == StoreMode::Lines) {
+      store_columns_lines<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter, stage, consumer, tid);
     } else {
       store_columns_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter);
     }
@@ -637,19 +629,6 @@ template <class Cfg, class Params>
 __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
                                            ExpertRows const& rows, int first_atom, int tid, uint8_t* stage,
                                            int consumer) {
-  if constexpr (sector_stores_build() && Cfg::EpilogueKind != Epilogue::SwiGLU && Cfg::TileM % 16 == 0) {
-    if (sixteen_byte_stores_fit(p)) {  // uniform
-      store_tile_paired<StoreMode::Sectors>(st, p, tile, rows, first_atom, tid);
-      return;
-    }
-  }
-  if constexpr (row_stage_build() && Cfg::EpilogueKind != Epilogue::SwiGLU && Cfg::TileM % kLineStageRows == 0) {
-    if (sixteen_byte_stores_fit(p)) {  // uniform
-      constexpr StoreMode Mode = bulk_stores_build() ? StoreMode::Bulk : StoreMode::Lines;
-      store_tile_paired<Mode>(st, p, tile, rows, first_atom, tid, stage, consumer);
-      return;
-    }
-  }
   constexpr int WarpgroupCols = kAtomN * Cfg::AtomsPerWarpgroup;
   if constexpr (coalesced_stores_build() && Cfg::EpilogueKind == Epilogue::Store &&
                 coalesced_pieces_fit<Cfg::TileM, WarpgroupCols>()) {  // diagnostic, never shipped
@@ -657,6 +636,15 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
       int const m_base = tile.m_tile * Cfg::TileM;
       store_tile_coalesced<Cfg::AtomsPerWarpgroup, Cfg::Accumulators, Cfg::TileM, WarpgroupCols>(
           st.acc, p, rows.start + m_base, rows.count - m_base, tile.n_tile * Cfg::TileN + kAtomN * first_atom, tid);
+      return;
+    }
+  }
+  constexpr StoreMode Mode = paired_stores_build() ? StoreMode::Paired : Cfg::Stores;
+  if constexpr (Mode != StoreMode::Paired) {
+    static_assert(Cfg::EpilogueKind != Epilogue::SwiGLU && Cfg::TileM % (Mode == StoreMode::Lines ? 32 : 16) == 0,
+                  "TileConfig.store_path picks 16-byte stores only for Store and ScaleScatter tiles they divide");
+    if (sixteen_byte_stores_fit(p)) {  // uniform
+      store_tile_paired<Mode>(st, p, tile, rows, first_atom, tid, stage, consumer);
       return;
     }
   }
@@ -826,9 +814,6 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
     scales.apply(st.acc, p, tid);  // FP8 activations: x (and W) row scales
     store_tile(st, p, tile, rows, first_atom, tid, s.line_stage + consumer * kLineStageBytes, consumer);
     probe.template add_since<kProbeConsumerEpilogue>(epilogue_from);
-  }
-  if constexpr (bulk_stores_build()) {
-    if (tid < 32) bulk_rows_written();  // the candidate bulk stores' copies done before the CTA's shared memory goes
   }
   probe.template flush<kProbeConsumerCycles>();
   line.flush();

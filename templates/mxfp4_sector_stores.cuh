@@ -1,25 +1,16 @@
-// Candidate epilogue stores, not shipped: compiled in with -DMXFP4_SECTOR_STORES (`bench ncu-case --prefill --configs
-// ... --mma-roof` times it beside the roofs; tests/test_candidate_stores_gpu.py checks it bit for bit against the
-// shipped build). The Store and ScaleScatter epilogues write the same values to the same places as store_columns_paired, but
-// as 16-byte stores: the 8 lanes of a warp that hold a row's 16 output columns (lanes 4 g + t, g = 0..7) transpose
-// their values for two row groups among themselves, so that each lane ends with 8 consecutive columns of one row and
-// a warp's store fills a whole 32-byte sector on each of 16 rows (the paired stores half-fill 8 sectors on 8 rows).
-// Why: the paired stores halved the epilogue's store instructions and its time barely moved (NOTES, seventh and
-// eighth sessions); mxfp4_coalesced_stores.cuh prices whole-line stores, this is the design that needs no shared
-// memory. SwiGLU keeps the paired stores (a warp holds 8 output channels: 16 bytes of a row, half a sector).
+// Sector stores (StoreMode::Sectors, TileConfig.store_path: the Store and ScaleScatter epilogues of tiles 64 to 127
+// rows tall, and of taller ones whose line-store staging area does not fit). They write the same values to the same
+// places as store_columns_paired, but as 16-byte stores: the 8 lanes of a warp that hold a row's 16 output columns
+// (lanes 4 g + t, g = 0..7) transpose their values for two row groups among themselves, so that each lane ends with 8
+// consecutive columns of one row and a warp's store fills a whole 32-byte sector on each of 16 rows (the paired stores
+// half-fill 8 sectors on 8 rows). Why: the epilogue's cost is the sectors it moves, not its instructions (NOTES,
+// seventh to ninth sessions: 8.0 sectors per request paired, 16.0 here; W4A8 gate_up M = 64 121.3 -> 117.3 us under
+// Nsight). SwiGLU keeps the paired stores (a warp holds 8 output channels: 16 bytes of a row, half a sector).
 #pragma once
 
 #include <cuda/std/cstdint>
 
 namespace mxfp4 {
-
-__device__ __forceinline__ constexpr bool sector_stores_build() {
-#ifdef MXFP4_SECTOR_STORES
-  return true;
-#else
-  return false;
-#endif
-}
 
 // One butterfly stage of the transpose below, over index bit 2 or 1 (whole words): the lane whose g has the bit set
 // gives away its words whose index lacks it and takes the partner's in their place; the other lane the reverse.
@@ -49,8 +40,8 @@ __device__ __forceinline__ void transpose_8x8_halves(uint32_t (&w)[4], int g) {
 }
 
 // Whether 16-byte stores fit this launch (uniform): 16-byte aligned rows and column counts that split into whole
-// 8-column pieces (gpt-oss's all do): the sector stores' test, and the coalesced-stores roof's. The paired stores
-// cover the rest.
+// 8-column pieces (gpt-oss's all do): the sector and line stores' test, and the coalesced-stores roof's. The paired
+// stores cover the rest.
 template <class Params>
 __device__ __forceinline__ bool sixteen_byte_stores_fit(Params const& p) {
   return (p.n & 7) == 0 && (p.out_cols & 7) == 0 && (reinterpret_cast<size_t>(p.out) & 15u) == 0;

@@ -839,8 +839,7 @@ def test_ncu_case_roofs_follow_each_forced_config():
     from benchmarks.ncu_case import prefill_paths
 
     paths = prefill_paths("n128_m256_k64_s5_wg2,n128_m256_k128_s5_wg2_fp8", mma_roof=True)
-    roofs = ("no decode", "no epilogue", "no decode, no epilogue", "coalesced stores", "sector stores (candidate)",
-             "line stores (candidate)", "bulk stores (candidate)")
+    roofs = ("no decode", "no epilogue", "no decode, no epilogue", "coalesced stores", "paired stores (before)")
     assert list(paths) == [f"config {name}{suffix}" for name in ("n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8")
                            for suffix in ("", *(f" roof ({roof})" for roof in roofs))]
     built = [(prepare.func, prepare.args[0].name, prepare.args[1], prepare.args[2])
@@ -850,9 +849,7 @@ def test_ncu_case_roofs_follow_each_forced_config():
                      for roof, flags in (("no decode", {"no_decode": True}), ("no epilogue", {"no_epilogue": True}),
                                          ("no decode, no epilogue", {"no_decode": True, "no_epilogue": True}),
                                          ("coalesced stores", {"coalesced_stores": True}),
-                                         ("sector stores (candidate)", {"sector_stores": True}),
-                                         ("line stores (candidate)", {"line_stores": True}),
-                                         ("bulk stores (candidate)", {"bulk_stores": True}))]
+                                         ("paired stores (before)", {"paired_stores": True}))]
 
 
 @pytest.mark.parametrize("argv, message", [

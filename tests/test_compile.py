@@ -44,7 +44,6 @@ from codegen.runtime.launch import (
     NO_EPILOGUE_OPTION,
     WAIT_PROBE_OPTION,
     diagnostic_build,
-    line_stage_option,
 )
 from codegen.tune.selection import configs_under_test
 
@@ -656,9 +655,8 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
                                                            {"wait_probe": True, "copy_only": True},
                                                            {"no_decode": True}, {"no_epilogue": True},
                                                            {"no_decode": True, "no_epilogue": True},
-                                                           {"coalesced_stores": True}, {"sector_stores": True},
-                                                           {"line_stores": True}, {"bulk_stores": True})}
-    assert len(suffixes) == 11
+                                                           {"coalesced_stores": True}, {"paired_stores": True})}
+    assert len(suffixes) == 9
     assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
     assert diagnostic_build(no_decode=True, no_epilogue=True)[0] == [NO_DECODE_OPTION, NO_EPILOGUE_OPTION]
     options, _ = diagnostic_build(wait_probe=True, copy_only=True)
@@ -729,74 +727,65 @@ def test_roof_sass_keeps_the_pipelined_wgmma_and_drops_its_part(config, flags):
     assert roof.resources.spills == 0 and config.register_pool_suffices(roof.resources.registers)
 
 
-# The 16-byte-store builds, never shipped: the coalesced-stores roof (templates/mxfp4_coalesced_stores.cuh: the Store
-# epilogue's bytes as whole 128-byte lines, one store per 8 of a thread's accumulators) and the two candidates with
-# the shipped output (their values are checked on the GPU by tests/test_candidate_stores_gpu.py): sector stores
-# (mxfp4_sector_stores.cuh) and line stores through shared memory (mxfp4_line_stores.cuh), each one store per 16 tile
-# rows of each 64-row block a thread holds. Build: (flags, samples, 16-byte stores expected).
-CANDIDATE_SAMPLES = [TileConfig.from_name(name) for name in (
-    "n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m64_k128_s8_wg2_fp8_scatter", "n128_m16_k128_s5_wg1_c3")]
-WIDE_STORE_BUILDS = {
-    "coalesced stores": ({"coalesced_stores": True}, MMA_ROOF_SAMPLES,
-                         lambda config: config.tile_m * (config.tile_n // config.warpgroups // 8) // 128),
-    "sector stores": ({"sector_stores": True}, CANDIDATE_SAMPLES,
-                      lambda config: config.tile_n // 64 // config.warpgroups * config.tile_m // 16),
-    "line stores": ({"line_stores": True}, CANDIDATE_SAMPLES,  # the 16-row tiles keep the paired stores
-                    lambda config: config.tile_n // 64 // config.warpgroups * config.tile_m // 16
-                    if config.tile_m >= 32 else 0),
+# The epilogue's 16-byte stores. Shipped, by TileConfig.store_path: the line stores through shared memory
+# (mxfp4_line_stores.cuh) for tiles of 128 rows or more, the sector stores (mxfp4_sector_stores.cuh) for 64 to 127, each
+# one store per 16 tile rows of each 64-row block a thread holds; the paired stores (none) for the decode tiles and
+# SwiGLU. Never shipped: the coalesced-stores roof (templates/mxfp4_coalesced_stores.cuh: the Store epilogue's bytes as
+# whole 128-byte lines, one store per 8 of a thread's accumulators) and the paired-stores build (every tile paired, as
+# before; tests/test_store_paths_gpu.py checks on the GPU that the shipped bits are its bits).
+STORE_PATH_SAMPLES = [TileConfig.from_name(name) for name in (
+    "n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m64_k128_s8_wg2_fp8_scatter", "n128_m16_k128_s5_wg1_c3",
+    "n128_m256_k64_s5_wg2_swiglu")]
+
+
+def _sixteen_byte_stores(config: TileConfig) -> int:
+    """STG.E.128 the shipped build of ``config`` issues per tile, by its store path."""
+    return 0 if config.store_path == "paired" else config.tile_n // 64 // config.warpgroups * config.tile_m // 16
+
+
+WIDE_STORE_BUILDS = {  # build: (flags, samples, 16-byte stores expected)
+    "shipped": ({}, STORE_PATH_SAMPLES, _sixteen_byte_stores),
+    "paired stores": ({"paired_stores": True}, STORE_PATH_SAMPLES, lambda config: 0),
+    "coalesced stores": ({"coalesced_stores": True}, MMA_ROOF_SAMPLES,  # beside the shipped path, not reached
+                         lambda config: config.tile_m * (config.tile_n // config.warpgroups // 8) // 128
+                         + _sixteen_byte_stores(config)),
 }
+
+
+def test_store_paths_follow_the_tile_and_the_shared_memory_left():
+    by_name = {config.name: config for config in STORE_PATH_SAMPLES}
+    assert [(name, config.store_path, config.line_stage_bytes) for name, config in by_name.items()] == [
+        ("n128_m256_k64_s5_wg2", "lines", 9216),  # 2 warpgroups x 32 rows x 144 B
+        ("n128_m256_k128_s5_wg2_fp8", "lines", 9216),
+        ("n128_m64_k128_s8_wg2_fp8_scatter", "sectors", 0),
+        ("n128_m16_k128_s5_wg1_c3", "paired", 0),
+        ("n128_m256_k64_s5_wg2_swiglu", "paired", 0)]
+    lines = by_name["n128_m256_k64_s5_wg2"]
+    assert lines.shared_memory_bytes == by_name["n128_m256_k64_s5_wg2_swiglu"].shared_memory_bytes + 9216
+    # A tall tile whose ring leaves no room for the staging area writes sectors instead (and needs no more memory).
+    full = TileConfig.from_name("n128_m256_k64_s6_wg2")
+    assert full.shared_memory_bytes <= full.max_shared_memory_bytes
+    assert full.store_path == "sectors" and full.line_stage_bytes == 0
 
 
 @needs_render
 @needs_sass
 @pytest.mark.parametrize(("build", "config"), [(build, config) for build, (_, samples, _) in WIDE_STORE_BUILDS.items()
                                                for config in samples], ids=lambda value: getattr(value, "name", value))
-def test_wide_store_builds_keep_the_pipeline_and_store_16_bytes(build, config):
-    """The shipped WGMMAs, waits, loads and setmaxnreg, no spill, no serialized WGMMA, and the build's 16-byte stores
-    (the shipped build issues none)."""
+def test_store_builds_keep_the_pipeline_and_store_16_bytes_as_their_path_says(build, config):
+    """The paired-stores build's WGMMAs, waits, loads and setmaxnreg, no spill, no serialized WGMMA, and the build's
+    16-byte stores (the paired-stores build issues none)."""
     _skip_unless_buildable()
     flags, _, expected = WIDE_STORE_BUILDS[build]
-    shipped = compile_kernel(config)
-    extra = [line_stage_option(config)[0]] if flags.get("line_stores") else []  # as launch.load compiles it
-    variant = compile_kernel(config, options=diagnostic_build(**flags)[0] + extra)
-    a, b = shipped.sass(), variant.sass()
+    paired = compile_kernel(config, options=diagnostic_build(paired_stores=True)[0])
+    variant = compile_kernel(config, options=diagnostic_build(**flags)[0])
+    a, b = paired.sass(), variant.sass()
     assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.ublkcp, b.setmaxnreg) == (
         a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
     wide = lambda kernel: len(re.findall(r"\bSTG\.E\.128\b", dump_sass(kernel.cubin)))  # noqa: E731
-    assert wide(shipped) == 0 and wide(variant) == expected(config)
+    assert wide(paired) == 0 and wide(variant) == expected(config)
     assert serialized_wgmma(variant.ptxas_notes) == (), variant.log
     assert variant.resources.spills == 0 and config.register_pool_suffices(variant.resources.registers)
-
-
-@needs_render
-@needs_sass
-@pytest.mark.parametrize("config", CANDIDATE_SAMPLES, ids=lambda config: config.name)
-def test_bulk_stores_build_keeps_the_pipeline_and_writes_each_staged_block_by_bulk_copies(config):
-    """The bulk-stores candidate (mxfp4_line_stores.cuh): the shipped WGMMAs, waits, TMA loads and setmaxnreg, no
-    spill, and one shared -> global bulk copy (UBLKCP.G.S) per 32 staged rows of each 64-column block in place of the
-    stores (the 16-row tiles keep the paired stores)."""
-    _skip_unless_buildable()
-    shipped = compile_kernel(config)
-    variant = compile_kernel(config, options=diagnostic_build(bulk_stores=True)[0] + [line_stage_option(config)[0]])
-    a, b = shipped.sass(), variant.sass()
-    assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.setmaxnreg) == (
-        a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.setmaxnreg)
-    to_global = lambda kernel: len(re.findall(r"\bUBLKCP\.G\.S\b", dump_sass(kernel.cubin)))  # noqa: E731
-    blocks = config.tile_n // 64 // config.warpgroups * (config.tile_m // 32)  # per consumer warpgroup and tile
-    assert to_global(shipped) == 0 and to_global(variant) == blocks
-    assert b.ublkcp == a.ublkcp + blocks
-    assert serialized_wgmma(variant.ptxas_notes) == (), variant.log
-    assert variant.resources.spills == 0 and config.register_pool_suffices(variant.resources.registers)
-
-
-@needs_render
-def test_line_stores_build_refuses_a_staging_area_the_launch_did_not_reserve():
-    _skip_unless_buildable()
-    config = TileConfig.from_name("n128_m64_k128_s7_wg2")
-    assert line_stage_option(config) == ("-DMXFP4_LINE_STAGE_RESERVED=9216", 9216)  # 2 warpgroups x 32 rows x 144 B
-    with pytest.raises(CompileError, match="reserves another size"):
-        compile_kernel(config, options=[*diagnostic_build(line_stores=True)[0], "-DMXFP4_LINE_STAGE_RESERVED=8192"],
-                       use_cache=False)
 
 
 # The epilogue's paired stores (store_tile_paired): one 4-byte store per two output columns of a row, unrolled over

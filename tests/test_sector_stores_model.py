@@ -1,7 +1,7 @@
-"""The candidate sector stores' index math (templates/mxfp4_sector_stores.cuh), on the CPU: a warp of 32 lanes
+"""The sector stores' index math (templates/mxfp4_sector_stores.cuh), on the CPU: a warp of 32 lanes
 simulated step by step (the word packing, the three shuffle stages of transpose_8x8_halves, the 16-byte stores), its
 writes compared with where the WGMMA accumulator layout puts every value (what the shipped stores write). The GPU test
-(tests/test_candidate_stores_gpu.py) checks the compiled kernel against the shipped build bit for bit."""
+(tests/test_store_paths_gpu.py) checks the compiled kernel against the paired stores bit for bit."""
 
 from __future__ import annotations
 

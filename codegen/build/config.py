@@ -48,6 +48,14 @@ DEFAULT_FRAGMENT_BUFFERS = 2
 # tile_k / 64): n256_k256 and n128_k512 do, n256_k128 and n128_k256 do not (measured on every such config the sweep
 # tries; tests/test_compile.py checks the ones under test).
 MAX_STAGE_ATOMS_DEEP_FRAGMENTS = 8
+# How the Store and ScaleScatter epilogues write a tile (templates/mxfp4_epilogue.cuh, StoreMode; NOTES, ninth
+# session): whole 128-byte lines through a shared-memory staging area for tiles LINE_STORES_MIN_TILE_M rows tall or
+# more where the area fits, 16-byte stores that fill whole sectors for tiles SECTOR_STORES_MIN_TILE_M or more, the
+# paired 4-byte stores for the decode tiles (their output is small) and for SwiGLU (a warp holds half a sector).
+STORE_PATHS = ("paired", "sectors", "lines")
+SECTOR_STORES_MIN_TILE_M = 64
+LINE_STORES_MIN_TILE_M = 128
+LINE_STAGE_BYTES_PER_WARPGROUP = 32 * 144  # templates/mxfp4_line_stores.cuh: kLineStageRows x kLineStagePitch
 
 _NAME = re.compile(
     r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_f(\d+))?(_pp)?(?:_(fp8))?(?:_(swiglu|scatter))?$"
@@ -192,11 +200,37 @@ class TileConfig:
 
     @property
     def shared_memory_bytes(self) -> int:
-        """Dynamic shared memory: pipeline stages, barriers and the expert tile table."""
+        """Dynamic shared memory: the line stores' staging areas (if any), pipeline stages, barriers and the expert
+        tile table."""
+        return self.line_stage_bytes + self._pipeline_shared_memory_bytes
+
+    @property
+    def _pipeline_shared_memory_bytes(self) -> int:
         stage = self.x_stage_bytes + self.w_stage_bytes
         barriers = 2 * self.stages * BARRIER_BYTES
         table = 4 * (MAX_EXPERTS + 1)
         return SMEM_ALIGN + self.stages * stage + barriers + STREAM_K_FLAG_BYTES + table
+
+    @property
+    def store_path(self) -> str:
+        """How the epilogue writes a tile, one of STORE_PATHS (the kernel falls back to the paired stores at run
+        time where 16-byte stores do not fit the output: odd column counts, unaligned rows)."""
+        if self.epilogue == "swiglu" or self.tile_m < SECTOR_STORES_MIN_TILE_M or self.tile_m % 16:
+            return "paired"
+        fits = self._pipeline_shared_memory_bytes + self._line_stage_area <= self.max_shared_memory_bytes
+        if self.tile_m >= LINE_STORES_MIN_TILE_M and self.tile_m % 32 == 0 and fits:
+            return "lines"
+        return "sectors"
+
+    @property
+    def line_stage_bytes(self) -> int:
+        """The line stores' staging areas before the ring (one per consumer warpgroup, whole 1024-byte blocks so
+        that the ring's TMA boxes stay aligned); 0 unless store_path is "lines"."""
+        return self._line_stage_area if self.store_path == "lines" else 0
+
+    @property
+    def _line_stage_area(self) -> int:
+        return -(-self.warpgroups * LINE_STAGE_BYTES_PER_WARPGROUP // SMEM_ALIGN) * SMEM_ALIGN
 
     @property
     def max_shared_memory_bytes(self) -> int:

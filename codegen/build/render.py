@@ -47,6 +47,9 @@ LAYOUT_CONSTANTS: tuple[tuple[str, int, str], ...] = (
 
 # TileConfig.epilogue -> the mxfp4::Epilogue enumerator (templates/mxfp4_epilogue.cuh).
 _EPILOGUE_ENUM = {"store": "Store", "swiglu": "SwiGLU", "scatter": "ScaleScatter"}
+# TileConfig.store_path -> mxfp4::StoreMode, rendered only where it is not the default (Paired), so that the
+# sources of the configs that keep the paired stores stay what they were.
+_STORE_MODE_ENUM = {"paired": None, "sectors": "Sectors", "lines": "Lines"}
 
 
 @lru_cache(maxsize=1)
@@ -82,6 +85,7 @@ def render(config: TileConfig) -> str:
         producer_registers=PRODUCER_REGISTERS,
         consumer_registers=config.consumer_registers,
         epilogue=_EPILOGUE_ENUM[config.epilogue],
+        store_mode=_STORE_MODE_ENUM[config.store_path],
         fp8=config.activations == "fp8",
         entry_point=ENTRY_POINT,
         **_optional_fields(config),

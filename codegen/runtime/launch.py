@@ -91,8 +91,7 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
 
 def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
          no_decode: bool = False, no_epilogue: bool = False, coalesced_stores: bool = False,
-         sector_stores: bool = False, line_stores: bool = False, bulk_stores: bool = False,
-         templates_dir: str | None = None) -> LoadedKernel:
+         paired_stores: bool = False, templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
     Diagnostics only, never what the op launches (any combination): ``wait_probe``, the build that times its barrier
@@ -103,23 +102,13 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     epilogue's price: the kernel as shipped but for a tile's row scales and stores (templates/mxfp4_no_epilogue.cuh;
     its output is not the product); ``coalesced_stores``, the price of the epilogue's store pattern: the same bytes
     written as whole 128-byte lines (templates/mxfp4_coalesced_stores.cuh; its output is not the product);
-    ``sector_stores``, a candidate epilogue: the same output as shipped, written as 16-byte stores that fill whole
-    sectors (templates/mxfp4_sector_stores.cuh); ``line_stores``, the other candidate: the same output through a
-    staging area in shared memory, as whole 128-byte lines (templates/mxfp4_line_stores.cuh; the launch reserves
-    the area, line_stage_option); ``bulk_stores``, a third: the same staging, the rows written by the TMA unit as
-    asynchronous bulk copies (the same file, the same area); ``templates_dir``, the device headers from another directory (an earlier version
-    of the kernel, timed beside this one)."""
+    ``paired_stores``, the epilogue as it was before the sector and line stores: every tile written with the
+    paired 4-byte stores, whatever the config's store path (the same output); ``templates_dir``, the device headers
+    from another directory (an earlier version of the kernel, timed beside this one)."""
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
                                        no_epilogue=no_epilogue, coalesced_stores=coalesced_stores,
-                                       sector_stores=sector_stores, line_stores=line_stores,
-                                       bulk_stores=bulk_stores)
+                                       paired_stores=paired_stores)
     shared_memory = config.shared_memory_bytes
-    if line_stores or bulk_stores:
-        option, reserved = line_stage_option(config)
-        options, shared_memory = [*options, option], shared_memory + reserved
-        if shared_memory > config.max_shared_memory_bytes:
-            raise ValueError(f"{config.name}: the staged-rows build needs {shared_memory} bytes of shared memory, "
-                             f"more than the {config.max_shared_memory_bytes} a CTA may use")
     key = (device.index, config.name + suffix, templates_dir)
     kernel = _loaded.get(key)
     if kernel is not None:
@@ -156,32 +145,13 @@ NO_EPILOGUE_OPTION = "-DMXFP4_NO_EPILOGUE=1"
 NO_EPILOGUE_SUFFIX = "+no_epilogue"
 COALESCED_STORES_OPTION = "-DMXFP4_COALESCED_STORES=1"
 COALESCED_STORES_SUFFIX = "+coalesced_stores"
-SECTOR_STORES_OPTION = "-DMXFP4_SECTOR_STORES=1"
-SECTOR_STORES_SUFFIX = "+sector_stores"
-LINE_STORES_OPTION = "-DMXFP4_LINE_STORES=1"
-LINE_STORES_SUFFIX = "+line_stores"
-BULK_STORES_OPTION = "-DMXFP4_BULK_STORES=1"
-BULK_STORES_SUFFIX = "+bulk_stores"
-LINE_STAGE_BYTES = 32 * 144  # per consumer warpgroup: templates/mxfp4_line_stores.cuh's kLineStageBytes
-
-
-def line_stage_option(config: TileConfig) -> tuple[str, int]:
-    """The line- and bulk-stores builds' staging area before the ring (1024-byte aligned): the NVRTC option that tells the
-    kernel what the launch reserves (it static_asserts that this is what it lays out) and the bytes."""
-    reserved = -(-config.warpgroups * LINE_STAGE_BYTES // 1024) * 1024
-    return f"-DMXFP4_LINE_STAGE_RESERVED={reserved}", reserved
-WAIT_PROBE_SLOTS = ("producer_cycles", "producer_empty_wait", "producer_stages", "consumer_cycles",
-                    "consumer_full_wait", "consumer_mma_wait", "consumer_stages", "consumer_drain_wait",
-                    "consumer_epilogue", "consumer_units")
-# The wait-probe build's timeline of one launch, in templates/mxfp4_wait_probe.cuh's TimelineSlot order ("_not":
-# the bitwise complement of a minimum, kept so that every slot starts at 0).
-TIMELINE_SLOTS = ("start_min_not", "start_max", "end_min_not", "end_max", "first_cycles", "landed", "busy_cycles",
-                  "busy_ns", "consumers")
+PAIRED_STORES_OPTION = "-DMXFP4_PAIRED_STORES=1"
+PAIRED_STORES_SUFFIX = "+paired_stores"
 
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_decode: bool = False,
-                     no_epilogue: bool = False, coalesced_stores: bool = False, sector_stores: bool = False,
-                     line_stores: bool = False, bulk_stores: bool = False) -> tuple[list[str], str]:
+                     no_epilogue: bool = False, coalesced_stores: bool = False,
+                     paired_stores: bool = False) -> tuple[list[str], str]:
     """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
     chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
                                                           (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX),
@@ -189,9 +159,7 @@ def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_de
                                                           (no_epilogue, NO_EPILOGUE_OPTION, NO_EPILOGUE_SUFFIX),
                                                           (coalesced_stores, COALESCED_STORES_OPTION,
                                                            COALESCED_STORES_SUFFIX),
-                                                          (sector_stores, SECTOR_STORES_OPTION, SECTOR_STORES_SUFFIX),
-                                                          (line_stores, LINE_STORES_OPTION, LINE_STORES_SUFFIX),
-                                                          (bulk_stores, BULK_STORES_OPTION, BULK_STORES_SUFFIX))
+                                                          (paired_stores, PAIRED_STORES_OPTION, PAIRED_STORES_SUFFIX))
               if on]
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 

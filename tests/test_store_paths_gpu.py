@@ -1,7 +1,8 @@
-"""The candidate epilogue stores on an SM90 GPU, sector stores (templates/mxfp4_sector_stores.cuh) and line stores
-through shared memory (mxfp4_line_stores.cuh), and the same staging written by TMA bulk copies: bit for bit the shipped build's output, for the Store and ScaleScatter
-epilogues, both activation families, with tails (N not a multiple of the tile, partial row tiles, an empty expert, one
-row), outputs poisoned with NaN first. Their speed is `bench ncu-case --prefill --configs ... --mma-roof`."""
+"""The epilogue's store paths on an SM90 GPU (TileConfig.store_path): the line stores through shared memory
+(templates/mxfp4_line_stores.cuh) and the sector stores (mxfp4_sector_stores.cuh) write bit for bit what the paired
+stores write (the paired-stores build, -DMXFP4_PAIRED_STORES), for the Store and ScaleScatter epilogues, both
+activation families, with tails (N not a multiple of the tile, partial row tiles, an empty expert, one row), outputs
+poisoned with NaN first. Their speed: `bench ncu-case --prefill --configs ... --mma-roof` ("paired stores (before)")."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from codegen.runtime.launch import EpilogueArgs, grouped_mm_sm90
 
 pytestmark = pytest.mark.gpu
 
-CONFIGS = ["n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m64_k128_s7_wg2", "n128_m16_k128_s5_wg1_c3",
-           "n128_m256_k64_s5_wg2_scatter", "n128_m64_k128_s8_wg2_fp8_scatter"]
+# Lines (m256, and m128 with ping-pong), sectors (m64, one with stream-K), scatter variants of both.
+CONFIGS = ["n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m128_k128_s8_wg2_pp_fp8", "n128_m64_k128_s7_wg2",
+           "n128_m64_k128_s7_wg2_pw_sk_f3", "n128_m256_k64_s5_wg2_scatter", "n128_m64_k128_s8_wg2_fp8_scatter"]
 CASES = {  # (E, N, K, rows per expert)
     "tails": (4, 200, 160, [300, 0, 17, 1]),
     "gpt-oss-down": (8, 2880, 2880, [256, 129, 0, 640, 1, 77, 300, 512]),
@@ -47,20 +49,23 @@ def _operands(config: TileConfig, case: str, seed: int):
     return x, packed, offsets, epilogue, (rows_out, n)
 
 
-@pytest.mark.parametrize("build", ["sector_stores", "line_stores", "bulk_stores"])
+def test_the_configs_cover_both_sixteen_byte_store_paths() -> None:
+    assert {TileConfig.from_name(name).store_path for name in CONFIGS} == {"lines", "sectors"}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", CONFIGS)
-def test_candidate_stores_are_the_shipped_bits(name: str, case: str, build: str, seed: int) -> None:
+def test_store_paths_write_the_paired_stores_bits(name: str, case: str, seed: int) -> None:
     config = TileConfig.from_name(name)
     x, packed, offsets, epilogue, out_shape = _operands(config, case, seed)
     outs = []
-    for kernel in (launch.load(config, x.device), launch.load(config, x.device, **{build: True})):
+    for kernel in (launch.load(config, x.device, paired_stores=True), launch.load(config, x.device)):
         out = torch.full(out_shape, float("nan"), dtype=torch.bfloat16, device="cuda")
         grouped_mm_sm90(x, packed.data, packed.n, packed.k, offsets, False, config, out, epilogue, kernel=kernel)
         torch.cuda.synchronize()
         outs.append(out)
-    shipped, candidate = outs
-    assert not torch.isnan(shipped).any(), f"seed {seed}: the shipped build left rows unwritten"
-    assert torch.equal(candidate, shipped), (
-        f"seed {seed}: {int((candidate != shipped).sum())} of {shipped.numel()} values differ "
-        f"(NaN left: {int(torch.isnan(candidate).sum())})")
+    paired, shipped = outs
+    assert not torch.isnan(paired).any(), f"seed {seed}: the paired stores left rows unwritten"
+    assert torch.equal(shipped, paired), (
+        f"seed {seed}: {config.store_path}: {int((shipped != paired).sum())} of {paired.numel()} values differ "
+        f"(NaN left: {int(torch.isnan(shipped).sum())})")
