@@ -125,11 +125,14 @@ def prepare_w4a8(ops: Operands, config: str | None = None) -> peers.Prepared:
 
 def prepare_forced(config: str) -> Callable[[Operands], peers.Prepared]:
     """W4A16 (a bf16 config) or W4A8 (an ``_fp8`` one) with ``config`` forced, not the table's pick: one tile
-    config profiled beside another (``bench ncu-case --prefill --configs``)."""
+    config profiled beside another (``bench ncu-case --prefill --configs``). A ``_swiglu`` config (the MoE layer's
+    gate_up epilogue, no bias) is launched directly, as its roof builds are."""
     from codegen.build.config import TileConfig
 
-    fp8 = TileConfig.from_name(config).activations == "fp8"  # ValueError naming a malformed config
-    return functools.partial(prepare_w4a8 if fp8 else prepare_w4a16, config=config)
+    tile = TileConfig.from_name(config)  # ValueError naming a malformed config
+    if tile.epilogue == "swiglu":
+        return functools.partial(_prepare_roof, tile, "none (shipped)", {})
+    return functools.partial(prepare_w4a8 if tile.activations == "fp8" else prepare_w4a16, config=config)
 
 
 # The roof builds `bench ncu-case --mma-roof` profiles after each forced config: (what it leaves out, launch.load's
@@ -142,15 +145,24 @@ ROOF_BUILDS = (
     # Not a roof: the epilogue before the sector and line stores (the same output), timed beside them.
     ("paired stores (before)", {"paired_stores": True}),  # templates/mxfp4_epilogue.cuh: paired_stores_build
 )
+# Candidates for a swiglu config (the MoE layer's gate_up), timed the same way (`--mma-roof` on an ``_swiglu`` name).
+SWIGLU_ROOF_BUILDS = (
+    ("swiglu line stores (candidate)", {"swiglu_lines": True}),  # templates/mxfp4_line_stores.cuh
+)
+
+
+def roof_builds(config: str) -> tuple[tuple[str, dict[str, bool]], ...]:
+    """The builds ``--mma-roof`` profiles after ``config``: ROOF_BUILDS, or SWIGLU_ROOF_BUILDS for a swiglu one."""
+    return SWIGLU_ROOF_BUILDS if config.endswith("_swiglu") else ROOF_BUILDS
 
 
 def prepare_roof(config: str, leaves_out: str) -> Callable[[Operands], peers.Prepared]:
-    """``config`` forced, in the roof build of ROOF_BUILDS named ``leaves_out``: what the pipeline and the tensor
-    cores cost without that part, profiled beside the shipped build (``bench ncu-case --prefill --configs ...
+    """``config`` forced, in the roof build of roof_builds(config) named ``leaves_out``: what the pipeline and the
+    tensor cores cost without that part, profiled beside the shipped build (``bench ncu-case --prefill --configs ...
     --mma-roof``)."""
     from codegen.build.config import TileConfig
 
-    flags = dict(ROOF_BUILDS)[leaves_out]  # KeyError: not a roof build
+    flags = dict(roof_builds(config))[leaves_out]  # KeyError: not a roof build of this config
     return functools.partial(_prepare_roof, TileConfig.from_name(config), leaves_out, flags)  # ValueError: malformed
 
 
@@ -160,7 +172,8 @@ def _prepare_roof(config: Any, leaves_out: str, flags: dict[str, bool], ops: Ope
     fp8 = config.activations == "fp8"
     x, copies = (ops.x_fp8, _ready_copies(ops)) if fp8 else (ops.x, _plain_copies(ops))
     kernel = launch.load(config, x.device, **flags)
-    out = torch.empty((x.shape[0], copies[0].n), dtype=torch.bfloat16, device=x.device)
+    columns = copies[0].n // 2 if config.epilogue == "swiglu" else copies[0].n  # SwiGLU: gate/up pairs
+    out = torch.empty((x.shape[0], columns), dtype=torch.bfloat16, device=x.device)
     epilogue = launch.EpilogueArgs(x_scale=ops.x_scale, w_scale=copies[0].row_scale) if fp8 else launch.EpilogueArgs()
 
     def fn(xi: torch.Tensor, wi: Any) -> torch.Tensor:

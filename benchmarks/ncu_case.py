@@ -16,7 +16,8 @@ order, which is the report's. ``--prefill --configs A,B`` profiles ours with eac
 for a bf16 config, W4A8 for an ``_fp8`` one), e.g. a variant beside the config the table picks; ``--mma-roof``
 adds after each its roof builds (fp8_paths.ROOF_BUILDS: the same kernel without the decode, without the epilogue,
 without both, with whole-line stores in the wrong places, and with the paired stores of before), so the report shows
-what the decode and the epilogue each cost the tensor pipes at that config.
+what the decode and the epilogue each cost the tensor pipes at that config; after a ``_swiglu`` config (the MoE layer's
+gate_up epilogue, launched directly, no bias), its candidate stores.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ PREFILL_PATHS = ("W4A16", "W4A8", "torch fp8", "torch bf16", "humming fp8")  # t
 
 def prefill_paths(configs: str, mma_roof: bool = False) -> dict[str, Callable[[Any], Any]]:
     """The profiled paths in order: the five of PREFILL_PATHS, or (``--configs``) ours with each config forced,
-    each followed by its roof builds (fp8_paths.ROOF_BUILDS) with ``mma_roof``. A malformed config name raises
+    each followed by its roof builds (fp8_paths.roof_builds) with ``mma_roof``. A malformed config name raises
     ValueError before any weights are built."""
     from . import fp8_paths
 
@@ -79,7 +80,7 @@ def prefill_paths(configs: str, mma_roof: bool = False) -> dict[str, Callable[[A
     for name in names:
         paths[f"config {name}"] = fp8_paths.prepare_forced(name)
         if mma_roof:
-            for leaves_out, _ in fp8_paths.ROOF_BUILDS:
+            for leaves_out, _ in fp8_paths.roof_builds(name):
                 paths[f"config {name} roof ({leaves_out})"] = fp8_paths.prepare_roof(name, leaves_out)
     return paths or {path: fp8_paths.PREPARE[path] for path in PREFILL_PATHS}
 

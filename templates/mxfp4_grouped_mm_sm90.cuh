@@ -141,9 +141,10 @@ struct SharedStorage {
     // Offset `raw` itself (no integer round trip) so that the compiler keeps every pointer in the
     // shared state space and emits LDS rather than generic loads.
     uint8_t* base = raw + ((1024u - (cute::cast_smem_ptr_to_uint(raw) & 1023u)) & 1023u);
-    static_assert(Cfg::LineStageBytes % 1024 == 0, "the ring's TMA boxes stay 1024-byte aligned");
+    constexpr int StageBytes = Cfg::LineStageBytes + diagnostic_stage_bytes();
+    static_assert(StageBytes % 1024 == 0, "the ring's TMA boxes stay 1024-byte aligned");
     line_stage = base;
-    base += Cfg::LineStageBytes;
+    base += StageBytes;
     x = base;
     w = x + Cfg::Stages * Cfg::XStageBytes;
     full = reinterpret_cast<uint64_t*>(w + Cfg::Stages * Cfg::WStageBytes);
@@ -459,6 +460,40 @@ __device__ __forceinline__ void store_swiglu_paired(float const (&acc)[Cfg::Accu
   }
 }
 
+// The candidate SwiGLU line stores (mxfp4_line_stores.cuh; -DMXFP4_SWIGLU_LINES, not shipped): the paired words of
+// store_swiglu_paired staged 32 rows at a time (row 8 j + 2 t + odd, channel 8 warp + g - odd of the block), then
+// stored as 64-byte rows.
+template <class Cfg, class Params>
+__device__ __forceinline__ void store_swiglu_lines(float const (&acc)[Cfg::Accumulators], Params const& p, int expert,
+                                                   PairedRows const& rows, int n0, uint8_t* stage, int consumer,
+                                                   int tid) {
+  static_assert(Cfg::LineStageBytes + diagnostic_stage_bytes() >= Cfg::Warpgroups * kLineStageBytes,
+                "the launch reserves less than the warpgroups stage");
+  int const g = (tid & 31) >> 2, warp = tid >> 5;
+  int const channel = (n0 >> 4) * 8 + (n0 & 7);
+  int const channel0 = channel - g - 8 * warp;  // the block's first channel (n0 = block + 16 warp + g)
+  bool const in_range = n0 < p.n;
+  float const gate_bias = in_range ? bias_at(p, expert, 2 * channel) : 0.0f;  // transformers' interleaved order
+  float const up_bias = in_range ? bias_at(p, expert, 2 * channel + 1) : 0.0f;
+  // Bank of a write: 36 row + 4 warp + (g - odd) / 2 mod 32 = 8 t + 4 odd + (g - odd) / 2 + const: 32 banks.
+  uint8_t* const word = stage + (2 * rows.t + rows.odd) * kLineStagePitch + 2 * (8 * warp + g - rows.odd);
+#pragma unroll
+  for (int c = 0; c < Cfg::TileM / kLineStageRows; ++c) {
+#pragma unroll
+    for (int j = 0; j < kLineStageRows / 8; ++j) {
+      int const i = 4 * c + j;
+      float y[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        y[r] = gpt_oss_swiglu(acc[4 * i + r] + gate_bias, acc[4 * i + r + 2] + up_bias, p.alpha, p.limit);
+      *reinterpret_cast<uint32_t*>(word + 8 * j * kLineStagePitch) = pair_columns(pack_bf16x2(y[0], y[1]), rows.odd);
+    }
+    warpgroup_sync<Cfg::Warpgroups>(consumer);  // the block's rows staged
+    store_staged_half_rows(p, stage, kLineStageRows * c, rows.m_limit, rows.row0, channel0, tid);
+    warpgroup_sync<Cfg::Warpgroups>(consumer);  // read back before the next rows overwrite them
+  }
+}
+
 // ScaleScatter's bias of weight rows n0 and n0 + 8 (0 past N, and for Store, which has none).
 template <class Cfg, class Params>
 __device__ __forceinline__ void column_bias(Params const& p, int expert, int n0, float (&bias)[2]) {
@@ -613,7 +648,9 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
 #pragma unroll
   for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
     int const n0 = thread_weight_row<Cfg::TileN>(tile, first_atom + a, tid);
-    if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
+    if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU && Mode == StoreMode::Lines) {
+      store_swiglu_lines<Cfg>(st.acc[a], p, tile.expert, paired, n0, stage, consumer, tid);
+    } else if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
       store_swiglu_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0);
     } else if constexpr (Mode == StoreMode::Sectors) {
       store_columns_sectors<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter, g);
@@ -636,6 +673,12 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
       int const m_base = tile.m_tile * Cfg::TileM;
       store_tile_coalesced<Cfg::AtomsPerWarpgroup, Cfg::Accumulators, Cfg::TileM, WarpgroupCols>(
           st.acc, p, rows.start + m_base, rows.count - m_base, tile.n_tile * Cfg::TileN + kAtomN * first_atom, tid);
+      return;
+    }
+  }
+  if constexpr (swiglu_lines_build() && Cfg::EpilogueKind == Epilogue::SwiGLU && Cfg::TileM % kLineStageRows == 0) {
+    if (swiglu_lines_fit(p)) {  // uniform; the candidate, not shipped
+      store_tile_paired<StoreMode::Lines>(st, p, tile, rows, first_atom, tid, stage, consumer);
       return;
     }
   }

@@ -35,4 +35,49 @@ __device__ __forceinline__ void store_staged_rows(Params const& p, uint8_t const
   }
 }
 
+// Candidate, not shipped: the SwiGLU epilogue's line stores (-DMXFP4_SWIGLU_LINES; `--mma-roof` times it as "swiglu
+// line stores (candidate)", tests/test_store_paths_gpu.py checks its bits against the paired stores). A warpgroup's
+// 64 weight rows are 32 output channels, 64 bytes of a row: staged the same way (the same pitch), each staged row is
+// stored as one 64-byte piece by 4 lanes; so a store request fills 16 whole sectors on 8 rows, where the paired
+// stores half-fill 8 sectors on 8 rows. The launch reserves the staging areas (MXFP4_DIAGNOSTIC_STAGE_BYTES).
+__device__ __forceinline__ constexpr bool swiglu_lines_build() {
+#ifdef MXFP4_SWIGLU_LINES
+  return true;
+#else
+  return false;
+#endif
+}
+
+// The staging areas a diagnostic build's launch reserves beyond the config's own (TileConfig.line_stage_bytes).
+__device__ __forceinline__ constexpr int diagnostic_stage_bytes() {
+#ifdef MXFP4_DIAGNOSTIC_STAGE_BYTES
+  return MXFP4_DIAGNOSTIC_STAGE_BYTES;
+#else
+  return 0;
+#endif
+}
+
+// Whether the SwiGLU line stores fit this launch (uniform): whole 8-channel pieces (N a multiple of 16 weight rows),
+// 16-byte aligned rows.
+template <class Params>
+__device__ __forceinline__ bool swiglu_lines_fit(Params const& p) {
+  return (p.n & 15) == 0 && (p.out_cols & 7) == 0 && (reinterpret_cast<size_t>(p.out) & 15u) == 0;
+}
+
+// Rows m0 .. m0 + 31 of the warpgroup's 32-channel SwiGLU block from the staging area to out row row0 + row, channels
+// channel0 .. channel0 + 31, within the valid rows and channels (N / 2 of them): 4 lanes per row, 16 bytes each. The 8
+// lanes of one 16-byte shared-memory phase read rows r and r + 4: rows 1 apart (144 bytes) would share 12 banks, rows 4
+// apart share none.
+template <class Params>
+__device__ __forceinline__ void store_staged_half_rows(Params const& p, uint8_t const* stage, int m0, int m_limit,
+                                                       int row0, int channel0, int tid) {
+  int const piece = tid & 3;
+  int const phase = tid >> 3;
+  int const row = (phase & 3) + 8 * (phase >> 2) + 4 * ((tid >> 2) & 1);
+  int const channel = channel0 + 8 * piece;
+  uint4 const value = *reinterpret_cast<uint4 const*>(stage + row * kLineStagePitch + 16 * piece);
+  if (m0 + row < m_limit && channel + 8 <= p.n / 2)
+    *reinterpret_cast<uint4*>(p.out + static_cast<size_t>(row0 + m0 + row) * p.out_cols + channel) = value;
+}
+
 }  // namespace mxfp4

@@ -852,6 +852,20 @@ def test_ncu_case_roofs_follow_each_forced_config():
                                          ("paired stores (before)", {"paired_stores": True}))]
 
 
+def test_ncu_case_swiglu_config_is_launched_directly_with_its_candidates():
+    from benchmarks import fp8_paths
+    from benchmarks.ncu_case import prefill_paths
+
+    name = "n128_m256_k64_s5_wg2_swiglu"
+    paths = prefill_paths(name, mma_roof=True)
+    assert list(paths) == [f"config {name}", f"config {name} roof (swiglu line stores (candidate))"]
+    assert [(p.func, p.args[0].name, p.args[1], p.args[2]) for p in paths.values()] == [
+        (fp8_paths._prepare_roof, name, "none (shipped)", {}),
+        (fp8_paths._prepare_roof, name, "swiglu line stores (candidate)", {"swiglu_lines": True})]
+    with pytest.raises(KeyError):
+        fp8_paths.prepare_roof(name, "no decode")  # a Store roof is not one of a swiglu config's builds
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--configs", "n128_m256_k64_s5_wg2"], "give it with --prefill"),
     (["--prefill", "--mma-roof"], "give --prefill --configs"),

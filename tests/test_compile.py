@@ -655,8 +655,9 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
                                                            {"wait_probe": True, "copy_only": True},
                                                            {"no_decode": True}, {"no_epilogue": True},
                                                            {"no_decode": True, "no_epilogue": True},
-                                                           {"coalesced_stores": True}, {"paired_stores": True})}
-    assert len(suffixes) == 9
+                                                           {"coalesced_stores": True}, {"paired_stores": True},
+                                                           {"swiglu_lines": True})}
+    assert len(suffixes) == 10
     assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
     assert diagnostic_build(no_decode=True, no_epilogue=True)[0] == [NO_DECODE_OPTION, NO_EPILOGUE_OPTION]
     options, _ = diagnostic_build(wait_probe=True, copy_only=True)
@@ -752,6 +753,31 @@ WIDE_STORE_BUILDS = {  # build: (flags, samples, 16-byte stores expected)
 }
 
 
+SWIGLU_LINES_SAMPLES = [TileConfig.from_name(name) for name in (
+    "n128_m256_k64_s5_wg2_swiglu", "n128_m256_k128_s5_wg2_fp8_swiglu", "n128_m64_k128_s8_wg2_fp8_swiglu",
+    "n128_m16_k128_s5_wg1_c3_swiglu")]
+
+
+@needs_render
+@needs_sass
+@pytest.mark.parametrize("config", SWIGLU_LINES_SAMPLES, ids=lambda config: config.name)
+def test_swiglu_line_stores_candidate_keeps_the_pipeline_and_stores_64_byte_rows(config):
+    """The candidate (-DMXFP4_SWIGLU_LINES, the staging area reserved as launch.load does): the shipped WGMMAs,
+    waits, loads and setmaxnreg, no spill, and one 16-byte store per 32 staged rows of each 64-row block a thread
+    holds (the 16-row tiles keep the paired stores)."""
+    _skip_unless_buildable()
+    shipped = compile_kernel(config)
+    stage = f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={config.line_stage_area}"
+    variant = compile_kernel(config, options=[*diagnostic_build(swiglu_lines=True)[0], stage])
+    a, b = shipped.sass(), variant.sass()
+    assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.ublkcp, b.setmaxnreg) == (
+        a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
+    wide = lambda kernel: len(re.findall(r"\bSTG\.E\.128\b", dump_sass(kernel.cubin)))  # noqa: E731
+    assert wide(shipped) == 0 and wide(variant) == config.tile_n // 64 // config.warpgroups * (config.tile_m // 32)
+    assert serialized_wgmma(variant.ptxas_notes) == (), variant.log
+    assert variant.resources.spills == 0 and config.register_pool_suffices(variant.resources.registers)
+
+
 def test_store_paths_follow_the_tile_and_the_shared_memory_left():
     by_name = {config.name: config for config in STORE_PATH_SAMPLES}
     assert [(name, config.store_path, config.line_stage_bytes) for name, config in by_name.items()] == [
@@ -836,3 +862,12 @@ def test_quantize_kernel_compiles_without_local_memory(tmp_path, monkeypatch):
         assert any(name.startswith("F2FP") for name in summary.opcodes), summary.opcodes  # cvt.rn.satfinite.e4m3x2
         # A held row's loads are unrolled (kHeldVectors = 12 per lane, all in flight together), not one per loop trip.
         assert summary.opcodes.get("LDG", 0) >= 12, summary.opcodes
+
+
+def test_swiglu_line_stores_candidate_is_refused_for_other_epilogues():
+    import torch
+
+    from codegen.runtime import launch
+
+    with pytest.raises(ValueError, match="n128_m256_k64_s5_wg2 is not a swiglu config"):
+        launch.load(TileConfig.from_name("n128_m256_k64_s5_wg2"), torch.device("cuda"), swiglu_lines=True)

@@ -2,7 +2,9 @@
 (templates/mxfp4_line_stores.cuh) and the sector stores (mxfp4_sector_stores.cuh) write bit for bit what the paired
 stores write (the paired-stores build, -DMXFP4_PAIRED_STORES), for the Store and ScaleScatter epilogues, both
 activation families, with tails (N not a multiple of the tile, partial row tiles, an empty expert, one row), outputs
-poisoned with NaN first. Their speed: `bench ncu-case --prefill --configs ... --mma-roof` ("paired stores (before)")."""
+poisoned with NaN first. Their speed: `bench ncu-case --prefill --configs ... --mma-roof` ("paired stores (before)").
+The candidate SwiGLU line stores (-DMXFP4_SWIGLU_LINES, not shipped) are checked the same way against the shipped
+SwiGLU epilogue."""
 
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ pytestmark = pytest.mark.gpu
 # Lines (m256, and m128 with ping-pong), sectors (m64, one with stream-K), scatter variants of both.
 CONFIGS = ["n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8", "n128_m128_k128_s8_wg2_pp_fp8", "n128_m64_k128_s7_wg2",
            "n128_m64_k128_s7_wg2_pw_sk_f3", "n128_m256_k64_s5_wg2_scatter", "n128_m64_k128_s8_wg2_fp8_scatter"]
+SWIGLU_CONFIGS = ["n128_m256_k64_s5_wg2_swiglu", "n128_m256_k128_s5_wg2_fp8_swiglu", "n128_m64_k128_s8_wg2_fp8_swiglu"]
 CASES = {  # (E, N, K, rows per expert)
-    "tails": (4, 200, 160, [300, 0, 17, 1]),
+    "tails": (4, 200, 160, [300, 0, 17, 1]),  # N / 2 = 100: SwiGLU's 16-byte pieces do not fit (its paired stores)
+    "tails-16": (4, 208, 160, [300, 0, 17, 1]),  # a partial N tile that SwiGLU's 16-byte pieces fit
     "gpt-oss-down": (8, 2880, 2880, [256, 129, 0, 640, 1, 77, 300, 512]),
 }
 
@@ -40,6 +44,10 @@ def _operands(config: TileConfig, case: str, seed: int):
     else:
         packed = mxfp4.pack(weight)
     rows_out = x.shape[0]
+    if config.epilogue == "swiglu":  # gate/up interleaved: N / 2 output channels
+        bias = torch.randn(num_experts, n, generator=generator).to("cuda", torch.bfloat16)
+        epilogue = EpilogueArgs(bias=bias, x_scale=epilogue.x_scale, w_scale=epilogue.w_scale)
+        return x, packed, offsets, epilogue, (rows_out, n // 2)
     if config.epilogue == "scatter":  # rows to token slots in a shuffled order, with routing weights and a bias
         dest = torch.randperm(x.shape[0], generator=generator).to("cuda", torch.int32)
         scale = torch.rand(x.shape[0], generator=generator).to("cuda")
@@ -53,19 +61,37 @@ def test_the_configs_cover_both_sixteen_byte_store_paths() -> None:
     assert {TileConfig.from_name(name).store_path for name in CONFIGS} == {"lines", "sectors"}
 
 
+def _outputs(config: TileConfig, case: str, seed: int, builds: list[dict[str, bool]]) -> list[torch.Tensor]:
+    """The output of each build of ``config`` on the same operands, each into a NaN-poisoned tensor."""
+    x, packed, offsets, epilogue, out_shape = _operands(config, case, seed)
+    outs = []
+    for flags in builds:
+        out = torch.full(out_shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+        kernel = launch.load(config, x.device, **flags)
+        grouped_mm_sm90(x, packed.data, packed.n, packed.k, offsets, False, config, out, epilogue, kernel=kernel)
+        torch.cuda.synchronize()
+        outs.append(out)
+    return outs
+
+
+def _assert_same_bits(reference: torch.Tensor, other: torch.Tensor, what: str, seed: int) -> None:
+    assert not torch.isnan(reference).any(), f"seed {seed}: the reference build left rows unwritten"
+    assert torch.equal(other, reference), (
+        f"seed {seed}: {what}: {int((other != reference).sum())} of {reference.numel()} values differ "
+        f"(NaN left: {int(torch.isnan(other).sum())})")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", CONFIGS)
 def test_store_paths_write_the_paired_stores_bits(name: str, case: str, seed: int) -> None:
     config = TileConfig.from_name(name)
-    x, packed, offsets, epilogue, out_shape = _operands(config, case, seed)
-    outs = []
-    for kernel in (launch.load(config, x.device, paired_stores=True), launch.load(config, x.device)):
-        out = torch.full(out_shape, float("nan"), dtype=torch.bfloat16, device="cuda")
-        grouped_mm_sm90(x, packed.data, packed.n, packed.k, offsets, False, config, out, epilogue, kernel=kernel)
-        torch.cuda.synchronize()
-        outs.append(out)
-    paired, shipped = outs
-    assert not torch.isnan(paired).any(), f"seed {seed}: the paired stores left rows unwritten"
-    assert torch.equal(shipped, paired), (
-        f"seed {seed}: {config.store_path}: {int((shipped != paired).sum())} of {paired.numel()} values differ "
-        f"(NaN left: {int(torch.isnan(shipped).sum())})")
+    paired, shipped = _outputs(config, case, seed, [{"paired_stores": True}, {}])
+    _assert_same_bits(paired, shipped, config.store_path, seed)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", SWIGLU_CONFIGS)
+def test_swiglu_line_stores_candidate_writes_the_shipped_bits(name: str, case: str, seed: int) -> None:
+    config = TileConfig.from_name(name)
+    shipped, candidate = _outputs(config, case, seed, [{}, {"swiglu_lines": True}])
+    _assert_same_bits(shipped, candidate, "swiglu line stores", seed)

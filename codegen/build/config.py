@@ -217,7 +217,7 @@ class TileConfig:
         time where 16-byte stores do not fit the output: odd column counts, unaligned rows)."""
         if self.epilogue == "swiglu" or self.tile_m < SECTOR_STORES_MIN_TILE_M or self.tile_m % 16:
             return "paired"
-        fits = self._pipeline_shared_memory_bytes + self._line_stage_area <= self.max_shared_memory_bytes
+        fits = self._pipeline_shared_memory_bytes + self.line_stage_area <= self.max_shared_memory_bytes
         if self.tile_m >= LINE_STORES_MIN_TILE_M and self.tile_m % 32 == 0 and fits:
             return "lines"
         return "sectors"
@@ -226,10 +226,11 @@ class TileConfig:
     def line_stage_bytes(self) -> int:
         """The line stores' staging areas before the ring (one per consumer warpgroup, whole 1024-byte blocks so
         that the ring's TMA boxes stay aligned); 0 unless store_path is "lines"."""
-        return self._line_stage_area if self.store_path == "lines" else 0
+        return self.line_stage_area if self.store_path == "lines" else 0
 
     @property
-    def _line_stage_area(self) -> int:
+    def line_stage_area(self) -> int:
+        """Bytes of the line stores' staging areas for this config's consumer warpgroups, reserved or not."""
         return -(-self.warpgroups * LINE_STAGE_BYTES_PER_WARPGROUP // SMEM_ALIGN) * SMEM_ALIGN
 
     @property

@@ -91,7 +91,7 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
 
 def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
          no_decode: bool = False, no_epilogue: bool = False, coalesced_stores: bool = False,
-         paired_stores: bool = False, templates_dir: str | None = None) -> LoadedKernel:
+         paired_stores: bool = False, swiglu_lines: bool = False, templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
     Diagnostics only, never what the op launches (any combination): ``wait_probe``, the build that times its barrier
@@ -103,12 +103,22 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     its output is not the product); ``coalesced_stores``, the price of the epilogue's store pattern: the same bytes
     written as whole 128-byte lines (templates/mxfp4_coalesced_stores.cuh; its output is not the product);
     ``paired_stores``, the epilogue as it was before the sector and line stores: every tile written with the
-    paired 4-byte stores, whatever the config's store path (the same output); ``templates_dir``, the device headers
+    paired 4-byte stores, whatever the config's store path (the same output); ``swiglu_lines``, a candidate for a
+    swiglu config: its stores through the line stores' staging area, as 64-byte rows (templates/mxfp4_line_stores.cuh;
+    the launch reserves the area; the same output); ``templates_dir``, the device headers
     from another directory (an earlier version of the kernel, timed beside this one)."""
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
                                        no_epilogue=no_epilogue, coalesced_stores=coalesced_stores,
-                                       paired_stores=paired_stores)
+                                       paired_stores=paired_stores, swiglu_lines=swiglu_lines)
     shared_memory = config.shared_memory_bytes
+    if swiglu_lines:
+        if config.epilogue != "swiglu":
+            raise ValueError(f"swiglu_lines: {config.name} is not a swiglu config")
+        options, shared_memory = [*options, f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={config.line_stage_area}"], \
+            shared_memory + config.line_stage_area
+        if shared_memory > config.max_shared_memory_bytes:
+            raise ValueError(f"swiglu_lines: {config.name} would need {shared_memory} bytes of shared memory, more "
+                             f"than the {config.max_shared_memory_bytes} a CTA may use")
     key = (device.index, config.name + suffix, templates_dir)
     kernel = _loaded.get(key)
     if kernel is not None:
@@ -147,11 +157,13 @@ COALESCED_STORES_OPTION = "-DMXFP4_COALESCED_STORES=1"
 COALESCED_STORES_SUFFIX = "+coalesced_stores"
 PAIRED_STORES_OPTION = "-DMXFP4_PAIRED_STORES=1"
 PAIRED_STORES_SUFFIX = "+paired_stores"
+SWIGLU_LINES_OPTION = "-DMXFP4_SWIGLU_LINES=1"
+SWIGLU_LINES_SUFFIX = "+swiglu_lines"
 
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_decode: bool = False,
                      no_epilogue: bool = False, coalesced_stores: bool = False,
-                     paired_stores: bool = False) -> tuple[list[str], str]:
+                     paired_stores: bool = False, swiglu_lines: bool = False) -> tuple[list[str], str]:
     """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
     chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
                                                           (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX),
@@ -159,7 +171,8 @@ def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_de
                                                           (no_epilogue, NO_EPILOGUE_OPTION, NO_EPILOGUE_SUFFIX),
                                                           (coalesced_stores, COALESCED_STORES_OPTION,
                                                            COALESCED_STORES_SUFFIX),
-                                                          (paired_stores, PAIRED_STORES_OPTION, PAIRED_STORES_SUFFIX))
+                                                          (paired_stores, PAIRED_STORES_OPTION, PAIRED_STORES_SUFFIX),
+                                                          (swiglu_lines, SWIGLU_LINES_OPTION, SWIGLU_LINES_SUFFIX))
               if on]
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 
