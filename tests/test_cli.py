@@ -239,6 +239,7 @@ def test_compile_table_shows_the_dynamic_shared_memory_of_the_launch(monkeypatch
     assert main(["compile", "--config", config.name, "--no-sass", "--json", "-q"]) == 0
     record = json.loads(capsys.readouterr().out)[0]
     assert record["dynamic_smem_bytes"] == config.shared_memory_bytes and record["resources"]["smem_bytes"] == 0
+    assert record["store_path"] == config.store_path
 
 
 def test_compile_into_a_cache_that_is_a_file_says_nothing_is_cached(monkeypatch, tmp_path, capsys, recwarn):

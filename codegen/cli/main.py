@@ -145,6 +145,7 @@ class _CompileReport:
                "hit" if result.cache_hit else "miss" if kept else "not kept"]
         record = {
             "config": config.name, "ok": True, "resources": asdict(r), "dynamic_smem_bytes": config.shared_memory_bytes,
+            "store_path": config.store_path,
             "compile_seconds": result.compile_seconds, "cache_hit": result.cache_hit, "cached": kept,
             "cubin_bytes": len(result.cubin), "ptxas_notes": list(result.ptxas_notes),
         }
