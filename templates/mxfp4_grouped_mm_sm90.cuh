@@ -634,7 +634,7 @@ __device__ __forceinline__ void store_columns_lines(float const (&acc)[Cfg::Accu
 }
 
 // The tile's stores when paired_stores_fit (Paired) or sixteen_byte_stores_fit (Sectors, Lines: Store and
-// ScaleScatter only).
+// ScaleScatter; SwiGLU's candidate Lines when swiglu_lines_fit).
 template <StoreMode Mode, class Cfg, class Params>
 __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
                                                   ExpertRows const& rows, int first_atom, int tid,
