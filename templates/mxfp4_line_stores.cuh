@@ -3,7 +3,7 @@
 // shared memory: a consumer warpgroup stages 32 rows of its 64-column block at a time (the paired words, one 4-byte
 // write each), then every 8 lanes read one staged row back and store it as one whole 128-byte line (16 bytes per
 // lane). Why: whole lines are what the memory system wants (NOTES, ninth session, gpt-oss-20b gate_up M = 4096 under
-// Nsight: W4A8 3.540 -> 3.148 ms, W4A16 5.626 -> 5.332 ms, within 2 % of the coalesced-stores roof; the sector stores
+// Nsight: W4A8 3.540 -> 3.148 ms, W4A16 5.626 -> 5.332 ms, within 1-3 % of the coalesced-stores roof; the sector stores
 // took 3.232 / 5.487, a bulk copy per staged row from the TMA unit 4.086 / 6.283).
 // The staging areas (kLineStageBytes per consumer warpgroup) sit before the ring; TileConfig.line_stage_bytes
 // reserves them (rendered as the config's LineStageBytes) and counts them in the config's shared memory.
