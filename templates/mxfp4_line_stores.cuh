@@ -57,11 +57,11 @@ __device__ __forceinline__ constexpr int diagnostic_stage_bytes() {
 #endif
 }
 
-// Whether the SwiGLU line stores fit this launch (uniform): whole 8-channel pieces (N a multiple of 16 weight rows),
-// 16-byte aligned rows.
+// Whether the SwiGLU line stores fit this launch (uniform): sixteen_byte_stores_fit's aligned rows, and whole
+// 8-channel pieces (N a multiple of 16 weight rows).
 template <class Params>
 __device__ __forceinline__ bool swiglu_lines_fit(Params const& p) {
-  return (p.n & 15) == 0 && (p.out_cols & 7) == 0 && (reinterpret_cast<size_t>(p.out) & 15u) == 0;
+  return (p.n & 15) == 0 && sixteen_byte_stores_fit(p);
 }
 
 // Rows m0 .. m0 + 31 of the warpgroup's 32-channel SwiGLU block from the staging area to out row row0 + row, channels

@@ -744,38 +744,27 @@ def _sixteen_byte_stores(config: TileConfig) -> int:
     return 0 if config.store_path == "paired" else config.tile_n // 64 // config.warpgroups * config.tile_m // 16
 
 
+# The candidate SwiGLU line stores (-DMXFP4_SWIGLU_LINES): one 16-byte store per 32 staged rows of each 64-row block a
+# thread holds; the 16-row tiles keep the paired stores.
+SWIGLU_LINES_SAMPLES = [TileConfig.from_name(name) for name in (
+    "n128_m256_k64_s5_wg2_swiglu", "n128_m256_k128_s5_wg2_fp8_swiglu", "n128_m64_k128_s8_wg2_fp8_swiglu",
+    "n128_m16_k128_s5_wg1_c3_swiglu")]
+
 WIDE_STORE_BUILDS = {  # build: (flags, samples, 16-byte stores expected)
     "shipped": ({}, STORE_PATH_SAMPLES, _sixteen_byte_stores),
     "paired stores": ({"paired_stores": True}, STORE_PATH_SAMPLES, lambda config: 0),
     "coalesced stores": ({"coalesced_stores": True}, MMA_ROOF_SAMPLES,  # beside the shipped path, not reached
                          lambda config: config.tile_m * (config.tile_n // config.warpgroups // 8) // 128
                          + _sixteen_byte_stores(config)),
+    "swiglu line stores": ({"swiglu_lines": True}, SWIGLU_LINES_SAMPLES,
+                           lambda config: config.tile_n // 64 // config.warpgroups * (config.tile_m // 32)),
 }
 
 
-SWIGLU_LINES_SAMPLES = [TileConfig.from_name(name) for name in (
-    "n128_m256_k64_s5_wg2_swiglu", "n128_m256_k128_s5_wg2_fp8_swiglu", "n128_m64_k128_s8_wg2_fp8_swiglu",
-    "n128_m16_k128_s5_wg1_c3_swiglu")]
-
-
-@needs_render
-@needs_sass
-@pytest.mark.parametrize("config", SWIGLU_LINES_SAMPLES, ids=lambda config: config.name)
-def test_swiglu_line_stores_candidate_keeps_the_pipeline_and_stores_64_byte_rows(config):
-    """The candidate (-DMXFP4_SWIGLU_LINES, the staging area reserved as launch.load does): the shipped WGMMAs,
-    waits, loads and setmaxnreg, no spill, and one 16-byte store per 32 staged rows of each 64-row block a thread
-    holds (the 16-row tiles keep the paired stores)."""
-    _skip_unless_buildable()
-    shipped = compile_kernel(config)
-    stage = f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={config.line_stage_area}"
-    variant = compile_kernel(config, options=[*diagnostic_build(swiglu_lines=True)[0], stage])
-    a, b = shipped.sass(), variant.sass()
-    assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.ublkcp, b.setmaxnreg) == (
-        a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
-    wide = lambda kernel: len(re.findall(r"\bSTG\.E\.128\b", dump_sass(kernel.cubin)))  # noqa: E731
-    assert wide(shipped) == 0 and wide(variant) == config.tile_n // 64 // config.warpgroups * (config.tile_m // 32)
-    assert serialized_wgmma(variant.ptxas_notes) == (), variant.log
-    assert variant.resources.spills == 0 and config.register_pool_suffices(variant.resources.registers)
+def _build_options(config: TileConfig, flags: dict[str, bool]) -> list[str]:
+    """A diagnostic build's NVRTC options as launch.load compiles it (the SwiGLU candidate's staging area too)."""
+    stage = [f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={config.line_stage_area}"] if flags.get("swiglu_lines") else []
+    return diagnostic_build(**flags)[0] + stage
 
 
 def test_store_paths_follow_the_tile_and_the_shared_memory_left():
@@ -804,7 +793,7 @@ def test_store_builds_keep_the_pipeline_and_store_16_bytes_as_their_path_says(bu
     _skip_unless_buildable()
     flags, _, expected = WIDE_STORE_BUILDS[build]
     paired = compile_kernel(config, options=diagnostic_build(paired_stores=True)[0])
-    variant = compile_kernel(config, options=diagnostic_build(**flags)[0])
+    variant = compile_kernel(config, options=_build_options(config, flags))
     a, b = paired.sass(), variant.sass()
     assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.ublkcp, b.setmaxnreg) == (
         a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.ublkcp, a.setmaxnreg)
