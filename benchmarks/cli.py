@@ -96,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ncu-case --prefill --configs: after each config, its roof builds (no decode, no "
                              "epilogue, neither: what the pipeline and the tensor cores cost without them; output "
                              "not the product)")
+    parser.add_argument("--roofs", metavar="FLAG,...", default="",
+                        help="ncu-case --mma-roof: only the roof builds whose every launch.load flag is listed "
+                             "(no_decode, no_epilogue, coalesced_stores, paired_stores, tma_stores, swiglu_lines)")
     parser.add_argument("--no-humming", action="store_true", help="leave humming out (grouped, host, fp8, ncu-case)")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay times")
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG")

@@ -149,11 +149,26 @@ ROOF_BUILDS = (
 SWIGLU_ROOF_BUILDS = (
     ("swiglu line stores (candidate)", {"swiglu_lines": True}),  # templates/mxfp4_line_stores.cuh
 )
+# Candidates for a Store config whose store path is the line stores, after its ROOF_BUILDS.
+LINE_STORES_ROOF_BUILDS = (
+    ("tma stores (candidate)", {"tma_stores": True}),  # templates/mxfp4_tma_stores.cuh
+)
 
 
-def roof_builds(config: str) -> tuple[tuple[str, dict[str, bool]], ...]:
-    """The builds ``--mma-roof`` profiles after ``config``: ROOF_BUILDS, or SWIGLU_ROOF_BUILDS for a swiglu one."""
-    return SWIGLU_ROOF_BUILDS if config.endswith("_swiglu") else ROOF_BUILDS
+def roof_builds(config: str, only: frozenset[str] | None = None) -> tuple[tuple[str, dict[str, bool]], ...]:
+    """The builds ``--mma-roof`` profiles after ``config``: ROOF_BUILDS (and LINE_STORES_ROOF_BUILDS where the
+    config's stores are the line stores), or SWIGLU_ROOF_BUILDS for a swiglu one; with ``only`` (``--roofs``), those
+    whose every launch.load flag is in it."""
+    from codegen.build.config import TileConfig
+
+    tile = TileConfig.from_name(config)  # ValueError naming a malformed config
+    if tile.epilogue == "swiglu":
+        builds = SWIGLU_ROOF_BUILDS
+    elif tile.epilogue == "store" and tile.store_path == "lines":
+        builds = ROOF_BUILDS + LINE_STORES_ROOF_BUILDS
+    else:
+        builds = ROOF_BUILDS
+    return tuple(build for build in builds if only is None or set(build[1]) <= only)
 
 
 def prepare_roof(config: str, leaves_out: str) -> Callable[[Operands], peers.Prepared]:

@@ -69,10 +69,11 @@ def run_model(model: str, projection: str, args: argparse.Namespace, m_values: l
 PREFILL_PATHS = ("W4A16", "W4A8", "torch fp8", "torch bf16", "humming fp8")  # the profiled order
 
 
-def prefill_paths(configs: str, mma_roof: bool = False) -> dict[str, Callable[[Any], Any]]:
+def prefill_paths(configs: str, mma_roof: bool = False, roofs: str = "") -> dict[str, Callable[[Any], Any]]:
     """The profiled paths in order: the five of PREFILL_PATHS, or (``--configs``) ours with each config forced,
-    each followed by its roof builds (fp8_paths.roof_builds) with ``mma_roof``. A malformed config name raises
-    ValueError before any weights are built."""
+    each followed by its roof builds (fp8_paths.roof_builds) with ``mma_roof``, only those whose every flag is
+    among ``roofs`` (comma-separated launch.load flags, e.g. "no_epilogue,tma_stores") when it is given. A malformed
+    config name raises ValueError before any weights are built."""
     from . import fp8_paths
 
     names = [name for name in configs.split(",") if name]
@@ -80,7 +81,8 @@ def prefill_paths(configs: str, mma_roof: bool = False) -> dict[str, Callable[[A
     for name in names:
         paths[f"config {name}"] = fp8_paths.prepare_forced(name)
         if mma_roof:
-            for leaves_out, _ in fp8_paths.roof_builds(name):
+            only = frozenset(flag for flag in roofs.split(",") if flag) or None
+            for leaves_out, _ in fp8_paths.roof_builds(name, only):
                 paths[f"config {name} roof ({leaves_out})"] = fp8_paths.prepare_roof(name, leaves_out)
     return paths or {path: fp8_paths.PREPARE[path] for path in PREFILL_PATHS}
 
@@ -94,7 +96,7 @@ def run_model_prefill(model: str, projection: str, args: argparse.Namespace, m_v
     if args.no_humming:
         settings.skip["humming fp8"] = "skipped (--no-humming)"
     weights = build_weights(shape, settings)
-    paths = prefill_paths(args.configs, args.mma_roof)
+    paths = prefill_paths(args.configs, args.mma_roof, args.roofs)
     for m in m_values:
         ops = operands(make_row(model, projection, shape, "uniform", m), weights, args.seed + m)
         for path, prepare in paths.items():
@@ -125,8 +127,11 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
         print("bench ncu-case: error: --mma-roof profiles the forced configs' MMA-roof builds: give --prefill --configs",
               file=sys.stderr)
         return 2
+    if args.roofs and not args.mma_roof:
+        print("bench ncu-case: error: --roofs picks among the --mma-roof builds: give --mma-roof", file=sys.stderr)
+        return 2
     try:
-        prefill_paths(args.configs, args.mma_roof)
+        prefill_paths(args.configs, args.mma_roof, args.roofs)
     except ValueError as error:
         print(f"bench ncu-case: error: --configs: {error}", file=sys.stderr)
         return 2

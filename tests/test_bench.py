@@ -839,7 +839,8 @@ def test_ncu_case_roofs_follow_each_forced_config():
     from benchmarks.ncu_case import prefill_paths
 
     paths = prefill_paths("n128_m256_k64_s5_wg2,n128_m256_k128_s5_wg2_fp8", mma_roof=True)
-    roofs = ("no decode", "no epilogue", "no decode, no epilogue", "coalesced stores", "paired stores (before)")
+    roofs = ("no decode", "no epilogue", "no decode, no epilogue", "coalesced stores", "paired stores (before)",
+             "tma stores (candidate)")  # the line stores' configs: their candidate last
     assert list(paths) == [f"config {name}{suffix}" for name in ("n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8")
                            for suffix in ("", *(f" roof ({roof})" for roof in roofs))]
     built = [(prepare.func, prepare.args[0].name, prepare.args[1], prepare.args[2])
@@ -849,7 +850,22 @@ def test_ncu_case_roofs_follow_each_forced_config():
                      for roof, flags in (("no decode", {"no_decode": True}), ("no epilogue", {"no_epilogue": True}),
                                          ("no decode, no epilogue", {"no_decode": True, "no_epilogue": True}),
                                          ("coalesced stores", {"coalesced_stores": True}),
-                                         ("paired stores (before)", {"paired_stores": True}))]
+                                         ("paired stores (before)", {"paired_stores": True}),
+                                         ("tma stores (candidate)", {"tma_stores": True}))]
+
+
+def test_ncu_case_roofs_pick_builds_by_their_flags():
+    from benchmarks.ncu_case import prefill_paths
+
+    def roofs(config: str, only: str) -> list[str]:
+        return [name.split(" roof (")[1][:-1] for name in prefill_paths(config, mma_roof=True, roofs=only)
+                if " roof (" in name]
+
+    assert roofs("n128_m256_k128_s5_wg2_fp8", "no_epilogue,tma_stores") == ["no epilogue", "tma stores (candidate)"]
+    assert roofs("n128_m256_k128_s5_wg2_fp8", "no_decode,no_epilogue") == [
+        "no decode", "no epilogue", "no decode, no epilogue"]
+    # The sector stores' configs have no TMA-stores candidate (it stages the line stores' blocks).
+    assert roofs("n128_m64_k128_s7_wg2", "no_epilogue,tma_stores") == ["no epilogue"]
 
 
 def test_ncu_case_swiglu_config_is_launched_directly_with_its_candidates():
@@ -869,6 +885,7 @@ def test_ncu_case_swiglu_config_is_launched_directly_with_its_candidates():
 @pytest.mark.parametrize("argv, message", [
     (["--configs", "n128_m256_k64_s5_wg2"], "give it with --prefill"),
     (["--prefill", "--mma-roof"], "give --prefill --configs"),
+    (["--prefill", "--configs", "n128_m256_k64_s5_wg2", "--roofs", "no_epilogue"], "give --mma-roof"),
     (["--prefill", "--configs", "n128_m256_k64_s5_wg2,nope"], "config name 'nope' is not of the form"),
 ])
 def test_ncu_case_configs_refused_before_any_weights(argv, message, capsys):

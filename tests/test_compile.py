@@ -42,6 +42,7 @@ from codegen.runtime.launch import (
     COPY_ONLY_OPTION,
     NO_DECODE_OPTION,
     NO_EPILOGUE_OPTION,
+    TMA_STAGE_BYTES_PER_WARPGROUP,
     WAIT_PROBE_OPTION,
     diagnostic_build,
 )
@@ -656,8 +657,8 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
                                                            {"no_decode": True}, {"no_epilogue": True},
                                                            {"no_decode": True, "no_epilogue": True},
                                                            {"coalesced_stores": True}, {"paired_stores": True},
-                                                           {"swiglu_lines": True})}
-    assert len(suffixes) == 10
+                                                           {"swiglu_lines": True}, {"tma_stores": True})}
+    assert len(suffixes) == 11
     assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
     assert diagnostic_build(no_decode=True, no_epilogue=True)[0] == [NO_DECODE_OPTION, NO_EPILOGUE_OPTION]
     options, _ = diagnostic_build(wait_probe=True, copy_only=True)
@@ -750,6 +751,8 @@ SWIGLU_LINES_SAMPLES = [TileConfig.from_name(name) for name in (
     "n128_m256_k64_s5_wg2_swiglu", "n128_m256_k128_s5_wg2_fp8_swiglu", "n128_m64_k128_s8_wg2_fp8_swiglu",
     "n128_m16_k128_s5_wg1_c3_swiglu")]
 
+TMA_STORES_SAMPLES = [TileConfig.from_name(name) for name in ("n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8")]
+
 WIDE_STORE_BUILDS = {  # build: (flags, samples, 16-byte stores expected)
     "shipped": ({}, STORE_PATH_SAMPLES, _sixteen_byte_stores),
     "paired stores": ({"paired_stores": True}, STORE_PATH_SAMPLES, lambda config: 0),
@@ -758,13 +761,37 @@ WIDE_STORE_BUILDS = {  # build: (flags, samples, 16-byte stores expected)
                          + _sixteen_byte_stores(config)),
     "swiglu line stores": ({"swiglu_lines": True}, SWIGLU_LINES_SAMPLES,
                            lambda config: config.tile_n // 64 // config.warpgroups * (config.tile_m // 32)),
+    # The candidate TMA stores: a block with invalid rows goes out through 16-byte stores from its buffer (two per
+    # thread and block), in place of the line stores.
+    "tma stores": ({"tma_stores": True}, TMA_STORES_SAMPLES, _sixteen_byte_stores),
 }
 
 
 def _build_options(config: TileConfig, flags: dict[str, bool]) -> list[str]:
-    """A diagnostic build's NVRTC options as launch.load compiles it (the SwiGLU candidate's staging area too)."""
-    stage = [f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={config.line_stage_area}"] if flags.get("swiglu_lines") else []
-    return diagnostic_build(**flags)[0] + stage
+    """A diagnostic build's NVRTC options as launch.load compiles it (a candidate's staging area too)."""
+    stage = 0
+    if flags.get("swiglu_lines"):
+        stage = config.line_stage_area
+    if flags.get("tma_stores"):
+        stage = config.warpgroups * TMA_STAGE_BYTES_PER_WARPGROUP - config.line_stage_bytes
+    return diagnostic_build(**flags)[0] + ([f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={stage}"] if stage else [])
+
+
+@needs_render
+@needs_sass
+@pytest.mark.parametrize("config", TMA_STORES_SAMPLES, ids=lambda config: config.name)
+def test_tma_stores_candidate_issues_one_tensor_store_per_block(config):
+    """One UTMASTG per 32 staged rows of each 64-row block a warpgroup holds (issued by one lane), the shipped build
+    none; no spill."""
+    _skip_unless_buildable()
+    shipped = compile_kernel(config)
+    candidate = compile_kernel(config, options=_build_options(config, {"tma_stores": True}))
+    def tensor_stores(kernel) -> int:
+        return len(re.findall(r"\bUTMASTG\b", dump_sass(kernel.cubin)))
+
+    assert tensor_stores(shipped) == 0
+    assert tensor_stores(candidate) == config.tile_n // 64 // config.warpgroups * (config.tile_m // 32)
+    assert candidate.resources.spills == 0
 
 
 def test_store_paths_follow_the_tile_and_the_shared_memory_left():
@@ -860,3 +887,13 @@ def test_swiglu_line_stores_candidate_is_refused_for_other_epilogues():
 
     with pytest.raises(ValueError, match="n128_m256_k64_s5_wg2 is not a swiglu config"):
         launch.load(TileConfig.from_name("n128_m256_k64_s5_wg2"), torch.device("cuda"), swiglu_lines=True)
+
+
+@pytest.mark.parametrize("name", ["n128_m256_k64_s5_wg2_swiglu", "n128_m64_k128_s7_wg2", "n128_m256_k64_s5_wg2_scatter"])
+def test_tma_stores_candidate_is_refused_off_the_line_stores_store_configs(name):
+    import torch
+
+    from codegen.runtime import launch
+
+    with pytest.raises(ValueError, match=f"tma_stores: {name} is not a store config with the line stores"):
+        launch.load(TileConfig.from_name(name), torch.device("cuda"), tma_stores=True)

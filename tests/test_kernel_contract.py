@@ -58,13 +58,18 @@ def test_scale_word_formula_matches_scale_position() -> None:
 
 
 def test_params_struct_matches_the_field_offsets() -> None:
-    values = {f.name: i + 1 for i, f in enumerate(PARAM_FIELDS) if f.fmt}
-    block = pack_params(bytes(range(128)), **values)
+    values: dict[str, int | bytes] = {f.name: i + 1 for i, f in enumerate(PARAM_FIELDS) if f.fmt}
+    maps = {f.name: bytes((i + j) % 256 for j in range(128)) for i, f in enumerate(PARAM_FIELDS) if not f.fmt}
+    assert set(maps) == {"x_map", "out_map"}
+    block = pack_params(**values, **maps)
     assert len(block) == PARAMS_SIZE == PARAMS_STRUCT.size
-    assert bytes(block[:128]) == bytes(range(128))
     for field in PARAM_FIELDS:
+        offset = PARAM_OFFSETS[field.name]
         if field.fmt:
-            assert struct.unpack_from("<" + field.fmt, block, PARAM_OFFSETS[field.name])[0] == values[field.name]
+            assert struct.unpack_from("<" + field.fmt, block, offset)[0] == values[field.name]
+        else:
+            assert offset % 64 == 0 and bytes(block[offset:offset + 128]) == maps[field.name]
+    assert PARAM_OFFSETS["x_map"] == 0  # the fields before out_map kept their offsets (shipped SASS unchanged)
 
 
 def test_ctas_per_sm_name_round_trip_and_defaults() -> None:
@@ -192,3 +197,19 @@ def test_pingpong_name_round_trip_validation_and_rendering() -> None:
         TileConfig(pingpong=1).validate()
     with pytest.raises(ValueError, match="128 x 256 rows per warpgroup needs 256 fp32 accumulators"):
         TileConfig(tile_n=128, tile_m=256, tile_k=64, stages=4, warpgroups=2, pingpong=True).validate()
+
+
+def test_the_launcher_refuses_swiglu_rows_that_are_not_paired() -> None:
+    # SwiGLU's gate/up rows are paired in blocks of 16 (mxfp4/format/gate_up.py); with a partial block the kernel
+    # would write a channel past the end of its output row. Refused before any device work (CPU tensors here).
+    import torch
+
+    from codegen.runtime.launch import grouped_mm_sm90
+
+    config = TileConfig.from_name("n128_m64_k128_s7_wg2_swiglu")
+    x = torch.zeros(4, 160, dtype=torch.bfloat16)
+    w_data = torch.zeros(1, 4, 3, 2176, dtype=torch.uint8)
+    out = torch.zeros(4, 100, dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="n: the swiglu epilogue needs paired gate_up rows, a multiple of 16; got 200"):
+        grouped_mm_sm90(x, w_data, 200, 160, offsets, False, config, out)

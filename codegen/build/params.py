@@ -53,6 +53,9 @@ PARAM_FIELDS: tuple[ParamField, ...] = (
     # Stream-K (mxfp4_stream_k.cuh); null for the tile-by-tile configs.
     ParamField("workspace", "float*", "Q", 8, "stream-K: fp32 accumulators of cut tiles"),
     ParamField("tile_counters", "int32_t*", "Q", 8, "stream-K: k-steps done per tile and warpgroup, zeroed per launch"),
+    # Last, so that the fields before keep their offsets: read only by the candidate TMA stores' build.
+    ParamField("out_map", "mxfp4::TensorMap", "", TENSOR_MAP_BYTES,
+               "TMA stores (candidate): map of out as [rows, N] bf16, 32 x 64 boxes, 128B swizzle; else zeros"),
 )
 
 
@@ -120,13 +123,14 @@ def template_fields() -> list[dict[str, object]]:
     return GROUPED_MM_PARAMS.template_fields()
 
 
-def pack_params(tensor_map: bytes, **values: int) -> bytearray:
-    """The parameter block's bytes, with every field but ``x_map`` given by name."""
-    if len(tensor_map) != TENSOR_MAP_BYTES:
-        raise ValueError(f"tensor_map must be {TENSOR_MAP_BYTES} bytes, got {len(tensor_map)}")
-    expected = {f.name for f in PARAM_FIELDS if f.fmt}
+def pack_params(**values: float | bytes) -> bytearray:
+    """The parameter block's bytes, every field given by name (the tensor maps as their 128 bytes)."""
+    expected = {f.name for f in PARAM_FIELDS}
     if set(values) != expected:
         raise ValueError(f"pack_params needs exactly {sorted(expected)}, got {sorted(values)}")
+    for field in PARAM_FIELDS:
+        if not field.fmt and len(values[field.name]) != TENSOR_MAP_BYTES:  # type: ignore[arg-type]
+            raise ValueError(f"{field.name} must be {TENSOR_MAP_BYTES} bytes, got {len(values[field.name])}")  # type: ignore[arg-type]
     block = bytearray(PARAMS_SIZE)
-    PARAMS_STRUCT.pack_into(block, 0, tensor_map, *(values[f.name] for f in PARAM_FIELDS if f.fmt))
+    PARAMS_STRUCT.pack_into(block, 0, *(values[f.name] for f in PARAM_FIELDS))
     return block

@@ -17,7 +17,7 @@ from cuda.bindings import driver
 
 from codegen.build.config import TileConfig
 from codegen.build.cuda_result import as_text, unwrap
-from codegen.build.params import PARAMS_SIZE, PARAMS_STRUCT
+from codegen.build.params import PARAMS_SIZE, PARAMS_STRUCT, TENSOR_MAP_BYTES
 from codegen.build.render import ENTRY_POINT
 
 from .dependent_launch import dependent_launch_enabled
@@ -55,6 +55,7 @@ class LoadedKernel:
     function_handle: int  # the CUfunction as an integer, for the ctypes launch
     threads: int
     name: str
+    tma_stores: bool = False  # the candidate TMA stores' build: launches encode out_map
 
 
 _loaded: dict[tuple[int, str, str | None], LoadedKernel] = {}
@@ -91,7 +92,8 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
 
 def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
          no_decode: bool = False, no_epilogue: bool = False, coalesced_stores: bool = False,
-         paired_stores: bool = False, swiglu_lines: bool = False, templates_dir: str | None = None) -> LoadedKernel:
+         paired_stores: bool = False, swiglu_lines: bool = False, tma_stores: bool = False,
+         templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
     Diagnostics only, never what the op launches (any combination): ``wait_probe``, the build that times its barrier
@@ -105,20 +107,31 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     ``paired_stores``, the epilogue as it was before the sector and line stores: every tile written with the
     paired 4-byte stores, whatever the config's store path (the same output); ``swiglu_lines``, a candidate for a
     swiglu config: its stores through the line stores' staging area, as 64-byte rows (templates/mxfp4_line_stores.cuh;
-    the launch reserves the area; the same output); ``templates_dir``, the device headers
-    from another directory (an earlier version of the kernel, timed beside this one)."""
+    the launch reserves the area; the same output); ``tma_stores``, a candidate for a config whose store path is the
+    line stores, Store epilogue: each staged 32-row block written by one TMA tensor store (templates/mxfp4_tma_stores.cuh;
+    the launch reserves two 4 KB buffers per consumer warpgroup and encodes a map of out; the same output);
+    ``templates_dir``, the device headers from another directory (an earlier version of the kernel, timed beside
+    this one)."""
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
                                        no_epilogue=no_epilogue, coalesced_stores=coalesced_stores,
-                                       paired_stores=paired_stores, swiglu_lines=swiglu_lines)
+                                       paired_stores=paired_stores, swiglu_lines=swiglu_lines, tma_stores=tma_stores)
     shared_memory = config.shared_memory_bytes
+    extra_stage = 0
     if swiglu_lines:
         if config.epilogue != "swiglu":
             raise ValueError(f"swiglu_lines: {config.name} is not a swiglu config")
-        options, shared_memory = [*options, f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={config.line_stage_area}"], \
-            shared_memory + config.line_stage_area
+        extra_stage = config.line_stage_area
+    if tma_stores:
+        if config.epilogue != "store" or config.store_path != "lines":
+            raise ValueError(f"tma_stores: {config.name} is not a store config with the line stores "
+                             f"(epilogue {config.epilogue!r}, store path {config.store_path!r})")
+        extra_stage = config.warpgroups * TMA_STAGE_BYTES_PER_WARPGROUP - config.line_stage_bytes
+    if extra_stage:
+        options, shared_memory = [*options, f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={extra_stage}"], shared_memory + extra_stage
         if shared_memory > config.max_shared_memory_bytes:
-            raise ValueError(f"swiglu_lines: {config.name} would need {shared_memory} bytes of shared memory, more "
-                             f"than the {config.max_shared_memory_bytes} a CTA may use")
+            candidate = "tma_stores" if tma_stores else "swiglu_lines"
+            raise ValueError(f"{candidate}: {config.name} would need {shared_memory} bytes of shared memory, "
+                             f"more than the {config.max_shared_memory_bytes} a CTA may use")
     key = (device.index, config.name + suffix, templates_dir)
     kernel = _loaded.get(key)
     if kernel is not None:
@@ -138,7 +151,8 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
             module, function = load_function(compiled.cubin, ENTRY_POINT, device, shared_memory, config.name)
             multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
             kernel = LoadedKernel(config, module, function, shared_memory,
-                                  multiprocessors * config.ctas_per_sm, int(function), config.threads, config.name)
+                                  multiprocessors * config.ctas_per_sm, int(function), config.threads, config.name,
+                                  tma_stores)
             _loaded[key] = kernel
     return kernel
 
@@ -159,11 +173,16 @@ PAIRED_STORES_OPTION = "-DMXFP4_PAIRED_STORES=1"
 PAIRED_STORES_SUFFIX = "+paired_stores"
 SWIGLU_LINES_OPTION = "-DMXFP4_SWIGLU_LINES=1"
 SWIGLU_LINES_SUFFIX = "+swiglu_lines"
+TMA_STORES_OPTION = "-DMXFP4_TMA_STORES=1"
+TMA_STORES_SUFFIX = "+tma_stores"
+# templates/mxfp4_tma_stores.cuh: kTmaStageBytes (two 32 x 128-byte blocks; its static_assert checks the reservation)
+TMA_STAGE_BYTES_PER_WARPGROUP = 2 * 32 * 128
 
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_decode: bool = False,
                      no_epilogue: bool = False, coalesced_stores: bool = False,
-                     paired_stores: bool = False, swiglu_lines: bool = False) -> tuple[list[str], str]:
+                     paired_stores: bool = False, swiglu_lines: bool = False,
+                     tma_stores: bool = False) -> tuple[list[str], str]:
     """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
     chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
                                                           (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX),
@@ -172,7 +191,8 @@ def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_de
                                                           (coalesced_stores, COALESCED_STORES_OPTION,
                                                            COALESCED_STORES_SUFFIX),
                                                           (paired_stores, PAIRED_STORES_OPTION, PAIRED_STORES_SUFFIX),
-                                                          (swiglu_lines, SWIGLU_LINES_OPTION, SWIGLU_LINES_SUFFIX))
+                                                          (swiglu_lines, SWIGLU_LINES_OPTION, SWIGLU_LINES_SUFFIX),
+                                                          (tma_stores, TMA_STORES_OPTION, TMA_STORES_SUFFIX))
               if on]
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 
@@ -269,6 +289,29 @@ def encode_x_map(address: int, rows: int, k: int, tile_m: int, element_bytes: in
     return tensor_map
 
 
+# The candidate TMA stores' map of out (templates/mxfp4_tma_stores.cuh): boxes of 32 rows x 64 bf16 columns, 128-byte
+# swizzle, like x's a pure function of its key; zeros for every other build (never read).
+NO_OUT_MAP = bytes(TENSOR_MAP_BYTES)
+_OUT_MAPS: dict[tuple[int, int, int], bytes] = {}
+
+
+def out_map(out: torch.Tensor, n: int) -> bytes:
+    """The TMA stores' map of ``out`` as [rows, n] bf16, or NO_OUT_MAP where the kernel takes other stores (its
+    sixteen_byte_stores_fit: n a multiple of 8, out 16-byte aligned)."""
+    address, rows = out.data_ptr(), out.numel() // max(n, 1)
+    if n % 8 or address % 16:
+        return NO_OUT_MAP
+    key = (address, rows, n)
+    tensor_map = _OUT_MAPS.get(key)
+    if tensor_map is None:
+        tensor_map = encode_2d_map(address, rows, n, 2 * n, 64, 32, TMA_BFLOAT16)
+        with _lock:
+            while len(_OUT_MAPS) >= _X_MAPS_LIMIT:
+                _OUT_MAPS.pop(next(iter(_OUT_MAPS)))
+            _OUT_MAPS[key] = tensor_map
+    return tensor_map
+
+
 def tile_bound(config: TileConfig, *, rows: int, num_experts: int, n: int, masked: bool, max_m: int) -> int:
     """The most tiles the routing can produce (the device counts the real number)."""
     n_tiles = -(-n // config.tile_n)
@@ -340,6 +383,10 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
         raise ValueError(f"{config.name}: the W4A8 family needs x_scale and w_scale, and only it takes w_scale")
     if x_address % 16 or (k * element_bytes) % 16:
         raise ValueError("x: the TMA engine needs a 16-byte aligned base address and row pitch")
+    if config.epilogue == "swiglu" and n % 16:
+        # Paired gate_up rows come in blocks of 16 (mxfp4/format/gate_up.py); a partial block would put a channel's
+        # output past the end of its row.
+        raise ValueError(f"n: the swiglu epilogue needs paired gate_up rows, a multiple of 16; got {n}")
     num_experts, n_atoms, k_atoms, _ = w_data.shape
     max_m = x.shape[1] if masked else 0
     device = x.device.index
@@ -357,6 +404,7 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
         num_experts, n, n_atoms, k_atoms, max_m, total_rows, int(masked), int(rows.dtype == torch.int64),
         bias, row_scale, row_dest, n // 2 if config.epilogue == "swiglu" else n, bias_stride,
         epilogue.alpha, epilogue.limit, *epilogue.scale_pointers(), workspace, counters,
+        out_map(out, n) if kernel.tma_stores else NO_OUT_MAP,
     )
     launch_on(device, kernel.function_handle, grid, kernel.threads, kernel.shared_memory, kernel.name)
 
