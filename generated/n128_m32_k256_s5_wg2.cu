@@ -39,6 +39,12 @@ constexpr int kDecodeRotate30 = 12;  // A-register 3, piece 0: rotate the code w
 constexpr int kDecodeHalfMask30 = 64;  // A-register 3, piece 0: then keep these bits of each 16-bit half (0: no piece)
 constexpr int kDecodeRotate31 = 4;  // A-register 3, piece 1: rotate the code word left by this
 constexpr int kDecodeHalfMask31 = 33152;  // A-register 3, piece 1: then keep these bits of each 16-bit half (0: no piece)
+// The epilogue's staging geometry (codegen/build/config.py is its one home; mxfp4_line_stores.cuh and
+// mxfp4_tma_stores.cuh read these names).
+constexpr int kLineStageRows = 32;  // line stores: rows of a warpgroup's 64-column block staged at once
+constexpr int kLineStagePitch = 144;  // line stores: bytes per staged row, 128 of values and 16 of pad
+constexpr int kTmaStageRows = 32;  // TMA stores (candidate): rows of a staged block, the map's box height
+constexpr int kTmaStageBuffers = 2;  // TMA stores (candidate): staged blocks per consumer warpgroup
 }  // namespace mxfp4
 
 #include "mxfp4_dependent_launch.cuh"

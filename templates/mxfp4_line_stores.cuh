@@ -13,8 +13,8 @@
 
 namespace mxfp4 {
 
-constexpr int kLineStageRows = 32;    // rows of a warpgroup's 64-column block staged at once
-constexpr int kLineStagePitch = 144;  // bytes per staged row: 128 of values, 16 of pad (no bank conflicts, below)
+// kLineStageRows (rows of a warpgroup's 64-column block staged at once) and kLineStagePitch (bytes per staged row: 128
+// of values, 16 of pad, so that no write or read-back below hits a bank twice): rendered from codegen/build/config.py.
 constexpr int kLineStageBytes = kLineStageRows * kLineStagePitch;  // per consumer warpgroup
 
 // Rows m0 .. m0 + 31 of the warpgroup's 64-column block from the staging area to out, one 128-byte line per 8 lanes

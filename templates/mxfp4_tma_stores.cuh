@@ -29,10 +29,11 @@ __device__ __forceinline__ constexpr bool tma_stores_build() {
 #endif
 }
 
-constexpr int kTmaStageRows = 32;                                     // rows of a block: the map's box height
-constexpr int kTmaStageBuffers = 2;                                   // per consumer warpgroup
-constexpr int kTmaStageBlockBytes = kTmaStageRows * 128;              // 32 rows x 64 bf16, no pad (swizzled instead)
+// kTmaStageRows (rows of a block: the map's box height) and kTmaStageBuffers (per consumer warpgroup): rendered from
+// codegen/build/config.py, which sizes the launch's reservation from them.
+constexpr int kTmaStageBlockBytes = kTmaStageRows * 128;                // 64 bf16 per row, no pad (swizzled instead)
 constexpr int kTmaStageBytes = kTmaStageBuffers * kTmaStageBlockBytes;  // per consumer warpgroup, 1024-byte aligned
+static_assert(kTmaStageBlockBytes % 1024 == 0, "a 128-byte swizzled block starts 1024-byte aligned");
 
 // Byte offset in a staged block of the 4-byte word at row `row`, byte `byte` (0..127) of the row: 16-byte chunk c of
 // row r sits at chunk c ^ (r mod 8), TMA's 128-byte swizzle (the block starts 1024-byte aligned).

@@ -34,7 +34,11 @@ from codegen.build.compiler import (
     parse_ptxas_report,
     serialized_wgmma,
 )
-from codegen.build.config import DEFAULT_CONFIGS, TileConfig
+from codegen.build.config import (
+    DEFAULT_CONFIGS,
+    TMA_STAGE_BYTES_PER_WARPGROUP,
+    TileConfig,
+)
 from codegen.build.progress import Progress
 from codegen.build.sass import dump_sass, sass_unavailable_reason, summarize_sass
 from codegen.build.toolchain import _cccl_warnings, _probe, check_toolchain
@@ -42,7 +46,6 @@ from codegen.runtime.launch import (
     COPY_ONLY_OPTION,
     NO_DECODE_OPTION,
     NO_EPILOGUE_OPTION,
-    TMA_STAGE_BYTES_PER_WARPGROUP,
     WAIT_PROBE_OPTION,
     diagnostic_build,
 )

@@ -7,7 +7,16 @@ import struct
 
 import pytest
 
-from codegen.build.config import DEFAULT_CONFIGS, TileConfig
+from codegen.build.config import (
+    DEFAULT_CONFIGS,
+    LINE_STAGE_BYTES_PER_WARPGROUP,
+    LINE_STAGE_PITCH,
+    LINE_STAGE_ROWS,
+    TMA_STAGE_BUFFERS,
+    TMA_STAGE_BYTES_PER_WARPGROUP,
+    TMA_STAGE_ROWS,
+    TileConfig,
+)
 from codegen.build.params import (
     PARAM_FIELDS,
     PARAM_OFFSETS,
@@ -16,7 +25,7 @@ from codegen.build.params import (
     pack_params,
 )
 from codegen.build.paths import TEMPLATES_DIR
-from codegen.build.render import LAYOUT_CONSTANTS, render
+from codegen.build.render import LAYOUT_CONSTANTS, STAGING_CONSTANTS, render
 from mxfp4.format import layout
 
 
@@ -40,12 +49,23 @@ def test_layout_constants_are_rendered_from_layout_py() -> None:
         assert re.search(rf"constexpr int {name} = {value};", source), name
 
 
+def test_staging_constants_are_rendered_from_config_py() -> None:
+    source = render(DEFAULT_CONFIGS[0])
+    assert {name: value for name, value, _ in STAGING_CONSTANTS} == {
+        "kLineStageRows": LINE_STAGE_ROWS, "kLineStagePitch": LINE_STAGE_PITCH, "kTmaStageRows": TMA_STAGE_ROWS,
+        "kTmaStageBuffers": TMA_STAGE_BUFFERS}
+    assert LINE_STAGE_BYTES_PER_WARPGROUP == LINE_STAGE_ROWS * LINE_STAGE_PITCH
+    assert TMA_STAGE_BYTES_PER_WARPGROUP == TMA_STAGE_BUFFERS * TMA_STAGE_ROWS * 128
+    for name, value, _ in STAGING_CONSTANTS:
+        assert re.search(rf"constexpr int {name} = {value};", source), name
+
+
 def test_headers_define_no_layout_constant_of_their_own() -> None:
-    names = [name for name, _, _ in LAYOUT_CONSTANTS]
+    names = [name for name, _, _ in LAYOUT_CONSTANTS + STAGING_CONSTANTS]
     for header in TEMPLATES_DIR.glob("*.cuh"):
         text = header.read_text()
         for name in names:
-            assert not re.search(rf"\b{name}\s*=", text), f"{header.name} defines {name}; it must come from layout.py"
+            assert not re.search(rf"\b{name}\s*=(?!=)", text), f"{header.name} defines {name}; it is rendered"
 
 
 def test_scale_word_formula_matches_scale_position() -> None:

@@ -8,7 +8,15 @@ import jinja2
 
 from mxfp4.format import layout
 
-from .config import DEFAULT_FRAGMENT_BUFFERS, PRODUCER_REGISTERS, TileConfig
+from .config import (
+    DEFAULT_FRAGMENT_BUFFERS,
+    LINE_STAGE_PITCH,
+    LINE_STAGE_ROWS,
+    PRODUCER_REGISTERS,
+    TMA_STAGE_BUFFERS,
+    TMA_STAGE_ROWS,
+    TileConfig,
+)
 from .params import PARAMS_ALIGN, PARAMS_SIZE, ParamBlock, template_fields
 from .paths import TEMPLATES_DIR
 
@@ -42,6 +50,15 @@ LAYOUT_CONSTANTS: tuple[tuple[str, int, str], ...] = (
         (f"kDecodeHalfMask{register}{piece}", layout.decode_piece(register, piece)[1],
          f"A-register {register}, piece {piece}: then keep these bits of each 16-bit half (0: no piece)"),
     )
+)
+
+
+# The epilogue's staging geometry as the device code names it; codegen/build/config.py is its one home.
+STAGING_CONSTANTS: tuple[tuple[str, int, str], ...] = (
+    ("kLineStageRows", LINE_STAGE_ROWS, "line stores: rows of a warpgroup's 64-column block staged at once"),
+    ("kLineStagePitch", LINE_STAGE_PITCH, "line stores: bytes per staged row, 128 of values and 16 of pad"),
+    ("kTmaStageRows", TMA_STAGE_ROWS, "TMA stores (candidate): rows of a staged block, the map's box height"),
+    ("kTmaStageBuffers", TMA_STAGE_BUFFERS, "TMA stores (candidate): staged blocks per consumer warpgroup"),
 )
 
 
@@ -79,6 +96,7 @@ def render(config: TileConfig) -> str:
         config=config,
         needs_gmma_ext=config.tile_m not in _GMMA_BASE_SIZES,
         layout_constants=LAYOUT_CONSTANTS,
+        staging_constants=STAGING_CONSTANTS,
         params=template_fields(),
         params_size=PARAMS_SIZE,
         params_align=PARAMS_ALIGN,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from cuda.bindings import driver
 
-from codegen.build.config import TileConfig
+from codegen.build.config import TMA_STAGE_BYTES_PER_WARPGROUP, TileConfig
 from codegen.build.cuda_result import as_text, unwrap
 from codegen.build.params import PARAMS_SIZE, PARAMS_STRUCT, TENSOR_MAP_BYTES
 from codegen.build.render import ENTRY_POINT
@@ -175,8 +175,6 @@ SWIGLU_LINES_OPTION = "-DMXFP4_SWIGLU_LINES=1"
 SWIGLU_LINES_SUFFIX = "+swiglu_lines"
 TMA_STORES_OPTION = "-DMXFP4_TMA_STORES=1"
 TMA_STORES_SUFFIX = "+tma_stores"
-# templates/mxfp4_tma_stores.cuh: kTmaStageBytes (two 32 x 128-byte blocks; its static_assert checks the reservation)
-TMA_STAGE_BYTES_PER_WARPGROUP = 2 * 32 * 128
 
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_decode: bool = False,
