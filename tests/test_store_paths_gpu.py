@@ -116,3 +116,32 @@ def test_tma_stores_candidate_writes_the_shipped_bits(name: str, case: str, seed
     config = TileConfig.from_name(name)
     shipped, candidate = _outputs(config, case, seed, [{}, {"tma_stores": True}])
     _assert_same_bits(shipped, candidate, "tma stores", seed)
+
+
+@pytest.mark.parametrize("name", TMA_CONFIGS[:2])
+def test_tma_stores_candidate_in_masked_mode(name: str, seed: int) -> None:
+    # Masked mode: expert e's rows start at e * max_m of out, the valid ones are masked_m[e] (a partial block, a
+    # full tile and a bit, none, one); the rows past them stay as poisoned in both builds.
+    config = TileConfig.from_name(name)
+    num_experts, n, k, max_m = 4, 200, 160, 320
+    counts = torch.tensor([300, 0, 17, 1], dtype=torch.int32, device="cuda")
+    generator = torch.Generator().manual_seed(seed)
+    weight = random_weight(num_experts, n, k, generator).to("cuda")
+    x = torch.randn(num_experts, max_m, k, generator=generator).to("cuda", torch.bfloat16)
+    epilogue = EpilogueArgs()
+    if config.activations == "fp8":
+        packed = mxfp4.pack(weight, activations="fp8")
+        x, x_scale = mxfp4.quantize_activations(x)
+        epilogue = EpilogueArgs(x_scale=x_scale.reshape(-1), w_scale=packed.row_scale)
+    else:
+        packed = mxfp4.pack(weight)
+    outs = []
+    for flags in ({}, {"tma_stores": True}):
+        out = torch.full((num_experts, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        kernel = launch.load(config, x.device, **flags)
+        grouped_mm_sm90(x, packed.data, packed.n, packed.k, counts, True, config, out, epilogue, kernel=kernel)
+        torch.cuda.synchronize()
+        outs.append(out)
+    for e, count in enumerate(counts.tolist()):
+        _assert_same_bits(outs[0][e, :count], outs[1][e, :count], f"tma stores, expert {e}", seed)
+        assert torch.isnan(outs[1][e, count:]).all(), f"seed {seed}: the candidate wrote rows past masked_m[{e}]"
