@@ -160,11 +160,12 @@ def roof_builds(config: str, only: frozenset[str] | None = None) -> tuple[tuple[
     config's stores are the line stores), or SWIGLU_ROOF_BUILDS for a swiglu one; with ``only`` (``--roofs``), those
     whose every launch.load flag is in it."""
     from codegen.build.config import TileConfig
+    from codegen.runtime.launch import tma_stores_fit
 
     tile = TileConfig.from_name(config)  # ValueError naming a malformed config
     if tile.epilogue == "swiglu":
         builds = SWIGLU_ROOF_BUILDS
-    elif tile.epilogue == "store" and tile.store_path == "lines":
+    elif tma_stores_fit(tile):
         builds = ROOF_BUILDS + LINE_STORES_ROOF_BUILDS
     else:
         builds = ROOF_BUILDS

@@ -36,7 +36,6 @@ from codegen.build.compiler import (
 )
 from codegen.build.config import (
     DEFAULT_CONFIGS,
-    TMA_STAGE_BYTES_PER_WARPGROUP,
     TileConfig,
 )
 from codegen.build.progress import Progress
@@ -47,6 +46,7 @@ from codegen.runtime.launch import (
     NO_DECODE_OPTION,
     NO_EPILOGUE_OPTION,
     WAIT_PROBE_OPTION,
+    candidate_stage_bytes,
     diagnostic_build,
 )
 from codegen.tune.selection import configs_under_test
@@ -772,11 +772,8 @@ WIDE_STORE_BUILDS = {  # build: (flags, samples, 16-byte stores expected)
 
 def _build_options(config: TileConfig, flags: dict[str, bool]) -> list[str]:
     """A diagnostic build's NVRTC options as launch.load compiles it (a candidate's staging area too)."""
-    stage = 0
-    if flags.get("swiglu_lines"):
-        stage = config.line_stage_area
-    if flags.get("tma_stores"):
-        stage = config.warpgroups * TMA_STAGE_BYTES_PER_WARPGROUP - config.line_stage_bytes
+    stage = candidate_stage_bytes(config, swiglu_lines=bool(flags.get("swiglu_lines")),
+                                  tma_stores=bool(flags.get("tma_stores")))
     return diagnostic_build(**flags)[0] + ([f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={stage}"] if stage else [])
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from cuda.bindings import driver
 
-from codegen.build.config import TMA_STAGE_BYTES_PER_WARPGROUP, TileConfig
+from codegen.build.config import TMA_STAGE_BYTES_PER_WARPGROUP, TMA_STAGE_ROWS, TileConfig
 from codegen.build.cuda_result import as_text, unwrap
 from codegen.build.params import PARAMS_SIZE, PARAMS_STRUCT, TENSOR_MAP_BYTES
 from codegen.build.render import ENTRY_POINT
@@ -116,22 +116,9 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
                                        no_epilogue=no_epilogue, coalesced_stores=coalesced_stores,
                                        paired_stores=paired_stores, swiglu_lines=swiglu_lines, tma_stores=tma_stores)
     shared_memory = config.shared_memory_bytes
-    extra_stage = 0
-    if swiglu_lines:
-        if config.epilogue != "swiglu":
-            raise ValueError(f"swiglu_lines: {config.name} is not a swiglu config")
-        extra_stage = config.line_stage_area
-    if tma_stores:
-        if config.epilogue != "store" or config.store_path != "lines":
-            raise ValueError(f"tma_stores: {config.name} is not a store config with the line stores "
-                             f"(epilogue {config.epilogue!r}, store path {config.store_path!r})")
-        extra_stage = config.warpgroups * TMA_STAGE_BYTES_PER_WARPGROUP - config.line_stage_bytes
+    extra_stage = candidate_stage_bytes(config, swiglu_lines=swiglu_lines, tma_stores=tma_stores)
     if extra_stage:
         options, shared_memory = [*options, f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={extra_stage}"], shared_memory + extra_stage
-        if shared_memory > config.max_shared_memory_bytes:
-            candidate = "tma_stores" if tma_stores else "swiglu_lines"
-            raise ValueError(f"{candidate}: {config.name} would need {shared_memory} bytes of shared memory, "
-                             f"more than the {config.max_shared_memory_bytes} a CTA may use")
     key = (device.index, config.name + suffix, templates_dir)
     kernel = _loaded.get(key)
     if kernel is not None:
@@ -155,6 +142,30 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
                                   tma_stores)
             _loaded[key] = kernel
     return kernel
+
+
+def tma_stores_fit(config: TileConfig) -> bool:
+    """Whether the candidate TMA stores apply to ``config``: a Store config whose store path is the line stores."""
+    return config.epilogue == "store" and config.store_path == "lines"
+
+
+def candidate_stage_bytes(config: TileConfig, *, swiglu_lines: bool = False, tma_stores: bool = False) -> int:
+    """Shared memory a candidate store build reserves beyond ``config``'s own (0 for every other build), after
+    checking that the candidate applies and fits: ValueError naming the candidate otherwise."""
+    extra, candidate = 0, "tma_stores" if tma_stores else "swiglu_lines"
+    if swiglu_lines:
+        if config.epilogue != "swiglu":
+            raise ValueError(f"swiglu_lines: {config.name} is not a swiglu config")
+        extra = config.line_stage_area
+    if tma_stores:
+        if not tma_stores_fit(config):
+            raise ValueError(f"tma_stores: {config.name} is not a store config with the line stores "
+                             f"(epilogue {config.epilogue!r}, store path {config.store_path!r})")
+        extra = config.warpgroups * TMA_STAGE_BYTES_PER_WARPGROUP - config.line_stage_bytes
+    if extra and config.shared_memory_bytes + extra > config.max_shared_memory_bytes:
+        raise ValueError(f"{candidate}: {config.name} would need {config.shared_memory_bytes + extra} bytes of shared "
+                         f"memory, more than the {config.max_shared_memory_bytes} a CTA may use")
+    return extra
 
 
 # The diagnostic builds (never shipped): their NVRTC option and the suffix of their cache key, in one place.
@@ -265,10 +276,19 @@ class EpilogueArgs:
 _NO_EPILOGUE = EpilogueArgs()
 
 
-# Descriptors of recent x tensors: a pure function of (address, rows, K, tile_m, element size), so an entry
+# Descriptors of recent x (and out) tensors: each a pure function of its key (address, shape, box), so an entry
 # can never be stale; steady-state loops reuse the caching allocator's addresses and skip the encode.
 _X_MAPS: dict[tuple[int, int, int, int, int], bytes] = {}
-_X_MAPS_LIMIT = 256
+_MAPS_LIMIT = 256
+
+
+def _remember(maps: dict, key: tuple, tensor_map: bytes) -> bytes:
+    """Add a freshly encoded map to its cache, dropping the oldest past _MAPS_LIMIT (dicts keep insertion order)."""
+    with _lock:
+        while len(maps) >= _MAPS_LIMIT:
+            maps.pop(next(iter(maps)))
+        maps[key] = tensor_map
+    return tensor_map
 
 
 def encode_x_map(address: int, rows: int, k: int, tile_m: int, element_bytes: int = 2) -> bytes:
@@ -278,17 +298,13 @@ def encode_x_map(address: int, rows: int, k: int, tile_m: int, element_bytes: in
     tensor_map = _X_MAPS.get(key)
     if tensor_map is None:
         data_type = TMA_BFLOAT16 if element_bytes == 2 else TMA_UINT8
-        tensor_map = encode_2d_map(address, rows, k, k * element_bytes, _X_ROW_BYTES // element_bytes, tile_m,
-                                        data_type)
-        with _lock:
-            while len(_X_MAPS) >= _X_MAPS_LIMIT:
-                _X_MAPS.pop(next(iter(_X_MAPS)))  # oldest first (dicts keep insertion order)
-            _X_MAPS[key] = tensor_map
+        tensor_map = _remember(_X_MAPS, key, encode_2d_map(address, rows, k, k * element_bytes,
+                                                           _X_ROW_BYTES // element_bytes, tile_m, data_type))
     return tensor_map
 
 
 # The candidate TMA stores' map of out (templates/mxfp4_tma_stores.cuh): boxes of 32 rows x 64 bf16 columns, 128-byte
-# swizzle, like x's a pure function of its key; zeros for every other build (never read).
+# swizzle, cached as x's; zeros for every other build (never read).
 NO_OUT_MAP = bytes(TENSOR_MAP_BYTES)
 _OUT_MAPS: dict[tuple[int, int, int], bytes] = {}
 
@@ -302,11 +318,7 @@ def out_map(out: torch.Tensor, n: int) -> bytes:
     key = (address, rows, n)
     tensor_map = _OUT_MAPS.get(key)
     if tensor_map is None:
-        tensor_map = encode_2d_map(address, rows, n, 2 * n, 64, 32, TMA_BFLOAT16)
-        with _lock:
-            while len(_OUT_MAPS) >= _X_MAPS_LIMIT:
-                _OUT_MAPS.pop(next(iter(_OUT_MAPS)))
-            _OUT_MAPS[key] = tensor_map
+        tensor_map = _remember(_OUT_MAPS, key, encode_2d_map(address, rows, n, 2 * n, 64, TMA_STAGE_ROWS, TMA_BFLOAT16))
     return tensor_map
 
 
