@@ -54,20 +54,13 @@ __device__ __forceinline__ void tma_stores_read_all() { cute::tma_store_wait<0>(
 // Before the kernel exits (the staging areas go with the CTA): every store complete.
 __device__ __forceinline__ void tma_stores_drain() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 
-// A block with fewer than 32 valid rows (m0 + row < m_limit): the valid rows from its buffer to out with 16-byte
-// stores, one 128-byte line per 8 lanes (as store_staged_rows, the swizzle undone).
+// A block with fewer than 32 valid rows (m0 + row < m_limit): the valid rows from its buffer to out rows row0 + m0 +
+// row with the line stores' 16-byte stores (mxfp4_line_stores.cuh), the swizzle undone.
 template <class Params>
 __device__ __forceinline__ void store_swizzled_rows(Params const& p, uint8_t const* block, int m0, int m_limit,
                                                     int row0, int col0, int tid) {
-  int const piece = tid & 7;
-  int const column = col0 + 8 * piece;
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    int const row = 16 * k + (tid >> 3);
-    uint4 const value = *reinterpret_cast<uint4 const*>(block + swizzled_offset(row, 16 * piece));
-    if (m0 + row < m_limit && column + 8 <= p.n)
-      *reinterpret_cast<uint4*>(p.out + static_cast<size_t>(row0 + m0 + row) * p.out_cols + column) = value;
-  }
+  auto const staged = [block](int row, int piece) { return block + swizzled_offset(row, 16 * piece); };
+  store_block_lines(p, staged, m0, m_limit, col0, tid, [&](int row) { return row0 + m0 + row; });
 }
 
 }  // namespace mxfp4
