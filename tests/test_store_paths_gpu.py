@@ -32,8 +32,17 @@ CASES = {  # (E, N, K, rows per expert)
     "gpt-oss-down": (8, 2880, 2880, [256, 129, 0, 640, 1, 77, 300, 512]),
 }
 # SwiGLU's weight rows come paired in blocks of 16 (mxfp4/format/gate_up.py), so N = 200 is not a SwiGLU problem:
-# the launcher refuses it (tests/test_launch_validation.py).
+# the launcher refuses it (tests/test_kernel_contract.py).
 SWIGLU_CASES = [case for case, (_, n, _, _) in CASES.items() if n % 16 == 0]
+
+
+def _packed(config: TileConfig, weight: mxfp4.MXFP4Tensor, x: torch.Tensor):
+    """(x, packed weight, epilogue) for ``config``'s family: W4A8 quantizes x and carries both row scales."""
+    if config.activations == "fp8":
+        packed = mxfp4.pack(weight, activations="fp8")
+        x, x_scale = mxfp4.quantize_activations(x)
+        return x, packed, EpilogueArgs(x_scale=x_scale, w_scale=packed.row_scale)
+    return x, mxfp4.pack(weight), EpilogueArgs()
 
 
 def _operands(config: TileConfig, case: str, seed: int):
@@ -42,13 +51,7 @@ def _operands(config: TileConfig, case: str, seed: int):
     weight = random_weight(num_experts, n, k, generator).to("cuda")
     offsets = random_offsets(counts, torch.device("cuda"))
     x = torch.randn(sum(counts), k, generator=generator).to("cuda", torch.bfloat16)
-    epilogue = EpilogueArgs()
-    if config.activations == "fp8":
-        packed = mxfp4.pack(weight, activations="fp8")
-        x, x_scale = mxfp4.quantize_activations(x)
-        epilogue = EpilogueArgs(x_scale=x_scale, w_scale=packed.row_scale)
-    else:
-        packed = mxfp4.pack(weight)
+    x, packed, epilogue = _packed(config, weight, x)
     rows_out = x.shape[0]
     if config.epilogue == "swiglu":  # gate/up interleaved: N / 2 output channels
         bias = torch.randn(num_experts, n, generator=generator).to("cuda", torch.bfloat16)
@@ -70,11 +73,16 @@ def test_the_configs_cover_both_sixteen_byte_store_paths() -> None:
 def _outputs(config: TileConfig, case: str, seed: int, builds: list[dict[str, bool]]) -> list[torch.Tensor]:
     """The output of each build of ``config`` on the same operands, each into a NaN-poisoned tensor."""
     x, packed, offsets, epilogue, out_shape = _operands(config, case, seed)
+    return _run_builds(config, builds, x, packed, offsets, False, epilogue, out_shape)
+
+
+def _run_builds(config: TileConfig, builds: list[dict[str, bool]], x, packed, rows: torch.Tensor, masked: bool,
+                epilogue: EpilogueArgs, out_shape: tuple[int, ...]) -> list[torch.Tensor]:
     outs = []
     for flags in builds:
         out = torch.full(out_shape, float("nan"), dtype=torch.bfloat16, device="cuda")
         kernel = launch.load(config, x.device, **flags)
-        grouped_mm_sm90(x, packed.data, packed.n, packed.k, offsets, False, config, out, epilogue, kernel=kernel)
+        grouped_mm_sm90(x, packed.data, packed.n, packed.k, rows, masked, config, out, epilogue, kernel=kernel)
         torch.cuda.synchronize()
         outs.append(out)
     return outs
@@ -128,20 +136,8 @@ def test_tma_stores_candidate_in_masked_mode(name: str, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     weight = random_weight(num_experts, n, k, generator).to("cuda")
     x = torch.randn(num_experts, max_m, k, generator=generator).to("cuda", torch.bfloat16)
-    epilogue = EpilogueArgs()
-    if config.activations == "fp8":
-        packed = mxfp4.pack(weight, activations="fp8")
-        x, x_scale = mxfp4.quantize_activations(x)
-        epilogue = EpilogueArgs(x_scale=x_scale.reshape(-1), w_scale=packed.row_scale)
-    else:
-        packed = mxfp4.pack(weight)
-    outs = []
-    for flags in ({}, {"tma_stores": True}):
-        out = torch.full((num_experts, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-        kernel = launch.load(config, x.device, **flags)
-        grouped_mm_sm90(x, packed.data, packed.n, packed.k, counts, True, config, out, epilogue, kernel=kernel)
-        torch.cuda.synchronize()
-        outs.append(out)
+    x, packed, epilogue = _packed(config, weight, x)  # W4A8: x_scale [E, max_m], one per row of x
+    outs = _run_builds(config, [{}, {"tma_stores": True}], x, packed, counts, True, epilogue, (num_experts, max_m, n))
     for e, count in enumerate(counts.tolist()):
         _assert_same_bits(outs[0][e, :count], outs[1][e, :count], f"tma stores, expert {e}", seed)
         assert torch.isnan(outs[1][e, count:]).all(), f"seed {seed}: the candidate wrote rows past masked_m[{e}]"
