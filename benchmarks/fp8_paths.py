@@ -148,27 +148,18 @@ ROOF_BUILDS = (
 # Candidates for a swiglu config (the MoE layer's gate_up), timed the same way (`--mma-roof` on an ``_swiglu`` name).
 SWIGLU_ROOF_BUILDS = (
     ("swiglu line stores (candidate)", {"swiglu_lines": True}),  # templates/mxfp4_line_stores.cuh
-)
-# Candidates for a Store config whose store path is the line stores, after its ROOF_BUILDS.
-LINE_STORES_ROOF_BUILDS = (
-    ("tma stores (candidate)", {"tma_stores": True}),  # templates/mxfp4_tma_stores.cuh
+    ("swiglu mufu (candidate)", {"swiglu_mufu": True}),  # templates/mxfp4_epilogue.cuh: swiglu_mufu_build
+    ("swiglu mufu + line stores (candidate)", {"swiglu_mufu": True, "swiglu_lines": True}),
 )
 
 
 def roof_builds(config: str, only: frozenset[str] | None = None) -> tuple[tuple[str, dict[str, bool]], ...]:
-    """The builds ``--mma-roof`` profiles after ``config``: ROOF_BUILDS (and LINE_STORES_ROOF_BUILDS where the
-    config's stores are the line stores), or SWIGLU_ROOF_BUILDS for a swiglu one; with ``only`` (``--roofs``), those
-    whose every launch.load flag is in it."""
+    """The builds ``--mma-roof`` profiles after ``config``: ROOF_BUILDS, or SWIGLU_ROOF_BUILDS for a swiglu one; with
+    ``only`` (``--roofs``), those whose every launch.load flag is in it."""
     from codegen.build.config import TileConfig
-    from codegen.runtime.launch import tma_stores_fit
 
     tile = TileConfig.from_name(config)  # ValueError naming a malformed config
-    if tile.epilogue == "swiglu":
-        builds = SWIGLU_ROOF_BUILDS
-    elif tma_stores_fit(tile):
-        builds = ROOF_BUILDS + LINE_STORES_ROOF_BUILDS
-    else:
-        builds = ROOF_BUILDS
+    builds = SWIGLU_ROOF_BUILDS if tile.epilogue == "swiglu" else ROOF_BUILDS
     return tuple(build for build in builds if only is None or set(build[1]) <= only)
 
 

@@ -72,7 +72,7 @@ PREFILL_PATHS = ("W4A16", "W4A8", "torch fp8", "torch bf16", "humming fp8")  # t
 def prefill_paths(configs: str, mma_roof: bool = False, roofs: str = "") -> dict[str, Callable[[Any], Any]]:
     """The profiled paths in order: the five of PREFILL_PATHS, or (``--configs``) ours with each config forced,
     each followed by its roof builds (fp8_paths.roof_builds) with ``mma_roof``, only those whose every flag is
-    among ``roofs`` (comma-separated launch.load flags, e.g. "no_epilogue,tma_stores") when it is given. A malformed
+    among ``roofs`` (comma-separated launch.load flags, e.g. "no_epilogue,paired_stores") when it is given. A malformed
     config name raises ValueError before any weights are built."""
     from . import fp8_paths
 

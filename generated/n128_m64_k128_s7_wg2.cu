@@ -39,12 +39,10 @@ constexpr int kDecodeRotate30 = 12;  // A-register 3, piece 0: rotate the code w
 constexpr int kDecodeHalfMask30 = 64;  // A-register 3, piece 0: then keep these bits of each 16-bit half (0: no piece)
 constexpr int kDecodeRotate31 = 4;  // A-register 3, piece 1: rotate the code word left by this
 constexpr int kDecodeHalfMask31 = 33152;  // A-register 3, piece 1: then keep these bits of each 16-bit half (0: no piece)
-// The epilogue's staging geometry (codegen/build/config.py is its one home; mxfp4_line_stores.cuh and
-// mxfp4_tma_stores.cuh read these names).
+// The epilogue's staging geometry (codegen/build/config.py is its one home; mxfp4_line_stores.cuh reads these
+// names).
 constexpr int kLineStageRows = 32;  // line stores: rows of a warpgroup's 64-column block staged at once
 constexpr int kLineStagePitch = 144;  // line stores: bytes per staged row, 128 of values and 16 of pad
-constexpr int kTmaStageRows = 32;  // TMA stores (candidate): rows of a staged block, the map's box height
-constexpr int kTmaStageBuffers = 2;  // TMA stores (candidate): staged blocks per consumer warpgroup
 }  // namespace mxfp4
 
 #include "mxfp4_dependent_launch.cuh"
@@ -75,12 +73,11 @@ struct alignas(64) GroupedMmParams {
   int32_t w_scale_stride;  // W4A8: rows per expert in w_scale (N padded to 64)
   float* workspace;  // stream-K: fp32 accumulators of cut tiles
   int32_t* tile_counters;  // stream-K: k-steps done per tile and warpgroup, zeroed per launch
-  mxfp4::TensorMap out_map;  // TMA stores (candidate): map of out as [rows, N] bf16, 32 x 64 boxes, 128B swizzle; else zeros
 };
 // Fields are naturally aligned in order, so the layout is fixed by the C++ rules that
-// codegen/build/params.py applies too (offsets: x_map 0, w 128, out 136, rows 144, num_experts 152, n 156, n_atoms 160, k_atoms 164, max_m 168, total_rows 172, masked 176, rows_int64 180, bias 184, row_scale 192, row_dest 200, out_cols 208, bias_stride 212, alpha 216, limit 220, x_scale 224, w_scale 232, w_scale_stride 240, workspace 248, tile_counters 256, out_map 320).
+// codegen/build/params.py applies too (offsets: x_map 0, w 128, out 136, rows 144, num_experts 152, n 156, n_atoms 160, k_atoms 164, max_m 168, total_rows 172, masked 176, rows_int64 180, bias 184, row_scale 192, row_dest 200, out_cols 208, bias_stride 212, alpha 216, limit 220, x_scale 224, w_scale 232, w_scale_stride 240, workspace 248, tile_counters 256).
 // NVRTC 13.0 has no __builtin_offsetof, so only the size is checked here; the GPU tests check the rest.
-static_assert(sizeof(GroupedMmParams) == 448, "codegen/build/params.py disagrees on the size");
+static_assert(sizeof(GroupedMmParams) == 320, "codegen/build/params.py disagrees on the size");
 
 struct Config : mxfp4::KernelConfig<128, 64, 128, 7, 2, 40, 232, mxfp4::Epilogue::Store, false, false, false> {
   static constexpr mxfp4::StoreMode Stores = mxfp4::StoreMode::Sectors;  // TileConfig.store_path

@@ -37,7 +37,6 @@
 #include "mxfp4_coalesced_stores.cuh"
 #include "mxfp4_sector_stores.cuh"
 #include "mxfp4_line_stores.cuh"
-#include "mxfp4_tma_stores.cuh"
 #include "mxfp4_row_scales.cuh"
 #include "mxfp4_scheduler.cuh"
 #include "mxfp4_stream_k.cuh"
@@ -634,79 +633,6 @@ __device__ __forceinline__ void store_columns_lines(float const (&acc)[Cfg::Accu
   }
 }
 
-// The candidate TMA stores (mxfp4_tma_stores.cuh; -DMXFP4_TMA_STORES, not shipped), Store: the line stores' paired
-// words staged densely and 128-byte swizzled in buffer `staged` mod 2 of the warpgroup's two, 32 rows at a time; one
-// lane waits for the previous block's store to have read its buffer, the warpgroup syncs, and the lane stores the
-// block with one TMA tensor store (a block with invalid rows: the threads store its valid rows from the buffer).
-// `staged` counts the warpgroup's staged blocks across tiles, so a buffer alternates whatever a tile's block count.
-template <class Cfg, class Params>
-__device__ __forceinline__ void store_columns_tma(float const (&acc)[Cfg::Accumulators], Params const& p,
-                                                  PairedRows const& rows, int n0, uint8_t* stage, int consumer, int tid,
-                                                  int& staged) {
-  static_assert(Cfg::EpilogueKind == Epilogue::Store, "TMA stores: the plain grouped GEMM's rows are contiguous");
-  static_assert(Cfg::LineStageBytes + diagnostic_stage_bytes() >= Cfg::Warpgroups * kTmaStageBytes,
-                "the launch reserves less than the warpgroups stage");
-  int const g = (tid & 31) >> 2, warp = tid >> 5;
-  int const col0 = n0 - g - 16 * warp;  // the 64-column block's first column
-  if (col0 >= p.n) return;              // uniform: the tile's N tail
-  float const no_bias[2] = {0.0f, 0.0f};
-  ScatterRows<Cfg::TileM> const no_scatter{};
-  // This thread's staged words: block row 2 t + odd (8 rows further per j: the same swizzle, 1024 bytes on), bytes
-  // 2 (16 warp + g - odd) + 16 h of the row. Bank of a write: 4 ((2 warp + h) ^ row) + (g - odd) / 2 mod 32, where
-  // row = 2 t + odd takes 8 values and (g - odd) / 2 four: the 32 lanes hit 32 banks.
-  int const row = 2 * rows.t + rows.odd;
-  int const byte = 2 * (16 * warp + g - rows.odd);
-  int const offset[2] = {swizzled_offset(row, byte), swizzled_offset(row, byte + 16)};
-#pragma unroll
-  for (int c = 0; c < Cfg::TileM / kTmaStageRows; ++c) {
-    int const m0 = kTmaStageRows * c;
-    if (m0 >= rows.m_limit) break;  // uniform
-    uint8_t* const block = stage + (staged & 1) * kTmaStageBlockBytes;
-#pragma unroll
-    for (int j = 0; j < kTmaStageRows / 8; ++j) {
-      uint32_t pair[2];
-      column_pair_words<Cfg>(acc, 4 * c + j, rows, no_bias, no_scatter, pair);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) *reinterpret_cast<uint32_t*>(block + offset[h] + 1024 * j) = pair[h];
-    }
-    cute::tma_store_fence();  // this thread's writes, visible to the TMA unit
-    if (tid == 0) tma_stores_read_all();  // block staged - 1's buffer, restaged after this barrier
-    warpgroup_sync<Cfg::Warpgroups>(consumer);
-    if (m0 + kTmaStageRows <= rows.m_limit) {
-      if (tid == 0) tma_store_block(p, block, col0, rows.row0 + m0);
-    } else {
-      store_swizzled_rows(p, block, m0, rows.m_limit, rows.row0, col0, tid);
-    }
-    ++staged;
-  }
-}
-
-template <class Cfg, class Params>
-__device__ __forceinline__ void store_tile_tma(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
-                                               ExpertRows const& rows, int first_atom, int tid, uint8_t* stage,
-                                               int consumer, int& staged) {
-  int const g = (tid & 31) >> 2;
-  int const m_base = tile.m_tile * Cfg::TileM;
-  PairedRows const paired{rows.start + m_base, rows.count - m_base, tid & 3, g & 1};
-#pragma unroll
-  for (int a = 0; a < Cfg::AtomsPerWarpgroup; ++a) {
-    int const n0 = thread_weight_row<Cfg::TileN>(tile, first_atom + a, tid);
-    store_columns_tma<Cfg>(st.acc[a], p, paired, n0, stage, consumer, tid, staged);
-  }
-}
-
-// Whether this build writes the config's tiles with the candidate TMA stores (Store, where the line stores ship).
-template <class Cfg>
-__device__ __forceinline__ constexpr bool tma_stores_config() {
-  return tma_stores_build() && Cfg::EpilogueKind == Epilogue::Store && Cfg::Stores == StoreMode::Lines;
-}
-
-// A consumer warpgroup's staging area, bytes (the areas sit one after another at SharedStorage::line_stage).
-template <class Cfg>
-__device__ __forceinline__ constexpr int stage_bytes_per_warpgroup() {
-  return tma_stores_config<Cfg>() ? kTmaStageBytes : kLineStageBytes;
-}
-
 // The tile's stores when paired_stores_fit (Paired) or sixteen_byte_stores_fit (Sectors, Lines: Store and
 // ScaleScatter; SwiGLU's candidate Lines when swiglu_lines_fit).
 template <StoreMode Mode, class Cfg, class Params>
@@ -739,13 +665,7 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
 template <class Cfg, class Params>
 __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params const& p, Tile const& tile,
                                            ExpertRows const& rows, int first_atom, int tid, uint8_t* stage,
-                                           int consumer, int& staged) {
-  if constexpr (tma_stores_config<Cfg>()) {
-    if (sixteen_byte_stores_fit(p)) {  // uniform; the launch encoded out_map (the candidate, not shipped)
-      store_tile_tma(st, p, tile, rows, first_atom, tid, stage, consumer, staged);
-      return;
-    }
-  }
+                                           int consumer) {
   constexpr int WarpgroupCols = kAtomN * Cfg::AtomsPerWarpgroup;
   if constexpr (coalesced_stores_build() && Cfg::EpilogueKind == Epilogue::Store &&
                 coalesced_pieces_fit<Cfg::TileM, WarpgroupCols>()) {  // diagnostic, never shipped
@@ -763,7 +683,7 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
     }
   }
   constexpr StoreMode Mode = paired_stores_build() ? StoreMode::Paired : Cfg::Stores;
-  if constexpr (Mode != StoreMode::Paired && !tma_stores_config<Cfg>()) {  // (the TMA stores took these launches)
+  if constexpr (Mode != StoreMode::Paired) {
     static_assert(Cfg::EpilogueKind != Epilogue::SwiGLU && Cfg::TileM % (Mode == StoreMode::Lines ? 32 : 16) == 0,
                   "TileConfig.store_path picks 16-byte stores only for Store and ScaleScatter tiles they divide");
     if (sixteen_byte_stores_fit(p)) {  // uniform
@@ -840,7 +760,6 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
   WorkCursor<Cfg::StreamK> work(total_tiles, k_tiles);
   WorkUnit unit;
   int unit_index = 0;  // ping-pong: the CTA's units alternate between the two consumer warpgroups
-  int staged_blocks = 0;  // the candidate TMA stores' blocks so far (store_columns_tma)
   while (work.fetch(k_tiles, unit)) {
     if constexpr (Cfg::PingPong) {
       int const index = unit_index++;
@@ -936,12 +855,8 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
     long long const epilogue_from = probe.now();
     if constexpr (!Cfg::Fp8) scales.load(p, tile, rows, first_atom, tid);
     scales.apply(st.acc, p, tid);  // FP8 activations: x (and W) row scales
-    store_tile(st, p, tile, rows, first_atom, tid, s.line_stage + consumer * stage_bytes_per_warpgroup<Cfg>(), consumer,
-               staged_blocks);
+    store_tile(st, p, tile, rows, first_atom, tid, s.line_stage + consumer * kLineStageBytes, consumer);
     probe.template add_since<kProbeConsumerEpilogue>(epilogue_from);
-  }
-  if constexpr (tma_stores_config<Cfg>()) {
-    if (tid == 0) tma_stores_drain();  // the staging areas go with the CTA
   }
   probe.template flush<kProbeConsumerCycles>();
   line.flush();

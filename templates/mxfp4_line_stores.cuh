@@ -17,31 +17,22 @@ namespace mxfp4 {
 // of values, 16 of pad, so that no write or read-back below hits a bank twice): rendered from codegen/build/config.py.
 constexpr int kLineStageBytes = kLineStageRows * kLineStagePitch;  // per consumer warpgroup
 
-// Rows m0 .. m0 + 31 of a warpgroup's staged 64-column block to out, one 128-byte line per 8 lanes and staged row (two
-// rows per lane): the 16 bytes `piece` of row `row` are at `staged(row, piece)`, and row `row` of the block goes to out
-// row `out_row(row)`, columns col0 .. col0 + 63, within the valid rows and columns.
-template <class Params, class Staged, class OutRow>
-__device__ __forceinline__ void store_block_lines(Params const& p, Staged const& staged, int m0, int m_limit, int col0,
+// Rows m0 .. m0 + 31 of the warpgroup's 64-column block from the staging area to out, one 128-byte line per 8 lanes
+// and staged row (two rows per lane): row `row` of the block goes to out row `out_row(row)` (Store: the tile's rows in
+// order; ScaleScatter: the row's destination), columns col0 .. col0 + 63, within the valid rows and columns.
+template <class Params, class OutRow>
+__device__ __forceinline__ void store_staged_rows(Params const& p, uint8_t const* stage, int m0, int m_limit, int col0,
                                                   int tid, OutRow const& out_row) {
   int const piece = tid & 7;  // 16 bytes of a row
   int const column = col0 + 8 * piece;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     int const row = 16 * k + (tid >> 3);
-    uint4 const value = *reinterpret_cast<uint4 const*>(staged(row, piece));
+    uint4 const value = *reinterpret_cast<uint4 const*>(stage + row * kLineStagePitch + 16 * piece);
     int const out = out_row(row);  // every lane calls it (a shuffle for the scatter)
     if (m0 + row < m_limit && column + 8 <= p.n)
       *reinterpret_cast<uint4*>(p.out + static_cast<size_t>(out) * p.out_cols + column) = value;
   }
-}
-
-// The line stores' block (kLineStagePitch bytes per staged row) to out: out_row(row) is the tile's row in order for
-// Store, the row's destination for ScaleScatter.
-template <class Params, class OutRow>
-__device__ __forceinline__ void store_staged_rows(Params const& p, uint8_t const* stage, int m0, int m_limit, int col0,
-                                                  int tid, OutRow const& out_row) {
-  auto const staged = [stage](int row, int piece) { return stage + row * kLineStagePitch + 16 * piece; };
-  store_block_lines(p, staged, m0, m_limit, col0, tid, out_row);
 }
 
 // Candidate, not shipped: the SwiGLU epilogue's line stores (-DMXFP4_SWIGLU_LINES; `--mma-roof` times it as "swiglu

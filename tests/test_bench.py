@@ -839,8 +839,7 @@ def test_ncu_case_roofs_follow_each_forced_config():
     from benchmarks.ncu_case import prefill_paths
 
     paths = prefill_paths("n128_m256_k64_s5_wg2,n128_m256_k128_s5_wg2_fp8", mma_roof=True)
-    roofs = ("no decode", "no epilogue", "no decode, no epilogue", "coalesced stores", "paired stores (before)",
-             "tma stores (candidate)")  # the line stores' configs: their candidate last
+    roofs = ("no decode", "no epilogue", "no decode, no epilogue", "coalesced stores", "paired stores (before)")
     assert list(paths) == [f"config {name}{suffix}" for name in ("n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8")
                            for suffix in ("", *(f" roof ({roof})" for roof in roofs))]
     built = [(prepare.func, prepare.args[0].name, prepare.args[1], prepare.args[2])
@@ -850,8 +849,7 @@ def test_ncu_case_roofs_follow_each_forced_config():
                      for roof, flags in (("no decode", {"no_decode": True}), ("no epilogue", {"no_epilogue": True}),
                                          ("no decode, no epilogue", {"no_decode": True, "no_epilogue": True}),
                                          ("coalesced stores", {"coalesced_stores": True}),
-                                         ("paired stores (before)", {"paired_stores": True}),
-                                         ("tma stores (candidate)", {"tma_stores": True}))]
+                                         ("paired stores (before)", {"paired_stores": True}))]
 
 
 def test_ncu_case_roofs_pick_builds_by_their_flags():
@@ -861,11 +859,13 @@ def test_ncu_case_roofs_pick_builds_by_their_flags():
         return [name.split(" roof (")[1][:-1] for name in prefill_paths(config, mma_roof=True, roofs=only)
                 if " roof (" in name]
 
-    assert roofs("n128_m256_k128_s5_wg2_fp8", "no_epilogue,tma_stores") == ["no epilogue", "tma stores (candidate)"]
+    assert roofs("n128_m256_k128_s5_wg2_fp8", "no_epilogue,paired_stores") == ["no epilogue", "paired stores (before)"]
     assert roofs("n128_m256_k128_s5_wg2_fp8", "no_decode,no_epilogue") == [
         "no decode", "no epilogue", "no decode, no epilogue"]
-    # The sector stores' configs have no TMA-stores candidate (it stages the line stores' blocks).
-    assert roofs("n128_m64_k128_s7_wg2", "no_epilogue,tma_stores") == ["no epilogue"]
+    # A swiglu config's candidates: the MUFU build alone, or with the line stores.
+    assert roofs("n128_m256_k64_s5_wg2_swiglu", "swiglu_mufu") == ["swiglu mufu (candidate)"]
+    assert roofs("n128_m256_k64_s5_wg2_swiglu", "swiglu_mufu,swiglu_lines") == [
+        "swiglu line stores (candidate)", "swiglu mufu (candidate)", "swiglu mufu + line stores (candidate)"]
 
 
 def test_ncu_case_swiglu_config_is_launched_directly_with_its_candidates():
@@ -874,10 +874,13 @@ def test_ncu_case_swiglu_config_is_launched_directly_with_its_candidates():
 
     name = "n128_m256_k64_s5_wg2_swiglu"
     paths = prefill_paths(name, mma_roof=True)
-    assert list(paths) == [f"config {name}", f"config {name} roof (swiglu line stores (candidate))"]
+    candidates = [("swiglu line stores (candidate)", {"swiglu_lines": True}),
+                  ("swiglu mufu (candidate)", {"swiglu_mufu": True}),
+                  ("swiglu mufu + line stores (candidate)", {"swiglu_mufu": True, "swiglu_lines": True})]
+    assert list(paths) == [f"config {name}", *(f"config {name} roof ({roof})" for roof, _ in candidates)]
     assert [(p.func, p.args[0].name, p.args[1], p.args[2]) for p in paths.values()] == [
         (fp8_paths._prepare_roof, name, "none (shipped)", {}),
-        (fp8_paths._prepare_roof, name, "swiglu line stores (candidate)", {"swiglu_lines": True})]
+        *((fp8_paths._prepare_roof, name, roof, flags) for roof, flags in candidates)]
     with pytest.raises(KeyError):
         fp8_paths.prepare_roof(name, "no decode")  # a Store roof is not one of a swiglu config's builds
 

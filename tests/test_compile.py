@@ -660,7 +660,7 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
                                                            {"no_decode": True}, {"no_epilogue": True},
                                                            {"no_decode": True, "no_epilogue": True},
                                                            {"coalesced_stores": True}, {"paired_stores": True},
-                                                           {"swiglu_lines": True}, {"tma_stores": True})}
+                                                           {"swiglu_lines": True}, {"swiglu_mufu": True})}
     assert len(suffixes) == 11
     assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
     assert diagnostic_build(no_decode=True, no_epilogue=True)[0] == [NO_DECODE_OPTION, NO_EPILOGUE_OPTION]
@@ -754,8 +754,6 @@ SWIGLU_LINES_SAMPLES = [TileConfig.from_name(name) for name in (
     "n128_m256_k64_s5_wg2_swiglu", "n128_m256_k128_s5_wg2_fp8_swiglu", "n128_m64_k128_s8_wg2_fp8_swiglu",
     "n128_m16_k128_s5_wg1_c3_swiglu")]
 
-TMA_STORES_SAMPLES = [TileConfig.from_name(name) for name in ("n128_m256_k64_s5_wg2", "n128_m256_k128_s5_wg2_fp8")]
-
 WIDE_STORE_BUILDS = {  # build: (flags, samples, 16-byte stores expected)
     "shipped": ({}, STORE_PATH_SAMPLES, _sixteen_byte_stores),
     "paired stores": ({"paired_stores": True}, STORE_PATH_SAMPLES, lambda config: 0),
@@ -764,34 +762,32 @@ WIDE_STORE_BUILDS = {  # build: (flags, samples, 16-byte stores expected)
                          + _sixteen_byte_stores(config)),
     "swiglu line stores": ({"swiglu_lines": True}, SWIGLU_LINES_SAMPLES,
                            lambda config: config.tile_n // 64 // config.warpgroups * (config.tile_m // 32)),
-    # The candidate TMA stores: a block with invalid rows goes out through 16-byte stores from its buffer (two per
-    # thread and block), in place of the line stores.
-    "tma stores": ({"tma_stores": True}, TMA_STORES_SAMPLES, _sixteen_byte_stores),
 }
 
 
 def _build_options(config: TileConfig, flags: dict[str, bool]) -> list[str]:
     """A diagnostic build's NVRTC options as launch.load compiles it (a candidate's staging area too)."""
     stage = candidate_stage_bytes(config, swiglu_lines=bool(flags.get("swiglu_lines")),
-                                  tma_stores=bool(flags.get("tma_stores")))
+                                  swiglu_mufu=bool(flags.get("swiglu_mufu")))
     return diagnostic_build(**flags)[0] + ([f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={stage}"] if stage else [])
 
 
 @needs_render
 @needs_sass
-@pytest.mark.parametrize("config", TMA_STORES_SAMPLES, ids=lambda config: config.name)
-def test_tma_stores_candidate_issues_one_tensor_store_per_block(config):
-    """One UTMASTG per 32 staged rows of each 64-row block a warpgroup holds (issued by one lane), the shipped build
-    none; no spill."""
+@pytest.mark.parametrize("config", SWIGLU_LINES_SAMPLES[:2] + SWIGLU_LINES_SAMPLES[3:], ids=lambda config: config.name)
+def test_swiglu_mufu_candidate_has_no_division_branch(config):
+    """The shipped SwiGLU divides (FCHK and a branch around a slow-path call per output); the candidate's sigmoid is
+    MUFU.EX2 and MUFU.RCP alone: no FCHK, no call, the same WGMMAs and loads, no spill, fewer instructions."""
     _skip_unless_buildable()
     shipped = compile_kernel(config)
-    candidate = compile_kernel(config, options=_build_options(config, {"tma_stores": True}))
-    def tensor_stores(kernel) -> int:
-        return len(re.findall(r"\bUTMASTG\b", dump_sass(kernel.cubin)))
-
-    assert tensor_stores(shipped) == 0
-    assert tensor_stores(candidate) == config.tile_n // 64 // config.warpgroups * (config.tile_m // 32)
+    candidate = compile_kernel(config, options=_build_options(config, {"swiglu_mufu": True}))
+    a, b = shipped.sass(), candidate.sass()
+    assert a.opcodes.get("FCHK", 0) > 0 and a.opcodes.get("CALL", 0) > 0
+    assert b.opcodes.get("FCHK", 0) == 0 and b.opcodes.get("CALL", 0) == 0, b.opcodes
+    assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.setmaxnreg) == (
+        a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.setmaxnreg)
     assert candidate.resources.spills == 0
+    assert sum(b.opcodes.values()) < sum(a.opcodes.values())
 
 
 def test_store_paths_follow_the_tile_and_the_shared_memory_left():
@@ -889,11 +885,10 @@ def test_swiglu_line_stores_candidate_is_refused_for_other_epilogues():
         launch.load(TileConfig.from_name("n128_m256_k64_s5_wg2"), torch.device("cuda"), swiglu_lines=True)
 
 
-@pytest.mark.parametrize("name", ["n128_m256_k64_s5_wg2_swiglu", "n128_m64_k128_s7_wg2", "n128_m256_k64_s5_wg2_scatter"])
-def test_tma_stores_candidate_is_refused_off_the_line_stores_store_configs(name):
+def test_swiglu_mufu_candidate_is_refused_for_other_epilogues():
     import torch
 
     from codegen.runtime import launch
 
-    with pytest.raises(ValueError, match=f"tma_stores: {name} is not a store config with the line stores"):
-        launch.load(TileConfig.from_name(name), torch.device("cuda"), tma_stores=True)
+    with pytest.raises(ValueError, match="swiglu_mufu: n128_m256_k64_s5_wg2_scatter is not a swiglu config"):
+        launch.load(TileConfig.from_name("n128_m256_k64_s5_wg2_scatter"), torch.device("cuda"), swiglu_mufu=True)

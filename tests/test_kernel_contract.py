@@ -12,9 +12,6 @@ from codegen.build.config import (
     LINE_STAGE_BYTES_PER_WARPGROUP,
     LINE_STAGE_PITCH,
     LINE_STAGE_ROWS,
-    TMA_STAGE_BUFFERS,
-    TMA_STAGE_BYTES_PER_WARPGROUP,
-    TMA_STAGE_ROWS,
     TileConfig,
 )
 from codegen.build.params import (
@@ -52,10 +49,8 @@ def test_layout_constants_are_rendered_from_layout_py() -> None:
 def test_staging_constants_are_rendered_from_config_py() -> None:
     source = render(DEFAULT_CONFIGS[0])
     assert {name: value for name, value, _ in STAGING_CONSTANTS} == {
-        "kLineStageRows": LINE_STAGE_ROWS, "kLineStagePitch": LINE_STAGE_PITCH, "kTmaStageRows": TMA_STAGE_ROWS,
-        "kTmaStageBuffers": TMA_STAGE_BUFFERS}
+        "kLineStageRows": LINE_STAGE_ROWS, "kLineStagePitch": LINE_STAGE_PITCH}
     assert LINE_STAGE_BYTES_PER_WARPGROUP == LINE_STAGE_ROWS * LINE_STAGE_PITCH
-    assert TMA_STAGE_BYTES_PER_WARPGROUP == TMA_STAGE_BUFFERS * TMA_STAGE_ROWS * 128
     for name, value, _ in STAGING_CONSTANTS:
         assert re.search(rf"constexpr int {name} = {value};", source), name
 
@@ -80,7 +75,7 @@ def test_scale_word_formula_matches_scale_position() -> None:
 def test_params_struct_matches_the_field_offsets() -> None:
     values: dict[str, int | bytes] = {f.name: i + 1 for i, f in enumerate(PARAM_FIELDS) if f.fmt}
     maps = {f.name: bytes((i + j) % 256 for j in range(128)) for i, f in enumerate(PARAM_FIELDS) if not f.fmt}
-    assert set(maps) == {"x_map", "out_map"}
+    assert set(maps) == {"x_map"}
     block = pack_params(**values, **maps)
     assert len(block) == PARAMS_SIZE == PARAMS_STRUCT.size
     for field in PARAM_FIELDS:
@@ -89,7 +84,7 @@ def test_params_struct_matches_the_field_offsets() -> None:
             assert struct.unpack_from("<" + field.fmt, block, offset)[0] == values[field.name]
         else:
             assert offset % 64 == 0 and bytes(block[offset:offset + 128]) == maps[field.name]
-    assert PARAM_OFFSETS["x_map"] == 0  # the fields before out_map kept their offsets (shipped SASS unchanged)
+    assert PARAM_OFFSETS["x_map"] == 0  # first: the TMA unit reads the descriptor in place (64-byte aligned)
 
 
 def test_ctas_per_sm_name_round_trip_and_defaults() -> None:

@@ -1,8 +1,7 @@
 """The line stores' staging (templates/mxfp4_line_stores.cuh, mxfp4_grouped_mm_sm90.cuh: store_columns_lines and the
-candidate store_swiglu_lines) and the candidate TMA stores' swizzled staging (mxfp4_tma_stores.cuh, store_columns_tma),
-on the CPU: a consumer warpgroup's 128 threads modelled as the kernel indexes them. Every staged 4-byte word is written
-exactly once and read back exactly once by the 16-byte loads, and neither the writes (one warp at a time) nor the reads
-(one 8-lane phase at a time) hit a shared-memory bank twice. The GPU test (tests/test_store_paths_gpu.py) checks the
+candidate store_swiglu_lines), on the CPU: a consumer warpgroup's 128 threads modelled as the kernel indexes them. Every
+staged 4-byte word is written exactly once and read back exactly once by the 16-byte loads, and neither the writes (one
+warp at a time) nor the reads (one 8-lane phase at a time) hit a shared-memory bank twice. The GPU test (tests/test_store_paths_gpu.py) checks the
 kernels' output bits."""
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import pytest
 
 from codegen.build.config import LINE_STAGE_PITCH as PITCH
 from codegen.build.config import LINE_STAGE_ROWS as ROWS
-from codegen.build.config import TMA_STAGE_ROWS
 
 THREADS = 128
 
@@ -50,43 +48,10 @@ def _swiglu_reads(tid: int) -> list[int]:
     return [row * PITCH + 16 * (tid & 3)]
 
 
-def swizzled_offset(row: int, byte: int) -> int:
-    """mxfp4_tma_stores.cuh's swizzled_offset: 16-byte chunk c of row r at chunk c ^ (r mod 8), 128-byte rows."""
-    return row * 128 + ((((byte >> 4) ^ row) & 7) << 4) + (byte & 15)
-
-
-def _tma_writes(tid: int) -> list[int]:
-    """store_columns_tma: the line stores' words (row 2 t + odd + 8 j, bytes 2 (16 warp + g - odd) + 16 h), swizzled."""
-    warp, g, t, odd = _thread(tid)
-    row, byte = 2 * t + odd, 2 * (16 * warp + g - odd)
-    return [swizzled_offset(row, byte + 16 * h) + 1024 * j for j in range(4) for h in range(2)]
-
-
-def _tma_reads(tid: int) -> list[int]:
-    """store_swizzled_rows (a block with invalid rows): rows 16 k + tid / 8, piece tid % 8, swizzled."""
-    return [swizzled_offset(16 * k + (tid >> 3), 16 * (tid & 7)) for k in range(2)]
-
-
 LAYOUTS = {  # name: (writes, reads, bytes of a staged row, pitch, rows)
     "store": (_store_writes, _store_reads, 128, PITCH, ROWS),
     "swiglu": (_swiglu_writes, _swiglu_reads, 64, PITCH, ROWS),
-    "tma": (_tma_writes, _tma_reads, 128, 128, TMA_STAGE_ROWS),
 }
-
-
-def test_the_tma_staging_is_tma_s_128_byte_swizzle() -> None:
-    """The value of row r, bytes 16 c .. 16 c + 15 sits where SWIZZLE_128B puts it in a 1024-byte aligned block
-    (chunk c ^ (r mod 8) of row r), and that places every one of the block's 16-byte chunks exactly once; the
-    thread of a word writes it at the place of its row and columns."""
-    placed = {swizzled_offset(r, 16 * c): (r, c) for r in range(TMA_STAGE_ROWS) for c in range(8)}
-    assert sorted(placed) == list(range(0, TMA_STAGE_ROWS * 128, 16))
-    assert all(offset == r * 128 + 16 * (c ^ (r % 8)) for offset, (r, c) in placed.items())
-    for tid in range(THREADS):
-        warp, g, t, odd = _thread(tid)
-        for j in range(4):
-            for h in range(2):
-                row, byte = 2 * t + odd + 8 * j, 2 * (16 * warp + g - odd) + 16 * h
-                assert _tma_writes(tid)[2 * j + h] == swizzled_offset(row, byte)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -56,14 +56,10 @@ STORE_PATHS = ("paired", "sectors", "lines")
 SECTOR_STORES_MIN_TILE_M = 64
 LINE_STORES_MIN_TILE_M = 128
 # The epilogue's staging geometry, rendered into every kernel (codegen/build/render.py, STAGING_CONSTANTS) and read
-# by templates/mxfp4_line_stores.cuh and mxfp4_tma_stores.cuh: this is its one home.
+# by templates/mxfp4_line_stores.cuh: this is its one home.
 LINE_STAGE_ROWS = 32  # rows of a warpgroup's 64-column block staged at once
 LINE_STAGE_PITCH = 144  # bytes per staged row: 128 of values, 16 of pad (no bank conflicts)
 LINE_STAGE_BYTES_PER_WARPGROUP = LINE_STAGE_ROWS * LINE_STAGE_PITCH
-# The candidate TMA stores (not shipped): blocks of 32 rows x 128 bytes, dense (128-byte swizzled), double-buffered.
-TMA_STAGE_ROWS = 32
-TMA_STAGE_BUFFERS = 2
-TMA_STAGE_BYTES_PER_WARPGROUP = TMA_STAGE_BUFFERS * TMA_STAGE_ROWS * 128
 
 _NAME = re.compile(
     r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_f(\d+))?(_pp)?(?:_(fp8))?(?:_(swiglu|scatter))?$"

@@ -53,9 +53,6 @@ PARAM_FIELDS: tuple[ParamField, ...] = (
     # Stream-K (mxfp4_stream_k.cuh); null for the tile-by-tile configs.
     ParamField("workspace", "float*", "Q", 8, "stream-K: fp32 accumulators of cut tiles"),
     ParamField("tile_counters", "int32_t*", "Q", 8, "stream-K: k-steps done per tile and warpgroup, zeroed per launch"),
-    # Last, so that the fields before keep their offsets: read only by the candidate TMA stores' build.
-    ParamField("out_map", "mxfp4::TensorMap", "", TENSOR_MAP_BYTES,
-               "TMA stores (candidate): map of out as [rows, N] bf16, 32 x 64 boxes, 128B swizzle; else zeros"),
 )
 
 

@@ -13,8 +13,6 @@ from .config import (
     LINE_STAGE_PITCH,
     LINE_STAGE_ROWS,
     PRODUCER_REGISTERS,
-    TMA_STAGE_BUFFERS,
-    TMA_STAGE_ROWS,
     TileConfig,
 )
 from .params import PARAMS_ALIGN, PARAMS_SIZE, ParamBlock, template_fields
@@ -57,8 +55,6 @@ LAYOUT_CONSTANTS: tuple[tuple[str, int, str], ...] = (
 STAGING_CONSTANTS: tuple[tuple[str, int, str], ...] = (
     ("kLineStageRows", LINE_STAGE_ROWS, "line stores: rows of a warpgroup's 64-column block staged at once"),
     ("kLineStagePitch", LINE_STAGE_PITCH, "line stores: bytes per staged row, 128 of values and 16 of pad"),
-    ("kTmaStageRows", TMA_STAGE_ROWS, "TMA stores (candidate): rows of a staged block, the map's box height"),
-    ("kTmaStageBuffers", TMA_STAGE_BUFFERS, "TMA stores (candidate): staged blocks per consumer warpgroup"),
 )
 
 

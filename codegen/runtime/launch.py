@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from cuda.bindings import driver
 
-from codegen.build.config import TMA_STAGE_BYTES_PER_WARPGROUP, TMA_STAGE_ROWS, TileConfig
+from codegen.build.config import TileConfig
 from codegen.build.cuda_result import as_text, unwrap
 from codegen.build.params import PARAMS_SIZE, PARAMS_STRUCT, TENSOR_MAP_BYTES
 from codegen.build.render import ENTRY_POINT
@@ -55,7 +55,6 @@ class LoadedKernel:
     function_handle: int  # the CUfunction as an integer, for the ctypes launch
     threads: int
     name: str
-    tma_stores: bool = False  # the candidate TMA stores' build: launches encode out_map
 
 
 _loaded: dict[tuple[int, str, str | None], LoadedKernel] = {}
@@ -92,7 +91,7 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
 
 def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
          no_decode: bool = False, no_epilogue: bool = False, coalesced_stores: bool = False,
-         paired_stores: bool = False, swiglu_lines: bool = False, tma_stores: bool = False,
+         paired_stores: bool = False, swiglu_lines: bool = False, swiglu_mufu: bool = False,
          templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
@@ -107,16 +106,16 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     ``paired_stores``, the epilogue as it was before the sector and line stores: every tile written with the
     paired 4-byte stores, whatever the config's store path (the same output); ``swiglu_lines``, a candidate for a
     swiglu config: its stores through the line stores' staging area, as 64-byte rows (templates/mxfp4_line_stores.cuh;
-    the launch reserves the area; the same output); ``tma_stores``, a candidate for a config whose store path is the
-    line stores, Store epilogue: each staged 32-row block written by one TMA tensor store (templates/mxfp4_tma_stores.cuh;
-    the launch reserves two 4 KB buffers per consumer warpgroup and encodes a map of out; the same output);
+    the launch reserves the area; the same output); ``swiglu_mufu``, a candidate for a swiglu config: its sigmoid on
+    the special-function unit's approximate exp2 and reciprocal instead of an IEEE division (templates/mxfp4_epilogue.cuh;
+    within ~2^-22 before the bf16 rounding, so a few outputs differ by one bf16 unit);
     ``templates_dir``, the device headers from another directory (an earlier version of the kernel, timed beside
     this one)."""
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
                                        no_epilogue=no_epilogue, coalesced_stores=coalesced_stores,
-                                       paired_stores=paired_stores, swiglu_lines=swiglu_lines, tma_stores=tma_stores)
+                                       paired_stores=paired_stores, swiglu_lines=swiglu_lines, swiglu_mufu=swiglu_mufu)
     shared_memory = config.shared_memory_bytes
-    extra_stage = candidate_stage_bytes(config, swiglu_lines=swiglu_lines, tma_stores=tma_stores)
+    extra_stage = candidate_stage_bytes(config, swiglu_lines=swiglu_lines, swiglu_mufu=swiglu_mufu)
     if extra_stage:
         options, shared_memory = [*options, f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={extra_stage}"], shared_memory + extra_stage
     key = (device.index, config.name + suffix, templates_dir)
@@ -138,32 +137,20 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
             module, function = load_function(compiled.cubin, ENTRY_POINT, device, shared_memory, config.name)
             multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
             kernel = LoadedKernel(config, module, function, shared_memory,
-                                  multiprocessors * config.ctas_per_sm, int(function), config.threads, config.name,
-                                  tma_stores)
+                                  multiprocessors * config.ctas_per_sm, int(function), config.threads, config.name)
             _loaded[key] = kernel
     return kernel
 
 
-def tma_stores_fit(config: TileConfig) -> bool:
-    """Whether the candidate TMA stores apply to ``config``: a Store config whose store path is the line stores."""
-    return config.epilogue == "store" and config.store_path == "lines"
-
-
-def candidate_stage_bytes(config: TileConfig, *, swiglu_lines: bool = False, tma_stores: bool = False) -> int:
-    """Shared memory a candidate store build reserves beyond ``config``'s own (0 for every other build), after
-    checking that the candidate applies and fits: ValueError naming the candidate otherwise."""
-    extra, candidate = 0, "tma_stores" if tma_stores else "swiglu_lines"
-    if swiglu_lines:
-        if config.epilogue != "swiglu":
-            raise ValueError(f"swiglu_lines: {config.name} is not a swiglu config")
-        extra = config.line_stage_area
-    if tma_stores:
-        if not tma_stores_fit(config):
-            raise ValueError(f"tma_stores: {config.name} is not a store config with the line stores "
-                             f"(epilogue {config.epilogue!r}, store path {config.store_path!r})")
-        extra = config.warpgroups * TMA_STAGE_BYTES_PER_WARPGROUP - config.line_stage_bytes
+def candidate_stage_bytes(config: TileConfig, *, swiglu_lines: bool = False, swiglu_mufu: bool = False) -> int:
+    """Shared memory a candidate build reserves beyond ``config``'s own (0 for every other build), after checking that
+    the candidate applies (both are SwiGLU's) and fits: ValueError naming the candidate otherwise."""
+    for candidate, on in (("swiglu_lines", swiglu_lines), ("swiglu_mufu", swiglu_mufu)):
+        if on and config.epilogue != "swiglu":
+            raise ValueError(f"{candidate}: {config.name} is not a swiglu config")
+    extra = config.line_stage_area if swiglu_lines else 0
     if extra and config.shared_memory_bytes + extra > config.max_shared_memory_bytes:
-        raise ValueError(f"{candidate}: {config.name} would need {config.shared_memory_bytes + extra} bytes of shared "
+        raise ValueError(f"swiglu_lines: {config.name} would need {config.shared_memory_bytes + extra} bytes of shared "
                          f"memory, more than the {config.max_shared_memory_bytes} a CTA may use")
     return extra
 
@@ -184,14 +171,14 @@ PAIRED_STORES_OPTION = "-DMXFP4_PAIRED_STORES=1"
 PAIRED_STORES_SUFFIX = "+paired_stores"
 SWIGLU_LINES_OPTION = "-DMXFP4_SWIGLU_LINES=1"
 SWIGLU_LINES_SUFFIX = "+swiglu_lines"
-TMA_STORES_OPTION = "-DMXFP4_TMA_STORES=1"
-TMA_STORES_SUFFIX = "+tma_stores"
+SWIGLU_MUFU_OPTION = "-DMXFP4_SWIGLU_MUFU=1"
+SWIGLU_MUFU_SUFFIX = "+swiglu_mufu"
 
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_decode: bool = False,
                      no_epilogue: bool = False, coalesced_stores: bool = False,
                      paired_stores: bool = False, swiglu_lines: bool = False,
-                     tma_stores: bool = False) -> tuple[list[str], str]:
+                     swiglu_mufu: bool = False) -> tuple[list[str], str]:
     """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
     chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
                                                           (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX),
@@ -201,7 +188,7 @@ def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_de
                                                            COALESCED_STORES_SUFFIX),
                                                           (paired_stores, PAIRED_STORES_OPTION, PAIRED_STORES_SUFFIX),
                                                           (swiglu_lines, SWIGLU_LINES_OPTION, SWIGLU_LINES_SUFFIX),
-                                                          (tma_stores, TMA_STORES_OPTION, TMA_STORES_SUFFIX))
+                                                          (swiglu_mufu, SWIGLU_MUFU_OPTION, SWIGLU_MUFU_SUFFIX))
               if on]
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 
@@ -303,25 +290,6 @@ def encode_x_map(address: int, rows: int, k: int, tile_m: int, element_bytes: in
     return tensor_map
 
 
-# The candidate TMA stores' map of out (templates/mxfp4_tma_stores.cuh): boxes of 32 rows x 64 bf16 columns, 128-byte
-# swizzle, cached as x's; zeros for every other build (never read).
-NO_OUT_MAP = bytes(TENSOR_MAP_BYTES)
-_OUT_MAPS: dict[tuple[int, int, int], bytes] = {}
-
-
-def out_map(out: torch.Tensor, n: int) -> bytes:
-    """The TMA stores' map of ``out`` as [rows, n] bf16, or NO_OUT_MAP where the kernel takes other stores (its
-    sixteen_byte_stores_fit: n a multiple of 8, out 16-byte aligned)."""
-    address, rows = out.data_ptr(), out.numel() // max(n, 1)
-    if n % 8 or address % 16:
-        return NO_OUT_MAP
-    key = (address, rows, n)
-    tensor_map = _OUT_MAPS.get(key)
-    if tensor_map is None:
-        tensor_map = _remember(_OUT_MAPS, key, encode_2d_map(address, rows, n, 2 * n, 64, TMA_STAGE_ROWS, TMA_BFLOAT16))
-    return tensor_map
-
-
 def tile_bound(config: TileConfig, *, rows: int, num_experts: int, n: int, masked: bool, max_m: int) -> int:
     """The most tiles the routing can produce (the device counts the real number)."""
     n_tiles = -(-n // config.tile_n)
@@ -414,7 +382,6 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
         num_experts, n, n_atoms, k_atoms, max_m, total_rows, int(masked), int(rows.dtype == torch.int64),
         bias, row_scale, row_dest, n // 2 if config.epilogue == "swiglu" else n, bias_stride,
         epilogue.alpha, epilogue.limit, *epilogue.scale_pointers(), workspace, counters,
-        out_map(out, n) if kernel.tma_stores else NO_OUT_MAP,
     )
     launch_on(device, kernel.function_handle, grid, kernel.threads, kernel.shared_memory, kernel.name)
 

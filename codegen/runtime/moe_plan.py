@@ -24,7 +24,6 @@ from .dependent_launch import dependent_launch_enabled
 from .fast_driver import launch, params_buffer
 from .graph_driver import KernelNode
 from .launch import (
-    NO_OUT_MAP,
     LoadedKernel,
     encode_x_map,
     grid_size,
@@ -210,7 +209,7 @@ class MoePlan:
 # codegen/build/params.py must come here too, or the kernels would read shifted fields).
 _GEMM_FIELDS = ("x_map", "w", "out", "rows", "num_experts", "n", "n_atoms", "k_atoms", "max_m", "total_rows",
                 "masked", "rows_int64", "bias", "row_scale", "row_dest", "out_cols", "bias_stride", "alpha", "limit",
-                "x_scale", "w_scale", "w_scale_stride", "workspace", "tile_counters", "out_map")
+                "x_scale", "w_scale", "w_scale_stride", "workspace", "tile_counters")
 _ROUTING_FIELDS = ("topk_ids", "topk_weights", "offsets", "row_dest", "row_token", "row_scale", "routed", "top_k",
                    "num_experts", "ids_int64", "weights_bf16")  # MoePlan.pack_routing's order, likewise
 for _block, _packed, _where in ((PARAM_FIELDS, _GEMM_FIELDS, "codegen/build/params.py"),
@@ -228,7 +227,6 @@ def _pack_gemm(buffer, g: GemmLaunch, x_map: bytes, w: int, out: int, offsets: i
         bias, row_scale, row_dest, g.out_cols, g.n if bias else 0, alpha, limit,
         0, 0, 0,  # x_scale, w_scale, w_scale_stride: the plan runs bf16 activations (W4A16)
         partials if stream_k else 0, counters if stream_k else 0,
-        NO_OUT_MAP,  # the layer's epilogues (SwiGLU, ScaleScatter) have no TMA stores
     )
 
 
