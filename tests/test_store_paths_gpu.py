@@ -132,3 +132,24 @@ def test_swiglu_mufu_candidate_is_within_one_bf16_unit(name: str, case: str, see
     assert int((steps > 0).sum()) <= max(8, shipped.numel() // 1000), (
         f"seed {seed}: {int((steps > 0).sum())} of {shipped.numel()} values moved")
     _assert_same_bits(candidate, both, "swiglu mufu with the line stores", seed)
+
+
+def test_candidates_from_the_environment_are_the_flagged_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # HOPPER_MXFP4_CANDIDATES makes a plain launch.load (what the op and the layer call) take the candidate build.
+    from codegen.runtime.candidates import ENV_CANDIDATES, environment_candidates
+
+    config = TileConfig.from_name(SWIGLU_CONFIGS[0])
+    store = TileConfig.from_name(CONFIGS[0])
+    monkeypatch.delenv(ENV_CANDIDATES, raising=False)  # the suite may run under the variable itself
+    environment_candidates.cache_clear()
+    shipped, store_shipped = launch.load(config, torch.device("cuda")), launch.load(store, torch.device("cuda"))
+    monkeypatch.setenv(ENV_CANDIDATES, "swiglu_mufu")
+    environment_candidates.cache_clear()
+    try:
+        assert launch.load(config, torch.device("cuda")) is launch.load(config, torch.device("cuda"), swiglu_mufu=True)
+        assert launch.load(config, torch.device("cuda")) is not shipped
+        assert launch.load(store, torch.device("cuda")) is store_shipped  # a Store config has no SwiGLU candidate
+    finally:
+        monkeypatch.delenv(ENV_CANDIDATES)
+        environment_candidates.cache_clear()
+    assert launch.load(config, torch.device("cuda")) is shipped

@@ -20,6 +20,7 @@ from codegen.build.cuda_result import as_text, unwrap
 from codegen.build.params import PARAMS_SIZE, PARAMS_STRUCT, TENSOR_MAP_BYTES
 from codegen.build.render import ENTRY_POINT
 
+from .candidates import candidate_flags, line_stage_room
 from .dependent_launch import dependent_launch_enabled
 from .fast_driver import (
     TMA_BFLOAT16,
@@ -110,7 +111,11 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     the special-function unit's approximate exp2 and reciprocal instead of an IEEE division (templates/mxfp4_epilogue.cuh;
     within ~2^-22 before the bf16 rounding, so a few outputs differ by one bf16 unit);
     ``templates_dir``, the device headers from another directory (an earlier version of the kernel, timed beside
-    this one)."""
+    this one). The candidates that ``HOPPER_MXFP4_CANDIDATES`` lists are taken wherever they apply
+    (codegen/runtime/candidates.py)."""
+    environment = candidate_flags(config)
+    swiglu_lines = swiglu_lines or environment.get("swiglu_lines", False)
+    swiglu_mufu = swiglu_mufu or environment.get("swiglu_mufu", False)
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
                                        no_epilogue=no_epilogue, coalesced_stores=coalesced_stores,
                                        paired_stores=paired_stores, swiglu_lines=swiglu_lines, swiglu_mufu=swiglu_mufu)
@@ -148,11 +153,12 @@ def candidate_stage_bytes(config: TileConfig, *, swiglu_lines: bool = False, swi
     for candidate, on in (("swiglu_lines", swiglu_lines), ("swiglu_mufu", swiglu_mufu)):
         if on and config.epilogue != "swiglu":
             raise ValueError(f"{candidate}: {config.name} is not a swiglu config")
-    extra = config.line_stage_area if swiglu_lines else 0
-    if extra and config.shared_memory_bytes + extra > config.max_shared_memory_bytes:
-        raise ValueError(f"swiglu_lines: {config.name} would need {config.shared_memory_bytes + extra} bytes of shared "
-                         f"memory, more than the {config.max_shared_memory_bytes} a CTA may use")
-    return extra
+    if not swiglu_lines:
+        return 0
+    if not line_stage_room(config):
+        raise ValueError(f"swiglu_lines: {config.name} would need {config.shared_memory_bytes + config.line_stage_area} "
+                         f"bytes of shared memory, more than the {config.max_shared_memory_bytes} a CTA may use")
+    return config.line_stage_area
 
 
 # The diagnostic builds (never shipped): their NVRTC option and the suffix of their cache key, in one place.
