@@ -125,12 +125,12 @@ def prepare_w4a8(ops: Operands, config: str | None = None) -> peers.Prepared:
 
 def prepare_forced(config: str) -> Callable[[Operands], peers.Prepared]:
     """W4A16 (a bf16 config) or W4A8 (an ``_fp8`` one) with ``config`` forced, not the table's pick: one tile
-    config profiled beside another (``bench ncu-case --prefill --configs``). A ``_swiglu`` config (the MoE layer's
-    gate_up epilogue, no bias) is launched directly, as its roof builds are."""
+    config profiled beside another (``bench ncu-case --prefill --configs``). A ``_swiglu`` or ``_scatter`` config
+    (the MoE layer's gate_up and down epilogues, no bias) is launched directly, as its roof builds are."""
     from codegen.build.config import TileConfig
 
     tile = TileConfig.from_name(config)  # ValueError naming a malformed config
-    if tile.epilogue == "swiglu":
+    if tile.epilogue != "store":
         return functools.partial(_prepare_roof, tile, "none (shipped)", {})
     return functools.partial(prepare_w4a8 if tile.activations == "fp8" else prepare_w4a16, config=config)
 
@@ -154,12 +154,16 @@ SWIGLU_ROOF_BUILDS = (
 
 
 def roof_builds(config: str, only: frozenset[str] | None = None) -> tuple[tuple[str, dict[str, bool]], ...]:
-    """The builds ``--mma-roof`` profiles after ``config``: ROOF_BUILDS, or SWIGLU_ROOF_BUILDS for a swiglu one; with
-    ``only`` (``--roofs``), those whose every launch.load flag is in it."""
+    """The builds ``--mma-roof`` profiles after ``config``: ROOF_BUILDS (a scatter config without the coalesced stores,
+    which only Store has), or SWIGLU_ROOF_BUILDS for a swiglu one; with ``only`` (``--roofs``), those whose every
+    launch.load flag is in it."""
     from codegen.build.config import TileConfig
 
     tile = TileConfig.from_name(config)  # ValueError naming a malformed config
-    builds = SWIGLU_ROOF_BUILDS if tile.epilogue == "swiglu" else ROOF_BUILDS
+    if tile.epilogue == "swiglu":
+        builds = SWIGLU_ROOF_BUILDS
+    else:
+        builds = tuple(build for build in ROOF_BUILDS if tile.epilogue == "store" or "coalesced_stores" not in build[1])
     return tuple(build for build in builds if only is None or set(build[1]) <= only)
 
 
@@ -181,7 +185,13 @@ def _prepare_roof(config: Any, leaves_out: str, flags: dict[str, bool], ops: Ope
     kernel = launch.load(config, x.device, **flags)
     columns = copies[0].n // 2 if config.epilogue == "swiglu" else copies[0].n  # SwiGLU: gate/up pairs
     out = torch.empty((x.shape[0], columns), dtype=torch.bfloat16, device=x.device)
-    epilogue = launch.EpilogueArgs(x_scale=ops.x_scale, w_scale=copies[0].row_scale) if fp8 else launch.EpilogueArgs()
+    row_dest = row_scale = None
+    if config.epilogue == "scatter":  # the layer's down: each row to a token's slot, times its routing weight
+        generator = torch.Generator().manual_seed(0)
+        row_dest = torch.randperm(x.shape[0], generator=generator).to(x.device, torch.int32)
+        row_scale = torch.rand(x.shape[0], generator=generator).to(x.device)
+    epilogue = launch.EpilogueArgs(row_scale=row_scale, row_dest=row_dest, x_scale=ops.x_scale if fp8 else None,
+                                   w_scale=copies[0].row_scale if fp8 else None)
 
     def fn(xi: torch.Tensor, wi: Any) -> torch.Tensor:
         launch.grouped_mm_sm90(xi, wi.data, wi.n, wi.k, ops.offsets, False, config, out, epilogue, kernel=kernel)

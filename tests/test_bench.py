@@ -885,6 +885,18 @@ def test_ncu_case_swiglu_config_is_launched_directly_with_its_candidates():
         fp8_paths.prepare_roof(name, "no decode")  # a Store roof is not one of a swiglu config's builds
 
 
+def test_ncu_case_scatter_config_is_launched_directly_with_its_roofs():
+    from benchmarks import fp8_paths
+    from benchmarks.ncu_case import prefill_paths
+
+    name = "n128_m256_k64_s5_wg2_scatter"  # the layer's down epilogue: rows scattered with routing weights
+    paths = prefill_paths(name, mma_roof=True)
+    roofs = ["no decode", "no epilogue", "no decode, no epilogue", "paired stores (before)"]  # no coalesced stores
+    assert list(paths) == [f"config {name}", *(f"config {name} roof ({roof})" for roof in roofs)]
+    assert [(p.func, p.args[0].name, p.args[1]) for p in paths.values()] == [
+        (fp8_paths._prepare_roof, name, leaves_out) for leaves_out in ["none (shipped)", *roofs]]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--configs", "n128_m256_k64_s5_wg2"], "give it with --prefill"),
     (["--prefill", "--mma-roof"], "give --prefill --configs"),
