@@ -48,16 +48,16 @@ def _swiglu_reads(tid: int) -> list[int]:
     return [row * PITCH + 16 * (tid & 3)]
 
 
-LAYOUTS = {  # name: (writes, reads, bytes of a staged row, pitch, rows)
-    "store": (_store_writes, _store_reads, 128, PITCH, ROWS),
-    "swiglu": (_swiglu_writes, _swiglu_reads, 64, PITCH, ROWS),
+LAYOUTS = {  # name: (writes, reads, bytes of a staged row)
+    "store": (_store_writes, _store_reads, 128),
+    "swiglu": (_swiglu_writes, _swiglu_reads, 64),
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_staged_word_is_written_once_and_read_back_once(layout: str) -> None:
-    writes, reads, row_bytes, pitch, rows = LAYOUTS[layout]
-    expected = {row * pitch + column for row in range(rows) for column in range(0, row_bytes, 4)}
+    writes, reads, row_bytes = LAYOUTS[layout]
+    expected = {row * PITCH + column for row in range(ROWS) for column in range(0, row_bytes, 4)}
     written = Counter(offset for tid in range(THREADS) for offset in writes(tid))
     assert set(written) == expected and set(written.values()) == {1}
     read = Counter(offset + word for tid in range(THREADS) for offset in reads(tid) for word in range(0, 16, 4))
