@@ -6,7 +6,7 @@
 #   humming column humming-kernels==0.1.19 + packaging (bench, bench-full, bench-120b, host, ncu).
 #   The portable kernel (tests, sanitize, fallback) uses the Triton that ships with the machine's torch.
 # Steps: tests sanitize example tune tuning-test | bench (quick, with humming) bench-full (gpt-oss-20b,
-# every M) bench-120b | host | moe-host (mxfp4.moe's eager host us, T = 1, 8, 64, vs <= 60) | fallback | moe
+# every M) bench-120b | host | moe-host (mxfp4.moe's eager host us, T = 1, 8, 64, vs <= 60) | fallback | moe (MOE_ARGS)
 # | fp8 (W4A8 vs W4A16, torch FP8, bf16, humming FP8; accuracy table; FP8_ARGS overrides its arguments) | ncu
 # (NCU_MODELS, NCU_ARGS) | ncu-prefill (issue 24: the prefill paths under Nsight, tensor pipes; NCU_PREFILL_ARGS)
 # | ncu-stalls (one prefill kernel's warp stalls per SASS instruction; NCU_STALLS_ARGS) | waits (which side of the pipeline waits; WAITS_ARGS)
@@ -239,7 +239,9 @@ for step in "${steps[@]}"; do
       done
       ;;
     moe)
-      bench 420 moe --out "$LOGS/moe" 2>&1 | tee "$LOGS/moe.txt"
+      # MOE_ARGS: the bench's arguments (default: its own T list, both routings).
+      # shellcheck disable=SC2086
+      bench 420 moe ${MOE_ARGS:-} --out "$LOGS/moe" 2>&1 | tee "$LOGS/moe.txt"
       note "moe layer: exit ${PIPESTATUS[0]}"; table "$LOGS/moe.txt" "moe"
       ;;
     e2e)
