@@ -51,7 +51,7 @@ constexpr int kLineStagePitch = 144;  // line stores: bytes per staged row, 128 
 struct alignas(64) GroupedMmParams {
   mxfp4::TensorMap x_map;  // TMA map of x as [rows, K] bf16 (fp8: uint8), 128B swizzle
   uint8_t const* w;  // packed weights [E, N/64, K/64, 2176]
-  uint16_t* out;  // bf16 output [rows, N]
+  uint16_t* out;  // bf16 output [rows, N] (SwiGLU with out_row_scale: e4m3 [rows, N / 2])
   void const* rows;  // offsets [E+1] (contiguous) or masked_m [E] (masked)
   int32_t num_experts;  // E
   int32_t n;  // logical N
@@ -68,6 +68,9 @@ struct alignas(64) GroupedMmParams {
   int32_t bias_stride;  // elements per expert in bias
   float alpha;  // SwiGLU: sigmoid(alpha * gate)
   float limit;  // SwiGLU: clamp limit
+  float* out_row_scale;  // SwiGLU: fp32 scale per row of out, written; null: bf16 out
+  float out_scale;  // SwiGLU e4m3 out: the rows' scale, a power of two
+  float out_scale_inverse;  // SwiGLU e4m3 out: 1 / out_scale
   float const* x_scale;  // fp32 scale per row of x, or null
   float const* w_scale;  // W4A8: fp32 row scale of the weights [E, w_scale_stride]
   int32_t w_scale_stride;  // W4A8: rows per expert in w_scale (N padded to 64)
@@ -75,7 +78,7 @@ struct alignas(64) GroupedMmParams {
   int32_t* tile_counters;  // stream-K: k-steps done per tile and warpgroup, zeroed per launch
 };
 // Fields are naturally aligned in order, so the layout is fixed by the C++ rules that
-// codegen/build/params.py applies too (offsets: x_map 0, w 128, out 136, rows 144, num_experts 152, n 156, n_atoms 160, k_atoms 164, max_m 168, total_rows 172, masked 176, rows_int64 180, bias 184, row_scale 192, row_dest 200, out_cols 208, bias_stride 212, alpha 216, limit 220, x_scale 224, w_scale 232, w_scale_stride 240, workspace 248, tile_counters 256).
+// codegen/build/params.py applies too (offsets: x_map 0, w 128, out 136, rows 144, num_experts 152, n 156, n_atoms 160, k_atoms 164, max_m 168, total_rows 172, masked 176, rows_int64 180, bias 184, row_scale 192, row_dest 200, out_cols 208, bias_stride 212, alpha 216, limit 220, out_row_scale 224, out_scale 232, out_scale_inverse 236, x_scale 240, w_scale 248, w_scale_stride 256, workspace 264, tile_counters 272).
 // NVRTC 13.0 has no __builtin_offsetof, so only the size is checked here; the GPU tests check the rest.
 static_assert(sizeof(GroupedMmParams) == 320, "codegen/build/params.py disagrees on the size");
 

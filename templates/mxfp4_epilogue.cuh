@@ -87,6 +87,21 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float low, float high) {
   return bits;
 }
 
+// SwiGLU's e4m3 output (mxfp4.moe's FP8 layer, p.out_row_scale set): the activated rows leave the gate_up kernel as
+// e4m3(value / out_scale), out_scale a power of two from the clamp's bound on |SwiGLU| (mxfp4/ops/activations.py,
+// swiglu_e4m3_scale), so the down kernel reads them without a quantizer between the two; bf16 otherwise.
+template <class Params>
+__device__ __forceinline__ bool swiglu_e4m3_output(Params const& p) {
+  return p.out_row_scale != nullptr;
+}
+
+// Two fp32 values as one e4m3 pair, `low` in bits 0-7 (round to nearest even, saturating at +-448).
+__device__ __forceinline__ uint16_t pack_e4m3x2(float low, float high) {
+  uint16_t bits;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(bits) : "f"(high), "f"(low));
+  return bits;
+}
+
 // The paired stores' exchange. A WGMMA accumulator thread holds, for one output column c, the values of two
 // adjacent x rows (2t and 2t + 1), packed as `rows` (row 2t low); the thread of column c ^ 1 is lane ^ 4 (the next
 // or previous g). After one shuffle the even-column lane holds row 2t at columns (c, c + 1) and the odd-column
@@ -95,6 +110,14 @@ __device__ __forceinline__ uint32_t pair_columns(uint32_t rows, bool odd_column)
   uint32_t const partner = __shfl_xor_sync(0xffffffffu, rows, 4);
   // even: (own low, partner's low); odd: (partner's high, own high)
   return __byte_perm(rows, partner, odd_column ? 0x3276u : 0x5410u);
+}
+
+// pair_columns for one-byte values: `rows` holds x rows 2t (bits 0-7) and 2t + 1 (bits 8-15) of column c; afterwards
+// the even-column lane holds row 2t at (c, c + 1) and the odd-column lane row 2t + 1 at (c - 1, c), one 2-byte word.
+__device__ __forceinline__ uint16_t pair_columns_bytes(uint32_t rows, bool odd_column) {
+  uint32_t const partner = __shfl_xor_sync(0xffffffffu, rows, 4);
+  // even: (own byte 0, partner's byte 0); odd: (partner's byte 1, own byte 1)
+  return static_cast<uint16_t>(__byte_perm(rows, partner, odd_column ? 0x15u : 0x40u));
 }
 
 // Whether the paired stores apply: every pair of output columns (c, c + 1) with c even is 4-byte aligned and either
@@ -140,7 +163,12 @@ __device__ __forceinline__ void store_swiglu(Params const& p, int expert, int ro
   int const channel = (n >> 4) * 8 + (n & 7);
   gate += bias_at(p, expert, 2 * channel);  // the bias keeps transformers' interleaved order
   up += bias_at(p, expert, 2 * channel + 1);
-  p.out[static_cast<size_t>(row) * p.out_cols + channel] = float_to_bf16(gpt_oss_swiglu(gate, up, p.alpha, p.limit));
+  float const value = gpt_oss_swiglu(gate, up, p.alpha, p.limit);
+  size_t const at = static_cast<size_t>(row) * p.out_cols + channel;
+  if (swiglu_e4m3_output(p))
+    reinterpret_cast<uint8_t*>(p.out)[at] = static_cast<uint8_t>(pack_e4m3x2(value * p.out_scale_inverse, 0.0f));
+  else
+    p.out[at] = float_to_bf16(value);
 }
 
 }  // namespace mxfp4

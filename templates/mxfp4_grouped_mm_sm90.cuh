@@ -439,25 +439,46 @@ struct ScatterRows {
   }
 };
 
-// SwiGLU: the thread holds a channel's gate (weight row n0) and up (n0 + 8) of two tile rows; one output column each.
-template <class Cfg, class Params>
+// SwiGLU: the thread holds a channel's gate (weight row n0) and up (n0 + 8) of two tile rows; one output column each,
+// bf16 (a 4-byte store per column pair) or e4m3 (E4M3: a 2-byte store; swiglu_e4m3_output).
+template <class Cfg, bool E4M3, class Params>
 __device__ __forceinline__ void store_swiglu_paired(float const (&acc)[Cfg::Accumulators], Params const& p, int expert,
                                                     PairedRows const& rows, int n0) {
   int const channel = (n0 >> 4) * 8 + (n0 & 7);  // even for even g: the pair is (channel - odd, + 1)
   bool const in_range = n0 < p.n;
   float const gate_bias = in_range ? bias_at(p, expert, 2 * channel) : 0.0f;  // transformers' interleaved order
   float const up_bias = in_range ? bias_at(p, expert, 2 * channel + 1) : 0.0f;
-  uint16_t* out = p.out + static_cast<size_t>(rows.row0 + 2 * rows.t + rows.odd) * p.out_cols + (channel - rows.odd);
+  using Element = cute::conditional_t<E4M3, uint8_t, uint16_t>;
+  Element* out = reinterpret_cast<Element*>(p.out) + static_cast<size_t>(rows.row0 + 2 * rows.t + rows.odd) * p.out_cols +
+                 (channel - rows.odd);
 #pragma unroll
   for (int i = 0; i < Cfg::TileM / 8; ++i) {
     float y[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       y[r] = gpt_oss_swiglu(acc[4 * i + r] + gate_bias, acc[4 * i + r + 2] + up_bias, p.alpha, p.limit);
-    uint32_t const pair = pair_columns(pack_bf16x2(y[0], y[1]), rows.odd);
-    if (8 * i + 2 * rows.t + rows.odd < rows.m_limit && in_range)
-      *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(8 * i) * p.out_cols) = pair;
+    bool const store = 8 * i + 2 * rows.t + rows.odd < rows.m_limit && in_range;
+    Element* const at = out + static_cast<size_t>(8 * i) * p.out_cols;
+    if constexpr (E4M3) {
+      uint16_t const pair =
+          pair_columns_bytes(pack_e4m3x2(y[0] * p.out_scale_inverse, y[1] * p.out_scale_inverse), rows.odd);
+      if (store) *reinterpret_cast<uint16_t*>(at) = pair;
+    } else {
+      uint32_t const pair = pair_columns(pack_bf16x2(y[0], y[1]), rows.odd);
+      if (store) *reinterpret_cast<uint32_t*>(at) = pair;
+    }
   }
+}
+
+// SwiGLU's e4m3 output: the tile's rows' scale (out_scale for every row), written once per row, by the warpgroup that
+// holds the first atom of the row's n-tile 0.
+template <class Cfg, class Params>
+__device__ __forceinline__ void store_swiglu_row_scales(Params const& p, Tile const& tile, ExpertRows const& rows,
+                                                        int first_atom, int tid) {
+  if (tile.n_tile != 0 || first_atom != 0) return;
+  int const m_base = tile.m_tile * Cfg::TileM;
+  for (int m = tid; m < Cfg::TileM && m < rows.count - m_base; m += 128)
+    p.out_row_scale[rows.start + m_base + m] = p.out_scale;
 }
 
 // The candidate SwiGLU line stores (mxfp4_line_stores.cuh; -DMXFP4_SWIGLU_LINES, not shipped): the paired words of
@@ -651,7 +672,10 @@ __device__ __forceinline__ void store_tile_paired(ConsumerState<Cfg> const& st, 
     if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU && Mode == StoreMode::Lines) {
       store_swiglu_lines<Cfg>(st.acc[a], p, tile.expert, paired, n0, stage, consumer, tid);
     } else if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
-      store_swiglu_paired<Cfg>(st.acc[a], p, tile.expert, paired, n0);
+      if (swiglu_e4m3_output(p))  // uniform
+        store_swiglu_paired<Cfg, true>(st.acc[a], p, tile.expert, paired, n0);
+      else
+        store_swiglu_paired<Cfg, false>(st.acc[a], p, tile.expert, paired, n0);
     } else if constexpr (Mode == StoreMode::Sectors) {
       store_columns_sectors<Cfg>(st.acc[a], p, tile.expert, paired, n0, scatter, g);
     } else if constexpr (Mode == StoreMode::Lines) {
@@ -667,6 +691,9 @@ __device__ __forceinline__ void store_tile(ConsumerState<Cfg> const& st, Params 
                                            ExpertRows const& rows, int first_atom, int tid, uint8_t* stage,
                                            int consumer) {
   constexpr int WarpgroupCols = kAtomN * Cfg::AtomsPerWarpgroup;
+  if constexpr (Cfg::EpilogueKind == Epilogue::SwiGLU) {
+    if (swiglu_e4m3_output(p)) store_swiglu_row_scales<Cfg>(p, tile, rows, first_atom, tid);  // uniform
+  }
   if constexpr (coalesced_stores_build() && Cfg::EpilogueKind == Epilogue::Store &&
                 coalesced_pieces_fit<Cfg::TileM, WarpgroupCols>()) {  // diagnostic, never shipped
     if (sixteen_byte_stores_fit(p)) {

@@ -61,7 +61,7 @@ __device__ __forceinline__ constexpr int diagnostic_stage_bytes() {
 // 8-channel pieces (N a multiple of 16 weight rows).
 template <class Params>
 __device__ __forceinline__ bool swiglu_lines_fit(Params const& p) {
-  return (p.n & 15) == 0 && sixteen_byte_stores_fit(p);
+  return (p.n & 15) == 0 && sixteen_byte_stores_fit(p) && !swiglu_e4m3_output(p);  // bf16 rows only
 }
 
 // Rows m0 .. m0 + 31 of the warpgroup's 32-channel SwiGLU block from the staging area to out row row0 + row, channels

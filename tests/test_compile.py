@@ -790,6 +790,24 @@ def test_swiglu_mufu_candidate_has_no_division_branch(config):
     assert sum(b.opcodes.values()) < sum(a.opcodes.values())
 
 
+@needs_render
+@needs_sass
+@pytest.mark.parametrize("config", SWIGLU_LINES_SAMPLES[1:], ids=lambda config: config.name)
+def test_swiglu_has_its_e4m3_output_beside_bf16(config):
+    """The FP8 layer's gate_up writes the activated rows as e4m3 (p.out_row_scale set; mxfp4/experts/fused_steps.py):
+    a saturating F2FP to e4m3 per two rows on the paired path (one per row group and atom at least), one-byte stores
+    on the fallback path, no spill; the bf16 path stays (the same kernel serves the bf16 layer)."""
+    from codegen.build.sass import dump_sass
+
+    _skip_unless_buildable()
+    compiled = compile_kernel(config)
+    text = dump_sass(compiled.cubin)
+    converts = len(re.findall(r"F2FP\.SATFINITE\.E4M3\.F32", text))
+    assert converts >= config.tile_m // 8 * config.atoms_per_warpgroup, converts
+    assert "STG.E.U8" in text and "F2FP.BF16.F32.PACK_AB" in text
+    assert compiled.resources.spills == 0
+
+
 def test_store_paths_follow_the_tile_and_the_shared_memory_left():
     by_name = {config.name: config for config in STORE_PATH_SAMPLES}
     assert [(name, config.store_path, config.line_stage_bytes) for name, config in by_name.items()] == [
@@ -841,8 +859,13 @@ def test_epilogue_stores_column_pairs(config):
     words = len(re.findall(r"\bSTG\.E\s", text))  # 4-byte global stores
     halves = len(re.findall(r"\bSTG\.E\.U16\s", text))
     atoms = config.tile_n // 64 // config.warpgroups
-    stores_per_row_block = 1 if config.epilogue == "swiglu" else 2  # a SwiGLU thread holds one output column
-    assert words == atoms * config.tile_m // 8 * stores_per_row_block, (words, halves)
+    if config.epilogue == "swiglu":  # a SwiGLU thread holds one output column
+        paired = atoms * config.tile_m // 8
+        # bf16 pairs, and the e4m3 output's row scales (one loop); 2-byte stores: the plain path's bf16 values and
+        # the e4m3 output's column pairs.
+        assert (words, halves) == (paired + 1, 2 * paired + paired)
+        return
+    assert words == atoms * config.tile_m // 8 * 2, (words, halves)
     assert halves == 2 * words  # the plain path: one 2-byte store per value
 
 

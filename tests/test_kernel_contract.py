@@ -228,3 +228,80 @@ def test_the_launcher_refuses_swiglu_rows_that_are_not_paired() -> None:
     offsets = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(ValueError, match="n: the swiglu epilogue needs paired gate_up rows, a multiple of 16; got 200"):
         grouped_mm_sm90(x, w_data, 200, 160, offsets, False, config, out)
+
+
+def _swiglu_e4m3_call(config_name: str = "n128_m64_k128_s7_wg2_swiglu", **overrides):
+    """(args of grouped_mm_sm90 for a SwiGLU launch with e4m3 output, on CPU tensors) with ``overrides``."""
+    import torch
+
+    from codegen.runtime.launch import EpilogueArgs
+
+    rows, n, k = 6, 32, 64
+    call = {"x": torch.zeros(rows, k, dtype=torch.bfloat16), "w_data": torch.zeros(1, 1, 1, 2176, dtype=torch.uint8),
+            "n": n, "k": k, "rows": torch.tensor([0, rows], dtype=torch.int32), "masked": False,
+            "config": TileConfig.from_name(config_name), "out": torch.zeros(rows, n // 2, dtype=torch.float8_e4m3fn),
+            "epilogue": EpilogueArgs(out_row_scale=torch.zeros(rows), out_scale=0.125)}
+    call.update(overrides)
+    return call
+
+
+def test_the_launcher_packs_the_swiglu_e4m3_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The parameter block is packed positionally: read back by field name, the e4m3 output's three fields are there.
+    import types
+
+    from codegen.runtime import launch
+    from codegen.runtime.fast_driver import params_buffer
+
+    blocks: list[bytes] = []
+    kernel = types.SimpleNamespace(function_handle=1, threads=384, shared_memory=0, name="fake", max_ctas=132)
+    monkeypatch.setattr(launch, "load", lambda config, device: kernel)
+    monkeypatch.setattr(launch, "encode_x_map", lambda *args: bytes(128))
+    monkeypatch.setattr(launch, "launch_on", lambda *args: blocks.append(bytes(params_buffer(PARAMS_SIZE))))
+    e4m3 = _swiglu_e4m3_call()
+    launch.grouped_mm_sm90(**e4m3)
+    launch.grouped_mm_sm90(**_swiglu_e4m3_call(out=_bf16_zeros(6, 16), epilogue=launch.EpilogueArgs()))
+    e4m3_fields, bf16_fields = (dict(zip((f.name for f in PARAM_FIELDS), PARAMS_STRUCT.unpack_from(block)))
+                                for block in blocks)
+    assert e4m3_fields["out_row_scale"] == e4m3["epilogue"].out_row_scale.data_ptr()
+    assert (e4m3_fields["out_scale"], e4m3_fields["out_scale_inverse"]) == (0.125, 8.0)
+    assert (bf16_fields["out_row_scale"], bf16_fields["out_scale"], bf16_fields["out_scale_inverse"]) == (0, 0.0, 0.0)
+    for fields in (e4m3_fields, bf16_fields):  # the neighbours in place
+        assert (fields["alpha"], fields["limit"], fields["out_cols"], fields["x_scale"]) == (
+            pytest.approx(1.702), 7.0, 16, 0)
+
+
+def _bf16_zeros(*shape: int):
+    import torch
+
+    return torch.zeros(*shape, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("store config", "out_row_scale: only the swiglu epilogue writes e4m3, n128_m64_k128_s7_wg2 is store"),
+    ("bf16 out", "out: the swiglu epilogue with out_row_scale writes float8_e4m3fn, out is torch.bfloat16"),
+    ("short scale", r"out_row_scale: expected a contiguous float32 tensor of at least 6 rows, got torch.float32 \(5,\)"),
+    ("fp16 scale", r"out_row_scale: expected a contiguous float32 tensor of at least 6 rows, got torch.float16"),
+    ("scale 0.1", "out_scale: expected a positive power of two, got 0.1"),
+    ("scale 0", "out_scale: expected a positive power of two, got 0.0"),
+    ("scale inf", "out_scale: expected a positive power of two, got inf"),
+])
+def test_the_launcher_refuses_a_wrong_e4m3_output(case: str, message: str) -> None:
+    # Refused before any device work (CPU tensors): a wrong dtype or a short scale tensor would be written past.
+    import math
+
+    import torch
+
+    from codegen.runtime.launch import EpilogueArgs, grouped_mm_sm90
+
+    scale = torch.zeros(6)
+    overrides = {
+        "store config": {"config": TileConfig.from_name("n128_m64_k128_s7_wg2")},
+        "bf16 out": {"out": _bf16_zeros(6, 16)},
+        "short scale": {"epilogue": EpilogueArgs(out_row_scale=torch.zeros(5), out_scale=0.125)},
+        "fp16 scale": {"epilogue": EpilogueArgs(out_row_scale=torch.zeros(6, dtype=torch.float16), out_scale=0.125)},
+        "scale 0.1": {"epilogue": EpilogueArgs(out_row_scale=scale, out_scale=0.1)},
+        "scale 0": {"epilogue": EpilogueArgs(out_row_scale=scale, out_scale=0.0)},
+        "scale inf": {"epilogue": EpilogueArgs(out_row_scale=scale, out_scale=math.inf)},
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        grouped_mm_sm90(**_swiglu_e4m3_call(**overrides))

@@ -5,7 +5,7 @@ activation families, with tails (N not a multiple of the tile, partial row tiles
 poisoned with NaN first. Their speed: `bench ncu-case --prefill --configs ... --mma-roof` ("paired stores (before)").
 The candidate SwiGLU line stores (-DMXFP4_SWIGLU_LINES, not shipped) are checked the same way against the shipped
 SwiGLU epilogue; the candidate SwiGLU on the MUFU approximations (-DMXFP4_SWIGLU_MUFU, not shipped) within one bf16
-unit of it."""
+unit of it. SwiGLU's e4m3 output (the FP8 layer's gate_up) against its own bf16 output quantized in torch."""
 
 from __future__ import annotations
 
@@ -132,6 +132,50 @@ def test_swiglu_mufu_candidate_is_within_one_bf16_unit(name: str, case: str, see
     assert int((steps > 0).sum()) <= max(8, shipped.numel() // 1000), (
         f"seed {seed}: {int((steps > 0).sum())} of {shipped.numel()} values moved")
     _assert_same_bits(candidate, both, "swiglu mufu with the line stores", seed)
+
+
+def _e4m3_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many e4m3 values apart a and b are, elementwise (+0 and -0 the same value)."""
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        bits = t.view(torch.uint8).to(torch.int32)
+        return torch.where(bits >= 128, -(bits & 0x7F), bits)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["paired", "unaligned"])
+@pytest.mark.parametrize("case", SWIGLU_CASES)
+@pytest.mark.parametrize("name", [*SWIGLU_CONFIGS, "n128_m16_k128_s5_wg1_c3_swiglu"])
+def test_swiglu_e4m3_output_is_the_bf16_output_quantized(name: str, case: str, aligned: bool, seed: int) -> None:
+    # The FP8 layer's gate_up (mxfp4/experts/fused_steps.py): the same kernel writes e4m3(value / s), and s into every
+    # row's scale. Against its own bf16 output quantized in torch: the two round the same fp32 value, once to e4m3
+    # and once through bf16, so a value sitting next to an e4m3 rounding boundary may land one step apart.
+    # "unaligned": out starts one byte in, so the kernel takes its one-byte-store fallback.
+    import dataclasses
+
+    from mxfp4.ops.activations import FP8_MAX, swiglu_e4m3_scale
+
+    config = TileConfig.from_name(name)
+    x, packed, offsets, epilogue, out_shape = _operands(config, case, seed)
+    (bf16,) = _run_builds(config, [{}], x, packed, offsets, False, epilogue, out_shape)
+    assert not torch.isnan(bf16).any(), f"seed {seed}: the bf16 build left rows unwritten"
+    scale = swiglu_e4m3_scale(epilogue.alpha, epilogue.limit)
+    rows, cols = out_shape
+    skip = 0 if aligned else 1
+    storage = torch.full((rows * cols + skip,), 0x7F, dtype=torch.uint8, device="cuda")  # 0x7F: e4m3 NaN
+    out = storage[skip:].view(torch.float8_e4m3fn).view(rows, cols)
+    row_scale = torch.full((rows + 8,), float("nan"), device="cuda")
+    grouped_mm_sm90(x, packed.data, packed.n, packed.k, offsets, False, config, out,
+                    dataclasses.replace(epilogue, out_row_scale=row_scale, out_scale=scale))
+    torch.cuda.synchronize()
+    assert not torch.isnan(out.float()).any(), f"seed {seed}: {int(torch.isnan(out.float()).sum())} values unwritten"
+    assert torch.equal(row_scale[:rows], torch.full((rows,), scale, device="cuda")), f"seed {seed}: row scales"
+    assert torch.isnan(row_scale[rows:]).all(), f"seed {seed}: a scale written past the rows"
+    expected = (bf16.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    steps = _e4m3_steps(out, expected)
+    assert int(steps.max()) <= 1, f"seed {seed}: a value {int(steps.max())} e4m3 steps from the bf16 output's"
+    assert int((steps > 0).sum()) <= max(8, expected.numel() // 25), (
+        f"seed {seed}: {int((steps > 0).sum())} of {expected.numel()} values one step apart")
 
 
 def test_candidates_from_the_environment_are_the_flagged_builds(monkeypatch: pytest.MonkeyPatch) -> None:

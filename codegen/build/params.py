@@ -28,7 +28,7 @@ class ParamField:
 PARAM_FIELDS: tuple[ParamField, ...] = (
     ParamField("x_map", "mxfp4::TensorMap", "", TENSOR_MAP_BYTES, "TMA map of x as [rows, K] bf16 (fp8: uint8), 128B swizzle"),
     ParamField("w", "uint8_t const*", "Q", 8, "packed weights [E, N/64, K/64, 2176]"),
-    ParamField("out", "uint16_t*", "Q", 8, "bf16 output [rows, N]"),
+    ParamField("out", "uint16_t*", "Q", 8, "bf16 output [rows, N] (SwiGLU with out_row_scale: e4m3 [rows, N / 2])"),
     ParamField("rows", "void const*", "Q", 8, "offsets [E+1] (contiguous) or masked_m [E] (masked)"),
     ParamField("num_experts", "int32_t", "i", 4, "E"),
     ParamField("n", "int32_t", "i", 4, "logical N"),
@@ -46,6 +46,10 @@ PARAM_FIELDS: tuple[ParamField, ...] = (
     ParamField("bias_stride", "int32_t", "i", 4, "elements per expert in bias"),
     ParamField("alpha", "float", "f", 4, "SwiGLU: sigmoid(alpha * gate)"),
     ParamField("limit", "float", "f", 4, "SwiGLU: clamp limit"),
+    # SwiGLU's e4m3 output (mxfp4.moe's FP8 layer): out = e4m3(value * out_scale_inverse), out_scale per row.
+    ParamField("out_row_scale", "float*", "Q", 8, "SwiGLU: fp32 scale per row of out, written; null: bf16 out"),
+    ParamField("out_scale", "float", "f", 4, "SwiGLU e4m3 out: the rows' scale, a power of two"),
+    ParamField("out_scale_inverse", "float", "f", 4, "SwiGLU e4m3 out: 1 / out_scale"),
     # Row scales of FP8 activations (and of the FP8-ready weights): acc * x_scale[row] * w_scale[e, n].
     ParamField("x_scale", "float const*", "Q", 8, "fp32 scale per row of x, or null"),
     ParamField("w_scale", "float const*", "Q", 8, "W4A8: fp32 row scale of the weights [E, w_scale_stride]"),

@@ -9,6 +9,7 @@ codegen.runtime.fast_driver, whose plain-integer calls cost a few microseconds.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from dataclasses import dataclass
 
@@ -242,7 +243,9 @@ class EpilogueArgs:
     C = N); row_scale: fp32 [rows of x]; row_dest: int32 [rows of x] (ScaleScatter); alpha, limit (SwiGLU).
     x_scale: fp32 [rows of x] or None (FP8 activations, any epilogue: every accumulator is first multiplied
     by its row's x_scale and, with w_scale (fp32 [E, N padded to 64]: the FP8-ready weights' row scales), by
-    its weight row's).
+    its weight row's). out_row_scale: fp32 [rows of x] or None (SwiGLU only: the output is e4m3, each value
+    ``e4m3(swiglu / out_scale)``, and the kernel writes ``out_scale`` into every row's out_row_scale: the activated
+    rows quantized for a W4A8 down projection; out_scale a power of two, mxfp4.ops.activations.swiglu_e4m3_scale).
     """
 
     bias: torch.Tensor | None = None
@@ -252,12 +255,20 @@ class EpilogueArgs:
     limit: float = 7.0
     x_scale: torch.Tensor | None = None
     w_scale: torch.Tensor | None = None
+    out_row_scale: torch.Tensor | None = None
+    out_scale: float = 1.0
 
     def pointers(self) -> tuple[int, int, int, int]:
         """(bias, row_scale, row_dest, bias_stride) as the parameter block takes them."""
         address = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
         stride = self.bias.shape[-1] if self.bias is not None else 0
         return address(self.bias), address(self.row_scale), address(self.row_dest), stride
+
+    def output_scale(self) -> tuple[int, float, float]:
+        """(out_row_scale, out_scale, out_scale_inverse) as the parameter block takes them."""
+        if self.out_row_scale is None:
+            return 0, 0.0, 0.0
+        return self.out_row_scale.data_ptr(), self.out_scale, 1.0 / self.out_scale
 
     def scale_pointers(self) -> tuple[int, int, int]:
         """(x_scale, w_scale, w_scale_stride) as the parameter block takes them."""
@@ -346,8 +357,8 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
     x: bf16 contiguous ``[T, K]`` (contiguous mode) or ``[E, max_m, K]`` (masked mode); float8_e4m3fn for a
     W4A8 config (``config.activations == "fp8"``, with ``epilogue.x_scale`` and ``epilogue.w_scale``);
     w_data: ``PackedMXFP4.data``; rows: ``offsets`` [E+1] or ``masked_m`` [E], int32 or int64;
-    out: bf16 ``[T, N]`` or ``[E, max_m, N]`` (``[T, N / 2]`` for the SwiGLU epilogue, scattered
-    rows for ScaleScatter). ``epilogue`` carries what ``config.epilogue`` reads. Inputs are validated
+    out: bf16 ``[T, N]`` or ``[E, max_m, N]`` (``[T, N / 2]`` for the SwiGLU epilogue, float8_e4m3fn with
+    ``epilogue.out_row_scale``; scattered rows for ScaleScatter). ``epilogue`` carries what ``config.epilogue`` reads. Inputs are validated
     by the caller (mxfp4.ops.grouped_gemm, mxfp4.experts.layer). ``kernel``: a loaded build of ``config`` to launch
     instead of the shipped one (a diagnostic build: the wait probe's, the copy roof's, the MMA roof's).
     """
@@ -362,6 +373,8 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
         raise ValueError(f"{config.name}: the W4A8 family needs x_scale and w_scale, and only it takes w_scale")
     if x_address % 16 or (k * element_bytes) % 16:
         raise ValueError("x: the TMA engine needs a 16-byte aligned base address and row pitch")
+    if epilogue.out_row_scale is not None:
+        _check_e4m3_output(config, out, epilogue, total_rows)
     if config.epilogue == "swiglu" and n % 16:
         # Paired gate_up rows come in blocks of 16 (mxfp4/format/gate_up.py); a partial block would put a channel's
         # output past the end of its row.
@@ -382,9 +395,25 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
         params_buffer(PARAMS_SIZE), 0, x_map, w_data.data_ptr(), out.data_ptr(), rows.data_ptr(),
         num_experts, n, n_atoms, k_atoms, max_m, total_rows, int(masked), int(rows.dtype == torch.int64),
         bias, row_scale, row_dest, n // 2 if config.epilogue == "swiglu" else n, bias_stride,
-        epilogue.alpha, epilogue.limit, *epilogue.scale_pointers(), workspace, counters,
+        epilogue.alpha, epilogue.limit, *epilogue.output_scale(), *epilogue.scale_pointers(), workspace, counters,
     )
     launch_on(device, kernel.function_handle, grid, kernel.threads, kernel.shared_memory, kernel.name)
+
+
+def _check_e4m3_output(config: TileConfig, out: torch.Tensor, epilogue: EpilogueArgs, rows: int) -> None:
+    """SwiGLU's e4m3 output: a swiglu config, a float8_e4m3fn out, a float32 row scale per row of x and a power-of-two
+    scale (so that dividing by it is exact); ValueError naming what is wrong."""
+    if config.epilogue != "swiglu":
+        raise ValueError(f"out_row_scale: only the swiglu epilogue writes e4m3, {config.name} is {config.epilogue}")
+    if out.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"out: the swiglu epilogue with out_row_scale writes float8_e4m3fn, out is {out.dtype}")
+    scale = epilogue.out_row_scale
+    if scale.dtype != torch.float32 or scale.numel() < rows or not scale.is_contiguous():
+        raise ValueError(f"out_row_scale: expected a contiguous float32 tensor of at least {rows} rows, got "
+                         f"{scale.dtype} {tuple(scale.shape)}")
+    mantissa, _ = math.frexp(epilogue.out_scale)
+    if not (math.isfinite(epilogue.out_scale) and epilogue.out_scale > 0 and mantissa == 0.5):
+        raise ValueError(f"out_scale: expected a positive power of two, got {epilogue.out_scale}")
 
 
 def launch_on(device: int, function: int, grid: int, threads: int, shared_memory: int, name: str) -> None:

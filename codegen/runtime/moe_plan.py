@@ -209,7 +209,8 @@ class MoePlan:
 # codegen/build/params.py must come here too, or the kernels would read shifted fields).
 _GEMM_FIELDS = ("x_map", "w", "out", "rows", "num_experts", "n", "n_atoms", "k_atoms", "max_m", "total_rows",
                 "masked", "rows_int64", "bias", "row_scale", "row_dest", "out_cols", "bias_stride", "alpha", "limit",
-                "x_scale", "w_scale", "w_scale_stride", "workspace", "tile_counters")
+                "out_row_scale", "out_scale", "out_scale_inverse", "x_scale", "w_scale", "w_scale_stride", "workspace",
+                "tile_counters")
 _ROUTING_FIELDS = ("topk_ids", "topk_weights", "offsets", "row_dest", "row_token", "row_scale", "routed", "top_k",
                    "num_experts", "ids_int64", "weights_bf16")  # MoePlan.pack_routing's order, likewise
 for _block, _packed, _where in ((PARAM_FIELDS, _GEMM_FIELDS, "codegen/build/params.py"),
@@ -225,6 +226,7 @@ def _pack_gemm(buffer, g: GemmLaunch, x_map: bytes, w: int, out: int, offsets: i
     PARAMS_STRUCT.pack_into(
         buffer, 0, x_map, w, out, offsets, g.num_experts, g.n, g.n_atoms, g.k_atoms, 0, rows, 0, 0,
         bias, row_scale, row_dest, g.out_cols, g.n if bias else 0, alpha, limit,
+        0, 0.0, 0.0,  # out_row_scale, out_scale, out_scale_inverse: the plan's activated rows are bf16
         0, 0, 0,  # x_scale, w_scale, w_scale_stride: the plan runs bf16 activations (W4A16)
         partials if stream_k else 0, counters if stream_k else 0,
     )
