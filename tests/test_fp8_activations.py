@@ -4,6 +4,7 @@ torch.compile, explain and the SM90 launch contract (recorded, no GPU)."""
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
@@ -440,3 +441,83 @@ def test_moe_fp8_checks_and_compiles() -> None:
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x, ids, routing_weights), layer(x, ids, routing_weights))
     assert "activations: fp8" in mxfp4.explain_moe(x, ids, gate_up, down, activations="fp8")
+
+
+# ---------------------------------------------------------------------------------------------
+# the FP8 layer's activated rows: e4m3 from the gate_up epilogue with the static scale of SwiGLU's clamp
+
+
+def _clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+@pytest.mark.parametrize("alpha, limit", [(1.702, 7.0), (1.0, 1.0), (0.1, 1.0), (4.0, 0.25), (1.702, 100.0)])
+def test_swiglu_e4m3_scale_is_the_smallest_power_of_two_that_holds_every_value(alpha: float, limit: float) -> None:
+    from mxfp4.ops.activations import FP8_MAX, swiglu_e4m3_scale
+
+    scale = swiglu_e4m3_scale(alpha, limit)
+    assert scale is not None and scale > 0 and math.frexp(scale)[0] == 0.5, scale
+    # Every gate (far past the clamp on both sides) against the up values at both clamps, in float64.
+    gate = torch.cat([torch.linspace(-1e4, 1e4, 200_001, dtype=torch.float64),
+                      torch.linspace(-40 / alpha, 40 / alpha, 200_001, dtype=torch.float64)])
+    peak = max(float(_clamped_swiglu(gate, torch.full_like(gate, up), alpha, limit).abs().max())
+               for up in (-limit, limit, 1e9, -1e9))
+    assert peak / scale <= FP8_MAX, "the scale lets a value past e4m3's largest"
+    assert peak / (scale / 2) > FP8_MAX, "half the scale would hold every value too: not the smallest"
+
+
+def test_swiglu_e4m3_scale_of_gpt_oss_and_of_an_unbounded_swiglu() -> None:
+    from mxfp4.ops.activations import SILU_MIN_MAGNITUDE, swiglu_e4m3_scale
+
+    assert swiglu_e4m3_scale(1.702, 7.0) == 0.125  # |SwiGLU| <= 8 x 7 sigmoid(11.9) = 55.9996 <= 448 / 8
+    u = torch.linspace(-10, 0, 1_000_001, dtype=torch.float64)
+    assert 0 <= SILU_MIN_MAGNITUDE + float((u * torch.sigmoid(u)).min()) < 1e-5  # the bound, rounded up
+    for alpha, limit in ((0.0, 7.0), (-1.0, 7.0), (1.702, math.inf), (1.702, -1.0), (1.702, math.nan)):
+        assert swiglu_e4m3_scale(alpha, limit) is None, (alpha, limit)
+
+
+def test_sm90_fp8_layer_quantizes_the_activated_rows_in_gate_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The launch-by-launch FP8 layer (mxfp4/experts/fused_steps.py), recorded: gate_up writes e4m3 rows and their
+    # scales (the static scale), down reads exactly those; no quantizer between them. With alpha <= 0 (SwiGLU
+    # unbounded) gate_up writes bf16 and the per-row quantizer runs.
+    from codegen.runtime import routing as routing_module
+    from mxfp4.experts import fused_steps
+
+    experts, hidden, inter, tokens, top_k = 4, 64, 32, 5, 2
+    gate_up = mxfp4.pack_gate_up(mxfp4.quantize(torch.randn(experts, 2 * inter, hidden) * 0.1), activations="fp8")
+    down = mxfp4.pack(mxfp4.quantize(torch.randn(experts, hidden, inter) * 0.1), activations="fp8")
+    x = torch.randn(tokens, hidden).bfloat16()
+    ids, routing_weights = make_routing(tokens, experts, top_k)
+    routed = tokens * top_k
+    rows = routing_module.RoutedRows(torch.tensor([0, 4, 6, 8, routed], dtype=torch.int32),
+                                     torch.arange(routed, dtype=torch.int32),
+                                     torch.arange(routed, dtype=torch.int32) // top_k, torch.ones(routed))
+    monkeypatch.setattr(routing_module, "route_topk", lambda *args: rows)
+    quantized: list[torch.Tensor] = []
+
+    def quantize(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        quantized.append(a)
+        return mxfp4.ops.activations.quantize_activations_reference(a)
+
+    monkeypatch.setattr(fused_steps, "quantize_activations", quantize)
+    monkeypatch.setattr(fused_steps, "quantize_gathered_rows",
+                        lambda x, token: mxfp4.ops.activations.quantize_activations_reference(x[token]))
+    calls = fake_sm90(monkeypatch)
+
+    fused_steps.moe_sm90_steps(x, ids, routing_weights, gate_up, down, None, None, 1.702, 7.0, "NVIDIA H200",
+                               activations="fp8")
+    (_, _, up_config, activated, up_epilogue), (down_x, _, down_config, _, down_epilogue) = calls
+    assert up_config.epilogue == "swiglu" and down_config.epilogue == "scatter" and quantized == []
+    assert activated.dtype == torch.float8_e4m3fn and activated.shape == (routed, inter)
+    assert up_epilogue.out_scale == 0.125 and up_epilogue.out_row_scale.dtype == torch.float32
+    assert up_epilogue.out_row_scale.shape == (routed,)
+    assert down_x is activated and down_epilogue.x_scale is up_epilogue.out_row_scale
+    assert down_epilogue.w_scale is down.row_scale and down_epilogue.out_row_scale is None
+
+    calls.clear()
+    fused_steps.moe_sm90_steps(x, ids, routing_weights, gate_up, down, None, None, -1.0, 7.0, "NVIDIA H200",
+                               activations="fp8")
+    (_, _, _, activated, up_epilogue), (down_x, _, _, _, down_epilogue) = calls
+    assert activated.dtype == torch.bfloat16 and up_epilogue.out_row_scale is None
+    assert len(quantized) == 1 and quantized[0] is activated and down_x.dtype == torch.float8_e4m3fn

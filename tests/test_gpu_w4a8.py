@@ -308,6 +308,28 @@ def test_moe_fp8_gpt_oss_20b(paired: bool, tokens: int, seed: int) -> None:
         assert "activations: fp8" in mxfp4.explain_moe(x, ids, gate_up, down, activations="fp8")
 
 
+@pytest.mark.parametrize("alpha", [1.702, -0.5], ids=["static e4m3 scale", "unbounded: per-row quantizer"])
+def test_moe_fp8_activated_rows_with_tails(alpha: float, seed: int) -> None:
+    # The fused FP8 layer writes the activated rows as e4m3 from gate_up's epilogue with SwiGLU's static scale; with
+    # alpha <= 0 nothing bounds SwiGLU below and they take the per-row quantizer (mxfp4/experts/fused_steps.py).
+    from test_moe import make_routing
+
+    from mxfp4.experts.layer import reference_moe_float64
+
+    experts, hidden, inter, top_k, tokens = 8, 160, 96, 3, 29  # tails: H, I not multiples of 64
+    gate_up_w = mxfp4.quantize(torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5)
+    down_w = mxfp4.quantize(torch.randn(experts, hidden, inter, device="cuda") * inter**-0.5)
+    gate_up = mxfp4.pack_gate_up(gate_up_w, activations="fp8")
+    down = mxfp4.pack(down_w, activations="fp8")
+    biases = (torch.randn(experts, 2 * inter, device="cuda").bfloat16(), torch.randn(experts, hidden, device="cuda").bfloat16())
+    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
+    ids, weights = make_routing(tokens, experts, top_k, skew=True, device="cuda")
+    out = mxfp4.moe(x, ids, weights, gate_up, down, gate_up_bias=biases[0], down_bias=biases[1], alpha=alpha,
+                    activations="fp8")
+    ref = reference_moe_float64(x, ids, weights, gate_up_w, down_w, *biases, alpha=alpha)
+    assert_close(out, ref, MOE_BUDGET, f"moe fp8 alpha={alpha}, seed {seed}")
+
+
 def test_moe_fp8_cuda_graph(seed: int) -> None:
     from test_moe import make_routing
 

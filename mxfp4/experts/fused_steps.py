@@ -5,9 +5,11 @@ five-kernel path (mxfp4.experts.fused) serves the plain bf16 layer.
 The routing kernel (codegen.runtime.routing) groups the T·k choices by expert; a choice whose id is outside [0, E)
 goes to a tail after ``offsets[E]`` with weight 0, where no GEMM reaches it, and its token slot starts at
 zero (one memset, only with ``skip_invalid_ids``), so the sum over k adds exactly 0 for it. With FP8
-activations the quantizer gathers x's rows as it quantizes them to e4m3 (one launch), and the activated rows are
-quantized per row between the two kernels (``mxfp4.quantize_activations``: one kernel; the per-row
-amax of an activated row spans every n-tile of the gate_up kernel, so it is not in its epilogue). The gate_up
+activations the quantizer gathers x's rows as it quantizes them to e4m3 (one launch), and the gate_up kernel writes
+the activated rows as e4m3 itself, with the static power-of-two scale that the clamp's bound on SwiGLU allows
+(``mxfp4.ops.activations.swiglu_e4m3_scale``; a per-row scale would need each row's amax across every n-tile of
+gate_up): no quantizer between the two GEMMs. Only an unbounded SwiGLU (alpha <= 0) has its activated rows
+quantized per row by ``mxfp4.quantize_activations``, one launch more. The gate_up
 kernel's epilogue applies the row scales, the bias and the clamped SwiGLU, the down kernel's the row scales,
 the bias, the routing weight and the scatter to token slots; the top-k combine is a fixed-order sum over k.
 No host sync, no atomics.
@@ -23,7 +25,11 @@ from codegen.build.config import TileConfig
 from mxfp4.format.gate_up import PackedGateUp, PackedGateUpFP8
 from mxfp4.format.layout import PackedMXFP4
 from mxfp4.format.layout_fp8 import PackedMXFP4FP8
-from mxfp4.ops.activations import quantize_activations, quantize_gathered_rows
+from mxfp4.ops.activations import (
+    quantize_activations,
+    quantize_gathered_rows,
+    swiglu_e4m3_scale,
+)
 
 from .fused import fused_config
 
@@ -68,10 +74,18 @@ def moe_sm90_steps(
     fp8 = activations == "fp8"
     routing = route_topk(topk_ids.contiguous(), topk_weights.contiguous(), gate_up.num_experts)
     rows, rows_scale = _rows(x, routing.row_token, fp8)
-    activated = torch.empty((routed, down.k), dtype=torch.bfloat16, device=x.device)
+    swiglu = EpilogueArgs(bias=_bias(gate_up_bias), alpha=alpha, limit=limit)
+    e4m3_scale = swiglu_e4m3_scale(alpha, limit) if fp8 else None
+    if e4m3_scale is not None:  # the gate_up epilogue quantizes the activated rows
+        activated = torch.empty((routed, down.k), dtype=torch.float8_e4m3fn, device=x.device)
+        activated_scale = torch.empty(routed, dtype=torch.float32, device=x.device)
+        swiglu = dataclasses.replace(swiglu, out_row_scale=activated_scale, out_scale=e4m3_scale)
+    else:
+        activated = torch.empty((routed, down.k), dtype=torch.bfloat16, device=x.device)
     _project(rows, rows_scale, gate_up, routing.offsets, fused_config(gate_up, routed, "swiglu", device_name), activated,
-             EpilogueArgs(bias=_bias(gate_up_bias), alpha=alpha, limit=limit))
-    activated, activated_scale = _rows(activated, None, fp8)
+             swiglu)
+    if e4m3_scale is None:
+        activated, activated_scale = _rows(activated, None, fp8)
     # The down kernel writes the slot of every routed choice; a skipped choice's slot is never written.
     slots = (torch.zeros if skip_invalid_ids else torch.empty)((tokens, top_k, down.n), dtype=torch.bfloat16,
                                                                 device=x.device)

@@ -500,8 +500,10 @@ def moe(
     gate_up: ``mxfp4.pack_gate_up`` (rows paired: the fused SM90 kernels) or ``mxfp4.pack`` (the unfused
     composition) of ``[E, 2I, H]`` with gate/up rows interleaved, as gpt-oss stores them;
     down: ``mxfp4.pack`` of ``[E, H, I]``; biases ``[E, 2I]`` / ``[E, H]`` or None. Returns bf16 ``[T, H]``.
-    ``activations="fp8"``: the layer quantizes x (per token) and the activated rows (per row) to e4m3
-    (``mxfp4.quantize_activations``) and runs the W4A8 kernels on weights packed with ``activations="fp8"``
+    ``activations="fp8"``: the layer quantizes x (per token) and the activated rows (per row; the fused SM90 layer
+    in gate_up's epilogue, with the static power-of-two scale that SwiGLU's clamp allows:
+    ``mxfp4.ops.activations.swiglu_e4m3_scale``) to e4m3 (``mxfp4.quantize_activations``) and runs the W4A8 kernels
+    on weights packed with ``activations="fp8"``
     (plain packed weights work too, on the W4A16 kernels); the README states the accuracy traded.
 
     No host sync on CUDA (ids are range-checked by value only on the CPU, or after
@@ -579,7 +581,8 @@ def _explain_fused_layer(x: torch.Tensor, routed: int, gate_up: PackedMXFP4 | Pa
 
     if activations == "fp8" or skip_invalid_ids:
         gather = "the quantizer gathering x's rows to e4m3" if activations == "fp8" else "gather"
-        between = ", the activated rows quantized" if activations == "fp8" else ""
+        between = (" writing the activated rows as e4m3 (a static power-of-two scale from the clamp's bound; an "
+                   "alpha <= 0 quantizes them per row, one launch more)") if activations == "fp8" else ""
         layer = (f"fused epilogues, launch by launch: device routing, {gather}, gate_up with the SwiGLU "
                  f"epilogue{between}, down with the scatter epilogue (bias, routing weight, token slots), top-k sum "
                  "in slot order")
@@ -619,8 +622,9 @@ def explain_moe(
         f"mxfp4.moe: T = {x.shape[0]} tokens x top-{topk_ids.shape[-1]} = {routed} routed rows, "
         f"E = {gate_up.num_experts}, H = {down.n}, I = {down.k}",
         f"  path:      {choice.path}: {choice.reason}",
-        "  activations: " + ("fp8: x quantized per token and the activated rows per row (e4m3, one float32 scale "
-                             "per row), mxfp4.quantize_activations" if activations == "fp8" else "bf16"),
+        "  activations: " + ("fp8: x quantized per token (e4m3, one float32 scale per row, "
+                             "mxfp4.quantize_activations), the activated rows per row, or by the fused SM90 "
+                             "gate_up with the static scale of SwiGLU's clamp" if activations == "fp8" else "bf16"),
     ]
     if choice.path == SM90 and paired:
         lines += _explain_fused_layer(x, routed, gate_up, down, choice.device_name, activations, skip_invalid_ids)

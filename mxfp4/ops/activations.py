@@ -17,6 +17,8 @@ nothing checks, since a check would read the device).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .dispatch import SM90, select_path
@@ -103,3 +105,24 @@ def quantize_gathered_rows(x: torch.Tensor, token: torch.Tensor) -> tuple[torch.
         return out, scale
     x_fp8, x_scale = quantize_activations(x)
     return x_fp8.view(torch.uint8).index_select(0, token).view(torch.float8_e4m3fn), x_scale.index_select(0, token)
+
+
+# The largest |u * sigmoid(u)| for u < 0 (0.278464... at u = -1.27846), rounded up: gpt-oss's glu = gate *
+# sigmoid(alpha * gate) is never below -SILU_MIN_MAGNITUDE / alpha.
+SILU_MIN_MAGNITUDE = 0.27847
+
+
+def swiglu_e4m3_scale(alpha: float, limit: float) -> float | None:
+    """The static e4m3 scale of gpt-oss's clamped SwiGLU, ``(clamp(up, -limit, limit) + 1) * glu`` with
+    ``glu = g * sigmoid(alpha * g)``, ``g = min(gate, limit)``: the smallest power of two s with |SwiGLU| / s <= 448
+    for every input, since |up + 1| <= limit + 1 and glu, increasing for g > 0, lies in [-SILU_MIN_MAGNITUDE / alpha,
+    limit * sigmoid(alpha * limit)] (both ends reached). gpt-oss's (1.702, 7.0) bound it by 55.9996: s = 1/8. The FP8 layer's gate_up kernel writes the activated rows as
+    ``e4m3(value / s)`` with this s for every row, no quantizer launch between the two GEMMs: a per-row scale would
+    need each row's amax across every n-tile of gate_up. e4m3 keeps its 2^-4 relative step from 2^-6 * s up, so
+    only values below 0.002 (gpt-oss) lose precision against a per-row scale. None when nothing bounds SwiGLU
+    (alpha <= 0: glu follows a negative gate down; or a limit that is negative or not finite, which mxfp4.moe
+    refuses): the layer quantizes per row then."""
+    if not (alpha > 0 and 0 <= limit < math.inf):
+        return None
+    bound = (limit + 1) * max(limit / (1 + math.exp(-alpha * limit)), SILU_MIN_MAGNITUDE / alpha)
+    return math.ldexp(1.0, math.ceil(math.log2(bound / FP8_MAX)))
