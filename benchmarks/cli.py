@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "not the product)")
     parser.add_argument("--roofs", metavar="FLAG,...", default="",
                         help="ncu-case --mma-roof: only the roof builds whose every launch.load flag is listed "
-                             "(no_decode, no_epilogue, coalesced_stores, paired_stores, swiglu_lines, swiglu_mufu)")
+                             "(no_decode, no_epilogue, coalesced_stores, paired_stores, swiglu_lines)")
     parser.add_argument("--no-humming", action="store_true", help="leave humming out (grouped, host, fp8, ncu-case)")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay times")
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG")

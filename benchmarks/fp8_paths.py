@@ -148,8 +148,6 @@ ROOF_BUILDS = (
 # Candidates for a swiglu config (the MoE layer's gate_up), timed the same way (`--mma-roof` on an ``_swiglu`` name).
 SWIGLU_ROOF_BUILDS = (
     ("swiglu line stores (candidate)", {"swiglu_lines": True}),  # templates/mxfp4_line_stores.cuh
-    ("swiglu mufu (candidate)", {"swiglu_mufu": True}),  # templates/mxfp4_epilogue.cuh: swiglu_mufu_build
-    ("swiglu mufu + line stores (candidate)", {"swiglu_mufu": True, "swiglu_lines": True}),
 )
 
 

@@ -46,20 +46,10 @@ __device__ __forceinline__ float bias_at(Params const& p, int expert, int column
   return bf16_to_float(p.bias[static_cast<size_t>(expert) * p.bias_stride + column]);
 }
 
-// Candidate, not shipped: -DMXFP4_SWIGLU_MUFU computes SwiGLU's sigmoid with the special-function unit's
-// approximations alone (ex2.approx.ftz, rcp.approx.ftz; relative error ~2^-22 before the bf16 rounding). The shipped
-// `gate / (1 + __expf(..))` is an IEEE division: MUFU.RCP, a Newton step, FCHK and a branch around a slow-path call
-// for every output, which ptxas cannot interleave across a tile's outputs (`--mma-roof` times the candidate as
-// "swiglu mufu (candidate)"; tests/test_store_paths_gpu.py checks it within one bf16 unit of the shipped SwiGLU).
-__device__ __forceinline__ constexpr bool swiglu_mufu_build() {
-#ifdef MXFP4_SWIGLU_MUFU
-  return true;
-#else
-  return false;
-#endif
-}
-
-// 1 / (1 + 2^x) on the MUFU: inf -> 0, so a very negative gate gives glu = gate * 0 = -0, as the division does.
+// 1 / (1 + 2^x) on the special-function unit alone (ex2.approx.ftz, rcp.approx.ftz; ~2^-22 relative before the bf16
+// rounding): inf -> 0, so a very negative gate gives glu = gate * 0 = -0. An IEEE `gate / (1 + __expf(..))` costs an
+// FCHK and a branch around a slow-path call per output, which keeps ptxas from overlapping a tile's outputs: 1.5-1.8x
+// the Store epilogue's cycles at prefill (benchmarks/NOTES.md, eleventh and twelfth sessions).
 __device__ __forceinline__ float sigmoid_of_exp2(float x) {
   float e, r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x));
@@ -71,12 +61,7 @@ __device__ __forceinline__ float sigmoid_of_exp2(float x) {
 __device__ __forceinline__ float gpt_oss_swiglu(float gate, float up, float alpha, float limit) {
   gate = fminf(gate, limit);
   up = fminf(fmaxf(up, -limit), limit);
-  float glu;
-  if constexpr (swiglu_mufu_build()) {
-    glu = gate * sigmoid_of_exp2(-alpha * 1.4426950408889634f * gate);  // exp(-a g) = 2^(-a log2(e) g)
-  } else {
-    glu = gate / (1.0f + __expf(-alpha * gate));
-  }
+  float const glu = gate * sigmoid_of_exp2(-alpha * 1.4426950408889634f * gate);  // exp(-a g) = 2^(-a log2(e) g)
   return (up + 1.0f) * glu;
 }
 

@@ -862,10 +862,9 @@ def test_ncu_case_roofs_pick_builds_by_their_flags():
     assert roofs("n128_m256_k128_s5_wg2_fp8", "no_epilogue,paired_stores") == ["no epilogue", "paired stores (before)"]
     assert roofs("n128_m256_k128_s5_wg2_fp8", "no_decode,no_epilogue") == [
         "no decode", "no epilogue", "no decode, no epilogue"]
-    # A swiglu config's candidates: the MUFU build alone, or with the line stores.
-    assert roofs("n128_m256_k64_s5_wg2_swiglu", "swiglu_mufu") == ["swiglu mufu (candidate)"]
-    assert roofs("n128_m256_k64_s5_wg2_swiglu", "swiglu_mufu,swiglu_lines") == [
-        "swiglu line stores (candidate)", "swiglu mufu (candidate)", "swiglu mufu + line stores (candidate)"]
+    # A swiglu config's candidate: the line stores, only when asked for.
+    assert roofs("n128_m256_k64_s5_wg2_swiglu", "swiglu_lines") == ["swiglu line stores (candidate)"]
+    assert roofs("n128_m256_k64_s5_wg2_swiglu", "no_epilogue") == []
 
 
 def test_ncu_case_swiglu_config_is_launched_directly_with_its_candidates():
@@ -874,9 +873,7 @@ def test_ncu_case_swiglu_config_is_launched_directly_with_its_candidates():
 
     name = "n128_m256_k64_s5_wg2_swiglu"
     paths = prefill_paths(name, mma_roof=True)
-    candidates = [("swiglu line stores (candidate)", {"swiglu_lines": True}),
-                  ("swiglu mufu (candidate)", {"swiglu_mufu": True}),
-                  ("swiglu mufu + line stores (candidate)", {"swiglu_mufu": True, "swiglu_lines": True})]
+    candidates = [("swiglu line stores (candidate)", {"swiglu_lines": True})]
     assert list(paths) == [f"config {name}", *(f"config {name} roof ({roof})" for roof, _ in candidates)]
     assert [(p.func, p.args[0].name, p.args[1], p.args[2]) for p in paths.values()] == [
         (fp8_paths._prepare_roof, name, "none (shipped)", {}),

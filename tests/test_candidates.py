@@ -35,15 +35,15 @@ def test_no_candidate_unless_asked(candidates_env: pytest.MonkeyPatch) -> None:
 
 
 def test_candidates_go_where_they_apply(candidates_env: pytest.MonkeyPatch) -> None:
-    candidates_env.setenv(ENV_CANDIDATES, " swiglu_mufu , swiglu_lines")
-    assert candidate_flags(SWIGLU_TALL) == {"swiglu_lines": True, "swiglu_mufu": True}
-    assert candidate_flags(SWIGLU_DECODE) == {"swiglu_mufu": True}  # 16-row tiles keep the paired stores
-    assert candidate_flags(STORE) == {} and candidate_flags(SCATTER) == {}  # both candidates are SwiGLU's
+    candidates_env.setenv(ENV_CANDIDATES, " swiglu_lines ")
+    assert candidate_flags(SWIGLU_TALL) == {"swiglu_lines": True}
+    assert candidate_flags(SWIGLU_DECODE) == {}  # 16-row tiles keep the paired stores
+    assert candidate_flags(STORE) == {} and candidate_flags(SCATTER) == {}  # the candidate is SwiGLU's
 
 
 def test_an_unknown_candidate_is_refused_by_name(candidates_env: pytest.MonkeyPatch) -> None:
-    candidates_env.setenv(ENV_CANDIDATES, "swiglu_mufu,tma_stores")
-    with pytest.raises(ValueError, match=r"HOPPER_MXFP4_CANDIDATES: unknown candidate\(s\) \['tma_stores'\]"):
+    candidates_env.setenv(ENV_CANDIDATES, "swiglu_lines,swiglu_mufu")  # the MUFU sigmoid shipped: no longer one
+    with pytest.raises(ValueError, match=r"HOPPER_MXFP4_CANDIDATES: unknown candidate\(s\) \['swiglu_mufu'\]"):
         candidate_flags(SWIGLU_TALL)
 
 
@@ -51,8 +51,8 @@ def test_the_line_stores_candidate_goes_only_where_its_area_fits(candidates_env:
     from codegen.runtime.launch import candidate_stage_bytes
 
     full = TileConfig.from_name("n128_m64_k128_s9_wg2_swiglu")  # 231,076 of 232,448 bytes before the 9 KB area
-    candidates_env.setenv(ENV_CANDIDATES, "swiglu_lines,swiglu_mufu")
-    assert candidate_flags(full) == {"swiglu_mufu": True}
+    candidates_env.setenv(ENV_CANDIDATES, "swiglu_lines")
+    assert candidate_flags(full) == {}
     with pytest.raises(ValueError, match="swiglu_lines: n128_m64_k128_s9_wg2_swiglu would need 240292 bytes"):
         candidate_stage_bytes(full, swiglu_lines=True)  # asked for by name: refused, not dropped
     assert candidate_stage_bytes(SWIGLU_TALL, swiglu_lines=True) == SWIGLU_TALL.line_stage_area == 9216

@@ -660,8 +660,8 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
                                                            {"no_decode": True}, {"no_epilogue": True},
                                                            {"no_decode": True, "no_epilogue": True},
                                                            {"coalesced_stores": True}, {"paired_stores": True},
-                                                           {"swiglu_lines": True}, {"swiglu_mufu": True})}
-    assert len(suffixes) == 11
+                                                           {"swiglu_lines": True})}
+    assert len(suffixes) == 10
     assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
     assert diagnostic_build(no_decode=True, no_epilogue=True)[0] == [NO_DECODE_OPTION, NO_EPILOGUE_OPTION]
     options, _ = diagnostic_build(wait_probe=True, copy_only=True)
@@ -767,27 +767,22 @@ WIDE_STORE_BUILDS = {  # build: (flags, samples, 16-byte stores expected)
 
 def _build_options(config: TileConfig, flags: dict[str, bool]) -> list[str]:
     """A diagnostic build's NVRTC options as launch.load compiles it (a candidate's staging area too)."""
-    stage = candidate_stage_bytes(config, swiglu_lines=bool(flags.get("swiglu_lines")),
-                                  swiglu_mufu=bool(flags.get("swiglu_mufu")))
+    stage = candidate_stage_bytes(config, swiglu_lines=bool(flags.get("swiglu_lines")))
     return diagnostic_build(**flags)[0] + ([f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={stage}"] if stage else [])
 
 
 @needs_render
 @needs_sass
 @pytest.mark.parametrize("config", SWIGLU_LINES_SAMPLES[:2] + SWIGLU_LINES_SAMPLES[3:], ids=lambda config: config.name)
-def test_swiglu_mufu_candidate_has_no_division_branch(config):
-    """The shipped SwiGLU divides (FCHK and a branch around a slow-path call per output); the candidate's sigmoid is
-    MUFU.EX2 and MUFU.RCP alone: no FCHK, no call, the same WGMMAs and loads, no spill, fewer instructions."""
+def test_swiglu_sigmoid_has_no_division_branch(config):
+    """SwiGLU's sigmoid is MUFU.EX2 and MUFU.RCP alone: no FCHK and no branch around a slow-path call per output (an
+    IEEE division's, 1.5-1.8x the Store epilogue's cycles at prefill), no spill."""
     _skip_unless_buildable()
-    shipped = compile_kernel(config)
-    candidate = compile_kernel(config, options=_build_options(config, {"swiglu_mufu": True}))
-    a, b = shipped.sass(), candidate.sass()
-    assert a.opcodes.get("FCHK", 0) > 0 and a.opcodes.get("CALL", 0) > 0
-    assert b.opcodes.get("FCHK", 0) == 0 and b.opcodes.get("CALL", 0) == 0, b.opcodes
-    assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.setmaxnreg) == (
-        a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.setmaxnreg)
-    assert candidate.resources.spills == 0
-    assert sum(b.opcodes.values()) < sum(a.opcodes.values())
+    compiled = compile_kernel(config)
+    sass = compiled.sass()
+    assert sass.opcodes.get("FCHK", 0) == 0 and sass.opcodes.get("CALL", 0) == 0, sass.opcodes
+    assert sass.opcodes.get("MUFU", 0) >= 2
+    assert compiled.resources.spills == 0
 
 
 @needs_render
@@ -906,12 +901,3 @@ def test_swiglu_line_stores_candidate_is_refused_for_other_epilogues():
 
     with pytest.raises(ValueError, match="n128_m256_k64_s5_wg2 is not a swiglu config"):
         launch.load(TileConfig.from_name("n128_m256_k64_s5_wg2"), torch.device("cuda"), swiglu_lines=True)
-
-
-def test_swiglu_mufu_candidate_is_refused_for_other_epilogues():
-    import torch
-
-    from codegen.runtime import launch
-
-    with pytest.raises(ValueError, match="swiglu_mufu: n128_m256_k64_s5_wg2_scatter is not a swiglu config"):
-        launch.load(TileConfig.from_name("n128_m256_k64_s5_wg2_scatter"), torch.device("cuda"), swiglu_mufu=True)

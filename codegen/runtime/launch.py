@@ -93,8 +93,7 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
 
 def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
          no_decode: bool = False, no_epilogue: bool = False, coalesced_stores: bool = False,
-         paired_stores: bool = False, swiglu_lines: bool = False, swiglu_mufu: bool = False,
-         templates_dir: str | None = None) -> LoadedKernel:
+         paired_stores: bool = False, swiglu_lines: bool = False, templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
     Diagnostics only, never what the op launches (any combination): ``wait_probe``, the build that times its barrier
@@ -108,20 +107,17 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     ``paired_stores``, the epilogue as it was before the sector and line stores: every tile written with the
     paired 4-byte stores, whatever the config's store path (the same output); ``swiglu_lines``, a candidate for a
     swiglu config: its stores through the line stores' staging area, as 64-byte rows (templates/mxfp4_line_stores.cuh;
-    the launch reserves the area; the same output); ``swiglu_mufu``, a candidate for a swiglu config: its sigmoid on
-    the special-function unit's approximate exp2 and reciprocal instead of an IEEE division (templates/mxfp4_epilogue.cuh;
-    within ~2^-22 before the bf16 rounding, so a few outputs differ by one bf16 unit);
+    the launch reserves the area; the same output);
     ``templates_dir``, the device headers from another directory (an earlier version of the kernel, timed beside
     this one). The candidates that ``HOPPER_MXFP4_CANDIDATES`` lists are taken wherever they apply
     (codegen/runtime/candidates.py)."""
     environment = candidate_flags(config)
     swiglu_lines = swiglu_lines or environment.get("swiglu_lines", False)
-    swiglu_mufu = swiglu_mufu or environment.get("swiglu_mufu", False)
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
                                        no_epilogue=no_epilogue, coalesced_stores=coalesced_stores,
-                                       paired_stores=paired_stores, swiglu_lines=swiglu_lines, swiglu_mufu=swiglu_mufu)
+                                       paired_stores=paired_stores, swiglu_lines=swiglu_lines)
     shared_memory = config.shared_memory_bytes
-    extra_stage = candidate_stage_bytes(config, swiglu_lines=swiglu_lines, swiglu_mufu=swiglu_mufu)
+    extra_stage = candidate_stage_bytes(config, swiglu_lines=swiglu_lines)
     if extra_stage:
         options, shared_memory = [*options, f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={extra_stage}"], shared_memory + extra_stage
     key = (device.index, config.name + suffix, templates_dir)
@@ -148,14 +144,13 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     return kernel
 
 
-def candidate_stage_bytes(config: TileConfig, *, swiglu_lines: bool = False, swiglu_mufu: bool = False) -> int:
+def candidate_stage_bytes(config: TileConfig, *, swiglu_lines: bool = False) -> int:
     """Shared memory a candidate build reserves beyond ``config``'s own (0 for every other build), after checking that
-    the candidate applies (both are SwiGLU's) and fits: ValueError naming the candidate otherwise."""
-    for candidate, on in (("swiglu_lines", swiglu_lines), ("swiglu_mufu", swiglu_mufu)):
-        if on and config.epilogue != "swiglu":
-            raise ValueError(f"{candidate}: {config.name} is not a swiglu config")
+    the candidate applies (a SwiGLU config) and fits: ValueError naming the candidate otherwise."""
     if not swiglu_lines:
         return 0
+    if config.epilogue != "swiglu":
+        raise ValueError(f"swiglu_lines: {config.name} is not a swiglu config")
     if not line_stage_room(config):
         raise ValueError(f"swiglu_lines: {config.name} would need {config.shared_memory_bytes + config.line_stage_area} "
                          f"bytes of shared memory, more than the {config.max_shared_memory_bytes} a CTA may use")
@@ -178,14 +173,11 @@ PAIRED_STORES_OPTION = "-DMXFP4_PAIRED_STORES=1"
 PAIRED_STORES_SUFFIX = "+paired_stores"
 SWIGLU_LINES_OPTION = "-DMXFP4_SWIGLU_LINES=1"
 SWIGLU_LINES_SUFFIX = "+swiglu_lines"
-SWIGLU_MUFU_OPTION = "-DMXFP4_SWIGLU_MUFU=1"
-SWIGLU_MUFU_SUFFIX = "+swiglu_mufu"
 
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_decode: bool = False,
                      no_epilogue: bool = False, coalesced_stores: bool = False,
-                     paired_stores: bool = False, swiglu_lines: bool = False,
-                     swiglu_mufu: bool = False) -> tuple[list[str], str]:
+                     paired_stores: bool = False, swiglu_lines: bool = False) -> tuple[list[str], str]:
     """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
     chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
                                                           (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX),
@@ -194,8 +186,7 @@ def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_de
                                                           (coalesced_stores, COALESCED_STORES_OPTION,
                                                            COALESCED_STORES_SUFFIX),
                                                           (paired_stores, PAIRED_STORES_OPTION, PAIRED_STORES_SUFFIX),
-                                                          (swiglu_lines, SWIGLU_LINES_OPTION, SWIGLU_LINES_SUFFIX),
-                                                          (swiglu_mufu, SWIGLU_MUFU_OPTION, SWIGLU_MUFU_SUFFIX))
+                                                          (swiglu_lines, SWIGLU_LINES_OPTION, SWIGLU_LINES_SUFFIX))
               if on]
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 
