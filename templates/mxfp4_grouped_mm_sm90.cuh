@@ -449,8 +449,8 @@ __device__ __forceinline__ void store_swiglu_paired(float const (&acc)[Cfg::Accu
   float const gate_bias = in_range ? bias_at(p, expert, 2 * channel) : 0.0f;  // transformers' interleaved order
   float const up_bias = in_range ? bias_at(p, expert, 2 * channel + 1) : 0.0f;
   using Element = cute::conditional_t<E4M3, uint8_t, uint16_t>;
-  Element* out = reinterpret_cast<Element*>(p.out) + static_cast<size_t>(rows.row0 + 2 * rows.t + rows.odd) * p.out_cols +
-                 (channel - rows.odd);
+  size_t const first = static_cast<size_t>(rows.row0 + 2 * rows.t + rows.odd) * p.out_cols + (channel - rows.odd);
+  Element* const out = reinterpret_cast<Element*>(p.out) + first;
 #pragma unroll
   for (int i = 0; i < Cfg::TileM / 8; ++i) {
     float y[2];

@@ -349,9 +349,10 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
     W4A8 config (``config.activations == "fp8"``, with ``epilogue.x_scale`` and ``epilogue.w_scale``);
     w_data: ``PackedMXFP4.data``; rows: ``offsets`` [E+1] or ``masked_m`` [E], int32 or int64;
     out: bf16 ``[T, N]`` or ``[E, max_m, N]`` (``[T, N / 2]`` for the SwiGLU epilogue, float8_e4m3fn with
-    ``epilogue.out_row_scale``; scattered rows for ScaleScatter). ``epilogue`` carries what ``config.epilogue`` reads. Inputs are validated
-    by the caller (mxfp4.ops.grouped_gemm, mxfp4.experts.layer). ``kernel``: a loaded build of ``config`` to launch
-    instead of the shipped one (a diagnostic build: the wait probe's, the copy roof's, the MMA roof's).
+    ``epilogue.out_row_scale``; scattered rows for ScaleScatter). ``epilogue`` carries what ``config.epilogue``
+    reads. Inputs are validated by the caller (mxfp4.ops.grouped_gemm, mxfp4.experts.layer). ``kernel``: a loaded
+    build of ``config`` to launch instead of the shipped one (a diagnostic build: the wait probe's, the copy roof's,
+    the MMA roof's).
     """
     total_rows = x.numel() // k
     if total_rows == 0 or n == 0:

@@ -116,12 +116,13 @@ def swiglu_e4m3_scale(alpha: float, limit: float) -> float | None:
     """The static e4m3 scale of gpt-oss's clamped SwiGLU, ``(clamp(up, -limit, limit) + 1) * glu`` with
     ``glu = g * sigmoid(alpha * g)``, ``g = min(gate, limit)``: the smallest power of two s with |SwiGLU| / s <= 448
     for every input, since |up + 1| <= limit + 1 and glu, increasing for g > 0, lies in [-SILU_MIN_MAGNITUDE / alpha,
-    limit * sigmoid(alpha * limit)] (both ends reached). gpt-oss's (1.702, 7.0) bound it by 55.9996: s = 1/8. The FP8 layer's gate_up kernel writes the activated rows as
-    ``e4m3(value / s)`` with this s for every row, no quantizer launch between the two GEMMs: a per-row scale would
-    need each row's amax across every n-tile of gate_up. e4m3 keeps its 2^-4 relative step from 2^-6 * s up, so
-    only values below 0.002 (gpt-oss) lose precision against a per-row scale. None when nothing bounds SwiGLU
-    (alpha <= 0: glu follows a negative gate down; or a limit that is negative or not finite, which mxfp4.moe
-    refuses): the layer quantizes per row then."""
+    limit * sigmoid(alpha * limit)] (both ends reached). gpt-oss's (1.702, 7.0) bound it by 55.9996: s = 1/8.
+
+    The FP8 layer's gate_up kernel writes the activated rows as ``e4m3(value / s)`` with this s for every row, so no
+    quantizer launch runs between the two GEMMs (a per-row scale would need each row's amax across every n-tile of
+    gate_up). e4m3 keeps its 2^-4 relative step from 2^-6 * s up, so only values below 0.002 (gpt-oss) lose
+    precision against a per-row scale. None when nothing bounds SwiGLU (alpha <= 0: glu follows a negative gate
+    down; or a limit that is negative or not finite, which mxfp4.moe refuses): the layer quantizes per row then."""
     if not (alpha > 0 and 0 <= limit < math.inf):
         return None
     bound = (limit + 1) * max(limit / (1 + math.exp(-alpha * limit)), SILU_MIN_MAGNITUDE / alpha)
