@@ -1,7 +1,7 @@
 """Candidate builds everywhere, for a session on the GPU: ``HOPPER_MXFP4_CANDIDATES``.
 
-A candidate is a kernel change built behind its macro and not shipped (launch.load's ``swiglu_lines`` and
-``swiglu_mufu``). `bench ncu-case --mma-roof` times it beside the shipped build and its own GPU test checks its
+A candidate is a kernel change built behind its macro and not shipped (launch.load's ``swiglu_lines``,
+``swiglu_mufu`` and ``m_fastest``). `bench ncu-case --mma-roof` times it beside the shipped build and its own GPU test checks its
 output; before it ships it should also run everything else the shipped build runs. With
 ``HOPPER_MXFP4_CANDIDATES=swiglu_mufu`` (comma-separated names) every launch.load of a config a candidate applies to
 takes the candidate build, so the whole `gpu` suite, `bench moe` and `bench e2e` run it: shipping it afterwards
@@ -17,7 +17,7 @@ from functools import lru_cache
 from codegen.build.config import LINE_STAGE_ROWS, TileConfig
 
 ENV_CANDIDATES = "HOPPER_MXFP4_CANDIDATES"
-CANDIDATES = ("swiglu_lines", "swiglu_mufu")
+CANDIDATES = ("swiglu_lines", "swiglu_mufu", "m_fastest")
 
 
 @lru_cache(maxsize=1)
@@ -31,8 +31,11 @@ def environment_candidates() -> frozenset[str]:
 
 
 def candidate_applies(name: str, config: TileConfig) -> bool:
-    """Whether candidate ``name`` has a build for ``config``: both are SwiGLU's; the line stores also need tiles of
-    whole 32-row blocks and room for their staging area beside the ring."""
+    """Whether candidate ``name`` has a build for ``config``: the tile order for every config; the other two are
+    SwiGLU's, and the line stores also need tiles of whole 32-row blocks and room for their staging area beside the
+    ring."""
+    if name == "m_fastest":
+        return True
     if config.epilogue != "swiglu":
         return False
     if name == "swiglu_lines":
