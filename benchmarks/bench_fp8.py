@@ -25,7 +25,7 @@ import torch
 from . import fp8_paths, measure
 from .bench_grouped_mm import Machine, Settings, rows_for_shape, run_path
 from .fp8_paths import PATHS, REFERENCE, TOLERANCE
-from .problems import MODEL_SHAPES, Row, offsets_from_loads, sample_rows
+from .problems import MODEL_SHAPES, Row, offsets_from_loads, routings, sample_rows
 from .report import align, derived, write_json
 
 HEAVY_CHANNELS = 64  # one channel in 64 ...
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
     line = f"{machine.line()}; FP8 e4m3 peak {fp8_peak.value / 1e12:.0f} TFLOP/s (torch._scaled_mm 8192^3, this run)"
     print(f"bench fp8: {line}", file=sys.stderr)
     models = args.model or (["gpt-oss-20b"] if args.quick else sorted(MODEL_SHAPES))
-    routings = ["uniform", "zipf"] if args.routing == "both" else [args.routing]
+    routing_kinds = routings(args.routing)
     started, rows, accuracy, skipped = time.time(), [], [], []
 
     def save(partial: bool = False) -> Path:
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
                    "accuracy": accuracy, "rows": [row.as_dict() for row in rows]}
         return write_json(out_dir / "bench_fp8.json", payload)
 
-    lost = _run_shapes(models, m_values, routings, settings, rows, accuracy, skipped, save)
+    lost = _run_shapes(models, m_values, routing_kinds, settings, rows, accuracy, skipped, save)
     annotate(rows, machine.read.value, fp8_peak.value)
     print(f"bench fp8: wrote {save(partial=lost)}", file=sys.stderr)
     print(f"device: {line}; {time.time() - started:.0f} s")

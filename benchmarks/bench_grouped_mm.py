@@ -30,6 +30,7 @@ from .problems import (
     make_row,
     memory_needed,
     offsets_from_loads,
+    routings,
     sample_rows,
 )
 from .report import annotate, format_table, plot, write_json
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
     machine = Machine.measure()
     print(f"bench: {machine.line()}", file=sys.stderr)
     models = args.model or (["gpt-oss-20b"] if args.quick else sorted(MODEL_SHAPES))
-    routings = ["uniform", "zipf"] if args.routing == "both" else [args.routing]
+    routing_kinds = routings(args.routing)
     started, rows, skipped = time.time(), [], []
 
     def save(partial: bool = False) -> Path:
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
                    "seconds": round(time.time() - started, 1), "rows": [row.as_dict() for row in rows]}
         return write_json(out_dir / "bench_grouped_mm.json", payload)
 
-    lost = _run_plan(models, m_values, routings, settings, rows, skipped, save)
+    lost = _run_plan(models, m_values, routing_kinds, settings, rows, skipped, save)
     annotate(rows, machine.read.value, machine.peak.value)
     path = save(partial=lost)
     png = plot(rows, out_dir / "bench_grouped_mm.png", machine.line()) if rows and args.plot else None

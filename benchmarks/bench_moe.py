@@ -23,7 +23,7 @@ import mxfp4
 from . import measure
 from .bench_grouped_mm import Machine
 from .moe_layers import FP8_LAYER, FP8_LAYER_TOLERANCE, LAYERS, ExpertWeights, reference_tokens, routing_plan
-from .problems import TOLERANCE, TOP_K, topk_from_loads, uniform_loads, zipf_loads_total
+from .problems import TOLERANCE, TOP_K, routings, topk_from_loads, uniform_loads, zipf_loads_total
 from .report import align, write_json
 
 HIDDEN = INTERMEDIATE = 2880
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace, token_values: list[int]) -> int:
     w = build_weights(args.seed)
     builders = builders_for(w)
     points = []
-    for kind in (["uniform", "zipf"] if args.routing == "both" else [args.routing]):
+    for kind in routings(args.routing):
         for tokens in token_values:
             print(f"moe: {kind} T={tokens}", file=sys.stderr)
             points.append(run_point(w, builders, kind, tokens, args))

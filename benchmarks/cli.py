@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", metavar="T,...", help=f"moe: tokens per layer call (default {','.join(map(str, MOE_TOKENS))}; "
                         f"host, host-cpu: {','.join(map(str, HOST_MOE_TOKENS))})")
     parser.add_argument("--moe-only", action="store_true", help="host: only the mxfp4.moe rows")
-    parser.add_argument("--routing", choices=("uniform", "zipf", "both"), default="both", help="routings (default both)")
+    parser.add_argument("--routing", choices=("uniform", "zipf", "both"),
+                        help="routings (default both; ncu-case: uniform)")
     parser.add_argument("--projections", default="gate_up", metavar="P,...",
                         help="ncu-case, waits: the projections, gate_up and/or down (default gate_up)")
     parser.add_argument("--baseline-templates", metavar="DIR", action="append", default=[],

@@ -29,7 +29,7 @@ import torch
 
 from . import measure, peers
 from .bench_grouped_mm import Machine, operands
-from .problems import MODEL_SHAPES, TOLERANCE, Row, make_row, sample_rows
+from .problems import MODEL_SHAPES, TOLERANCE, Row, make_row, routings, sample_rows
 from .report import align, write_json
 
 PATHS = ("portable kernel", "portable cached", "torch bf16", "ours sm90")
@@ -241,12 +241,12 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     machine, started, rows = Machine.measure(), time.time(), []
-    routings = ["uniform", "zipf"] if args.routing == "both" else [args.routing]
+    routing_kinds = routings(args.routing)
     for model in args.model or ["gpt-oss-20b"]:
         for projection, shape in MODEL_SHAPES[model].items():
             packed, dequantized = random_weights(shape, torch.device("cuda"), seed=args.seed)
             for m in m_values:
-                for routing in routings:
+                for routing in routing_kinds:
                     row = make_row(model, projection, shape, routing, m, seed=args.seed)
                     print(f"fallback: {model} {projection} M={m} {routing}", file=sys.stderr)
                     run_row(row, packed, dequantized, args)

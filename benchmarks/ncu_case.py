@@ -1,7 +1,8 @@
 """The Nsight Compute case: one call of ours and of humming per (projection, M), each inside an NVTX range
 ("ours/", "humming/"), for gpt-oss-20b and -120b (``--model``), gate_up by default (``--projections gate_up,down``
-adds down), M = 1 by default (``--m 1,16``). The profiled kernels come in the order the log prints. Run it under
-ncu, e.g.
+adds down), M = 1 by default (``--m 1,16``), uniform routing by default (``--routing zipf`` or ``both``: the same
+total rows with Zipf loads, so Nsight's DRAM bytes say whether the heavy experts' m-tiles re-read their weights).
+The profiled kernels come in the order the log prints. Run it under ncu, e.g.
 
     ncu --clock-control none --nvtx --nvtx-include "ours/" --section SpeedOfLight ... \\
         python3 -m codegen bench ncu-case --model gpt-oss-20b
@@ -31,7 +32,7 @@ import torch
 
 from . import peers
 from .bench_grouped_mm import operands
-from .problems import MODEL_SHAPES, make_row
+from .problems import MODEL_SHAPES, make_row, routings
 
 
 def profile_once(name: str, prepared: peers.Prepared) -> None:
@@ -50,18 +51,22 @@ def run_model(model: str, projection: str, args: argparse.Namespace, m_values: l
     packed, dequantized = random_weights(shape, torch.device("cuda"), seed=args.seed)
     paths: dict[str, Any] = {"ours": peers.prepare_ours, "humming": peers.prepare_humming}
     for m in m_values:
-        ops = operands(make_row(model, projection, shape, "uniform", m), packed, dequantized, seed=args.seed)
-        ops.budget = 0
-        for name, prepare in paths.items():
-            if name == "humming" and args.no_humming:
-                continue
-            try:
-                profile_once(name, prepare(ops))
-                print(f"ncu-case: {model} {projection} M={m}: profiled {name} (weights {shape.num_experts * shape.n * shape.k})")
-            except Exception as error:
-                print(f"ncu-case: {model} {projection} M={m}: {name} failed: {type(error).__name__}: {error}",
-                      file=sys.stderr)
-        del ops
+        for routing in routings(args.routing, default="uniform"):
+            row = make_row(model, projection, shape, routing, m, seed=args.seed)
+            ops = operands(row, packed, dequantized, seed=args.seed)
+            ops.budget = 0
+            active = sum(1 for load in row.loads if load)
+            case = (f"{model} {projection} M={m} {routing} ({active} experts active, at most {max(row.loads)} rows, "
+                    f"{row.nbytes / 1e6:.1f} MB to read)")
+            for name, prepare in paths.items():
+                if name == "humming" and args.no_humming:
+                    continue
+                try:
+                    profile_once(name, prepare(ops))
+                    print(f"ncu-case: {case}: profiled {name} (weights {shape.num_experts * shape.n * shape.k})")
+                except Exception as error:
+                    print(f"ncu-case: {case}: {name} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            del ops
     del packed, dequantized
     torch.cuda.empty_cache()
 

@@ -57,6 +57,12 @@ def parse_int_list(text: str | None, default: Sequence[int], *, name: str = "--m
     return values
 
 
+def routings(choice: str | None, default: str = "both") -> list[str]:
+    """The routings of ``--routing`` (uniform, zipf or both; ``default`` when it was not given)."""
+    choice = choice or default
+    return list(ROUTINGS) if choice == "both" else [choice]
+
+
 def topk_from_loads(loads: Sequence[int], tokens: int, top_k: int, *, seed: int = 0) -> list[list[int]]:
     """``tokens`` rows of ``top_k`` distinct experts whose counts are ``loads`` (each load <= tokens).
 

@@ -907,3 +907,14 @@ def test_ncu_case_configs_refused_before_any_weights(argv, message, capsys):
     args = build_parser().parse_args(["ncu-case", *argv])
     assert run(args, [1024]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_routings_follow_the_flag_and_each_suites_default():
+    from benchmarks.cli import build_parser
+    from benchmarks.problems import routings
+
+    assert build_parser().parse_args(["grouped"]).routing is None  # each suite picks its default
+    assert routings(None) == ["uniform", "zipf"]  # grouped, fp8, moe, fallback
+    assert routings(None, default="uniform") == ["uniform"]  # ncu-case: one profiled call per case unless asked
+    assert routings("zipf", default="uniform") == ["zipf"]
+    assert routings("both", default="uniform") == ["uniform", "zipf"]
