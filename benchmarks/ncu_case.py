@@ -135,6 +135,10 @@ def run(args: argparse.Namespace, m_values: list[int]) -> int:
     if args.roofs and not args.mma_roof:
         print("bench ncu-case: error: --roofs picks among the --mma-roof builds: give --mma-roof", file=sys.stderr)
         return 2
+    if args.prefill and args.routing not in (None, "uniform"):
+        print("bench ncu-case: error: --prefill profiles uniform routing only; --routing is for the decode cases",
+              file=sys.stderr)
+        return 2
     try:
         prefill_paths(args.configs, args.mma_roof, args.roofs)
     except ValueError as error:

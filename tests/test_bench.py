@@ -899,6 +899,7 @@ def test_ncu_case_scatter_config_is_launched_directly_with_its_roofs():
     (["--prefill", "--mma-roof"], "give --prefill --configs"),
     (["--prefill", "--configs", "n128_m256_k64_s5_wg2", "--roofs", "no_epilogue"], "give --mma-roof"),
     (["--prefill", "--configs", "n128_m256_k64_s5_wg2,nope"], "config name 'nope' is not of the form"),
+    (["--prefill", "--routing", "zipf"], "--prefill profiles uniform routing only"),
 ])
 def test_ncu_case_configs_refused_before_any_weights(argv, message, capsys):
     from benchmarks.cli import build_parser
