@@ -1,8 +1,9 @@
 """Candidate builds everywhere, for a session on the GPU: ``HOPPER_MXFP4_CANDIDATES``.
 
 A candidate is a kernel change built behind its macro and not shipped (launch.load's ``swiglu_lines``,
-``swiglu_mufu`` and ``m_fastest``). `bench ncu-case --mma-roof` times it beside the shipped build and its own GPU test checks its
-output; before it ships it should also run everything else the shipped build runs. With
+``swiglu_mufu`` and ``m_fastest``). `bench ncu-case --mma-roof` (or the bench it concerns) times it beside the
+shipped build and its own GPU test checks its output; before it ships it should also run everything else the shipped
+build runs. With
 ``HOPPER_MXFP4_CANDIDATES=swiglu_mufu`` (comma-separated names) every launch.load of a config a candidate applies to
 takes the candidate build, so the whole `gpu` suite, `bench moe` and `bench e2e` run it: shipping it afterwards
 changes no SASS from what ran (the macro's branch becomes the only one). Read once per process, since loaded kernels
