@@ -129,7 +129,7 @@ struct WorkCursor {
 // Candidate, not shipped: -DMXFP4_M_FASTEST numbers each expert's tiles m-tile fastest, so the CTAs working at the same
 // time on an expert with several m-tiles (Zipf's heavy experts) read the same weight tile together, where the shipped
 // order puts its m-tiles n_tiles apart. For the question whether Zipf's extra time is weights read again from DRAM
-// (its m-tiles grow 1.22-1.27x over uniform's at M = 16 and 256, as its time does; benchmarks/NOTES.md, twelfth
+// (its m-tiles grow 1.22-1.56x over uniform's at M = 16 and 256, as its time does; benchmarks/NOTES.md, twelfth
 // session): `bench grouped --routing zipf` under HOPPER_MXFP4_CANDIDATES=m_fastest times it.
 __device__ __forceinline__ constexpr bool m_fastest_build() {
 #ifdef MXFP4_M_FASTEST
