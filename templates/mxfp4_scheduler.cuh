@@ -126,34 +126,14 @@ struct WorkCursor {
   }
 };
 
-// Candidate, not shipped: -DMXFP4_M_FASTEST numbers each expert's tiles m-tile fastest, so the CTAs working at the same
-// time on an expert with several m-tiles (Zipf's heavy experts) read the same weight tile together, where the shipped
-// order puts its m-tiles n_tiles apart. For the question whether Zipf's extra time is weights read again from DRAM
-// (its m-tiles grow 1.22-1.56x over uniform's at M = 16 and 256, as its time does; benchmarks/NOTES.md, twelfth
-// session): `bench grouped --routing zipf` under HOPPER_MXFP4_CANDIDATES=m_fastest times it.
-__device__ __forceinline__ constexpr bool m_fastest_build() {
-#ifdef MXFP4_M_FASTEST
-  return true;
-#else
-  return false;
-#endif
-}
-
-// Tiles are numbered n-tile fastest, so CTAs working at the same time share an x tile and walk over one expert's
-// weights (m-tile fastest within an expert in the candidate above). Expert e's tiles are indices
-// [prefix[e] n_tiles, prefix[e + 1] n_tiles) either way.
+// Tiles are numbered n-tile fastest, so CTAs working at the same time share an x tile
+// and walk over one expert's weights.
 __device__ __forceinline__ Tile tile_coords(int const* prefix, int num_experts, int n_tiles, int index) {
   int const m_global = index / n_tiles;
   int lo = 0, hi = num_experts;  // find the last e with prefix[e] <= m_global
   while (hi - lo > 1) {
     int const mid = (lo + hi) >> 1;
     if (prefix[mid] <= m_global) lo = mid; else hi = mid;
-  }
-  if constexpr (m_fastest_build()) {
-    int const m_tiles = prefix[lo + 1] - prefix[lo];
-    int const local = index - prefix[lo] * n_tiles;
-    int const n_tile = local / m_tiles;
-    return {lo, local - n_tile * m_tiles, n_tile};
   }
   return {lo, m_global - prefix[lo], index - m_global * n_tiles};
 }

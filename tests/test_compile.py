@@ -660,8 +660,8 @@ def test_diagnostic_builds_have_their_own_options_and_cache_keys():
                                                            {"no_decode": True}, {"no_epilogue": True},
                                                            {"no_decode": True, "no_epilogue": True},
                                                            {"coalesced_stores": True}, {"paired_stores": True},
-                                                           {"swiglu_lines": True}, {"m_fastest": True})}
-    assert len(suffixes) == 11
+                                                           {"swiglu_lines": True})}
+    assert len(suffixes) == 10
     assert diagnostic_build(no_decode=True)[0] == [NO_DECODE_OPTION]
     assert diagnostic_build(no_decode=True, no_epilogue=True)[0] == [NO_DECODE_OPTION, NO_EPILOGUE_OPTION]
     options, _ = diagnostic_build(wait_probe=True, copy_only=True)
@@ -801,21 +801,6 @@ def test_swiglu_has_its_e4m3_output_beside_bf16(config):
     assert converts >= config.tile_m // 8 * config.atoms_per_warpgroup, converts
     assert "STG.E.U8" in text and "F2FP.BF16.F32.PACK_AB" in text
     assert compiled.resources.spills == 0
-
-
-@needs_render
-@needs_sass
-@pytest.mark.parametrize("name", ["n128_m32_k128_s4_wg1_c3_pw", "n128_m128_k256_s2_wg2", "n128_m64_k128_s7_wg2_pw_sk_f3"])
-def test_m_fastest_candidate_changes_only_the_tile_order(name):
-    """The tile-order candidate adds the per-tile division by the expert's m-tiles (a few integer instructions at a
-    tile's start): the same WGMMAs, loads and barriers, no spill, and not the shipped SASS."""
-    _skip_unless_buildable()
-    config = TileConfig.from_name(name)
-    shipped, candidate = compile_kernel(config), compile_kernel(config, options=diagnostic_build(m_fastest=True)[0])
-    a, b = shipped.sass(), candidate.sass()
-    assert (b.hgmma, b.qgmma, b.wgmma_waits, b.utmaldg, b.setmaxnreg) == (
-        a.hgmma, a.qgmma, a.wgmma_waits, a.utmaldg, a.setmaxnreg)
-    assert candidate.resources.spills == 0 and dump_sass(candidate.cubin) != dump_sass(shipped.cubin)
 
 
 def test_store_paths_follow_the_tile_and_the_shared_memory_left():

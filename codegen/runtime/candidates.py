@@ -1,9 +1,9 @@
 """Candidate builds everywhere, for a session on the GPU: ``HOPPER_MXFP4_CANDIDATES``.
 
-A candidate is a kernel change built behind its macro and not shipped (launch.load's ``swiglu_lines`` and
-``m_fastest``; the SwiGLU sigmoid on the special-function unit was one until it shipped). `bench ncu-case --mma-roof`
-times it beside the shipped build and its own GPU test checks its output; before it ships it should also run
-everything else the shipped build runs. With ``HOPPER_MXFP4_CANDIDATES=swiglu_lines`` (comma-separated names) every
+A candidate is a kernel change built behind its macro and not shipped (launch.load's ``swiglu_lines``; the SwiGLU
+sigmoid on the special-function unit was one until it shipped, the m-tile-fastest tile order one until it lost, in
+benchmarks/NOTES.md's thirteenth session). `bench ncu-case --mma-roof` times it beside the shipped build and its own
+GPU test checks its output; before it ships it should also run everything else the shipped build runs. With ``HOPPER_MXFP4_CANDIDATES=swiglu_lines`` (comma-separated names) every
 launch.load of a config a candidate applies to takes the candidate build, so the whole `gpu` suite, `bench moe` and
 `bench e2e` run it: shipping it afterwards changes no SASS from what ran (the macro's branch becomes the only one).
 Read once per process, since loaded kernels and the layer's graphs are cached. Not for production: a candidate is
@@ -18,7 +18,7 @@ from functools import lru_cache
 from codegen.build.config import LINE_STAGE_ROWS, TileConfig
 
 ENV_CANDIDATES = "HOPPER_MXFP4_CANDIDATES"
-CANDIDATES = ("swiglu_lines", "m_fastest")
+CANDIDATES = ("swiglu_lines",)
 
 
 @lru_cache(maxsize=1)
@@ -32,10 +32,8 @@ def environment_candidates() -> frozenset[str]:
 
 
 def candidate_applies(name: str, config: TileConfig) -> bool:
-    """Whether candidate ``name`` has a build for ``config``: the tile order for every config; the line stores for
-    SwiGLU's tiles of whole 32-row blocks with room for their staging area beside the ring."""
-    if name == "m_fastest":
-        return True
+    """Whether candidate ``name`` has a build for ``config``: the line stores for SwiGLU's tiles of whole 32-row
+    blocks with room for their staging area beside the ring."""
     if config.epilogue != "swiglu":
         return False
     return name == "swiglu_lines" and config.tile_m % LINE_STAGE_ROWS == 0 and line_stage_room(config)

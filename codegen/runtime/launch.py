@@ -93,8 +93,7 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
 
 def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
          no_decode: bool = False, no_epilogue: bool = False, coalesced_stores: bool = False,
-         paired_stores: bool = False, swiglu_lines: bool = False, m_fastest: bool = False,
-         templates_dir: str | None = None) -> LoadedKernel:
+         paired_stores: bool = False, swiglu_lines: bool = False, templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
 
     Diagnostics only, never what the op launches (any combination): ``wait_probe``, the build that times its barrier
@@ -108,17 +107,14 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     ``paired_stores``, the epilogue as it was before the sector and line stores: every tile written with the
     paired 4-byte stores, whatever the config's store path (the same output); ``swiglu_lines``, a candidate for a
     swiglu config: its stores through the line stores' staging area, as 64-byte rows (templates/mxfp4_line_stores.cuh;
-    the launch reserves the area; the same output); ``m_fastest``, a candidate for any config: each expert's tiles
-    taken m-tile fastest (templates/mxfp4_scheduler.cuh; the same output);
-    ``templates_dir``, the device headers from another directory (an earlier version of the kernel, timed beside
-    this one). The candidates that ``HOPPER_MXFP4_CANDIDATES`` lists are taken wherever they apply
-    (codegen/runtime/candidates.py)."""
+    the launch reserves the area; the same output); ``templates_dir``, the device headers from another directory (an
+    earlier version of the kernel, timed beside this one). The candidates that ``HOPPER_MXFP4_CANDIDATES`` lists are
+    taken wherever they apply (codegen/runtime/candidates.py)."""
     environment = candidate_flags(config)
     swiglu_lines = swiglu_lines or environment.get("swiglu_lines", False)
-    m_fastest = m_fastest or environment.get("m_fastest", False)
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
                                        no_epilogue=no_epilogue, coalesced_stores=coalesced_stores,
-                                       paired_stores=paired_stores, swiglu_lines=swiglu_lines, m_fastest=m_fastest)
+                                       paired_stores=paired_stores, swiglu_lines=swiglu_lines)
     shared_memory = config.shared_memory_bytes
     extra_stage = candidate_stage_bytes(config, swiglu_lines=swiglu_lines)
     if extra_stage:
@@ -176,14 +172,11 @@ PAIRED_STORES_OPTION = "-DMXFP4_PAIRED_STORES=1"
 PAIRED_STORES_SUFFIX = "+paired_stores"
 SWIGLU_LINES_OPTION = "-DMXFP4_SWIGLU_LINES=1"
 SWIGLU_LINES_SUFFIX = "+swiglu_lines"
-M_FASTEST_OPTION = "-DMXFP4_M_FASTEST=1"
-M_FASTEST_SUFFIX = "+m_fastest"
 
 
 def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_decode: bool = False,
                      no_epilogue: bool = False, coalesced_stores: bool = False,
-                     paired_stores: bool = False, swiglu_lines: bool = False,
-                     m_fastest: bool = False) -> tuple[list[str], str]:
+                     paired_stores: bool = False, swiglu_lines: bool = False) -> tuple[list[str], str]:
     """(NVRTC options, cache-key suffix) of a diagnostic build; ([], "") is the shipped one."""
     chosen = [(option, suffix) for on, option, suffix in ((wait_probe, WAIT_PROBE_OPTION, WAIT_PROBE_SUFFIX),
                                                           (copy_only, COPY_ONLY_OPTION, COPY_ONLY_SUFFIX),
@@ -192,8 +185,7 @@ def diagnostic_build(*, wait_probe: bool = False, copy_only: bool = False, no_de
                                                           (coalesced_stores, COALESCED_STORES_OPTION,
                                                            COALESCED_STORES_SUFFIX),
                                                           (paired_stores, PAIRED_STORES_OPTION, PAIRED_STORES_SUFFIX),
-                                                          (swiglu_lines, SWIGLU_LINES_OPTION, SWIGLU_LINES_SUFFIX),
-                                                          (m_fastest, M_FASTEST_OPTION, M_FASTEST_SUFFIX))
+                                                          (swiglu_lines, SWIGLU_LINES_OPTION, SWIGLU_LINES_SUFFIX))
               if on]
     return [option for option, _ in chosen], "".join(suffix for _, suffix in chosen)
 
