@@ -901,3 +901,13 @@ def test_swiglu_line_stores_candidate_is_refused_for_other_epilogues():
 
     with pytest.raises(ValueError, match="n128_m256_k64_s5_wg2 is not a swiglu config"):
         launch.load(TileConfig.from_name("n128_m256_k64_s5_wg2"), torch.device("cuda"), swiglu_lines=True)
+
+
+def test_load_refuses_a_device_that_is_not_cuda():
+    import torch
+
+    from codegen.runtime import launch
+
+    for device in (torch.device("cpu"), "meta"):
+        with pytest.raises(ValueError, match="device: expected a CUDA device, got (cpu|meta)"):
+            launch.load(TileConfig.from_name("n128_m256_k64_s5_wg2"), device)

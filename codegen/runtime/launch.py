@@ -91,7 +91,7 @@ def load_function(cubin: bytes, entry: str, device: torch.device, shared_memory:
     return module, function
 
 
-def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, copy_only: bool = False,
+def load(config: TileConfig, device: torch.device | str, *, wait_probe: bool = False, copy_only: bool = False,
          no_decode: bool = False, no_epilogue: bool = False, coalesced_stores: bool = False,
          paired_stores: bool = False, swiglu_lines: bool = False, templates_dir: str | None = None) -> LoadedKernel:
     """The kernel for ``config`` loaded on ``device``: compiled (disk-cached) on first use, then cached.
@@ -110,6 +110,9 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     the launch reserves the area; the same output); ``templates_dir``, the device headers from another directory (an
     earlier version of the kernel, timed beside this one). The candidates that ``HOPPER_MXFP4_CANDIDATES`` lists are
     taken wherever they apply (codegen/runtime/candidates.py)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device: expected a CUDA device, got {device}")
     environment = candidate_flags(config)
     swiglu_lines = swiglu_lines or environment.get("swiglu_lines", False)
     options, suffix = diagnostic_build(wait_probe=wait_probe, copy_only=copy_only, no_decode=no_decode,
@@ -119,6 +122,8 @@ def load(config: TileConfig, device: torch.device, *, wait_probe: bool = False, 
     extra_stage = candidate_stage_bytes(config, swiglu_lines=swiglu_lines)
     if extra_stage:
         options, shared_memory = [*options, f"-DMXFP4_DIAGNOSTIC_STAGE_BYTES={extra_stage}"], shared_memory + extra_stage
+    if device.index is None:  # torch.device("cuda"): the current device, as torch takes it
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (device.index, config.name + suffix, templates_dir)
     kernel = _loaded.get(key)
     if kernel is not None:
