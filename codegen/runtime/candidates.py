@@ -3,11 +3,11 @@
 A candidate is a kernel change built behind its macro and not shipped (launch.load's ``swiglu_lines``; the SwiGLU
 sigmoid on the special-function unit was one until it shipped, the m-tile-fastest tile order one until it lost, in
 benchmarks/NOTES.md's thirteenth session). `bench ncu-case --mma-roof` times it beside the shipped build and its own
-GPU test checks its output; before it ships it should also run everything else the shipped build runs. With ``HOPPER_MXFP4_CANDIDATES=swiglu_lines`` (comma-separated names) every
-launch.load of a config a candidate applies to takes the candidate build, so the whole `gpu` suite, `bench moe` and
-`bench e2e` run it: shipping it afterwards changes no SASS from what ran (the macro's branch becomes the only one).
-Read once per process, since loaded kernels and the layer's graphs are cached. Not for production: a candidate is
-not the product until it ships.
+GPU test checks its output; before it ships it should also run everything else the shipped build runs. With
+``HOPPER_MXFP4_CANDIDATES=swiglu_lines`` (comma-separated names) every launch.load of a config a candidate applies to
+takes the candidate build, so the whole `gpu` suite, `bench moe` and `bench e2e` run it: shipping it afterwards
+changes no SASS from what ran (the macro's branch becomes the only one). Read once per process, since loaded kernels
+and the layer's graphs are cached. Not for production: a candidate is not the product until it ships.
 """
 
 from __future__ import annotations
