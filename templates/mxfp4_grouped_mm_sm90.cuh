@@ -55,7 +55,7 @@ struct alignas(64) TensorMap {
 
 template <int TileN_, int TileM_, int TileK_, int Stages_, int Warpgroups_, int ProducerRegs_, int ConsumerRegs_,
           Epilogue Epilogue_, bool ProducerWarp_, bool StreamK_, bool Fp8_ = false, int FragmentBuffers_ = 2,
-          bool PingPong_ = false>
+          bool PingPong_ = false, int MmaRows_ = 0>
 struct KernelConfig {
   static constexpr bool ProducerWarp = ProducerWarp_;  // a producer warp (no setmaxnreg), not a warpgroup
   static constexpr bool StreamK = StreamK_;
@@ -93,6 +93,12 @@ struct KernelConfig {
   static constexpr int XChunkBytes = TileM * kSwizzleRowBytes;  // one 128-byte-wide column block of x
   static constexpr int WStageBytes = AtomsN * AtomsK * kAtomBytes;
   static constexpr int Accumulators = TileM / 2;               // per thread, per 64-row block
+  // Narrow WGMMAs (TileConfig.mma_rows; rendered only when set): a tile issues WGMMAs of N = Parts x MmaRows, Parts
+  // the smallest power of two whose rows cover the tile's valid rows (tile_parts), and its x arrives as that many
+  // boxes of MmaRows rows; the config's MmaFor<Parts> is the WGMMA. Otherwise one width, TileM (Parts = 1).
+  static constexpr int MmaRows = MmaRows_ ? MmaRows_ : TileM;
+  static constexpr int MaxParts = TileM / MmaRows;
+  static constexpr int XBoxBytes = MmaRows * kSwizzleRowBytes;  // one TMA box of x: MmaRows rows of 128 bytes
   static_assert(TileN % (kAtomN * (PingPong ? 1 : Warpgroups)) == 0, "tile_n must split into 64-row blocks per warpgroup");
   static_assert(!PingPong || (Warpgroups == 2 && !StreamK), "ping-pong: two consumer warpgroups, whole tiles");
   static_assert(TileM % 8 == 0 && TileM >= 8 && TileM <= 256, "tile_m is WGMMA's N");
@@ -100,7 +106,25 @@ struct KernelConfig {
   static_assert(TileK % XChunkK == 0, "a stage holds whole 128-byte rows of x");
   static_assert(FragmentBuffers >= 2, "the decode of chunk c + 1 needs a buffer that chunk c's WGMMAs do not read");
   static_assert(AtomsK >= FragmentBuffers - 1, "a full stage releases the previous stage's slot (consume_stage)");
+  static_assert(TileM % MmaRows == 0 && (MaxParts & (MaxParts - 1)) == 0 && MmaRows % 8 == 0,
+                "narrow WGMMAs: TileM is a power-of-two multiple of MmaRows, a multiple of 8");
+  static_assert(MaxParts == 1 || (!StreamK && !PingPong), "narrow WGMMAs: not with stream-K or ping-pong");
 };
+
+// The WGMMA parts a tile of `valid` rows (1 .. TileM) issues: the smallest power of two p with p x MmaRows >= valid
+// (1 without narrow WGMMAs). The producer and the consumers compute it alike from the expert's rows.
+template <class Cfg>
+__device__ __forceinline__ int tile_parts(int valid) {
+  if constexpr (Cfg::MaxParts == 1) {
+    return 1;
+  } else {
+    int parts = 1;
+#pragma unroll
+    for (int p = 1; p < Cfg::MaxParts; p *= 2)
+      if (valid > p * Cfg::MmaRows) parts = 2 * p;
+    return parts;
+  }
+}
 
 // The 128B-swizzle K-major shared-memory descriptor of an x chunk (rows of 128 bytes, 8-row
 // swizzle atoms 1024 bytes apart), advanced to WGMMA step `step` (32 bytes each: k16 bf16 or k32 e4m3).
@@ -181,7 +205,9 @@ __device__ __forceinline__ void produce(Params const& p, SharedStorage<Cfg> cons
   WorkUnit unit;
   while (work.fetch(k_tiles, unit)) {
     Tile const tile = tile_coords(s.tile_prefix, p.num_experts, n_tiles, unit.tile);
-    int const row0 = expert_rows(p, tile.expert).start + tile.m_tile * Cfg::TileM;
+    ExpertRows const rows = expert_rows(p, tile.expert);
+    int const row0 = rows.start + tile.m_tile * Cfg::TileM;
+    int const parts = tile_parts<Cfg>(rows.count - tile.m_tile * Cfg::TileM);  // x boxes per chunk
     int const n_atom0 = tile.n_tile * Cfg::AtomsN;
     int const n_atoms_here = min(Cfg::AtomsN, p.n_atoms - n_atom0);
     uint8_t const* w_expert = p.w + (static_cast<size_t>(tile.expert) * p.n_atoms + n_atom0) * p.k_atoms * kAtomBytes;
@@ -194,13 +220,17 @@ __device__ __forceinline__ void produce(Params const& p, SharedStorage<Cfg> cons
       probe.template count<kProbeProducerStages>();
       // Out-of-range x boxes are zero-filled by TMA and still count their full size.
       Barrier::arrive_and_expect_tx(&s.full[ring.slot],
-                                    Cfg::XStageBytes + n_atoms_here * k_atoms_here * kAtomBytes);
+                                    Cfg::XChunks * parts * Cfg::XBoxBytes + n_atoms_here * k_atoms_here * kAtomBytes);
       uint8_t* x_slot = s.x + ring.slot * Cfg::XStageBytes;
 #pragma unroll
       for (int c = 0; c < Cfg::XChunks; ++c) {
-        cute::SM90_TMA_LOAD_2D::copy(&p.x_map, &s.full[ring.slot],
-                                     static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
-                                     x_slot + c * Cfg::XChunkBytes, k_atom0 * kAtomK + c * Cfg::XChunkK, row0);
+        // The chunk's first `parts` boxes of MmaRows rows, stacked as one box of parts x MmaRows rows would be (the
+        // 128B swizzle repeats every 8 rows, so a box at a multiple of 8 rows keeps the pattern).
+        for (int b = 0; b < parts; ++b)
+          cute::SM90_TMA_LOAD_2D::copy(&p.x_map, &s.full[ring.slot],
+                                       static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
+                                       x_slot + c * Cfg::XChunkBytes + b * Cfg::XBoxBytes,
+                                       k_atom0 * kAtomK + c * Cfg::XChunkK, row0 + b * Cfg::MmaRows);
       }
       uint8_t* w_slot = s.w + ring.slot * Cfg::WStageBytes;
       for (int a = 0; a < n_atoms_here; ++a) {
@@ -220,6 +250,7 @@ struct ConsumerState {
   static constexpr int A = Cfg::AtomsPerWarpgroup;
   float acc[A][Cfg::Accumulators];
   uint32_t frag[Cfg::FragmentBuffers][A][Cfg::MmaSteps][4];  // [register buffer][atom][WGMMA step][A register]
+  int parts = 1;  // the tile's WGMMA width in MmaRows (tile_parts), warp-uniform
 
   __device__ __forceinline__ void fence_accumulators() {
 #pragma unroll
@@ -296,15 +327,32 @@ struct ConsumerState {
     fence_accumulators();
     uint64_t const desc0 = x_descriptor(x_chunk, step0);  // once per chunk; the steps add to its address field
     cute::warpgroup_arrive();
+    if constexpr (Cfg::MaxParts == 1) {
+      issue_steps<Buf, Mma, Cfg::Accumulators>(desc0);
+    } else {  // narrow WGMMAs: N = parts x MmaRows writes the first parts x MmaRows / 2 accumulators of each atom
+      if (parts == 1) {
+        issue_steps<Buf, typename Cfg::template MmaFor<1>, Cfg::MmaRows / 2>(desc0);
+      } else if (Cfg::MaxParts > 2 && parts == 2) {
+        issue_steps<Buf, typename Cfg::template MmaFor<2>, Cfg::MmaRows>(desc0);
+      } else if (Cfg::MaxParts > 4 && parts == 4) {
+        issue_steps<Buf, typename Cfg::template MmaFor<4>, 2 * Cfg::MmaRows>(desc0);
+      } else {
+        issue_steps<Buf, Mma, Cfg::Accumulators>(desc0);
+      }
+    }
+    cute::warpgroup_commit_batch();
+    fence_accumulators();
+  }
+
+  template <int Buf, class Op, int Written>
+  __device__ __forceinline__ void issue_steps(uint64_t desc0) {
 #pragma unroll
     for (int step = 0; step < Cfg::MmaSteps; ++step) {
       uint64_t const desc = advance_descriptor(desc0, step);
 #pragma unroll
       for (int a = 0; a < A; ++a)
-        wgmma_rs<Mma>(frag[Buf][a][step], desc, acc[a], cute::make_index_sequence<Cfg::Accumulators>{});
+        wgmma_rs<Op>(frag[Buf][a][step], desc, acc[a], cute::make_index_sequence<Written>{});
     }
-    cute::warpgroup_commit_batch();
-    fence_accumulators();
   }
 };
 
@@ -798,6 +846,7 @@ __device__ __forceinline__ void consume(Params const& p, SharedStorage<Cfg> cons
     }
     Tile const tile = tile_coords(s.tile_prefix, p.num_experts, n_tiles, unit.tile);
     ExpertRows const rows = expert_rows(p, tile.expert);
+    st.parts = tile_parts<Cfg>(rows.count - tile.m_tile * Cfg::TileM);
     // FP8 activations' row scales: the W4A8 kernel loads them now, so their latency hides under the k loop (the bf16
     // kernels, whose fragments need the registers, load them after it).
     TileRowScales<Cfg> scales;

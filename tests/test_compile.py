@@ -227,6 +227,13 @@ def test_summarize_sass():
     assert summary.wgmma_waits == {0: 1, 2: 1}  # wgmma.wait_group N -> count
 
 
+def test_summarize_sass_leaves_ptxas_wgmma_fences_out_of_the_mma_count():
+    fence = "        /*00c0*/                   HGMMA.64x8x16.F16 RZ, gdesc[URZ], RZ, !UPT, gsb0 ;\n"
+    summary = summarize_sass(SASS_TEXT + fence)
+    assert (summary.hgmma, summary.wgmma_fences, summary.opcodes["HGMMA"]) == (2, 1, 3)
+    assert summarize_sass(SASS_TEXT).wgmma_fences == 0
+
+
 def test_sass_sidecar_of_an_older_summary_is_recomputed(tmp_path, monkeypatch):
     """A sass.json written before a SassSummary field existed must not come back with that field's default."""
     from dataclasses import asdict
@@ -801,6 +808,67 @@ def test_swiglu_has_its_e4m3_output_beside_bf16(config):
     assert converts >= config.tile_m // 8 * config.atoms_per_warpgroup, converts
     assert "STG.E.U8" in text and "F2FP.BF16.F32.PACK_AB" in text
     assert compiled.resources.spills == 0
+
+
+MMA_ROWS_SAMPLES = [config for config in CONFIGS_IN_USE if config.mma_rows]
+
+
+def test_narrow_wgmma_samples_are_under_test():
+    assert {config.name for config in MMA_ROWS_SAMPLES} >= {
+        "n128_m64_k128_s4_wg1_c2_pw_r16", "n128_m64_k128_s6_wg1_c2_pw_r16_fp8", "n128_m128_k128_s4_wg2_r32"}
+
+
+@needs_render
+@needs_sass
+@pytest.mark.parametrize("config", MMA_ROWS_SAMPLES, ids=lambda config: config.name)
+def test_narrow_wgmmas_issue_every_width_alike(default_kernels, config):
+    """mma_rows: the k loop holds each width's WGMMAs (N = mma_rows x 1, 2, 4, ... up to tile_m), as many of each as
+    the single-width kernel has of its one (every atom and step of a stage), pipelined (waits of fragment_buffers -
+    1, no serialization), and x arrives in boxes of mma_rows rows (the producer's loop over them: one UTMALDG)."""
+    kernel = default_kernels[config.name]
+    if isinstance(kernel, Exception):
+        pytest.fail(f"{config.name} did not compile: {kernel}")
+    text = dump_sass(kernel.cubin)
+    opcode = "QGMMA" if config.activations == "fp8" else "HGMMA"
+    depth = 32 if config.activations == "fp8" else 16
+    counts = {n: len(re.findall(rf"{opcode}\.64x{n}x{depth}\.", text)) for n in config.mma_widths}
+    per_stage = config.atoms_per_warpgroup * config.k_atoms_per_stage * (64 // depth)
+    assert set(counts.values()) == {per_stage}, counts
+    summary = kernel.sass()
+    assert summary.wgmma_waits.get(config.fragment_buffers - 1, 0) > 0, summary.wgmma_waits
+    assert serialized_wgmma(kernel.ptxas_notes) == ()
+    assert kernel.resources.spills == 0
+
+
+def test_narrow_wgmma_configs_name_and_refuse():
+    config = TileConfig.from_name("n128_m64_k128_s4_wg1_c2_pw_r16_fp8_swiglu")
+    assert (config.mma_rows, config.mma_widths, config.x_box_rows) == (16, (16, 32, 64), 16)
+    assert config.name == "n128_m64_k128_s4_wg1_c2_pw_r16_fp8_swiglu"
+    plain = TileConfig.from_name("n128_m64_k128_s4_wg1_c2_pw")
+    assert (plain.mma_rows, plain.mma_widths, plain.x_box_rows) == (0, (64,), 64)
+    assert TileConfig.from_name("n128_m128_k128_s4_wg2_r16").mma_widths == (16, 32, 64, 128)
+    for name, reason in (("n128_m64_k128_s4_wg1_c2_pw_r24", "mma_rows=24: a multiple of 8 with tile_m / mma_rows"),
+                         ("n128_m64_k128_s4_wg1_c2_pw_r64", "mma_rows=64: a multiple of 8"),
+                         ("n128_m128_k128_s4_wg2_r8", "mma_rows=8: a multiple of 8 with tile_m / mma_rows one of"),
+                         ("n128_m64_k128_s4_wg2_sk_r16", "not with stream-K or ping-pong"),
+                         ("n128_m128_k64_s8_wg2_pp_r32", "not with stream-K or ping-pong")):
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            TileConfig.from_name(name)
+    with pytest.raises(ValueError, match="mma_rows must be 0"):
+        TileConfig(mma_rows=-16).validate()
+
+
+@needs_render
+def test_narrow_wgmma_config_renders_its_widths_and_others_render_as_before():
+    from codegen.build.render import render
+
+    source = render(TileConfig.from_name("n128_m64_k128_s4_wg1_c2_pw_r16"))
+    assert "mxfp4::Epilogue::Store, true, false, false, 2, false, 16>" in source
+    assert "template <int Parts>\n  using MmaFor = cute::conditional_t<Parts == 1, cute::SM90::GMMA::MMA_64x16x16" in (
+        source)
+    assert "cute::conditional_t<Parts == 2, cute::SM90::GMMA::MMA_64x32x16" in source
+    plain = render(TileConfig.from_name("n128_m64_k128_s4_wg1_c2_pw"))
+    assert "MmaFor" not in plain and "mxfp4::Epilogue::Store, true, false, false> {" in plain
 
 
 def test_store_paths_follow_the_tile_and_the_shared_memory_left():

@@ -25,6 +25,7 @@ PRODUCER_REGISTERS = 40  # setmaxnreg of the producer warpgroup
 # search space all read these.
 WARPGROUP_CHOICES = (1, 2, 3, 4)  # consumer warpgroups per CTA
 TILE_M_RANGE = (8, 256)  # WGMMA's N, in steps of 8
+MMA_ROWS_SPLITS = (2, 4, 8)  # tile_m / mma_rows: the narrow WGMMAs' widths are mma_rows x 1, 2, 4, ... (powers of 2)
 MAX_TILE_K = 512  # the decode loop is unrolled over a stage
 MAX_ATOMS_PER_WARPGROUP = 4  # 64-row blocks of W per consumer warpgroup
 MIN_STAGES = 2
@@ -62,7 +63,8 @@ LINE_STAGE_PITCH = 144  # bytes per staged row: 128 of values, 16 of pad (no ban
 LINE_STAGE_BYTES_PER_WARPGROUP = LINE_STAGE_ROWS * LINE_STAGE_PITCH
 
 _NAME = re.compile(
-    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_f(\d+))?(_pp)?(?:_(fp8))?(?:_(swiglu|scatter))?$"
+    r"^n(\d+)_m(\d+)_k(\d+)_s(\d+)_wg(\d+)(?:_c(\d+))?(_pw)?(_sk)?(?:_f(\d+))?(_pp)?(?:_r(\d+))?(?:_(fp8))?"
+    r"(?:_(swiglu|scatter))?$"
 )
 
 
@@ -98,6 +100,11 @@ class TileConfig:
                 one stores its tile while the other's WGMMAs run, instead of both storing while the tensor cores
                 idle. Each warpgroup holds the whole tile_n x tile_m accumulator block. Needs warpgroups=2, no
                 stream-K. Names add ``_pp`` (after ``_f<n>``, before ``_fp8``).
+    mma_rows    0 (WGMMA's N is tile_m), or the rows of x one narrow WGMMA takes: a tile of tile_m rows issues
+                WGMMAs of N = p x mma_rows, p the smallest power of two whose rows cover the tile's valid rows, and
+                loads only those rows of x. So an expert with many rows (skewed routing) decodes its weights once
+                per tile_m rows while one with few pays no wider WGMMA. tile_m / mma_rows is 2, 4 or 8; no
+                stream-K or ping-pong. Names add ``_r<n>`` (after ``_pp``, before ``_fp8``).
     """
 
     tile_n: int = 128
@@ -112,6 +119,7 @@ class TileConfig:
     activations: str = "bf16"
     fragment_buffers: int = DEFAULT_FRAGMENT_BUFFERS
     pingpong: bool = False
+    mma_rows: int = 0
 
     @property
     def name(self) -> str:
@@ -120,6 +128,7 @@ class TileConfig:
         suffix += "_sk" if self.stream_k else ""
         suffix += f"_f{self.fragment_buffers}" if self.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS else ""
         suffix += "_pp" if self.pingpong else ""
+        suffix += f"_r{self.mma_rows}" if self.mma_rows else ""
         suffix += "_fp8" if self.activations == "fp8" else ""
         suffix += f"_{self.epilogue}" if self.epilogue != "store" else ""
         return f"n{self.tile_n}_m{self.tile_m}_k{self.tile_k}_s{self.stages}_wg{self.warpgroups}{suffix}"
@@ -131,14 +140,15 @@ class TileConfig:
             raise ValueError(
                 f"config name {name!r} is not of the form "
                 "n<tile_n>_m<tile_m>_k<tile_k>_s<stages>_wg<warpgroups>[_c<ctas_per_sm>][_pw][_sk][_f<fragment_buffers>][_pp]"
-                "[_fp8]"
+                "[_r<mma_rows>][_fp8]"
                 "[_swiglu|_scatter]"
             )
-        *numbers, ctas, producer_warp, stream_k, buffers, pingpong, fp8, epilogue = match.groups()
+        *numbers, ctas, producer_warp, stream_k, buffers, pingpong, mma_rows, fp8, epilogue = match.groups()
         config = cls(
             *(int(v) for v in numbers), ctas_per_sm=int(ctas or 1), epilogue=epilogue or "store",
             producer="warp" if producer_warp else "warpgroup", stream_k=bool(stream_k), activations=fp8 or "bf16",
             fragment_buffers=int(buffers or DEFAULT_FRAGMENT_BUFFERS), pingpong=bool(pingpong),
+            mma_rows=int(mma_rows or 0),
         )
         config.validate()
         return config
@@ -156,6 +166,8 @@ class TileConfig:
         shape += ", a producer warp" if self.producer == "warp" else ""
         shape += ", stream-K" if self.stream_k else ""
         shape += ", ping-pong (the consumer warpgroups take whole tiles in turns)" if self.pingpong else ""
+        if self.mma_rows:
+            shape += f", WGMMAs {self.mma_rows} to {self.tile_m} rows wide as the tile's rows need"
         if self.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS:
             shape += f", {self.fragment_buffers} fragment buffers ({self.fragment_buffers - 1} WGMMA chunks in flight)"
         if self.activations == "fp8":
@@ -193,6 +205,18 @@ class TileConfig:
         """A-fragment registers per 64-row block: ``fragment_buffers`` buffers of 4 registers per WGMMA step of
         an atom (4 k16 steps for bf16: 16 per buffer; 2 k32 steps for fp8: 8 per buffer)."""
         return self.fragment_buffers * 4 * (ATOM_K // (16 if self.activations == "bf16" else 32))
+
+    @property
+    def mma_widths(self) -> tuple[int, ...]:
+        """The WGMMA N a tile may issue with: tile_m alone, or mma_rows x 1, 2, 4, ... up to tile_m."""
+        if not self.mma_rows:
+            return (self.tile_m,)
+        return tuple(self.mma_rows << p for p in range((self.tile_m // self.mma_rows).bit_length()))
+
+    @property
+    def x_box_rows(self) -> int:
+        """Rows of x per TMA box (the x map's box height): one narrow WGMMA's rows with mma_rows, else tile_m."""
+        return self.mma_rows or self.tile_m
 
     @property
     def x_stage_bytes(self) -> int:
@@ -290,6 +314,9 @@ class TileConfig:
             elif field.name in ("stream_k", "pingpong"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{field.name} must be a bool, got {value!r}")
+            elif field.name == "mma_rows":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"mma_rows must be 0 (off) or a positive int, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field.name} must be a positive int, got {value!r}")
         low, high = TILE_M_RANGE
@@ -314,6 +341,7 @@ class TileConfig:
                 f"{self.ctas_per_sm} CTAs of {self.threads} threads exceed the SM's {MAX_THREADS_PER_SM} threads"
             )
         self._validate_fragment_buffers()
+        self._validate_mma_rows()
         if self.stages < MIN_STAGES:
             raise ValueError(f"stages={self.stages}: the pipeline needs at least {MIN_STAGES} stages")
         if self.accumulators_per_thread > 128:
@@ -347,6 +375,16 @@ class TileConfig:
             )
         if self.tile_n % ATOM_N:
             raise ValueError(f"tile_n={self.tile_n}: must be a multiple of {ATOM_N}")
+
+    def _validate_mma_rows(self) -> None:
+        if not self.mma_rows:
+            return
+        if self.mma_rows % 8 or self.tile_m // self.mma_rows not in MMA_ROWS_SPLITS or self.tile_m % self.mma_rows:
+            raise ValueError(f"mma_rows={self.mma_rows}: a multiple of 8 with tile_m / mma_rows one of "
+                             f"{MMA_ROWS_SPLITS} (tile_m={self.tile_m})")
+        if self.stream_k or self.pingpong:
+            raise ValueError(f"mma_rows={self.mma_rows}: not with stream-K or ping-pong (stream_k={self.stream_k}, "
+                             f"pingpong={self.pingpong})")
 
     def _validate_fragment_buffers(self) -> None:
         if self.fragment_buffers not in FRAGMENT_BUFFER_CHOICES:

@@ -90,7 +90,9 @@ def render(config: TileConfig) -> str:
     template = environment().get_template(TEMPLATE_NAME)
     return template.render(
         config=config,
-        needs_gmma_ext=config.tile_m not in _GMMA_BASE_SIZES,
+        needs_gmma_ext=any(width not in _GMMA_BASE_SIZES for width in config.mma_widths),
+        mma=_mma_type(config, config.tile_m),
+        mma_for=_mma_for(config),
         layout_constants=LAYOUT_CONSTANTS,
         staging_constants=STAGING_CONSTANTS,
         params=template_fields(),
@@ -106,16 +108,35 @@ def render(config: TileConfig) -> str:
     )
 
 
+def _mma_type(config: TileConfig, n: int) -> str:
+    """CuTe's register-A WGMMA of N = ``n`` for ``config``'s family (64 weight rows; K 16 bf16 or 32 e4m3)."""
+    if config.activations == "fp8":
+        return f"cute::SM90::GMMA::MMA_64x{n}x32_F32E4M3E4M3_RS_TN<>"
+    return f"cute::SM90::GMMA::MMA_64x{n}x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>"
+
+
+def _mma_for(config: TileConfig) -> str:
+    """With mma_rows: the WGMMA of N = Parts x mma_rows as one type expression of the template parameter Parts (the
+    widest as the fallback); empty otherwise."""
+    if not config.mma_rows:
+        return ""
+    *narrow, widest = config.mma_widths
+    expression = _mma_type(config, widest)
+    for width in reversed(narrow):
+        parts = width // config.mma_rows
+        expression = f"cute::conditional_t<Parts == {parts}, {_mma_type(config, width)},\n      {expression}>"
+    return expression
+
+
 def _optional_fields(config: TileConfig) -> dict[str, str]:
-    """KernelConfig's trailing arguments (FragmentBuffers, PingPong) and the header's note, empty at their defaults
-    (the template's default arguments), so that the sources of the configs without them stay what they were before
-    the fields existed."""
-    arguments, note = "", ""
-    if config.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS or config.pingpong:
-        arguments += f", {config.fragment_buffers}"
-    if config.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS:
-        note += f" fragment_buffers={config.fragment_buffers}"
-    if config.pingpong:
-        arguments += ", true"
-        note += " pingpong=True"
+    """KernelConfig's trailing arguments (FragmentBuffers, PingPong, MmaRows) and the header's note, empty at their
+    defaults (the template's default arguments): the arguments up to the last one that differs from its default, so
+    that the sources of the configs without them stay what they were before the fields existed."""
+    trailing = ((config.fragment_buffers != DEFAULT_FRAGMENT_BUFFERS, str(config.fragment_buffers),
+                 f" fragment_buffers={config.fragment_buffers}"),
+                (config.pingpong, "true" if config.pingpong else "false", " pingpong=True"),
+                (config.mma_rows != 0, str(config.mma_rows), f" mma_rows={config.mma_rows}"))
+    rendered = max((i + 1 for i, (differs, _, _) in enumerate(trailing) if differs), default=0)
+    arguments = "".join(f", {value}" for _, value, _ in trailing[:rendered])
+    note = "".join(text for differs, _, text in trailing if differs)
     return {"optional_arguments": arguments, "optional_fields_note": note}

@@ -102,6 +102,8 @@ _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0
 _FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)", re.MULTILINE)
 # wgmma.wait_group N: "WARPGROUP.DEPBAR.LE gsb0, 0x1 ;" (N WGMMA groups may stay in flight).
 _WGMMA_WAIT = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*0x([0-9a-fA-F]+)")
+# ptxas's no-op WGMMA where paths with WGMMAs of other widths meet (TileConfig.mma_rows): no operands, so no product.
+_WGMMA_FENCE = re.compile(r"HGMMA\.64x8x16\.F16\s+RZ\s*,\s*gdesc\[URZ\]\s*,\s*RZ")
 TMA_OPCODES = ("UTMALDG", "UTMASTG", "UTMAPF", "UTMACCTL", "UTMAREDG", "UBLKCP", "UBLKPF", "UBLKRED")
 
 
@@ -111,7 +113,7 @@ class SassSummary:
 
     functions: tuple[str, ...]
     instructions: int
-    hgmma: int  # wgmma.mma_async
+    hgmma: int  # wgmma.mma_async (bf16), not counting wgmma_fences
     utmaldg: int  # TMA tensor loads (cp.async.bulk.tensor)
     ublkcp: int  # bulk copies (cp.async.bulk, no tensor map)
     tma_other: int  # other TMA / bulk opcodes (stores, prefetch, reductions, descriptor control)
@@ -124,6 +126,8 @@ class SassSummary:
     # wgmma.wait_group N -> how many: a pipelined kernel waits with N = fragment buffers - 1 in its k loop; ptxas
     # serializing the WGMMAs shows as waits with N = 0 only.
     wgmma_waits: dict[int, int] = field(default_factory=dict)
+    # ptxas's operand-less HGMMAs where branches with WGMMAs of other widths join (narrow WGMMAs, TileConfig.mma_rows).
+    wgmma_fences: int = 0
 
     @property
     def tma(self) -> int:
@@ -144,10 +148,11 @@ def summarize_sass(text: str) -> SassSummary:
         opcodes[opcode] += 1
         variants[opcode + match.group(2)] += 1
     warpgroup_arrive = sum(count for name, count in variants.items() if name.startswith("WARPGROUP.ARRIVE"))
+    fences = len(_WGMMA_FENCE.findall(text))
     return SassSummary(
         functions=tuple(_FUNCTION.findall(text)),
         instructions=sum(opcodes.values()),
-        hgmma=opcodes["HGMMA"],
+        hgmma=opcodes["HGMMA"] - fences,
         utmaldg=opcodes["UTMALDG"],
         ublkcp=opcodes["UBLKCP"],
         tma_other=sum(opcodes[name] for name in TMA_OPCODES if name not in ("UTMALDG", "UBLKCP")),
@@ -158,6 +163,7 @@ def summarize_sass(text: str) -> SassSummary:
         opcodes=dict(sorted(opcodes.items())),
         qgmma=opcodes["QGMMA"],
         wgmma_waits=dict(sorted(Counter(int(n, 16) for n in _WGMMA_WAIT.findall(text)).items())),
+        wgmma_fences=fences,
     )
 
 

@@ -275,20 +275,20 @@ class EpilogueArgs:
 _NO_EPILOGUE = EpilogueArgs()
 
 
-# Descriptors of recent x tensors: a pure function of (address, rows, K, tile_m, element size), so an entry
+# Descriptors of recent x tensors: a pure function of (address, rows, K, box rows, element size), so an entry
 # can never be stale; steady-state loops reuse the caching allocator's addresses and skip the encode.
 _X_MAPS: dict[tuple[int, int, int, int, int], bytes] = {}
 _X_MAPS_LIMIT = 256
 
 
-def encode_x_map(address: int, rows: int, k: int, tile_m: int, element_bytes: int = 2) -> bytes:
-    """TMA descriptor of x as [rows, K] bf16 (``element_bytes`` 2) or e4m3 (1, as uint8), boxes of tile_m rows
-    x 128 bytes, 128-byte swizzle."""
-    key = (address, rows, k, tile_m, element_bytes)
+def encode_x_map(address: int, rows: int, k: int, box_rows: int, element_bytes: int = 2) -> bytes:
+    """TMA descriptor of x as [rows, K] bf16 (``element_bytes`` 2) or e4m3 (1, as uint8), boxes of ``box_rows`` rows
+    (TileConfig.x_box_rows) x 128 bytes, 128-byte swizzle."""
+    key = (address, rows, k, box_rows, element_bytes)
     tensor_map = _X_MAPS.get(key)
     if tensor_map is None:
         data_type = TMA_BFLOAT16 if element_bytes == 2 else TMA_UINT8
-        tensor_map = encode_2d_map(address, rows, k, k * element_bytes, _X_ROW_BYTES // element_bytes, tile_m,
+        tensor_map = encode_2d_map(address, rows, k, k * element_bytes, _X_ROW_BYTES // element_bytes, box_rows,
                                    data_type)
         with _lock:
             while len(_X_MAPS) >= _X_MAPS_LIMIT:
@@ -380,7 +380,7 @@ def grouped_mm_sm90(x: torch.Tensor, w_data: torch.Tensor, n: int, k: int, rows:
     device = x.device.index
     if kernel is None:
         kernel = load(config, x.device)  # a dict hit after the first call
-    x_map = encode_x_map(x_address, total_rows, k, config.tile_m, element_bytes)
+    x_map = encode_x_map(x_address, total_rows, k, config.x_box_rows, element_bytes)
     bias, row_scale, row_dest, bias_stride = epilogue.pointers()
     tiles = tile_bound(config, rows=total_rows, num_experts=num_experts, n=n, masked=masked, max_m=max_m)
     grid = grid_size(config, kernel, tiles, k_atoms)

@@ -173,13 +173,13 @@ class MoePlan:
 
     def pack_gate_up(self, buffer, base: int, call: LayerCall) -> None:
         at, g = self.layout, self.gate_up
-        x_map = encode_x_map(base + at.rows, self.shape.routed, g.k, g.kernel.config.tile_m)
+        x_map = encode_x_map(base + at.rows, self.shape.routed, g.k, g.kernel.config.x_box_rows)
         _pack_gemm(buffer, g, x_map, call.gate_up, base + at.activated, base + at.offsets, self.shape.routed,
                    call.gate_up_bias, 0, 0, call.alpha, call.limit, base + at.gate_up_partials, base + at.gate_up_counters)
 
     def pack_down(self, buffer, base: int, call: LayerCall) -> None:
         at, g = self.layout, self.down
-        x_map = encode_x_map(base + at.activated, self.shape.routed, g.k, g.kernel.config.tile_m)
+        x_map = encode_x_map(base + at.activated, self.shape.routed, g.k, g.kernel.config.x_box_rows)
         _pack_gemm(buffer, g, x_map, call.down, base + at.slots, base + at.offsets, self.shape.routed,
                    call.down_bias, base + at.row_scale, base + at.row_dest, _DOWN_ALPHA, _DOWN_LIMIT,
                    base + at.down_partials, base + at.down_counters)

@@ -36,6 +36,7 @@ FAMILY_SAMPLES: tuple[str, ...] = (
     "n128_m256_k128_s5_wg2_f3_fp8", "n128_m256_k128_s3_wg2_f3", "n128_m64_k256_s4_wg2_f3",
     "n128_m64_k128_s8_wg2_f3_fp8", "n128_m64_k128_s7_wg2_pw_sk_f3",
     "n128_m128_k64_s8_wg2_pp", "n128_m128_k128_s8_wg2_pp_fp8",
+    "n128_m64_k128_s4_wg1_c2_pw_r16", "n128_m64_k128_s6_wg1_c2_pw_r16_fp8", "n128_m128_k128_s4_wg2_r32",
 )
 
 
