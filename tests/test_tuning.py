@@ -87,6 +87,18 @@ def test_space_pruning_keeps_the_deepest_stages():
                            fragment_buffers=buffers, pingpong=pingpong).validate()
 
 
+def test_narrow_wgmma_variants_join_the_space_when_asked():
+    base = SearchSpace(tile_n=(128,), tile_m=(16, 64), warpgroups=(1,), ctas_per_sm=(2, 3), include_defaults=False)
+    plain = space.enumerate_configs(base)
+    both = space.enumerate_configs(dataclasses.replace(base, mma_rows_splits=(1, 2, 4)))
+    assert all(config.mma_rows == 0 for config in plain)
+    narrow = [config for config in both if config.mma_rows]
+    assert {dataclasses.replace(config, mma_rows=0) for config in narrow} <= set(plain)
+    assert {(config.tile_m, config.mma_rows) for config in narrow} == {(16, 8), (64, 32), (64, 16)}
+    assert [config for config in both if not config.mma_rows] == plain
+    assert all(not config.stream_k for config in narrow)  # validate() refuses narrow WGMMAs with stream-K
+
+
 def test_space_can_be_narrowed_and_widened():
     narrow = space.enumerate_configs(SearchSpace(tile_n=(128,), tile_m=(16, 32), warpgroups=(2,), include_defaults=False))
     assert narrow and all(c.tile_n == 128 and c.tile_m in (16, 32) and c.warpgroups == 2 for c in narrow)
@@ -648,6 +660,17 @@ def test_tune_resolves_models_and_worker_argv_roundtrips(tmp_path):
     again = tune_cli.resolve(worker)
     assert again[0] == shapes and again[1] == m_values and again[2] == configs
     assert tuning.MODEL_SHAPES["gpt-oss-120b"]["gate_up"] == Shape(128, 5760, 2880)
+
+
+def test_tune_narrow_wgmmas_adds_the_variants_and_the_worker_gets_them(tmp_path):
+    args = tune_cli.build_parser().parse_args(["--model", "gpt-oss-120b", "--quick", "--m", "16", "--narrow-wgmmas",
+                                               "--routing", "both"])
+    shapes, m_values, configs, _ = tune_cli.resolve(args)
+    assert configs == space.enumerate_configs(space.with_narrow_wgmmas(SearchSpace.quick()))
+    assert "n128_m64_k128_s4_wg1_c2_pw_r16" in {config.name for config in configs}
+    worker = tune_cli.build_parser().parse_args(
+        tune_cli._worker_argv(args, shapes, m_values, configs, resume=False, out=tmp_path / "t.json"))
+    assert tune_cli.resolve(worker)[2] == configs
 
 
 def _fake_gpu(monkeypatch):

@@ -84,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     space.add_argument("--activations", choices=("bf16", "fp8"), default="bf16",
                        help="the kernel family to sweep: bf16 (W4A16, default) or fp8 (W4A8: e4m3 activations, the "
                        "FP8-ready weight layout); its entries go under E,N,K:fp8 in the table")
+    space.add_argument("--narrow-wgmmas", action="store_true",
+                       help="also try each config with WGMMAs half and a quarter as wide where a tile's rows are few "
+                       "(TileConfig.mma_rows, names _r<n>; two CTAs per SM too): taller tiles for skewed routing's "
+                       "heavy experts")
     space.add_argument("--no-m-window", action="store_true",
                        help="measure every candidate at every M (default: only tile_m near M, see codegen.tune.space.tile_m_window)")
     run = parser.add_argument_group("running")
@@ -122,7 +126,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace):
     """(shapes, m values, configs, m_filter) from the arguments; raises UsageError."""
-    from codegen.tune.space import SearchSpace, enumerate_configs, m_filter_for
+    from codegen.tune.space import SearchSpace, enumerate_configs, m_filter_for, with_narrow_wgmmas
     from codegen.tune.tables import MODEL_SHAPES, Shape
 
     shapes: list[Shape] = []
@@ -139,6 +143,8 @@ def resolve(args: argparse.Namespace):
         m_filter = None
     else:
         space = SearchSpace.quick() if args.quick else SearchSpace.full() if args.full else SearchSpace()
+        if args.narrow_wgmmas:
+            space = with_narrow_wgmmas(space)
         configs = enumerate_configs(dataclasses.replace(space, activations=args.activations))
         m_filter = None if args.no_m_window else m_filter_for(routings_of(args))
     if args.no_m_window:

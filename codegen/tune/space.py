@@ -8,6 +8,7 @@ tables it writes, :mod:`codegen.tune.tables`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass
@@ -83,6 +84,9 @@ class SearchSpace:
     ``fragment_buffers``: the register buffers of decoded weights swept (``TileConfig.fragment_buffers``).
     ``activations``: the kernel family swept, "bf16" (W4A16) or "fp8" (W4A8: tile_k multiples of 128 only,
     which validate() keeps); a sweep tunes one family, and the table keeps the families apart (table_key).
+    ``mma_rows_splits``: tile_m / mma_rows of the narrow-WGMMA variants added beside each config
+    (``TileConfig.mma_rows``; 1 is the config itself, the only one by default): (1, 2, 4) also tries every tile
+    with WGMMAs half and a quarter as wide where its rows are few, for skewed routing (``tune --narrow-wgmmas``).
     """
 
     tile_n: tuple[int, ...] = _SWEEP_TILE_N
@@ -100,6 +104,7 @@ class SearchSpace:
     activations: str = "bf16"
     fragment_buffers: tuple[int, ...] = FRAGMENT_BUFFER_CHOICES
     pingpong: tuple[bool, ...] = (False, True)
+    mma_rows_splits: tuple[int, ...] = (1,)
 
     @classmethod
     def full(cls) -> "SearchSpace":
@@ -112,6 +117,12 @@ class SearchSpace:
         the deepest stages."""
         return cls(tile_n=(64, 128, 256), tile_k=(128, 256), warpgroups=(1, 2, 4), ctas_per_sm=(1, 3, 4, 5),
                    deepest_stages=1)
+
+
+def with_narrow_wgmmas(space: SearchSpace) -> SearchSpace:
+    """``space`` with the narrow-WGMMA variants (tile_m / mma_rows 2 and 4) and two CTAs per SM, where a decode tile
+    of 64 rows and 128 weight rows fits its accumulators (three CTAs' registers do not hold them)."""
+    return dataclasses.replace(space, mma_rows_splits=(1, 2, 4), ctas_per_sm=tuple(sorted({*space.ctas_per_sm, 2})))
 
 
 def _valid(config: TileConfig) -> bool:
@@ -163,13 +174,28 @@ def enumerate_configs(space: SearchSpace | None = None) -> list[TileConfig]:
         if space.deepest_stages is not None:
             fitting = fitting[-space.deepest_stages :]
         for config in fitting:
-            found[config.name] = config
+            for variant in _narrow_wgmma_variants(config, space.mma_rows_splits):
+                found[variant.name] = variant
     if space.include_defaults:
         for config in DEFAULT_CONFIGS:
             if config.activations == space.activations:
                 found.setdefault(config.name, config)
     return sorted(found.values(), key=lambda c: (c.tile_m, c.tile_n, c.tile_k, c.warpgroups, c.ctas_per_sm,
-                                                 c.producer, c.stream_k, c.fragment_buffers, c.pingpong, c.stages))
+                                                 c.producer, c.stream_k, c.fragment_buffers, c.pingpong, c.mma_rows,
+                                                 c.stages))
+
+
+def _narrow_wgmma_variants(config: TileConfig, splits: Sequence[int]) -> list[TileConfig]:
+    """``config`` with each split of its tile_m into narrow WGMMAs that validate() accepts (split 1: itself)."""
+    variants = []
+    for split in splits:
+        if split == 1:
+            variants.append(config)
+        elif config.tile_m % split == 0:
+            variant = dataclasses.replace(config, mma_rows=config.tile_m // split)
+            if _valid(variant):
+                variants.append(variant)
+    return variants
 
 
 def tile_m_window(tokens_per_expert: int, routings: Sequence[str] = ("uniform",)) -> tuple[int, int]:
