@@ -355,7 +355,7 @@ def test_sm90_launch_contract(monkeypatch: pytest.MonkeyPatch, problem) -> None:
     selection = types.SimpleNamespace(config=chosen, reason="tuned")
     import codegen.tune.selection
 
-    monkeypatch.setattr(codegen.tune.selection, "select_config", lambda e, n, k, hint, device_name=None, activations="bf16": selection)
+    monkeypatch.setattr(codegen.tune.selection, "select_config", lambda e, n, k, hint, device_name=None, activations="bf16", rows=None: selection)
     out = mxfp4.grouped_mm(x, packed, offsets.long())
     assert bool((out == 1).all())
     (cx, w_data, n, k, rows, masked, config, cout), = calls

@@ -1006,3 +1006,43 @@ def test_tune_routing_both_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch, cap
     # The model makes the rule matter: the uniform winner (tile_m 32, also the default) pads Zipf's small experts.
     assert min(names, key=lambda n: cost[(n, "uniform")]) == entry["default_config"] != entry["config"]
     assert "zipf/uniform" in capsys.readouterr().out
+
+
+def test_a_call_with_fewer_rows_than_experts_takes_the_entry_tuned_for_that_many_experts(tables):
+    """The MoE layer at T = 1 (top-4: 4 rows) reads at most 4 experts: an entry tuned for E = 4 at M = 1 fits its
+    grid; without one, or with as many rows as experts, the full shape's entry stands."""
+    from codegen.tune.selection import select_config
+
+    user, shipped = tables
+    full, few = "n128_m8_k128_s6_wg1_c3", "n64_m8_k128_s6_wg1_c5_pw_sk"
+    tuning.write_table(shipped / "h100.json", _table(H100, {"32,5760,2880": {"1": _entry(full, 69.5)},
+                                                            "4,5760,2880": {"1": _entry(few, 20.1)}}))
+    chosen = select_config(32, 5760, 2880, 1, device_name=H100, rows=4)
+    assert chosen.config.name == few and "4 rows read at most 4 of the 32 experts" in chosen.reason
+    assert "E=4 N=5760 K=2880" in chosen.reason
+    assert select_config(32, 5760, 2880, 1, device_name=H100).config.name == full  # rows unknown
+    assert select_config(32, 5760, 2880, 1, device_name=H100, rows=32).config.name == full  # every expert can be read
+    assert select_config(32, 5760, 2880, 1, device_name=H100, rows=8).config.name == full  # no E = 8 entry
+    assert select_config(128, 5760, 2880, 1, device_name=H100, rows=4).config.name == few  # 120b at T = 1 too
+
+
+def test_the_layer_passes_its_routed_rows_to_the_selection(monkeypatch):
+    """The fused layer's configs are chosen with T x top_k rows known, so the few-rows entries can apply."""
+    from mxfp4.experts import fused
+    from mxfp4.ops.dispatch import ConfigChoice
+
+    asked = []
+
+    def choose(num_experts, n, k, hint, device_name=None, activations="bf16", rows=None):
+        asked.append((num_experts, hint, rows, activations))
+        return ConfigChoice(TileConfig.from_name("n128_m8_k128_s6_wg1_c3"), "test")
+
+    monkeypatch.setattr(fused, "choose_config", choose)
+    fused._fused_config.cache_clear()
+    try:
+        config = fused._config(32, 5760, 2880, 4, "swiglu", H100)
+        fused._config(128, 2880, 2880, 640, "scatter", H100, "fp8")
+    finally:
+        fused._fused_config.cache_clear()
+    assert config.epilogue == "swiglu"
+    assert asked == [(32, 1, 4, "bf16"), (128, 5, 640, "fp8")]

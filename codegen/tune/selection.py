@@ -58,12 +58,20 @@ def heuristic_config(tokens_per_expert: int, activations: str = "bf16") -> TileC
 
 
 def select_config(num_experts: int, n: int, k: int, tokens_per_expert: int,
-                  device_name: str | None = None, activations: str = "bf16") -> Selection:
+                  device_name: str | None = None, activations: str = "bf16", rows: int | None = None) -> Selection:
     """Pick the config for a call. ``tokens_per_expert`` is a host-side estimate (T / E, or max_m);
-    ``activations`` the kernel family ("bf16": W4A16, "fp8": W4A8)."""
+    ``activations`` the kernel family ("bf16": W4A16, "fp8": W4A8). ``rows``, where the host knows it (the MoE
+    layer: T x top_k), is the call's row count: with fewer rows than experts at most ``rows`` experts have work,
+    so a table entry tuned for ``rows`` experts of one row each fits the grid better than the full shape's (at
+    T = 1 a top-4 layer reads 4 of 32 or 128 experts: far fewer tiles than the full shape's M = 1 entry assumed)."""
     if device_name is not None:
         from .tables import lookup  # the tables load on first use
 
+        if rows is not None and 0 < rows < num_experts:
+            found = lookup(device_name, rows, n, k, 1, activations)
+            if found is not None:
+                config, reason = found
+                return Selection(config, f"{reason}; {rows} rows read at most {rows} of the {num_experts} experts")
         found = lookup(device_name, num_experts, n, k, tokens_per_expert, activations)
         if found is not None:
             return Selection(*found)

@@ -43,15 +43,16 @@ def fused_config(w: PackedMXFP4 | PackedMXFP4FP8, rows: int, epilogue: str, devi
     FP8-ready layout): the epilogue runs once per tile after the K loop, so the best plain-GEMM config is the
     fused kernel's too."""
     activations = "fp8" if isinstance(w, PackedMXFP4FP8) else "bf16"
-    return _config(w.num_experts, w.n, w.k, -(-rows // w.num_experts), epilogue, device_name, activations)
+    return _config(w.num_experts, w.n, w.k, rows, epilogue, device_name, activations)
 
 
-def _config(num_experts: int, n: int, k: int, hint: int, epilogue: str, device_name: str | None,
+def _config(num_experts: int, n: int, k: int, rows: int, epilogue: str, device_name: str | None,
             activations: str = "bf16") -> TileConfig:
-    """The chosen config (:func:`_fused_config`), or the one :func:`forced_tile_config` forces."""
+    """The chosen config for ``rows`` routed rows (:func:`_fused_config`), or the one :func:`forced_tile_config`
+    forces."""
     if _forced is not None:
         return dataclasses.replace(_forced, epilogue=epilogue)
-    return _fused_config(num_experts, n, k, hint, epilogue, device_name, activations)
+    return _fused_config(num_experts, n, k, rows, epilogue, device_name, activations)
 
 
 _forced: TileConfig | None = None  # forced_tile_config's config
@@ -76,9 +77,10 @@ def forced_tile_config(config: TileConfig) -> Iterator[None]:
 
 
 @lru_cache(maxsize=1024)  # per call: keep it a dict lookup
-def _fused_config(num_experts: int, n: int, k: int, hint: int, epilogue: str, device_name: str | None,
+def _fused_config(num_experts: int, n: int, k: int, rows: int, epilogue: str, device_name: str | None,
                   activations: str = "bf16") -> TileConfig:
-    chosen = choose_config(num_experts, n, k, hint, device_name, activations).config
+    # The layer knows its rows (T x top_k): the selection may fit the grid to the experts they can reach.
+    chosen = choose_config(num_experts, n, k, -(-rows // num_experts), device_name, activations, rows).config
     return dataclasses.replace(chosen, epilogue=epilogue)
 
 
@@ -112,8 +114,8 @@ def clear_plans() -> None:
 def _make_layer_plan(device_index: int, device_name: str | None, tokens: int, top_k: int, num_experts: int,
                      hidden: int, inter: int):
     routed, device = tokens * top_k, torch.device("cuda", device_index)
-    gate_up = _config(num_experts, 2 * inter, hidden, -(-routed // num_experts), "swiglu", device_name)
-    down = _config(num_experts, hidden, inter, -(-routed // num_experts), "scatter", device_name)
+    gate_up = _config(num_experts, 2 * inter, hidden, routed, "swiglu", device_name)
+    down = _config(num_experts, hidden, inter, routed, "scatter", device_name)
     return make_plan(LayerShape(tokens, top_k, num_experts, hidden, inter), device,
                      (gate_up, _data_shape(num_experts, 2 * inter, hidden)), (down, _data_shape(num_experts, hidden, inter)))
 

@@ -158,15 +158,16 @@ class ConfigChoice:
 @lru_cache(maxsize=4096)  # called per launch when no config is forced: keep it a dict lookup
 def choose_config(
     num_experts: int, n: int, k: int, tokens_per_expert_hint: int, device_name: str | None = None,
-    activations: str = "bf16",
+    activations: str = "bf16", rows: int | None = None,
 ) -> ConfigChoice:
     """The tile config ``codegen.select_config`` picks for a problem (of the ``activations`` kernel family:
-    "bf16" W4A16, "fp8" W4A8), or why there is none."""
+    "bf16" W4A16, "fp8" W4A8; ``rows``: the call's rows where the host knows them), or why there is none."""
     from codegen.tune.selection import (
         select_config,  # lazy: mxfp4 imports no codegen module at import time
     )
 
-    selection = select_config(num_experts, n, k, tokens_per_expert_hint, device_name=device_name, activations=activations)
+    selection = select_config(num_experts, n, k, tokens_per_expert_hint, device_name=device_name,
+                              activations=activations, rows=rows)
     return ConfigChoice(selection.config, str(selection.reason))
 
 
