@@ -1,8 +1,9 @@
-"""The MoE-layer suite (issue 10): the gpt-oss-20b expert layer (H = I = 2880, E = 32, top-4) at
-T tokens, uniform and Zipf routing, four ways (``benchmarks.moe_layers``), plus our two GEMMs alone
-(the "sum of our own gate_up and down GEMM times" the fused layer is held to).
+"""The MoE-layer suite (issue 10): a gpt-oss expert layer (H = I = 2880, top-4; gpt-oss-20b's E = 32 by
+default, gpt-oss-120b's E = 128 with ``--model gpt-oss-120b``) at T tokens, uniform and Zipf routing, four ways
+(``benchmarks.moe_layers``), plus our two GEMMs alone (the "sum of our own gate_up and down GEMM times" the
+fused layer is held to).
 
-    python -m codegen bench moe [--tokens 1,8,32,128,512,4096] [--routing zipf] [--out DIR]
+    python -m codegen bench moe [--model gpt-oss-120b] [--tokens 1,8,32,128,512,4096] [--routing zipf] [--out DIR]
 
 Each layer's output is checked on sampled tokens against a float64 reference of the same math on
 the dequantized weights, then timed: CUDA-graph replay, eager back-to-back, host µs per call.
@@ -23,11 +24,11 @@ import mxfp4
 from . import measure
 from .bench_grouped_mm import Machine
 from .moe_layers import FP8_LAYER, FP8_LAYER_TOLERANCE, LAYERS, ExpertWeights, reference_tokens, routing_plan
-from .problems import TOLERANCE, TOP_K, routings, topk_from_loads, uniform_loads, zipf_loads_total
+from .problems import MODEL_SHAPES, TOLERANCE, TOP_K, routings, topk_from_loads, uniform_loads, zipf_loads_total
 from .report import align, write_json
 
-HIDDEN = INTERMEDIATE = 2880
-EXPERTS = 32
+HIDDEN = INTERMEDIATE = 2880  # both gpt-oss models
+DEFAULT_MODEL = "gpt-oss-20b"
 GEMMS = "ours GEMMs only (2x grouped_mm)"
 FUSED = "ours fused (mxfp4.moe)"
 # (name, the path measured, the path it is compared with, the most its time / that time may be, T range)
@@ -41,23 +42,30 @@ TARGETS = (
 )
 
 
-def build_weights(seed: int) -> ExpertWeights:
+def layer_model(models: list[str]) -> str:
+    """The one model whose layer the suite runs (``--model``, default gpt-oss-20b); ValueError for several."""
+    if len(set(models)) > 1:
+        raise ValueError(f"--model: the moe suite runs one model's layer per call, got {', '.join(models)}")
+    return models[0] if models else DEFAULT_MODEL
+
+
+def build_weights(seed: int, experts: int) -> ExpertWeights:
     from codegen.tune.sweep import random_weights
     from codegen.tune.tables import Shape
 
     device = torch.device("cuda")
-    gate_up, gate_up_bf16 = random_weights(Shape(EXPERTS, 2 * INTERMEDIATE, HIDDEN), device, seed=seed)
-    down, down_bf16 = random_weights(Shape(EXPERTS, HIDDEN, INTERMEDIATE), device, seed=seed + 1)
+    gate_up, gate_up_bf16 = random_weights(Shape(experts, 2 * INTERMEDIATE, HIDDEN), device, seed=seed)
+    down, down_bf16 = random_weights(Shape(experts, HIDDEN, INTERMEDIATE), device, seed=seed + 1)
     generator = torch.Generator(device=device).manual_seed(seed)
     bias = lambda *shape: (0.5 * torch.randn(shape, generator=generator, device=device)).to(torch.bfloat16)  # noqa: E731
     paired = mxfp4.pack_gate_up(mxfp4.unpack(gate_up))
-    return ExpertWeights(gate_up, paired, down, gate_up_bf16, down_bf16, bias(EXPERTS, 2 * INTERMEDIATE), bias(EXPERTS, HIDDEN))
+    return ExpertWeights(gate_up, paired, down, gate_up_bf16, down_bf16, bias(experts, 2 * INTERMEDIATE), bias(experts, HIDDEN))
 
 
-def routing(kind: str, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(topk_ids int32 [T, 4], topk_weights float32 [T, 4]) with uniform or Zipf expert loads."""
+def routing(kind: str, tokens: int, experts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_ids int32 [T, 4], topk_weights float32 [T, 4]) with uniform or Zipf loads over ``experts``."""
     total = tokens * TOP_K
-    loads = uniform_loads(EXPERTS, total, seed=seed) if kind == "uniform" else zipf_loads_total(EXPERTS, total, seed=seed)
+    loads = uniform_loads(experts, total, seed=seed) if kind == "uniform" else zipf_loads_total(experts, total, seed=seed)
     ids = torch.tensor(topk_from_loads(loads, tokens, TOP_K, seed=seed), dtype=torch.int32, device="cuda")
     generator = torch.Generator(device="cuda").manual_seed(seed)
     weights = torch.randn((tokens, TOP_K), generator=generator, device="cuda").softmax(dim=1)
@@ -106,7 +114,7 @@ def run_layer(name: str, fn: Callable[..., torch.Tensor], args: tuple, check: tu
 
 
 def run_point(w: ExpertWeights, builders: dict[str, Any], kind: str, tokens: int, settings: argparse.Namespace) -> dict[str, Any]:
-    ids, weights = routing(kind, tokens, settings.seed + tokens)
+    ids, weights = routing(kind, tokens, w.num_experts, settings.seed + tokens)
     x = torch.randn((tokens, HIDDEN), device="cuda", dtype=torch.bfloat16) * HIDDEN**-0.5
     sampled = sorted({0, tokens - 1, *range(0, tokens, max(1, tokens // 14))})[:16]
     check = (torch.tensor(sampled, device="cuda"), reference_tokens(x, ids, weights, w, sampled))
@@ -165,18 +173,24 @@ def format_moe(points: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace, token_values: list[int]) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model = layer_model(args.model)
+    except ValueError as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        return 2
     machine, started = Machine.measure(), time.time()
-    w = build_weights(args.seed)
+    w = build_weights(args.seed, MODEL_SHAPES[model]["gate_up"].num_experts)
     builders = builders_for(w)
     points = []
     for kind in routings(args.routing):
         for tokens in token_values:
             print(f"moe: {kind} T={tokens}", file=sys.stderr)
             points.append(run_point(w, builders, kind, tokens, args))
-    write_json(out_dir / "bench_moe.json", {**machine.as_dict(), "suite": "moe", "H": HIDDEN, "I": INTERMEDIATE,
-                                            "E": EXPERTS, "top_k": TOP_K, "seconds": round(time.time() - started, 1),
+    write_json(out_dir / "bench_moe.json", {**machine.as_dict(), "suite": "moe", "model": model, "H": HIDDEN,
+                                            "I": INTERMEDIATE, "E": w.num_experts, "top_k": TOP_K, "seconds": round(time.time() - started, 1),
                                             "points": points})
     print(f"device: {machine.line()}")
+    print(f"layer: {model} (E = {w.num_experts}, H = I = {HIDDEN}, top-{TOP_K})")
     for name, value in builders.items():
         if isinstance(value, str):  # e.g. mxfp4.moe not built yet, transformers not installed
             print(f"{name}: {value}")

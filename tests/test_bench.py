@@ -919,3 +919,13 @@ def test_routings_follow_the_flag_and_each_suites_default():
     assert routings(None, default="uniform") == ["uniform"]  # ncu-case: one profiled call per case unless asked
     assert routings("zipf", default="uniform") == ["zipf"]
     assert routings("both", default="uniform") == ["uniform", "zipf"]
+
+
+def test_moe_suite_runs_the_named_models_layer_and_refuses_two():
+    from benchmarks import bench_moe
+
+    assert bench_moe.layer_model([]) == "gpt-oss-20b"
+    assert bench_moe.layer_model(["gpt-oss-120b"]) == "gpt-oss-120b"
+    assert bench_moe.layer_model(["gpt-oss-120b", "gpt-oss-120b"]) == "gpt-oss-120b"
+    with pytest.raises(ValueError, match="--model: the moe suite runs one model's layer per call"):
+        bench_moe.layer_model(["gpt-oss-20b", "gpt-oss-120b"])
