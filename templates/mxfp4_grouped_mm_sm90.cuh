@@ -327,21 +327,23 @@ struct ConsumerState {
     fence_accumulators();
     uint64_t const desc0 = x_descriptor(x_chunk, step0);  // once per chunk; the steps add to its address field
     cute::warpgroup_arrive();
-    if constexpr (Cfg::MaxParts == 1) {
-      issue_steps<Buf, Mma, Cfg::Accumulators>(desc0);
-    } else {  // narrow WGMMAs: N = parts x MmaRows writes the first parts x MmaRows / 2 accumulators of each atom
-      if (parts == 1) {
-        issue_steps<Buf, typename Cfg::template MmaFor<1>, Cfg::MmaRows / 2>(desc0);
-      } else if (Cfg::MaxParts > 2 && parts == 2) {
-        issue_steps<Buf, typename Cfg::template MmaFor<2>, Cfg::MmaRows>(desc0);
-      } else if (Cfg::MaxParts > 4 && parts == 4) {
-        issue_steps<Buf, typename Cfg::template MmaFor<4>, 2 * Cfg::MmaRows>(desc0);
-      } else {
-        issue_steps<Buf, Mma, Cfg::Accumulators>(desc0);
-      }
-    }
+    issue_parts<Buf, 1>(desc0);
     cute::warpgroup_commit_batch();
     fence_accumulators();
+  }
+
+  // The WGMMAs as wide as the tile's valid rows need: N = parts x MmaRows, writing the first parts x MmaRows / 2
+  // accumulators of each atom; the whole tile's Mma at P = MaxParts (always, without narrow WGMMAs). Only the
+  // widths below MaxParts are instantiated: a wider one would not match the accumulators.
+  template <int Buf, int P>
+  __device__ __forceinline__ void issue_parts(uint64_t desc0) {
+    if constexpr (P >= Cfg::MaxParts) {
+      issue_steps<Buf, Mma, Cfg::Accumulators>(desc0);
+    } else if (parts == P) {
+      issue_steps<Buf, typename Cfg::template MmaFor<P>, P * Cfg::MmaRows / 2>(desc0);
+    } else {
+      issue_parts<Buf, 2 * P>(desc0);
+    }
   }
 
   template <int Buf, class Op, int Written>
