@@ -707,8 +707,13 @@ def test_copy_roof_sass_keeps_the_loads_and_drops_the_wgmma(default_kernels, cop
             pytest.fail(f"{config.name}{suffix} did not compile: {kernel}")
         summary = kernel.sass()
         assert summary.hgmma == 0 and summary.qgmma == 0 and summary.warpgroup_arrive == 0, summary.opcodes
-        assert (summary.utmaldg, summary.ublkcp, summary.setmaxnreg) == (shipped.utmaldg, shipped.ublkcp,
-                                                                         shipped.setmaxnreg), suffix
+        assert summary.setmaxnreg == shipped.setmaxnreg, suffix
+        if suffix == COPY_ONLY:
+            assert (summary.utmaldg, summary.ublkcp) == (shipped.utmaldg, shipped.ublkcp), suffix
+        else:  # the probe's clock reads can change how far ptxas unrolls the producer's loop, not what one trip loads
+            assert summary.ublkcp > 0 and shipped.ublkcp > 0, suffix
+            assert summary.utmaldg * shipped.ublkcp == shipped.utmaldg * summary.ublkcp, (suffix, summary.utmaldg,
+                                                                                         summary.ublkcp)
         assert summary.ldl == 0 and summary.stl == 0
 
 
