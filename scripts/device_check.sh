@@ -12,7 +12,9 @@
 # | ncu-stalls (one prefill kernel's warp stalls per SASS instruction; NCU_STALLS_ARGS) | waits (which side of the pipeline waits; WAITS_ARGS)
 # | pdl (programmatic dependent launch off vs on: bench fp8 at M = 1, 16 and bench moe at T = 1, 8, 64)
 # | e2e | portable-host (mxfp4.moe's eager host us on the forced portable path, T = 1, 8, replay on and off)
-# | portable-e2e (gpt-oss-20b decode B = 1 eager on the forced portable path, beside bf16 experts).
+# | portable-e2e (gpt-oss-20b decode B = 1 eager on the forced portable path, beside bf16 experts)
+# | few-experts (the layer's 4- and 8-expert entries at M = 1 swept into a table copy, bench moe T = 1, 2, 8 with and
+# without it; the table lands in $OUT).
 # One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu, each e2e model and
 # portable-e2e in a call of their own.
 # e2e: E2E_MODELS (default gpt-oss-20b; or gpt-oss-120b: one model per call), E2E_ARGS (replaces the model's
@@ -243,6 +245,37 @@ for step in "${steps[@]}"; do
       # shellcheck disable=SC2086
       bench 420 moe ${MOE_ARGS:-} --out "$LOGS/moe" 2>&1 | tee "$LOGS/moe.txt"
       note "moe layer: exit ${PIPESTATUS[0]}"; table "$LOGS/moe.txt" "moe"
+      ;;
+    few-experts)
+      # The MoE layer's few-experts entries for this GPU (issue 21): at T = 1 and 2 a top-4 layer reads at most 4 and 8
+      # experts, and takes the table's entry for that many experts at M = 1 (codegen.tune.selection, rows=). Sweeps
+      # them (W4A16 at 4 and 8 experts, W4A8 at 4) into a copy of the shipped table, then times the layer (bench moe,
+      # T = 1, 2, 8) with the shipped table and with the copy, alternating, two rounds. $OUT/<family>.json replaces
+      # generated/tuning/<family>.json. (On a GPU whose shipped table has them already, both sides are the same.)
+      dir=${TUNE_DIR:-$LOGS/few-experts}
+      mkdir -p "$dir" "$LOGS/shipped-only"
+      table=$(python3 -c "import torch; from codegen.tune.tables import gpu_family; print(gpu_family(torch.cuda.get_device_name()))").json
+      [ ! -f "$dir/$table" ] && [ -f "generated/tuning/$table" ] && cp "generated/tuning/$table" "$dir/$table"
+      few_shapes="--shape 4,5760,2880 --shape 4,2880,2880"
+      # shellcheck disable=SC2086
+      timeout "$(limit 200)" python3 -m codegen tune $few_shapes --shape 8,5760,2880 --shape 8,2880,2880 --m 1 --quick \
+        --no-plot --out "$dir/$table" 2>&1 | tee "$LOGS/few-experts-tune.txt"
+      note "few-experts tune (W4A16): exit ${PIPESTATUS[0]}"
+      # shellcheck disable=SC2086
+      timeout "$(limit 150)" python3 -m codegen tune $few_shapes --activations fp8 --m 1 --quick --no-plot \
+        --out "$dir/$table" 2>&1 | tee -a "$LOGS/few-experts-tune.txt"
+      note "few-experts tune (W4A8): exit ${PIPESTATUS[0]}"
+      { echo "== few-experts tune"; grep -E "^(shape|-----|E=)" "$LOGS/few-experts-tune.txt"; echo; } >> "$LOGS/summary.txt"
+      cp "$dir/$table" "$OUT/$table"
+      for round in 1 2; do
+        for tables in "$LOGS/shipped-only" "$dir"; do
+          echo "== bench moe, round $round, HOPPER_MXFP4_TUNING_DIR=$tables" | tee -a "$LOGS/few-experts-moe.txt"
+          HOPPER_MXFP4_TUNING_DIR=$tables bench 120 moe --tokens 1,2,8 --routing uniform --no-plot \
+            --out "$LOGS/few-experts-moe-$round" 2>&1 | tee -a "$LOGS/few-experts-moe.txt"
+        done
+      done
+      note "few-experts bench moe (shipped table vs the swept copy, two rounds): done"
+      table "$LOGS/few-experts-moe.txt" "few-experts bench moe (rounds in order: shipped, swept, shipped, swept)"
       ;;
     e2e)
       read -r e2e_dir e2e_spill <<< "$(e2e_places)"
