@@ -187,8 +187,8 @@ def run(args: argparse.Namespace, token_values: list[int]) -> int:
             print(f"moe: {kind} T={tokens}", file=sys.stderr)
             points.append(run_point(w, builders, kind, tokens, args))
     write_json(out_dir / "bench_moe.json", {**machine.as_dict(), "suite": "moe", "model": model, "H": HIDDEN,
-                                            "I": INTERMEDIATE, "E": w.num_experts, "top_k": TOP_K, "seconds": round(time.time() - started, 1),
-                                            "points": points})
+                                            "I": INTERMEDIATE, "E": w.num_experts, "top_k": TOP_K,
+                                            "seconds": round(time.time() - started, 1), "points": points})
     print(f"device: {machine.line()}")
     print(f"layer: {model} (E = {w.num_experts}, H = I = {HIDDEN}, top-{TOP_K})")
     for name, value in builders.items():
