@@ -28,7 +28,9 @@ from .problems import (
     parse_int_list,
 )
 
-SUITES = ("grouped", "host", "host-cpu", "fallback", "moe", "fp8", "ncu-case", "waits", "e2e")
+TIMELINE_TOKENS = (1, 2, 8)  # the batch-1 user's layer calls (issue 21)
+
+SUITES = ("grouped", "host", "host-cpu", "fallback", "moe", "timeline", "fp8", "ncu-case", "waits", "e2e")
 PROG = "hopper-mxfp4 bench"
 
 DESCRIPTION = (
@@ -45,8 +47,10 @@ EPILOG = """suites:
              stubbed: us per call, torch ops, allocations, launches (no GPU needed)
   fallback   the portable path forced on this GPU (HOPPER_MXFP4_FORCE_PORTABLE=1): the in-register kernel (no copy),
              the cached bf16 copy, bf16 torch._grouped_mm and our SM90 kernel
-  moe        the gpt-oss-20b expert layer: mxfp4.moe (bf16 and FP8 activations), the unfused mxfp4 glue, the bf16
-             torch layer, transformers
+  moe        a gpt-oss expert layer (gpt-oss-20b, or one --model): mxfp4.moe (bf16 and FP8 activations), the
+             unfused mxfp4 glue, the bf16 torch layer, transformers
+  timeline   where mxfp4.moe's time goes at small T (default 1, 2, 8): each kernel's GPU time and the gap before it
+             in a CUDA-graph replay, from the CUDA profiler's trace, bf16 and FP8 layers (one --model)
   fp8        FP8 activations: our W4A8 vs our W4A16, torch._scaled_grouped_mm (FP8 weights), bf16 torch._grouped_mm
              and humming's FP8 input path, TFLOP/s and percent of the FP8 peak; then the accuracy table
   waits      which side of the pipeline waits: the wait-probe build of the op's config per projection and M, and
@@ -74,14 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{','.join(map(str, QUICK_MOE_TOKENS))}), shorter timings")
     parser.add_argument("--out", metavar="DIR", default="bench-results", help="where the JSON and PNG go (default ./bench-results)")
     parser.add_argument("--model", action="append", choices=sorted(MODEL_SHAPES), default=[],
-                        help="models, repeatable (default both; --quick, host, fallback, moe, e2e: gpt-oss-20b)")
+                        help="models, repeatable (default both; --quick, host, fallback, moe, timeline, e2e: gpt-oss-20b)")
     parser.add_argument("--m", metavar="M,...", help=f"tokens per expert (grouped default {','.join(map(str, M_VALUES))}; "
                         f"fallback {','.join(map(str, FALLBACK_M_VALUES))}; fp8 {','.join(map(str, FP8_M_VALUES))}; host 1,16)")
     parser.add_argument("--tokens", metavar="T,...", help=f"moe: tokens per layer call (default {','.join(map(str, MOE_TOKENS))}; "
-                        f"host, host-cpu: {','.join(map(str, HOST_MOE_TOKENS))})")
+                        f"host, host-cpu: {','.join(map(str, HOST_MOE_TOKENS))}; "
+                        f"timeline: {','.join(map(str, TIMELINE_TOKENS))})")
     parser.add_argument("--moe-only", action="store_true", help="host: only the mxfp4.moe rows")
     parser.add_argument("--routing", choices=("uniform", "zipf", "both"),
-                        help="routings (default both; ncu-case: uniform)")
+                        help="routings (default both; ncu-case, timeline: uniform)")
     parser.add_argument("--projections", default="gate_up", metavar="P,...",
                         help="ncu-case, waits: the projections, gate_up and/or down (default gate_up)")
     parser.add_argument("--baseline-templates", metavar="DIR", action="append", default=[],
@@ -138,6 +143,8 @@ def m_values_for(args: argparse.Namespace) -> list[int]:
     """The M (or, for moe, T) values a command line asks for; ValueError naming the flag."""
     if args.suite == "moe":
         return parse_int_list(args.tokens, QUICK_MOE_TOKENS if args.quick else MOE_TOKENS, name="--tokens")
+    if args.suite == "timeline":
+        return parse_int_list(args.tokens, TIMELINE_TOKENS, name="--tokens")
     if args.suite == "host-cpu":
         return parse_int_list(args.tokens, HOST_MOE_TOKENS, name="--tokens")
     if args.suite == "e2e":
@@ -162,6 +169,8 @@ def _suite(name: str) -> Callable[[argparse.Namespace, list[int]], int]:
         from .fallback import run
     elif name == "moe":
         from .bench_moe import run
+    elif name == "timeline":
+        from .timeline import run
     elif name == "e2e":
         from .e2e import run
     elif name == "fp8":

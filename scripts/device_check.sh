@@ -13,6 +13,7 @@
 # | pdl (programmatic dependent launch off vs on: bench fp8 at M = 1, 16 and bench moe at T = 1, 8, 64)
 # | e2e | portable-host (mxfp4.moe's eager host us on the forced portable path, T = 1, 8, replay on and off)
 # | portable-e2e (gpt-oss-20b decode B = 1 eager on the forced portable path, beside bf16 experts)
+# | timeline (mxfp4.moe's kernels and the gaps between them at T = 1, 2, 8; TIMELINE_ARGS)
 # | few-experts (the layer's 4- and 8-expert entries at M = 1 swept into a table copy, bench moe T = 1, 2, 8 with and
 # without it; the table lands in $OUT).
 # One device call runs for at most 10 minutes: run bench-full, bench-120b, fp8, ncu, each e2e model and
@@ -245,6 +246,14 @@ for step in "${steps[@]}"; do
       # shellcheck disable=SC2086
       bench 420 moe ${MOE_ARGS:-} --out "$LOGS/moe" 2>&1 | tee "$LOGS/moe.txt"
       note "moe layer: exit ${PIPESTATUS[0]}"; table "$LOGS/moe.txt" "moe"
+      ;;
+    timeline)
+      # Issue 21: where mxfp4.moe's time goes at small T: each kernel's GPU time and the gap before it in a CUDA-graph
+      # replay, from the CUDA profiler's trace, bf16 and FP8 layers. TIMELINE_ARGS overrides (e.g. "--tokens 1
+      # --model gpt-oss-120b"; default T = 1, 2, 8, gpt-oss-20b, uniform).
+      # shellcheck disable=SC2086
+      bench 240 timeline ${TIMELINE_ARGS:-} --out "$LOGS/timeline" 2>&1 | tee "$LOGS/timeline.txt"
+      note "timeline (the layer's kernels and gaps): exit ${PIPESTATUS[0]}"; table "$LOGS/timeline.txt" "timeline"
       ;;
     few-experts)
       # The MoE layer's few-experts entries for this GPU (issue 21): at T = 1 and 2 a top-4 layer reads at most 4 and 8

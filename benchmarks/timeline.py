@@ -1,0 +1,168 @@
+"""Where the MoE layer's time goes at small T (issue 21): the kernels of ``mxfp4.moe`` calls replayed as one CUDA
+graph, as `bench moe` times them, read from the CUDA profiler's trace (CUPTI, through torch.profiler): each kernel's
+time on the GPU and the idle gap before it, against the call's span.
+
+    python -m codegen bench timeline [--model gpt-oss-120b] [--tokens 1,2,8] [--routing uniform]
+
+The layer at T = 1 took 2.5-3x the time of its experts' bytes (benchmarks/NOTES.md); this splits that time into the
+kernels' own time and the gaps between them (launch latency inside the graph, the ramp of the next kernel), for the
+bf16 and the FP8 layer. Same weights, routing and seeds as `bench moe`; each call's output is the op's, unchecked
+here (`bench moe` checks it against float64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .problems import MODEL_SHAPES, routings
+from .report import align, write_json
+
+CALLS = 16  # layer calls captured in the graph (as many as bench moe's graph time replays back to back)
+NAME_WIDTH = 48
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    start_us: float
+    duration_us: float
+
+    @property
+    def end_us(self) -> float:
+        return self.start_us + self.duration_us
+
+
+def kernels_from_trace(trace: dict[str, Any]) -> list[Kernel]:
+    """The GPU kernels of a Chrome trace (``torch.profiler``'s export), in start order."""
+    events = trace.get("traceEvents", [])
+    kernels = [Kernel(str(e["name"]), float(e["ts"]), float(e["dur"]))
+               for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    return sorted(kernels, key=lambda kernel: kernel.start_us)
+
+
+def split_calls(kernels: Sequence[Kernel], calls: int) -> list[list[Kernel]]:
+    """The kernels of each of ``calls`` identical calls; ValueError if they do not split so."""
+    if calls < 1 or not kernels or len(kernels) % calls:
+        raise ValueError(f"{len(kernels)} kernels in the trace do not split into {calls} calls of the same launches")
+    size = len(kernels) // calls
+    chunks = [list(kernels[i * size:(i + 1) * size]) for i in range(calls)]
+    names = [kernel.name for kernel in chunks[0]]
+    for i, chunk in enumerate(chunks[1:], start=1):
+        if [kernel.name for kernel in chunk] != names:
+            raise ValueError(f"call {i} launched other kernels than call 0: the trace holds something else too")
+    return chunks
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    kernel_us: float  # median over the calls
+    gap_before_us: float  # idle GPU time between the previous kernel's end and this one's start (the previous
+    # call's last kernel for the first)
+
+
+@dataclass(frozen=True)
+class CallTimeline:
+    steps: list[Step]
+    call_us: float  # median of first start to the next call's first start (the last call: to its own end)
+    kernels_us: float  # median sum of the call's kernel times
+
+    @property
+    def gaps_us(self) -> float:
+        return self.call_us - self.kernels_us
+
+
+def summarize(chunks: Sequence[Sequence[Kernel]]) -> CallTimeline:
+    """Per launch position, the median kernel time and gap before it; per call, its span and its kernels' sum."""
+    flat = [kernel for chunk in chunks for kernel in chunk]
+    size = len(chunks[0])
+    gaps = [max(0.0, flat[i].start_us - flat[i - 1].end_us) for i in range(1, len(flat))]
+    steps = []
+    for position in range(size):
+        times = [chunk[position].duration_us for chunk in chunks]
+        # The first call's first kernel has nothing before it in the graph: its gap is not counted.
+        before = [gaps[c * size + position - 1] for c in range(len(chunks)) if c * size + position > 0]
+        steps.append(Step(chunks[0][position].name, statistics.median(times),
+                          statistics.median(before) if before else 0.0))
+    spans = [chunks[c + 1][0].start_us - chunks[c][0].start_us for c in range(len(chunks) - 1)]
+    spans = spans or [chunks[0][-1].end_us - chunks[0][0].start_us]
+    return CallTimeline(steps, statistics.median(spans),
+                        statistics.median(sum(kernel.duration_us for kernel in chunk) for chunk in chunks))
+
+
+def format_timeline(title: str, timeline: CallTimeline) -> str:
+    lines = [(step.name[:NAME_WIDTH], f"{step.kernel_us:.1f}", f"{step.gap_before_us:.1f}") for step in timeline.steps]
+    lines.append(("call (first start to the next call's)", f"{timeline.call_us:.1f}",
+                  f"{timeline.gaps_us:.1f} in gaps"))
+    lines.append(("kernels' own time", f"{timeline.kernels_us:.1f}", ""))
+    return f"== {title}\n" + align(("kernel", "us on the GPU", "gap before us"), lines, {0})
+
+
+def profile_calls(fn: Callable[[], Any], calls: int = CALLS) -> CallTimeline:
+    """``calls`` calls of ``fn`` captured in one CUDA graph, replayed under the profiler; their timeline."""
+    side = torch.cuda.Stream()  # warm (plans, kernels, the op's own graphs) off the default stream, then capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()  # the first replay uploads the graph
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        graph.replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
+    del graph
+    return summarize(split_calls(kernels_from_trace(trace), calls))
+
+
+def run(args: argparse.Namespace, token_values: list[int]) -> int:
+    from .bench_moe import HIDDEN, build_weights, layer_model, routing
+    from .moe_layers import FP8_LAYER, ours_fused, ours_fused_fp8
+
+    try:
+        model = layer_model(args.model)
+    except ValueError as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    w = build_weights(args.seed, MODEL_SHAPES[model]["gate_up"].num_experts)
+    layers = {"ours fused (mxfp4.moe)": ours_fused(w), FP8_LAYER: ours_fused_fp8(w)}
+    print(f"device: {torch.cuda.get_device_name()}; layer: {model} (E = {w.num_experts}, top-4); {CALLS} calls "
+          "replayed as one CUDA graph, kernels from the CUDA profiler's trace (medians over the calls)")
+    results = []
+    for kind in routings(args.routing, default="uniform"):
+        for tokens in token_values:
+            ids, weights = routing(kind, tokens, w.num_experts, args.seed + tokens)
+            x = torch.randn((tokens, HIDDEN), device="cuda", dtype=torch.bfloat16) * HIDDEN**-0.5
+            for name, layer in layers.items():
+                try:
+                    timeline = profile_calls(functools.partial(layer, x, ids, weights))
+                except (RuntimeError, ValueError) as error:
+                    print(f"== {kind} T={tokens}: {name}: {error}")
+                    continue
+                print(format_timeline(f"{kind} T={tokens}: {name}", timeline))
+                results.append({"routing": kind, "tokens": tokens, "layer": name, "call_us": timeline.call_us,
+                                "kernels_us": timeline.kernels_us,
+                                "steps": [vars(step) for step in timeline.steps]})
+    write_json(out_dir / "bench_timeline.json", {"model": model, "calls": CALLS, "results": results})
+    return 0
