@@ -376,3 +376,30 @@ def test_explain_with_real_config_selection(monkeypatch: pytest.MonkeyPatch, pro
     line = next(line for line in text.splitlines() if line.lstrip().startswith("config:"))
     assert "_wg" in line, text  # a real config name and its reason
 
+
+
+def test_the_op_tells_the_selection_its_rows_in_offsets_mode_only(monkeypatch: pytest.MonkeyPatch, problem) -> None:
+    """grouped_mm's x holds all the rows, so few rows reach few experts (the few-experts table entries);
+    grouped_mm_masked's experts may each have rows. The launch and mxfp4.explain ask the same."""
+    from codegen.build.config import TileConfig
+
+    x, _, packed, offsets = problem
+    fake_sm90(monkeypatch)
+    asked = []
+    selection = types.SimpleNamespace(config=TileConfig.from_name("n128_m8_k256_s8_wg1"), reason="tuned")
+
+    def select(e, n, k, hint, device_name=None, activations="bf16", rows=None):
+        asked.append((e, hint, rows))
+        return selection
+
+    import codegen.tune.selection
+
+    monkeypatch.setattr(codegen.tune.selection, "select_config", select)
+    from mxfp4.ops import dispatch
+
+    mxfp4.grouped_mm(x, packed, offsets)
+    dispatch.choose_config.cache_clear()  # else explain is served the launch's choice: ask again
+    mxfp4.explain(x, packed, offsets)
+    mxfp4.grouped_mm_masked(x.view(3, 2, 96), packed, torch.ones(3, dtype=torch.int32))
+    experts = packed.num_experts
+    assert asked == [(experts, -(-6 // experts), 6)] * 2 + [(experts, 2, None)]

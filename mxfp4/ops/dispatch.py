@@ -193,11 +193,11 @@ def describe_call(x: torch.Tensor, w: object, masked: bool, config: str = "") ->
         variant = "grouped_mm_masked"
         max_m = x.shape[1]
         rows = f"x {tuple(x.shape)}: up to max_m = {max_m} rows per expert"
-        hint = max_m
+        hint, known_rows = max_m, None
     else:
         variant = "grouped_mm"
         tokens = x.shape[0]
-        hint = -(-tokens // max(1, num_experts))
+        hint, known_rows = -(-tokens // max(1, num_experts)), tokens
         rows = f"x {tuple(x.shape)}: T = {tokens} rows, about {hint} per expert"
     choice = select_path(x.device)
     lines = [
@@ -215,7 +215,8 @@ def describe_call(x: torch.Tensor, w: object, masked: bool, config: str = "") ->
     if choice.path == SM90 and config:
         lines.append(f"  config:    {config}: forced by the caller (config=...)")
     elif choice.path == SM90:
-        chosen = choose_config(num_experts, w.n, w.k, hint, choice.device_name, "fp8" if fp8_weights else "bf16")
+        chosen = choose_config(num_experts, w.n, w.k, hint, choice.device_name, "fp8" if fp8_weights else "bf16",
+                               known_rows)
         lines.append(f"  config:    {chosen.name}: {chosen.reason}")
         lines.append(f"  family:    {chosen.config.family}")
     else:

@@ -211,7 +211,9 @@ def _launch_sm90(
     if config:
         tile = _config_from_name(config)
     else:
-        tile = choose_config(w_data.shape[0], n, k, tokens_hint, device_name, activations).config
+        # Offsets mode: x's rows are all the rows, so at most that many experts have work (masked: any expert may).
+        rows_known = None if masked else x.shape[0]
+        tile = choose_config(w_data.shape[0], n, k, tokens_hint, device_name, activations, rows_known).config
     # The kernel reads int32 and int64 routing alike: no cast, no allocation in the hot path.
     if x_scale is None:
         grouped_mm_sm90(x, w_data, n, k, rows, masked, tile, out)
