@@ -66,10 +66,12 @@ def split_calls(kernels: Sequence[Kernel], calls: int) -> list[list[Kernel]]:
 
 @dataclass(frozen=True)
 class Step:
+    """One launch position of the call, medians over the calls: its kernel's GPU time, and the idle GPU time
+    between the previous kernel's end and its start (for the first launch: the previous call's last kernel)."""
+
     name: str
-    kernel_us: float  # median over the calls
-    gap_before_us: float  # idle GPU time between the previous kernel's end and this one's start (the previous
-    # call's last kernel for the first)
+    kernel_us: float
+    gap_before_us: float
 
 
 @dataclass(frozen=True)
