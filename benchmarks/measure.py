@@ -124,10 +124,8 @@ def _warm(fn: Callable[..., Any], arg_sets: Args, calls: int = 3) -> None:
     torch.cuda.synchronize()
 
 
-def graph_time(fn: Callable[..., Any], arg_sets: Args, *, calls: int | None = None, budget_ms: float = 200.0,
-               max_replays: int = 50) -> _timing.TimingResult:
-    """Per-call µs of ``calls`` calls captured in one CUDA graph and replayed (median over replays)."""
-    calls = calls or min(32, max(4, len(arg_sets)))
+def captured_graph(fn: Callable[..., Any], arg_sets: Args, calls: int) -> torch.cuda.CUDAGraph:
+    """``calls`` calls of ``fn`` (warmed first) captured in one CUDA graph, replayed once (which uploads it)."""
     _warm(fn, arg_sets)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -135,6 +133,14 @@ def graph_time(fn: Callable[..., Any], arg_sets: Args, *, calls: int | None = No
             _call(fn, arg_sets, i)
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def graph_time(fn: Callable[..., Any], arg_sets: Args, *, calls: int | None = None, budget_ms: float = 200.0,
+               max_replays: int = 50) -> _timing.TimingResult:
+    """Per-call µs of ``calls`` calls captured in one CUDA graph and replayed (median over replays)."""
+    calls = calls or min(32, max(4, len(arg_sets)))
+    graph = captured_graph(fn, arg_sets, calls)
     start, end = _events()
     start.record()
     graph.replay()

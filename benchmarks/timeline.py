@@ -13,7 +13,6 @@ here (`bench moe` checks it against float64).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .measure import captured_graph
 from .problems import MODEL_SHAPES, routings
 from .report import align, write_json
 
@@ -111,20 +111,10 @@ def format_timeline(title: str, timeline: CallTimeline) -> str:
     return f"== {title}\n" + align(("kernel", "us on the GPU", "gap before us"), lines, {0})
 
 
-def profile_calls(fn: Callable[[], Any], calls: int = CALLS) -> CallTimeline:
-    """``calls`` calls of ``fn`` captured in one CUDA graph, replayed under the profiler; their timeline."""
-    side = torch.cuda.Stream()  # warm (plans, kernels, the op's own graphs) off the default stream, then capture
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()  # the first replay uploads the graph
-    torch.cuda.synchronize()
+def profile_calls(fn: Callable[..., Any], args: tuple, calls: int = CALLS) -> CallTimeline:
+    """``calls`` calls of ``fn(*args)`` captured in one CUDA graph (as `bench moe`'s graph time captures them),
+    replayed under the profiler; their timeline."""
+    graph = captured_graph(fn, [args], calls)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         graph.replay()
         torch.cuda.synchronize()
@@ -158,7 +148,7 @@ def run(args: argparse.Namespace, token_values: list[int]) -> int:
             x = torch.randn((tokens, HIDDEN), device="cuda", dtype=torch.bfloat16) * HIDDEN**-0.5
             for name, layer in layers.items():
                 try:
-                    timeline = profile_calls(functools.partial(layer, x, ids, weights))
+                    timeline = profile_calls(layer, (x, ids, weights))
                 except (RuntimeError, ValueError) as error:
                     print(f"== {kind} T={tokens}: {name}: {error}")
                     continue
