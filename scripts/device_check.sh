@@ -58,6 +58,14 @@ limit() { local left=$(( ${DEVICE_BUDGET:-1000000} - SECONDS - 20 )); left=$(( l
 table() { { echo "== $2"; sed -n '/^device:/,$p' "$1"; echo; } >> "$LOGS/summary.txt"; }
 bench() { timeout "$(limit "$1")" python3 -m codegen bench "${@:2}"; }
 
+# seed_table DIR: this GPU's table name (e.g. h200.json), after copying the shipped one into DIR unless DIR has it.
+seed_table() {
+  local name
+  name=$(python3 -c "import torch; from codegen.tune.tables import gpu_family; print(gpu_family(torch.cuda.get_device_name()))").json
+  [ ! -f "$1/$name" ] && [ -f "generated/tuning/$name" ] && cp "generated/tuning/$name" "$1/$name"
+  echo "$name"
+}
+
 finish() {
   cp "$LOGS/summary.txt" "$OUT/summary.txt" 2>/dev/null
   tar czf "$OUT/logs.tgz" -C "$LOGS" .
@@ -263,8 +271,7 @@ for step in "${steps[@]}"; do
       # generated/tuning/<family>.json. (On a GPU whose shipped table has them already, both sides are the same.)
       dir=${TUNE_DIR:-$LOGS/few-experts}
       mkdir -p "$dir" "$LOGS/shipped-only"
-      table=$(python3 -c "import torch; from codegen.tune.tables import gpu_family; print(gpu_family(torch.cuda.get_device_name()))").json
-      [ ! -f "$dir/$table" ] && [ -f "generated/tuning/$table" ] && cp "generated/tuning/$table" "$dir/$table"
+      table=$(seed_table "$dir")
       few_shapes="--shape 4,5760,2880 --shape 4,2880,2880"
       # shellcheck disable=SC2086
       timeout "$(limit 200)" python3 -m codegen tune $few_shapes --shape 8,5760,2880 --shape 8,2880,2880 --m 1 --quick \
@@ -391,8 +398,7 @@ for step in "${steps[@]}"; do
       # gives per (shape, M) the Zipf / uniform slowdown of the chosen config (issue 21's target: <= 1.2x).
       dir=${TUNE_DIR:-$LOGS/tune}
       mkdir -p "$dir"
-      table=$(python3 -c "import torch; from codegen.tune.tables import gpu_family; print(gpu_family(torch.cuda.get_device_name()))").json
-      [ ! -f "$dir/$table" ] && [ -f "generated/tuning/$table" ] && cp "generated/tuning/$table" "$dir/$table"
+      table=$(seed_table "$dir")
       # shellcheck disable=SC2086
       timeout "$(limit "${TUNE_TIMEOUT:-400}")" python3 -m codegen tune ${TUNE_ARGS:---model gpt-oss-20b --quick --m 1,16,256,4096} \
         --out "$dir/$table" 2>&1 | tee "$LOGS/tune.txt"
