@@ -6,13 +6,16 @@ time on the GPU and the idle gap before it, against the call's span.
 
 The layer at T = 1 took 2.5-3x the time of its experts' bytes (benchmarks/NOTES.md); this splits that time into the
 kernels' own time and the gaps between them (launch latency inside the graph, the ramp of the next kernel), for the
-bf16 and the FP8 layer. Same weights, routing and seeds as `bench moe`; each call's output is the op's, unchecked
-here (`bench moe` checks it against float64).
+bf16 and the FP8 layer, twice: with the calls back to back as `bench moe` times them ("warm L2": at T = 1 the same
+few experts' weights may still be in L2 from the call before) and with an L2 flush before each call ("cold L2", as
+in a model whose layers each read their own weights; the flush is left out of the timeline). Same weights, routing
+and seeds as `bench moe`; each call's output is the op's, unchecked here (`bench moe` checks it against float64).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -79,51 +82,86 @@ class CallTimeline:
     steps: list[Step]
     call_us: float  # median of first start to the next call's first start (the last call: to its own end)
     kernels_us: float  # median sum of the call's kernel times
+    span: str = "first start to the next call's"  # what call_us spans
 
     @property
     def gaps_us(self) -> float:
         return self.call_us - self.kernels_us
 
 
-def summarize(chunks: Sequence[Sequence[Kernel]]) -> CallTimeline:
-    """Per launch position, the median kernel time and gap before it; per call, its span and its kernels' sum."""
+def summarize(chunks: Sequence[Sequence[Kernel]], flush_kernels: int = 0) -> CallTimeline:
+    """Per launch position, the median kernel time and gap before it; per call, its span and its kernels' sum.
+
+    ``flush_kernels``: each chunk starts with that many kernels of an L2 flush, which are not the call's: the steps
+    leave them out, and a call spans from the flush's end to its own last kernel's end."""
     flat = [kernel for chunk in chunks for kernel in chunk]
     size = len(chunks[0])
     gaps = [max(0.0, flat[i].start_us - flat[i - 1].end_us) for i in range(1, len(flat))]
     steps = []
-    for position in range(size):
+    for position in range(flush_kernels, size):
         times = [chunk[position].duration_us for chunk in chunks]
         # The first call's first kernel has nothing before it in the graph: its gap is not counted.
         before = [gaps[c * size + position - 1] for c in range(len(chunks)) if c * size + position > 0]
         steps.append(Step(chunks[0][position].name, statistics.median(times),
                           statistics.median(before) if before else 0.0))
+    own = statistics.median(sum(kernel.duration_us for kernel in chunk[flush_kernels:]) for chunk in chunks)
+    if flush_kernels:
+        spans = [chunk[-1].end_us - chunk[flush_kernels - 1].end_us for chunk in chunks]
+        return CallTimeline(steps, statistics.median(spans), own, "the flush's end to its last kernel's end")
     spans = [chunks[c + 1][0].start_us - chunks[c][0].start_us for c in range(len(chunks) - 1)]
     spans = spans or [chunks[0][-1].end_us - chunks[0][0].start_us]
-    return CallTimeline(steps, statistics.median(spans),
-                        statistics.median(sum(kernel.duration_us for kernel in chunk) for chunk in chunks))
+    return CallTimeline(steps, statistics.median(spans), own)
 
 
 def format_timeline(title: str, timeline: CallTimeline) -> str:
     lines = [(step.name[:NAME_WIDTH], f"{step.kernel_us:.1f}", f"{step.gap_before_us:.1f}") for step in timeline.steps]
-    lines.append(("call (first start to the next call's)", f"{timeline.call_us:.1f}",
+    lines.append((f"call ({timeline.span})", f"{timeline.call_us:.1f}",
                   f"{timeline.gaps_us:.1f} in gaps"))
     lines.append(("kernels' own time", f"{timeline.kernels_us:.1f}", ""))
     return f"== {title}\n" + align(("kernel", "us on the GPU", "gap before us"), lines, {0})
 
 
-def profile_calls(fn: Callable[..., Any], args: tuple, calls: int = CALLS) -> CallTimeline:
-    """``calls`` calls of ``fn(*args)`` captured in one CUDA graph (as `bench moe`'s graph time captures them),
-    replayed under the profiler; their timeline."""
-    graph = captured_graph(fn, [args], calls)
+def traced_kernels(run: Callable[[], Any]) -> list[Kernel]:
+    """The GPU kernels that ``run()`` launches, from the CUDA profiler's trace."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        graph.replay()
+        run()
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "trace.json"
         profiler.export_chrome_trace(str(path))
-        trace = json.loads(path.read_text())
+        return kernels_from_trace(json.loads(path.read_text()))
+
+
+class L2Flush:
+    """Reads a buffer of twice the L2 (a read, so that no dirty line is left to be written back during the call
+    after it): what the call finds in L2 afterwards is nobody's weights."""
+
+    def __init__(self) -> None:
+        l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+        self.buffer = torch.ones(2 * l2 // 4, dtype=torch.float32, device="cuda")
+        self.total = torch.empty((), dtype=torch.float32, device="cuda")
+
+    def __call__(self) -> None:
+        torch.sum(self.buffer, dim=0, out=self.total)
+
+
+def profile_calls(fn: Callable[..., Any], args: tuple, calls: int = CALLS, flush: L2Flush | None = None) -> CallTimeline:
+    """``calls`` calls of ``fn(*args)`` captured in one CUDA graph (as `bench moe`'s graph time captures them),
+    replayed under the profiler; their timeline. With ``flush``, each call comes after an L2 flush (cold weights,
+    as in a model whose layers each read their own), which the timeline leaves out."""
+    flush_kernels = 0
+    if flush is not None:
+        flush_kernels = len(traced_kernels(flush))
+        call = fn
+
+        def fn(*call_args: Any) -> Any:
+            flush()
+            return call(*call_args)
+
+    graph = captured_graph(fn, [args], calls)
+    kernels = traced_kernels(graph.replay)
     del graph
-    return summarize(split_calls(kernels_from_trace(trace), calls))
+    return summarize(split_calls(kernels, calls), flush_kernels)
 
 
 def run(args: argparse.Namespace, token_values: list[int]) -> int:
@@ -139,6 +177,9 @@ def run(args: argparse.Namespace, token_values: list[int]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     w = build_weights(args.seed, MODEL_SHAPES[model]["gate_up"].num_experts)
     layers = {"ours fused (mxfp4.moe)": ours_fused(w), FP8_LAYER: ours_fused_fp8(w)}
+    # "warm": calls back to back, as bench moe times them (the same experts' weights may still be in L2);
+    # "cold": an L2 flush before each call, as in a model.
+    l2_states = {"warm L2": None, "cold L2": L2Flush()}
     print(f"device: {torch.cuda.get_device_name()}; layer: {model} (E = {w.num_experts}, top-4); {CALLS} calls "
           "replayed as one CUDA graph, kernels from the CUDA profiler's trace (medians over the calls)")
     results = []
@@ -146,15 +187,16 @@ def run(args: argparse.Namespace, token_values: list[int]) -> int:
         for tokens in token_values:
             ids, weights = routing(kind, tokens, w.num_experts, args.seed + tokens)
             x = torch.randn((tokens, HIDDEN), device="cuda", dtype=torch.bfloat16) * HIDDEN**-0.5
-            for name, layer in layers.items():
+            for (name, layer), (l2, flush) in itertools.product(layers.items(), l2_states.items()):
+                title = f"{kind} T={tokens}, {l2}: {name}"
                 try:
-                    timeline = profile_calls(layer, (x, ids, weights))
+                    timeline = profile_calls(layer, (x, ids, weights), flush=flush)
                 except (RuntimeError, ValueError) as error:
-                    print(f"== {kind} T={tokens}: {name}: {error}")
+                    print(f"== {title}: {error}")
                     continue
-                print(format_timeline(f"{kind} T={tokens}: {name}", timeline))
-                results.append({"routing": kind, "tokens": tokens, "layer": name, "call_us": timeline.call_us,
-                                "kernels_us": timeline.kernels_us,
+                print(format_timeline(title, timeline))
+                results.append({"routing": kind, "tokens": tokens, "layer": name, "l2": l2,
+                                "call_us": timeline.call_us, "kernels_us": timeline.kernels_us,
                                 "steps": [vars(step) for step in timeline.steps]})
     write_json(out_dir / "bench_timeline.json", {"model": model, "calls": CALLS, "results": results})
     return 0

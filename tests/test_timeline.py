@@ -67,3 +67,13 @@ def test_one_call_spans_its_own_kernels():
     timeline = summarize(split_calls(kernels_from_trace(_trace(TWO_CALLS[:3])), 1))
     assert timeline.call_us == 44.0 and timeline.kernels_us == 37.0
     assert [s.gap_before_us for s in timeline.steps] == [0.0, 3.0, 4.0]
+
+
+def test_a_flush_before_each_call_is_left_out():
+    """With the route kernel standing for an L2 flush: the steps start after it, and a call spans from its end."""
+    timeline = summarize(split_calls(kernels_from_trace(_trace(TWO_CALLS)), 2), flush_kernels=1)
+    assert [s.name for s in timeline.steps] == ["gate_up", "down"]
+    assert [s.gap_before_us for s in timeline.steps] == [3.0, 4.0]
+    assert timeline.call_us == 43.0  # median of 45 - 3 and 92 - 48
+    assert timeline.kernels_us == 36.0  # median of 35 and 37
+    assert "call (the flush's end to its last kernel's end)" in format_timeline("cold", timeline)
