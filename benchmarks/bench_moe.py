@@ -93,8 +93,10 @@ class GemmsOnly:
         return mxfp4.grouped_mm(self.inner, self.w.down, self.offsets)
 
 
-def run_layer(name: str, fn: Callable[..., torch.Tensor], args: tuple, check: tuple | None, settings: argparse.Namespace) -> dict[str, Any]:
-    """Check (unless ``check`` is None) then time one layer; errors recorded."""
+def run_layer(name: str, fn: Callable[..., torch.Tensor], args: tuple, check: tuple | None, settings: argparse.Namespace,
+              flush: measure.L2Flush) -> dict[str, Any]:
+    """Check (unless ``check`` is None) then time one layer (graph replay also with the L2 flushed before each call);
+    errors recorded."""
     try:
         result: dict[str, Any] = {}
         if check is not None:
@@ -104,6 +106,8 @@ def run_layer(name: str, fn: Callable[..., torch.Tensor], args: tuple, check: tu
             if not rel <= tolerance:
                 return {**result, "error": f"wrong result: rel. error {rel:.2e} vs float64 (> {tolerance:.0e}); not timed"}
         result.update(measure.time_all(fn, [args], graph=not settings.no_graph, device=False, quick=settings.quick))
+        if not settings.no_graph and "graph_us" in result:
+            result["graph_cold_us"] = measure.cold_graph_time(fn, [args], flush)
         # At most 50 calls: a layer is ~15 launches, and a full launch queue would block the host.
         result.update(measure.host_time(fn, [args], calls=min(settings.calls, 50)))
         return result
@@ -113,7 +117,8 @@ def run_layer(name: str, fn: Callable[..., torch.Tensor], args: tuple, check: tu
         return {"error": measure.error_text(error)}
 
 
-def run_point(w: ExpertWeights, builders: dict[str, Any], kind: str, tokens: int, settings: argparse.Namespace) -> dict[str, Any]:
+def run_point(w: ExpertWeights, builders: dict[str, Any], kind: str, tokens: int, settings: argparse.Namespace,
+              flush: measure.L2Flush) -> dict[str, Any]:
     ids, weights = routing(kind, tokens, w.num_experts, settings.seed + tokens)
     x = torch.randn((tokens, HIDDEN), device="cuda", dtype=torch.bfloat16) * HIDDEN**-0.5
     sampled = sorted({0, tokens - 1, *range(0, tokens, max(1, tokens // 14))})[:16]
@@ -125,7 +130,7 @@ def run_point(w: ExpertWeights, builders: dict[str, Any], kind: str, tokens: int
             continue
         if name == GEMMS:
             fn.bind(x, ids)
-        results[name] = run_layer(name, fn, (x, ids, weights), None if name == GEMMS else check, settings)
+        results[name] = run_layer(name, fn, (x, ids, weights), None if name == GEMMS else check, settings, flush)
         torch.cuda.empty_cache()
     return {"routing": kind, "tokens": tokens, "results": results, "targets": targets(results, tokens)}
 
@@ -155,14 +160,15 @@ def builders_for(w: ExpertWeights) -> dict[str, Any]:
 
 
 def format_moe(points: list[dict[str, Any]]) -> str:
-    header = ("routing", "T", "layer", "rel err", "graph us", "eager us", "host us")
+    header = ("routing", "T", "layer", "rel err", "graph us", "cold L2", "eager us", "host us")
     lines = []
     for point in points:
         for name, r in point["results"].items():
             cell = lambda k, f: "-" if r.get(k) is None else format(r[k], f)  # noqa: E731
             lines.append((point["routing"], str(point["tokens"]), name,
                           str(r["error"])[:70] if "error" in r else cell("rel_error", ".1e"),
-                          cell("graph_us", ".1f"), cell("eager_us", ".1f"), cell("host_us", ".1f")))
+                          cell("graph_us", ".1f"), cell("graph_cold_us", ".1f"), cell("eager_us", ".1f"),
+                          cell("host_us", ".1f")))
     table = align(header, lines, {0, 2, 3})
     verdicts = [f"{p['routing']} T={p['tokens']}: {name}: " + ("not measured" if v is None else
                 f"{v['ratio']:.2f} (limit {v['limit']:.2f}, {v['on']}) {'met' if v['met'] else 'MISSED'}")
@@ -181,11 +187,12 @@ def run(args: argparse.Namespace, token_values: list[int]) -> int:
     machine, started = Machine.measure(), time.time()
     w = build_weights(args.seed, MODEL_SHAPES[model]["gate_up"].num_experts)
     builders = builders_for(w)
+    flush = measure.L2Flush()
     points = []
     for kind in routings(args.routing):
         for tokens in token_values:
             print(f"moe: {kind} T={tokens}", file=sys.stderr)
-            points.append(run_point(w, builders, kind, tokens, args))
+            points.append(run_point(w, builders, kind, tokens, args, flush))
     write_json(out_dir / "bench_moe.json", {**machine.as_dict(), "suite": "moe", "model": model, "H": HIDDEN,
                                             "I": INTERMEDIATE, "E": w.num_experts, "top_k": TOP_K,
                                             "seconds": round(time.time() - started, 1), "points": points})

@@ -8,6 +8,9 @@ float64 check on sampled rows.
 * **device**: ``codegen.tune.timing.time_cuda`` (one event pair per call, the GPU kept busy while Python
   enqueues): the kernel's own time.
 * **host**: ``calls`` calls enqueued while ``torch.cuda._sleep`` keeps the GPU busy; wall time / calls.
+* **graph, cold L2**: as graph, with an L2 flush (``L2Flush``) before each call, less the flushes' own time: the
+  same calls back to back may find their weights still in L2 (a decode step's layer at T = 1 reads ~53 MB, about
+  the L2), a model's layers do not.
 
 Everything that touches the GPU is a function here, called only on a CUDA machine; the helpers at
 the top (``rel_error``, ``error_text``, ``Watchdog``) also run on the CPU.
@@ -134,6 +137,45 @@ def captured_graph(fn: Callable[..., Any], arg_sets: Args, calls: int) -> torch.
     graph.replay()
     torch.cuda.synchronize()
     return graph
+
+
+class L2Flush:
+    """Reads a buffer of twice the L2 (a read, so that no dirty line is left to be written back during the call
+    after it): what the call finds in L2 afterwards is nobody's weights, as in a model whose layers each read their
+    own."""
+
+    def __init__(self) -> None:
+        l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+        self.buffer = torch.ones(2 * l2 // 4, dtype=torch.float32, device="cuda")
+        self.total = torch.empty((), dtype=torch.float32, device="cuda")
+
+    def __call__(self) -> None:
+        torch.sum(self.buffer, dim=0, out=self.total)
+
+
+def cold_graph_time(fn: Callable[..., Any], arg_sets: Args, flush: L2Flush, *, calls: int | None = None,
+                    replays: int = 20) -> float:
+    """Per-call µs of ``fn`` with the L2 flushed before each call: one CUDA graph of ``calls`` (flush, call) pairs and
+    one of the flushes alone, replayed in turn; the difference of their medians, per call (so the gap between a
+    flush and the call stays in, as a kernel before the layer leaves one)."""
+    calls = calls or min(32, max(4, len(arg_sets)))
+
+    def flushed(*args: Any) -> Any:
+        flush()
+        return fn(*args)
+
+    graphs = [captured_graph(flushed, arg_sets, calls), captured_graph(lambda *args: flush(), arg_sets, calls)]
+    start, end = _events()
+    samples: list[list[float]] = [[], []]
+    for _ in range(replays):
+        for graph, times in zip(graphs, samples):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graphs
+    return _timing.summarize(samples[0]).median_us - _timing.summarize(samples[1]).median_us
 
 
 def graph_time(fn: Callable[..., Any], arg_sets: Args, *, calls: int | None = None, budget_ms: float = 200.0,

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .measure import captured_graph
+from .measure import L2Flush, captured_graph
 from .problems import MODEL_SHAPES, routings
 from .report import align, write_json
 
@@ -130,19 +130,6 @@ def traced_kernels(run: Callable[[], Any]) -> list[Kernel]:
         path = Path(folder) / "trace.json"
         profiler.export_chrome_trace(str(path))
         return kernels_from_trace(json.loads(path.read_text()))
-
-
-class L2Flush:
-    """Reads a buffer of twice the L2 (a read, so that no dirty line is left to be written back during the call
-    after it): what the call finds in L2 afterwards is nobody's weights."""
-
-    def __init__(self) -> None:
-        l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-        self.buffer = torch.ones(2 * l2 // 4, dtype=torch.float32, device="cuda")
-        self.total = torch.empty((), dtype=torch.float32, device="cuda")
-
-    def __call__(self) -> None:
-        torch.sum(self.buffer, dim=0, out=self.total)
 
 
 def profile_calls(fn: Callable[..., Any], args: tuple, calls: int = CALLS, flush: L2Flush | None = None) -> CallTimeline:

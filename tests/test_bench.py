@@ -339,6 +339,23 @@ def test_moe_targets():
         assert verdict["ratio"] == pytest.approx(1.04) and not verdict["met"]
 
 
+def test_moe_table_shows_the_cold_l2_time_beside_the_graph_time():
+    from benchmarks import bench_moe
+
+    fused = "ours fused (mxfp4.moe)"
+    point = {"routing": "uniform", "tokens": 1, "targets": {},
+             "results": {fused: {"rel_error": 2.9e-3, "graph_us": 41.5, "graph_cold_us": 44.25, "eager_us": 60.0,
+                                 "host_us": 31.0},
+                         bench_moe.GEMMS: {"graph_us": 36.0, "eager_us": 50.0}}}
+    lines = bench_moe.format_moe([point]).splitlines()
+    header = lines[0].split()
+    assert header[header.index("graph") + 2: header.index("graph") + 4] == ["cold", "L2"]
+    row = next(line for line in lines if fused in line)
+    assert row.split()[-4:] == ["41.5", "44.2", "60.0", "31.0"]
+    gemms = next(line for line in lines if bench_moe.GEMMS in line)
+    assert gemms.split()[-4:] == ["36.0", "-", "50.0", "-"]  # no cold time measured: a dash
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line
 
