@@ -127,6 +127,16 @@ def _warm(fn: Callable[..., Any], arg_sets: Args, calls: int = 3) -> None:
     torch.cuda.synchronize()
 
 
+def _replay_us(graph: torch.cuda.CUDAGraph, events: tuple[torch.cuda.Event, torch.cuda.Event]) -> float:
+    """µs of one replay of ``graph``, between the two events."""
+    start, end = events
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3
+
+
 def captured_graph(fn: Callable[..., Any], arg_sets: Args, calls: int) -> torch.cuda.CUDAGraph:
     """``calls`` calls of ``fn`` (warmed first) captured in one CUDA graph, replayed once (which uploads it)."""
     _warm(fn, arg_sets)
@@ -165,15 +175,11 @@ def cold_graph_time(fn: Callable[..., Any], arg_sets: Args, flush: L2Flush, *, c
         return fn(*args)
 
     graphs = [captured_graph(flushed, arg_sets, calls), captured_graph(lambda *args: flush(), arg_sets, calls)]
-    start, end = _events()
+    events = _events()
     samples: list[list[float]] = [[], []]
     for _ in range(replays):
         for graph, times in zip(graphs, samples):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / calls)
+            times.append(_replay_us(graph, events) / calls)
     del graphs
     return _timing.summarize(samples[0]).median_us - _timing.summarize(samples[1]).median_us
 
@@ -183,19 +189,9 @@ def graph_time(fn: Callable[..., Any], arg_sets: Args, *, calls: int | None = No
     """Per-call µs of ``calls`` calls captured in one CUDA graph and replayed (median over replays)."""
     calls = calls or min(32, max(4, len(arg_sets)))
     graph = captured_graph(fn, arg_sets, calls)
-    start, end = _events()
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    replays = int(min(max_replays, max(3, budget_ms / max(start.elapsed_time(end), 1e-3))))
-    samples = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    events = _events()
+    replays = int(min(max_replays, max(3, budget_ms / max(_replay_us(graph, events) / 1e3, 1e-3))))
+    samples = [_replay_us(graph, events) / calls for _ in range(replays)]
     del graph
     return _timing.summarize(samples)
 
