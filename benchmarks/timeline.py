@@ -10,6 +10,9 @@ bf16 and the FP8 layer, twice: with the calls back to back as `bench moe` times 
 few experts' weights may still be in L2 from the call before) and with an L2 flush before each call ("cold L2", as
 in a model whose layers each read their own weights; the flush is left out of the timeline). Same weights, routing
 and seeds as `bench moe`; each call's output is the op's, unchecked here (`bench moe` checks it against float64).
+Under each timeline: the bytes of the experts the call reads against two floors measured in the run (those bytes
+at `torch.sum`'s 2 GiB rate, and `torch.sum` over the same bytes, which pays a launch, ramp and drain of its own),
+for the call (issue 21's "within 2x the bytes floor") and for each of its two GEMMs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from codegen.build.render import ENTRY_POINT
+from codegen.tune.timing import measure_hbm_read_bandwidth
 
 from .measure import L2Flush, captured_graph
 from .problems import MODEL_SHAPES, routings
@@ -121,6 +127,53 @@ def format_timeline(title: str, timeline: CallTimeline) -> str:
     return f"== {title}\n" + align(("kernel", "us on the GPU", "gap before us"), lines, {0})
 
 
+@dataclass(frozen=True)
+class Floors:
+    """What a call's weights cost at the least, measured in the same run: the bytes of the experts it reads, their
+    time at ``torch.sum``'s rate over 2 GiB (the bandwidth floor) and ``torch.sum`` over the same bytes (a reader of
+    that size, its own launch, ramp and drain included)."""
+
+    experts: int
+    gate_up_bytes: int
+    down_bytes: int
+    rate: float  # bytes/s
+    gate_up_sum_us: float
+    down_sum_us: float
+    call_sum_us: float
+
+    def floor_us(self, nbytes: int) -> float:
+        return nbytes / self.rate * 1e6
+
+
+def floor_lines(timeline: CallTimeline, floors: Floors) -> list[str]:
+    """The call and its two GEMMs (the launches named ENTRY_POINT, gate_up first) against their bytes' floors."""
+    total = floors.gate_up_bytes + floors.down_bytes
+    lines = [f"  bytes: {floors.experts} experts, gate_up {floors.gate_up_bytes / 1e6:.1f} MB + down "
+             f"{floors.down_bytes / 1e6:.1f} MB; floor at torch.sum's {floors.rate / 1e12:.2f} TB/s "
+             f"{floors.floor_us(total):.1f} us, torch.sum over the same bytes {floors.call_sum_us:.1f} us",
+             f"  call: {timeline.call_us / floors.floor_us(total):.2f}x the floor, "
+             f"{timeline.call_us / floors.call_sum_us:.2f}x torch.sum over its bytes"]
+    gemms = [step for step in timeline.steps if step.name == ENTRY_POINT]
+    if len(gemms) == 2:
+        for label, step, nbytes, summed in (("gate_up", gemms[0], floors.gate_up_bytes, floors.gate_up_sum_us),
+                                            ("down", gemms[1], floors.down_bytes, floors.down_sum_us)):
+            lines.append(f"  {label}: {step.kernel_us:.1f} us = {step.kernel_us / floors.floor_us(nbytes):.2f}x its "
+                         f"floor ({floors.floor_us(nbytes):.1f} us), {step.kernel_us / summed:.2f}x torch.sum over "
+                         f"its bytes ({summed:.1f} us)")
+    return lines
+
+
+def measure_floors(w: Any, ids: torch.Tensor, rate: float) -> Floors:
+    """The experts ``ids`` reach and their weights' floors (the FP8-ready layout has the same bytes, plus row scales
+    under 1 %)."""
+    from codegen.tune.timing import measure_read_time
+
+    experts = int(torch.unique(ids).numel())
+    gate_up, down = experts * w.gate_up_paired.data[0].numel(), experts * w.down.data[0].numel()
+    return Floors(experts, gate_up, down, rate, measure_read_time(gate_up).median_us,
+                  measure_read_time(down).median_us, measure_read_time(gate_up + down).median_us)
+
+
 def traced_kernels(run: Callable[[], Any]) -> list[Kernel]:
     """The GPU kernels that ``run()`` launches, from the CUDA profiler's trace."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
@@ -167,13 +220,16 @@ def run(args: argparse.Namespace, token_values: list[int]) -> int:
     # "warm": calls back to back, as bench moe times them (the same experts' weights may still be in L2);
     # "cold": an L2 flush before each call, as in a model.
     l2_states = {"warm L2": None, "cold L2": L2Flush()}
+    rate = measure_hbm_read_bandwidth().value
     print(f"device: {torch.cuda.get_device_name()}; layer: {model} (E = {w.num_experts}, top-4); {CALLS} calls "
-          "replayed as one CUDA graph, kernels from the CUDA profiler's trace (medians over the calls)")
+          "replayed as one CUDA graph, kernels from the CUDA profiler's trace (medians over the calls); torch.sum "
+          f"reads {rate / 1e12:.2f} TB/s (2 GiB, this run)")
     results = []
     for kind in routings(args.routing, default="uniform"):
         for tokens in token_values:
             ids, weights = routing(kind, tokens, w.num_experts, args.seed + tokens)
             x = torch.randn((tokens, HIDDEN), device="cuda", dtype=torch.bfloat16) * HIDDEN**-0.5
+            floors = measure_floors(w, ids, rate)
             for (name, layer), (l2, flush) in itertools.product(layers.items(), l2_states.items()):
                 title = f"{kind} T={tokens}, {l2}: {name}"
                 try:
@@ -182,8 +238,9 @@ def run(args: argparse.Namespace, token_values: list[int]) -> int:
                     print(f"== {title}: {error}")
                     continue
                 print(format_timeline(title, timeline))
+                print("\n".join(floor_lines(timeline, floors)))
                 results.append({"routing": kind, "tokens": tokens, "layer": name, "l2": l2,
                                 "call_us": timeline.call_us, "kernels_us": timeline.kernels_us,
-                                "steps": [vars(step) for step in timeline.steps]})
+                                "steps": [vars(step) for step in timeline.steps], "floors": vars(floors)})
     write_json(out_dir / "bench_timeline.json", {"model": model, "calls": CALLS, "results": results})
     return 0

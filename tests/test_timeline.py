@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.timeline import (
+    Floors,
     Kernel,
+    floor_lines,
     format_timeline,
     kernels_from_trace,
     split_calls,
@@ -77,3 +79,18 @@ def test_a_flush_before_each_call_is_left_out():
     assert timeline.call_us == 43.0  # median of 45 - 3 and 92 - 48
     assert timeline.kernels_us == 36.0  # median of 35 and 37
     assert "call (the flush's end to its last kernel's end)" in format_timeline("cold", timeline)
+
+
+def test_floor_lines_set_the_call_and_its_two_gemms_against_their_bytes():
+    kernels = [("moe_routing", 0.0, 2.0), ("moe_gather", 3.0, 1.0), ("mxfp4_grouped_mm", 5.0, 20.0),
+               ("mxfp4_grouped_mm", 26.0, 16.0), ("moe_topk_sum", 43.0, 2.0)]
+    timeline = summarize(split_calls(kernels_from_trace(_trace(kernels)), 1))  # one call: 45 us
+    floors = Floors(experts=4, gate_up_bytes=35_000_000, down_bytes=17_500_000, rate=3.5e12, gate_up_sum_us=14.0,
+                    down_sum_us=8.0, call_sum_us=20.0)
+    lines = floor_lines(timeline, floors)
+    assert "4 experts, gate_up 35.0 MB + down 17.5 MB" in lines[0] and "3.50 TB/s 15.0 us" in lines[0]
+    assert lines[1] == "  call: 3.00x the floor, 2.25x torch.sum over its bytes"
+    assert lines[2] == "  gate_up: 20.0 us = 2.00x its floor (10.0 us), 1.43x torch.sum over its bytes (14.0 us)"
+    assert lines[3] == "  down: 16.0 us = 3.20x its floor (5.0 us), 2.00x torch.sum over its bytes (8.0 us)"
+    no_gemms = summarize(split_calls(kernels_from_trace(_trace(kernels[:2])), 1))
+    assert len(floor_lines(no_gemms, floors)) == 2  # the per-GEMM lines only where the two GEMMs are found
