@@ -148,11 +148,11 @@ class Floors:
 def floor_lines(timeline: CallTimeline, floors: Floors) -> list[str]:
     """The call and its two GEMMs (the launches named ENTRY_POINT, gate_up first) against their bytes' floors."""
     total = floors.gate_up_bytes + floors.down_bytes
-    lines = [f"  bytes: {floors.experts} experts, gate_up {floors.gate_up_bytes / 1e6:.1f} MB + down "
-             f"{floors.down_bytes / 1e6:.1f} MB; floor at torch.sum's {floors.rate / 1e12:.2f} TB/s "
-             f"{floors.floor_us(total):.1f} us, torch.sum over the same bytes {floors.call_sum_us:.1f} us",
-             f"  call: {timeline.call_us / floors.floor_us(total):.2f}x the floor, "
-             f"{timeline.call_us / floors.call_sum_us:.2f}x torch.sum over its bytes"]
+    lines = [(f"  bytes: {floors.experts} experts, gate_up {floors.gate_up_bytes / 1e6:.1f} MB + down "
+              f"{floors.down_bytes / 1e6:.1f} MB; floor at torch.sum's {floors.rate / 1e12:.2f} TB/s "
+              f"{floors.floor_us(total):.1f} us, torch.sum over the same bytes {floors.call_sum_us:.1f} us"),
+             (f"  call: {timeline.call_us / floors.floor_us(total):.2f}x the floor, "
+              f"{timeline.call_us / floors.call_sum_us:.2f}x torch.sum over its bytes")]
     gemms = [step for step in timeline.steps if step.name == ENTRY_POINT]
     if len(gemms) == 2:
         for label, step, nbytes, summed in (("gate_up", gemms[0], floors.gate_up_bytes, floors.gate_up_sum_us),
