@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from codegen.build.render import ENTRY_POINT
-from codegen.tune.timing import measure_hbm_read_bandwidth
+from codegen.tune.timing import measure_hbm_read_bandwidth, measure_read_time
 
 from .measure import L2Flush, captured_graph
 from .problems import MODEL_SHAPES, routings
@@ -166,8 +166,6 @@ def floor_lines(timeline: CallTimeline, floors: Floors) -> list[str]:
 def measure_floors(w: Any, ids: torch.Tensor, rate: float) -> Floors:
     """The experts ``ids`` reach and their weights' floors (the FP8-ready layout has the same bytes, plus row scales
     under 1 %)."""
-    from codegen.tune.timing import measure_read_time
-
     experts = int(torch.unique(ids).numel())
     gate_up, down = experts * w.gate_up_paired.data[0].numel(), experts * w.down.data[0].numel()
     return Floors(experts, gate_up, down, rate, measure_read_time(gate_up).median_us,
